@@ -1,0 +1,193 @@
+"""The `lmforge` command: parse arguments, build a config, call the library.
+
+Exit codes: 0 success; 2 bad input or usage (one line on stderr); 1 anything
+unexpected (traceback shown); 130 after Ctrl-C (training saves its state first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from lmforge.errors import TrainingInterrupted, UserError
+
+# Short flags for the settings people change most; every field also has --section.field.
+SHORT_FLAGS = {
+    "--data": "data.path",
+    "--tokenizer": "data.tokenizer",
+    "--out": "train.out",
+    "--max-iters": "train.max_iters",
+    "--device": "train.device",
+    "--dtype": "train.dtype",
+    "--seed": "train.seed",
+    "--batch-size": "train.batch_size",
+    "--lr": "optim.lr",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    from lmforge.config import field_types
+
+    group = parser.add_argument_group("config overrides (any field of the config; see `lmforge presets --show NAME`)")
+    for flag, key in SHORT_FLAGS.items():
+        group.add_argument(flag, dest=key, metavar="VALUE", default=None, help=f"= --{key}")
+    for key, kind in field_types().items():
+        names = [f"--{key}"]
+        if "_" in key:
+            names.append(f"--{key.replace('_', '-')}")
+        if names[0] in SHORT_FLAGS:
+            continue
+        group.add_argument(*names, dest=key, metavar=kind.__name__.upper(), default=None)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    from lmforge.config import field_types
+
+    return {k: v for k, v in vars(args).items() if k in field_types() and v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="Train, evaluate, generate with and serve autoregressive language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"lmforge {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a model from a preset (default: shakespeare-char)",
+                       description="Train a model. Text files are prepared on the fly into the cache.")
+    p.add_argument("--preset", default="shakespeare-char", help="preset name or a .toml file")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its saved state")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--compile", dest="train.compile", action="store_const", const="true",
+                   help="use torch.compile (= --train.compile true)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(p)
+
+    p = sub.add_parser("prepare", help="tokenize text into a prepared data directory",
+                       description="Read text (files, folders, JSONL), train or load a tokenizer, "
+                                   "split, and write token files plus meta.json.")
+    p.add_argument("paths", nargs="+", help="text files, folders of text files, or .jsonl files")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--tokenizer", default="char", help="char, word, bpe, or a tokenizer.json path")
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size for bpe/word")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-file", default="", help="validation text instead of a fraction")
+    p.add_argument("--text-field", default="text", help="JSONL field that holds the text")
+    p.add_argument("--encoding", default="utf-8")
+    p.add_argument("--errors", default="strict", choices=["strict", "replace", "ignore"])
+    p.add_argument("--clean", action="store_true", help="strip control characters, collapse spaces")
+    p.add_argument("--dedup", action="store_true", help="drop duplicate documents")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("presets", help="list presets, or show one")
+    p.add_argument("--show", metavar="NAME", help="print the full resolved config of a preset")
+    return parser
+
+
+def _version() -> str:
+    from lmforge import __version__
+
+    return __version__
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lmforge.config import apply_overrides, load_preset, validate
+
+    config = apply_overrides(load_preset(args.preset), _overrides(args))
+    validate(config)  # before importing torch: a mistake is reported at once
+    from lmforge.training.trainer import train
+
+    if args.quiet:
+        config.train.progress = False
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    print(f"Done: {result.step} steps in {result.elapsed_s:.1f}s, best validation loss "
+          f"{result.best_val_loss:.4f}. Checkpoint: {result.out}")
+    if result.sample:
+        print("---- sample ----")
+        print(result.sample)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from lmforge.config import DataConfig
+    from lmforge.data.prepare import prepare
+
+    out = Path(args.out)
+    if (out / "meta.json").exists() and not args.overwrite:
+        raise UserError(f"{out} already holds prepared data; pass --overwrite to replace it.")
+    cfg = DataConfig(
+        path=",".join(args.paths), tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction, val_path=args.val_file, text_field=args.text_field,
+        encoding=args.encoding, errors=args.errors, clean=args.clean, dedup=args.dedup,
+    )
+    if not 0.0 < cfg.val_fraction < 1.0 and not cfg.val_path:
+        raise UserError("--val-fraction must be between 0 and 1.")
+    data = prepare([Path(p) for p in args.paths], out, cfg)
+    meta = data.meta
+    print(f"Wrote {out}: {meta['tokenizer']['kind']} tokenizer with {meta['tokenizer']['vocab_size']} tokens, "
+          f"{meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens ({meta['dtype']}).")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lmforge.device import resolve_device
+    from lmforge.generation import sample_text
+    from lmforge.training.checkpoint import load_checkpoint
+
+    model, tokenizer, _ = load_checkpoint(args.checkpoint, resolve_device(args.device))
+    print(sample_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                      args.top_k, args.seed))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from lmforge.config import load_preset, preset_names
+
+    if args.show:
+        import json
+
+        print(json.dumps(load_preset(args.show).to_dict(), indent=2))
+        return 0
+    names = preset_names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {load_preset(name).description}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate, "presets": cmd_presets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as e:
+        print(f"lmforge: {e} Continue with the same command plus --resume.", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("lmforge: interrupted.", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: reading text, named data sets, preparation into token files, batching."""

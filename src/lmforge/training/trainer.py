@@ -1,0 +1,386 @@
+"""The trainer: batches → forward → loss → backward → optimizer step, for any registered model.
+
+It knows nothing of a particular architecture: it needs a model whose
+`forward(inputs, targets)` returns `(logits, loss)` and that has a
+`block_size`. Everything else (precision, compilation, gradient accumulation,
+evaluation, early stopping, checkpoints, exact resume) lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lmforge.config import Config, validate
+from lmforge.data.batches import RandomWindows, fixed_windows, windows_to_tensors
+from lmforge.data.prepare import PreparedData, resolve_data
+from lmforge.device import autocast, resolve_device, resolve_dtype, set_threads
+from lmforge.errors import TrainingInterrupted, UserError
+from lmforge.models import build_model
+from lmforge.training import checkpoint as ckpt
+from lmforge.training.optim import build_optimizers, lr_at, set_lr
+
+RUN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png",
+             ckpt.STATE_DIR, f"{ckpt.STATE_DIR}.old")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    best_val_loss: float
+    final_val_loss: float
+    elapsed_s: float
+    tokens_per_s: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    sample: str = ""
+    stopped_because: str = "max_iters"
+
+
+def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    holds_run = (out / "config.json").exists() or (out / ckpt.STATE_DIR).exists()
+    if resume:
+        if not holds_run:
+            raise UserError(f"--resume was given but {out} holds no run to resume.")
+        return
+    if holds_run and not overwrite:
+        raise UserError(
+            f"{out} already holds a training run; pass --resume to continue it or --overwrite "
+            f"to replace it (or choose another --out)."
+        )
+    if holds_run:
+        for name in RUN_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+
+
+def _check_resume_config(out: Path, config: Config) -> None:
+    """A resumed run must train the same model on the same data as the run it continues."""
+    state = out / ckpt.STATE_DIR / "state.json"
+    if not state.exists():
+        state = out / f"{ckpt.STATE_DIR}.old" / "state.json"
+    try:
+        saved = json.loads(state.read_text("utf-8"))["config"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{out} has no readable training state to resume; use --overwrite to start again.") from None
+    now = config.to_dict()
+    for section in ("model", "data"):
+        if saved[section] != now[section]:
+            diffs = [k for k in now[section] if saved[section].get(k) != now[section][k]]
+            raise UserError(
+                f"Cannot resume {out}: the {section} settings differ from the saved run "
+                f"({', '.join(section + '.' + d for d in diffs)}); use the same settings or --overwrite."
+            )
+
+
+def _rng_state(sampler: RandomWindows, device: torch.device) -> dict[str, torch.Tensor]:
+    rng = {"torch": torch.get_rng_state(), "sampler": sampler.generator.get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_rng_state(rng: dict[str, torch.Tensor], sampler: RandomWindows, device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    sampler.generator.set_state(rng["sampler"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, tokens, starts, length: int, batch_size: int,
+                  device: torch.device, dtype: torch.dtype) -> float:
+    """Mean next-token loss over fixed windows (every window weighs the same)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device)
+    for i in range(0, len(starts), batch_size):
+        x, y = windows_to_tensors(tokens, starts[i:i + batch_size], length, device)
+        with autocast(device, dtype):
+            _, loss = model(x, y)
+        total += loss.float() * len(x)
+    model.train(was_training)
+    return total.item() / len(starts)
+
+
+def write_loss_plot(history: list[dict[str, Any]], path: Path) -> None:
+    """A PNG of training and validation loss against step (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmforge.io import atomic_write
+
+    train = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train", alpha=0.8)
+    if val:
+        ax.plot([s for s, _ in val], [v for _, v in val], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+class _Metrics:
+    """metrics.jsonl: one JSON object per logged step, appended and flushed as training goes."""
+
+    def __init__(self, path: Path, keep_until_step: int | None):
+        self.path = path
+        self.history: list[dict[str, Any]] = []
+        if keep_until_step is not None and path.exists():
+            # On resume, drop lines logged after the saved state (they will be logged again).
+            for line in path.read_text("utf-8").splitlines():
+                record = json.loads(line)
+                if record["step"] <= keep_until_step:
+                    self.history.append(record)
+        from lmforge.io import atomic_write_text
+
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
+        self.file = open(path, "a", encoding="utf-8")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def train(
+    config: Config,
+    resume: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train the model described by `config`; returns where it went and how it did.
+
+    `on_step(step, loss)` is called after each optimizer step (tests use it to
+    simulate an interruption).
+    """
+    validate(config)
+    started = time.perf_counter()
+    set_threads(config.train.threads)
+    device = resolve_device(config.train.device)
+    dtype = resolve_dtype(config.train.dtype, device)
+    out = Path(config.train.out or f"out/{config.name}")
+    _check_out_dir(out, resume, overwrite)
+
+    data = resolve_data(config.data, log=log)
+    tokenizer = data.tokenizer
+    m = config.model
+    if m.vocab_size == 0:
+        m.vocab_size = tokenizer.vocab_size
+    elif tokenizer.vocab_size > m.vocab_size:
+        raise UserError(
+            f"The tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {m.vocab_size}; "
+            f"set --model.vocab_size {tokenizer.vocab_size} (or 0 to follow the tokenizer)."
+        )
+    train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
+    _check_lengths(data, len(train_tokens), len(val_tokens), m.block_size)
+    if resume:
+        _check_resume_config(out, config)
+
+    torch.manual_seed(config.train.seed)
+    model = build_model(m).to(device)
+    optimizers = build_optimizers(model, config.optim, device)
+    tc = config.train
+    sampler = RandomWindows(train_tokens, m.block_size, tc.batch_size, tc.seed, device)
+    val_starts = fixed_windows(val_tokens, m.block_size, tc.eval_batches * tc.batch_size)
+
+    step, best_val, bad_evals, elapsed_before = 0, math.inf, 0, 0.0
+    if resume:
+        rng, progress = ckpt.load_train_state(out, model, optimizers)
+        _set_rng_state(rng, sampler, device)
+        step, best_val = progress["step"], progress["best_val_loss"]
+        bad_evals, elapsed_before = progress["bad_evals"], progress["elapsed_s"]
+        log(f"Resuming {out} at step {step} (best validation loss {best_val:.4f}).")
+    else:
+        log(f"Training {config.name}: {_describe(model, m, data, device, dtype)}")
+        print_config(config, log)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = _Metrics(out / "metrics.jsonl", keep_until_step=step if resume else None)
+
+    compiled = torch.compile(model) if tc.compile else model
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    tokens_per_step = tc.batch_size * tc.grad_accum * m.block_size
+    info = {"tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "data": str(data.dir)}
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - started
+
+    def save_state() -> None:
+        progress = {"step": step, "best_val_loss": best_val, "bad_evals": bad_evals,
+                    "elapsed_s": elapsed(), "config": config.to_dict()}
+        ckpt.save_train_state(out, model, optimizers, _rng_state(sampler, device), progress)
+
+    def run_eval() -> float:
+        nonlocal best_val, bad_evals
+        val = evaluate_loss(compiled, val_tokens, val_starts, m.block_size, tc.batch_size, device, dtype)
+        if val < best_val:
+            best_val, bad_evals = val, 0
+            ckpt.save_checkpoint(out, model, config, tokenizer,
+                                 {**info, "step": step, "val_loss": val})
+        else:
+            bad_evals += 1
+        return val
+
+    progress_bar = _progress(tc.progress, tc.max_iters, step)
+    stopped_because = "max_iters"
+    last_val = math.nan
+    window_loss = torch.zeros((), device=device)
+    window_steps, window_start = 0, time.perf_counter()
+    model.train()
+    try:
+        if tc.eval_at_start and step == 0:
+            last_val = run_eval()
+            metrics.log({"step": 0, "val_loss": last_val, "elapsed_s": round(elapsed(), 3)})
+        while step < tc.max_iters:
+            lr = lr_at(step, config.optim, tc.max_iters)
+            set_lr(optimizers, lr, config.optim)
+            for _ in range(tc.grad_accum):
+                x, y = sampler.next_batch()
+                with autocast(device, dtype):
+                    _, loss = compiled(x, y)
+                loss = loss / tc.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+                window_loss += loss.detach()
+            if scaler:
+                for opt in optimizers:
+                    scaler.unscale_(opt)
+            if config.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            for opt in optimizers:
+                scaler.step(opt) if scaler else opt.step()
+            if scaler:
+                scaler.update()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+
+            is_eval = step % tc.eval_interval == 0 or step == tc.max_iters
+            if step % tc.log_interval == 0 or is_eval:
+                now = time.perf_counter()
+                record = {
+                    "step": step,
+                    "train_loss": round(window_loss.item() / window_steps, 5),  # one sync per log
+                    "lr": lr,
+                    "tokens_per_s": round(window_steps * tokens_per_step / (now - window_start), 1),
+                    "elapsed_s": None,
+                }
+                if is_eval:
+                    last_val = run_eval()
+                    record["val_loss"] = round(last_val, 5)
+                    record["val_ppl"] = round(math.exp(min(last_val, 50.0)), 4)
+                record["elapsed_s"] = round(elapsed(), 3)
+                metrics.log(record)
+                progress_bar.set_postfix_str(_postfix(record, last_val))
+                if is_eval:
+                    progress_bar.write(_eval_line(record))
+                window_loss.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+                if is_eval:
+                    if tc.target_loss and last_val <= tc.target_loss:
+                        stopped_because = f"reached target loss {tc.target_loss}"
+                        break
+                    if tc.patience and bad_evals >= tc.patience:
+                        stopped_because = f"no improvement in {tc.patience} evaluations"
+                        break
+                    save_state()
+            progress_bar.update(1)
+            if on_step:
+                on_step(step, loss.item() * tc.grad_accum)
+    except KeyboardInterrupt:
+        progress_bar.close()
+        logged = metrics.history[-1]["step"] if metrics.history else 0
+        if window_steps and step % tc.log_interval == 0 and logged != step:
+            # Interrupted between the step and its log line: log what the step measured.
+            metrics.log({"step": step, "train_loss": round(window_loss.item() / window_steps, 5),
+                         "lr": lr_at(step - 1, config.optim, tc.max_iters), "elapsed_s": round(elapsed(), 3)})
+        save_state()
+        metrics.close()
+        write_loss_plot(metrics.history, out / "loss.png")
+        raise TrainingInterrupted(out, step) from None
+    progress_bar.close()
+    save_state()
+    metrics.close()
+    write_loss_plot(metrics.history, out / "loss.png")
+    if stopped_because != "max_iters":
+        log(f"Stopped at step {step}: {stopped_because}.")
+
+    sample = ""
+    if tc.sample_tokens > 0:
+        from lmforge.generation import sample_text
+
+        best, _, _ = ckpt.load_checkpoint(out, device)
+        sample = sample_text(best, tokenizer, "", tc.sample_tokens, seed=tc.seed)
+    total_steps_time = [r["tokens_per_s"] for r in metrics.history if "tokens_per_s" in r]
+    return TrainResult(
+        out=out, step=step, best_val_loss=best_val, final_val_loss=last_val, elapsed_s=elapsed(),
+        tokens_per_s=sum(total_steps_time) / max(1, len(total_steps_time)),
+        history=metrics.history, sample=sample, stopped_because=stopped_because,
+    )
+
+
+def _check_lengths(data: PreparedData, n_train: int, n_val: int, block_size: int) -> None:
+    need = block_size + 2
+    for split, n in (("training", n_train), ("validation", n_val)):
+        if n < need:
+            raise UserError(
+                f"The {split} split of {data.meta['sources'][0]['path'] if data.meta['sources'] else data.dir} "
+                f"has {n} tokens, fewer than one training window ({need} tokens for context "
+                f"{block_size}); use a longer text or a smaller --model.block_size."
+            )
+
+
+def _describe(model: nn.Module, m, data: PreparedData, device, dtype) -> str:
+    n = sum(p.numel() for p in model.parameters())
+    return (f"{m.arch} {n / 1e6:.2f}M parameters, vocab {m.vocab_size} ({data.tokenizer.kind}), "
+            f"{data.meta['train_tokens']:,} training tokens, device {device}, {str(dtype).removeprefix('torch.')}")
+
+
+def print_config(config: Config, log: Callable[[str], None]) -> None:
+    for section, values in config.to_dict().items():
+        if isinstance(values, dict):
+            log(f"  [{section}] " + " ".join(f"{k}={v}" for k, v in values.items()))
+
+
+def _postfix(record: dict[str, Any], val: float) -> str:
+    text = f"loss {record['train_loss']:.3f}"
+    if not math.isnan(val):
+        text += f" val {val:.3f}"
+    return text + f" {record['tokens_per_s'] / 1000:.1f}k tok/s"
+
+
+def _eval_line(record: dict[str, Any]) -> str:
+    return (f"step {record['step']:>6} | train {record['train_loss']:.4f} | val {record['val_loss']:.4f} "
+            f"| ppl {record['val_ppl']:.2f} | {record['elapsed_s']:.1f}s")
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True,
+                file=sys.stderr, unit="step", leave=False)

@@ -1,0 +1,163 @@
+import json
+import math
+
+import pytest
+import torch
+
+from lmforge.config import apply_overrides, load_preset, validate
+from lmforge.errors import TrainingInterrupted, UserError
+from lmforge.training.checkpoint import load_checkpoint
+from lmforge.training.optim import lr_at
+from lmforge.training.trainer import train
+
+from .conftest import tiny_config
+
+
+def test_training_lowers_the_loss_and_writes_the_run_directory(tmp_path, shakespeare_excerpt):
+    cfg = tiny_config(tmp_path / "run", shakespeare_excerpt, **{"train.max_iters": 60, "train.eval_interval": 20})
+    result = train(cfg, log=lambda _: None)
+    out = tmp_path / "run"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png"):
+        assert (out / name).is_file(), name
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(5, 61, 5))
+    for r in records:
+        assert {"step", "train_loss", "lr", "tokens_per_s", "elapsed_s"} <= set(r)
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(vals) == 3
+    assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.5
+    saved = json.loads((out / "config.json").read_text())
+    assert vals[-1] < math.log(saved["vocab_size"]) - 0.5  # well below the uniform guess
+    assert result.best_val_loss == pytest.approx(min(vals), abs=1e-4)
+    assert saved["format"] == "lmforge-checkpoint" and saved["val_loss"] == pytest.approx(min(vals), abs=1e-4)
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path, shakespeare_excerpt):
+    cfg = tiny_config(tmp_path / "run", shakespeare_excerpt, **{"model.pos_encoding": "rope"})
+    train(cfg, log=lambda _: None)
+    model, tokenizer, config = load_checkpoint(tmp_path / "run")
+    again, _, _ = load_checkpoint(tmp_path / "run")
+    ids = torch.tensor([tokenizer.encode("ROMEO:\nWhat")])
+    assert torch.equal(model(ids)[0], again(ids)[0])
+    assert config.model.pos_encoding == "rope" and config.model.vocab_size == tokenizer.vocab_size
+
+
+def _losses(cfg, **kw):
+    losses = []
+    train(cfg, log=lambda _: None, on_step=lambda step, loss: losses.append(loss), **kw)
+    return losses
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_resume_continues_exactly(tmp_path, shakespeare_excerpt, dropout):
+    """20 steps in one go == 10 steps, Ctrl-C, resume, 10 more (dropout RNG included)."""
+    overrides = {"model.dropout": dropout, "train.eval_interval": 5}
+    straight = _losses(tiny_config(tmp_path / "a", shakespeare_excerpt, **overrides))
+
+    def interrupt_at_10(step, loss):
+        first.append(loss)
+        if step == 10:
+            raise KeyboardInterrupt
+
+    first: list[float] = []
+    cfg = tiny_config(tmp_path / "b", shakespeare_excerpt, **overrides)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(cfg, log=lambda _: None, on_step=interrupt_at_10)
+    assert stopped.value.step == 10
+    second = _losses(cfg, resume=True)
+    assert len(first) == 10 and len(second) == 10
+    assert first + second == pytest.approx(straight, abs=1e-6)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20]
+
+
+def test_early_stopping_and_target_loss(tmp_path, shakespeare_excerpt):
+    cfg = tiny_config(tmp_path / "a", shakespeare_excerpt,
+                      **{"train.max_iters": 200, "train.eval_interval": 5, "train.target_loss": 3.3})
+    result = train(cfg, log=lambda _: None)
+    assert result.stopped_because.startswith("reached target") and result.step < 200
+    assert result.final_val_loss <= 3.3
+    cfg = tiny_config(tmp_path / "b", shakespeare_excerpt,
+                      **{"train.max_iters": 200, "train.eval_interval": 5, "train.patience": 1,
+                         "optim.lr": 1.0, "optim.warmup_iters": 0, "optim.schedule": "constant"})
+    result = train(cfg, log=lambda _: None)
+    assert result.stopped_because.startswith("no improvement") and result.step < 200
+
+
+def test_lr_schedules():
+    cfg = load_preset("nanogpt-cpu-baseline").optim
+    assert lr_at(0, cfg, 2000) == pytest.approx(1e-3 / 101)
+    assert lr_at(100, cfg, 2000) == pytest.approx(1e-3)
+    assert lr_at(1050, cfg, 2000) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert lr_at(2000, cfg, 2000) == pytest.approx(1e-4)
+    wsd = apply_overrides(load_preset("tiny"), {"optim.schedule": "wsd", "optim.warmup_iters": 0}).optim
+    assert lr_at(500, wsd, 1000) == wsd.lr and lr_at(1000, wsd, 1000) == pytest.approx(wsd.min_lr)
+    assert lr_at(900, wsd, 1000) == pytest.approx((wsd.lr + wsd.min_lr) / 2)
+
+
+def test_muon_optimizer_trains(tmp_path, shakespeare_excerpt):
+    cfg = tiny_config(tmp_path / "m", shakespeare_excerpt, **{"optim.optimizer": "muon", "train.max_iters": 40})
+    result = train(cfg, log=lambda _: None)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] - 0.3
+
+
+# ---- bad input ------------------------------------------------------------------------
+
+
+def test_unknown_preset_and_config_key_list_the_valid_ones():
+    with pytest.raises(UserError, match="Unknown preset 'shakespear'.*shakespeare-char"):
+        load_preset("shakespear")
+    with pytest.raises(UserError, match="Unknown config key 'train.max_iter'.*train.max_iters"):
+        apply_overrides(load_preset("tiny"), {"train.max_iter": 3})
+    with pytest.raises(UserError, match="train.max_iters must be int, not 'many'"):
+        apply_overrides(load_preset("tiny"), {"train.max_iters": "many"})
+    with pytest.raises(UserError, match="divisible"):
+        validate(apply_overrides(load_preset("tiny"), {"model.n_head": 3}))
+
+
+def test_corpus_shorter_than_one_window(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("To be or not to be, that is the question.\n" * 3)
+    cfg = tiny_config(tmp_path / "run", short, **{"model.block_size": 64})
+    with pytest.raises(UserError, match="fewer than one training window"):
+        train(cfg, log=lambda _: None)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_vocabulary_larger_than_the_model(tmp_path, shakespeare_excerpt):
+    cfg = tiny_config(tmp_path / "run", shakespeare_excerpt, **{"model.vocab_size": 30})
+    with pytest.raises(UserError, match="tokenizer has 6[0-9] tokens but model.vocab_size is 30"):
+        train(cfg, log=lambda _: None)
+
+
+def test_output_directory_holding_another_run(tmp_path, shakespeare_excerpt):
+    cfg = tiny_config(tmp_path / "run", shakespeare_excerpt, **{"train.max_iters": 10})
+    train(cfg, log=lambda _: None)
+    with pytest.raises(UserError, match="already holds a training run; pass --resume"):
+        train(cfg, log=lambda _: None)
+    other = apply_overrides(cfg, {"model.n_embd": 64})
+    with pytest.raises(UserError, match="model settings differ.*model.n_embd"):
+        train(other, resume=True, log=lambda _: None)
+    result = train(other, overwrite=True, log=lambda _: None)
+    assert result.step == 10
+    with pytest.raises(UserError, match="holds no run to resume"):
+        train(tiny_config(tmp_path / "empty", shakespeare_excerpt), resume=True, log=lambda _: None)
+
+
+def test_partial_corrupt_and_foreign_checkpoints(tmp_path, shakespeare_excerpt):
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(UserError, match="not an lmforge checkpoint"):
+        load_checkpoint(foreign)
+    train(tiny_config(tmp_path / "run", shakespeare_excerpt, **{"train.max_iters": 10}), log=lambda _: None)
+    weights = tmp_path / "run" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(UserError, match="corrupt"):
+        load_checkpoint(tmp_path / "run")
+    weights.unlink()
+    with pytest.raises(UserError, match="incomplete: model.safetensors is missing"):
+        load_checkpoint(tmp_path / "run")
