@@ -92,6 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
 
+    p = sub.add_parser("eval", help="evaluate a checkpoint (perplexity, bits/byte) or score hypotheses",
+                       description="Language-model metrics of CHECKPOINT on --data (default: its validation "
+                                   "split), or BLEU/chrF/ROUGE/accuracy of --hyp (or of greedy "
+                                   "continuations of --prompts) against --ref files.")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint directory")
+    p.add_argument("--data", help="text file or prepared directory (default: the checkpoint's validation split)")
+    p.add_argument("--context", type=int, help="window length in tokens (default: the model's context)")
+    p.add_argument("--stride", type=int, help="tokens between window starts (default: = context)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--metric", default="bleu,chrf", help="comma-separated: bleu, chrf, rouge, accuracy")
+    p.add_argument("--hyp", help="hypotheses, one per line")
+    p.add_argument("--ref", action="append", default=[], help="references, one per line (repeat for more sets)")
+    p.add_argument("--prompts", help="generate hypotheses from these prompts (one per line) with CHECKPOINT")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--output", help="also write the JSON result to this file")
+
     p = sub.add_parser("presets", help="list presets, or show one")
     p.add_argument("--show", metavar="NAME", help="print the full resolved config of a preset")
     return parser
@@ -153,6 +171,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from lmforge.evaluation.run import (
+        _read_lines,
+        evaluate,
+        format_report,
+        generate_hypotheses,
+        score_files,
+        score_lines,
+    )
+
+    metrics = [m.strip() for m in args.metric.split(",") if m.strip()]
+    if args.hyp:
+        result = score_files(args.hyp, args.ref, metrics)
+    elif args.prompts:
+        if not args.checkpoint:
+            raise UserError("--prompts needs a CHECKPOINT to generate with.")
+        if not args.ref:
+            raise UserError("Give the references for the prompts with --ref.")
+        hyps = generate_hypotheses(args.checkpoint, args.prompts, args.max_new_tokens, args.device)
+        result = score_lines(hyps, [_read_lines(r) for r in args.ref], metrics)
+    elif args.checkpoint:
+        result = evaluate(args.checkpoint, args.data, args.context, args.stride, args.batch_size,
+                          args.device, progress=sys.stderr.isatty())
+    else:
+        raise UserError("Give a CHECKPOINT to evaluate, or --hyp and --ref files to score.")
+    if args.output:
+        from lmforge.io import atomic_write_json
+
+        atomic_write_json(args.output, result)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from lmforge.config import load_preset, preset_names
 
@@ -168,7 +221,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate, "presets": cmd_presets}
+COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval,
+            "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

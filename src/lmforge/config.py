@@ -86,6 +86,7 @@ class TrainConfig:
     eval_interval: int = 250
     eval_batches: int = 20  # validation batches per evaluation (fixed windows)
     eval_at_start: bool = False
+    final_full_eval: bool = True  # at the end, also score the whole validation split (as `lmforge eval` does)
     log_interval: int = 50
     patience: int = 0  # stop after this many evaluations without improvement; 0 = off
     target_loss: float = 0.0  # stop once validation loss reaches this; 0 = off

@@ -45,6 +45,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     sample: str = ""
     stopped_because: str = "max_iters"
+    full_val_loss: float = math.nan  # last weights on the whole validation split
 
 
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -325,6 +326,20 @@ def train(
         raise TrainingInterrupted(out, step) from None
     progress_bar.close()
     save_state()
+    full_val = math.nan
+    if tc.final_full_eval and metrics.history and len(val_tokens) <= 5_000_000:
+        # The whole validation split, scored exactly as `lmforge eval DIR` scores it.
+        from lmforge.evaluation.perplexity import evaluate_ids
+
+        full_val = evaluate_ids(model.eval(), tokenizer, val_tokens.tolist(), context=m.block_size,
+                                batch_size=32, device=device).loss
+        model.train()
+        metrics.history[-1]["val_loss_full"] = round(full_val, 5)
+        metrics.close()
+        from lmforge.io import atomic_write_text
+
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics.history))
+        log(f"Validation loss on the whole validation split (last weights): {full_val:.4f}")
     metrics.close()
     write_loss_plot(metrics.history, out / "loss.png")
     if stopped_because != "max_iters":
@@ -340,7 +355,7 @@ def train(
     return TrainResult(
         out=out, step=step, best_val_loss=best_val, final_val_loss=last_val, elapsed_s=elapsed(),
         tokens_per_s=sum(total_steps_time) / max(1, len(total_steps_time)),
-        history=metrics.history, sample=sample, stopped_because=stopped_because,
+        history=metrics.history, sample=sample, stopped_because=stopped_because, full_val_loss=full_val,
     )
 
 
