@@ -134,10 +134,11 @@ def main() -> None:
             "throughput_ratio": tps / base_tps if base_tps else None,
         }
         s = summary[name]
-        print(f"| {name} | {s['preset']} | {t if t is None else round(t, 1)} | "
-              f"{'' if s['time_ratio'] is None else f'{s['time_ratio']:.0%}'} | {s['final_val_loss']:.4f} | "
-              f"{tps:.0f} | {'' if s['throughput_ratio'] is None else f'{s['throughput_ratio']:.2f}x'} | "
-              f"{s['mfu_fp32']:.1%} | {s['peak_rss_mb']:.0f} |")
+        time_text = "not reached" if t is None else f"{t:.1f}"
+        time_ratio = "" if s["time_ratio"] is None else f"{s['time_ratio']:.0%}"
+        tps_ratio = "" if s["throughput_ratio"] is None else f"{s['throughput_ratio']:.2f}x"
+        print(f"| {name} | {s['preset']} | {time_text} | {time_ratio} | {s['final_val_loss']:.4f} | "
+              f"{tps:.0f} | {tps_ratio} | {s['mfu_fp32']:.1%} | {s['peak_rss_mb']:.0f} |")
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
