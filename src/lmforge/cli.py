@@ -83,14 +83,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dedup", action="store_true", help="drop duplicate documents")
     p.add_argument("--overwrite", action="store_true")
 
-    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p = sub.add_parser("generate", help="generate text from a checkpoint, streaming",
+                       description="Continue one or more prompts. Text streams to the terminal as it is "
+                                   "produced; several prompts (or --no-stream) print when done.")
     p.add_argument("checkpoint")
-    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
+    p.add_argument("--prompt-file", help="one prompt per line ('-' reads standard input)")
+    p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
+    p.add_argument("--no-stream", action="store_true", help="print each result when it is complete")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search when > 1")
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--ignore-eot", action="store_true", help="keep going after <|endoftext|>")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--strict", action="store_true", help="refuse prompts longer than the context")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8 weight-only quantisation of linear layers")
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (perplexity, bits/byte) or score hypotheses",
                        description="Language-model metrics of CHECKPOINT on --data (default: its validation "
@@ -160,14 +178,50 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from lmforge.device import resolve_device
-    from lmforge.generation import sample_text
-    from lmforge.training.checkpoint import load_checkpoint
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        text = sys.stdin.read() if args.prompt_file == "-" else _read_text(args.prompt_file)
+        prompts += [line for line in text.split("\n") if line.strip()]
+    elif not prompts and not sys.stdin.isatty():
+        prompts += [line for line in sys.stdin.read().split("\n") if line.strip()]
+    return prompts or [""]
 
-    model, tokenizer, _ = load_checkpoint(args.checkpoint, resolve_device(args.device))
-    print(sample_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
-                      args.top_k, args.seed))
+
+def _read_text(path: str) -> str:
+    from lmforge.data.corpus import read_text_file
+
+    return read_text_file(Path(path))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lmforge.generation import GenerationConfig, generate, stream
+    from lmforge.inference import load_for_inference
+
+    prompts = _read_prompts(args)
+    model, tokenizer = load_for_inference(args.checkpoint, args.device, args.dtype, args.quantize)
+    warn = lambda message: print(f"lmforge: warning: {message}", file=sys.stderr)  # noqa: E731
+    for i in range(args.num_samples):
+        cfg = GenerationConfig(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+            stop=args.stop, stop_at_eot=not args.ignore_eot, num_beams=args.num_beams,
+            length_penalty=args.length_penalty, strict=args.strict,
+            seed=None if args.seed is None else args.seed + i,
+        )
+        if args.no_stream or len(prompts) > 1:
+            for prompt, text in zip(prompts, generate(model, tokenizer, prompts, cfg, warn), strict=True):
+                print(prompt + text)
+                if len(prompts) > 1 or args.num_samples > 1:
+                    print("---")
+        else:
+            print(prompts[0], end="", flush=True)
+            for piece in stream(model, tokenizer, prompts[0], cfg, warn):
+                print(piece, end="", flush=True)
+            print()
+            if args.num_samples > 1:
+                print("---")
     return 0
 
 

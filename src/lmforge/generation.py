@@ -1,69 +1,500 @@
-"""Text generation from a trained model.
+"""Text generation: samplers, KV cache, beam search, stop strings and streaming.
 
-`sample_text` is the simple sampler that training uses for its closing sample:
-it re-runs the model over the last `block_size` tokens at each step.
+    generate(model, tokenizer, prompts, config)   -> list of continuations (one per prompt)
+    stream(model, tokenizer, prompt, config)      -> iterator of text pieces as they settle
+    pipeline("text-generation", model=DIR)        -> Hugging Face-style callable
+
+How it works: the prompts are tokenized and left-padded into one batch; the
+model fills its KV cache with the whole prompt in one forward pass ("prefill"),
+then produces one token per step, each step feeding only the new token. Each
+step's logits go through the penalties, temperature and top-k / top-p / min-p
+filters, then greedy choice or sampling from a seeded generator.
+
+When the text outgrows the context: a RoPE model keeps a sliding window of the
+most recent `block_size` tokens in its cache (attention only sees relative
+positions); a model with learned or sinusoidal positions re-encodes the last
+`block_size` tokens at every step. Prompts longer than the context keep their
+most recent tokens (with a warning), or are refused with `strict=True`.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from lmforge.errors import UserError
 from lmforge.tokenizers import TextTokenizer
 
 
-@torch.inference_mode()
-def sample_tokens(
-    model: nn.Module,
-    prompt_ids: list[int],
-    max_new_tokens: int,
-    temperature: float = 0.8,
-    top_k: int = 0,
-    generator: torch.Generator | None = None,
-) -> list[int]:
-    """Sample token ids after `prompt_ids` (temperature 0 = greedy)."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        logits, _ = model(ids[:, -model.block_size:])
-        logits = logits[0, -1].float()
-        if temperature <= 0:
-            next_id = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k > 0:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1).cpu()
-            next_id = int(torch.multinomial(probs, 1, generator=generator))
-        new.append(next_id)
-        ids = torch.cat([ids, torch.tensor([[next_id]], device=device)], dim=1)
-    return new
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens (0 = all)
+    top_p: float = 1.0  # keep the smallest set whose probability reaches p
+    min_p: float = 0.0  # drop tokens less likely than min_p × the most likely one
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text (prompt included)
+    presence_penalty: float = 0.0  # subtracted once from tokens already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    stop: list[str] = field(default_factory=list)  # cut the text before the first of these
+    stop_at_eot: bool = True  # end a sequence when it produces <|endoftext|>
+    num_beams: int = 1  # > 1: beam search (deterministic; sampling options ignored)
+    length_penalty: float = 1.0  # beam score = log-probability / length ** length_penalty
+    early_stopping: bool = True  # beam search ends once num_beams hypotheses are finished
+    seed: int | None = None
+    strict: bool = False  # refuse prompts longer than the context instead of cropping them
+
+    def validate(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 0, "max_new_tokens must be at least 0"),
+            (self.temperature >= 0, "temperature must be at least 0"),
+            (self.top_k >= 0, "top_k must be at least 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be positive"),
+            (self.num_beams >= 1, "num_beams must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"Generation setting {message}.")
 
 
-def sample_text(
-    model: nn.Module,
-    tokenizer: TextTokenizer,
-    prompt: str,
-    max_new_tokens: int,
-    temperature: float = 0.8,
-    top_k: int = 0,
-    seed: int | None = None,
-) -> str:
-    """The prompt followed by sampled text. An empty prompt starts from the end-of-text token
-    (or from a newline when the tokenizer has none)."""
-    prompt_ids = tokenizer.encode(prompt) if prompt else _start_ids(tokenizer)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    new = sample_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, generator)
-    return prompt + tokenizer.decode(new)
+# ---- logits processing ----------------------------------------------------------------
 
 
-def _start_ids(tokenizer: TextTokenizer) -> list[int]:
+def apply_penalties(logits: torch.Tensor, context: torch.Tensor, context_valid: torch.Tensor,
+                    generated_counts: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """Repetition penalty (CTRL / Hugging Face style) over the whole text, presence and
+    frequency penalties (OpenAI style) over the generated tokens."""
+    if cfg.repetition_penalty != 1.0:
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen.scatter_(1, context, context_valid)
+        penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if cfg.presence_penalty or cfg.frequency_penalty:
+        logits = logits - cfg.presence_penalty * (generated_counts > 0) - cfg.frequency_penalty * generated_counts
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k, top-p and min-p sets (rows independent)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already reach top_p (the first always stays).
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def choose_tokens(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+# ---- prompts ----------------------------------------------------------------------------
+
+
+def start_ids(tokenizer: TextTokenizer) -> list[int]:
+    """What an empty prompt starts from: the end-of-text token (which begins every document).
+    A character tokenizer of one document never saw it, so a newline is used there."""
     if tokenizer.kind == "char":
         newline = tokenizer.encode("\n")
         if newline and newline[0] != tokenizer.hf.token_to_id("<unk>"):
-            return newline  # char models trained on one document rarely saw <|endoftext|>
+            return newline
     if tokenizer.eot_id is not None:
         return [tokenizer.eot_id]
     return tokenizer.encode("\n") or [0]
+
+
+def encode_prompt(tokenizer: TextTokenizer, prompt: str, block_size: int, strict: bool,
+                  warn: Callable[[str], None] | None = None) -> list[int]:
+    ids = tokenizer.encode(prompt) if prompt else start_ids(tokenizer)
+    if len(ids) > block_size:
+        if strict:
+            raise UserError(f"The prompt has {len(ids)} tokens but the model's context is {block_size}; "
+                            f"shorten it, or drop --strict to keep its last {block_size} tokens.")
+        message = (f"The prompt has {len(ids)} tokens, more than the context ({block_size}); "
+                   f"only its last {block_size} tokens are used.")
+        (warn or (lambda m: warnings.warn(m, stacklevel=3)))(message)
+        ids = ids[-block_size:]
+    return ids
+
+
+def banned_ids(tokenizer: TextTokenizer) -> list[int]:
+    """Tokens never generated: `<unk>` stands for characters the tokenizer did not know."""
+    unk = tokenizer.hf.token_to_id("<unk>")
+    return [unk] if unk is not None else []
+
+
+# ---- text state: stop strings and streaming ---------------------------------------------------
+
+
+class TextTracker:
+    """Decodes one sequence's new tokens, finds stop strings and says which text has settled.
+
+    Text has settled when later tokens cannot change it: it is not part of a possible
+    stop string still being written, and it does not end in an incomplete UTF-8 character
+    (which decodes as U+FFFD until its last byte arrives).
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.stopped = False
+        self.emitted = 0
+
+    def add(self, token: int) -> None:
+        if self.stopped:
+            return
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids)
+        for s in self.stop:
+            at = self.text.find(s)
+            if at != -1:
+                self.text = self.text[:at]
+                self.stopped = True
+        if self.stopped:
+            cuts = [self.text.find(s) for s in self.stop if s in self.text]
+            if cuts:
+                self.text = self.text[: min(cuts)]
+
+    def settled(self, final: bool = False) -> str:
+        text = self.text
+        if not final and not self.stopped:
+            hold = 0
+            for s in self.stop:
+                for n in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:n]):
+                        hold = max(hold, n)
+                        break
+            while hold < len(text) and text[len(text) - hold - 1:len(text) - hold] == "\ufffd":
+                hold += 1
+            text = text[: len(text) - hold]
+        return text
+
+    def take_new(self, final: bool = False) -> str:
+        """The settled text not yet handed out."""
+        settled = self.settled(final)
+        piece = settled[self.emitted:] if len(settled) >= self.emitted else ""
+        self.emitted = max(self.emitted, len(settled))
+        return piece
+
+
+# ---- the decoding loop ------------------------------------------------------------------
+
+
+def _model_info(model: nn.Module) -> tuple[torch.device, int, str]:
+    device = next(model.parameters()).device
+    pos = getattr(getattr(model, "config", None), "pos_encoding", "learned")
+    return device, model.block_size, pos
+
+
+def _left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[row, width - len(p):] = True
+    return ids.to(device), valid.to(device)
+
+
+def _positions(valid: torch.Tensor) -> torch.Tensor:
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.inference_mode()
+def decode_steps(model: nn.Module, prompts: list[list[int]], cfg: GenerationConfig,
+                 eot_id: int | None = None, use_cache: bool = True,
+                 banned: list[int] | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, step after step (rows that ended keep yielding
+    `eot_id`/0; the caller decides when to stop). `use_cache=False` recomputes the whole
+    window every step: the reference that the cache is tested against."""
+    device, block_size, pos = _model_info(model)
+    ids, valid = _left_pad(prompts, device)
+    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    sliding = pos == "rope"
+    cache = model.new_cache(len(prompts)) if use_cache else None
+    logits, _ = model(ids, cache=cache, positions=_positions(valid), attention_mask=valid) if use_cache \
+        else model(ids, positions=_positions(valid), attention_mask=valid)
+    next_logits = logits[:, -1].float()
+    counts = torch.zeros_like(next_logits)  # how often each token was generated, per row
+    for _ in range(cfg.max_new_tokens):
+        vocab_logits = apply_penalties(next_logits, ids, valid, counts, cfg)
+        if banned:
+            vocab_logits[:, banned] = float("-inf")
+        token = choose_tokens(vocab_logits, cfg, generator)
+        if eot_id is not None:
+            token = torch.where(finished, torch.full_like(token, eot_id), token)
+            if cfg.stop_at_eot:
+                finished |= token == eot_id
+        counts.scatter_add_(1, token[:, None], torch.ones_like(token[:, None], dtype=counts.dtype))
+        yield token
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        valid = torch.cat([valid, torch.ones_like(token[:, None], dtype=torch.bool)], dim=1)
+        positions = _positions(valid)
+        if use_cache and (sliding or ids.shape[1] <= block_size):
+            logits, _ = model(token[:, None], cache=cache, positions=positions[:, -1:])
+        else:
+            # Recompute over the last block_size tokens (learned/sinusoidal positions beyond
+            # the context re-encode the window; positions restart at 0 like in training).
+            window, window_valid = ids[:, -block_size:], valid[:, -block_size:]
+            logits, _ = model(window, positions=_positions(window_valid) if not sliding
+                              else positions[:, -block_size:], attention_mask=window_valid)
+        next_logits = logits[:, -1].float()
+
+
+def generate_ids(model: nn.Module, tokenizer: TextTokenizer, prompts: list[list[int]],
+                 cfg: GenerationConfig) -> list[list[int]]:
+    """New token ids for each prompt (ending before the end-of-text token)."""
+    eot = tokenizer.eot_id
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for token in decode_steps(model, prompts, cfg, eot, banned=banned_ids(tokenizer)):
+        for row, t in enumerate(token.tolist()):
+            if done[row]:
+                continue
+            if cfg.stop_at_eot and t == eot:
+                done[row] = True
+            else:
+                out[row].append(t)
+        if all(done):
+            break
+    return out
+
+
+def _check_prompts(prompts: str | list[str]) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if not prompts:
+        raise UserError("Give at least one prompt.")
+    return list(prompts)
+
+
+def generate(model: nn.Module, tokenizer: TextTokenizer, prompts: str | list[str],
+             config: GenerationConfig | None = None, warn: Callable[[str], None] | None = None) -> list[str]:
+    """The generated continuation of each prompt (prompts of any lengths, batched)."""
+    cfg = config or GenerationConfig()
+    cfg.validate()
+    texts = _check_prompts(prompts)
+    encoded = [encode_prompt(tokenizer, p, model.block_size, cfg.strict, warn) for p in texts]
+    if cfg.num_beams > 1:
+        return ["".join(beam_search(model, tokenizer, ids, cfg)) for ids in encoded]
+    results = []
+    for new_ids in generate_ids(model, tokenizer, encoded, cfg):
+        tracker = TextTracker(tokenizer, cfg.stop)
+        for t in new_ids:
+            tracker.add(t)
+            if tracker.stopped:
+                break
+        results.append(tracker.settled(final=True))
+    return results
+
+
+def stream(model: nn.Module, tokenizer: TextTokenizer, prompt: str, config: GenerationConfig | None = None,
+           warn: Callable[[str], None] | None = None) -> Iterator[str]:
+    """Yield pieces of the continuation as they settle; their concatenation equals `generate`'s text."""
+    cfg = config or GenerationConfig()
+    cfg.validate()
+    ids = encode_prompt(tokenizer, prompt, model.block_size, cfg.strict, warn)
+    if cfg.num_beams > 1:
+        yield from beam_search(model, tokenizer, ids, cfg)
+        return
+    tracker = TextTracker(tokenizer, cfg.stop)
+    eot = tokenizer.eot_id
+    for token in decode_steps(model, [ids], cfg, eot, banned=banned_ids(tokenizer)):
+        t = int(token[0])
+        if cfg.stop_at_eot and t == eot:
+            break
+        tracker.add(t)
+        piece = tracker.take_new()
+        if piece:
+            yield piece
+        if tracker.stopped:
+            break
+    rest = tracker.take_new(final=True)
+    if rest:
+        yield rest
+
+
+# ---- beam search -----------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def beam_search(model: nn.Module, tokenizer: TextTokenizer, prompt_ids: list[int],
+                cfg: GenerationConfig) -> Iterator[str]:
+    """Beam search for one prompt, yielding the best beam's text as it settles.
+
+    A prefix is settled once every live beam shares it (no later step can change it).
+    Finished hypotheses are scored by log-probability / length ** length_penalty.
+    """
+    device, block_size, pos = _model_info(model)
+    beams = cfg.num_beams
+    eot = tokenizer.eot_id if cfg.stop_at_eot else None
+    if len(prompt_ids) + cfg.max_new_tokens > block_size and pos != "rope":
+        raise UserError(f"Beam search needs prompt + max_new_tokens within the context ({block_size}) "
+                        f"for this model; lower max_new_tokens.")
+    cache = model.new_cache(1, capacity=min(block_size, len(prompt_ids) + cfg.max_new_tokens + 1))
+    logits, _ = model(torch.tensor([prompt_ids], device=device), cache=cache)
+    logprobs = F.log_softmax(logits[:, -1].float(), -1)  # (1, V)
+    cache.reorder(torch.zeros(beams, dtype=torch.long, device=device))
+    logprobs = logprobs.expand(beams, -1)
+    scores = torch.zeros(beams, device=device)
+    scores[1:] = float("-inf")  # all beams start identical: let only the first expand
+    sequences: list[list[int]] = [[] for _ in range(beams)]
+    finished: list[tuple[float, list[int]]] = []
+    streamed = ""
+    for _ in range(cfg.max_new_tokens):
+        vocab = logprobs.shape[-1]
+        total = (scores[:, None] + logprobs).view(-1)
+        top_scores, top_index = total.topk(2 * beams)
+        new_sequences, new_scores, rows = [], [], []
+        for score, index in zip(top_scores.tolist(), top_index.tolist(), strict=True):
+            row, token = divmod(index, vocab)
+            if score == float("-inf"):
+                continue
+            if eot is not None and token == eot:
+                length = len(sequences[row]) + 1
+                finished.append((score / length ** cfg.length_penalty, sequences[row]))
+                continue
+            new_sequences.append(sequences[row] + [token])
+            new_scores.append(score)
+            rows.append(row)
+            if len(new_sequences) == beams:
+                break
+        best_finished = max((s for s, _ in finished), default=float("-inf"))
+        if not new_sequences:
+            break
+        if cfg.early_stopping and len(finished) >= beams:
+            break
+        # Without early stopping, continue until no live beam can beat the best finished one
+        # (scores only fall as tokens are added when length_penalty <= 1).
+        if finished and cfg.length_penalty <= 1 and \
+                max(new_scores) / (len(new_sequences[0])) ** cfg.length_penalty < best_finished:
+            break
+        sequences, rows_t = new_sequences, torch.tensor(rows, device=device)
+        while len(sequences) < beams:  # fewer live candidates than beams: pad with dead copies
+            sequences.append(list(sequences[0]))
+            new_scores.append(float("-inf"))
+            rows_t = torch.cat([rows_t, rows_t[:1]])
+        scores = torch.tensor(new_scores, device=device)
+        cache.reorder(rows_t)
+        tokens = torch.tensor([s[-1] for s in sequences], device=device)[:, None]
+        logits, _ = model(tokens, cache=cache)
+        logprobs = F.log_softmax(logits[:, -1].float(), -1)
+        # Stream what all live beams agree on.
+        live = [s for s, sc in zip(sequences, new_scores, strict=True) if sc > float("-inf")]
+        common = _common_prefix(live)
+        text = tokenizer.decode(common).rstrip("\ufffd")
+        if len(text) > len(streamed) and text.startswith(streamed) and not cfg.stop:
+            yield text[len(streamed):]
+            streamed = text
+    for seq, sc in zip(sequences, scores.tolist(), strict=True):
+        if sc > float("-inf"):
+            finished.append((sc / max(1, len(seq)) ** cfg.length_penalty, seq))
+    best = max(finished, key=lambda f: f[0])[1] if finished else []
+    tracker = TextTracker(tokenizer, cfg.stop)
+    for t in best:
+        tracker.add(t)
+    final = tracker.settled(final=True)
+    if final.startswith(streamed):
+        if final[len(streamed):]:
+            yield final[len(streamed):]
+    else:  # cannot happen without stop strings (the best beam extends the common prefix)
+        yield final
+
+
+def _common_prefix(sequences: list[list[int]]) -> list[int]:
+    if not sequences:
+        return []
+    prefix = sequences[0]
+    for s in sequences[1:]:
+        n = 0
+        while n < min(len(prefix), len(s)) and prefix[n] == s[n]:
+            n += 1
+        prefix = prefix[:n]
+    return prefix
+
+
+def sequence_logprob(model: nn.Module, prompt_ids: list[int], new_ids: list[int]) -> float:
+    """Sum of log-probabilities of `new_ids` after the prompt (for comparing decoders)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids + new_ids], device=device)
+    with torch.inference_mode():
+        logits, _ = model(ids[:, :-1])
+    logprobs = F.log_softmax(logits[0].float(), -1)
+    start = len(prompt_ids) - 1
+    return float(sum(logprobs[start + i, t] for i, t in enumerate(new_ids)))
+
+
+# ---- convenience ----------------------------------------------------------------------------
+
+
+def sample_text(model: nn.Module, tokenizer: TextTokenizer, prompt: str, max_new_tokens: int,
+                temperature: float = 0.8, top_k: int = 0, seed: int | None = None) -> str:
+    """The prompt followed by sampled text (used for training's closing sample)."""
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    return prompt + generate(model, tokenizer, prompt, cfg)[0]
+
+
+def sample_tokens(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
+                  top_k: int = 0, generator_seed: int | None = None) -> list[int]:
+    """Token ids after `prompt_ids` (temperature 0 = greedy), no end-of-text handling."""
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           seed=generator_seed, stop_at_eot=False)
+    return [int(t[0]) for t in decode_steps(model, [prompt_ids], cfg)]
+
+
+class TextGenerationPipeline:
+    """`pipeline("text-generation", model=DIR)(prompt, max_new_tokens=50)` → [{"generated_text": ...}]."""
+
+    def __init__(self, model: nn.Module, tokenizer: TextTokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def __call__(self, prompts: str | list[str], return_full_text: bool = True, num_return_sequences: int = 1,
+                 **settings) -> list[dict] | list[list[dict]]:
+        unknown = set(settings) - set(GenerationConfig.__dataclass_fields__)
+        if unknown:
+            raise UserError(f"Unknown generation setting(s): {', '.join(sorted(unknown))}.")
+        cfg = GenerationConfig(**settings)
+        single = isinstance(prompts, str)
+        texts = _check_prompts(prompts)
+        results = []
+        for prompt in texts:
+            outs = []
+            for i in range(num_return_sequences):
+                run_cfg = replace(cfg, seed=None if cfg.seed is None else cfg.seed + i)
+                text = generate(self.model, self.tokenizer, prompt, run_cfg)[0]
+                outs.append({"generated_text": prompt + text if return_full_text else text})
+            results.append(outs)
+        return results[0] if single else results
+
+
+def pipeline(task: str, model: str, device: str = "cpu", dtype: str = "float32",
+             quantize: str | None = None) -> TextGenerationPipeline:
+    """Hugging Face-style entry point; only the "text-generation" task exists so far."""
+    if task != "text-generation":
+        raise UserError(f"Unknown pipeline task {task!r}; available: text-generation.")
+    from lmforge.inference import load_for_inference
+
+    loaded, tokenizer = load_for_inference(model, device, dtype, quantize)
+    return TextGenerationPipeline(loaded, tokenizer)

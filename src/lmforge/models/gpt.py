@@ -53,6 +53,58 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     return table
 
 
+class KVCache:
+    """Preallocated keys and values of every layer, for generation without recomputation.
+
+    Slots are filled left to right; `valid` marks slots that hold real tokens (left
+    padding does not). When a RoPE model's text outgrows the cache, the oldest slots
+    are dropped (a sliding window): rotary attention depends only on relative positions.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, capacity: int, head_dim: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (n_layer, batch, n_kv_head, capacity, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.capacity = capacity
+        self.length = 0
+        self.padded = False  # whether any slot is masked (then attention needs an explicit mask)
+
+    def make_room(self, n: int) -> None:
+        """Drop the oldest slots so that `n` more fit."""
+        if n > self.capacity:
+            raise ValueError(f"{n} tokens do not fit in a cache of {self.capacity}")
+        drop = self.length + n - self.capacity
+        if drop > 0:
+            keep = self.length - drop
+            self.k[:, :, :, :keep] = self.k[:, :, :, drop:self.length].clone()
+            self.v[:, :, :, :keep] = self.v[:, :, :, drop:self.length].clone()
+            self.valid[:, :keep] = self.valid[:, drop:self.length].clone()
+            self.valid[:, keep:] = False
+            self.length = keep
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows `index` (beam search)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        self.valid = self.valid.index_select(0, index)
+
+
+def attention_mask_for(cache: KVCache | None, new_valid: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask: query i (slot start+i) sees valid slots up to its own."""
+    T = new_valid.shape[1]
+    start = 0 if cache is None else cache.length
+    keys_valid = new_valid if cache is None else cache.valid[:, : start + T]
+    S = keys_valid.shape[1]
+    query_slot = torch.arange(start, start + T, device=new_valid.device)[:, None]
+    causal = torch.arange(S, device=new_valid.device)[None, :] <= query_slot
+    mask = causal[None, None] & keys_valid[:, None, None, :]
+    # A padding query sees no valid key; let it see itself so its (unused) softmax has no NaN.
+    own = torch.arange(S, device=new_valid.device)[None, :] == query_slot
+    return mask | own[None, None]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -67,7 +119,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.is_residual_projection = True
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim],
@@ -80,20 +133,31 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        causal = mask is None
+        if cache is not None:
+            start = cache.length
+            cache.k[layer, :, :, start:start + T] = k
+            cache.v[layer, :, :, start:start + T] = v
+            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+            causal = causal and start == 0  # one new token attends to every cached one
+            if mask is None and start > 0 and T > 1:
+                raise ValueError("several new tokens after a non-empty cache need an explicit mask")
         if self.attn_fp32 and q.dtype != torch.float32:
             # Under bf16 autocast the CPU's bf16 attention backward is slow and less exact:
             # do the softmax part in float32 and hand bf16 back to the projections.
             with torch.autocast(q.device.type, enabled=False):
-                y = self._attend(q.float(), k.float(), v.float()).to(x.dtype)
+                y = self._attend(q.float(), k.float(), v.float(), causal, mask).to(x.dtype)
         else:
-            y = self._attend(q, k, v)
+            y = self._attend(q, k.to(q.dtype), v.to(q.dtype), causal, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                mask: torch.Tensor | None) -> torch.Tensor:
         return F.scaled_dot_product_attention(
             q, k, v,
-            is_causal=True,
+            attn_mask=mask,
+            is_causal=causal and mask is None and q.shape[2] > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )
@@ -131,8 +195,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), rope))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), rope, cache, layer, mask))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -148,9 +213,12 @@ class GPT(nn.Module):
         elif cfg.pos_encoding == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
         else:
-            cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
+            head_dim = cfg.n_embd // cfg.n_head
+            cos, sin = rotary_tables(head_dim, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+            self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = make_norm(cfg)
@@ -173,23 +241,53 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for every position, and the mean cross-entropy when `targets` are given."""
-        T = idx.shape[1]
-        if T > self.block_size:
+        """Logits for every position, and the mean cross-entropy when `targets` are given.
+
+        Generation passes a `cache` (new keys and values are appended to it), the
+        absolute `positions` of the new tokens (B, T), and an `attention_mask` (B, T)
+        that is False for left padding. Training passes none of them.
+        """
+        B, T = idx.shape
+        if cache is None and T > self.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.block_size})")
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
         x = self.wte(idx)
         rope = None
         if self.config.pos_encoding == "learned":
-            x = x + self.wpe(torch.arange(T, device=idx.device))
+            x = x + self.wpe(positions)
         elif self.config.pos_encoding == "sinusoidal":
-            x = x + self.pos_table[:T]
+            x = x + self.pos_table[positions]
+        elif cache is None and attention_mask is None:
+            rope = (self.rope_cos[:T], self.rope_sin[:T])  # training: the precomputed table
         else:
-            rope = (self.rope_cos[:T], self.rope_sin[:T])
+            angles = positions[:, None, :, None].float() * self.rope_inv_freq  # (B, 1, T, head_dim/2)
+            rope = (angles.cos(), angles.sin())
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, rope)
+
+        mask = None
+        if cache is not None:
+            cache.make_room(T)
+            new_valid = attention_mask if attention_mask is not None else torch.ones(
+                B, T, dtype=torch.bool, device=idx.device)
+            cache.valid[:, cache.length:cache.length + T] = new_valid
+            cache.padded = cache.padded or not bool(new_valid.all())
+            if cache.padded or (cache.length > 0 and T > 1):
+                mask = attention_mask_for(cache, new_valid)
+        elif attention_mask is not None:
+            mask = attention_mask_for(None, attention_mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache, i, mask)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.ln_f(x))
         if self.config.logit_softcap > 0:
             cap = self.config.logit_softcap
@@ -198,6 +296,13 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
+
+    def new_cache(self, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `capacity` tokens (default: the context)."""
+        cfg = self.config
+        weight = self.wte.weight
+        return KVCache(cfg.n_layer, batch, cfg.n_kv_head or cfg.n_head, capacity or self.block_size,
+                       cfg.n_embd // cfg.n_head, weight.device, dtype or weight.dtype)
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

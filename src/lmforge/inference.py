@@ -1,0 +1,77 @@
+"""Loading a checkpoint for inference: device, precision and int8 weight-only quantisation.
+
+int8 weight-only quantisation stores each linear layer's weight as int8 with one
+float scale per output channel (symmetric, round to nearest); activations stay in
+float. On CPUs with AVX-512 (and on CUDA) the product runs in PyTorch's int8
+weight-pack kernel; elsewhere the weight is dequantised on the fly, which saves
+memory but not time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.device import DTYPES, resolve_device
+from lmforge.errors import UserError
+
+
+class Int8Linear(nn.Module):
+    """A linear layer whose weight is int8 with per-output-channel scales."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.register_buffer("weight_int8", (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.use_pack_kernel = _int8_kernel_is_fast(weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_pack_kernel and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            shape = x.shape
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight_int8,
+                                                   self.scale.to(x.dtype)).reshape(*shape[:-1], -1)
+            return y + self.bias if self.bias is not None else y
+        weight = self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None]
+        return F.linear(x, weight, self.bias)
+
+
+def _int8_kernel_is_fast(device: torch.device) -> bool:
+    if device.type != "cpu":
+        return False
+    from lmforge.device import cpu_has_bf16
+
+    return cpu_has_bf16()  # AVX-512 BF16 implies the AVX-512 paths of the int8 kernel
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear in the model with Int8Linear (in place); returns the model."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(model, name, Int8Linear(child))
+        else:
+            quantize_int8(child)
+    return model
+
+
+def load_for_inference(path: str, device: str = "cpu", dtype: str = "float32", quantize: str | None = None):
+    """A checkpoint's model (eval mode) and tokenizer, at the requested precision."""
+    from lmforge.training.checkpoint import load_checkpoint
+
+    if dtype not in DTYPES:
+        raise UserError(f"Unknown dtype {dtype!r}; use float32, bfloat16 or float16.")
+    if quantize not in (None, "", "none", "int8"):
+        raise UserError(f"Unknown quantisation {quantize!r}; use int8 (or none).")
+    model, tokenizer, _ = load_checkpoint(path, resolve_device(device))
+    model = model.to(DTYPES[dtype])
+    if quantize == "int8":
+        lm_head = getattr(model, "lm_head", None)
+        tied = lm_head is not None and lm_head.weight is model.wte.weight
+        quantize_int8(model)
+        if tied:  # the head was tied to the embedding: the embedding itself stays float
+            pass
+    return model.eval(), tokenizer

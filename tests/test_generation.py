@@ -1,0 +1,188 @@
+import pytest
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.errors import UserError
+from lmforge.generation import (
+    GenerationConfig,
+    TextTracker,
+    beam_search,
+    decode_steps,
+    filter_logits,
+    generate,
+    pipeline,
+    sequence_logprob,
+    stream,
+)
+from lmforge.inference import Int8Linear, quantize_int8
+from lmforge.models import build_model
+from lmforge.tokenizers import train_bpe_tokenizer, train_char_tokenizer
+
+TEXT = "To be, or not to be, that is the question: ünïcödé ✓ — 日本語\n" * 20
+
+
+def make_model(pos="rope", block=24, seed=0, **kw):
+    torch.manual_seed(seed)
+    tok = train_char_tokenizer([TEXT])
+    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=block, n_layer=2, n_head=2, n_embd=32,
+                      pos_encoding=pos, **kw)
+    return build_model(cfg).eval(), tok
+
+
+def steps(model, prompts, cfg, use_cache):
+    return torch.stack(list(decode_steps(model, prompts, cfg, None, use_cache=use_cache)), dim=1)
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned", "sinusoidal"])
+def test_kv_cache_greedy_equals_recomputation_beyond_the_context(pos):
+    model, tok = make_model(pos, block=16)
+    prompt = tok.encode("To be, or not")
+    cfg = GenerationConfig(max_new_tokens=30, temperature=0)  # runs well past the 16-token context
+    assert torch.equal(steps(model, [prompt], cfg, True), steps(model, [prompt], cfg, False))
+
+
+def test_cached_logits_match_full_forward():
+    model, tok = make_model("rope", block=32, n_kv_head=1)
+    ids = torch.tensor([tok.encode("To be, or not to be, that")])
+    full, _ = model(ids)
+    cache = model.new_cache(1)
+    prefill, _ = model(ids[:, :10], cache=cache)
+    pieces = [prefill]
+    for t in range(10, ids.shape[1]):
+        logits, _ = model(ids[:, t:t + 1], cache=cache)
+        pieces.append(logits)
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_batched_prompts_with_padding_equal_each_alone(pos):
+    model, tok = make_model(pos, block=24)
+    prompts = [tok.encode(p) for p in ("To", "To be, or not to", "that is the question")]
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0)
+    together = steps(model, prompts, cfg, True)
+    for row, p in enumerate(prompts):
+        assert torch.equal(together[row], steps(model, [p], cfg, True)[0])
+
+
+def test_filters_never_sample_outside_their_sets():
+    logits = torch.log(torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04]]))
+    gen = torch.Generator().manual_seed(0)
+    for kwargs, allowed in [({"top_k": 2}, {0, 1}), ({"top_p": 0.7}, {0, 1, 2}),
+                            ({"top_p": 0.35}, {0}), ({"min_p": 0.3}, {0, 1, 2})]:
+        probs = filter_logits(logits, **kwargs).softmax(-1).expand(4000, -1)
+        drawn = set(torch.multinomial(probs, 1, generator=gen).flatten().tolist())
+        assert drawn == allowed, kwargs
+    # Within the kept set the proportions follow the renormalised probabilities.
+    probs = filter_logits(logits, top_k=2).softmax(-1)
+    assert probs[0, :2].tolist() == pytest.approx([0.4 / 0.65, 0.25 / 0.65])
+
+
+def test_seeds_reproduce_and_differ():
+    model, tok = make_model()
+    cfg = GenerationConfig(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=7)
+    a = generate(model, tok, "To be", cfg)
+    assert a == generate(model, tok, "To be", cfg)
+    others = {generate(model, tok, "To be", GenerationConfig(max_new_tokens=20, seed=s))[0] for s in range(5)}
+    assert len(others) > 1
+
+
+def test_penalties_change_greedy_choice():
+    model, tok = make_model()
+    plain = generate(model, tok, "To be", GenerationConfig(max_new_tokens=30, temperature=0))[0]
+    penalised = generate(model, tok, "To be", GenerationConfig(max_new_tokens=30, temperature=0,
+                                                               frequency_penalty=5.0))[0]
+    assert len(set(penalised)) >= len(set(plain))
+    assert penalised != plain or len(set(plain)) == len(plain)
+
+
+def test_beam_search_with_one_beam_is_greedy_and_more_beams_score_higher():
+    model, tok = make_model("rope", block=48, seed=3)
+    prompt = tok.encode("To be, or")
+    greedy_cfg = GenerationConfig(max_new_tokens=12, temperature=0, stop_at_eot=False)
+    greedy = generate(model, tok, "To be, or", greedy_cfg)[0]
+    one = "".join(beam_search(model, tok, prompt, GenerationConfig(max_new_tokens=12, num_beams=1,
+                                                                     stop_at_eot=False)))
+    assert one == greedy
+    cfg4 = GenerationConfig(max_new_tokens=12, num_beams=4, stop_at_eot=False, length_penalty=0.0)
+    best = "".join(beam_search(model, tok, prompt, cfg4))
+    score = lambda text: sequence_logprob(model, prompt, tok.encode(text))  # noqa: E731
+    assert score(best) >= score(greedy) - 1e-6
+
+
+def test_stop_strings_cut_at_the_right_character_across_tokens():
+    tok = train_char_tokenizer([TEXT])
+    tracker = TextTracker(tok, ["not to"])
+    pieces = []
+    for t in tok.encode("To be, or not to be"):
+        tracker.add(t)
+        pieces.append(tracker.take_new())
+        if tracker.stopped:
+            break
+    pieces.append(tracker.take_new(final=True))
+    assert "".join(pieces) == "To be, or "
+    assert "not" not in "".join(pieces[:-1]) and tracker.stopped
+
+
+def test_streaming_equals_non_streaming_with_multibyte_characters():
+    # Byte-level BPE splits multi-byte characters across tokens: streaming must hold them back.
+    bpe = train_bpe_tokenizer([TEXT], vocab_size=270)
+    assert any("\ufffd" in bpe.decode([i]) for i in bpe.encode("日本語"))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=bpe.vocab_size, block_size=32, n_layer=1, n_head=2,
+                                    n_embd=32, pos_encoding="rope")).eval()
+    for stop in ([], ["e"], ["本語"]):
+        cfg = GenerationConfig(max_new_tokens=40, temperature=1.0, seed=1, stop=stop)
+        pieces = list(stream(model, bpe, "ünï", cfg))
+        # Any character emitted too early (as U+FFFD) would make the concatenation differ.
+        assert "".join(pieces) == generate(model, bpe, "ünï", cfg)[0]
+    tracker = TextTracker(bpe, [])
+    pieces = []
+    for t in bpe.encode("日本語 ✓"):
+        tracker.add(t)
+        pieces.append(tracker.take_new())
+    assert "".join(pieces) + tracker.take_new(final=True) == "日本語 ✓"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_prompts_longer_than_the_context_warn_or_refuse():
+    model, tok = make_model(block=16)
+    long_prompt = "To be, or not to be, that is the question"
+    warnings_seen = []
+    out = generate(model, tok, long_prompt, GenerationConfig(max_new_tokens=3, temperature=0),
+                   warn=warnings_seen.append)
+    assert len(out[0]) == 3 and "only its last 16 tokens are used" in warnings_seen[0]
+    with pytest.raises(UserError, match="context is 16"):
+        generate(model, tok, long_prompt, GenerationConfig(strict=True))
+    empty = generate(model, tok, "", GenerationConfig(max_new_tokens=5, temperature=0))
+    assert len(empty[0]) == 5
+
+
+def test_int8_quantisation_is_close_to_float():
+    model, tok = make_model()
+    ids = torch.tensor([tok.encode("To be, or not to be")])
+    reference, _ = model(ids)
+    quantize_int8(model)
+    assert any(isinstance(m, Int8Linear) for m in model.modules())
+    quantized, _ = model(ids)
+    assert (quantized - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_pipeline_api(tmp_path, shakespeare_excerpt):
+    from lmforge.training.trainer import train
+
+    from .conftest import tiny_config
+
+    train(tiny_config(tmp_path / "run", shakespeare_excerpt), log=lambda _: None)
+    pipe = pipeline("text-generation", model=str(tmp_path / "run"))
+    cfg = GenerationConfig(max_new_tokens=10, temperature=1.0, seed=3)
+    expected = generate(pipe.model, pipe.tokenizer, "ROMEO:", cfg)[0]
+    assert len(expected) > 0
+    out = pipe("ROMEO:", max_new_tokens=10, temperature=1.0, seed=3)
+    assert out == [{"generated_text": "ROMEO:" + expected}]
+    many = pipe(["A", "BB"], max_new_tokens=4, temperature=0, return_full_text=False)
+    assert [x[0]["generated_text"] for x in many] == generate(
+        pipe.model, pipe.tokenizer, ["A", "BB"], GenerationConfig(max_new_tokens=4, temperature=0))
+    with pytest.raises(UserError, match="Unknown generation setting"):
+        pipe("x", max_tokens=3)
+    with pytest.raises(UserError, match="Unknown pipeline task"):
+        pipeline("summarization", model=str(tmp_path / "run"))
