@@ -112,6 +112,7 @@ class CausalSelfAttention(nn.Module):
         self.n_kv_head = cfg.n_kv_head or cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
         self.qk_norm = cfg.qk_norm
+        self.qk_norm_kind = cfg.norm
         self.attn_fp32 = cfg.attn_fp32
         self.dropout = cfg.dropout
         qkv_width = (self.n_head + 2 * self.n_kv_head) * self.head_dim
@@ -130,7 +131,12 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.qk_norm:
-            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+            # Normalise each head's query and key (no learned gain), with the model's norm kind:
+            # LayerNorm has a fused kernel on every device, RMSNorm is composite on CPUs.
+            if self.qk_norm_kind == "layernorm":
+                q, k = F.layer_norm(q, (self.head_dim,)), F.layer_norm(k, (self.head_dim,))
+            else:
+                q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         causal = mask is None
