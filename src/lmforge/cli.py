@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="generate hypotheses from these prompts (one per line) with CHECKPOINT")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", choices=["none", "int8"], default="none")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--output", help="also write the JSON result to this file")
 
@@ -249,7 +251,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = score_lines(hyps, [_read_lines(r) for r in args.ref], metrics)
     elif args.checkpoint:
         result = evaluate(args.checkpoint, args.data, args.context, args.stride, args.batch_size,
-                          args.device, progress=sys.stderr.isatty())
+                          args.device, progress=sys.stderr.isatty(), dtype=args.dtype, quantize=args.quantize)
     else:
         raise UserError("Give a CHECKPOINT to evaluate, or --hyp and --ref files to score.")
     if args.output:

@@ -69,9 +69,7 @@ def load_for_inference(path: str, device: str = "cpu", dtype: str = "float32", q
     model, tokenizer, _ = load_checkpoint(path, resolve_device(device))
     model = model.to(DTYPES[dtype])
     if quantize == "int8":
-        lm_head = getattr(model, "lm_head", None)
-        tied = lm_head is not None and lm_head.weight is model.wte.weight
+        # Every linear layer, the output head included; a tied embedding table stays float
+        # (the head gets its own int8 copy).
         quantize_int8(model)
-        if tied:  # the head was tied to the embedding: the embedding itself stays float
-            pass
     return model.eval(), tokenizer

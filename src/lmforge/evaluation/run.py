@@ -15,16 +15,17 @@ METRICS = ("bleu", "chrf", "rouge", "accuracy")
 
 def evaluate(checkpoint: str | Path, data: str | Path | None = None, context: int | None = None,
              stride: int | None = None, batch_size: int = 8, device: str = "cpu",
-             progress: bool = False) -> dict:
+             progress: bool = False, dtype: str = "float32", quantize: str | None = None) -> dict:
     """Language-model metrics of a checkpoint on a text file, a prepared directory, or (default)
     the validation split of the data it was trained on."""
     from lmforge.data.corpus import read_text_file
     from lmforge.data.prepare import open_prepared, resolve_data
-    from lmforge.device import resolve_device
+    from lmforge.inference import load_for_inference
     from lmforge.tokenizers import encode_long
-    from lmforge.training.checkpoint import load_checkpoint
+    from lmforge.training.checkpoint import read_checkpoint_config
 
-    model, tokenizer, config = load_checkpoint(checkpoint, resolve_device(device))
+    config, _ = read_checkpoint_config(Path(checkpoint))
+    model, tokenizer = load_for_inference(str(checkpoint), device, dtype, quantize)
     if data is None:
         prepared = resolve_data(config.data, log=lambda _: None)
         ids = np.asarray(prepared.tokens("val")).tolist()
@@ -42,7 +43,8 @@ def evaluate(checkpoint: str | Path, data: str | Path | None = None, context: in
     if len(ids) < 2:
         raise UserError(f"{source} has {len(ids)} token(s); at least 2 are needed to score a prediction.")
     report = evaluate_ids(model, tokenizer, ids, context, stride, batch_size, device, progress)
-    return {"checkpoint": str(checkpoint), "data": source, **report.to_dict()}
+    return {"checkpoint": str(checkpoint), "data": source, "dtype": dtype, "quantize": quantize or "none",
+            **report.to_dict()}
 
 
 def _read_lines(path: str | Path) -> list[str]:
@@ -101,7 +103,8 @@ def format_report(result: dict) -> str:
     lines = []
     if "perplexity" in result:
         lines += [
-            f"checkpoint      {result['checkpoint']}",
+            f"checkpoint      {result['checkpoint']} ({result.get('dtype', 'float32')}"
+            f"{', int8 weights' if result.get('quantize') == 'int8' else ''})",
             f"data            {result['data']}",
             f"loss            {result['loss']:.4f} nats/token",
             f"perplexity      {result['perplexity']:.3f}",
