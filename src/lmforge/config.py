@@ -23,8 +23,9 @@ from lmforge.errors import UserError
 @dataclass
 class DataConfig:
     path: str = ""  # text file, folder, .jsonl, or prepared dir; "" = tiny Shakespeare
-    tokenizer: str = "char"  # "char", "bpe", or a path to a tokenizer.json
-    vocab_size: int = 4096  # target size of a trained BPE vocabulary
+    tokenizer: str = "char"  # "char", "word", "bpe", or a path to a tokenizer.json
+    vocab_size: int = 4096  # target size of a trained BPE or word vocabulary
+    min_frequency: int = 1  # word tokenizer: rarer words become <unk>
     val_fraction: float = 0.1  # last fraction of the token stream kept for validation
     val_path: str = ""  # explicit validation text instead of a fraction
     text_field: str = "text"  # field of each JSONL record that holds the text
@@ -42,7 +43,8 @@ class ModelConfig:
     n_layer: int = 6
     n_head: int = 6
     n_kv_head: int = 0  # 0 = same as n_head (grouped-query attention when smaller)
-    n_embd: int = 384
+    n_embd: int = 384  # embedding width (and the Transformer's width)
+    hidden_size: int = 0  # recurrent models: hidden state size (0 = n_embd)
     mlp_ratio: float = 4.0  # hidden width of the MLP relative to n_embd
     dropout: float = 0.0
     bias: bool = True  # biases in linear layers and LayerNorm
@@ -224,15 +226,17 @@ def load_preset(name: str) -> Config:
 def validate(config: Config) -> None:
     """Catch inconsistent settings before any work starts."""
     m, t, o = config.model, config.train, config.optim
+    gpt = m.arch == "gpt"
     checks = [
-        (m.n_embd % m.n_head == 0, f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})."),
-        (m.n_kv_head == 0 or m.n_head % m.n_kv_head == 0, "model.n_head must be a multiple of model.n_kv_head."),
+        (not gpt or m.n_embd % m.n_head == 0, f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})."),
+        (not gpt or m.n_kv_head == 0 or m.n_head % m.n_kv_head == 0, "model.n_head must be a multiple of model.n_kv_head."),
         (m.block_size >= 1, "model.block_size must be at least 1."),
         (m.pos_encoding in ("learned", "sinusoidal", "rope"), "model.pos_encoding must be learned, sinusoidal or rope."),
-        (m.pos_encoding != "rope" or (m.n_embd // m.n_head) % 2 == 0, "rope needs an even head size (n_embd / n_head)."),
+        (not gpt or m.pos_encoding != "rope" or (m.n_embd // m.n_head) % 2 == 0, "rope needs an even head size (n_embd / n_head)."),
         (m.norm in ("layernorm", "rmsnorm"), "model.norm must be layernorm or rmsnorm."),
         (m.activation in ("gelu", "gelu_tanh", "relu2", "swiglu"), "model.activation must be gelu, gelu_tanh, relu2 or swiglu."),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)."),
+        (m.n_layer >= 1 and m.n_embd >= 1, "model.n_layer and model.n_embd must be at least 1."),
         (t.max_iters >= 1, "train.max_iters must be at least 1."),
         (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be at least 1."),
         (t.eval_interval >= 1 and t.eval_batches >= 1, "train.eval_interval and train.eval_batches must be at least 1."),

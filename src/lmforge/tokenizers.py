@@ -156,12 +156,12 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
     return TextTokenizer(tok, kind=kind)
 
 
-def build_tokenizer(spec: str, texts: list[str], vocab_size: int) -> TextTokenizer:
+def build_tokenizer(spec: str, texts: list[str], vocab_size: int, min_frequency: int = 1) -> TextTokenizer:
     """Make the tokenizer named by `spec`: 'char', 'word', 'bpe', or a path to a tokenizer.json."""
     if spec == "char":
         return train_char_tokenizer(texts)
     if spec == "word":
-        return train_word_tokenizer(texts, vocab_size=vocab_size)
+        return train_word_tokenizer(texts, vocab_size=vocab_size, min_frequency=min_frequency)
     if spec == "bpe":
         return train_bpe_tokenizer(texts, vocab_size=vocab_size)
     if spec.endswith(".json") or Path(spec).is_dir():

@@ -8,8 +8,6 @@ windows, so successive evaluations are comparable and free of sampling noise.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -42,11 +40,50 @@ class RandomWindows:
         starts = torch.randint(high, (self.batch_size,), generator=self.generator).numpy()
         return windows_to_tensors(self.tokens, starts, self.length, self.device)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
+
+
+class ContiguousStreams:
+    """Consecutive windows of `batch_size` contiguous streams, for recurrent models.
+
+    The token array is cut into `batch_size` equal streams; row b of each batch is
+    the next window of stream b, so a hidden state carried from one batch to the
+    next continues the same text. `wrapped` is True on the batch that starts the
+    streams over (the carried state must then be reset).
+    """
+
+    def __init__(self, tokens: np.ndarray, length: int, batch_size: int, device: torch.device):
+        self.tokens = tokens
+        self.length = length
+        self.batch_size = batch_size
+        self.device = device
+        self.stream_len = (len(tokens) - 1) // batch_size
+        if self.stream_len < length:
+            raise ValueError("streams shorter than one window")
+        self.starts = np.arange(batch_size, dtype=np.int64) * self.stream_len
+        self.position = 0
+        self.wrapped = False
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.wrapped = self.position + self.length > self.stream_len
+        if self.wrapped:
+            self.position = 0
+        x, y = windows_to_tensors(self.tokens, self.starts + self.position, self.length, self.device)
+        self.position += self.length
+        return x, y
+
+    def windows_per_pass(self) -> int:
+        return self.stream_len // self.length
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"position": torch.tensor([self.position])}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.position = int(state["position"][0])
 
 
 def fixed_windows(tokens: np.ndarray, length: int, count: int) -> np.ndarray:

@@ -88,7 +88,7 @@ def prepare(paths: list[Path], out_dir: Path, cfg: DataConfig) -> PreparedData:
     if cfg.val_path:
         val_docs, val_sources = _read([Path(cfg.val_path)], cfg)
 
-    tokenizer = build_tokenizer(cfg.tokenizer, docs, cfg.vocab_size)
+    tokenizer = build_tokenizer(cfg.tokenizer, docs, cfg.vocab_size, cfg.min_frequency)
     train_ids = _encode_documents(tokenizer, docs)
     if val_docs:
         val_ids = _encode_documents(tokenizer, val_docs)

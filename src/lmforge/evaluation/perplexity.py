@@ -90,8 +90,11 @@ def token_nll(model: nn.Module, ids: list[int], context: int, stride: int, batch
 def evaluate_ids(model: nn.Module, tokenizer: TextTokenizer, ids: list[int], context: int | None = None,
                  stride: int | None = None, batch_size: int = 8, device: torch.device | str = "cpu",
                  progress: bool = False) -> PerplexityReport:
-    """Score a token sequence: every token after the first is predicted once."""
-    context = context or model.block_size
+    """Score a token sequence: every token after the first is predicted once.
+
+    The default window is the model's context, at most 8,192 tokens (a recurrent model's
+    context is unbounded: it reads each 8,192-token window from a fresh state)."""
+    context = context or min(model.block_size, 8192)
     if context > model.block_size:
         raise UserError(f"--context {context} is longer than the model's context ({model.block_size}).")
     stride = stride or context

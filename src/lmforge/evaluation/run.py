@@ -39,7 +39,6 @@ def evaluate(checkpoint: str | Path, data: str | Path | None = None, context: in
             raise UserError(f"{data} is empty; give a file with text to evaluate.")
         ids = encode_long(tokenizer, text)
         source = str(data)
-    context = context or model.block_size
     if len(ids) < 2:
         raise UserError(f"{source} has {len(ids)} token(s); at least 2 are needed to score a prediction.")
     report = evaluate_ids(model, tokenizer, ids, context, stride, batch_size, device, progress)

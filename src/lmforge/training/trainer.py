@@ -22,11 +22,12 @@ import torch
 import torch.nn as nn
 
 from lmforge.config import Config, validate
-from lmforge.data.batches import RandomWindows, fixed_windows, windows_to_tensors
+from lmforge.data.batches import ContiguousStreams, RandomWindows, fixed_windows, windows_to_tensors
 from lmforge.data.prepare import PreparedData, resolve_data
 from lmforge.device import autocast, resolve_device, resolve_dtype, set_threads
 from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.models import build_model
+from lmforge.models.rnn import detach_state
 from lmforge.training import checkpoint as ckpt
 from lmforge.training.optim import build_optimizers, lr_at, set_lr
 
@@ -87,18 +88,27 @@ def _check_resume_config(out: Path, config: Config) -> None:
             )
 
 
-def _rng_state(sampler: RandomWindows, device: torch.device) -> dict[str, torch.Tensor]:
-    rng = {"torch": torch.get_rng_state(), "sampler": sampler.generator.get_state()}
+def _rng_state(sampler, device: torch.device, carry) -> dict[str, torch.Tensor]:
+    """RNG states, the sampler's position, and a recurrent model's carried hidden state."""
+    rng = {"torch": torch.get_rng_state()}
+    rng.update({f"sampler.{k}": v for k, v in sampler.state_dict().items()})
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
+    if carry is not None:
+        for i, t in enumerate(carry if isinstance(carry, tuple) else (carry,)):
+            rng[f"carry.{i}"] = t
     return rng
 
 
-def _set_rng_state(rng: dict[str, torch.Tensor], sampler: RandomWindows, device: torch.device) -> None:
+def _set_rng_state(rng: dict[str, torch.Tensor], sampler, device: torch.device):
     torch.set_rng_state(rng["torch"])
-    sampler.generator.set_state(rng["sampler"])
+    sampler.load_state_dict({k[len("sampler."):]: v for k, v in rng.items() if k.startswith("sampler.")})
     if device.type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], device)
+    carry = [rng[f"carry.{i}"].to(device) for i in range(len(rng)) if f"carry.{i}" in rng]
+    if not carry:
+        return None
+    return tuple(carry) if len(carry) > 1 else carry[0]
 
 
 @torch.no_grad()
@@ -115,6 +125,24 @@ def evaluate_loss(model: nn.Module, tokens, starts, length: int, batch_size: int
         total += loss.float() * len(x)
     model.train(was_training)
     return total.item() / len(starts)
+
+
+@torch.no_grad()
+def evaluate_stream_loss(model: nn.Module, tokens, length: int, batch_size: int,
+                         device: torch.device, dtype: torch.dtype) -> float:
+    """Mean loss of a recurrent model over the whole split, carrying its state window to window."""
+    was_training = model.training
+    model.eval()
+    streams = ContiguousStreams(tokens, length, min(batch_size, max(1, (len(tokens) - 1) // length)), device)
+    total, state = torch.zeros((), device=device), None
+    windows = streams.windows_per_pass()
+    for _ in range(windows):
+        x, y = streams.next_batch()
+        with autocast(device, dtype):
+            _, loss, state = model(x, y, state=state, return_state=True)
+        total += loss.float()
+    model.train(was_training)
+    return total.item() / windows
 
 
 def write_loss_plot(history: list[dict[str, Any]], path: Path) -> None:
@@ -207,13 +235,23 @@ def train(
     model = build_model(m).to(device)
     optimizers = build_optimizers(model, config.optim, device)
     tc = config.train
-    sampler = RandomWindows(train_tokens, m.block_size, tc.batch_size, tc.seed, device)
+    stateful = getattr(model, "stateful", False)  # recurrent: truncated BPTT over contiguous streams
+    if stateful and (len(train_tokens) - 1) // tc.batch_size < m.block_size:
+        raise UserError(
+            f"The training split has {len(train_tokens)} tokens: too few for {tc.batch_size} streams of at "
+            f"least one window ({m.block_size} tokens); use a longer text or a smaller batch or block size."
+        )
+    if stateful:
+        sampler = ContiguousStreams(train_tokens, m.block_size, tc.batch_size, device)
+    else:
+        sampler = RandomWindows(train_tokens, m.block_size, tc.batch_size, tc.seed, device)
+    carry = None  # a recurrent model's hidden state, carried from window to window
     val_starts = fixed_windows(val_tokens, m.block_size, tc.eval_batches * tc.batch_size)
 
     step, best_val, bad_evals, elapsed_before = 0, math.inf, 0, 0.0
     if resume:
         rng, progress = ckpt.load_train_state(out, model, optimizers)
-        _set_rng_state(rng, sampler, device)
+        carry = _set_rng_state(rng, sampler, device)
         step, best_val = progress["step"], progress["best_val_loss"]
         bad_evals, elapsed_before = progress["bad_evals"], progress["elapsed_s"]
         log(f"Resuming {out} at step {step} (best validation loss {best_val:.4f}).")
@@ -234,11 +272,14 @@ def train(
     def save_state() -> None:
         progress = {"step": step, "best_val_loss": best_val, "bad_evals": bad_evals,
                     "elapsed_s": elapsed(), "config": config.to_dict()}
-        ckpt.save_train_state(out, model, optimizers, _rng_state(sampler, device), progress)
+        ckpt.save_train_state(out, model, optimizers, _rng_state(sampler, device, carry), progress)
 
     def run_eval() -> float:
         nonlocal best_val, bad_evals
-        val = evaluate_loss(compiled, val_tokens, val_starts, m.block_size, tc.batch_size, device, dtype)
+        if stateful:
+            val = evaluate_stream_loss(compiled, val_tokens, m.block_size, tc.batch_size, device, dtype)
+        else:
+            val = evaluate_loss(compiled, val_tokens, val_starts, m.block_size, tc.batch_size, device, dtype)
         if val < best_val:
             best_val, bad_evals = val, 0
             ckpt.save_checkpoint(out, model, config, tokenizer,
@@ -263,7 +304,13 @@ def train(
             for _ in range(tc.grad_accum):
                 x, y = sampler.next_batch()
                 with autocast(device, dtype):
-                    _, loss = compiled(x, y)
+                    if stateful:
+                        if sampler.wrapped:
+                            carry = None  # the streams start over: so does the hidden state
+                        _, loss, carry = compiled(x, y, state=carry, return_state=True)
+                        carry = detach_state(carry)
+                    else:
+                        _, loss = compiled(x, y)
                 loss = loss / tc.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
                 window_loss += loss.detach()
@@ -331,8 +378,8 @@ def train(
         # The whole validation split, scored exactly as `lmforge eval DIR` scores it.
         from lmforge.evaluation.perplexity import evaluate_ids
 
-        full_val = evaluate_ids(model.eval(), tokenizer, val_tokens.tolist(), context=m.block_size,
-                                batch_size=32, device=device).loss
+        full_val = evaluate_ids(model.eval(), tokenizer, val_tokens.tolist(),
+                                context=None if stateful else m.block_size, batch_size=32, device=device).loss
         model.train()
         metrics.history[-1]["val_loss_full"] = round(full_val, 5)
         metrics.close()
