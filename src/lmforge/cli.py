@@ -130,6 +130,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--output", help="also write the JSON result to this file")
 
+    p = sub.add_parser("train-classifier", help="train a text classifier (e.g. sentiment) on labeled data",
+                       description="Train a classifier on TSV/CSV (with a header) or JSONL: a bidirectional "
+                                   "LSTM from scratch, or the body of a language-model checkpoint (--init).")
+    p.add_argument("--data", required=True, help="training examples")
+    p.add_argument("--val", default="", help="validation examples (default: 10%% of --data held out)")
+    p.add_argument("--text-column", default="", help="default: sentence/text/review/...")
+    p.add_argument("--label-column", default="", help="default: label/sentiment/class/...")
+    p.add_argument("--init", default="", help="language-model checkpoint: reuse its tokenizer and body")
+    p.add_argument("--out", default="out/classifier")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--vocab-size", type=int, default=20000, help="word vocabulary (from scratch)")
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--n-layer", type=int, default=1)
+    p.add_argument("--dropout", type=float, default=0.3)
+    p.add_argument("--pooling", choices=["mean", "max", "last"], default="max")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--class-weights", action="store_true", help="weight classes by inverse frequency")
+    p.add_argument("--patience", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0 = each epoch)")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this many minutes")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("classify", help="label texts with a classifier checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--text", action="append", default=None, help="a text (repeatable)")
+    p.add_argument("--file", help="one text per line ('-' = standard input)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("presets", help="list presets, or show one")
     p.add_argument("--show", metavar="NAME", help="print the full resolved config of a preset")
     return parser
@@ -186,7 +221,10 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         text = sys.stdin.read() if args.prompt_file == "-" else _read_text(args.prompt_file)
         prompts += [line for line in text.split("\n") if line.strip()]
     elif not prompts and not sys.stdin.isatty():
-        prompts += [line for line in sys.stdin.read().split("\n") if line.strip()]
+        try:  # piped prompts: `echo "ROMEO:" | lmforge generate out/run`
+            prompts += [line for line in sys.stdin.read().split("\n") if line.strip()]
+        except (OSError, ValueError):  # no readable standard input
+            pass
     return prompts or [""]
 
 
@@ -200,8 +238,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.generation import GenerationConfig, generate, stream
     from lmforge.inference import load_for_inference
 
-    prompts = _read_prompts(args)
     model, tokenizer = load_for_inference(args.checkpoint, args.device, args.dtype, args.quantize)
+    prompts = _read_prompts(args)
     warn = lambda message: print(f"lmforge: warning: {message}", file=sys.stderr)  # noqa: E731
     for i in range(args.num_samples):
         cfg = GenerationConfig(
@@ -249,6 +287,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UserError("Give the references for the prompts with --ref.")
         hyps = generate_hypotheses(args.checkpoint, args.prompts, args.max_new_tokens, args.device)
         result = score_lines(hyps, [_read_lines(r) for r in args.ref], metrics)
+    elif args.checkpoint and _is_classifier(args.checkpoint):
+        if not args.data:
+            raise UserError("Evaluating a classifier needs labeled examples: pass --data FILE.tsv.")
+        from lmforge.data.labeled import read_labeled
+        from lmforge.training.classify import evaluate_classifier, load_classifier
+
+        model, tokenizer, labels = load_classifier(args.checkpoint, args.device)
+        texts, gold = read_labeled(args.data)
+        result = {"checkpoint": args.checkpoint, "data": args.data, "examples": len(texts),
+                  **evaluate_classifier(model, tokenizer, labels, texts, gold, args.device)}
     elif args.checkpoint:
         result = evaluate(args.checkpoint, args.data, args.context, args.stride, args.batch_size,
                           args.device, progress=sys.stderr.isatty(), dtype=args.dtype, quantize=args.quantize)
@@ -260,6 +308,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
         atomic_write_json(args.output, result)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from lmforge.models.classifier import ClassifierConfig
+    from lmforge.training.classify import ClassifierTrainConfig, train_classifier
+
+    cfg = ClassifierTrainConfig(
+        train_path=args.data, val_path=args.val, text_column=args.text_column, label_column=args.label_column,
+        out=args.out, init=args.init, vocab_size=args.vocab_size, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, class_weights=args.class_weights, patience=args.patience, eval_every=args.eval_every,
+        max_minutes=args.max_minutes, seed=args.seed, device=args.device, progress=not args.quiet,
+        model=ClassifierConfig(n_embd=args.n_embd, hidden_size=args.hidden_size, n_layer=args.n_layer,
+                               dropout=args.dropout, pooling=args.pooling, max_length=args.max_length),
+    )
+    result = train_classifier(cfg, overwrite=args.overwrite)
+    print(f"Done: {result['steps']} steps in {result['elapsed_s']:.0f}s, best validation accuracy "
+          f"{result['best_val_accuracy']:.4f}. Checkpoint: {result['out']}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    import json
+
+    from lmforge.training.classify import load_classifier, predict
+
+    texts = list(args.text or [])
+    if args.file:
+        content = sys.stdin.read() if args.file == "-" else _read_text(args.file)
+        texts += [line for line in content.split("\n") if line.strip()]
+    if not texts:
+        raise UserError("Give texts to classify with --text or --file.")
+    model, tokenizer, labels = load_classifier(args.checkpoint, args.device)
+    probs = predict(model, tokenizer, texts, device=args.device)
+    for text, p in zip(texts, probs.tolist(), strict=True):
+        best = max(range(len(labels)), key=lambda i: p[i])
+        if args.json:
+            print(json.dumps({"text": text, "label": labels[best],
+                              "probabilities": {lb: round(x, 5) for lb, x in zip(labels, p, strict=True)}}))
+        else:
+            shown = "  ".join(f"{lb}: {x:.3f}" for lb, x in zip(labels, p, strict=True))
+            print(f"{labels[best]}\t({shown})\t{text}")
+    return 0
+
+
+def _is_classifier(path: str) -> bool:
+    from lmforge.training.classify import is_classifier
+
+    return is_classifier(path)
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -278,7 +374,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval,
-            "presets": cmd_presets}
+            "train-classifier": cmd_train_classifier, "classify": cmd_classify, "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

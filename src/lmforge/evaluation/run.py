@@ -100,6 +100,9 @@ def generate_hypotheses(checkpoint: str | Path, prompts_file: str | Path, max_ne
 def format_report(result: dict) -> str:
     """A readable table for the terminal."""
     lines = []
+    if "examples" in result and "accuracy" in result and "checkpoint" in result:
+        lines += [f"checkpoint      {result['checkpoint']}", f"data            {result['data']} "
+                  f"({result['examples']:,} examples)"]
     if "perplexity" in result:
         lines += [
             f"checkpoint      {result['checkpoint']} ({result.get('dtype', 'float32')}"

@@ -260,6 +260,23 @@ class GPT(nn.Module):
         absolute `positions` of the new tokens (B, T), and an `attention_mask` (B, T)
         that is False for left padding. Training passes none of them.
         """
+        hidden = self.hidden_states(idx, cache, positions, attention_mask)
+        logits = self.lm_head(hidden)
+        if self.config.logit_softcap > 0:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return logits, loss
+
+    def features(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, n_embd) of right-padded sequences, for a classification head.
+        Causal attention never lets a real token see the padding after it, so no mask is needed."""
+        return self.hidden_states(idx)
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T = idx.shape
         if cache is None and T > self.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.block_size})")
@@ -294,14 +311,7 @@ class GPT(nn.Module):
             x = block(x, rope, cache, i, mask)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.ln_f(x))
-        if self.config.logit_softcap > 0:
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
-        return logits, loss
+        return self.ln_f(x)
 
     def new_cache(self, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `capacity` tokens (default: the context)."""

@@ -110,6 +110,15 @@ class RecurrentLM(nn.Module):
         out = torch.gather(out, 1, cols[:, :, None].expand(-1, -1, out.shape[-1]))
         return out * valid[:, :, None], new_state
 
+    def features(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (B, T, hidden) of right-padded sequences (padding packed away)."""
+        emb = self.drop(self.wte(idx))
+        if lengths is None:
+            return self.rnn(emb)[0]
+        packed = nn.utils.rnn.pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        return nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=idx.shape[1])[0]
+
     def new_cache(self, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None) -> RecurrentState:
         return RecurrentState()
 

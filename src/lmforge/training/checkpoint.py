@@ -103,6 +103,8 @@ def read_checkpoint_config(path: Path) -> tuple[Config, dict[str, Any]]:
         raise UserError(f"{config_file} is not valid JSON ({e}); the checkpoint is corrupt.") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"{path} is not an lmforge checkpoint ({config_file} was written by another tool).")
+    if data.get("task") == "classification":
+        raise UserError(f"{path} is a text classifier; use `lmforge classify {path}` or `lmforge eval {path} --data FILE`.")
     if data.get("version", 0) > FORMAT_VERSION:
         raise UserError(f"{path} was written by a newer lmforge; upgrade lmforge to read it.")
     return config_from_dict(data["config"], source=str(config_file)), data

@@ -1,0 +1,71 @@
+"""Labeled text for classification: TSV/CSV with a header, or JSONL.
+
+The text and label columns are found by name (`text_column`, `label_column`),
+or guessed from common names (sentence/text/review, label/sentiment/class).
+Labels are kept as strings ("1", "positive"), whatever the file holds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from lmforge.data.corpus import read_text_file
+from lmforge.errors import UserError
+
+TEXT_NAMES = ("text", "sentence", "review", "content", "document")
+LABEL_NAMES = ("label", "labels", "sentiment", "class", "category")
+
+
+def _pick(columns: list[str], wanted: str | None, guesses: tuple[str, ...], what: str, path: Path) -> str:
+    if wanted:
+        if wanted not in columns:
+            raise UserError(f"{path} has no {what} column {wanted!r}; its columns are: {', '.join(columns)}.")
+        return wanted
+    for name in guesses:
+        if name in columns:
+            return name
+    raise UserError(
+        f"{path} has no {what} column (looked for {', '.join(guesses)}); its columns are "
+        f"{', '.join(columns) or 'none'}. Name it with --{what}-column."
+    )
+
+
+def read_labeled(path: str | Path, text_column: str | None = None,
+                 label_column: str | None = None) -> tuple[list[str], list[str]]:
+    """Texts and their labels, one example per row (or JSON line)."""
+    path = Path(path)
+    content = read_text_file(path)
+    if not content.strip():
+        raise UserError(f"{path} is empty; it needs a header and at least one labeled example.")
+    if path.suffix.lower() == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(content.split("\n"), 1):
+            if line.strip():
+                try:
+                    rows.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}).") from None
+        columns = sorted({k for _, r in rows if isinstance(r, dict) for k in r})
+        records = [(n, r) for n, r in rows]
+    else:
+        delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+        reader = csv.DictReader(content.split("\n"), delimiter=delimiter, quoting=csv.QUOTE_NONE
+                                if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        columns = [c for c in (reader.fieldnames or []) if c]
+        records = [(i + 2, r) for i, r in enumerate(reader) if any((v or "").strip() for v in r.values())]
+    text_key = _pick(columns, text_column, TEXT_NAMES, "text", path)
+    label_key = _pick(columns, label_column, LABEL_NAMES, "label", path)
+    texts, labels = [], []
+    for lineno, record in records:
+        text, label = record.get(text_key), record.get(label_key)
+        if label is None or str(label).strip() == "":
+            raise UserError(f"{path}:{lineno} has an empty label; every example needs one.")
+        if text is None or not str(text).strip():
+            raise UserError(f"{path}:{lineno} has an empty text.")
+        texts.append(str(text).strip())
+        labels.append(str(label).strip())
+    if not texts:
+        raise UserError(f"{path} holds no examples below its header.")
+    return texts, labels

@@ -1,0 +1,80 @@
+"""Text classification: a sequence body, a pooling step and a linear head.
+
+    tokens ─▶ body.features(tokens, lengths) ─▶ (B, T, H) ─▶ pool over real tokens ─▶ linear ─▶ class logits
+
+Bodies: a bidirectional LSTM over packed variable-length sequences (from
+scratch), or the body of any lmforge language model (GPT or recurrent), built
+from scratch or initialised from a trained checkpoint. Inputs are right-padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ClassifierConfig:
+    body: str = "bilstm"  # bilstm | lm (the body of a language model: gpt, lstm, gru, rnn)
+    vocab_size: int = 0
+    n_embd: int = 128  # bilstm: embedding width
+    hidden_size: int = 128  # bilstm: hidden size per direction
+    n_layer: int = 1  # bilstm: layers
+    dropout: float = 0.3
+    pooling: str = "max"  # mean | max | last
+    max_length: int = 128  # longer texts keep their first max_length tokens
+
+
+class BiLSTMEncoder(nn.Module):
+    def __init__(self, cfg: ClassifierConfig):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.rnn = nn.LSTM(cfg.n_embd, cfg.hidden_size, num_layers=cfg.n_layer, batch_first=True,
+                           bidirectional=True, dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
+        self.width = 2 * cfg.hidden_size
+
+    def features(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(self.drop(self.wte(idx)), lengths.cpu(),
+                                                   batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        return nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=idx.shape[1])[0]
+
+
+def pool(hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
+    """One vector per sequence from its first `lengths` positions."""
+    valid = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None].to(hidden.device)
+    if how == "mean":
+        return (hidden * valid[:, :, None]).sum(1) / lengths[:, None].to(hidden.device)
+    if how == "max":
+        return hidden.masked_fill(~valid[:, :, None], float("-inf")).max(1).values
+    last = (lengths - 1).to(hidden.device)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class TextClassifier(nn.Module):
+    def __init__(self, body: nn.Module, width: int, n_classes: int, cfg: ClassifierConfig):
+        super().__init__()
+        self.body = body
+        self.cfg = cfg
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor | None = None,
+                class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden = self.body.features(idx, lengths)
+        logits = self.head(self.drop(pool(hidden.float(), lengths, self.cfg.pooling)))
+        loss = None if labels is None else F.cross_entropy(logits, labels, weight=class_weights)
+        return logits, loss
+
+
+def body_width(body: nn.Module) -> int:
+    if isinstance(body, BiLSTMEncoder):
+        return body.width
+    cfg = body.config
+    if cfg.arch == "gpt":
+        return cfg.n_embd
+    return cfg.hidden_size or cfg.n_embd

@@ -1,0 +1,123 @@
+import json
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.data.labeled import read_labeled
+from lmforge.errors import UserError
+from lmforge.models.classifier import BiLSTMEncoder, ClassifierConfig, pool
+from lmforge.training.classify import ClassifierTrainConfig, load_classifier, predict, train_classifier
+from lmforge.training.trainer import train
+
+from .conftest import SHARED_DATA, tiny_config
+
+POSITIVE = ["a wonderful film", "great acting and a lovely story", "i loved it", "brilliant and moving",
+            "a delight from start to finish", "superb", "warm , funny and wonderful", "great fun"]
+NEGATIVE = ["a dull mess", "boring and far too long", "i hated it", "awful acting", "a tedious bore",
+            "terrible", "flat , lifeless and dull", "a waste of time"]
+
+
+def write_toy(path, rows):
+    path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{lb}\n" for t, lb in rows))
+    return path
+
+
+@pytest.fixture
+def toy(tmp_path):
+    train_rows = [(t, "pos") for t in POSITIVE] * 6 + [(t, "neg") for t in NEGATIVE] * 6
+    val_rows = [(t, "pos") for t in POSITIVE[:4]] + [(t, "neg") for t in NEGATIVE[:4]]
+    return write_toy(tmp_path / "train.tsv", train_rows), write_toy(tmp_path / "dev.tsv", val_rows)
+
+
+def test_bilstm_learns_a_separable_task_and_classifies(tmp_path, toy):
+    train_path, dev_path = toy
+    cfg = ClassifierTrainConfig(train_path=str(train_path), val_path=str(dev_path), out=str(tmp_path / "clf"),
+                                epochs=8, batch_size=8, lr=1e-2, progress=False, device="cpu")
+    result = train_classifier(cfg, log=lambda _: None)
+    assert result["best_val_accuracy"] == 1.0 and result["labels"] == ["neg", "pos"]
+    model, tokenizer, labels = load_classifier(tmp_path / "clf")
+    probs = predict(model, tokenizer, ["a wonderful and lovely film", "boring , dull and awful"])
+    assert [labels[i] for i in probs.argmax(-1)] == ["pos", "neg"]
+    assert torch.allclose(probs.sum(-1), torch.ones(2))
+    saved = json.loads((tmp_path / "clf" / "config.json").read_text())
+    assert saved["task"] == "classification" and saved["labels"] == ["neg", "pos"]
+    assert (tmp_path / "clf" / "loss.png").exists()
+
+
+def test_init_from_a_language_model_reuses_its_tokenizer_and_body(tmp_path, toy, shakespeare_excerpt):
+    train(tiny_config(tmp_path / "lm", shakespeare_excerpt), log=lambda _: None)
+    train_path, dev_path = toy
+    cfg = ClassifierTrainConfig(train_path=str(train_path), val_path=str(dev_path), out=str(tmp_path / "clf"),
+                                init=str(tmp_path / "lm"), epochs=6, batch_size=8, lr=3e-3, progress=False,
+                                device="cpu")
+    result = train_classifier(cfg, log=lambda _: None)
+    assert result["best_val_accuracy"] >= 0.75
+    model, tokenizer, _ = load_classifier(tmp_path / "clf")
+    assert tokenizer.kind == "char" and model.cfg.body == "lm"
+
+
+def test_packed_sequences_equal_unpadded_single_examples():
+    torch.manual_seed(0)
+    body = BiLSTMEncoder(ClassifierConfig(vocab_size=20, n_embd=8, hidden_size=6)).eval()
+    seqs = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+    lengths = torch.tensor([5, 2, 3])
+    batched = pool(body.features(ids, lengths), lengths, "mean")
+    for i, s in enumerate(seqs):
+        alone = pool(body.features(torch.tensor([s]), torch.tensor([len(s)])), torch.tensor([len(s)]), "mean")
+        assert torch.allclose(batched[i], alone[0], atol=1e-6)
+
+
+def test_reads_sst2_and_jsonl_with_string_labels(tmp_path):
+    texts, labels = read_labeled(SHARED_DATA / "sst2-dev.tsv")
+    assert len(texts) == 6735 and set(labels) == {"0", "1"}
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text('{"review": "nice", "sentiment": "positive"}\n{"review": "bad", "sentiment": "negative"}\n')
+    assert read_labeled(jsonl) == (["nice", "bad"], ["positive", "negative"])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("words\tlabel\nhello\t1\n", "has no text column"),
+    ("sentence\tstars\nhello\t1\n", "has no label column"),
+    ("sentence\tlabel\nhello\t\n", "train.tsv:2 has an empty label"),
+    ("", "is empty"),
+])
+def test_bad_data_files(tmp_path, content, message):
+    path = tmp_path / "train.tsv"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        read_labeled(path)
+
+
+def test_single_class_and_unknown_labels_are_refused(tmp_path, toy):
+    train_path, _ = toy
+    one = write_toy(tmp_path / "one.tsv", [("good", "pos"), ("fine", "pos")])
+    with pytest.raises(UserError, match="a single class"):
+        train_classifier(ClassifierTrainConfig(train_path=str(one), out=str(tmp_path / "o")), log=lambda _: None)
+    odd = write_toy(tmp_path / "odd.tsv", [("meh", "neutral")])
+    with pytest.raises(UserError, match="'neutral' that do not occur"):
+        train_classifier(ClassifierTrainConfig(train_path=str(train_path), val_path=str(odd), out=str(tmp_path / "o")),
+                         log=lambda _: None)
+
+
+def test_cli_train_classify_and_eval(tmp_path, toy, capsys):
+    train_path, dev_path = toy
+    out = tmp_path / "clf"
+    assert main(["train-classifier", "--data", str(train_path), "--val", str(dev_path), "--out", str(out),
+                 "--epochs", "8", "--batch-size", "8", "--lr", "1e-2", "--quiet", "--device", "cpu",
+                 "--class-weights"]) == 0
+    capsys.readouterr()
+    assert main(["classify", str(out), "--text", "a lovely , wonderful film", "--json"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["label"] == "pos" and set(line["probabilities"]) == {"neg", "pos"}
+    assert main(["eval", str(out), "--data", str(dev_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accuracy"] == 1.0 and report["confusion_matrix"] == [[4, 0], [0, 4]]
+    odd = write_toy(tmp_path / "odd.tsv", [("meh", "neutral")])
+    assert main(["eval", str(out), "--data", str(odd)]) == 2
+    assert "'neutral' that the classifier was not trained on" in capsys.readouterr().err
+    assert main(["generate", str(out)]) == 2
+    assert "is a text classifier" in capsys.readouterr().err
