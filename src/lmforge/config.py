@@ -92,6 +92,7 @@ class TrainConfig:
     log_interval: int = 50
     patience: int = 0  # stop after this many evaluations without improvement; 0 = off
     target_loss: float = 0.0  # stop once validation loss reaches this; 0 = off
+    max_time_s: float = 0.0  # stop (with a final evaluation) after this many seconds; 0 = off
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (mixed precision via autocast)

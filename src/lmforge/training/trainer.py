@@ -328,7 +328,8 @@ def train(
             step += 1
             window_steps += 1
 
-            is_eval = step % tc.eval_interval == 0 or step == tc.max_iters
+            out_of_time = bool(tc.max_time_s) and elapsed() >= tc.max_time_s
+            is_eval = step % tc.eval_interval == 0 or step == tc.max_iters or out_of_time
             if step % tc.log_interval == 0 or is_eval:
                 now = time.perf_counter()
                 record = {
@@ -355,6 +356,9 @@ def train(
                         break
                     if tc.patience and bad_evals >= tc.patience:
                         stopped_because = f"no improvement in {tc.patience} evaluations"
+                        break
+                    if out_of_time:
+                        stopped_because = f"time limit of {tc.max_time_s:g}s"
                         break
                     save_state()
             progress_bar.update(1)
