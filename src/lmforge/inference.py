@@ -1,13 +1,17 @@
 """Loading a checkpoint for inference: device, precision and int8 weight-only quantisation.
 
-int8 weight-only quantisation stores each linear layer's weight as int8 with one
-float scale per output channel (symmetric, round to nearest); activations stay in
-float. On CPUs with AVX-512 (and on CUDA) the product runs in PyTorch's int8
-weight-pack kernel; elsewhere the weight is dequantised on the fly, which saves
-memory but not time.
+int8 quantisation stores each linear layer's weight as int8 with one float scale
+per output channel (symmetric, round to nearest). Which kernel multiplies depends
+on the hardware, because the fast int8 paths are hardware-specific:
+- CPUs with AVX-512: PyTorch's int8 weight-pack kernel (weight-only: activations stay float);
+- other x86 CPUs (AVX2): FBGEMM's dynamically quantised linear kernel, which also
+  quantises each input to int8 on the fly (the only fast int8 path PyTorch has there);
+- elsewhere (GPUs): the weight is dequantised on the fly (saves memory, not time).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn as nn
@@ -28,10 +32,21 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(linear.weight.dtype))
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.use_pack_kernel = _int8_kernel_is_fast(weight.device)
+        self.kernel = _choose_kernel(weight.device)
+        if self.kernel == "fbgemm":
+            with warnings.catch_warnings():  # torch marks its quantized tensors as deprecated
+                warnings.simplefilter("ignore")
+                quantized = torch.quantize_per_channel(
+                    weight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+            bias = None if linear.bias is None else linear.bias.detach().float()
+            self._packed = torch.ops.quantized.linear_prepack(quantized, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_pack_kernel and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if self.kernel == "fbgemm":
+            shape = x.shape
+            y = torch.ops.quantized.linear_dynamic(x.float().reshape(-1, shape[-1]), self._packed, True)
+            return y.reshape(*shape[:-1], -1).to(x.dtype)
+        if self.kernel == "pack" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
             shape = x.shape
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight_int8,
                                                    self.scale.to(x.dtype)).reshape(*shape[:-1], -1)
@@ -40,12 +55,16 @@ class Int8Linear(nn.Module):
         return F.linear(x, weight, self.bias)
 
 
-def _int8_kernel_is_fast(device: torch.device) -> bool:
+def _choose_kernel(device: torch.device) -> str:
     if device.type != "cpu":
-        return False
+        return "dequantize"
     from lmforge.device import cpu_has_bf16
 
-    return cpu_has_bf16()  # AVX-512 BF16 implies the AVX-512 paths of the int8 kernel
+    if cpu_has_bf16():  # AVX-512 BF16 implies the AVX-512 paths of the int8 weight-pack kernel
+        return "pack"
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        return "fbgemm"
+    return "dequantize"
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
