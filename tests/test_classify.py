@@ -45,6 +45,17 @@ def test_bilstm_learns_a_separable_task_and_classifies(tmp_path, toy):
     assert (tmp_path / "clf" / "loss.png").exists()
 
 
+def test_transformer_body_from_scratch(tmp_path, toy):
+    train_path, dev_path = toy
+    cfg = ClassifierTrainConfig(train_path=str(train_path), val_path=str(dev_path), out=str(tmp_path / "clf"),
+                                epochs=8, batch_size=8, lr=3e-3, progress=False, device="cpu",
+                                model=ClassifierConfig(body="gpt", n_embd=32, n_layer=1, pooling="mean"))
+    result = train_classifier(cfg, log=lambda _: None)
+    assert result["best_val_accuracy"] >= 0.875
+    model, _, _ = load_classifier(tmp_path / "clf")
+    assert model.cfg.body == "lm" and model.body.config.arch == "gpt"
+
+
 def test_init_from_a_language_model_reuses_its_tokenizer_and_body(tmp_path, toy, shakespeare_excerpt):
     train(tiny_config(tmp_path / "lm", shakespeare_excerpt), log=lambda _: None)
     train_path, dev_path = toy

@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default="", help="default: sentence/text/review/...")
     p.add_argument("--label-column", default="", help="default: label/sentiment/class/...")
     p.add_argument("--init", default="", help="language-model checkpoint: reuse its tokenizer and body")
+    p.add_argument("--body", choices=["bilstm", "gpt"], default="bilstm",
+                   help="from scratch: bidirectional LSTM, or a Transformer decoder (gpt)")
+    p.add_argument("--n-head", type=int, default=4, help="attention heads of a gpt body")
     p.add_argument("--out", default="out/classifier")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
@@ -319,7 +322,8 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         out=args.out, init=args.init, vocab_size=args.vocab_size, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, class_weights=args.class_weights, patience=args.patience, eval_every=args.eval_every,
         max_minutes=args.max_minutes, seed=args.seed, device=args.device, progress=not args.quiet,
-        model=ClassifierConfig(n_embd=args.n_embd, hidden_size=args.hidden_size, n_layer=args.n_layer,
+        gpt_heads=args.n_head,
+        model=ClassifierConfig(body=args.body, n_embd=args.n_embd, hidden_size=args.hidden_size, n_layer=args.n_layer,
                                dropout=args.dropout, pooling=args.pooling, max_length=args.max_length),
     )
     result = train_classifier(cfg, overwrite=args.overwrite)

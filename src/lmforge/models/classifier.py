@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 @dataclass
 class ClassifierConfig:
-    body: str = "bilstm"  # bilstm | lm (the body of a language model: gpt, lstm, gru, rnn)
+    body: str = "bilstm"  # bilstm | gpt (from scratch) | lm (the body of a language-model checkpoint)
     vocab_size: int = 0
     n_embd: int = 128  # bilstm: embedding width
     hidden_size: int = 128  # bilstm: hidden size per direction

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import ModelConfig, OptimConfig, config_from_dict
+from lmforge.config import Config, ModelConfig, OptimConfig, config_from_dict, validate
 from lmforge.data.labeled import read_labeled
 from lmforge.device import resolve_device, set_threads
 from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.evaluation.metrics import classification_metrics
 from lmforge.io import atomic_write_json
+from lmforge.models import build_model
 from lmforge.models.classifier import BiLSTMEncoder, ClassifierConfig, TextClassifier, body_width
 from lmforge.tokenizers import TextTokenizer, load_tokenizer, train_word_tokenizer
 from lmforge.training import checkpoint as ckpt
@@ -40,6 +41,7 @@ class ClassifierTrainConfig:
     init: str = ""  # a language-model checkpoint whose tokenizer and body to reuse
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
     vocab_size: int = 20000  # word vocabulary when training from scratch
+    gpt_heads: int = 4  # attention heads of a from-scratch gpt body
     epochs: int = 3
     batch_size: int = 32
     lr: float = 2e-3
@@ -78,6 +80,16 @@ def _build(cfg: ClassifierTrainConfig, train_texts: list[str], n_classes: int):
             mcfg.max_length = min(mcfg.max_length, lm_config.model.block_size)
         return tokenizer, TextClassifier(lm, body_width(lm), n_classes, mcfg), lm_config.model
     tokenizer = train_word_tokenizer(train_texts, vocab_size=cfg.vocab_size)
+    if cfg.model.body == "gpt":  # a Transformer decoder body, from scratch
+        mcfg = dataclasses.replace(cfg.model, body="lm", vocab_size=tokenizer.vocab_size)
+        body_config = ModelConfig(arch="gpt", vocab_size=tokenizer.vocab_size, block_size=cfg.model.max_length,
+                                  n_layer=cfg.model.n_layer, n_head=cfg.gpt_heads, n_embd=cfg.model.n_embd,
+                                  dropout=cfg.model.dropout, pos_encoding="rope", bias=False)
+        validate(Config(model=body_config))
+        body = build_model(body_config)
+        return tokenizer, TextClassifier(body, body_width(body), n_classes, mcfg), body_config
+    if cfg.model.body != "bilstm":
+        raise UserError(f"Unknown classifier body {cfg.model.body!r}; use bilstm or gpt (or --init a checkpoint).")
     mcfg = dataclasses.replace(cfg.model, body="bilstm", vocab_size=tokenizer.vocab_size)
     body = BiLSTMEncoder(mcfg)
     return tokenizer, TextClassifier(body, body.width, n_classes, mcfg), None
@@ -241,8 +253,6 @@ def is_classifier(path: str | Path) -> bool:
 
 
 def load_classifier(path: str | Path, device: str = "cpu") -> tuple[TextClassifier, TextTokenizer, list[str]]:
-    from lmforge.models import build_model
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not an lmforge checkpoint (no config.json).")
