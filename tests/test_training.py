@@ -151,6 +151,9 @@ def test_partial_corrupt_and_foreign_checkpoints(tmp_path, shakespeare_excerpt):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(UserError, match="model_type 'bert' is not supported"):
+        load_checkpoint(foreign)
+    (foreign / "config.json").write_text('{"name": "something else"}')
     with pytest.raises(UserError, match="not an lmforge checkpoint"):
         load_checkpoint(foreign)
     train(tiny_config(tmp_path / "run", shakespeare_excerpt, **{"train.max_iters": 10}), log=lambda _: None)

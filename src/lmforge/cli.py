@@ -168,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("convert", help="import a Hugging Face model directory as an lmforge checkpoint")
+    p.add_argument("hf_dir", help="folder with config.json, weights and tokenizer files")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("export", help="write a GPT checkpoint as a Hugging Face model directory")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="directory that transformers will load")
+    p.add_argument("--overwrite", action="store_true")
+
     p = sub.add_parser("presets", help="list presets, or show one")
     p.add_argument("--show", metavar="NAME", help="print the full resolved config of a preset")
     return parser
@@ -362,6 +372,40 @@ def _is_classifier(path: str) -> bool:
     return is_classifier(path)
 
 
+def _check_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists and is not empty; pass --overwrite or choose another --out.")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from lmforge.interop.hf import chat_template, import_hf, is_hf_dir
+    from lmforge.training.checkpoint import save_checkpoint
+
+    source, out = Path(args.hf_dir), Path(args.out)
+    if not is_hf_dir(source):
+        raise UserError(f"{source} is not a Hugging Face model directory (no config.json with a model_type).")
+    _check_target(out, args.overwrite)
+    model, tokenizer, config = import_hf(source)
+    info = {"imported_from": str(source.resolve()), "chat_template": chat_template(source)}
+    save_checkpoint(out, model, config, tokenizer, info)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"Wrote {out}: {config.description}, {params / 1e6:.2f}M parameters, "
+          f"{config.model.n_layer} layers, vocabulary {tokenizer.vocab_size}.")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lmforge.interop.hf import export_hf
+    from lmforge.training.checkpoint import load_checkpoint
+
+    out = Path(args.out)
+    _check_target(out, args.overwrite)
+    model, tokenizer, config = load_checkpoint(args.checkpoint)
+    export_hf(model, tokenizer, config, out)
+    print(f"Wrote {out}: load it with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r}).")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from lmforge.config import load_preset, preset_names
 
@@ -378,7 +422,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval,
-            "train-classifier": cmd_train_classifier, "classify": cmd_classify, "presets": cmd_presets}
+            "train-classifier": cmd_train_classifier, "classify": cmd_classify,
+            "convert": cmd_convert, "export": cmd_export, "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

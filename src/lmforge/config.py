@@ -46,8 +46,10 @@ class ModelConfig:
     n_embd: int = 384  # embedding width (and the Transformer's width)
     hidden_size: int = 0  # recurrent models: hidden state size (0 = n_embd)
     mlp_ratio: float = 4.0  # hidden width of the MLP relative to n_embd
+    mlp_hidden: int = 0  # exact hidden width of the MLP (overrides mlp_ratio when set)
     dropout: float = 0.0
     bias: bool = True  # biases in linear layers and LayerNorm
+    qkv_bias: bool = False  # biases on the query/key/value projection even when bias is false (Qwen2)
     pos_encoding: str = "learned"  # learned | sinusoidal | rope
     rope_theta: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm

@@ -116,7 +116,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_fp32 = cfg.attn_fp32
         self.dropout = cfg.dropout
         qkv_width = (self.n_head + 2 * self.n_kv_head) * self.head_dim
-        self.c_attn = nn.Linear(cfg.n_embd, qkv_width, bias=cfg.bias)
+        self.c_attn = nn.Linear(cfg.n_embd, qkv_width, bias=cfg.bias or cfg.qkv_bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.is_residual_projection = True
 
@@ -172,7 +172,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = int(cfg.mlp_ratio * cfg.n_embd)
+        hidden = cfg.mlp_hidden or int(cfg.mlp_ratio * cfg.n_embd)
         self.activation = cfg.activation
         if cfg.activation == "swiglu":
             self.c_gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)

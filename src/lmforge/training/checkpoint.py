@@ -59,20 +59,25 @@ def load_weights(path: Path, model: nn.Module) -> None:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({e}); the checkpoint is corrupt.") from None
+    load_state(tensors, model, str(path))
+
+
+def load_state(tensors: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    """Copy `tensors` into `model` after checking that names and shapes match exactly."""
     expected = model.state_dict()
     tied = set(expected) - set(unique_state_dict(model))
     missing = [k for k in expected if k not in tensors and k not in tied]
     unexpected = [k for k in tensors if k not in expected]
     if missing or unexpected:
         raise UserError(
-            f"{path} does not match the model in config.json (missing: {missing[:3]}, "
+            f"{source} does not match the model in its config (missing: {missing[:3]}, "
             f"unexpected: {unexpected[:3]}); the checkpoint is corrupt or from another model."
         )
     for name, tensor in tensors.items():
         if tensor.shape != expected[name].shape:
             raise UserError(
-                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the config expects "
-                f"{tuple(expected[name].shape)}; the checkpoint's files do not belong together."
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the config expects "
+                f"{tuple(expected[name].shape)}; the weights and the config do not belong together."
             )
     model.load_state_dict(tensors, strict=False)
 
@@ -114,9 +119,12 @@ def load_checkpoint(
     path: str | Path, device: torch.device | str = "cpu"
 ) -> tuple[nn.Module, TextTokenizer, Config]:
     """Open a checkpoint directory: the model (in eval mode), its tokenizer and its config."""
+    from lmforge.interop.hf import import_hf, is_hf_dir
     from lmforge.models import build_model
 
     path = Path(path)
+    if is_hf_dir(path):  # a Hugging Face model directory is converted on the fly
+        return import_hf(path, device)
     config, _ = read_checkpoint_config(path)
     for name in ("model.safetensors", "tokenizer.json"):
         if not (path / name).is_file():

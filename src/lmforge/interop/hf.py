@@ -1,0 +1,310 @@
+"""Hugging Face checkpoints in and out: the GPT-2 and Llama families.
+
+Import: a Hugging Face model directory (config.json; model.safetensors, sharded
+safetensors with an index, or pytorch_model.bin read with `weights_only=True`;
+tokenizer.json, or vocab.json + merges.txt) becomes lmforge's own GPT model,
+tokenizer and config, so every command accepts such a directory as a checkpoint.
+Supported `model_type`s: gpt2 (learned positions, LayerNorm, GELU-tanh, biases,
+tied head) and llama / mistral / qwen2 (RoPE, RMSNorm, SwiGLU, grouped-query
+attention; Qwen2's query/key/value biases).
+
+Export: an lmforge GPT whose options match one of those families is written as a
+directory that `transformers`' AutoModelForCausalLM and AutoTokenizer load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lmforge.config import Config, ModelConfig
+from lmforge.errors import UserError
+from lmforge.tokenizers import EOT, TextTokenizer, load_tokenizer
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
+SUPPORTED = ("gpt2", *LLAMA_LIKE)
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A directory whose config.json is a Hugging Face model config (has model_type)."""
+    try:
+        data = json.loads((Path(path) / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model_type" in data and data.get("format") != "lmforge-checkpoint"
+
+
+# ---- configs -------------------------------------------------------------------------------
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise UserError(f"RoPE scaling {kind!r} is not supported yet; only plain rotary positions are.")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    kind = hf.get("model_type")
+    if kind not in SUPPORTED:
+        raise UserError(f"{source}: model_type {kind!r} is not supported; supported: {', '.join(SUPPORTED)}.")
+    if kind == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+            raise UserError(f"{source}: GPT-2 activation {act!r} is not supported (gelu_new or gelu).")
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+            raise UserError(f"{source}: GPT-2 attention variants (scale_attn_by_inverse_layer_idx, "
+                            f"reorder_and_upcast_attn) are not supported.")
+        return ModelConfig(
+            arch="gpt", vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024),
+            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+            mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"], bias=True, pos_encoding="learned",
+            norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            activation="gelu" if act == "gelu" else "gelu_tanh",
+            tie_embeddings=hf.get("tie_word_embeddings", True), dropout=0.0,
+        )
+    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or n_embd // n_head
+    if head_dim * n_head != n_embd:
+        raise UserError(f"{source}: head_dim {head_dim} × {n_head} heads ≠ hidden size {n_embd}; "
+                        f"such models are not supported yet.")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{source}: activation {hf.get('hidden_act')!r} is not supported (silu).")
+    if hf.get("mlp_bias"):
+        raise UserError(f"{source}: MLP biases are not supported.")
+    return ModelConfig(
+        arch="gpt", vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
+        n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+        n_embd=n_embd, mlp_hidden=hf["intermediate_size"], bias=False,
+        qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias")),
+        pos_encoding="rope", rope_theta=_rope_theta(hf), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+        activation="swiglu", tie_embeddings=hf.get("tie_word_embeddings", False), dropout=0.0,
+    )
+
+
+def hf_config_from_model(m: ModelConfig) -> dict[str, Any]:
+    """The Hugging Face config of an lmforge GPT, or a clear refusal naming what does not fit."""
+    gpt2 = dict(pos_encoding="learned", norm="layernorm", activation="gelu_tanh", bias=True, tie_embeddings=True,
+                qk_norm=False, logit_softcap=0.0, n_kv_head_ok=m.n_kv_head in (0, m.n_head))
+    llama = dict(pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False, qk_norm=False,
+                 logit_softcap=0.0)
+    hidden = m.mlp_hidden or int(m.mlp_ratio * m.n_embd)
+    if all(getattr(m, k) == v for k, v in gpt2.items() if k != "n_kv_head_ok") and gpt2["n_kv_head_ok"]:
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": m.vocab_size,
+                "n_positions": m.block_size, "n_embd": m.n_embd, "n_layer": m.n_layer, "n_head": m.n_head,
+                "n_inner": hidden, "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps,
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True}
+    if all(getattr(m, k) == v for k, v in llama.items()):
+        kind = "qwen2" if m.qkv_bias else "llama"
+        out = {"model_type": kind, "architectures": ["Qwen2ForCausalLM" if m.qkv_bias else "LlamaForCausalLM"],
+               "vocab_size": m.vocab_size, "hidden_size": m.n_embd, "intermediate_size": hidden,
+               "num_hidden_layers": m.n_layer, "num_attention_heads": m.n_head,
+               "num_key_value_heads": m.n_kv_head or m.n_head, "max_position_embeddings": m.block_size,
+               "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "hidden_act": "silu",
+               "tie_word_embeddings": m.tie_embeddings, "attention_bias": m.qkv_bias}
+        return out
+    raise UserError(
+        "This model cannot be exported to Hugging Face: export needs the GPT-2 layout (learned positions, "
+        "LayerNorm, gelu_tanh, biases, tied head) or the Llama layout (rope, rmsnorm, swiglu, no biases), "
+        f"without QK-norm or soft-capping; it has pos_encoding={m.pos_encoding}, norm={m.norm}, "
+        f"activation={m.activation}, bias={m.bias}, qk_norm={m.qk_norm}, tie_embeddings={m.tie_embeddings}."
+    )
+
+
+# ---- weights -------------------------------------------------------------------------------
+
+
+def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face directory, from whichever weight files it has."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+        except (ValueError, KeyError):
+            raise UserError(f"{index} is not a valid safetensors index (no weight_map).") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{index} lists shard(s) that are missing: {', '.join(missing)}; download them too.")
+    elif (path / "pytorch_model.bin").is_file():
+        import pickle
+
+        try:
+            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, AttributeError) as e:
+            raise UserError(
+                f"{path / 'pytorch_model.bin'} holds more than plain tensors, and loading it would run "
+                f"arbitrary pickled code, so lmforge refuses ({str(e).splitlines()[0][:120]}). Convert it "
+                f"to model.safetensors with a tool you trust."
+            ) from None
+    else:
+        raise UserError(f"{path} has no weights (model.safetensors, model.safetensors.index.json or "
+                        f"pytorch_model.bin).")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            tensors.update(load_file(str(file)))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{file} is not a readable safetensors file ({e}).") from None
+    return tensors
+
+
+def _gpt2_to_lmforge(hf: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+    sd = {k.removeprefix("transformer."): v for k, v in hf.items()}
+    out = {"wte.weight": sd["wte.weight"], "wpe.weight": sd["wpe.weight"],
+           "ln_f.weight": sd["ln_f.weight"], "ln_f.bias": sd["ln_f.bias"]}
+    for i in range(m.n_layer):
+        h, b = f"h.{i}.", f"blocks.{i}."
+        for norm in ("ln_1", "ln_2"):
+            out[b + norm + ".weight"], out[b + norm + ".bias"] = sd[h + norm + ".weight"], sd[h + norm + ".bias"]
+        for hf_name, ours in (("attn.c_attn", "attn.c_attn"), ("attn.c_proj", "attn.c_proj"),
+                              ("mlp.c_fc", "mlp.c_fc"), ("mlp.c_proj", "mlp.c_proj")):
+            out[b + ours + ".weight"] = sd[h + hf_name + ".weight"].t().contiguous()  # Conv1D stores (in, out)
+            out[b + ours + ".bias"] = sd[h + hf_name + ".bias"]
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = hf["lm_head.weight"]
+    return out
+
+
+def _llama_to_lmforge(hf: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"wte.weight": hf["model.embed_tokens.weight"], "ln_f.weight": hf["model.norm.weight"]}
+    for i in range(m.n_layer):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        out[b + "ln_1.weight"] = hf[h + "input_layernorm.weight"]
+        out[b + "ln_2.weight"] = hf[h + "post_attention_layernorm.weight"]
+        out[b + "attn.c_attn.weight"] = torch.cat([hf[h + f"self_attn.{p}_proj.weight"] for p in "qkv"])
+        if m.qkv_bias:
+            out[b + "attn.c_attn.bias"] = torch.cat([hf[h + f"self_attn.{p}_proj.bias"] for p in "qkv"])
+        out[b + "attn.c_proj.weight"] = hf[h + "self_attn.o_proj.weight"]
+        out[b + "mlp.c_gate.weight"] = hf[h + "mlp.gate_proj.weight"]
+        out[b + "mlp.c_fc.weight"] = hf[h + "mlp.up_proj.weight"]
+        out[b + "mlp.c_proj.weight"] = hf[h + "mlp.down_proj.weight"]
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = hf["lm_head.weight"]
+    return out
+
+
+def _lmforge_to_hf(sd: dict[str, torch.Tensor], m: ModelConfig, kind: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    if kind == "gpt2":
+        out.update({"transformer.wte.weight": sd["wte.weight"], "transformer.wpe.weight": sd["wpe.weight"],
+                    "transformer.ln_f.weight": sd["ln_f.weight"], "transformer.ln_f.bias": sd["ln_f.bias"]})
+        for i in range(m.n_layer):
+            h, b = f"transformer.h.{i}.", f"blocks.{i}."
+            for norm in ("ln_1", "ln_2"):
+                out[h + norm + ".weight"], out[h + norm + ".bias"] = sd[b + norm + ".weight"], sd[b + norm + ".bias"]
+            for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                out[h + name + ".weight"] = sd[b + name + ".weight"].t().contiguous()
+                out[h + name + ".bias"] = sd[b + name + ".bias"]
+        return out
+    q_rows = m.n_embd
+    kv_rows = (m.n_kv_head or m.n_head) * (m.n_embd // m.n_head)
+    out.update({"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["ln_f.weight"]})
+    for i in range(m.n_layer):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        out[h + "input_layernorm.weight"] = sd[b + "ln_1.weight"]
+        out[h + "post_attention_layernorm.weight"] = sd[b + "ln_2.weight"]
+        q, k, v = sd[b + "attn.c_attn.weight"].split([q_rows, kv_rows, kv_rows])
+        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"] = q.contiguous(), k.contiguous()
+        out[h + "self_attn.v_proj.weight"] = v.contiguous()
+        if m.qkv_bias:
+            qb, kb, vb = sd[b + "attn.c_attn.bias"].split([q_rows, kv_rows, kv_rows])
+            out[h + "self_attn.q_proj.bias"], out[h + "self_attn.k_proj.bias"] = qb.contiguous(), kb.contiguous()
+            out[h + "self_attn.v_proj.bias"] = vb.contiguous()
+        out[h + "self_attn.o_proj.weight"] = sd[b + "attn.c_proj.weight"]
+        out[h + "mlp.gate_proj.weight"] = sd[b + "mlp.c_gate.weight"]
+        out[h + "mlp.up_proj.weight"] = sd[b + "mlp.c_fc.weight"]
+        out[h + "mlp.down_proj.weight"] = sd[b + "mlp.c_proj.weight"]
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+# ---- tokenizers ----------------------------------------------------------------------------
+
+
+def load_hf_tokenizer(path: Path) -> TextTokenizer:
+    if (path / "tokenizer.json").is_file():
+        return load_tokenizer(path / "tokenizer.json")
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        tok = Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        if tok.token_to_id(EOT) is not None:
+            tok.add_special_tokens([EOT])
+        return TextTokenizer(tok, kind="bpe")
+    raise UserError(f"{path} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); copy the "
+                    f"tokenizer files from the model's source next to its weights.")
+
+
+def chat_template(path: Path) -> str | None:
+    """The Jinja chat template of a Hugging Face tokenizer config, if it has one."""
+    try:
+        data = json.loads((path / "tokenizer_config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        data = {}
+    template = data.get("chat_template")
+    if template is None and (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text("utf-8")
+    return template if isinstance(template, str) else None
+
+
+# ---- import / export -------------------------------------------------------------------------
+
+
+def import_hf(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, TextTokenizer, Config]:
+    """A Hugging Face model directory as an lmforge GPT (eval mode), tokenizer and Config."""
+    from lmforge.models import build_model
+    from lmforge.training.checkpoint import load_state
+
+    path = Path(path)
+    hf_config = json.loads((path / "config.json").read_text("utf-8"))
+    m = model_config_from_hf(hf_config, str(path / "config.json"))
+    tokenizer = load_hf_tokenizer(path)
+    tensors = read_hf_weights(path)
+    try:
+        converted = (_gpt2_to_lmforge if hf_config["model_type"] == "gpt2" else _llama_to_lmforge)(tensors, m)
+    except KeyError as e:
+        raise UserError(f"{path}: weight {e.args[0]} is missing; the files do not match config.json.") from None
+    model = build_model(m)
+    load_state(converted, model, str(path))
+    config = Config(name=path.name, description=f"imported from Hugging Face ({hf_config['model_type']})", model=m)
+    return model.float().to(device).eval(), tokenizer, config
+
+
+def export_hf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out: str | Path) -> Path:
+    """Write `model` as a Hugging Face directory (config.json, model.safetensors, tokenizer files)."""
+    from safetensors.torch import save_file
+
+    from lmforge.io import atomic_write, atomic_write_json
+
+    out = Path(out)
+    hf_config = hf_config_from_model(config.model)
+    sd = {k: v.float() for k, v in model.state_dict().items()}
+    tensors = _lmforge_to_hf(sd, config.model, "gpt2" if hf_config["model_type"] == "gpt2" else "llama")
+    # A tied head is not written: transformers re-ties lm_head to the embedding itself.
+    out.mkdir(parents=True, exist_ok=True)
+    eot = tokenizer.eot_id
+    hf_config.update({"torch_dtype": "float32", "bos_token_id": eot, "eos_token_id": eot})
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    tokenizer.save(out / "tokenizer.json")
+    special = {"eos_token": EOT, "bos_token": EOT} if eot is not None else {}
+    if tokenizer.hf.token_to_id("<unk>") is not None:
+        special["unk_token"] = "<unk>"
+    atomic_write_json(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
+                                                      "model_max_length": config.model.block_size, **special})
+    atomic_write_json(out / "config.json", hf_config)  # last: a complete directory has a config
+    return out
