@@ -44,7 +44,7 @@ def hf_tokenizer_dir(tmp_path, shakespeare_excerpt) -> Path:
 def save_tiny_hf_model(kind: str, folder: Path, tokenizer_dir: Path) -> Path:
     """A 2-layer random model of `kind` saved by transformers, with the tokenizer files copied in."""
     torch.manual_seed(0)
-    common = dict(vocab_size=300, bos_token_id=0, eos_token_id=0)
+    common = dict(vocab_size=300, bos_token_id=0, eos_token_id=0, initializer_range=0.2)
     if kind == "gpt2":
         config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
         model = transformers.GPT2LMHeadModel(config)

@@ -67,6 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(p)
 
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint or Hugging Face model on text or instruction data",
+                       description="Fine-tune a pretrained model (full or LoRA). --data takes plain text, or "
+                                   "JSONL with prompt/response or chat messages (loss on the replies only).")
+    p.add_argument("checkpoint", help="lmforge checkpoint or Hugging Face model directory")
+    p.add_argument("--preset", default="finetune", help="preset with the training settings")
+    p.add_argument("--lora-rank", dest="finetune.lora_rank", help="LoRA rank (0 = full fine-tuning)")
+    p.add_argument("--lora-alpha", dest="finetune.lora_alpha")
+    p.add_argument("--lora-targets", dest="finetune.lora_targets",
+                   help="comma-separated layers (attn.c_attn, mlp.c_fc, ... or q_proj, up_proj, ...; all-linear)")
+    p.add_argument("--layer-lr-decay", dest="finetune.layer_lr_decay", help="layer-wise learning-rate decay")
+    p.add_argument("--seq-len", dest="finetune.seq_len", help="training window in tokens")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    _add_config_flags(p)
+
     p = sub.add_parser("prepare", help="tokenize text into a prepared data directory",
                        description="Read text (files, folders, JSONL), train or load a tokenizer, "
                                    "split, and write token files plus meta.json.")
@@ -201,6 +217,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     print(f"Done: {result.step} steps in {result.elapsed_s:.1f}s, best validation loss "
           f"{result.best_val_loss:.4f}. Checkpoint: {result.out}")
+    if result.sample:
+        print("---- sample ----")
+        print(result.sample)
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from lmforge.config import apply_overrides, load_preset, validate
+
+    overrides = _overrides(args)
+    if not overrides.get("data.path"):
+        raise UserError("Give the fine-tuning data with --data FILE (text, or JSONL with prompt/response).")
+    overrides["finetune.init_from"] = args.checkpoint
+    config = apply_overrides(load_preset(args.preset), overrides)
+    if not config.train.out:
+        config.train.out = f"out/{Path(args.checkpoint).resolve().name}-finetuned"
+    validate(config)
+    from lmforge.training.trainer import train
+
+    if args.quiet:
+        config.train.progress = False
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    print(f"Done: {result.step} steps in {result.elapsed_s:.1f}s, best validation loss {result.best_val_loss:.4f}; "
+          f"{result.trainable_params:,} trainable parameters, optimizer state "
+          f"{result.optimizer_state_bytes / 2**20:.1f} MiB, peak memory {result.peak_memory_bytes / 2**20:.0f} MiB. "
+          f"Checkpoint: {result.out}")
     if result.sample:
         print("---- sample ----")
         print(result.sample)
@@ -421,7 +463,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval,
+COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval,
             "train-classifier": cmd_train_classifier, "classify": cmd_classify,
             "convert": cmd_convert, "export": cmd_export, "presets": cmd_presets}
 

@@ -33,6 +33,7 @@ class DataConfig:
     errors: str = "strict"  # "strict" refuses undecodable bytes; "replace" substitutes U+FFFD
     clean: bool = False  # strip control characters and collapse runs of spaces
     dedup: bool = False  # drop documents that occur more than once
+    chat_template: str = ""  # Jinja template that formats instruction/chat JSONL ("" = lmforge's default)
 
 
 @dataclass
@@ -105,6 +106,17 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    init_from: str = ""  # checkpoint or Hugging Face directory to start from ("" = train from scratch)
+    seq_len: int = 256  # training window when fine-tuning (at most the model's block_size)
+    lora_rank: int = 0  # 0 = full fine-tuning; else train rank-r adapters on the target layers only
+    lora_alpha: float = 16.0  # adapter output is scaled by alpha / rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_gate,mlp.c_proj"  # or HF names, or "all-linear"
+    layer_lr_decay: float = 1.0  # < 1: each layer below the top learns this much slower (embeddings slowest)
+
+
+@dataclass
 class Config:
     name: str = "custom"
     description: str = ""
@@ -112,12 +124,13 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("data", "model", "optim", "train")
+SECTIONS = ("data", "model", "optim", "train", "finetune")
 
 
 def _section_types() -> dict[str, type]:
@@ -247,6 +260,9 @@ def validate(config: Config) -> None:
         (o.optimizer in ("adamw", "muon"), "optim.optimizer must be adamw or muon."),
         (o.schedule in ("cosine", "wsd", "constant"), "optim.schedule must be cosine, wsd or constant."),
         (0.0 < config.data.val_fraction < 1.0 or config.data.val_path, "data.val_fraction must be between 0 and 1."),
+        (config.finetune.lora_rank >= 0, "finetune.lora_rank must be at least 0 (0 = full fine-tuning)."),
+        (0.0 < config.finetune.layer_lr_decay <= 1.0, "finetune.layer_lr_decay must be in (0, 1]."),
+        (config.finetune.seq_len >= 1, "finetune.seq_len must be at least 1."),
     ]
     for ok, message in checks:
         if not ok:

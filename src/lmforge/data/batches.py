@@ -11,13 +11,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+IGNORE = -100  # target value that cross-entropy skips (F.cross_entropy's default ignore_index)
+
 
 def windows_to_tensors(
-    tokens: np.ndarray, starts: np.ndarray, length: int, device: torch.device
+    tokens: np.ndarray, starts: np.ndarray, length: int, device: torch.device, mask: np.ndarray | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets for windows of `length` tokens starting at `starts`."""
+    """Inputs and next-token targets for windows of `length` tokens starting at `starts`.
+
+    With a `mask` (instruction data), targets outside the replies become IGNORE.
+    """
     index = starts[:, None] + np.arange(length + 1)[None, :]
     chunk = torch.from_numpy(np.asarray(tokens[index], dtype=np.int64))
+    if mask is not None:
+        x, y = chunk[:, :-1], chunk[:, 1:].clone()
+        y[torch.from_numpy(np.asarray(mask[index[:, 1:]]) == 0)] = IGNORE
+        return x.to(device), y.to(device)
     if device.type == "cuda":
         chunk = chunk.pin_memory().to(device, non_blocking=True)
     else:
@@ -28,8 +37,10 @@ def windows_to_tensors(
 class RandomWindows:
     """Random (input, target) windows; reproducible from its seed and saved state."""
 
-    def __init__(self, tokens: np.ndarray, length: int, batch_size: int, seed: int, device: torch.device):
+    def __init__(self, tokens: np.ndarray, length: int, batch_size: int, seed: int, device: torch.device,
+                 mask: np.ndarray | None = None):
         self.tokens = tokens
+        self.mask = mask
         self.length = length
         self.batch_size = batch_size
         self.device = device
@@ -38,7 +49,14 @@ class RandomWindows:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         high = len(self.tokens) - self.length
         starts = torch.randint(high, (self.batch_size,), generator=self.generator).numpy()
-        return windows_to_tensors(self.tokens, starts, self.length, self.device)
+        if self.mask is not None:
+            # A window with no reply token teaches nothing (and its loss is 0/0): draw it again.
+            for _ in range(100):
+                empty = ~np.array([self.mask[s + 1:s + self.length + 1].any() for s in starts])
+                if not empty.any():
+                    break
+                starts[empty] = torch.randint(high, (int(empty.sum()),), generator=self.generator).numpy()
+        return windows_to_tensors(self.tokens, starts, self.length, self.device, self.mask)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}

@@ -5,6 +5,8 @@ A prepared directory holds:
   train.bin        training tokens, a flat array of uint16 (or uint32 for big vocabularies)
   val.bin          validation tokens, same dtype
   meta.json        tokenizer kind and size, dtype, token counts, source files and checksums
+  train.mask.bin   instruction data only: 1 where a token is part of a reply (trained on), else 0
+  val.mask.bin
 
 `resolve_data` is what training calls: a prepared directory is used as is; raw
 text is prepared once into the cache, keyed by the files' checksums and the
@@ -51,6 +53,13 @@ class PreparedData:
             return np.zeros(0, dtype=self.meta["dtype"])
         return np.memmap(path, dtype=self.meta["dtype"], mode="r", shape=(count,))
 
+    def mask(self, split: str) -> np.ndarray | None:
+        """Instruction data: which tokens the loss is computed on (None: all of them)."""
+        if not self.meta.get("masked") or self.meta[f"{split}_tokens"] == 0:
+            return None
+        return np.memmap(self.dir / f"{split}.mask.bin", dtype=np.uint8, mode="r",
+                         shape=(self.meta[f"{split}_tokens"],))
+
 
 def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65536 else "uint32"
@@ -82,6 +91,12 @@ def _read(paths: list[Path], cfg: DataConfig) -> tuple[list[str], list[SourceFil
 
 def prepare(paths: list[Path], out_dir: Path, cfg: DataConfig) -> PreparedData:
     """Read, tokenize and split the text at `paths` into the directory `out_dir`."""
+    from lmforge.data.corpus import list_files
+    from lmforge.data.instructions import is_instruction_file
+
+    files = [f for p in paths for f in list_files(p)]
+    if files and all(is_instruction_file(f, cfg.encoding) for f in files):
+        return _prepare_conversations(files, out_dir, cfg)
     docs, sources = _read(paths, cfg)
     val_docs: list[str] = []
     val_sources: list[SourceFile] = []
@@ -120,6 +135,64 @@ def prepare(paths: list[Path], out_dir: Path, cfg: DataConfig) -> PreparedData:
     return PreparedData(out_dir, meta, tokenizer)
 
 
+def _prepare_conversations(files: list[Path], out_dir: Path, cfg: DataConfig) -> PreparedData:
+    """Instruction/chat JSONL: rendered with the chat template, with a loss mask on the replies."""
+    from lmforge.data.corpus import read_text_file
+    from lmforge.data.instructions import (
+        DEFAULT_CHAT_TEMPLATE,
+        encode_conversation,
+        read_conversations,
+        render_chat,
+    )
+
+    def read(paths: list[Path]):
+        conversations, sources = [], []
+        for f in paths:
+            conversations += read_conversations(f, read_text_file(f, cfg.encoding, cfg.errors))
+            sources.append(SourceFile(str(f), f.stat().st_size, sha256_file(f)))
+        return conversations, sources
+
+    template = cfg.chat_template or DEFAULT_CHAT_TEMPLATE
+    train_convs, sources = read(files)
+    val_convs, val_sources = read([Path(cfg.val_path)]) if cfg.val_path else ([], [])
+    if not val_convs:
+        if len(train_convs) < 2:
+            raise UserError(f"{files[0]} holds {len(train_convs)} conversation; at least 2 are needed "
+                            f"(one to validate on), or pass --data.val_path.")
+        n_val = max(1, int(len(train_convs) * cfg.val_fraction))
+        train_convs, val_convs = train_convs[:-n_val], train_convs[-n_val:]
+    texts = [render_chat(template, c, add_generation_prompt=False) for c in train_convs]
+    tokenizer = build_tokenizer(cfg.tokenizer, texts, cfg.vocab_size, cfg.min_frequency)
+    splits = {}
+    for split, convs in (("train", train_convs), ("val", val_convs)):
+        ids: list[int] = []
+        mask: list[int] = []
+        for conversation in convs:
+            conv_ids, conv_mask = encode_conversation(tokenizer, template, conversation)
+            ids += conv_ids
+            mask += conv_mask
+        splits[split] = (ids, mask)
+    dtype = token_dtype(tokenizer.vocab_size)
+    meta = {
+        "format": FORMAT, "version": FORMAT_VERSION, "masked": True,
+        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "spec": cfg.tokenizer},
+        "dtype": dtype, "train_tokens": len(splits["train"][0]), "val_tokens": len(splits["val"][0]),
+        "documents": len(train_convs), "val_documents": len(val_convs),
+        "trained_tokens": {split: sum(m) for split, (_, m) in splits.items()},
+        "characters": sum(map(len, texts)), "train_bytes": sum(len(t.encode("utf-8")) for t in texts),
+        "sources": [dataclasses.asdict(s) for s in sources],
+        "val_sources": [dataclasses.asdict(s) for s in val_sources],
+        "settings": dataclasses.asdict(cfg),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out_dir / "tokenizer.json")
+    for split, (ids, mask) in splits.items():
+        _write_tokens(out_dir / f"{split}.bin", np.asarray(ids, dtype=dtype))
+        _write_tokens(out_dir / f"{split}.mask.bin", np.asarray(mask, dtype=np.uint8))
+    atomic_write_json(out_dir / "meta.json", meta)
+    return PreparedData(out_dir, meta, tokenizer)
+
+
 def _write_tokens(path: Path, array: np.ndarray) -> None:
     from lmforge.io import atomic_write
 
@@ -140,7 +213,8 @@ def open_prepared(path: Path) -> PreparedData:
     for split in ("train", "val"):
         expected = meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize
         file = path / f"{split}.bin"
-        if not file.is_file() or file.stat().st_size != expected:
+        masks_ok = not meta.get("masked") or (path / f"{split}.mask.bin").is_file()
+        if not file.is_file() or file.stat().st_size != expected or not masks_ok:
             raise UserError(
                 f"{file} is missing or truncated (expected {expected} bytes); prepare the data again."
             )

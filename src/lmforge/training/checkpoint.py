@@ -85,9 +85,23 @@ def load_state(tensors: dict[str, torch.Tensor], model: nn.Module, source: str) 
 def save_checkpoint(
     out: Path, model: nn.Module, config: Config, tokenizer: TextTokenizer, info: dict[str, Any]
 ) -> None:
-    """Write the model, its config and tokenizer: the checkpoint that other commands use."""
+    """Write the model, its config and tokenizer: the checkpoint that other commands use.
+
+    A model with LoRA adapters is written merged (a plain model every command reads);
+    the adapters alone go to adapter.safetensors beside it.
+    """
+    from lmforge.training.lora import adapter_state_dict, has_lora, merged_state_dict
+
     out.mkdir(parents=True, exist_ok=True)
-    save_weights(out / "model.safetensors", model, {"format": "pt"})
+    tensors = unique_state_dict(model)
+    if has_lora(model):
+        tensors = {k: v.cpu() for k, v in merged_state_dict(model, tensors).items()}
+        adapters = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
+        ft = config.finetune
+        adapter_info = {"base": ft.init_from, "rank": str(ft.lora_rank), "alpha": str(ft.lora_alpha),
+                        "targets": ft.lora_targets, "format": "pt"}
+        atomic_write(out / "adapter.safetensors", lambda tmp: save_file(adapters, tmp, metadata=adapter_info))
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     tokenizer.save(out / "tokenizer.json")
     atomic_write_json(
         out / "config.json",

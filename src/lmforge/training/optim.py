@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.config import OptimConfig
+from lmforge.errors import UserError
 
 
 def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
@@ -88,31 +89,55 @@ def _adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
-def build_optimizers(model: nn.Module, cfg: OptimConfig, device: torch.device) -> list[torch.optim.Optimizer]:
-    """The optimizers for a model; each param group carries `base_lr` for the schedule."""
+def layer_depth(name: str, n_layer: int) -> int:
+    """0 for embeddings, i + 1 for block i, n_layer + 1 for the final norm and the head."""
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    if name.split(".")[0] in ("wte", "wpe", "embed", "embedding"):
+        return 0
+    return n_layer + 1
+
+
+def _groups(params: list[tuple[str, nn.Parameter]], weight_decay: float, lr: float,
+            scale_of) -> list[dict]:
+    """Param groups of one kind, split by learning-rate scale (layer-wise decay)."""
+    by_scale: dict[float, list[nn.Parameter]] = {}
+    for name, p in params:
+        by_scale.setdefault(scale_of(name), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay, "base_lr": lr * scale}
+            for scale, ps in sorted(by_scale.items(), reverse=True)]
+
+
+def build_optimizers(model: nn.Module, cfg: OptimConfig, device: torch.device,
+                     layer_lr_decay: float = 1.0) -> list[torch.optim.Optimizer]:
+    """The optimizers for the trainable parameters; each param group carries `base_lr` for the schedule.
+
+    `layer_lr_decay` < 1 gives block i of n the rate lr × decay^(n - i), embeddings the lowest.
+    """
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise UserError("The model has no trainable parameters.")
+    n_layer = len(getattr(model, "blocks", [])) or 1
+
+    def scale_of(name: str) -> float:
+        return layer_lr_decay ** (n_layer + 1 - layer_depth(name, n_layer)) if layer_lr_decay != 1.0 else 1.0
+
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     head = getattr(model, "lm_head", None)
     if head is not None:
         embedding_ids.add(id(head.weight))
-    matrices = [p for _, p in params if p.dim() >= 2]
-    others = [p for _, p in params if p.dim() < 2]
+    matrices = [(n, p) for n, p in params if p.dim() >= 2]
+    others = [(n, p) for n, p in params if p.dim() < 2]
     if cfg.optimizer == "muon":
-        hidden = [p for p in matrices if id(p) not in embedding_ids]
-        rest = [p for p in matrices if id(p) in embedding_ids]
-        adam = _adamw(
-            [{"params": rest, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
-             {"params": others, "weight_decay": 0.0, "base_lr": cfg.lr}],
-            cfg, device,
-        )
+        hidden = [p for _, p in matrices if id(p) not in embedding_ids]
+        rest = [(n, p) for n, p in matrices if id(p) in embedding_ids]
+        adam = _adamw(_groups(rest, cfg.weight_decay, cfg.lr, scale_of)
+                      + _groups(others, 0.0, cfg.lr, scale_of), cfg, device)
         muon = Muon([{"params": hidden, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr,
                     momentum=cfg.muon_momentum)
         return [adam, muon]
-    return [_adamw(
-        [{"params": matrices, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
-         {"params": others, "weight_decay": 0.0, "base_lr": cfg.lr}],
-        cfg, device,
-    )]
+    return [_adamw(_groups(matrices, cfg.weight_decay, cfg.lr, scale_of)
+                   + _groups(others, 0.0, cfg.lr, scale_of), cfg, device)]
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], lr: float, cfg: OptimConfig) -> None:

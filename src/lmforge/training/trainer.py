@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.config import Config, validate
-from lmforge.data.batches import ContiguousStreams, RandomWindows, fixed_windows, windows_to_tensors
+from lmforge.data.batches import IGNORE, ContiguousStreams, RandomWindows, fixed_windows, windows_to_tensors
 from lmforge.data.prepare import PreparedData, resolve_data
 from lmforge.device import autocast, resolve_device, resolve_dtype, set_threads
 from lmforge.errors import TrainingInterrupted, UserError
@@ -47,6 +47,58 @@ class TrainResult:
     sample: str = ""
     stopped_because: str = "max_iters"
     full_val_loss: float = math.nan  # last weights on the whole validation split
+    trainable_params: int = 0
+    optimizer_state_bytes: int = 0  # optimizer moments (what LoRA saves most of)
+    peak_memory_bytes: int = 0  # CUDA: peak allocated; CPU: peak resident set of the process
+
+
+def _load_base(config: Config, log: Callable[[str], None]) -> tuple[nn.Module, str | None]:
+    """Fine-tuning: open the starting checkpoint and make the config follow it.
+
+    The model section becomes the checkpoint's (dropout aside), the data is encoded with
+    its tokenizer, and instruction data is rendered with its chat template.
+    """
+    import dataclasses
+    import hashlib
+
+    from lmforge.interop.hf import chat_template, is_hf_dir
+    from lmforge.io import cache_dir
+
+    source = Path(config.finetune.init_from)
+    model, tokenizer, base = ckpt.load_checkpoint(source)
+    config.model = dataclasses.replace(base.model, dropout=config.model.dropout)
+    if config.model.dropout != base.model.dropout:  # same weights, in a model built with the new dropout
+        rebuilt = build_model(config.model)
+        rebuilt.load_state_dict(model.state_dict())
+        model = rebuilt
+    tokenizer_file = source / "tokenizer.json"
+    if not tokenizer_file.is_file():  # vocab.json + merges.txt: keep a tokenizer.json in the cache
+        text = tokenizer.hf.to_str()
+        tokenizer_file = cache_dir() / "tokenizers" / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+        if not tokenizer_file.is_file():
+            tokenizer.save(tokenizer_file)
+    config.data.tokenizer = str(tokenizer_file.resolve())
+    if is_hf_dir(source):
+        template = chat_template(source)
+    else:
+        template = json.loads((source / "config.json").read_text("utf-8")).get("chat_template")
+    if template and not config.data.chat_template:
+        config.data.chat_template = template
+    log(f"Fine-tuning {source} ({base.description or base.name}).")
+    return model.float(), template
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def optimizer_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
+    return sum(t.numel() * t.element_size() for opt in optimizers for state in opt.state.values()
+               for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
 
 
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -113,18 +165,23 @@ def _set_rng_state(rng: dict[str, torch.Tensor], sampler, device: torch.device):
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, tokens, starts, length: int, batch_size: int,
-                  device: torch.device, dtype: torch.dtype) -> float:
-    """Mean next-token loss over fixed windows (every window weighs the same)."""
+                  device: torch.device, dtype: torch.dtype, mask=None) -> float:
+    """Mean next-token loss over fixed windows (every scored token weighs the same)."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=device)
+    count = torch.zeros((), device=device)
     for i in range(0, len(starts), batch_size):
-        x, y = windows_to_tensors(tokens, starts[i:i + batch_size], length, device)
+        x, y = windows_to_tensors(tokens, starts[i:i + batch_size], length, device, mask)
+        scored = (y != IGNORE).sum()
+        if mask is not None and scored.item() == 0:
+            continue
         with autocast(device, dtype):
             _, loss = model(x, y)
-        total += loss.float() * len(x)
+        total += loss.float() * scored
+        count += scored
     model.train(was_training)
-    return total.item() / len(starts)
+    return total.item() / max(count.item(), 1)
 
 
 @torch.no_grad()
@@ -215,6 +272,8 @@ def train(
     dtype = resolve_dtype(config.train.dtype, device)
     out = Path(config.train.out or f"out/{config.name}")
     _check_out_dir(out, resume, overwrite)
+    ft = config.finetune
+    base_model, base_template = _load_base(config, log) if ft.init_from else (None, None)
 
     data = resolve_data(config.data, log=log)
     tokenizer = data.tokenizer
@@ -227,26 +286,42 @@ def train(
             f"set --model.vocab_size {tokenizer.vocab_size} (or 0 to follow the tokenizer)."
         )
     train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
-    _check_lengths(data, len(train_tokens), len(val_tokens), m.block_size)
+    train_mask, val_mask = data.mask("train"), data.mask("val")  # instruction data: loss on replies only
+    window = min(ft.seq_len, m.block_size) if ft.init_from else m.block_size
+    _check_lengths(data, len(train_tokens), len(val_tokens), window)
     if resume:
         _check_resume_config(out, config)
 
     torch.manual_seed(config.train.seed)
-    model = build_model(m).to(device)
-    optimizers = build_optimizers(model, config.optim, device)
+    model = base_model if base_model is not None else build_model(m)
+    if ft.lora_rank:
+        from lmforge.training.lora import apply_lora
+
+        adapted = apply_lora(model, ft.lora_rank, ft.lora_alpha, ft.lora_dropout, ft.lora_targets)
+        log(f"LoRA rank {ft.lora_rank} (alpha {ft.lora_alpha:g}) on {adapted} layers.")
+    model = model.to(device)
+    model.train()
+    optimizers = build_optimizers(model, config.optim, device, ft.layer_lr_decay)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+    if trainable < total_params:
+        log(f"Trainable parameters: {trainable:,} of {total_params:,} ({100 * trainable / total_params:.2f}%).")
     tc = config.train
     stateful = getattr(model, "stateful", False)  # recurrent: truncated BPTT over contiguous streams
-    if stateful and (len(train_tokens) - 1) // tc.batch_size < m.block_size:
+    if stateful and train_mask is not None:
+        raise UserError("Instruction (prompt/response) data needs a Transformer; recurrent models train on "
+                        "plain text only.")
+    if stateful and (len(train_tokens) - 1) // tc.batch_size < window:
         raise UserError(
             f"The training split has {len(train_tokens)} tokens: too few for {tc.batch_size} streams of at "
-            f"least one window ({m.block_size} tokens); use a longer text or a smaller batch or block size."
+            f"least one window ({window} tokens); use a longer text or a smaller batch or block size."
         )
     if stateful:
-        sampler = ContiguousStreams(train_tokens, m.block_size, tc.batch_size, device)
+        sampler = ContiguousStreams(train_tokens, window, tc.batch_size, device)
     else:
-        sampler = RandomWindows(train_tokens, m.block_size, tc.batch_size, tc.seed, device)
+        sampler = RandomWindows(train_tokens, window, tc.batch_size, tc.seed, device, train_mask)
     carry = None  # a recurrent model's hidden state, carried from window to window
-    val_starts = fixed_windows(val_tokens, m.block_size, tc.eval_batches * tc.batch_size)
+    val_starts = fixed_windows(val_tokens, window, tc.eval_batches * tc.batch_size)
 
     step, best_val, bad_evals, elapsed_before = 0, math.inf, 0, 0.0
     if resume:
@@ -263,8 +338,15 @@ def train(
 
     compiled = torch.compile(model) if tc.compile else model
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    tokens_per_step = tc.batch_size * tc.grad_accum * m.block_size
+    tokens_per_step = tc.batch_size * tc.grad_accum * window
     info = {"tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "data": str(data.dir)}
+    if ft.init_from:
+        from lmforge.data.instructions import DEFAULT_CHAT_TEMPLATE
+
+        info["finetuned_from"] = ft.init_from
+        # Chat and serving format prompts the way the replies were trained.
+        info["chat_template"] = (config.data.chat_template or DEFAULT_CHAT_TEMPLATE) if train_mask is not None \
+            else base_template
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - started
@@ -277,9 +359,9 @@ def train(
     def run_eval() -> float:
         nonlocal best_val, bad_evals
         if stateful:
-            val = evaluate_stream_loss(compiled, val_tokens, m.block_size, tc.batch_size, device, dtype)
+            val = evaluate_stream_loss(compiled, val_tokens, window, tc.batch_size, device, dtype)
         else:
-            val = evaluate_loss(compiled, val_tokens, val_starts, m.block_size, tc.batch_size, device, dtype)
+            val = evaluate_loss(compiled, val_tokens, val_starts, window, tc.batch_size, device, dtype, val_mask)
         if val < best_val:
             best_val, bad_evals = val, 0
             ckpt.save_checkpoint(out, model, config, tokenizer,
@@ -378,12 +460,12 @@ def train(
     progress_bar.close()
     save_state()
     full_val = math.nan
-    if tc.final_full_eval and metrics.history and len(val_tokens) <= 5_000_000:
+    if tc.final_full_eval and metrics.history and len(val_tokens) <= 5_000_000 and val_mask is None:
         # The whole validation split, scored exactly as `lmforge eval DIR` scores it.
         from lmforge.evaluation.perplexity import evaluate_ids
 
         full_val = evaluate_ids(model.eval(), tokenizer, val_tokens.tolist(),
-                                context=None if stateful else m.block_size, batch_size=32, device=device).loss
+                                context=None if stateful else window, batch_size=32, device=device).loss
         model.train()
         metrics.history[-1]["val_loss_full"] = round(full_val, 5)
         metrics.close()
@@ -407,6 +489,8 @@ def train(
         out=out, step=step, best_val_loss=best_val, final_val_loss=last_val, elapsed_s=elapsed(),
         tokens_per_s=sum(total_steps_time) / max(1, len(total_steps_time)),
         history=metrics.history, sample=sample, stopped_because=stopped_because, full_val_loss=full_val,
+        trainable_params=trainable, optimizer_state_bytes=optimizer_state_bytes(optimizers),
+        peak_memory_bytes=_peak_memory(device),
     )
 
 

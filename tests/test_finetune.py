@@ -1,0 +1,178 @@
+"""Fine-tuning: full and LoRA, plain text and instruction data, from lmforge and HF checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.cli import main
+from lmforge.config import apply_overrides, load_preset
+from lmforge.data.instructions import DEFAULT_CHAT_TEMPLATE, encode_conversation, render_chat
+from lmforge.errors import UserError
+from lmforge.training.checkpoint import load_checkpoint
+from lmforge.training.lora import LoRALinear, apply_lora, merged_state_dict
+from lmforge.training.optim import build_optimizers
+from lmforge.training.trainer import train
+
+from .conftest import tiny_config
+from .test_hf_interop import hf_tokenizer_dir, save_tiny_hf_model  # noqa: F401 (fixture)
+
+transformers = pytest.importorskip("transformers")
+
+
+def finetune_config(base, data, out, **overrides):
+    settings = {"data.path": str(data), "train.out": str(out), "finetune.init_from": str(base),
+                "finetune.seq_len": 32, "train.max_iters": 30, "train.eval_interval": 15, "train.batch_size": 4,
+                "train.eval_batches": 4, "train.eval_at_start": True, "train.progress": False,
+                "train.sample_tokens": 0, "train.device": "cpu", "train.dtype": "float32", "optim.lr": 3e-3,
+                "optim.warmup_iters": 2, **overrides}
+    return apply_overrides(load_preset("finetune"), settings)
+
+
+def test_lora_starts_at_the_base_model_and_merges_exactly():
+    from lmforge.config import ModelConfig
+    from lmforge.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)).eval()
+    x = torch.randint(0, 50, (2, 10))
+    before = model(x)[0]
+    assert apply_lora(model, rank=4, alpha=8, dropout=0.0, targets="q_proj,o_proj,up_proj") == 6
+    assert torch.equal(model(x)[0], before)  # B starts at zero
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_()
+    adapted = model(x)[0]
+    assert not torch.allclose(adapted, before)
+    plain = build_model(model_config := ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    assert model_config.n_layer == 2
+    plain.load_state_dict(merged_state_dict(model, model.state_dict()))
+    assert torch.allclose(plain.eval()(x)[0], adapted, atol=1e-5)
+    with pytest.raises(UserError, match="matches no layer"):
+        apply_lora(plain, rank=2, alpha=2, dropout=0.0, targets="nonsense")
+
+
+def test_layer_wise_lr_decay_scales_lower_layers():
+    from lmforge.config import ModelConfig, OptimConfig
+    from lmforge.models import build_model
+
+    model = build_model(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    [opt] = build_optimizers(model, OptimConfig(lr=1.0), torch.device("cpu"), layer_lr_decay=0.5)
+    lr_of = {id(p): g["base_lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(model.ln_f.weight)] == 1.0
+    assert lr_of[id(model.blocks[1].attn.c_attn.weight)] == 0.5
+    assert lr_of[id(model.blocks[0].attn.c_attn.weight)] == 0.25
+    assert lr_of[id(model.wte.weight)] == 0.125
+
+
+def test_lora_finetune_of_imported_llama_lowers_loss_and_exports(tmp_path, hf_tokenizer_dir,  # noqa: F811
+                                                                 shakespeare_excerpt):
+    base = save_tiny_hf_model("llama", tmp_path / "llama", hf_tokenizer_dir)
+    lora = {"finetune.lora_rank": 8, "optim.lr": 2e-2, "train.max_iters": 60}
+    config = finetune_config(base, shakespeare_excerpt, tmp_path / "ft", **lora)
+    result = train(config, log=lambda _: None)
+    start = result.history[0]["val_loss"]
+    assert result.best_val_loss < start - 0.3
+    full = train(finetune_config(base, shakespeare_excerpt, tmp_path / "full"), log=lambda _: None)
+    assert result.trainable_params < full.trainable_params / 5
+    assert result.optimizer_state_bytes < full.optimizer_state_bytes / 5
+
+    # The checkpoint holds merged weights (a plain model) and the adapters alone.
+    adapters = load_file(str(tmp_path / "ft" / "adapter.safetensors"))
+    assert adapters and all(".lora_A" in k or ".lora_B" in k for k in adapters)
+    model, tokenizer, saved = load_checkpoint(tmp_path / "ft")
+    assert saved.finetune.lora_rank == 8 and saved.model.n_kv_head == 2
+
+    assert main(["export", str(tmp_path / "ft"), "--out", str(tmp_path / "hf")]) == 0
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([tokenizer.encode("KING RICHARD:")])
+    with torch.no_grad():
+        assert (reloaded(ids).logits - model(ids)[0]).abs().max().item() <= 1e-4
+
+
+def test_finetune_resumes_exactly(tmp_path, shakespeare_excerpt):
+    train(tiny_config(tmp_path / "base", shakespeare_excerpt, **{"train.max_iters": 10}), log=lambda _: None)
+    settings = {"finetune.lora_rank": 2, "train.max_iters": 20, "train.eval_interval": 5, "model.dropout": 0.1}
+    whole = train(finetune_config(tmp_path / "base", shakespeare_excerpt, tmp_path / "whole", **settings),
+                  log=lambda _: None)
+
+    def stop_at_8(step, _loss):
+        if step == 8:
+            raise KeyboardInterrupt
+
+    from lmforge.errors import TrainingInterrupted
+
+    with pytest.raises(TrainingInterrupted):
+        train(finetune_config(tmp_path / "base", shakespeare_excerpt, tmp_path / "split", **settings),
+              log=lambda _: None, on_step=stop_at_8)
+    resumed = train(finetune_config(tmp_path / "base", shakespeare_excerpt, tmp_path / "split", **settings),
+                    resume=True, log=lambda _: None)
+    assert resumed.best_val_loss == whole.best_val_loss
+    a = load_file(str(tmp_path / "whole" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "split" / "adapter.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def write_instructions(path, n=40):
+    rows = []
+    for i in range(n):
+        a, b = i % 7, i % 5
+        if i % 2:
+            rows.append({"prompt": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."})
+        else:
+            rows.append({"messages": [{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": f"Add {a} and {b}."},
+                                      {"role": "assistant", "content": f"{a + b}"}]})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_instruction_data_masks_everything_but_the_replies(tmp_path, shakespeare_excerpt):
+    from lmforge.tokenizers import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer([shakespeare_excerpt.read_text()], vocab_size=300)
+    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    ids, mask = encode_conversation(tokenizer, DEFAULT_CHAT_TEMPLATE, messages)
+    assert len(ids) == len(mask)
+    reply = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m], skip_special_tokens=False)
+    assert reply == "Hello.<|endoftext|>\n\n"
+    given = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m])
+    assert given == render_chat(DEFAULT_CHAT_TEMPLATE, messages[:1], add_generation_prompt=True)
+
+    train(tiny_config(tmp_path / "base", shakespeare_excerpt, **{"train.max_iters": 5}), log=lambda _: None)
+    data = write_instructions(tmp_path / "sft.jsonl")
+    result = train(finetune_config(tmp_path / "base", data, tmp_path / "sft", **{"train.max_iters": 40}),
+                   log=lambda _: None)
+    assert result.best_val_loss < result.history[0]["val_loss"]
+    saved = json.loads((tmp_path / "sft" / "config.json").read_text())
+    assert saved["chat_template"] == DEFAULT_CHAT_TEMPLATE
+    prepared = saved["data"]
+    train_mask = np.fromfile(f"{prepared}/train.mask.bin", dtype=np.uint8)
+    assert 0 < train_mask.mean() < 0.5  # replies are a minority of the tokens
+
+
+def test_finetune_cli_and_bad_input(tmp_path, shakespeare_excerpt, capsys):
+    train(tiny_config(tmp_path / "base", shakespeare_excerpt, **{"train.max_iters": 5}), log=lambda _: None)
+    assert main(["finetune", str(tmp_path / "base")]) == 2
+    assert "--data" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 3, "response": "b"}\n')
+    assert main(["finetune", str(tmp_path / "base"), "--data", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "bad.jsonl:2 needs string fields prompt and response" in capsys.readouterr().err
+    assert main(["finetune", str(tmp_path / "nowhere"), "--data", str(shakespeare_excerpt),
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    code = main(["finetune", str(tmp_path / "base"), "--data", str(shakespeare_excerpt), "--lora-rank", "2",
+                 "--lora-targets", "attn.c_attn", "--max-iters", "4", "--seq-len", "16", "--quiet",
+                 "--out", str(tmp_path / "cli"), "--train.sample_tokens", "0", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "trainable parameters" in out and "optimizer state" in out
+    assert (tmp_path / "cli" / "adapter.safetensors").is_file()
