@@ -176,3 +176,19 @@ def test_finetune_cli_and_bad_input(tmp_path, shakespeare_excerpt, capsys):
     assert code == 0
     assert "trainable parameters" in out and "optimizer state" in out
     assert (tmp_path / "cli" / "adapter.safetensors").is_file()
+
+
+def test_sequence_classification_from_an_imported_model(tmp_path, hf_tokenizer_dir):  # noqa: F811
+    from lmforge.training.classify import ClassifierTrainConfig, load_classifier, train_classifier
+
+    from .test_classify import NEGATIVE, POSITIVE, write_toy
+
+    base = save_tiny_hf_model("qwen2", tmp_path / "qwen2", hf_tokenizer_dir)
+    train_path = write_toy(tmp_path / "train.tsv", [(t, "pos") for t in POSITIVE] * 6 + [(t, "neg") for t in NEGATIVE] * 6)
+    dev_path = write_toy(tmp_path / "dev.tsv", [(t, "pos") for t in POSITIVE[:4]] + [(t, "neg") for t in NEGATIVE[:4]])
+    cfg = ClassifierTrainConfig(train_path=str(train_path), val_path=str(dev_path), out=str(tmp_path / "clf"),
+                                init=str(base), epochs=6, batch_size=8, lr=3e-3, progress=False, device="cpu")
+    result = train_classifier(cfg, log=lambda _: None)
+    assert result["best_val_accuracy"] >= 0.75
+    model, tokenizer, labels = load_classifier(tmp_path / "clf")
+    assert labels == ["neg", "pos"] and model.body.config.qkv_bias

@@ -233,7 +233,9 @@ def decode_steps(model: nn.Module, prompts: list[list[int]], cfg: GenerationConf
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     sliding = pos == "rope"
-    cache = model.new_cache(len(prompts)) if use_cache else None
+    # Room for the prompt and the new tokens only: a 32k-context model needs no 32k cache here.
+    capacity = min(block_size, ids.shape[1] + cfg.max_new_tokens + 1)
+    cache = model.new_cache(len(prompts), capacity=capacity) if use_cache else None
     logits, _ = model(ids, cache=cache, positions=_positions(valid), attention_mask=valid) if use_cache \
         else model(ids, positions=_positions(valid), attention_mask=valid)
     next_logits = logits[:, -1].float()

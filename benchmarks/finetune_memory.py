@@ -1,0 +1,107 @@
+"""Fine-tuning memory and speed: full fine-tuning (the baseline) against LoRA.
+
+A GPT-2-124M-shaped model (12 layers, 12 heads, 768 wide, vocabulary 50,257; random
+weights, float32) takes a few AdamW steps on batches of 4 × 256 tokens through
+lmforge's own optimizer setup, once with every weight trainable and once with LoRA
+adapters (rank 8 on all attention and MLP projections). Each variant runs in its
+own process so that its peak resident memory is its own. Reported: trainable
+parameters, optimizer-state bytes, peak memory (CPU: peak RSS; CUDA: peak
+allocated), median seconds per step. Results: benchmarks/results/finetune_memory.json.
+
+    pip install -e . && python benchmarks/finetune_memory.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+VARIANTS = {"full": 0, "lora-r8": 8, "lora-r64": 64}
+
+
+def child(variant: str, steps: int, batch: int, seq: int) -> dict:
+    import torch
+
+    from lmforge.config import ModelConfig, OptimConfig
+    from lmforge.device import set_threads
+    from lmforge.models import build_model
+    from lmforge.training.lora import apply_lora
+    from lmforge.training.optim import build_optimizers
+    from lmforge.training.trainer import _peak_memory, optimizer_state_bytes
+
+    set_threads(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    m = ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, activation="gelu_tanh")
+    model = build_model(m)
+    rank = VARIANTS[variant]
+    if rank:
+        apply_lora(model, rank=rank, alpha=2 * rank, dropout=0.0, targets="all-linear")
+    model.to(device).train()
+    [opt] = build_optimizers(model, OptimConfig(lr=1e-4, weight_decay=0.0), device)
+    times = []
+    for _ in range(steps):
+        x = torch.randint(0, m.vocab_size, (batch, seq + 1), device=device)
+        start = time.perf_counter()
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {
+        "variant": variant, "device": str(device),
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "optimizer_state_mib": round(optimizer_state_bytes([opt]) / 2**20, 2),
+        "peak_memory_mib": round(_peak_memory(device) / 2**20, 1),
+        "s_per_step": round(statistics.median(times[1:]), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--output", default=str(RESULTS / "finetune_memory.json"))
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.batch, args.seq)))
+        return
+    rows = []
+    for variant in VARIANTS:
+        done = subprocess.run([sys.executable, __file__, "--child", variant, "--steps", str(args.steps),
+                               "--batch", str(args.batch), "--seq", str(args.seq)],
+                              capture_output=True, text=True, check=True)
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"{variant:>9}: trainable {row['trainable_params']:>12,} of {row['params']:,}  optimizer state "
+              f"{row['optimizer_state_mib']:8.1f} MiB  peak memory {row['peak_memory_mib']:8.1f} MiB  "
+              f"{row['s_per_step']:.2f} s/step", flush=True)
+    full = rows[0]
+    for row in rows:
+        row["optimizer_state_vs_full"] = round(row["optimizer_state_mib"] / full["optimizer_state_mib"], 4)
+        row["peak_memory_vs_full"] = round(row["peak_memory_mib"] / full["peak_memory_mib"], 3)
+        row["speed_vs_full"] = round(full["s_per_step"] / row["s_per_step"], 2)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "finetune_memory", "machine": platform.processor() or platform.machine(),
+        "model": "GPT-2-124M shape, float32", "batch": args.batch, "seq_len": args.seq, "steps": args.steps,
+        "rows": rows,
+    }, indent=2) + "\n")
+    print(f"Wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
