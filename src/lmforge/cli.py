@@ -184,6 +184,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API with a web chat page")
+    p.add_argument("checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", choices=["int8"], default=None)
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (1 = no batching)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting sequences before answering 503")
+    p.add_argument("--max-tokens-cap", type=int, default=2048, help="the most tokens one request may ask for")
+
+    p = sub.add_parser("chat", help="chat with a checkpoint in the terminal")
+    p.add_argument("checkpoint")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="reply length (default: 256 or half the context)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=None)
+
     p = sub.add_parser("convert", help="import a Hugging Face model directory as an lmforge checkpoint")
     p.add_argument("hf_dir", help="folder with config.json, weights and tokenizer files")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
@@ -414,6 +435,35 @@ def _is_classifier(path: str) -> bool:
     return is_classifier(path)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from lmforge.serving.server import serve
+    except ImportError as e:
+        raise UserError(f"Serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'lmforge[serve]'.") from None
+    if args.max_batch < 1 or args.max_queue < 1 or args.max_tokens_cap < 1:
+        raise UserError("--max-batch, --max-queue and --max-tokens-cap must be at least 1.")
+    serve(args.checkpoint, args.host, args.port, args.api_key, args.device, args.dtype, args.quantize,
+          args.max_batch, args.max_queue, args.max_tokens_cap)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lmforge.chat import chat_template_of, terminal_chat
+    from lmforge.generation import GenerationConfig
+    from lmforge.inference import load_for_inference
+
+    model, tokenizer = load_for_inference(args.checkpoint, args.device)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(256, model.block_size // 2)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed)
+    config.validate()
+    if args.max_new_tokens >= model.block_size:
+        raise UserError(f"--max-new-tokens must be below the model's context ({model.block_size}).")
+    terminal_chat(model, tokenizer, chat_template_of(args.checkpoint), config, system=args.system)
+    return 0
+
+
 def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} already exists and is not empty; pass --overwrite or choose another --out.")
@@ -463,8 +513,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval,
-            "train-classifier": cmd_train_classifier, "classify": cmd_classify,
+COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "prepare": cmd_prepare, "generate": cmd_generate,
+            "eval": cmd_eval, "train-classifier": cmd_train_classifier, "classify": cmd_classify,
+            "serve": cmd_serve, "chat": cmd_chat,
             "convert": cmd_convert, "export": cmd_export, "presets": cmd_presets}
 
 

@@ -224,10 +224,12 @@ def _positions(valid: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def decode_steps(model: nn.Module, prompts: list[list[int]], cfg: GenerationConfig,
                  eot_id: int | None = None, use_cache: bool = True,
-                 banned: list[int] | None = None) -> Iterator[torch.Tensor]:
+                 banned: list[int] | None = None,
+                 observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, step after step (rows that ended keep yielding
     `eot_id`/0; the caller decides when to stop). `use_cache=False` recomputes the whole
-    window every step: the reference that the cache is tested against."""
+    window every step: the reference that the cache is tested against. `observe(logits,
+    token)` sees the model's raw next-token logits and the choice (for log-probabilities)."""
     device, block_size, pos = _model_info(model)
     ids, valid = _left_pad(prompts, device)
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
@@ -250,6 +252,8 @@ def decode_steps(model: nn.Module, prompts: list[list[int]], cfg: GenerationConf
             if cfg.stop_at_eot:
                 finished |= token == eot_id
         counts.scatter_add_(1, token[:, None], torch.ones_like(token[:, None], dtype=counts.dtype))
+        if observe is not None:
+            observe(next_logits, token)
         yield token
         ids = torch.cat([ids, token[:, None]], dim=1)
         valid = torch.cat([valid, torch.ones_like(token[:, None], dtype=torch.bool)], dim=1)

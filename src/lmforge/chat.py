@@ -1,0 +1,128 @@
+"""Conversations as prompts: which chat template a checkpoint uses, and rendering with it.
+
+A checkpoint fine-tuned on instruction data, or imported from Hugging Face with a
+`chat_template`, carries its template; anything else (a model trained on plain
+text) gets lmforge's default template, which is at least a readable transcript.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmforge.data.instructions import DEFAULT_CHAT_TEMPLATE, Conversation, render_chat
+
+ROLES = ("system", "user", "assistant")
+
+
+def chat_template_of(checkpoint: str | Path) -> str:
+    """The chat template stored with a checkpoint (lmforge or Hugging Face), else the default."""
+    from lmforge.interop.hf import chat_template, is_hf_dir
+
+    path = Path(checkpoint)
+    if is_hf_dir(path):
+        return chat_template(path) or DEFAULT_CHAT_TEMPLATE
+    try:
+        saved = json.loads((path / "config.json").read_text("utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    return saved if isinstance(saved, str) and saved else DEFAULT_CHAT_TEMPLATE
+
+
+def chat_prompt(template: str, messages: Conversation) -> str:
+    """The prompt that asks the model for the assistant's next reply."""
+    return render_chat(template, messages, add_generation_prompt=True)
+
+
+def chat_stop_strings(template: str) -> list[str]:
+    """Text that marks the end of a reply besides the end-of-text token."""
+    if template == DEFAULT_CHAT_TEMPLATE:
+        return ["\n### User:", "\n### Assistant:"]
+    if "<|im_end|>" in template:  # ChatML (Qwen2, SmolLM)
+        return ["<|im_end|>"]
+    if "<|eot_id|>" in template:  # Llama 3
+        return ["<|eot_id|>"]
+    if "</s>" in template:  # Llama 2, Mistral
+        return ["</s>"]
+    return []
+
+
+HELP = "Commands: /reset (forget the conversation), /system TEXT, /temperature X, /quit. Ctrl-C stops a reply."
+
+
+def terminal_chat(model, tokenizer, template: str, config, system: str | None = None, read=input,
+                  write=print) -> None:
+    """A chat loop in the terminal: streaming replies, history, and a few slash commands.
+
+    `config` is a GenerationConfig (temperature, max_new_tokens, ...); `read`/`write` are
+    swappable so that tests can drive the loop.
+    """
+    from dataclasses import replace
+
+    from lmforge.generation import stream
+
+    history: Conversation = []
+    stops = chat_stop_strings(template)
+    write(f"Chatting with the model ({HELP})")
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            write("")
+            return
+        except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line
+            write("")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/help":
+            write(HELP)
+            continue
+        if text == "/reset":
+            history = []
+            write("(conversation forgotten)")
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            write(f"(system prompt {'set' if system else 'cleared'})")
+            continue
+        if text.startswith("/temperature"):
+            try:
+                value = float(text.split(maxsplit=1)[1])
+                if value < 0:
+                    raise ValueError
+            except (IndexError, ValueError):
+                write("(usage: /temperature 0.7 — a number of at least 0)")
+                continue
+            config = replace(config, temperature=value)
+            write(f"(temperature {value:g})")
+            continue
+        if text.startswith("/"):
+            write(f"(unknown command {text.split()[0]}; {HELP})")
+            continue
+        history.append({"role": "user", "content": text})
+        prompt = _fitting_prompt(tokenizer, template, system, history, model.block_size - config.max_new_tokens)
+        reply = ""
+        write("model> ", end="")
+        try:
+            for piece in stream(model, tokenizer, prompt, replace(config, stop=list(config.stop) + stops)):
+                reply += piece
+                write(piece, end="", flush=True)
+        except KeyboardInterrupt:  # stop this reply, stay in the chat
+            write(" [stopped]", end="")
+        write("")
+        history.append({"role": "assistant", "content": reply.strip()})
+
+
+def _fitting_prompt(tokenizer, template: str, system: str | None, history: Conversation, budget: int) -> str:
+    """The prompt for the next reply, dropping the oldest turns until it fits the context."""
+    head = [{"role": "system", "content": system}] if system else []
+    turns = list(history)
+    while True:
+        prompt = chat_prompt(template, head + turns)
+        if len(tokenizer.encode(prompt)) <= max(budget, 1) or len(turns) <= 1:
+            return prompt
+        turns = turns[2:] if len(turns) > 2 else turns[-1:]

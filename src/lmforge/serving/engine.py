@@ -1,0 +1,254 @@
+"""The generation engine behind the server: one worker thread owns the model.
+
+Requests become `Sequence`s in a bounded queue. The worker takes the oldest one and,
+after a short wait for companions, every queued sequence with the same sampling
+settings (up to `max_batch`), and decodes them together as one left-padded batch
+with a KV cache: dynamic batching. Each sequence stops on its own (end-of-text,
+stop string, its max_tokens, or its client going away) and the batch ends when all
+have. A sequence with a seed is batched only with the other choices of its own
+request, so a seeded request gives the same text whatever else is running.
+
+Events go back to the asyncio side through `loop.call_soon_threadsafe`:
+    ("token", text, token_id, logprob, top_logprobs)   a settled piece of text
+    ("done", finish_reason, completion_tokens)          "stop" or "length"
+    ("error", message)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lmforge.generation import GenerationConfig, TextTracker, banned_ids, decode_steps
+from lmforge.tokenizers import TextTokenizer
+
+
+class QueueFull(Exception):
+    """More work is waiting than the server accepts."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The settings that must agree for sequences to share a batch."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    group: int = 0  # seeded requests: only their own choices share the batch
+
+
+@dataclass
+class Sequence:
+    """One choice of one request: its prompt, limits, and where its events go."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: Sampling
+    stop: list[str]
+    index: int  # the choice's index in its response
+    events: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def emit(self, *event: Any) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, *event))
+
+
+@dataclass
+class _Job:
+    """A function to run on the worker thread (scoring a prompt), with its future."""
+
+    run: Callable[[], Any]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+class Engine:
+    def __init__(self, model: nn.Module, tokenizer: TextTokenizer, max_batch: int = 8, max_queue: int = 64,
+                 batch_wait_s: float = 0.01):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.batch_wait_s = batch_wait_s
+        self.pending: deque[Sequence | _Job] = deque()
+        self.condition = threading.Condition()
+        self.stopped = False
+        self.groups = itertools.count(1)
+        self.stats = {"batches": 0, "sequences": 0, "max_batch_seen": 0, "cancelled": 0}
+        self.thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+        self.thread.start()
+
+    # ---- asyncio side ------------------------------------------------------------------------
+
+    def new_group(self) -> int:
+        return next(self.groups)
+
+    def submit(self, sequences: list[Sequence]) -> None:
+        with self.condition:
+            if len(self.pending) + len(sequences) > self.max_queue:
+                raise QueueFull(f"{len(self.pending)} sequences are waiting")
+            self.pending.extend(sequences)
+            self.condition.notify()
+
+    async def run_in_worker(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the worker thread between batches (the model is never used by two threads)."""
+        loop = asyncio.get_running_loop()
+        job = _Job(fn, loop.create_future(), loop)
+        with self.condition:
+            if len(self.pending) >= self.max_queue:
+                raise QueueFull(f"{len(self.pending)} sequences are waiting")
+            self.pending.append(job)
+            self.condition.notify()
+        return await job.future
+
+    def queued(self) -> int:
+        return len(self.pending)
+
+    def close(self) -> None:
+        with self.condition:
+            self.stopped = True
+            self.condition.notify()
+        self.thread.join(timeout=5)
+
+    # ---- worker side -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.condition:
+                while not self.pending and not self.stopped:
+                    self.condition.wait()
+                if self.stopped:
+                    return
+                first = self.pending.popleft()
+            if isinstance(first, _Job):
+                self._run_job(first)
+                continue
+            batch = [first]
+            if self.max_batch > 1 and self.batch_wait_s > 0:
+                time.sleep(self.batch_wait_s)  # let requests that arrive together meet
+            with self.condition:
+                rest: deque[Sequence | _Job] = deque()
+                while self.pending:
+                    item = self.pending.popleft()
+                    if (len(batch) < self.max_batch and isinstance(item, Sequence)
+                            and item.sampling == first.sampling):
+                        batch.append(item)
+                    else:
+                        rest.append(item)
+                self.pending = rest
+            try:
+                self._run_batch(batch)
+            except Exception as e:  # a bug must not kill the worker: report it to the clients
+                for s in batch:
+                    s.emit("error", f"generation failed: {type(e).__name__}: {e}")
+
+    @staticmethod
+    def _run_job(job: _Job) -> None:
+        try:
+            result = job.run()
+            job.loop.call_soon_threadsafe(lambda: job.future.done() or job.future.set_result(result))
+        except Exception as e:  # handed to the waiting request
+            error = e  # (the name `e` is cleared when the except block ends; the callback runs later)
+            job.loop.call_soon_threadsafe(lambda: job.future.done() or job.future.set_exception(error))
+
+    def _run_batch(self, batch: list[Sequence]) -> None:
+        self.stats["batches"] += 1
+        self.stats["sequences"] += len(batch)
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
+        s0 = batch[0].sampling
+        cfg = GenerationConfig(
+            max_new_tokens=max(s.max_new_tokens for s in batch), temperature=s0.temperature, top_k=s0.top_k,
+            top_p=s0.top_p, min_p=s0.min_p, repetition_penalty=s0.repetition_penalty,
+            presence_penalty=s0.presence_penalty, frequency_penalty=s0.frequency_penalty, seed=s0.seed,
+        )
+        eot = self.tokenizer.eot_id
+        trackers = [TextTracker(self.tokenizer, s.stop) for s in batch]
+        done = [s.cancelled for s in batch]
+        produced = [0] * len(batch)
+        top_k = max((s.logprobs or 0) for s in batch)
+        wants_logprobs = any(s.logprobs is not None for s in batch)
+        scores: dict[str, torch.Tensor] = {}
+
+        def observe(logits: torch.Tensor, token: torch.Tensor) -> None:
+            if wants_logprobs:
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                scores["chosen"] = logprobs.gather(1, token[:, None]).squeeze(1).cpu()
+                if top_k:
+                    scores["top_values"], scores["top_ids"] = (t.cpu() for t in logprobs.topk(top_k, dim=-1))
+
+        def finish(row: int, reason: str) -> None:
+            rest = trackers[row].take_new(final=True)
+            if rest:
+                batch[row].emit("token", rest, None, None, None)
+            batch[row].emit("done", reason, produced[row])
+            done[row] = True
+
+        steps = decode_steps(self.model, [s.prompt_ids for s in batch], cfg, eot,
+                             banned=banned_ids(self.tokenizer), observe=observe)
+        for token in steps:
+            for row, t in enumerate(token.tolist()):
+                if done[row]:
+                    continue
+                seq = batch[row]
+                if seq.cancelled:
+                    self.stats["cancelled"] += 1
+                    done[row] = True
+                    continue
+                if t == eot:
+                    finish(row, "stop")
+                    continue
+                produced[row] += 1
+                trackers[row].add(t)
+                lp = top = None
+                if seq.logprobs is not None:
+                    lp = float(scores["chosen"][row])
+                    if seq.logprobs:
+                        top = [(int(i), float(v)) for i, v in
+                               zip(scores["top_ids"][row, :seq.logprobs], scores["top_values"][row, :seq.logprobs],
+                                   strict=True)]
+                seq.emit("token", trackers[row].take_new(), t, lp, top)
+                if trackers[row].stopped:
+                    finish(row, "stop")
+                elif produced[row] >= seq.max_new_tokens:
+                    finish(row, "length")
+            if all(done):
+                break
+        steps.close()
+        for row in range(len(batch)):
+            if not done[row]:
+                finish(row, "length")
+
+
+@torch.inference_mode()
+def prompt_logprobs(model: nn.Module, ids: list[int], top: int) -> tuple[list[float | None], list[list]]:
+    """Log-probability of each prompt token given the ones before it (None for the first),
+    and the `top` most likely tokens at each position: what `echo` returns."""
+    device = next(model.parameters()).device
+    logits, _ = model(torch.tensor([ids], device=device))
+    logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+    target = torch.tensor(ids[1:], device=device)
+    chosen = logprobs[:-1].gather(1, target[:, None]).squeeze(1).tolist()
+    tops: list[list] = [[]]
+    if top:
+        values, indices = logprobs[:-1].topk(top, dim=-1)
+        tops += [list(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(indices, values, strict=True)]
+    else:
+        tops += [[] for _ in chosen]
+    return [None, *chosen], tops

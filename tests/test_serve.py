@@ -1,0 +1,258 @@
+"""The OpenAI-compatible server, tested with the official `openai` client on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from lmforge.chat import chat_template_of, terminal_chat  # noqa: E402
+from lmforge.evaluation.perplexity import token_nll  # noqa: E402
+from lmforge.generation import GenerationConfig, generate  # noqa: E402
+from lmforge.serving.engine import Engine, QueueFull, Sampling, Sequence  # noqa: E402
+from lmforge.serving.server import ServerSettings, create_app  # noqa: E402
+from lmforge.training.checkpoint import load_checkpoint  # noqa: E402
+from lmforge.training.trainer import train  # noqa: E402
+
+from .conftest import SHAKESPEARE, tiny_config  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, app):
+        self.port = free_port()
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve")
+    data = folder / "excerpt.txt"
+    data.write_text(SHAKESPEARE.read_text("utf-8")[:60000], encoding="utf-8")
+    config = tiny_config(folder / "run", data, **{"train.max_iters": 60, "model.block_size": 128})
+    train(config, log=lambda _: None)
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint):
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    app = create_app(model, tokenizer, ServerSettings(model_name="tiny", max_tokens_cap=50),
+                     chat_template_of(checkpoint))
+    server = RunningServer(app)
+    server.model, server.tokenizer = model, tokenizer
+    yield server
+    server.stop()
+
+
+def test_models_and_health(served):
+    models = served.client().models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    health = httpx.get(served.url + "/health").json()
+    assert health["status"] == "ok" and health["queued"] == 0
+
+
+def test_completion_matches_lmforge_generate_and_counts_usage(served):
+    prompt = "ROMEO:\nI"
+    response = served.client().completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    expected = generate(served.model, served.tokenizer, prompt, GenerationConfig(max_new_tokens=12, temperature=0))[0]
+    choice = response.choices[0]
+    assert choice.text == expected
+    assert choice.finish_reason == "length"
+    assert response.usage.prompt_tokens == len(served.tokenizer.encode(prompt))
+    assert response.usage.completion_tokens == 12
+    assert response.usage.total_tokens == response.usage.prompt_tokens + 12
+
+    # A stop string cuts the text before it and ends with finish_reason "stop".
+    stop = expected[3:5]
+    stopped = served.client().completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                                  stop=[stop])
+    assert stopped.choices[0].text == expected[:expected.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_echo_returns_the_prompts_own_logprobs(served):
+    prompt = "First Citizen:\nBefore we proceed"
+    ids = served.tokenizer.encode(prompt)
+    response = served.client().completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True,
+                                                  logprobs=1, temperature=0)
+    lp = response.choices[0].logprobs
+    assert response.choices[0].text == prompt
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
+    expected = -token_nll(served.model, ids, context=128, stride=128)
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:], dtype=torch.float64), expected, atol=1e-4)
+    assert len(lp.top_logprobs[1]) == 1 and lp.text_offset[:2] == [0, 1]
+
+    # max_tokens 1 (lm-evaluation-harness's request): the prompt's scores, then one generated token's.
+    one = served.client().completions.create(model="tiny", prompt=ids, max_tokens=1, echo=True, logprobs=1,
+                                             temperature=0)
+    scores = one.choices[0].logprobs.token_logprobs
+    assert len(scores) == len(ids) + 1
+    assert scores[:-1] == pytest.approx(lp.token_logprobs)
+
+
+def test_chat_streaming_equals_non_streaming_with_the_same_seed(served):
+    client = served.client()
+    messages = [{"role": "system", "content": "Speak like a king."}, {"role": "user", "content": "Who goes there?"}]
+    settings = dict(model="tiny", messages=messages, max_tokens=30, temperature=0.9, seed=7)
+    whole = client.chat.completions.create(**settings)
+    text = whole.choices[0].message.content
+    assert whole.choices[0].message.role == "assistant" and text
+    chunks = list(client.chat.completions.create(**settings, stream=True, stream_options={"include_usage": True}))
+    deltas = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert deltas == text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+    two = client.chat.completions.create(**{**settings, "n": 2})
+    assert [c.index for c in two.choices] == [0, 1]
+
+
+def test_streaming_completion_ends_with_done(served):
+    with httpx.stream("POST", served.url + "/v1/completions",
+                      json={"prompt": "KING:", "max_tokens": 5, "stream": True, "temperature": 0}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+
+
+def test_bad_requests_get_openai_shaped_errors(served):
+    client = served.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x" * 125, max_tokens=10)
+    assert e.value.code == "context_length_exceeded" and "maximum context length is 128" in e.value.message
+    with pytest.raises(openai.BadRequestError, match="this server allows at most 50"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=51)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="tiny", prompt="x", temperature="hot")
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="tiny", messages=[])
+    bad = httpx.post(served.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and bad.json()["error"]["message"] == "The request body is not valid JSON."
+    huge = httpx.post(served.url + "/v1/completions", content=b"x" * (2 << 20),
+                      headers={"content-type": "application/json"})
+    assert huge.status_code == 413 and "larger than" in huge.json()["error"]["message"]
+
+
+def test_api_key_is_required_when_set(checkpoint):
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    server = RunningServer(create_app(model, tokenizer, ServerSettings(model_name="tiny", api_key="s3cret"),
+                                      chat_template_of(checkpoint)))
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            server.client("wrong").models.list()
+        assert server.client("s3cret").models.list().data[0].id == "tiny"
+        assert httpx.get(server.url + "/health").status_code == 200  # liveness needs no key
+    finally:
+        server.stop()
+
+
+def test_sixteen_concurrent_clients_are_batched_and_all_served(served):
+    engine = served.app.state.engine
+    before = dict(engine.stats)
+
+    def one_client(i: int) -> str:
+        stream = served.client().chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"Tell me a tale, {i}"}], max_tokens=20,
+            temperature=0.8, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    start = time.time()
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(one_client, range(16)))
+    assert len(replies) == 16 and time.time() - start < 60
+    assert engine.stats["sequences"] - before["sequences"] == 16
+    assert engine.stats["batches"] - before["batches"] < 16  # requests that arrived together shared batches
+    assert engine.stats["max_batch_seen"] > 1
+
+
+def test_a_client_that_disconnects_stops_its_generation(served):
+    engine = served.app.state.engine
+    before = engine.stats["cancelled"]
+    with httpx.stream("POST", served.url + "/v1/completions",
+                      json={"prompt": "KING:", "max_tokens": 50, "stream": True, "temperature": 1.0}) as response:
+        next(response.iter_lines())
+    deadline = time.time() + 10
+    while engine.stats["cancelled"] == before:
+        assert time.time() < deadline, "the generation went on after the client left"
+        time.sleep(0.05)
+
+
+def test_bounded_queue_refuses_instead_of_stalling(checkpoint):
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    engine = Engine(model, tokenizer, max_batch=1, max_queue=2)
+    loop = asyncio.new_event_loop()
+    try:
+        engine.close()  # a stopped worker: the queue only fills
+        make = lambda i: Sequence([1, 2], 5, Sampling(), [], i, asyncio.Queue(), loop)  # noqa: E731
+        engine.submit([make(0), make(1)])
+        with pytest.raises(QueueFull):
+            engine.submit([make(2)])
+    finally:
+        loop.close()
+
+
+def test_web_chat_page_is_served(served):
+    page = httpx.get(served.url + "/")
+    assert page.status_code == 200 and "<title>lmforge chat</title>" in page.text
+    assert "/v1/chat/completions" in page.text
+
+
+def test_web_chat_in_a_headless_browser(served):
+    playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("no chromium browser is installed")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium") or shutil.which("chromium-browser"))
+        page = browser.new_page()
+        page.goto(served.url + "/")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "10")
+        page.fill("#prompt", "Hello there")
+        page.click("#send")
+        page.wait_for_selector(".assistant[data-done='1']", timeout=30000)
+        reply = page.inner_text(".assistant")
+        browser.close()
+    assert reply.strip()
+
+
+def test_terminal_chat_commands_and_history(checkpoint):
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    lines = iter(["/temperature 0", "Hello", "/system Be brief.", "/bogus", "Again", "/reset", "/quit"])
+    out: list[str] = []
+    terminal_chat(model, tokenizer, chat_template_of(checkpoint), GenerationConfig(max_new_tokens=8),
+                  read=lambda _: next(lines), write=lambda *a, **k: out.append("".join(map(str, a))))
+    text = "\n".join(out)
+    assert "(temperature 0)" in text and "(system prompt set)" in text
+    assert "(unknown command /bogus" in text and "(conversation forgotten)" in text
+    assert text.count("model> ") == 2
