@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import threading
 import time
 from pathlib import Path

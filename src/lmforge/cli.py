@@ -7,6 +7,7 @@ unexpected (traceback shown); 130 after Ctrl-C (training saves its state first).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -236,6 +237,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.quiet:
         config.train.progress = False
     result = train(config, resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     print(f"Done: {result.step} steps in {result.elapsed_s:.1f}s, best validation loss "
           f"{result.best_val_loss:.4f}. Checkpoint: {result.out}")
     if result.sample:

@@ -24,11 +24,12 @@ import torch.nn as nn
 from lmforge.config import Config, validate
 from lmforge.data.batches import IGNORE, ContiguousStreams, RandomWindows, fixed_windows, windows_to_tensors
 from lmforge.data.prepare import PreparedData, resolve_data
-from lmforge.device import autocast, resolve_device, resolve_dtype, set_threads
+from lmforge.device import autocast, physical_cores, resolve_device, resolve_dtype, set_threads
 from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.models import build_model
 from lmforge.models.rnn import detach_state
 from lmforge.training import checkpoint as ckpt
+from lmforge.training.distributed import Distributed, from_environment
 from lmforge.training.optim import build_optimizers, lr_at, set_lr
 
 RUN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png",
@@ -230,9 +231,12 @@ def write_loss_plot(history: list[dict[str, Any]], path: Path) -> None:
 class _Metrics:
     """metrics.jsonl: one JSON object per logged step, appended and flushed as training goes."""
 
-    def __init__(self, path: Path, keep_until_step: int | None):
+    def __init__(self, path: Path, keep_until_step: int | None, write: bool = True):
         self.path = path
         self.history: list[dict[str, Any]] = []
+        self.file = None
+        if not write:  # another process writes the file (distributed training)
+            return
         if keep_until_step is not None and path.exists():
             # On resume, drop lines logged after the saved state (they will be logged again).
             for line in path.read_text("utf-8").splitlines():
@@ -246,11 +250,13 @@ class _Metrics:
 
     def log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file:
+            self.file.close()
 
 
 def train(
@@ -263,19 +269,39 @@ def train(
     """Train the model described by `config`; returns where it went and how it did.
 
     `on_step(step, loss)` is called after each optimizer step (tests use it to
-    simulate an interruption).
+    simulate an interruption). Under torchrun, every process calls this (see distributed.py).
     """
     validate(config)
+    dist = from_environment(config.train.device)
+    try:
+        return _train(config, resume, overwrite, log if dist.main else (lambda _: None), on_step, dist)
+    finally:
+        dist.close()
+
+
+def _train(config: Config, resume: bool, overwrite: bool, log: Callable[[str], None],
+           on_step: Callable[[int, float], None] | None, dist: Distributed) -> TrainResult:
     started = time.perf_counter()
-    set_threads(config.train.threads)
+    threads = config.train.threads
+    if dist.active and threads == 0:  # the processes of one machine share its cores
+        threads = max(1, physical_cores() // dist.local_world_size)
+    set_threads(threads)
     device = resolve_device(config.train.device)
+    if dist.active and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
     dtype = resolve_dtype(config.train.dtype, device)
     out = Path(config.train.out or f"out/{config.name}")
-    _check_out_dir(out, resume, overwrite)
+    if dist.main:
+        _check_out_dir(out, resume, overwrite)
+    dist.barrier()
     ft = config.finetune
     base_model, base_template = _load_base(config, log) if ft.init_from else (None, None)
 
+    if not dist.main:
+        dist.barrier()  # rank 0 prepares the data into the cache first; the others then read it
     data = resolve_data(config.data, log=log)
+    if dist.main:
+        dist.barrier()
     tokenizer = data.tokenizer
     m = config.model
     if m.vocab_size == 0:
@@ -317,15 +343,25 @@ def train(
             f"least one window ({window} tokens); use a longer text or a smaller batch or block size."
         )
     if stateful:
+        if dist.active:  # each rank reads its own slice of the text as its streams
+            share = len(train_tokens) // dist.world_size
+            train_tokens = train_tokens[dist.rank * share:(dist.rank + 1) * share]
         sampler = ContiguousStreams(train_tokens, window, tc.batch_size, device)
     else:
-        sampler = RandomWindows(train_tokens, window, tc.batch_size, tc.seed, device, train_mask)
+        sampler = RandomWindows(train_tokens, window, tc.batch_size, tc.seed + dist.rank, device, train_mask)
     carry = None  # a recurrent model's hidden state, carried from window to window
     val_starts = fixed_windows(val_tokens, window, tc.eval_batches * tc.batch_size)
 
     step, best_val, bad_evals, elapsed_before = 0, math.inf, 0, 0.0
     if resume:
         rng, progress = ckpt.load_train_state(out, model, optimizers)
+        saved_world = progress.get("world_size", 1)
+        if saved_world != dist.world_size:
+            raise UserError(f"{out} was trained with {saved_world} process(es); resume it with the same number "
+                            f"(now {dist.world_size}) so that it continues exactly.")
+        if dist.active:
+            prefix = f"rank{dist.rank}."
+            rng = {k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)}
         carry = _set_rng_state(rng, sampler, device)
         step, best_val = progress["step"], progress["best_val_loss"]
         bad_evals, elapsed_before = progress["bad_evals"], progress["elapsed_s"]
@@ -334,11 +370,12 @@ def train(
         log(f"Training {config.name}: {_describe(model, m, data, device, dtype)}")
         print_config(config, log)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = _Metrics(out / "metrics.jsonl", keep_until_step=step if resume else None)
+    metrics = _Metrics(out / "metrics.jsonl", keep_until_step=step if resume else None, write=dist.main)
 
-    compiled = torch.compile(model) if tc.compile else model
+    wrapped = dist.wrap(model, device)  # DistributedDataParallel under torchrun, else the model itself
+    compiled = torch.compile(wrapped) if tc.compile else wrapped
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    tokens_per_step = tc.batch_size * tc.grad_accum * window
+    tokens_per_step = tc.batch_size * tc.grad_accum * window * dist.world_size
     info = {"tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "data": str(data.dir)}
     if ft.init_from:
         from lmforge.data.instructions import DEFAULT_CHAT_TEMPLATE
@@ -351,26 +388,38 @@ def train(
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - started
 
+    saved_step = [step]
+
     def save_state() -> None:
         progress = {"step": step, "best_val_loss": best_val, "bad_evals": bad_evals,
-                    "elapsed_s": elapsed(), "config": config.to_dict()}
-        ckpt.save_train_state(out, model, optimizers, _rng_state(sampler, device, carry), progress)
+                    "elapsed_s": elapsed(), "config": config.to_dict(), "world_size": dist.world_size}
+        rng = _rng_state(sampler, device, carry)
+        if dist.active:  # every rank's sampler and RNG state, saved by rank 0
+            everyone = dist.gather({k: v.cpu() for k, v in rng.items()})
+            rng = {f"rank{r}.{k}": v for r, state in enumerate(everyone) for k, v in state.items()}
+        if dist.main:
+            ckpt.save_train_state(out, model, optimizers, rng, progress)
+        saved_step[0] = step
+        dist.barrier()
 
     def run_eval() -> float:
         nonlocal best_val, bad_evals
+        # Every rank scores the same windows with the same weights, so all decide alike.
+        scorer = model if dist.active else compiled
         if stateful:
-            val = evaluate_stream_loss(compiled, val_tokens, window, tc.batch_size, device, dtype)
+            val = evaluate_stream_loss(scorer, val_tokens, window, tc.batch_size, device, dtype)
         else:
-            val = evaluate_loss(compiled, val_tokens, val_starts, window, tc.batch_size, device, dtype, val_mask)
+            val = evaluate_loss(scorer, val_tokens, val_starts, window, tc.batch_size, device, dtype, val_mask)
         if val < best_val:
             best_val, bad_evals = val, 0
-            ckpt.save_checkpoint(out, model, config, tokenizer,
-                                 {**info, "step": step, "val_loss": val})
+            if dist.main:
+                ckpt.save_checkpoint(out, model, config, tokenizer,
+                                     {**info, "step": step, "val_loss": val, "world_size": dist.world_size})
         else:
             bad_evals += 1
         return val
 
-    progress_bar = _progress(tc.progress, tc.max_iters, step)
+    progress_bar = _progress(tc.progress and dist.main, tc.max_iters, step)
     stopped_because = "max_iters"
     last_val = math.nan
     window_loss = torch.zeros((), device=device)
@@ -383,18 +432,19 @@ def train(
         while step < tc.max_iters:
             lr = lr_at(step, config.optim, tc.max_iters)
             set_lr(optimizers, lr, config.optim)
-            for _ in range(tc.grad_accum):
+            for micro in range(tc.grad_accum):
                 x, y = sampler.next_batch()
-                with autocast(device, dtype):
-                    if stateful:
-                        if sampler.wrapped:
-                            carry = None  # the streams start over: so does the hidden state
-                        _, loss, carry = compiled(x, y, state=carry, return_state=True)
-                        carry = detach_state(carry)
-                    else:
-                        _, loss = compiled(x, y)
-                loss = loss / tc.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
+                with dist.no_sync(wrapped, accumulating=micro < tc.grad_accum - 1):
+                    with autocast(device, dtype):
+                        if stateful:
+                            if sampler.wrapped:
+                                carry = None  # the streams start over: so does the hidden state
+                            _, loss, carry = compiled(x, y, state=carry, return_state=True)
+                            carry = detach_state(carry)
+                        else:
+                            _, loss = compiled(x, y)
+                    loss = loss / tc.grad_accum
+                    (scaler.scale(loss) if scaler else loss).backward()
                 window_loss += loss.detach()
             if scaler:
                 for opt in optimizers:
@@ -410,13 +460,13 @@ def train(
             step += 1
             window_steps += 1
 
-            out_of_time = bool(tc.max_time_s) and elapsed() >= tc.max_time_s
+            out_of_time = bool(tc.max_time_s) and dist.any(elapsed() >= tc.max_time_s, device)
             is_eval = step % tc.eval_interval == 0 or step == tc.max_iters or out_of_time
             if step % tc.log_interval == 0 or is_eval:
                 now = time.perf_counter()
                 record = {
                     "step": step,
-                    "train_loss": round(window_loss.item() / window_steps, 5),  # one sync per log
+                    "train_loss": round(dist.mean(window_loss).item() / window_steps, 5),  # one sync per log
                     "lr": lr,
                     "tokens_per_s": round(window_steps * tokens_per_step / (now - window_start), 1),
                     "elapsed_s": None,
@@ -428,7 +478,7 @@ def train(
                 record["elapsed_s"] = round(elapsed(), 3)
                 metrics.log(record)
                 progress_bar.set_postfix_str(_postfix(record, last_val))
-                if is_eval:
+                if is_eval and dist.main:
                     progress_bar.write(_eval_line(record))
                 window_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()
@@ -453,14 +503,16 @@ def train(
             # Interrupted between the step and its log line: log what the step measured.
             metrics.log({"step": step, "train_loss": round(window_loss.item() / window_steps, 5),
                          "lr": lr_at(step - 1, config.optim, tc.max_iters), "elapsed_s": round(elapsed(), 3)})
-        save_state()
+        if not dist.active:  # (several processes cannot agree on a save here: the last evaluation's stands)
+            save_state()
         metrics.close()
-        write_loss_plot(metrics.history, out / "loss.png")
-        raise TrainingInterrupted(out, step) from None
+        if dist.main:
+            write_loss_plot(metrics.history, out / "loss.png")
+        raise TrainingInterrupted(out, step if not dist.active else saved_step[0]) from None
     progress_bar.close()
     save_state()
     full_val = math.nan
-    if tc.final_full_eval and metrics.history and len(val_tokens) <= 5_000_000 and val_mask is None:
+    if tc.final_full_eval and metrics.history and len(val_tokens) <= 5_000_000 and val_mask is None and dist.main:
         # The whole validation split, scored exactly as `lmforge eval DIR` scores it.
         from lmforge.evaluation.perplexity import evaluate_ids
 
@@ -474,24 +526,27 @@ def train(
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics.history))
         log(f"Validation loss on the whole validation split (last weights): {full_val:.4f}")
     metrics.close()
-    write_loss_plot(metrics.history, out / "loss.png")
+    if dist.main:
+        write_loss_plot(metrics.history, out / "loss.png")
     if stopped_because != "max_iters":
         log(f"Stopped at step {step}: {stopped_because}.")
 
     sample = ""
-    if tc.sample_tokens > 0:
+    if tc.sample_tokens > 0 and dist.main:
         from lmforge.generation import sample_text
 
         best, _, _ = ckpt.load_checkpoint(out, device)
         sample = sample_text(best, tokenizer, "", tc.sample_tokens, seed=tc.seed)
     total_steps_time = [r["tokens_per_s"] for r in metrics.history if "tokens_per_s" in r]
-    return TrainResult(
+    result = TrainResult(
         out=out, step=step, best_val_loss=best_val, final_val_loss=last_val, elapsed_s=elapsed(),
         tokens_per_s=sum(total_steps_time) / max(1, len(total_steps_time)),
         history=metrics.history, sample=sample, stopped_because=stopped_because, full_val_loss=full_val,
         trainable_params=trainable, optimizer_state_bytes=optimizer_state_bytes(optimizers),
         peak_memory_bytes=_peak_memory(device),
     )
+    dist.barrier()  # nobody leaves (and ends the process group) while rank 0 still writes
+    return result
 
 
 def _check_lengths(data: PreparedData, n_train: int, n_val: int, block_size: int) -> None:

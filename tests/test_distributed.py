@@ -1,0 +1,50 @@
+"""Data-parallel training under torchrun (two CPU processes, Gloo backend)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from .conftest import SHARED_DATA
+
+
+def torchrun(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LMFORGE_DATA_DIR": str(SHARED_DATA), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "lmforge", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+COMMON = ("train", "--preset", "tiny", "--quiet", "--train.eval_interval", "10", "--train.sample_tokens", "0",
+          "--optim.schedule", "constant", "--optim.warmup_iters", "0", "--device", "cpu")
+
+
+def test_two_processes_train_resume_exactly_and_write_once(tmp_path):
+    whole = torchrun(*COMMON, "--out", str(tmp_path / "whole"), "--max-iters", "20", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert whole.stdout.count("Done: 20 steps") == 1  # rank 0 reports, once
+    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20]
+    assert records[1]["val_loss"] < records[0]["val_loss"]
+    saved = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert saved["world_size"] == 2
+
+    half = torchrun(*COMMON, "--out", str(tmp_path / "split"), "--max-iters", "10", cwd=tmp_path)
+    assert half.returncode == 0, half.stderr[-2000:]
+    rest = torchrun(*COMMON, "--out", str(tmp_path / "split"), "--max-iters", "20", "--resume", cwd=tmp_path)
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    a = load_file(str(tmp_path / "whole" / "train_state" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "train_state" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # One process cannot continue a two-process run exactly: refused, with the reason.
+    single = subprocess.run([sys.executable, "-m", "lmforge", *COMMON, "--out", str(tmp_path / "split"),
+                             "--max-iters", "30", "--resume"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "LMFORGE_DATA_DIR": str(SHARED_DATA)})
+    assert single.returncode == 2
+    assert "trained with 2 process(es)" in single.stderr
