@@ -192,3 +192,17 @@ def test_sequence_classification_from_an_imported_model(tmp_path, hf_tokenizer_d
     assert result["best_val_accuracy"] >= 0.75
     model, tokenizer, labels = load_classifier(tmp_path / "clf")
     assert labels == ["neg", "pos"] and model.body.config.qkv_bias
+
+
+def test_python_api_entry_points(tmp_path, shakespeare_excerpt):
+    import lmforge
+
+    train(tiny_config(tmp_path / "base", shakespeare_excerpt, **{"train.max_iters": 5}), log=lambda _: None)
+    result = lmforge.finetune(str(tmp_path / "base"), str(shakespeare_excerpt), str(tmp_path / "ft"),
+                              finetune__lora_rank=2, train__max_iters=3, train__progress=False,
+                              train__sample_tokens=0, finetune__seq_len=16)
+    assert result.step == 3 and (tmp_path / "ft" / "adapter.safetensors").is_file()
+    report = lmforge.evaluate(str(tmp_path / "ft"))
+    assert report["loss"] > 0 and report["perplexity"] > 1
+    out = lmforge.pipeline("text-generation", model=str(tmp_path / "ft"))("KING:", max_new_tokens=5, seed=0)
+    assert out[0]["generated_text"].startswith("KING:")

@@ -217,3 +217,14 @@ def test_export_refuses_layouts_transformers_cannot_load(tmp_path, shakespeare_e
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
     assert "cannot be exported to Hugging Face" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_eval_of_an_imported_model_needs_data(tmp_path, hf_tokenizer_dir, shakespeare_excerpt, capsys):
+    from lmforge.cli import main
+
+    folder = save_tiny_hf_model("gpt2", tmp_path / "gpt2", hf_tokenizer_dir)
+    assert main(["eval", str(folder)]) == 2
+    assert "pass --data FILE" in capsys.readouterr().err
+    assert main(["eval", str(folder), "--data", str(shakespeare_excerpt), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 4.0 < report["loss"] < 7.0  # a random 300-token model: near ln(300) = 5.7

@@ -241,9 +241,16 @@ def test_web_chat_in_a_headless_browser(served):
         page.fill("#prompt", "Hello there")
         page.click("#send")
         page.wait_for_selector(".assistant[data-done='1']", timeout=30000)
-        reply = page.inner_text(".assistant")
+        reply = page.eval_on_selector(".assistant", "e => e.textContent")
+        user = page.eval_on_selector(".user", "e => e.textContent")
+        send_enabled = page.is_enabled("#send")
         browser.close()
-    assert reply.strip()
+    # The page streamed the same reply the API gives for the same conversation and settings.
+    expected = served.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello there"}], temperature=0, top_p=0.95,
+        max_tokens=10).choices[0].message.content
+    assert user == "Hello there" and reply == expected and len(reply) > 0
+    assert send_enabled
 
 
 def test_terminal_chat_commands_and_history(checkpoint):

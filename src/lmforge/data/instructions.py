@@ -13,6 +13,7 @@ loss is computed there only), 0 on everything the model is given.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,9 @@ def read_conversations(path: Path, text: str) -> list[Conversation]:
     return conversations
 
 
+@functools.lru_cache(maxsize=16)
 def compile_template(template: str):
+    """The compiled template (cached: a server renders the same one for every request)."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 

@@ -21,10 +21,15 @@ def evaluate(checkpoint: str | Path, data: str | Path | None = None, context: in
     from lmforge.data.corpus import read_text_file
     from lmforge.data.prepare import open_prepared, resolve_data
     from lmforge.inference import load_for_inference
+    from lmforge.interop.hf import is_hf_dir
     from lmforge.tokenizers import encode_long
     from lmforge.training.checkpoint import read_checkpoint_config
 
-    config, _ = read_checkpoint_config(Path(checkpoint))
+    imported = is_hf_dir(checkpoint)  # a Hugging Face directory: no training data of its own
+    if imported and data is None:
+        raise UserError(f"{checkpoint} is a Hugging Face model with no validation split of its own; "
+                        f"pass --data FILE to evaluate it on a text.")
+    config = None if imported else read_checkpoint_config(Path(checkpoint))[0]
     model, tokenizer = load_for_inference(str(checkpoint), device, dtype, quantize)
     if data is None:
         prepared = resolve_data(config.data, log=lambda _: None)

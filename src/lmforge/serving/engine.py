@@ -81,7 +81,7 @@ class _Job:
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: TextTokenizer, max_batch: int = 8, max_queue: int = 64,
-                 batch_wait_s: float = 0.01):
+                 batch_wait_s: float = 0.02):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
