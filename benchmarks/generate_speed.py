@@ -96,7 +96,7 @@ def main() -> None:
 
     from lmforge.config import ModelConfig
     from lmforge.device import cpu_has_bf16, set_threads
-    from lmforge.inference import quantize_int8
+    from lmforge.inference import quantize_int8, use_blocked_matvec
     from lmforge.models import build_model
 
     set_threads(0)
@@ -124,7 +124,9 @@ def main() -> None:
             ours = trained.eval()
         else:
             ours = build_model(ModelConfig(**shape, activation="gelu_tanh", bias=True)).eval()
-        variants = [("float32", ours), ("int8", quantize_int8(_copy(ours)))]
+        # What `lmforge generate` loads: float32 with the all-core matrix-vector products,
+        # or int8 weight-only.
+        variants = [("float32", use_blocked_matvec(_copy(ours))), ("int8", quantize_int8(_copy(ours)))]
         if cpu_has_bf16():  # emulated bf16 on other CPUs is tens of times slower: not worth timing
             variants.append(("bfloat16", _copy(ours).to(torch.bfloat16)))
         for batch in (1, 8):

@@ -14,17 +14,17 @@ from lmforge.generation import (
     sequence_logprob,
     stream,
 )
-from lmforge.inference import Int8Linear, quantize_int8
+from lmforge.inference import BlockedMatvecLinear, Int8Linear, quantize_int8, use_blocked_matvec
 from lmforge.models import build_model
 from lmforge.tokenizers import train_bpe_tokenizer, train_char_tokenizer
 
 TEXT = "To be, or not to be, that is the question: ünïcödé ✓ — 日本語\n" * 20
 
 
-def make_model(pos="rope", block=24, seed=0, **kw):
+def make_model(pos="rope", block=24, seed=0, n_embd=32, **kw):
     torch.manual_seed(seed)
     tok = train_char_tokenizer([TEXT])
-    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=block, n_layer=2, n_head=2, n_embd=32,
+    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=block, n_layer=2, n_head=2, n_embd=n_embd,
                       pos_encoding=pos, **kw)
     return build_model(cfg).eval(), tok
 
@@ -165,6 +165,34 @@ def test_int8_quantisation_is_close_to_float():
     assert any(isinstance(m, Int8Linear) for m in model.modules())
     quantized, _ = model(ids)
     assert (quantized - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("out_features", [256, 259])  # 259: three rows left over after the blocks
+def test_blocked_matvec_linear_equals_linear(bias, out_features):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, out_features, bias=bias)
+    blocked = BlockedMatvecLinear(linear)
+    for shape in [(1, 1, 48), (3, 1, 48), (8, 48), (2, 5, 48), (48,)]:  # 10 rows: the ordinary path
+        x = torch.randn(*shape)
+        expected = linear(x)
+        got = blocked(x)
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, atol=1e-5)
+    assert blocked.state_dict().keys() == linear.state_dict().keys()
+
+
+def test_blocked_matvec_keeps_tied_weights_and_greedy_tokens():
+    model, tok = make_model(n_embd=64)
+    prompt = tok.encode("To be, or not")
+    cfg = GenerationConfig(max_new_tokens=20, temperature=0)
+    reference = steps(model, [prompt], cfg, True)
+    large = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.numel() >= 4096]
+    use_blocked_matvec(model, min_weight=4096)
+    converted = [m.weight for m in model.modules() if isinstance(m, BlockedMatvecLinear)]
+    assert len(converted) == 2 * 4 and all(a is b for a, b in zip(converted, large, strict=True))  # 4 per block, not the head
+    assert model.lm_head.weight is model.wte.weight  # still tied
+    assert torch.equal(steps(model, [prompt], cfg, True), reference)
 
 
 def test_pipeline_api(tmp_path, shakespeare_excerpt):

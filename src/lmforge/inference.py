@@ -1,4 +1,5 @@
-"""Loading a checkpoint for inference: device, precision and int8 weight-only quantisation.
+"""Loading a checkpoint for inference: device, precision, int8 weight-only quantisation,
+and matrix-vector products that use every CPU core.
 
 int8 quantisation stores each linear layer's weight as int8 with one float scale
 per output channel (symmetric, round to nearest). Which kernel multiplies depends
@@ -55,6 +56,62 @@ class Int8Linear(nn.Module):
         return F.linear(x, weight, self.bias)
 
 
+class BlockedMatvecLinear(nn.Module):
+    """nn.Linear whose products with a few rows use every CPU core.
+
+    Decoding one token at a time makes each linear layer a matrix-vector product, bound
+    by reading the weight from memory. PyTorch's CPU kernel for it runs on one core, which
+    reads about half of what the memory can deliver (measured here: 14 GB/s of 28 GB/s).
+    Viewing the weight as a batch of row blocks turns the product into a batched one that
+    PyTorch spreads over the cores (26 GB/s here). Same parameters, same state-dict keys;
+    larger inputs (prefill, training) take the ordinary path.
+    """
+
+    MAX_ROWS = 8  # beyond this the ordinary matrix-matrix kernel is already multi-threaded
+    BLOCKS = 4  # measured best here among 2-16 (two cores); more blocks only add bookkeeping
+
+    def __init__(self, linear: nn.Linear, blocks: int = BLOCKS):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # shared, so tied weights stay tied
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.blocks = blocks
+        # Rows that split evenly into blocks; the remainder (if any) is a small ordinary product.
+        self.blocked_rows = self.out_features - self.out_features % blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows > self.MAX_ROWS or x.dtype != self.weight.dtype or not self.weight.is_contiguous():
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, self.in_features)
+        blocked = self.weight[: self.blocked_rows].view(self.blocks, -1, self.in_features)
+        columns = flat.t().expand(self.blocks, -1, -1)  # the same input for every block, not copied
+        if self.bias is None:
+            y = torch.bmm(blocked, columns)
+        else:  # bias added inside the product: one pass over the output
+            y = torch.baddbmm(self.bias[: self.blocked_rows].view(self.blocks, -1, 1), blocked, columns)
+        y = y.view(self.blocked_rows, rows).t() if rows > 1 else y.view(1, self.blocked_rows)
+        if self.blocked_rows < self.out_features:
+            rest = self.weight[self.blocked_rows:]
+            bias = None if self.bias is None else self.bias[self.blocked_rows:]
+            y = torch.cat([y, F.linear(flat, rest, bias)], dim=1)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def use_blocked_matvec(model: nn.Module, min_weight: int = 1 << 18) -> nn.Module:
+    """Replace every float32 CPU nn.Linear of at least `min_weight` weights with
+    BlockedMatvecLinear (in place); returns the model. Smaller weights (1 MB by default)
+    stay in the CPU's cache, where the one-core kernel is already fast and splitting only
+    adds work (measured: a 128-wide model decodes 3-20% slower when converted)."""
+    for name, child in list(model.named_children()):
+        if (isinstance(child, nn.Linear) and child.weight.device.type == "cpu"
+                and child.weight.dtype == torch.float32 and child.weight.numel() >= min_weight
+                and child.out_features >= BlockedMatvecLinear.BLOCKS):
+            setattr(model, name, BlockedMatvecLinear(child))
+        else:
+            use_blocked_matvec(child, min_weight)
+    return model
+
+
 def _choose_kernel(device: torch.device) -> str:
     if device.type != "cpu":
         return "dequantize"
@@ -91,4 +148,6 @@ def load_for_inference(path: str, device: str = "cpu", dtype: str = "float32", q
         # Every linear layer, the output head included; a tied embedding table stays float
         # (the head gets its own int8 copy).
         quantize_int8(model)
+    else:
+        use_blocked_matvec(model)
     return model.eval(), tokenizer
