@@ -97,7 +97,10 @@ def test_ctrl_c_saves_a_resumable_state_and_exits_130(tmp_path, shakespeare_exce
     out = tmp_path / "run"
     args = [sys.executable, "-m", "lmforge.cli", "train", *TINY, "--max-iters", "100000",
             "--data", str(shakespeare_excerpt), "--out", str(out), "--train.sample_tokens", "0"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell that starts the tests in the background hands its children SIGINT ignored,
+    # and Python keeps it ignored: restore the default so that Ctrl-C reaches the trainer.
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "train_state").exists() and time.time() < deadline:
         time.sleep(0.2)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers  # the [dev] extra installs it
 from safetensors.torch import load_file
 
 from lmforge.cli import main
@@ -20,8 +21,6 @@ from lmforge.training.trainer import train
 
 from .conftest import tiny_config
 from .test_hf_interop import hf_tokenizer_dir, save_tiny_hf_model  # noqa: F401 (fixture)
-
-transformers = pytest.importorskip("transformers")
 
 
 def finetune_config(base, data, out, **overrides):

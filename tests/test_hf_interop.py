@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # the [dev] extra installs it
 
 from lmforge.errors import UserError
 from lmforge.generation import GenerationConfig, generate_ids
@@ -15,8 +16,6 @@ from lmforge.tokenizers import train_bpe_tokenizer
 from lmforge.training.checkpoint import load_checkpoint
 
 from .conftest import tiny_config
-
-transformers = pytest.importorskip("transformers")  # part of the [dev] extra; present in CI
 
 MULTILINGUAL = [
     "To be, or not to be: that is the question.",
