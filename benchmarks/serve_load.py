@@ -39,6 +39,7 @@ def build_model_and_tokenizer():
 
     from lmforge.config import ModelConfig
     from lmforge.data.datasets import resolve_dataset
+    from lmforge.inference import use_blocked_matvec
     from lmforge.models import build_model
     from lmforge.tokenizers import train_bpe_tokenizer
 
@@ -47,7 +48,7 @@ def build_model_and_tokenizer():
     torch.manual_seed(0)
     model = build_model(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=1024, n_layer=12, n_head=12,
                                     n_embd=768, activation="gelu_tanh"))
-    return model.eval(), tokenizer
+    return use_blocked_matvec(model).eval(), tokenizer  # as `lmforge serve` loads a float32 model
 
 
 class Server:
