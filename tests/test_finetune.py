@@ -95,6 +95,15 @@ def test_lora_finetune_of_imported_llama_lowers_loss_and_exports(tmp_path, hf_to
     with torch.no_grad():
         assert (reloaded(ids).logits - model(ids)[0]).abs().max().item() <= 1e-4
 
+    # The adapters alone, put back on the base, give the merged checkpoint's model.
+    from lmforge.inference import load_for_inference
+
+    again, _ = load_for_inference(str(base), adapter=str(tmp_path / "ft" / "adapter.safetensors"))
+    assert not any(isinstance(m, LoRALinear) for m in again.modules())  # merged: plain layers
+    with torch.no_grad():
+        assert torch.allclose(again(ids)[0], model(ids)[0], atol=1e-5)
+        assert not torch.allclose(load_for_inference(str(base))[0](ids)[0], model(ids)[0], atol=1e-3)
+
 
 def test_finetune_resumes_exactly(tmp_path, shakespeare_excerpt):
     train(tiny_config(tmp_path / "base", shakespeare_excerpt, **{"train.max_iters": 10}), log=lambda _: None)
@@ -175,6 +184,23 @@ def test_finetune_cli_and_bad_input(tmp_path, shakespeare_excerpt, capsys):
     assert code == 0
     assert "trainable parameters" in out and "optimizer state" in out
     assert (tmp_path / "cli" / "adapter.safetensors").is_file()
+
+    # Generating with the adapter alone on its base gives the merged checkpoint's text.
+    greedy = ["--prompt", "ROMEO:", "--max-new-tokens", "8", "--temperature", "0", "--no-stream"]
+    assert main(["generate", str(tmp_path / "cli"), *greedy]) == 0
+    merged_text = capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "base"), "--adapter", str(tmp_path / "cli"), *greedy]) == 0
+    assert capsys.readouterr().out == merged_text
+    # Adapters that are missing, not adapters, or made for another base: one-line errors.
+    assert main(["generate", str(tmp_path / "base"), "--adapter", str(tmp_path / "nowhere"), *greedy]) == 2
+    assert "No LoRA adapter at" in capsys.readouterr().err
+    not_adapter = str(tmp_path / "cli" / "model.safetensors")
+    assert main(["generate", str(tmp_path / "base"), "--adapter", not_adapter, *greedy]) == 2
+    assert "is not an lmforge LoRA adapter" in capsys.readouterr().err
+    train(tiny_config(tmp_path / "wider", shakespeare_excerpt, **{"train.max_iters": 2, "model.n_embd": 48}),
+          log=lambda _: None)
+    assert main(["generate", str(tmp_path / "wider"), "--adapter", str(tmp_path / "cli"), *greedy]) == 2
+    assert "does not fit this model" in capsys.readouterr().err
 
 
 def test_sequence_classification_from_an_imported_model(tmp_path, hf_tokenizer_dir):  # noqa: F811

@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8 weight-only quantisation of linear layers")
+    p.add_argument("--adapter", help="a LoRA adapter.safetensors (or its folder) to merge into CHECKPOINT")
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (perplexity, bits/byte) or score hypotheses",
                        description="Language-model metrics of CHECKPOINT on --data (default: its validation "
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantize", choices=["int8"], default=None)
+    p.add_argument("--adapter", help="a LoRA adapter.safetensors (or its folder) to merge into CHECKPOINT")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (1 = no batching)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting sequences before answering 503")
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="the most tokens one request may ask for")
@@ -205,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="reply length (default: 256 or half the context)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--adapter", help="a LoRA adapter.safetensors (or its folder) to merge into CHECKPOINT")
 
     p = sub.add_parser("convert", help="import a Hugging Face model directory as an lmforge checkpoint")
     p.add_argument("hf_dir", help="folder with config.json, weights and tokenizer files")
@@ -317,7 +320,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.generation import GenerationConfig, generate, stream
     from lmforge.inference import load_for_inference
 
-    model, tokenizer = load_for_inference(args.checkpoint, args.device, args.dtype, args.quantize)
+    model, tokenizer = load_for_inference(args.checkpoint, args.device, args.dtype, args.quantize, args.adapter)
     prompts = _read_prompts(args)
     warn = lambda message: print(f"lmforge: warning: {message}", file=sys.stderr)  # noqa: E731
     for i in range(args.num_samples):
@@ -446,7 +449,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_batch < 1 or args.max_queue < 1 or args.max_tokens_cap < 1:
         raise UserError("--max-batch, --max-queue and --max-tokens-cap must be at least 1.")
     serve(args.checkpoint, args.host, args.port, args.api_key, args.device, args.dtype, args.quantize,
-          args.max_batch, args.max_queue, args.max_tokens_cap)
+          args.max_batch, args.max_queue, args.max_tokens_cap, adapter=args.adapter)
     return 0
 
 
@@ -455,7 +458,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from lmforge.generation import GenerationConfig
     from lmforge.inference import load_for_inference
 
-    model, tokenizer = load_for_inference(args.checkpoint, args.device)
+    model, tokenizer = load_for_inference(args.checkpoint, args.device, adapter=args.adapter)
     if args.max_new_tokens is None:
         args.max_new_tokens = min(256, model.block_size // 2)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

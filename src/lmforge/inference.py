@@ -134,8 +134,10 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_for_inference(path: str, device: str = "cpu", dtype: str = "float32", quantize: str | None = None):
-    """A checkpoint's model (eval mode) and tokenizer, at the requested precision."""
+def load_for_inference(path: str, device: str = "cpu", dtype: str = "float32", quantize: str | None = None,
+                       adapter: str | None = None):
+    """A checkpoint's model (eval mode) and tokenizer, at the requested precision; `adapter`:
+    a LoRA adapter saved by `lmforge finetune` for this base, merged in before anything else."""
     from lmforge.training.checkpoint import load_checkpoint
 
     if dtype not in DTYPES:
@@ -143,6 +145,10 @@ def load_for_inference(path: str, device: str = "cpu", dtype: str = "float32", q
     if quantize not in (None, "", "none", "int8"):
         raise UserError(f"Unknown quantisation {quantize!r}; use int8 (or none).")
     model, tokenizer, _ = load_checkpoint(path, resolve_device(device))
+    if adapter:
+        from lmforge.training.lora import load_adapter
+
+        load_adapter(model, adapter)
     model = model.to(DTYPES[dtype])
     if quantize == "int8":
         # Every linear layer, the output head included; a tied embedding table stays float

@@ -421,8 +421,9 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           device: str = "cpu", dtype: str = "float32", quantize: str | None = None, max_batch: int = 8,
-          max_queue: int = 64, max_tokens_cap: int = 2048, log_level: str = "info") -> None:
-    """Load `checkpoint` and serve it until interrupted."""
+          max_queue: int = 64, max_tokens_cap: int = 2048, log_level: str = "info",
+          adapter: str | None = None) -> None:
+    """Load `checkpoint` (with a LoRA `adapter` merged in, if given) and serve it until interrupted."""
     from pathlib import Path
 
     import uvicorn
@@ -430,7 +431,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     from lmforge.chat import chat_template_of
     from lmforge.inference import load_for_inference
 
-    model, tokenizer = load_for_inference(checkpoint, device, dtype, quantize)
+    model, tokenizer = load_for_inference(checkpoint, device, dtype, quantize, adapter)
     settings = ServerSettings(model_name=Path(checkpoint).resolve().name, api_key=api_key, max_batch=max_batch,
                               max_queue=max_queue, max_tokens_cap=max_tokens_cap)
     app = create_app(model, tokenizer, settings, chat_template_of(checkpoint))

@@ -5,7 +5,9 @@ layer computes x Wᵀ + (alpha / r) · x Aᵀ Bᵀ, with A (r × in) random and 
 (out × r) zero, so training starts exactly at the pretrained model. Only A and B
 (and nothing else) are trained, so the optimizer keeps state for a few percent of
 the parameters. `merged_state_dict` folds B·A into W: the result is a plain
-checkpoint that every command (and the Hugging Face export) reads.
+checkpoint that every command (and the Hugging Face export) reads. The adapters
+alone (adapter.safetensors, with rank, alpha and targets in its metadata) can be
+put back on the same base model later: `load_adapter`.
 """
 
 from __future__ import annotations
@@ -97,3 +99,49 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors (what `save_adapter` writes)."""
     return {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight and turn LoRALinear back into nn.Linear (in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              device="meta", dtype=module.weight.dtype)
+            plain.weight = nn.Parameter(module.merged_weight().detach(), requires_grad=False)
+            plain.bias = module.bias
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    return model
+
+
+def load_adapter(model: nn.Module, path: str) -> nn.Module:
+    """Put the adapters saved by `lmforge finetune` (adapter.safetensors, or the folder that
+    holds it) on `model`, its base, and merge them in: a plain model at full speed."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    file = Path(path) / "adapter.safetensors" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise UserError(f"No LoRA adapter at {path}: pass the adapter.safetensors that "
+                        "`lmforge finetune --lora-rank R` wrote, or its folder.")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{file} is not a readable safetensors file ({e}).") from None
+    if not {"rank", "alpha", "targets"} <= meta.keys() or not tensors:
+        raise UserError(f"{file} is not an lmforge LoRA adapter (no rank/alpha/targets metadata); "
+                        "use the adapter.safetensors that `lmforge finetune` writes.")
+    base = meta.get("base") or "its base model"
+    try:
+        apply_lora(model, int(meta["rank"]), float(meta["alpha"]), 0.0, meta["targets"])
+    except UserError:
+        raise UserError(f"The adapter {file} does not fit this model: it was trained on {base}.") from None
+    expected = adapter_state_dict(model)
+    wrong_shape = [k for k in expected.keys() & tensors.keys() if expected[k].shape != tensors[k].shape]
+    if expected.keys() != tensors.keys() or wrong_shape:
+        raise UserError(f"The adapter {file} does not fit this model: it was trained on {base}.")
+    model.load_state_dict(tensors, strict=False)
+    return merge_lora(model)
