@@ -49,15 +49,21 @@ def read_text_file(path: Path, encoding: str = "utf-8", errors: str = "strict") 
     return text.replace("\r\n", "\n").replace("\r", "\n").removeprefix("\ufeff")
 
 
+def json_lines(path: Path, text: str) -> list[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of a JSONL file whose content is `text`."""
+    records = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                records.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}).") from None
+    return records
+
+
 def _read_jsonl(path: Path, text_field: str, encoding: str, errors: str) -> list[str]:
     docs = []
-    for lineno, line in enumerate(read_text_file(path, encoding, errors).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}).") from None
+    for lineno, record in json_lines(path, read_text_file(path, encoding, errors)):
         if not isinstance(record, dict) or text_field not in record:
             raise UserError(
                 f"{path}:{lineno} has no {text_field!r} field; pass --data.text_field with the "

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.corpus import json_lines
 from lmforge.errors import UserError
 from lmforge.tokenizers import EOT, TextTokenizer
 
@@ -79,15 +80,7 @@ def is_instruction_file(path: Path, encoding: str = "utf-8") -> bool:
 
 def read_conversations(path: Path, text: str) -> list[Conversation]:
     """Every conversation of an instruction JSONL file whose content is `text`."""
-    conversations = []
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}).") from None
-        conversations.append(_as_conversation(record, f"{path}:{lineno}"))
+    conversations = [_as_conversation(record, f"{path}:{lineno}") for lineno, record in json_lines(path, text)]
     if not conversations:
         raise UserError(f"{path} holds no conversations; give one JSON object per line.")
     return conversations

@@ -8,10 +8,9 @@ Labels are kept as strings ("1", "positive"), whatever the file holds.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
-from lmforge.data.corpus import read_text_file
+from lmforge.data.corpus import json_lines, read_text_file
 from lmforge.errors import UserError
 
 TEXT_NAMES = ("text", "sentence", "review", "content", "document")
@@ -40,15 +39,8 @@ def read_labeled(path: str | Path, text_column: str | None = None,
     if not content.strip():
         raise UserError(f"{path} is empty; it needs a header and at least one labeled example.")
     if path.suffix.lower() == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(content.split("\n"), 1):
-            if line.strip():
-                try:
-                    rows.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}).") from None
-        columns = sorted({k for _, r in rows if isinstance(r, dict) for k in r})
-        records = [(n, r) for n, r in rows]
+        records = json_lines(path, content)
+        columns = sorted({k for _, r in records if isinstance(r, dict) for k in r})
     else:
         delimiter = "," if path.suffix.lower() == ".csv" else "\t"
         reader = csv.DictReader(content.split("\n"), delimiter=delimiter, quoting=csv.QUOTE_NONE

@@ -160,72 +160,64 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# Parameter names, lmforge's → Hugging Face's; one table per family serves import and export.
+# GPT-2's names are given without the "transformer." prefix that some of its checkpoints lack.
+GPT2_NAMES = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight",
+              "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
+GPT2_LAYER_NAMES = {f"{module}.{p}": f"{module}.{p}" for p in ("weight", "bias") for module in ("ln_1", "ln_2")} | {
+    f"{linear}.bias": f"{linear}.bias" for linear in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # HF stores these weights (in, out)
+LLAMA_NAMES = {"wte.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight"}
+LLAMA_LAYER_NAMES = {
+    "ln_1.weight": "input_layernorm.weight", "ln_2.weight": "post_attention_layernorm.weight",
+    "attn.c_proj.weight": "self_attn.o_proj.weight", "mlp.c_gate.weight": "mlp.gate_proj.weight",
+    "mlp.c_fc.weight": "mlp.up_proj.weight", "mlp.c_proj.weight": "mlp.down_proj.weight",
+}  # plus attn.c_attn = q_proj, k_proj and v_proj stacked
+
+
 def _gpt2_to_lmforge(hf: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
     sd = {k.removeprefix("transformer."): v for k, v in hf.items()}
-    out = {"wte.weight": sd["wte.weight"], "wpe.weight": sd["wpe.weight"],
-           "ln_f.weight": sd["ln_f.weight"], "ln_f.bias": sd["ln_f.bias"]}
+    out = {ours: sd[theirs] for ours, theirs in GPT2_NAMES.items()}
     for i in range(m.n_layer):
         h, b = f"h.{i}.", f"blocks.{i}."
-        for norm in ("ln_1", "ln_2"):
-            out[b + norm + ".weight"], out[b + norm + ".bias"] = sd[h + norm + ".weight"], sd[h + norm + ".bias"]
-        for hf_name, ours in (("attn.c_attn", "attn.c_attn"), ("attn.c_proj", "attn.c_proj"),
-                              ("mlp.c_fc", "mlp.c_fc"), ("mlp.c_proj", "mlp.c_proj")):
-            out[b + ours + ".weight"] = sd[h + hf_name + ".weight"].t().contiguous()  # Conv1D stores (in, out)
-            out[b + ours + ".bias"] = sd[h + hf_name + ".bias"]
+        out.update({b + ours: sd[h + theirs] for ours, theirs in GPT2_LAYER_NAMES.items()})
+        for linear in GPT2_CONV1D:
+            out[b + linear + ".weight"] = sd[h + linear + ".weight"].t().contiguous()
     if not m.tie_embeddings:
         out["lm_head.weight"] = hf["lm_head.weight"]
     return out
 
 
 def _llama_to_lmforge(hf: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {"wte.weight": hf["model.embed_tokens.weight"], "ln_f.weight": hf["model.norm.weight"]}
+    out = {ours: hf[theirs] for ours, theirs in LLAMA_NAMES.items()}
     for i in range(m.n_layer):
         h, b = f"model.layers.{i}.", f"blocks.{i}."
-        out[b + "ln_1.weight"] = hf[h + "input_layernorm.weight"]
-        out[b + "ln_2.weight"] = hf[h + "post_attention_layernorm.weight"]
+        out.update({b + ours: hf[h + theirs] for ours, theirs in LLAMA_LAYER_NAMES.items()})
         out[b + "attn.c_attn.weight"] = torch.cat([hf[h + f"self_attn.{p}_proj.weight"] for p in "qkv"])
         if m.qkv_bias:
             out[b + "attn.c_attn.bias"] = torch.cat([hf[h + f"self_attn.{p}_proj.bias"] for p in "qkv"])
-        out[b + "attn.c_proj.weight"] = hf[h + "self_attn.o_proj.weight"]
-        out[b + "mlp.c_gate.weight"] = hf[h + "mlp.gate_proj.weight"]
-        out[b + "mlp.c_fc.weight"] = hf[h + "mlp.up_proj.weight"]
-        out[b + "mlp.c_proj.weight"] = hf[h + "mlp.down_proj.weight"]
     if not m.tie_embeddings:
         out["lm_head.weight"] = hf["lm_head.weight"]
     return out
 
 
 def _lmforge_to_hf(sd: dict[str, torch.Tensor], m: ModelConfig, kind: str) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
     if kind == "gpt2":
-        out.update({"transformer.wte.weight": sd["wte.weight"], "transformer.wpe.weight": sd["wpe.weight"],
-                    "transformer.ln_f.weight": sd["ln_f.weight"], "transformer.ln_f.bias": sd["ln_f.bias"]})
+        out = {"transformer." + theirs: sd[ours] for ours, theirs in GPT2_NAMES.items()}
         for i in range(m.n_layer):
             h, b = f"transformer.h.{i}.", f"blocks.{i}."
-            for norm in ("ln_1", "ln_2"):
-                out[h + norm + ".weight"], out[h + norm + ".bias"] = sd[b + norm + ".weight"], sd[b + norm + ".bias"]
-            for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
-                out[h + name + ".weight"] = sd[b + name + ".weight"].t().contiguous()
-                out[h + name + ".bias"] = sd[b + name + ".bias"]
+            out.update({h + theirs: sd[b + ours] for ours, theirs in GPT2_LAYER_NAMES.items()})
+            for linear in GPT2_CONV1D:
+                out[h + linear + ".weight"] = sd[b + linear + ".weight"].t().contiguous()
         return out
-    q_rows = m.n_embd
-    kv_rows = (m.n_kv_head or m.n_head) * (m.n_embd // m.n_head)
-    out.update({"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["ln_f.weight"]})
+    rows = [m.n_embd] + 2 * [(m.n_kv_head or m.n_head) * (m.n_embd // m.n_head)]  # q, k, v
+    out = {theirs: sd[ours] for ours, theirs in LLAMA_NAMES.items()}
     for i in range(m.n_layer):
         h, b = f"model.layers.{i}.", f"blocks.{i}."
-        out[h + "input_layernorm.weight"] = sd[b + "ln_1.weight"]
-        out[h + "post_attention_layernorm.weight"] = sd[b + "ln_2.weight"]
-        q, k, v = sd[b + "attn.c_attn.weight"].split([q_rows, kv_rows, kv_rows])
-        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"] = q.contiguous(), k.contiguous()
-        out[h + "self_attn.v_proj.weight"] = v.contiguous()
-        if m.qkv_bias:
-            qb, kb, vb = sd[b + "attn.c_attn.bias"].split([q_rows, kv_rows, kv_rows])
-            out[h + "self_attn.q_proj.bias"], out[h + "self_attn.k_proj.bias"] = qb.contiguous(), kb.contiguous()
-            out[h + "self_attn.v_proj.bias"] = vb.contiguous()
-        out[h + "self_attn.o_proj.weight"] = sd[b + "attn.c_proj.weight"]
-        out[h + "mlp.gate_proj.weight"] = sd[b + "mlp.c_gate.weight"]
-        out[h + "mlp.up_proj.weight"] = sd[b + "mlp.c_fc.weight"]
-        out[h + "mlp.down_proj.weight"] = sd[b + "mlp.c_proj.weight"]
+        out.update({h + theirs: sd[b + ours] for ours, theirs in LLAMA_LAYER_NAMES.items()})
+        for param in ["weight"] + (["bias"] if m.qkv_bias else []):
+            for p, part in zip("qkv", sd[b + f"attn.c_attn.{param}"].split(rows), strict=True):
+                out[h + f"self_attn.{p}_proj.{param}"] = part.contiguous()
     if not m.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     return out
