@@ -89,8 +89,9 @@ def test_presets_lists_names_and_descriptions(capsys):
     assert shown["model"]["n_embd"] == 128 and shown["train"]["batch_size"] == 12
 
 
-def test_ctrl_c_saves_a_resumable_state_and_exits_130(tmp_path, shakespeare_excerpt):
-    """A real SIGINT to a running `lmforge train`: exit 130, then --resume finishes the run."""
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])  # Ctrl-C; kill or a scheduler's preemption
+def test_ctrl_c_saves_a_resumable_state_and_exits_130(tmp_path, shakespeare_excerpt, signal_name):
+    """A real signal to a running `lmforge train`: exit 130, then --resume finishes the run."""
     import signal
     import time
 
@@ -104,7 +105,7 @@ def test_ctrl_c_saves_a_resumable_state_and_exits_130(tmp_path, shakespeare_exce
     deadline = time.time() + 120
     while not (out / "train_state").exists() and time.time() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signal_name))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted at step" in err and "--resume" in err

@@ -220,6 +220,18 @@ def test_bounded_queue_refuses_instead_of_stalling(checkpoint):
     finally:
         loop.close()
 
+    # Over HTTP: a request that does not fit in the queue gets 503 with Retry-After, at once.
+    server = RunningServer(create_app(model, tokenizer, ServerSettings(model_name="tiny", max_queue=2),
+                                      chat_template_of(checkpoint)))
+    try:
+        server.app.state.engine.close()  # nothing drains the queue
+        busy = httpx.post(server.url + "/v1/completions", json={"prompt": "KING:", "max_tokens": 5, "n": 3},
+                          timeout=10)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["type"] == "server_busy"
+    finally:
+        server.stop()
+
 
 def test_web_chat_page_is_served(served):
     page = httpx.get(served.url + "/")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -525,8 +527,16 @@ COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "prepare": cmd_prepare
             "convert": cmd_convert, "export": cmd_export, "presets": cmd_presets}
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # `kill`, a job scheduler's preemption or torchrun stopping a run send SIGTERM: treat it
+    # like Ctrl-C, so that training saves a state that --resume continues exactly.
+    training = args.command in ("train", "finetune") and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if training else None
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
@@ -541,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         traceback.print_exc()
         return 1
+    finally:
+        if training:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":
