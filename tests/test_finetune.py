@@ -231,3 +231,17 @@ def test_python_api_entry_points(tmp_path, shakespeare_excerpt):
     assert report["loss"] > 0 and report["perplexity"] > 1
     out = lmforge.pipeline("text-generation", model=str(tmp_path / "ft"))("KING:", max_new_tokens=5, seed=0)
     assert out[0]["generated_text"].startswith("KING:")
+
+
+def test_chat_template_follows_the_adapter_run(tmp_path):
+    from lmforge.chat import chat_template_of
+
+    base, run, loose = tmp_path / "base", tmp_path / "run", tmp_path / "loose"
+    for folder, template in ((base, "BASE {{ messages }}"), (run, "TUNED {{ messages }}")):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"chat_template": template}))
+    loose.mkdir()
+    assert chat_template_of(base) == "BASE {{ messages }}"
+    assert chat_template_of(base, run / "adapter.safetensors") == "TUNED {{ messages }}"  # the file or
+    assert chat_template_of(base, run) == "TUNED {{ messages }}"  # its folder
+    assert chat_template_of(base, loose / "adapter.safetensors") == "BASE {{ messages }}"  # no run beside it

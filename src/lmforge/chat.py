@@ -15,10 +15,16 @@ from lmforge.data.instructions import DEFAULT_CHAT_TEMPLATE, Conversation, rende
 ROLES = ("system", "user", "assistant")
 
 
-def chat_template_of(checkpoint: str | Path) -> str:
-    """The chat template stored with a checkpoint (lmforge or Hugging Face), else the default."""
+def chat_template_of(checkpoint: str | Path, adapter: str | Path | None = None) -> str:
+    """The chat template stored with a checkpoint (lmforge or Hugging Face), else the default.
+    With a LoRA `adapter`, the template of the fine-tuning run that wrote it comes first:
+    its replies were trained in that format."""
     from lmforge.interop.hf import chat_template, is_hf_dir
 
+    if adapter is not None:
+        run = Path(adapter) if Path(adapter).is_dir() else Path(adapter).parent
+        if (run / "config.json").is_file():
+            return chat_template_of(run)
     path = Path(checkpoint)
     if is_hf_dir(path):
         return chat_template(path) or DEFAULT_CHAT_TEMPLATE

@@ -468,7 +468,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     config.validate()
     if args.max_new_tokens >= model.block_size:
         raise UserError(f"--max-new-tokens must be below the model's context ({model.block_size}).")
-    terminal_chat(model, tokenizer, chat_template_of(args.checkpoint), config, system=args.system)
+    terminal_chat(model, tokenizer, chat_template_of(args.checkpoint, args.adapter), config, system=args.system)
     return 0
 
 

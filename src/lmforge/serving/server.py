@@ -434,6 +434,6 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     model, tokenizer = load_for_inference(checkpoint, device, dtype, quantize, adapter)
     settings = ServerSettings(model_name=Path(checkpoint).resolve().name, api_key=api_key, max_batch=max_batch,
                               max_queue=max_queue, max_tokens_cap=max_tokens_cap)
-    app = create_app(model, tokenizer, settings, chat_template_of(checkpoint))
+    app = create_app(model, tokenizer, settings, chat_template_of(checkpoint, adapter))
     print(f"Serving {settings.model_name} on http://{host}:{port} (OpenAI API under /v1, chat page at /).")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
