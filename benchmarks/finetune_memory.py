@@ -34,7 +34,7 @@ def child(variant: str, steps: int, batch: int, seq: int) -> dict:
     from lmforge.models import build_model
     from lmforge.training.lora import apply_lora
     from lmforge.training.optim import build_optimizers
-    from lmforge.training.trainer import _peak_memory, optimizer_state_bytes
+    from lmforge.training.trainer import optimizer_state_bytes, peak_memory
 
     set_threads(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,7 +62,7 @@ def child(variant: str, steps: int, batch: int, seq: int) -> dict:
         "params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "optimizer_state_mib": round(optimizer_state_bytes([opt]) / 2**20, 2),
-        "peak_memory_mib": round(_peak_memory(device) / 2**20, 1),
+        "peak_memory_mib": round(peak_memory(device) / 2**20, 1),
         "s_per_step": round(statistics.median(times[1:]), 3),
     }
 

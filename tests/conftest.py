@@ -1,24 +1,38 @@
-"""Shared fixtures: real data from ../shared/data, a private cache, tiny configs."""
+"""Shared fixtures: small slices of the real data sets (tests/data), a private cache, tiny configs.
+
+The suite never reads ../shared/data or the caller's LMFORGE_DATA_DIR: it passes on a
+fresh clone with nothing beside it. The default corpus (tiny Shakespeare) is served
+from a data folder the session builds out of tests/data/tinyshakespeare-head.txt (its
+first 100,000 characters), the way a user's local copy is found through LMFORGE_DATA_DIR.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from lmforge.config import Config, apply_overrides, load_preset
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("LMFORGE_DATA_DIR", REPO.parent / "shared" / "data"))
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+TEST_DATA = Path(__file__).resolve().parent / "data"
+SHAKESPEARE = TEST_DATA / "tinyshakespeare-head.txt"
+SST2_SAMPLE = TEST_DATA / "sst2-dev-sample.tsv"  # the first 400 rows of sst2-dev.tsv
+ENG_FRA_SAMPLE = TEST_DATA / "eng-fra-dev-sample.tsv"  # the first 300 pairs of eng-fra-dev.tsv
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A folder laid out like LMFORGE_DATA_DIR, holding the test slice as tinyshakespeare.txt."""
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "tinyshakespeare.txt").write_bytes(SHAKESPEARE.read_bytes())
+    return folder
 
 
 @pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    """Each test session gets its own cache; the default corpus comes from ../shared/data."""
+def private_cache(tmp_path_factory, monkeypatch, data_dir):
+    """Each test session gets its own cache; the default corpus is the slice in tests/data."""
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("LMFORGE_DATA_DIR", str(SHARED_DATA))
+    monkeypatch.setenv("LMFORGE_DATA_DIR", str(data_dir))
 
 
 @pytest.fixture

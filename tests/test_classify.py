@@ -10,7 +10,7 @@ from lmforge.models.classifier import BiLSTMEncoder, ClassifierConfig, pool
 from lmforge.training.classify import ClassifierTrainConfig, load_classifier, predict, train_classifier
 from lmforge.training.trainer import train
 
-from .conftest import SHARED_DATA, tiny_config
+from .conftest import SST2_SAMPLE, tiny_config
 
 POSITIVE = ["a wonderful film", "great acting and a lovely story", "i loved it", "brilliant and moving",
             "a delight from start to finish", "superb", "warm , funny and wonderful", "great fun"]
@@ -83,8 +83,9 @@ def test_packed_sequences_equal_unpadded_single_examples():
 
 
 def test_reads_sst2_and_jsonl_with_string_labels(tmp_path):
-    texts, labels = read_labeled(SHARED_DATA / "sst2-dev.tsv")
-    assert len(texts) == 6735 and set(labels) == {"0", "1"}
+    texts, labels = read_labeled(SST2_SAMPLE)
+    assert len(texts) == 400 and set(labels) == {"0", "1"}
+    assert texts[0] == "the expressive power of the camera" and labels[0] == "1"  # trailing space stripped
     jsonl = tmp_path / "x.jsonl"
     jsonl.write_text('{"review": "nice", "sentiment": "positive"}\n{"review": "bad", "sentiment": "negative"}\n')
     assert read_labeled(jsonl) == (["nice", "bad"], ["positive", "negative"])

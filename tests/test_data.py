@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import json
 
@@ -8,9 +9,10 @@ import torch
 from lmforge.config import DataConfig
 from lmforge.data.batches import RandomWindows, fixed_windows
 from lmforge.data.corpus import clean_text
-from lmforge.data.datasets import download, resolve_dataset
+from lmforge.data.datasets import DATASETS, download, resolve_dataset
 from lmforge.data.prepare import open_prepared, prepare, resolve_data
 from lmforge.errors import UserError
+from lmforge.io import sha256_file
 
 from .conftest import SHAKESPEARE
 
@@ -118,8 +120,11 @@ def test_truncated_prepared_data_is_detected(tmp_path, shakespeare_excerpt):
         open_prepared(tmp_path / "p")
 
 
-def test_default_corpus_comes_from_the_data_dir_then_cache_then_download(tmp_path, monkeypatch):
-    assert resolve_dataset("tinyshakespeare") == SHAKESPEARE
+def test_default_corpus_comes_from_the_data_dir_then_cache_then_download(tmp_path, monkeypatch, data_dir):
+    assert resolve_dataset("tinyshakespeare") == data_dir / "tinyshakespeare.txt"
+    # The test slice stands in for the real file: its checksum is the one expected.
+    real = DATASETS["tinyshakespeare"]
+    monkeypatch.setitem(DATASETS, "tinyshakespeare", dataclasses.replace(real, sha256=sha256_file(SHAKESPEARE)))
     # Without a local copy it is downloaded (here from a file:// URL standing in for the web).
     monkeypatch.setenv("LMFORGE_DATA_DIR", str(tmp_path / "nothing-here"))
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))

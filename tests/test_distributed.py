@@ -10,11 +10,9 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from .conftest import SHARED_DATA
-
 
 def torchrun(*args: str, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LMFORGE_DATA_DIR": str(SHARED_DATA), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # LMFORGE_DATA_DIR: the test slice (conftest)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "lmforge", *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -45,6 +43,6 @@ def test_two_processes_train_resume_exactly_and_write_once(tmp_path):
     # One process cannot continue a two-process run exactly: refused, with the reason.
     single = subprocess.run([sys.executable, "-m", "lmforge", *COMMON, "--out", str(tmp_path / "split"),
                              "--max-iters", "30", "--resume"], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "LMFORGE_DATA_DIR": str(SHARED_DATA)})
+                            env=dict(os.environ))
     assert single.returncode == 2
     assert "trained with 2 process(es)" in single.stderr

@@ -42,7 +42,7 @@ def straightforward_nll(model, ids, context):
 
 
 def test_perplexity_is_exp_of_mean_nll_from_a_straightforward_loop(tiny_checkpoint):
-    from lmforge.training.checkpoint import load_checkpoint
+    from lmforge.checkpoint import load_checkpoint
 
     model, tokenizer, _ = load_checkpoint(tiny_checkpoint[0])
     text = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
@@ -67,7 +67,7 @@ def test_strides_score_every_token_exactly_once():
 
 
 def test_smaller_strides_give_more_context_and_never_count_twice(tiny_checkpoint):
-    from lmforge.training.checkpoint import load_checkpoint
+    from lmforge.checkpoint import load_checkpoint
 
     model, tokenizer, _ = load_checkpoint(tiny_checkpoint[0])
     ids = tokenizer.encode("First Citizen:\nWe are accounted poor citizens, the patricians good.\n" * 3)

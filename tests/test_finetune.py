@@ -10,11 +10,11 @@ import torch
 import transformers  # the [dev] extra installs it
 from safetensors.torch import load_file
 
+from lmforge.checkpoint import load_checkpoint
 from lmforge.cli import main
 from lmforge.config import apply_overrides, load_preset
 from lmforge.data.instructions import DEFAULT_CHAT_TEMPLATE, encode_conversation, render_chat
 from lmforge.errors import UserError
-from lmforge.training.checkpoint import load_checkpoint
 from lmforge.training.lora import LoRALinear, apply_lora, merged_state_dict
 from lmforge.training.optim import build_optimizers
 from lmforge.training.trainer import train
@@ -238,8 +238,11 @@ def test_chat_template_follows_the_adapter_run(tmp_path):
 
     base, run, loose = tmp_path / "base", tmp_path / "run", tmp_path / "loose"
     for folder, template in ((base, "BASE {{ messages }}"), (run, "TUNED {{ messages }}")):
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps({"chat_template": template}))
+        folder.mkdir()  # the metadata of a checkpoint (open_checkpoint reads no weights)
+        (folder / "config.json").write_text(json.dumps({"format": "lmforge-checkpoint", "config": {},
+                                                        "chat_template": template}))
+        (folder / "model.safetensors").touch()
+        (folder / "tokenizer.json").touch()
     loose.mkdir()
     assert chat_template_of(base) == "BASE {{ messages }}"
     assert chat_template_of(base, run / "adapter.safetensors") == "TUNED {{ messages }}"  # the file or

@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
+from lmforge.checkpoint import load_checkpoint
 from lmforge.config import ModelConfig
 from lmforge.data.batches import ContiguousStreams
 from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.generation import GenerationConfig, decode_steps, generate
 from lmforge.models import build_model
-from lmforge.training.checkpoint import load_checkpoint
 from lmforge.training.trainer import train
 
 from .conftest import tiny_config

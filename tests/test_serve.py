@@ -16,11 +16,11 @@ import torch
 import uvicorn
 
 from lmforge.chat import chat_template_of, terminal_chat  # noqa: E402
+from lmforge.checkpoint import load_checkpoint  # noqa: E402
 from lmforge.evaluation.perplexity import token_nll  # noqa: E402
 from lmforge.generation import GenerationConfig, generate  # noqa: E402
 from lmforge.serving.engine import Engine, QueueFull, Sampling, Sequence  # noqa: E402
 from lmforge.serving.server import ServerSettings, create_app  # noqa: E402
-from lmforge.training.checkpoint import load_checkpoint  # noqa: E402
 from lmforge.training.trainer import train  # noqa: E402
 
 from .conftest import SHAKESPEARE, tiny_config  # noqa: E402

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
+from lmforge.checkpoint import load_checkpoint
 from lmforge.config import apply_overrides, load_preset, validate
 from lmforge.errors import TrainingInterrupted, UserError
-from lmforge.training.checkpoint import load_checkpoint
 from lmforge.training.optim import lr_at
 from lmforge.training.trainer import train
 
@@ -134,14 +134,14 @@ def test_vocabulary_larger_than_the_model(tmp_path, shakespeare_excerpt):
 def test_output_directory_holding_another_run(tmp_path, shakespeare_excerpt):
     cfg = tiny_config(tmp_path / "run", shakespeare_excerpt, **{"train.max_iters": 10})
     train(cfg, log=lambda _: None)
-    with pytest.raises(UserError, match="already holds a training run; pass --resume"):
+    with pytest.raises(UserError, match="already holds a training run; resume it, overwrite it"):
         train(cfg, log=lambda _: None)
     other = apply_overrides(cfg, {"model.n_embd": 64})
     with pytest.raises(UserError, match="model settings differ.*model.n_embd"):
         train(other, resume=True, log=lambda _: None)
     result = train(other, overwrite=True, log=lambda _: None)
     assert result.step == 10
-    with pytest.raises(UserError, match="holds no run to resume"):
+    with pytest.raises(UserError, match="There is no run to resume in"):
         train(tiny_config(tmp_path / "empty", shakespeare_excerpt), resume=True, log=lambda _: None)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from lmforge.checkpoint import load_checkpoint  # noqa: E402
 from lmforge.config import Config, load_preset, preset_names  # noqa: E402
 from lmforge.errors import UserError  # noqa: E402
-from lmforge.training.checkpoint import load_checkpoint  # noqa: E402
 from lmforge.training.trainer import TrainResult, train  # noqa: E402
 
 

@@ -7,7 +7,6 @@ text) gets lmforge's default template, which is at least a readable transcript.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lmforge.data.instructions import DEFAULT_CHAT_TEMPLATE, Conversation, render_chat
@@ -19,20 +18,13 @@ def chat_template_of(checkpoint: str | Path, adapter: str | Path | None = None) 
     """The chat template stored with a checkpoint (lmforge or Hugging Face), else the default.
     With a LoRA `adapter`, the template of the fine-tuning run that wrote it comes first:
     its replies were trained in that format."""
-    from lmforge.interop.hf import chat_template, is_hf_dir
+    from lmforge.checkpoint import open_checkpoint
 
     if adapter is not None:
         run = Path(adapter) if Path(adapter).is_dir() else Path(adapter).parent
         if (run / "config.json").is_file():
             return chat_template_of(run)
-    path = Path(checkpoint)
-    if is_hf_dir(path):
-        return chat_template(path) or DEFAULT_CHAT_TEMPLATE
-    try:
-        saved = json.loads((path / "config.json").read_text("utf-8")).get("chat_template")
-    except (OSError, ValueError, AttributeError):
-        saved = None
-    return saved if isinstance(saved, str) and saved else DEFAULT_CHAT_TEMPLATE
+    return open_checkpoint(checkpoint).chat_template or DEFAULT_CHAT_TEMPLATE
 
 
 def chat_prompt(template: str, messages: Conversation) -> str:

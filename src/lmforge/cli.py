@@ -478,15 +478,16 @@ def _check_target(out: Path, overwrite: bool) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from lmforge.interop.hf import chat_template, import_hf, is_hf_dir
-    from lmforge.training.checkpoint import save_checkpoint
+    from lmforge.checkpoint import HUGGING_FACE, open_checkpoint, save_checkpoint
 
     source, out = Path(args.hf_dir), Path(args.out)
-    if not is_hf_dir(source):
+    opened = open_checkpoint(source)
+    if opened.kind != HUGGING_FACE:
         raise UserError(f"{source} is not a Hugging Face model directory (no config.json with a model_type).")
     _check_target(out, args.overwrite)
-    model, tokenizer, config = import_hf(source)
-    info = {"imported_from": str(source.resolve()), "chat_template": chat_template(source)}
+    model, tokenizer = opened.load()
+    config = opened.config
+    info = {"imported_from": str(source.resolve()), "chat_template": opened.chat_template}
     save_checkpoint(out, model, config, tokenizer, info)
     params = sum(p.numel() for p in model.parameters())
     print(f"Wrote {out}: {config.description}, {params / 1e6:.2f}M parameters, "
@@ -495,8 +496,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from lmforge.checkpoint import load_checkpoint
     from lmforge.interop.hf import export_hf
-    from lmforge.training.checkpoint import load_checkpoint
 
     out = Path(args.out)
     _check_target(out, args.overwrite)

@@ -13,8 +13,13 @@ class UserError(Exception):
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C stopped training after its state was saved; `lmforge train --resume` continues."""
+    """Ctrl-C or SIGTERM stopped training; with `resumable`, its state was saved first."""
 
-    def __init__(self, out, step: int):
-        super().__init__(f"Training interrupted at step {step}; its state is saved in {out}.")
-        self.out, self.step = out, step
+    def __init__(self, out, step: int, resumable: bool = True):
+        super().__init__(out, step, resumable)
+        self.out, self.step, self.resumable = out, step, resumable
+
+    def __str__(self) -> str:
+        if self.resumable:
+            return f"Training interrupted at step {self.step}; its state is saved in {self.out}."
+        return f"Training interrupted at step {self.step}; the best checkpoint so far is in {self.out}."

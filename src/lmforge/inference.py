@@ -138,7 +138,7 @@ def load_for_inference(path: str, device: str = "cpu", dtype: str = "float32", q
                        adapter: str | None = None):
     """A checkpoint's model (eval mode) and tokenizer, at the requested precision; `adapter`:
     a LoRA adapter saved by `lmforge finetune` for this base, merged in before anything else."""
-    from lmforge.training.checkpoint import load_checkpoint
+    from lmforge.checkpoint import load_checkpoint
 
     if dtype not in DTYPES:
         raise UserError(f"Unknown dtype {dtype!r}; use float32, bfloat16 or float16.")

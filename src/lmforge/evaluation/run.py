@@ -18,18 +18,17 @@ def evaluate(checkpoint: str | Path, data: str | Path | None = None, context: in
              progress: bool = False, dtype: str = "float32", quantize: str | None = None) -> dict:
     """Language-model metrics of a checkpoint on a text file, a prepared directory, or (default)
     the validation split of the data it was trained on."""
+    from lmforge.checkpoint import LANGUAGE_MODEL, open_checkpoint
     from lmforge.data.corpus import read_text_file
     from lmforge.data.prepare import open_prepared, resolve_data
     from lmforge.inference import load_for_inference
-    from lmforge.interop.hf import is_hf_dir
     from lmforge.tokenizers import encode_long
-    from lmforge.training.checkpoint import read_checkpoint_config
 
-    imported = is_hf_dir(checkpoint)  # a Hugging Face directory: no training data of its own
-    if imported and data is None:
-        raise UserError(f"{checkpoint} is a Hugging Face model with no validation split of its own; "
-                        f"pass --data FILE to evaluate it on a text.")
-    config = None if imported else read_checkpoint_config(Path(checkpoint))[0]
+    opened = open_checkpoint(checkpoint)
+    if opened.kind != LANGUAGE_MODEL and data is None:  # an imported model has no training data of its own
+        raise UserError(f"{checkpoint} is an imported model with no validation split of its own; "
+                        f"give a text to evaluate it on (data).")
+    config = opened.config
     model, tokenizer = load_for_inference(str(checkpoint), device, dtype, quantize)
     if data is None:
         prepared = resolve_data(config.data, log=lambda _: None)
@@ -89,9 +88,9 @@ def score_lines(hyps: list[str], refs: list[list[str]], metrics: list[str]) -> d
 def generate_hypotheses(checkpoint: str | Path, prompts_file: str | Path, max_new_tokens: int = 64,
                         device: str = "cpu") -> list[str]:
     """Greedy continuations of each prompt line, cut at the first newline."""
+    from lmforge.checkpoint import load_checkpoint
     from lmforge.device import resolve_device
     from lmforge.generation import sample_tokens
-    from lmforge.training.checkpoint import load_checkpoint
 
     model, tokenizer, _ = load_checkpoint(checkpoint, resolve_device(device))
     hyps = []

@@ -24,6 +24,7 @@ import torch.nn as nn
 from lmforge.config import Config, ModelConfig
 from lmforge.errors import UserError
 from lmforge.tokenizers import EOT, TextTokenizer, load_tokenizer
+from lmforge.weights import load_state
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 SUPPORTED = ("gpt2", *LLAMA_LIKE)
@@ -257,14 +258,48 @@ def chat_template(path: Path) -> str | None:
 # ---- import / export -------------------------------------------------------------------------
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); the model directory is damaged.") from None
+    return data if isinstance(data, dict) else {}
+
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def read_hf_metadata(path: str | Path) -> tuple[Config, str | None, list[int], dict[str, Any]]:
+    """What a Hugging Face model directory says without loading weights: the lmforge Config,
+    the chat template, every end-of-sequence id (config.json and generation_config.json, each
+    an int or a list) and the recommended sampling settings of generation_config.json."""
+    path = Path(path)
+    hf_config = _read_json(path / "config.json")
+    m = model_config_from_hf(hf_config, str(path / "config.json"))
+    config = Config(name=path.name, description=f"imported from Hugging Face ({hf_config['model_type']})", model=m)
+    generation = _read_json(path / "generation_config.json")
+    eos: list[int] = []
+    for source in (hf_config, generation):
+        value = source.get("eos_token_id")
+        for token in value if isinstance(value, list) else [value]:
+            if isinstance(token, int) and token not in eos:
+                eos.append(token)
+    sampling = {k: generation[k] for k in SAMPLING_KEYS if isinstance(generation.get(k), int | float)}
+    if generation.get("do_sample") is False:
+        sampling["temperature"] = 0.0
+    return config, chat_template(path), eos, sampling
+
+
 def import_hf(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, TextTokenizer, Config]:
     """A Hugging Face model directory as an lmforge GPT (eval mode), tokenizer and Config."""
     from lmforge.models import build_model
-    from lmforge.training.checkpoint import load_state
 
     path = Path(path)
-    hf_config = json.loads((path / "config.json").read_text("utf-8"))
-    m = model_config_from_hf(hf_config, str(path / "config.json"))
+    hf_config = _read_json(path / "config.json")
+    config = read_hf_metadata(path)[0]
+    m = config.model
     tokenizer = load_hf_tokenizer(path)
     tensors = read_hf_weights(path)
     try:
@@ -273,7 +308,6 @@ def import_hf(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.
         raise UserError(f"{path}: weight {e.args[0]} is missing; the files do not match config.json.") from None
     model = build_model(m)
     load_state(converted, model, str(path))
-    config = Config(name=path.name, description=f"imported from Hugging Face ({hf_config['model_type']})", model=m)
     return model.float().to(device).eval(), tokenizer, config
 
 

@@ -6,27 +6,31 @@ model.safetensors, tokenizer.json, metrics.jsonl and loss.png.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import time
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
+from lmforge.checkpoint import open_checkpoint, write_checkpoint
 from lmforge.config import Config, ModelConfig, OptimConfig, config_from_dict, validate
 from lmforge.data.labeled import read_labeled
 from lmforge.device import resolve_device, set_threads
 from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.evaluation.metrics import classification_metrics
-from lmforge.io import atomic_write_json
 from lmforge.models import build_model
 from lmforge.models.classifier import BiLSTMEncoder, ClassifierConfig, TextClassifier, body_width
-from lmforge.tokenizers import TextTokenizer, load_tokenizer, train_word_tokenizer
-from lmforge.training import checkpoint as ckpt
+from lmforge.tokenizers import TextTokenizer, train_word_tokenizer
+from lmforge.training import state as saved_state
+from lmforge.training.loop import Progress, Schedule, Trainee, run_loop
+from lmforge.training.metrics import MetricsLog, Reporter, write_loss_plot
 from lmforge.training.optim import build_optimizers, lr_at, set_lr
+from lmforge.training.state import STATE_DIR
+from lmforge.weights import load_weights, unique_state_dict
 
 TASK = "classification"
 
@@ -72,7 +76,7 @@ def pad_right(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor
 def _build(cfg: ClassifierTrainConfig, train_texts: list[str], n_classes: int):
     """Tokenizer, classifier and the body's LM config (None for a BiLSTM from scratch)."""
     if cfg.init:
-        from lmforge.training.checkpoint import load_checkpoint
+        from lmforge.checkpoint import load_checkpoint
 
         lm, tokenizer, lm_config = load_checkpoint(cfg.init)
         mcfg = dataclasses.replace(cfg.model, body="lm", vocab_size=tokenizer.vocab_size)
@@ -121,15 +125,45 @@ def evaluate_classifier(model, tokenizer, labels: list[str], texts: list[str], g
     return classification_metrics(predictions, gold)
 
 
-def train_classifier(cfg: ClassifierTrainConfig, overwrite: bool = False,
-                     log: Callable[[str], None] = print) -> dict:
-    """Train a classifier on cfg.train_path, evaluate on cfg.val_path, keep the best checkpoint."""
-    started = time.perf_counter()
-    set_threads(0)
-    device = resolve_device(cfg.device)
-    out = Path(cfg.out)
-    if (out / "config.json").exists() and not overwrite:
-        raise UserError(f"{out} already holds a model; pass --overwrite to replace it or choose another --out.")
+class ExampleSource:
+    """Shuffled batches of labeled examples, a new order each epoch, for the shared loop."""
+
+    def __init__(self, encoded: list[list[int]], targets: torch.Tensor, batch_size: int, seed: int,
+                 device: torch.device, class_weights: torch.Tensor | None, scorer: Callable[[], dict[str, float]]):
+        self.encoded, self.targets, self.batch_size, self.device = encoded, targets, batch_size, device
+        self.class_weights, self.scorer = class_weights, scorer
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.zeros(0, dtype=torch.long)
+        self.position = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.position >= len(self.order):  # a new epoch
+            self.order = torch.randperm(len(self.encoded), generator=self.generator)
+            self.position = 0
+        rows = self.order[self.position:self.position + self.batch_size].tolist()
+        self.position += self.batch_size
+        ids, lengths = pad_right([self.encoded[i] for i in rows], self.device)
+        return ids, lengths, self.targets[rows].to(self.device)
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return model(*batch, self.class_weights)[1]
+
+    def validation_score(self, model: nn.Module, dtype: torch.dtype) -> dict[str, float]:
+        scores = self.scorer()
+        model.train()  # scoring left it in eval mode
+        return scores
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state(), "order": self.order,
+                "position": torch.tensor([self.position])}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.position = state["order"], int(state["position"][0])
+
+
+def _read_splits(cfg: ClassifierTrainConfig) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Training and validation texts and labels (10% of the training data when no validation file)."""
     texts, labels = read_labeled(cfg.train_path, cfg.text_column or None, cfg.label_column or None)
     label_set = sorted(set(labels))
     if len(label_set) < 2:
@@ -140,19 +174,45 @@ def train_classifier(cfg: ClassifierTrainConfig, overwrite: bool = False,
         if unknown:
             raise UserError(f"{cfg.val_path} has label(s) {', '.join(map(repr, unknown))} that do not occur in "
                             f"{cfg.train_path} (labels there: {', '.join(label_set)}).")
-    else:  # hold out 10% of the training examples
-        cut = max(1, len(texts) // 10)
-        g = torch.Generator().manual_seed(cfg.seed)
-        order = torch.randperm(len(texts), generator=g).tolist()
-        val_texts, val_labels = [texts[i] for i in order[:cut]], [labels[i] for i in order[:cut]]
-        texts, labels = [texts[i] for i in order[cut:]], [labels[i] for i in order[cut:]]
+        return texts, labels, val_texts, val_labels
+    cut = max(1, len(texts) // 10)
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(texts), generator=g).tolist()
+    return ([texts[i] for i in order[cut:]], [labels[i] for i in order[cut:]],
+            [texts[i] for i in order[:cut]], [labels[i] for i in order[:cut]])
 
+
+def _check_classifier_out(out: Path, resume: bool, overwrite: bool) -> None:
+    has_state = (out / STATE_DIR).is_dir() or (out / f"{STATE_DIR}.old").is_dir()
+    if resume and not has_state:
+        raise UserError(f"There is no classifier training to resume in {out}; start one without resume.")
+    if not resume and (out / "config.json").exists() and not overwrite:
+        raise UserError(f"{out} already holds a model; overwrite it, resume it, or choose another output folder.")
+    if not resume and overwrite:
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", STATE_DIR):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def train_classifier(cfg: ClassifierTrainConfig, overwrite: bool = False, log: Callable[[str], None] = print,
+                     resume: bool = False) -> dict:
+    """Train a classifier on cfg.train_path, evaluate on cfg.val_path, keep the best checkpoint.
+
+    Runs on the shared training loop: early stopping, a time limit, Ctrl-C with a saved state,
+    and `resume` continuing exactly.
+    """
+    validate_classifier_config(cfg)
+    set_threads(0)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    _check_classifier_out(out, resume, overwrite)
+    texts, labels, val_texts, val_labels = _read_splits(cfg)
+    label_set = sorted(set(labels))
     torch.manual_seed(cfg.seed)
     tokenizer, model, body_config = _build(cfg, texts, len(label_set))
     model.to(device)
     index = {label: i for i, label in enumerate(label_set)}
     encoded = encode_batch(tokenizer, texts, model.cfg.max_length)
-    targets = torch.tensor([index[label] for label in labels])
     counts = Counter(labels)
     weights = None
     if cfg.class_weights:
@@ -162,103 +222,99 @@ def train_classifier(cfg: ClassifierTrainConfig, overwrite: bool = False,
     ocfg = OptimConfig(lr=cfg.lr, min_lr=cfg.lr / 10, weight_decay=cfg.weight_decay,
                        warmup_iters=min(cfg.warmup_iters, total_steps // 10), grad_clip=1.0)
     optimizers = build_optimizers(model, ocfg, device)
-    eval_every = cfg.eval_every or steps_per_epoch
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"Training a {model.cfg.body} classifier ({n_params / 1e6:.2f}M parameters) on {len(encoded):,} examples, "
-        f"{len(label_set)} labels {label_set}, {total_steps} steps, device {device}")
+    source = ExampleSource(encoded, torch.tensor([index[label] for label in labels]), cfg.batch_size, cfg.seed,
+                           device, weights, lambda: _scores(model, tokenizer, label_set, val_texts, val_labels, device))
+    schedule = Schedule(max_steps=total_steps, eval_interval=cfg.eval_every or steps_per_epoch,
+                        log_interval=cfg.eval_every or steps_per_epoch, grad_clip=ocfg.grad_clip,
+                        patience=cfg.patience, max_time_s=cfg.max_minutes * 60, monitor="val_accuracy",
+                        higher_is_better=True)
 
+    def set_step_lr(step: int) -> float:
+        lr = lr_at(step, ocfg, total_steps)
+        set_lr(optimizers, lr, ocfg)
+        return lr
+
+    def save_best(p: Progress) -> None:
+        save_classifier(out, model, tokenizer, label_set, body_config,
+                        {"step": p.step, "val_accuracy": p.scores["val_accuracy"],
+                         "val_macro_f1": p.scores["val_macro_f1"], "train_path": cfg.train_path})
+
+    def save_state(p: Progress) -> None:
+        saved_state.save_train_state(out, model, optimizers, saved_state.rng_state(source, device),
+                                     {**p.to_dict(), "config": dataclasses.asdict(cfg)})
+
+    trainee = Trainee(model=model, forward=model, optimizers=optimizers, source=source, set_lr=set_step_lr,
+                      save_best=save_best, save_state=save_state, device=device)
+    progress = Progress()
+    if resume:
+        rng, saved = saved_state.load_train_state(out, model, optimizers)
+        saved_state.set_rng_state(rng, source, device)
+        progress = Progress.from_dict(saved)
+        log(f"Resuming {out} at step {progress.step} (best validation accuracy {progress.best:.4f}).")
+    else:
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"Training a {model.cfg.body} classifier ({n_params / 1e6:.2f}M parameters) on {len(encoded):,} "
+            f"examples, {len(label_set)} labels {label_set}, {total_steps} steps, device {device}")
     out.mkdir(parents=True, exist_ok=True)
-    history: list[dict] = []
-    metrics_file = open(out / "metrics.jsonl", "w", encoding="utf-8")
-    best, bad_evals, step, stopped = -1.0, 0, 0, "epochs"
-    generator = torch.Generator().manual_seed(cfg.seed)
-    from tqdm import tqdm
-
-    bar = tqdm(total=total_steps, disable=not cfg.progress, unit="step", leave=False)
-    running, running_n = 0.0, 0
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=progress.step if resume else None)
     try:
-        for _ in range(cfg.epochs):
-            order = torch.randperm(len(encoded), generator=generator).tolist()
-            for start in range(0, len(order), cfg.batch_size):
-                batch = order[start:start + cfg.batch_size]
-                model.train()
-                ids, lengths = pad_right([encoded[i] for i in batch], device)
-                set_lr(optimizers, lr_at(step, ocfg, total_steps), ocfg)
-                _, loss = model(ids, lengths, targets[batch].to(device), weights)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg.grad_clip)
-                for opt in optimizers:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                step += 1
-                running += loss.item()
-                running_n += 1
-                bar.update(1)
-                timed_out = cfg.max_minutes and time.perf_counter() - started > cfg.max_minutes * 60
-                if step % eval_every == 0 or step == total_steps or timed_out:
-                    scores = evaluate_classifier(model, tokenizer, label_set, val_texts, val_labels, device)
-                    record = {"step": step, "train_loss": round(running / running_n, 5),
-                              "val_accuracy": round(scores["accuracy"], 5), "val_macro_f1": round(scores["macro_f1"], 5),
-                              "elapsed_s": round(time.perf_counter() - started, 2)}
-                    running, running_n = 0.0, 0
-                    history.append(record)
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    bar.write(f"step {step:>6} | train {record['train_loss']:.4f} | val accuracy "
-                              f"{scores['accuracy']:.4f} | macro-F1 {scores['macro_f1']:.4f} | {record['elapsed_s']:.0f}s")
-                    if scores["accuracy"] > best:
-                        best, bad_evals = scores["accuracy"], 0
-                        save_classifier(out, model, tokenizer, label_set, body_config,
-                                        {"step": step, "val_accuracy": scores["accuracy"],
-                                         "val_macro_f1": scores["macro_f1"], "train_path": cfg.train_path})
-                    else:
-                        bad_evals += 1
-                    if cfg.patience and bad_evals >= cfg.patience:
-                        stopped = "patience"
-                        raise StopIteration
-                    if timed_out:
-                        stopped = "time limit"
-                        raise StopIteration
-    except StopIteration:
-        pass
-    except KeyboardInterrupt:
-        bar.close()
-        metrics_file.close()
-        raise TrainingInterrupted(out, step) from None
-    bar.close()
-    metrics_file.close()
-    from lmforge.training.trainer import write_loss_plot
+        run_loop(trainee, schedule, progress, metrics, Reporter(cfg.progress, total_steps, progress.step))
+    except TrainingInterrupted as stopped:
+        raise TrainingInterrupted(out, stopped.step, stopped.resumable) from None
+    finally:
+        metrics.close()
+    write_loss_plot(metrics.history, out / "loss.png")
+    stopped = {"max_iters": "epochs"}.get(progress.stopped_because, progress.stopped_because)
+    return {"out": str(out), "steps": progress.step, "best_val_accuracy": progress.best, "stopped_because": stopped,
+            "elapsed_s": progress.elapsed(), "history": metrics.history, "labels": label_set}
 
-    write_loss_plot(history, out / "loss.png")
-    return {"out": str(out), "steps": step, "best_val_accuracy": best, "stopped_because": stopped,
-            "elapsed_s": time.perf_counter() - started, "history": history, "labels": label_set}
+
+def _scores(model, tokenizer, label_set, texts, gold, device) -> dict[str, float]:
+    scores = evaluate_classifier(model, tokenizer, label_set, texts, gold, device)
+    return {"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}
+
+
+def validate_classifier_config(cfg: ClassifierTrainConfig) -> None:
+    """Settings a classifier run cannot work with, named, before any work starts."""
+    checks = [
+        (cfg.epochs >= 1, "epochs must be at least 1"),
+        (cfg.batch_size >= 1, "batch_size must be at least 1"),
+        (math.isfinite(cfg.lr) and cfg.lr > 0, "lr must be a positive number"),
+        (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay must be at least 0"),
+        (cfg.warmup_iters >= 0 and cfg.eval_every >= 0, "warmup_iters and eval_every must be at least 0"),
+        (cfg.patience >= 0, "patience must be at least 0 (0 = off)"),
+        (math.isfinite(cfg.max_minutes) and cfg.max_minutes >= 0, "max_minutes must be at least 0 (0 = no limit)"),
+        (cfg.vocab_size >= 2, "vocab_size must be at least 2"),
+        (cfg.model.max_length >= 1, "model.max_length must be at least 1"),
+        (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (cfg.model.n_embd >= 1 and cfg.model.n_layer >= 1 and cfg.model.hidden_size >= 1,
+         "model.n_embd, model.n_layer and model.hidden_size must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(f"Classifier setting {message}.")
 
 
 def save_classifier(out: Path, model: TextClassifier, tokenizer: TextTokenizer, labels: list[str],
                     body_config: ModelConfig | None, info: dict) -> None:
-    ckpt.save_weights(out / "model.safetensors", model, {"format": "pt"})
-    tokenizer.save(out / "tokenizer.json")
-    atomic_write_json(out / "config.json", {
-        "format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "task": TASK,
-        "classifier": dataclasses.asdict(model.cfg), "labels": labels,
+    write_checkpoint(out, unique_state_dict(model), tokenizer, {
+        "task": TASK, "classifier": dataclasses.asdict(model.cfg), "labels": labels,
         "body": dataclasses.asdict(body_config) if body_config is not None else None, **info,
     })
 
 
 def is_classifier(path: str | Path) -> bool:
     try:
-        return json.loads((Path(path) / "config.json").read_text("utf-8")).get("task") == TASK
-    except (OSError, ValueError, AttributeError):
+        return open_checkpoint(path).is_classifier
+    except UserError:
         return False
 
 
 def load_classifier(path: str | Path, device: str = "cpu") -> tuple[TextClassifier, TextTokenizer, list[str]]:
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} is not an lmforge checkpoint (no config.json).")
-    data = json.loads((path / "config.json").read_text("utf-8"))
-    if data.get("format") != ckpt.FORMAT or data.get("task") != TASK:
-        raise UserError(f"{path} is not an lmforge classifier checkpoint.")
+    checkpoint = open_checkpoint(path)
+    if not checkpoint.is_classifier:
+        raise UserError(f"{path} is a language model, not a classifier; train one with `lmforge train-classifier`.")
+    data = checkpoint.metadata
     mcfg = ClassifierConfig(**data["classifier"])
     labels = data["labels"]
     if data.get("body"):
@@ -266,8 +322,5 @@ def load_classifier(path: str | Path, device: str = "cpu") -> tuple[TextClassifi
     else:
         body = BiLSTMEncoder(mcfg)
     model = TextClassifier(body, body_width(body), len(labels), mcfg)
-    for name in ("model.safetensors", "tokenizer.json"):
-        if not (path / name).is_file():
-            raise UserError(f"Checkpoint {path} is incomplete: {name} is missing.")
-    ckpt.load_weights(path / "model.safetensors", model)
-    return model.to(resolve_device(device)).eval(), load_tokenizer(path / "tokenizer.json"), labels
+    load_weights(checkpoint.path / "model.safetensors", model)
+    return model.to(resolve_device(device)).eval(), checkpoint.tokenizer(), labels

@@ -1,0 +1,156 @@
+"""The checkpoint format, and the one place that opens any checkpoint.
+
+An lmforge checkpoint is a directory of safetensors and JSON, never pickle:
+
+    DIR/config.json          {"format": "lmforge-checkpoint", "version": 1, "config": {...},
+                              "step": .., "val_loss": .., "chat_template": .., "task": ..}
+    DIR/model.safetensors    the best weights so far (what `lmforge generate DIR` uses)
+    DIR/tokenizer.json       the tokenizer
+    DIR/adapter.safetensors  LoRA runs only: the adapters alone
+    DIR/train_state/         what `--resume` needs (written by lmforge.training.state)
+
+`open_checkpoint(path)` reads the metadata of any checkpoint without loading weights:
+an lmforge run, an lmforge classifier, or a foreign format through its reader below
+this module (a Hugging Face model directory: `lmforge.interop.hf`). Every command and
+library function that takes a checkpoint goes through it; nothing else reads
+`config.json` by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lmforge.config import Config, config_from_dict
+from lmforge.errors import UserError
+from lmforge.io import atomic_write_json
+from lmforge.tokenizers import TextTokenizer, load_tokenizer
+from lmforge.weights import load_weights, save_tensors, unique_state_dict
+
+FORMAT = "lmforge-checkpoint"
+FORMAT_VERSION = 1
+LANGUAGE_MODEL, CLASSIFIER, HUGGING_FACE = "lmforge", "classifier", "huggingface"
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """What the checkpoint says about generating with it."""
+
+    eos_token_ids: tuple[int, ...] = ()  # every id that ends a sequence (besides the tokenizer's end-of-text)
+    sampling: dict[str, Any] = field(default_factory=dict)  # recommended temperature, top_p, top_k, ...
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint's metadata, read without loading its weights."""
+
+    path: Path
+    kind: str  # LANGUAGE_MODEL, CLASSIFIER or HUGGING_FACE
+    config: Config | None  # the language model's run config (None for a classifier)
+    metadata: dict[str, Any]  # the rest: step, val_loss, labels, finetuned_from, ...
+    chat_template: str | None = None
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.kind == CLASSIFIER
+
+    def load(self, device: torch.device | str = "cpu") -> tuple[nn.Module, TextTokenizer]:
+        """The language model (eval mode, float32) and its tokenizer."""
+        if self.kind == CLASSIFIER:
+            raise UserError(f"{self.path} is a text classifier; use `lmforge classify {self.path}` or "
+                            f"`lmforge eval {self.path} --data FILE`.")
+        if self.kind == HUGGING_FACE:
+            from lmforge.interop.hf import import_hf
+
+            model, tokenizer, _ = import_hf(self.path, device)
+            return model, tokenizer
+        from lmforge.models import build_model
+
+        model = build_model(self.config.model)
+        load_weights(self.path / "model.safetensors", model)
+        return model.to(device).eval(), self.tokenizer()
+
+    def tokenizer(self) -> TextTokenizer:
+        if self.kind == HUGGING_FACE:
+            from lmforge.interop.hf import load_hf_tokenizer
+
+            return load_hf_tokenizer(self.path)
+        return load_tokenizer(self.path / "tokenizer.json")
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Read any checkpoint's metadata; a clear error when `path` is none."""
+    from lmforge.interop import hf
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"Checkpoint {path} does not exist.")
+    if hf.is_hf_dir(path):
+        config, template, eos_ids, sampling = hf.read_hf_metadata(path)
+        return Checkpoint(path, HUGGING_FACE, config, {"imported_from": str(path.resolve())}, template,
+                          GenerationDefaults(tuple(eos_ids), sampling))
+    config_file = path / "config.json"
+    if not path.is_dir() or not config_file.is_file():
+        raise UserError(f"{path} is not an lmforge checkpoint (no config.json); give a run directory.")
+    try:
+        data = json.loads(config_file.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_file} is not valid JSON ({e}); the checkpoint is corrupt.") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise UserError(f"{path} is not an lmforge checkpoint ({config_file} was written by another tool).")
+    if data.get("version", 0) > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer lmforge; upgrade lmforge to read it.")
+    for name in ("model.safetensors", "tokenizer.json"):
+        if not (path / name).is_file():
+            raise UserError(f"Checkpoint {path} is incomplete: {name} is missing.")
+    template = data.get("chat_template") if isinstance(data.get("chat_template"), str) else None
+    if data.get("task") == "classification":
+        return Checkpoint(path, CLASSIFIER, None, data, template)
+    config = config_from_dict(data.get("config", {}), source=str(config_file))
+    # Generation ends at the tokenizer's end-of-text token; nothing else to declare.
+    return Checkpoint(path, LANGUAGE_MODEL, config, data, template)
+
+
+def load_checkpoint(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, TextTokenizer, Config]:
+    """Open a language-model checkpoint: the model (in eval mode), its tokenizer and its config."""
+    checkpoint = open_checkpoint(path)
+    model, tokenizer = checkpoint.load(device)
+    return model, tokenizer, checkpoint.config
+
+
+def write_checkpoint(out: Path, tensors: dict[str, torch.Tensor], tokenizer: TextTokenizer,
+                     metadata: dict[str, Any]) -> None:
+    """Write weights, tokenizer and config.json (last, so a complete directory has a config)."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors(out / "model.safetensors", tensors)
+    tokenizer.save(out / "tokenizer.json")
+    atomic_write_json(out / "config.json", {"format": FORMAT, "version": FORMAT_VERSION, **metadata})
+
+
+def save_checkpoint(
+    out: Path, model: nn.Module, config: Config, tokenizer: TextTokenizer, info: dict[str, Any]
+) -> None:
+    """Write a language model, its config and tokenizer: the checkpoint that other commands use.
+
+    A model with LoRA adapters is written merged (a plain model every command reads);
+    the adapters alone go to adapter.safetensors beside it.
+    """
+    from lmforge.training.lora import adapter_state_dict, has_lora, merged_state_dict
+
+    tensors = unique_state_dict(model)
+    if has_lora(model):
+        tensors = {k: v.cpu() for k, v in merged_state_dict(model, tensors).items()}
+        adapters = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
+        ft = config.finetune
+        adapter_info = {"base": ft.init_from, "rank": str(ft.lora_rank), "alpha": str(ft.lora_alpha),
+                        "targets": ft.lora_targets, "format": "pt"}
+        save_tensors(out / "adapter.safetensors", adapters, adapter_info)
+    write_checkpoint(out, tensors, tokenizer, {"config": config.to_dict(), **info})

@@ -1,0 +1,132 @@
+"""What a training run reports: metrics.jsonl, loss.png, and progress on the terminal.
+
+Shared by every trainer (language models, classifiers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from lmforge.io import atomic_write, atomic_write_text
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step, appended and flushed as training goes.
+
+    On resume, lines logged after the saved state are dropped (they will be logged again),
+    and so is a damaged last line (what a full disk or a kill mid-write leaves behind).
+    """
+
+    def __init__(self, path: Path, keep_until_step: int | None, write: bool = True):
+        self.path = path
+        self.history: list[dict[str, Any]] = []
+        self.file = None
+        if not write:  # another process writes the file (distributed training)
+            return
+        if keep_until_step is not None and path.exists():
+            for line in path.read_text("utf-8", errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    break  # a truncated line ends what can be trusted
+                if isinstance(record, dict) and record.get("step", math.inf) <= keep_until_step:
+                    self.history.append(record)
+        self.rewrite()
+        self.file = open(path, "a", encoding="utf-8")
+
+    def rewrite(self) -> None:
+        """Write the whole history again (after a record changed)."""
+        reopen = self.file is not None
+        if reopen:
+            self.file.close()
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
+        if reopen:
+            self.file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    @property
+    def last_step(self) -> int:
+        return self.history[-1]["step"] if self.history else 0
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+            self.file = None
+
+
+def write_loss_plot(history: list[dict[str, Any]], path: Path) -> None:
+    """A PNG of training and validation loss against step (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train", alpha=0.8)
+    if val:
+        ax.plot([s for s, _ in val], [v for _, v in val], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+class Reporter:
+    """Progress on stderr: a live bar on a terminal; evaluation lines always."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        from tqdm import tqdm
+
+        self.enabled = enabled
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True,
+                        file=sys.stderr, unit="step", leave=False)
+
+    def step(self, record: dict[str, Any] | None) -> None:
+        if record is not None:
+            self.bar.set_postfix_str(postfix(record))
+        self.bar.update(1)
+
+    def evaluation(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            self.bar.write(eval_line(record))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def postfix(record: dict[str, Any]) -> str:
+    text = f"loss {record['train_loss']:.3f}" if "train_loss" in record else ""
+    for key, value in record.items():
+        if key.startswith("val_") and isinstance(value, float) and key != "val_ppl":
+            text += f" {key[4:]} {value:.3f}"
+    if "tokens_per_s" in record:
+        text += f" {record['tokens_per_s'] / 1000:.1f}k tok/s"
+    return text.strip()
+
+
+def eval_line(record: dict[str, Any]) -> str:
+    """`step    250 | train 1.9876 | val 2.0011 | ppl 7.40 | 12.3s` (classifiers: their scores)."""
+    parts = [f"step {record['step']:>6}"]
+    if "train_loss" in record:
+        parts.append(f"train {record['train_loss']:.4f}")
+    for key, value in record.items():
+        if key.startswith("val_") and isinstance(value, float):
+            name = {"val_loss": "val", "val_ppl": "ppl"}.get(key, key[4:].replace("_", " "))
+            parts.append(f"{name} {value:.2f}" if key == "val_ppl" else f"{name} {value:.4f}")
+    parts.append(f"{record['elapsed_s']:.1f}s")
+    return " | ".join(parts)

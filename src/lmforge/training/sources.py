@@ -1,0 +1,142 @@
+"""Batch sources: where the trainer's batches come from, and how a batch becomes a loss.
+
+The trainer's loop knows one interface, whatever the model:
+
+    batch = source.next_batch()            # the next training batch
+    loss = source.loss(model, batch)       # forward pass, returns the mean loss
+    source.validation_score(model, dtype)  # {"val_loss": ...} (or accuracy for a classifier)
+    source.state_dict() / load_state_dict  # its position, saved with the training state
+
+Language models come in two kinds:
+- `WindowSource`: random windows of the token stream (Transformers, as nanoGPT does);
+- `StreamSource`: consecutive windows of contiguous streams with the hidden state of a
+  recurrent model carried from one batch to the next (truncated backpropagation through
+  time); the carried state is part of the source's saved state, so resume stays exact.
+The classifier's source (`ExampleSource`) lives with the classifier trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from lmforge.data.batches import IGNORE, ContiguousStreams, RandomWindows, fixed_windows, windows_to_tensors
+from lmforge.device import autocast
+
+
+class BatchSource(Protocol):
+    def next_batch(self) -> Any: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
+
+    def validation_score(self, model: nn.Module, dtype: torch.dtype) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+class WindowSource:
+    """Random training windows; validation on fixed, evenly spaced windows."""
+
+    def __init__(self, train: np.ndarray, val: np.ndarray, window: int, batch_size: int, eval_batches: int,
+                 seed: int, device: torch.device, train_mask: np.ndarray | None = None,
+                 val_mask: np.ndarray | None = None):
+        self.sampler = RandomWindows(train, window, batch_size, seed, device, train_mask)
+        self.val, self.val_mask = val, val_mask
+        self.val_starts = fixed_windows(val, window, eval_batches * batch_size)
+        self.window, self.batch_size, self.device = window, batch_size, device
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sampler.next_batch()
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return model(*batch)[1]
+
+    def validation_score(self, model: nn.Module, dtype: torch.dtype) -> dict[str, float]:
+        return {"val_loss": window_loss(model, self.val, self.val_starts, self.window, self.batch_size,
+                                        self.device, dtype, self.val_mask)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class StreamSource:
+    """Contiguous streams for a recurrent model, its hidden state carried between batches."""
+
+    def __init__(self, train: np.ndarray, val: np.ndarray, window: int, batch_size: int, device: torch.device):
+        self.streams = ContiguousStreams(train, window, batch_size, device)
+        self.val, self.window, self.batch_size, self.device = val, window, batch_size, device
+        self.carry: tuple[torch.Tensor, ...] | None = None
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.streams.next_batch()
+        if self.streams.wrapped:
+            self.carry = None  # the streams start over: so does the hidden state
+        return batch
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        state = self.carry if self.carry is None or len(self.carry) > 1 else self.carry[0]
+        _, loss, new_state = model(*batch, state=state, return_state=True)
+        new_state = new_state if isinstance(new_state, tuple) else (new_state,)
+        self.carry = tuple(t.detach() for t in new_state)  # truncate backpropagation here
+        return loss
+
+    def validation_score(self, model: nn.Module, dtype: torch.dtype) -> dict[str, float]:
+        return {"val_loss": stream_loss(model, self.val, self.window, self.batch_size, self.device, dtype)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = dict(self.streams.state_dict())
+        for i, t in enumerate(self.carry or ()):
+            state[f"carry.{i}"] = t
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.streams.load_state_dict(state)
+        carry = [state[f"carry.{i}"].to(self.device) for i in range(len(state)) if f"carry.{i}" in state]
+        self.carry = tuple(carry) or None
+
+
+@torch.no_grad()
+def window_loss(model: nn.Module, tokens, starts, length: int, batch_size: int, device: torch.device,
+                dtype: torch.dtype, mask=None) -> float:
+    """Mean next-token loss over fixed windows (every scored token weighs the same)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device)
+    count = torch.zeros((), device=device)
+    for i in range(0, len(starts), batch_size):
+        x, y = windows_to_tensors(tokens, starts[i:i + batch_size], length, device, mask)
+        scored = (y != IGNORE).sum()
+        if mask is not None and scored.item() == 0:
+            continue
+        with autocast(device, dtype):
+            _, loss = model(x, y)
+        total += loss.float() * scored
+        count += scored
+    model.train(was_training)
+    return total.item() / max(count.item(), 1)
+
+
+@torch.no_grad()
+def stream_loss(model: nn.Module, tokens, length: int, batch_size: int, device: torch.device,
+                dtype: torch.dtype) -> float:
+    """Mean loss of a recurrent model over the whole split, carrying its state window to window."""
+    was_training = model.training
+    model.eval()
+    streams = ContiguousStreams(tokens, length, min(batch_size, max(1, (len(tokens) - 1) // length)), device)
+    total, state = torch.zeros((), device=device), None
+    windows = streams.windows_per_pass()
+    for _ in range(windows):
+        x, y = streams.next_batch()
+        with autocast(device, dtype):
+            _, loss, state = model(x, y, state=state, return_state=True)
+        total += loss.float()
+    model.train(was_training)
+    return total.item() / windows
