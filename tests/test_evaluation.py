@@ -62,7 +62,7 @@ def test_strides_score_every_token_exactly_once():
             assert first - begin >= min(first, context - stride + 1) or begin == 0
             scored.extend(range(first, end))
         assert scored == list(range(1, n)), (n, context, stride)
-    with pytest.raises(UserError, match="--stride must be between 1 and the context"):
+    with pytest.raises(UserError, match="^stride must be between 1 and the context"):
         sliding_windows(10, 4, 5)
 
 

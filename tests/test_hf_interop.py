@@ -223,7 +223,7 @@ def test_eval_of_an_imported_model_needs_data(tmp_path, hf_tokenizer_dir, shakes
 
     folder = save_tiny_hf_model("gpt2", tmp_path / "gpt2", hf_tokenizer_dir)
     assert main(["eval", str(folder)]) == 2
-    assert "pass --data FILE" in capsys.readouterr().err
+    assert "give a text to evaluate it on (data). (command line: --data)" in capsys.readouterr().err
     assert main(["eval", str(folder), "--data", str(shakespeare_excerpt), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert 4.0 < report["loss"] < 7.0  # a random 300-token model: near ln(300) = 5.7

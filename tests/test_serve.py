@@ -19,7 +19,7 @@ from lmforge.chat import chat_template_of, terminal_chat  # noqa: E402
 from lmforge.checkpoint import load_checkpoint  # noqa: E402
 from lmforge.evaluation.perplexity import token_nll  # noqa: E402
 from lmforge.generation import GenerationConfig, generate  # noqa: E402
-from lmforge.serving.engine import Engine, QueueFull, Sampling, Sequence  # noqa: E402
+from lmforge.serving.engine import Engine, QueueFull, Sequence  # noqa: E402
 from lmforge.serving.server import ServerSettings, create_app  # noqa: E402
 from lmforge.training.trainer import train  # noqa: E402
 
@@ -213,7 +213,7 @@ def test_bounded_queue_refuses_instead_of_stalling(checkpoint):
     loop = asyncio.new_event_loop()
     try:
         engine.close()  # a stopped worker: the queue only fills
-        make = lambda i: Sequence([1, 2], 5, Sampling(), [], i, asyncio.Queue(), loop)  # noqa: E731
+        make = lambda i: Sequence([1, 2], GenerationConfig(max_new_tokens=5), i, asyncio.Queue(), loop)  # noqa: E731
         engine.submit([make(0), make(1)])
         with pytest.raises(QueueFull):
             engine.submit([make(2)])

@@ -63,8 +63,8 @@ class Checkpoint:
     def load(self, device: torch.device | str = "cpu") -> tuple[nn.Module, TextTokenizer]:
         """The language model (eval mode, float32) and its tokenizer."""
         if self.kind == CLASSIFIER:
-            raise UserError(f"{self.path} is a text classifier; use `lmforge classify {self.path}` or "
-                            f"`lmforge eval {self.path} --data FILE`.")
+            raise UserError(f"{self.path} is a text classifier; label texts with it (`lmforge classify`) or "
+                            f"evaluate it on labeled data (`lmforge eval` with data).", settings=("data",))
         if self.kind == HUGGING_FACE:
             from lmforge.interop.hf import import_hf
 

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from lmforge.errors import TrainingInterrupted, UserError
@@ -28,6 +29,53 @@ SHORT_FLAGS = {
     "--batch-size": "train.batch_size",
     "--lr": "optim.lr",
 }
+
+# Flags that several commands share, declared once with one default each.
+SHARED_FLAGS: dict[str, dict] = {
+    "--device": {"default": "auto", "help": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"},
+    "--dtype": {"default": "float32", "choices": ["float32", "bfloat16", "float16"],
+                "help": "precision of the weights"},
+    "--quantize": {"default": "none", "choices": ["none", "int8"],
+                   "help": "int8 weight-only quantisation of the linear layers"},
+    "--adapter": {"default": None, "help": "a LoRA adapter.safetensors (or its folder) to merge into CHECKPOINT"},
+}
+
+
+def _shared(parser: argparse.ArgumentParser, *flags: str) -> None:
+    for flag in flags:
+        parser.add_argument(flag, **SHARED_FLAGS[flag])
+
+
+def _unescape(text: str) -> str:
+    r"""`--stop "\n\n"` means two newlines, as in C, Python and the shell's printf."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def _generation_flags(parser: argparse.ArgumentParser, **defaults) -> None:
+    """One flag per GenerationConfig setting (`top_p` → `--top-p`), with its help and default."""
+    from lmforge.generation import generation_settings
+
+    group = parser.add_argument_group("generation settings")
+    for name, kind, default, help, _, _ in generation_settings():
+        flag = "--" + name.replace("_", "-")
+        default = defaults.get(name, default)
+        if kind is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=help)
+        elif name == "stop":
+            group.add_argument(flag, dest=name, action="append", type=_unescape, default=None,
+                               help=help + r" (repeatable; \n and \t are understood)")
+        else:
+            number = int if kind in (int, int | None) else float
+            group.add_argument(flag, dest=name, type=number, default=default, help=f"{help} (default {default})")
+
+
+def _generation_config(args: argparse.Namespace, **changes):
+    from lmforge.generation import GenerationConfig, generation_settings
+
+    values = {name: getattr(args, name) for name, *_ in generation_settings()}
+    values["stop"] = tuple(values["stop"] or ())
+    values.update(changes)
+    return GenerationConfig(**values)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,25 +99,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     return {k: v for k, v in vars(args).items() if k in field_types() and v is not None}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lmforge",
-        description="Train, evaluate, generate with and serve autoregressive language models.",
-    )
-    parser.add_argument("--version", action="version", version=f"lmforge {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+def _run_flags(p: argparse.ArgumentParser, what: str = "run") -> None:
+    p.add_argument("--resume", action="store_true", help=f"continue the {what} in --out from its saved state")
+    p.add_argument("--overwrite", action="store_true", help=f"replace a {what} already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _parser_train(sub) -> None:
     p = sub.add_parser("train", help="train a model from a preset (default: shakespeare-char)",
                        description="Train a model. Text files are prepared on the fly into the cache.")
     p.add_argument("--preset", default="shakespeare-char", help="preset name or a .toml file")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its saved state")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--compile", dest="train.compile", action="store_const", const="true",
                    help="use torch.compile (= --train.compile true)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _run_flags(p)
     _add_config_flags(p)
 
+
+def _parser_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a checkpoint or Hugging Face model on text or instruction data",
                        description="Fine-tune a pretrained model (full or LoRA). --data takes plain text, or "
                                    "JSONL with prompt/response or chat messages (loss on the replies only).")
@@ -81,11 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated layers (attn.c_attn, mlp.c_fc, ... or q_proj, up_proj, ...; all-linear)")
     p.add_argument("--layer-lr-decay", dest="finetune.layer_lr_decay", help="layer-wise learning-rate decay")
     p.add_argument("--seq-len", dest="finetune.seq_len", help="training window in tokens")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    _run_flags(p)
     _add_config_flags(p)
 
+
+def _parser_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize text into a prepared data directory",
                        description="Read text (files, folders, JSONL), train or load a tokenizer, "
                                    "split, and write token files plus meta.json.")
@@ -102,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dedup", action="store_true", help="drop duplicate documents")
     p.add_argument("--overwrite", action="store_true")
 
+
+def _parser_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint, streaming",
                        description="Continue one or more prompts. Text streams to the terminal as it is "
                                    "produced; several prompts (or --no-stream) print when done.")
@@ -110,26 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", help="one prompt per line ('-' reads standard input)")
     p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
     p.add_argument("--no-stream", action="store_true", help="print each result when it is complete")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search when > 1")
-    p.add_argument("--length-penalty", type=float, default=1.0)
-    p.add_argument("--ignore-eot", action="store_true", help="keep going after <|endoftext|>")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--strict", action="store_true", help="refuse prompts longer than the context")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8 weight-only quantisation of linear layers")
-    p.add_argument("--adapter", help="a LoRA adapter.safetensors (or its folder) to merge into CHECKPOINT")
+    _shared(p, "--device", "--dtype", "--quantize", "--adapter")
+    _generation_flags(p, max_new_tokens=200, temperature=0.8)
 
+
+def _parser_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint (perplexity, bits/byte) or score hypotheses",
                        description="Language-model metrics of CHECKPOINT on --data (default: its validation "
                                    "split), or BLEU/chrF/ROUGE/accuracy of --hyp (or of greedy "
@@ -144,12 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", action="append", default=[], help="references, one per line (repeat for more sets)")
     p.add_argument("--prompts", help="generate hypotheses from these prompts (one per line) with CHECKPOINT")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--quantize", choices=["none", "int8"], default="none")
+    _shared(p, "--device", "--dtype", "--quantize", "--adapter")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--output", help="also write the JSON result to this file")
 
+
+def _parser_train_classifier(sub) -> None:
     p = sub.add_parser("train-classifier", help="train a text classifier (e.g. sentiment) on labeled data",
                        description="Train a classifier on TSV/CSV (with a header) or JSONL: a bidirectional "
                                    "LSTM from scratch, or the body of a language-model checkpoint (--init).")
@@ -177,52 +210,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0 = each epoch)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this many minutes")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    _shared(p, "--device")
+    _run_flags(p, "training")
 
+
+def _parser_classify(sub) -> None:
     p = sub.add_parser("classify", help="label texts with a classifier checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--text", action="append", default=None, help="a text (repeatable)")
     p.add_argument("--file", help="one text per line ('-' = standard input)")
-    p.add_argument("--device", default="cpu")
+    _shared(p, "--device")
     p.add_argument("--json", action="store_true")
 
+
+def _parser_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API with a web chat page")
     p.add_argument("checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--quantize", choices=["int8"], default=None)
-    p.add_argument("--adapter", help="a LoRA adapter.safetensors (or its folder) to merge into CHECKPOINT")
+    _shared(p, "--device", "--dtype", "--quantize", "--adapter")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (1 = no batching)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting sequences before answering 503")
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="the most tokens one request may ask for")
 
+
+def _parser_chat(sub) -> None:
     p = sub.add_parser("chat", help="chat with a checkpoint in the terminal")
     p.add_argument("checkpoint")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="reply length (default: 256 or half the context)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--adapter", help="a LoRA adapter.safetensors (or its folder) to merge into CHECKPOINT")
+    _shared(p, "--device", "--dtype", "--quantize", "--adapter")
+    _generation_flags(p, temperature=0.8, top_p=0.95, max_new_tokens=None)
 
+
+def _parser_convert(sub) -> None:
     p = sub.add_parser("convert", help="import a Hugging Face model directory as an lmforge checkpoint")
     p.add_argument("hf_dir", help="folder with config.json, weights and tokenizer files")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--overwrite", action="store_true")
 
+
+def _parser_export(sub) -> None:
     p = sub.add_parser("export", help="write a GPT checkpoint as a Hugging Face model directory")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="directory that transformers will load")
     p.add_argument("--overwrite", action="store_true")
 
+
+def _parser_presets(sub) -> None:
     p = sub.add_parser("presets", help="list presets, or show one")
     p.add_argument("--show", metavar="NAME", help="print the full resolved config of a preset")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="Train, evaluate, generate with and serve autoregressive language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"lmforge {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add_parser in PARSERS:
+        add_parser(sub)
     return parser
 
 
@@ -319,21 +368,15 @@ def _read_text(path: str) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmforge.generation import GenerationConfig, generate, stream
+    from lmforge.generation import generate, stream
     from lmforge.inference import load_for_inference
 
+    config = _generation_config(args)  # checked before the model loads
     model, tokenizer = load_for_inference(args.checkpoint, args.device, args.dtype, args.quantize, args.adapter)
     prompts = _read_prompts(args)
     warn = lambda message: print(f"lmforge: warning: {message}", file=sys.stderr)  # noqa: E731
     for i in range(args.num_samples):
-        cfg = GenerationConfig(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-            stop=args.stop, stop_at_eot=not args.ignore_eot, num_beams=args.num_beams,
-            length_penalty=args.length_penalty, strict=args.strict,
-            seed=None if args.seed is None else args.seed + i,
-        )
+        cfg = replace(config, seed=None if config.seed is None else config.seed + i)
         if args.no_stream or len(prompts) > 1:
             for prompt, text in zip(prompts, generate(model, tokenizer, prompts, cfg, warn), strict=True):
                 print(prompt + text)
@@ -369,7 +412,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UserError("--prompts needs a CHECKPOINT to generate with.")
         if not args.ref:
             raise UserError("Give the references for the prompts with --ref.")
-        hyps = generate_hypotheses(args.checkpoint, args.prompts, args.max_new_tokens, args.device)
+        hyps = generate_hypotheses(args.checkpoint, args.prompts, args.max_new_tokens, args.device, args.adapter)
         result = score_lines(hyps, [_read_lines(r) for r in args.ref], metrics)
     elif args.checkpoint and _is_classifier(args.checkpoint):
         if not args.data:
@@ -382,8 +425,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = {"checkpoint": args.checkpoint, "data": args.data, "examples": len(texts),
                   **evaluate_classifier(model, tokenizer, labels, texts, gold, args.device)}
     elif args.checkpoint:
-        result = evaluate(args.checkpoint, args.data, args.context, args.stride, args.batch_size,
-                          args.device, progress=sys.stderr.isatty(), dtype=args.dtype, quantize=args.quantize)
+        result = evaluate(args.checkpoint, args.data, args.context, args.stride, args.batch_size, args.device,
+                          progress=sys.stderr.isatty(), dtype=args.dtype, quantize=args.quantize,
+                          adapter=args.adapter)
     else:
         raise UserError("Give a CHECKPOINT to evaluate, or --hyp and --ref files to score.")
     if args.output:
@@ -407,7 +451,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         model=ClassifierConfig(body=args.body, n_embd=args.n_embd, hidden_size=args.hidden_size, n_layer=args.n_layer,
                                dropout=args.dropout, pooling=args.pooling, max_length=args.max_length),
     )
-    result = train_classifier(cfg, overwrite=args.overwrite)
+    result = train_classifier(cfg, overwrite=args.overwrite, resume=args.resume)
     print(f"Done: {result['steps']} steps in {result['elapsed_s']:.0f}s, best validation accuracy "
           f"{result['best_val_accuracy']:.4f}. Checkpoint: {result['out']}")
     return 0
@@ -457,17 +501,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from lmforge.chat import chat_template_of, terminal_chat
-    from lmforge.generation import GenerationConfig
     from lmforge.inference import load_for_inference
 
-    model, tokenizer = load_for_inference(args.checkpoint, args.device, adapter=args.adapter)
+    _generation_config(args, max_new_tokens=args.max_new_tokens or 1)  # settings checked before loading
+    model, tokenizer = load_for_inference(args.checkpoint, args.device, args.dtype, args.quantize, args.adapter)
     if args.max_new_tokens is None:
         args.max_new_tokens = min(256, model.block_size // 2)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed)
-    config.validate()
     if args.max_new_tokens >= model.block_size:
         raise UserError(f"--max-new-tokens must be below the model's context ({model.block_size}).")
+    config = _generation_config(args)
     terminal_chat(model, tokenizer, chat_template_of(args.checkpoint, args.adapter), config, system=args.system)
     return 0
 
@@ -522,10 +564,33 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "prepare": cmd_prepare, "generate": cmd_generate,
-            "eval": cmd_eval, "train-classifier": cmd_train_classifier, "classify": cmd_classify,
-            "serve": cmd_serve, "chat": cmd_chat,
-            "convert": cmd_convert, "export": cmd_export, "presets": cmd_presets}
+# name: (parser, command); the parser functions above each add one subcommand.
+SUBCOMMANDS = {
+    "train": (_parser_train, cmd_train), "finetune": (_parser_finetune, cmd_finetune),
+    "prepare": (_parser_prepare, cmd_prepare), "generate": (_parser_generate, cmd_generate),
+    "eval": (_parser_eval, cmd_eval), "train-classifier": (_parser_train_classifier, cmd_train_classifier),
+    "classify": (_parser_classify, cmd_classify), "serve": (_parser_serve, cmd_serve),
+    "chat": (_parser_chat, cmd_chat), "convert": (_parser_convert, cmd_convert),
+    "export": (_parser_export, cmd_export), "presets": (_parser_presets, cmd_presets),
+}
+PARSERS = [parser for parser, _ in SUBCOMMANDS.values()]
+
+
+def flags_for(parser: argparse.ArgumentParser, command: str, settings: tuple[str, ...]) -> list[str]:
+    """The flags of `command` that set the named settings (`data.encoding` → `--data.encoding`,
+    `stride` → `--stride`, `device` → `--device`)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    found = []
+    for setting in settings:
+        for action in sub._actions:
+            names = {action.dest, action.dest.rsplit(".", 1)[-1]}
+            dashed = {"--" + setting, "--" + setting.replace("_", "-")}
+            if (setting in names or dashed & set(action.option_strings)) and action.option_strings:
+                flag = min(action.option_strings, key=len)
+                if flag not in found:
+                    found.append(flag)
+                break
+    return found
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -533,18 +598,22 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     # `kill`, a job scheduler's preemption or torchrun stopping a run send SIGTERM: treat it
     # like Ctrl-C, so that training saves a state that --resume continues exactly.
     training = args.command in ("train", "finetune") and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if training else None
     try:
-        return COMMANDS[args.command](args)
+        return SUBCOMMANDS[args.command][1](args)
     except UserError as e:
-        print(f"lmforge: error: {e}", file=sys.stderr)
+        flags = flags_for(parser, args.command, e.settings)
+        hint = f" (command line: {', '.join(flags)})" if flags else ""
+        print(f"lmforge: error: {e}{hint}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
-        print(f"lmforge: {e} Continue with the same command plus --resume.", file=sys.stderr)
+        advice = " Continue with the same command plus --resume." if e.resumable else ""
+        print(f"lmforge: {e}{advice}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("lmforge: interrupted.", file=sys.stderr)

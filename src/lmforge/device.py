@@ -12,8 +12,10 @@ from lmforge.errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """'auto' picks cuda, then mps, then cpu; anything else must be available here."""
+    if isinstance(name, torch.device):
+        return name
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -25,9 +27,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise UserError(f"Unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("Device cuda was asked for but no CUDA GPU is available; use --device cpu.")
+        raise UserError("Device cuda was asked for but no CUDA GPU is available; use the cpu device.",
+                        settings=("device",))
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("Device mps was asked for but is not available; use --device cpu.")
+        raise UserError("Device mps was asked for but is not available; use the cpu device.", settings=("device",))
     return device
 
 
@@ -52,7 +55,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"Unknown dtype {name!r}; use auto, float32, bfloat16 or float16.")
     if name == "float16" and device.type == "cpu":
-        raise UserError("float16 training is for GPUs; on a CPU use --dtype bfloat16 or float32.")
+        raise UserError("float16 training is for GPUs; on a CPU use the dtype bfloat16 or float32.", settings=("dtype",))
     return DTYPES[name]
 
 

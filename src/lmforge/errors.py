@@ -9,7 +9,15 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """A problem with the user's input: message says what is wrong and how to fix it."""
+    """A problem with the user's input: the message says what is wrong and how to fix it.
+
+    Library code names settings as the Python API spells them (`stride`, `data.encoding`)
+    and lists them in `settings`; the CLI adds the command-line flags that set them.
+    """
+
+    def __init__(self, message: str, *, settings: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.settings = settings
 
 
 class TrainingInterrupted(Exception):

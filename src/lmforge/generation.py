@@ -21,48 +21,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import UserError
+from lmforge.generation_config import GenerationConfig, generation_settings  # noqa: F401  (re-exported)
 from lmforge.tokenizers import TextTokenizer
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 128
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # keep the k most likely tokens (0 = all)
-    top_p: float = 1.0  # keep the smallest set whose probability reaches p
-    min_p: float = 0.0  # drop tokens less likely than min_p × the most likely one
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text (prompt included)
-    presence_penalty: float = 0.0  # subtracted once from tokens already generated
-    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
-    stop: list[str] = field(default_factory=list)  # cut the text before the first of these
-    stop_at_eot: bool = True  # end a sequence when it produces <|endoftext|>
-    num_beams: int = 1  # > 1: beam search (deterministic; sampling options ignored)
-    length_penalty: float = 1.0  # beam score = log-probability / length ** length_penalty
-    early_stopping: bool = True  # beam search ends once num_beams hypotheses are finished
-    seed: int | None = None
-    strict: bool = False  # refuse prompts longer than the context instead of cropping them
-
-    def validate(self) -> None:
-        checks = [
-            (self.max_new_tokens >= 0, "max_new_tokens must be at least 0"),
-            (self.temperature >= 0, "temperature must be at least 0"),
-            (self.top_k >= 0, "top_k must be at least 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be positive"),
-            (self.num_beams >= 1, "num_beams must be at least 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(f"Generation setting {message}.")
-
 
 # ---- logits processing ----------------------------------------------------------------
 
@@ -128,7 +95,7 @@ def encode_prompt(tokenizer: TextTokenizer, prompt: str, block_size: int, strict
     if len(ids) > block_size:
         if strict:
             raise UserError(f"The prompt has {len(ids)} tokens but the model's context is {block_size}; "
-                            f"shorten it, or drop --strict to keep its last {block_size} tokens.")
+                            f"shorten it, or turn strict off to keep its last {block_size} tokens.", settings=("strict",))
         message = (f"The prompt has {len(ids)} tokens, more than the context ({block_size}); "
                    f"only its last {block_size} tokens are used.")
         (warn or (lambda m: warnings.warn(m, stacklevel=3)))(message)
@@ -300,7 +267,6 @@ def generate(model: nn.Module, tokenizer: TextTokenizer, prompts: str | list[str
              config: GenerationConfig | None = None, warn: Callable[[str], None] | None = None) -> list[str]:
     """The generated continuation of each prompt (prompts of any lengths, batched)."""
     cfg = config or GenerationConfig()
-    cfg.validate()
     texts = _check_prompts(prompts)
     encoded = [encode_prompt(tokenizer, p, model.block_size, cfg.strict, warn) for p in texts]
     if cfg.num_beams > 1:
@@ -320,7 +286,6 @@ def stream(model: nn.Module, tokenizer: TextTokenizer, prompt: str, config: Gene
            warn: Callable[[str], None] | None = None) -> Iterator[str]:
     """Yield pieces of the continuation as they settle; their concatenation equals `generate`'s text."""
     cfg = config or GenerationConfig()
-    cfg.validate()
     ids = encode_prompt(tokenizer, prompt, model.block_size, cfg.strict, warn)
     if cfg.num_beams > 1:
         yield from beam_search(model, tokenizer, ids, cfg)

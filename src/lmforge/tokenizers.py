@@ -113,7 +113,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> TextTok
     if vocab_size < 257:
         raise UserError(
             f"A byte-level BPE vocabulary needs at least 257 tokens (256 bytes + <|endoftext|>), "
-            f"not {vocab_size}; raise --data.vocab_size."
+            f"not {vocab_size}; raise data.vocab_size.", settings=("data.vocab_size",)
         )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

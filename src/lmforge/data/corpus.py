@@ -40,8 +40,8 @@ def read_text_file(path: Path, encoding: str = "utf-8", errors: str = "strict") 
     except UnicodeDecodeError as e:
         raise UserError(
             f"{path} is not valid {encoding}: byte 0x{raw[e.start]:02x} at offset {e.start} "
-            f"cannot be decoded; convert the file, or pass --data.encoding (e.g. latin-1) "
-            f"or --data.errors replace."
+            f"cannot be decoded; convert the file, or set data.encoding (e.g. latin-1) "
+            f"or data.errors to replace.", settings=("data.encoding", "data.errors")
         ) from None
     except LookupError:
         raise UserError(f"Unknown text encoding {encoding!r}; use e.g. utf-8 or latin-1.") from None
@@ -66,8 +66,8 @@ def _read_jsonl(path: Path, text_field: str, encoding: str, errors: str) -> list
     for lineno, record in json_lines(path, read_text_file(path, encoding, errors)):
         if not isinstance(record, dict) or text_field not in record:
             raise UserError(
-                f"{path}:{lineno} has no {text_field!r} field; pass --data.text_field with the "
-                f"name of the field that holds the text."
+                f"{path}:{lineno} has no {text_field!r} field; set data.text_field to the "
+                f"name of the field that holds the text.", settings=("data.text_field",)
             )
         if not isinstance(record[text_field], str):
             raise UserError(f"{path}:{lineno}: field {text_field!r} must be a string.")

@@ -158,7 +158,7 @@ def _prepare_conversations(files: list[Path], out_dir: Path, cfg: DataConfig) ->
     if not val_convs:
         if len(train_convs) < 2:
             raise UserError(f"{files[0]} holds {len(train_convs)} conversation; at least 2 are needed "
-                            f"(one to validate on), or pass --data.val_path.")
+                            f"(one to validate on), or give a validation file (data.val_path).", settings=("data.val_path",))
         n_val = max(1, int(len(train_convs) * cfg.val_fraction))
         train_convs, val_convs = train_convs[:-n_val], train_convs[-n_val:]
     texts = [render_chat(template, c, add_generation_prompt=False) for c in train_convs]

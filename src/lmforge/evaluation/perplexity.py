@@ -47,7 +47,7 @@ class PerplexityReport:
 def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first_scored) for each window; targets are the tokens at first_scored..end-1."""
     if not 0 < stride <= context:
-        raise UserError(f"--stride must be between 1 and the context ({context}), not {stride}.")
+        raise UserError(f"stride must be between 1 and the context ({context}), not {stride}.", settings=("stride",))
     windows, scored_until = [], 1  # token 0 has no left context: it is never scored
     for begin in range(0, n_tokens - 1, stride):
         end = min(begin + context + 1, n_tokens)  # inputs begin..end-2 predict begin+1..end-1
@@ -96,11 +96,14 @@ def evaluate_ids(model: nn.Module, tokenizer: TextTokenizer, ids: list[int], con
     context is unbounded: it reads each 8,192-token window from a fresh state)."""
     context = context or min(model.block_size, 8192)
     if context > model.block_size:
-        raise UserError(f"--context {context} is longer than the model's context ({model.block_size}).")
+        raise UserError(f"context {context} is longer than the model's context ({model.block_size}).",
+                        settings=("context",))
     stride = stride or context
     if len(ids) < 2:
         raise UserError(f"The text has {len(ids)} token(s); at least 2 are needed to score a prediction.")
-    nll = token_nll(model, ids, context, stride, batch_size, device, progress)
+    from lmforge.device import resolve_device
+
+    nll = token_nll(model, ids, context, stride, batch_size, resolve_device(device), progress)
     scored_text = tokenizer.decode(ids[1:], skip_special_tokens=False)
     n_bytes, n_chars = len(scored_text.encode("utf-8")), len(scored_text)
     total = float(nll.sum())

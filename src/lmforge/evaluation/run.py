@@ -15,7 +15,8 @@ METRICS = ("bleu", "chrf", "rouge", "accuracy")
 
 def evaluate(checkpoint: str | Path, data: str | Path | None = None, context: int | None = None,
              stride: int | None = None, batch_size: int = 8, device: str = "cpu",
-             progress: bool = False, dtype: str = "float32", quantize: str | None = None) -> dict:
+             progress: bool = False, dtype: str = "float32", quantize: str | None = None,
+             adapter: str | None = None) -> dict:
     """Language-model metrics of a checkpoint on a text file, a prepared directory, or (default)
     the validation split of the data it was trained on."""
     from lmforge.checkpoint import LANGUAGE_MODEL, open_checkpoint
@@ -27,9 +28,9 @@ def evaluate(checkpoint: str | Path, data: str | Path | None = None, context: in
     opened = open_checkpoint(checkpoint)
     if opened.kind != LANGUAGE_MODEL and data is None:  # an imported model has no training data of its own
         raise UserError(f"{checkpoint} is an imported model with no validation split of its own; "
-                        f"give a text to evaluate it on (data).")
+                        f"give a text to evaluate it on (data).", settings=("data",))
     config = opened.config
-    model, tokenizer = load_for_inference(str(checkpoint), device, dtype, quantize)
+    model, tokenizer = load_for_inference(str(checkpoint), device, dtype, quantize, adapter)
     if data is None:
         prepared = resolve_data(config.data, log=lambda _: None)
         ids = np.asarray(prepared.tokens("val")).tolist()
@@ -66,7 +67,7 @@ def score_files(hypotheses: str | Path, references: list[str | Path], metrics: l
     if unknown:
         raise UserError(f"Unknown metric {unknown[0]!r}; available: {', '.join(METRICS)}.")
     if not references:
-        raise UserError("Give at least one reference file with --ref.")
+        raise UserError("Give at least one reference file (refs).", settings=("ref",))
     hyps = _read_lines(hypotheses)
     refs = [_read_lines(r) for r in references]
     return score_lines(hyps, refs, metrics)
@@ -86,13 +87,12 @@ def score_lines(hyps: list[str], refs: list[list[str]], metrics: list[str]) -> d
 
 
 def generate_hypotheses(checkpoint: str | Path, prompts_file: str | Path, max_new_tokens: int = 64,
-                        device: str = "cpu") -> list[str]:
+                        device: str = "cpu", adapter: str | None = None) -> list[str]:
     """Greedy continuations of each prompt line, cut at the first newline."""
-    from lmforge.checkpoint import load_checkpoint
-    from lmforge.device import resolve_device
     from lmforge.generation import sample_tokens
+    from lmforge.inference import load_for_inference
 
-    model, tokenizer, _ = load_checkpoint(checkpoint, resolve_device(device))
+    model, tokenizer = load_for_inference(str(checkpoint), device, adapter=adapter)
     hyps = []
     for prompt in _read_lines(prompts_file):
         ids = tokenizer.encode(prompt)[-model.block_size:] or [tokenizer.eot_id or 0]

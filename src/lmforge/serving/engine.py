@@ -8,10 +8,9 @@ stop string, its max_tokens, or its client going away) and the batch ends when a
 have. A sequence with a seed is batched only with the other choices of its own
 request, so a seeded request gives the same text whatever else is running.
 
-Events go back to the asyncio side through `loop.call_soon_threadsafe`:
-    ("token", text, token_id, logprob, top_logprobs)   a settled piece of text
-    ("done", finish_reason, completion_tokens)          "stop" or "length"
-    ("error", message)
+Events go back to the asyncio side through `loop.call_soon_threadsafe`, as small
+dataclasses: `Token` (a settled piece of text), `Done` (finish reason and count) and
+`Failed` (a message).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -37,37 +36,52 @@ class QueueFull(Exception):
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """The settings that must agree for sequences to share a batch."""
+class Token:
+    """A settled piece of a choice's text, with the token that completed it (None: text
+    released at the end) and its log-probability and top alternatives when asked for."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    group: int = 0  # seeded requests: only their own choices share the batch
+    index: int
+    text: str
+    token_id: int | None = None
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass(frozen=True)
+class Done:
+    index: int
+    finish_reason: str  # "stop" or "length"
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    index: int
+    message: str
+
+
+Event = Token | Done | Failed
 
 
 @dataclass
 class Sequence:
-    """One choice of one request: its prompt, limits, and where its events go."""
+    """One choice of one request: its prompt, settings, and where its events go."""
 
     prompt_ids: list[int]
-    max_new_tokens: int
-    sampling: Sampling
-    stop: list[str]
+    config: GenerationConfig  # max_new_tokens, stop strings and sampling settings
     index: int  # the choice's index in its response
     events: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    group: int = 0  # seeded requests: only the choices of their own request share their batch
     logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
 
-    def emit(self, *event: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, *event))
+    def batch_key(self) -> tuple[GenerationConfig, int]:
+        return self.config.sampling_key(), self.group
+
+    def emit(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 @dataclass
@@ -148,7 +162,7 @@ class Engine:
                 while self.pending:
                     item = self.pending.popleft()
                     if (len(batch) < self.max_batch and isinstance(item, Sequence)
-                            and item.sampling == first.sampling):
+                            and item.batch_key() == first.batch_key()):
                         batch.append(item)
                     else:
                         rest.append(item)
@@ -157,7 +171,7 @@ class Engine:
                 self._run_batch(batch)
             except Exception as e:  # a bug must not kill the worker: report it to the clients
                 for s in batch:
-                    s.emit("error", f"generation failed: {type(e).__name__}: {e}")
+                    s.emit(Failed(s.index, f"generation failed: {type(e).__name__}: {e}"))
 
     @staticmethod
     def _run_job(job: _Job) -> None:
@@ -172,14 +186,9 @@ class Engine:
         self.stats["batches"] += 1
         self.stats["sequences"] += len(batch)
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
-        s0 = batch[0].sampling
-        cfg = GenerationConfig(
-            max_new_tokens=max(s.max_new_tokens for s in batch), temperature=s0.temperature, top_k=s0.top_k,
-            top_p=s0.top_p, min_p=s0.min_p, repetition_penalty=s0.repetition_penalty,
-            presence_penalty=s0.presence_penalty, frequency_penalty=s0.frequency_penalty, seed=s0.seed,
-        )
+        cfg = replace(batch[0].config.sampling_key(), max_new_tokens=max(s.config.max_new_tokens for s in batch))
         eot = self.tokenizer.eot_id
-        trackers = [TextTracker(self.tokenizer, s.stop) for s in batch]
+        trackers = [TextTracker(self.tokenizer, list(s.config.stop)) for s in batch]
         done = [s.cancelled for s in batch]
         produced = [0] * len(batch)
         top_k = max((s.logprobs or 0) for s in batch)
@@ -196,8 +205,8 @@ class Engine:
         def finish(row: int, reason: str) -> None:
             rest = trackers[row].take_new(final=True)
             if rest:
-                batch[row].emit("token", rest, None, None, None)
-            batch[row].emit("done", reason, produced[row])
+                batch[row].emit(Token(batch[row].index, rest))
+            batch[row].emit(Done(batch[row].index, reason, produced[row]))
             done[row] = True
 
         steps = decode_steps(self.model, [s.prompt_ids for s in batch], cfg, eot,
@@ -223,10 +232,10 @@ class Engine:
                         top = [(int(i), float(v)) for i, v in
                                zip(scores["top_ids"][row, :seq.logprobs], scores["top_values"][row, :seq.logprobs],
                                    strict=True)]
-                seq.emit("token", trackers[row].take_new(), t, lp, top)
+                seq.emit(Token(seq.index, trackers[row].take_new(), t, lp, top))
                 if trackers[row].stopped:
                     finish(row, "stop")
-                elif produced[row] >= seq.max_new_tokens:
+                elif produced[row] >= seq.config.max_new_tokens:
                     finish(row, "length")
             if all(done):
                 break

@@ -93,7 +93,8 @@ def _build(cfg: ClassifierTrainConfig, train_texts: list[str], n_classes: int):
         body = build_model(body_config)
         return tokenizer, TextClassifier(body, body_width(body), n_classes, mcfg), body_config
     if cfg.model.body != "bilstm":
-        raise UserError(f"Unknown classifier body {cfg.model.body!r}; use bilstm or gpt (or --init a checkpoint).")
+        raise UserError(f"Unknown classifier body {cfg.model.body!r}; use bilstm or gpt (or init from a checkpoint).",
+                        settings=("body", "init"))
     mcfg = dataclasses.replace(cfg.model, body="bilstm", vocab_size=tokenizer.vocab_size)
     body = BiLSTMEncoder(mcfg)
     return tokenizer, TextClassifier(body, body.width, n_classes, mcfg), None
@@ -104,7 +105,7 @@ def predict(model: TextClassifier, tokenizer: TextTokenizer, texts: list[str], b
             device: torch.device | str = "cpu") -> torch.Tensor:
     """Class probabilities (N, classes) for the texts."""
     model.eval()
-    device = torch.device(device)
+    device = resolve_device(device)
     encoded = encode_batch(tokenizer, texts, model.cfg.max_length)
     out = []
     for i in range(0, len(encoded), batch_size):
@@ -185,9 +186,11 @@ def _read_splits(cfg: ClassifierTrainConfig) -> tuple[list[str], list[str], list
 def _check_classifier_out(out: Path, resume: bool, overwrite: bool) -> None:
     has_state = (out / STATE_DIR).is_dir() or (out / f"{STATE_DIR}.old").is_dir()
     if resume and not has_state:
-        raise UserError(f"There is no classifier training to resume in {out}; start one without resume.")
+        raise UserError(f"There is no classifier training to resume in {out}; start one without resume.",
+                        settings=("resume",))
     if not resume and (out / "config.json").exists() and not overwrite:
-        raise UserError(f"{out} already holds a model; overwrite it, resume it, or choose another output folder.")
+        raise UserError(f"{out} already holds a model; overwrite it, resume it, or choose another output folder.",
+                        settings=("overwrite", "resume", "out"))
     if not resume and overwrite:
         for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", STATE_DIR):
             target = out / name

@@ -122,7 +122,8 @@ def evaluate(t: Trainee, s: Schedule, p: Progress) -> dict[str, float]:
     value = scores[s.monitor]
     if not math.isfinite(value):
         raise UserError(f"Training diverged: {s.monitor} is {value} at step {p.step}; lower the learning "
-                        f"rate (optim.lr) or set optim.grad_clip. The last good state is kept.")
+                        f"rate (optim.lr) or set optim.grad_clip. The last good state is kept.",
+                        settings=("optim.lr", "optim.grad_clip"))
     p.scores = scores
     better = math.isnan(p.best) or (value > p.best if s.higher_is_better else value < p.best)
     if better:

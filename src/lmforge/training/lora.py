@@ -124,7 +124,7 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     file = Path(path) / "adapter.safetensors" if Path(path).is_dir() else Path(path)
     if not file.is_file():
         raise UserError(f"No LoRA adapter at {path}: pass the adapter.safetensors that "
-                        "`lmforge finetune --lora-rank R` wrote, or its folder.")
+                        "a LoRA fine-tuning run (finetune.lora_rank > 0) wrote, or its folder.")
     try:
         with safe_open(str(file), framework="pt") as f:
             meta = f.metadata() or {}

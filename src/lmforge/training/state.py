@@ -1,4 +1,4 @@
-"""The resumable training state: `--resume` continues a run exactly from it.
+"""The resumable training state: resuming continues a run exactly from it.
 
     OUT/train_state/
         model.safetensors    the latest weights
@@ -92,14 +92,15 @@ def load_train_state(
     needed = ("model.safetensors", "state.safetensors", "state.json")
     if not all((folder / n).is_file() for n in needed):
         raise UserError(
-            f"{out} has no complete training state to resume from; start again with --overwrite."
-        )
+            f"{out} has no complete training state to resume from; start again with overwrite.",
+            settings=("overwrite",))
     load_weights(folder / "model.safetensors", model)
     try:
         tensors = read_tensors(folder / "state.safetensors")
         progress = json.loads((folder / "state.json").read_text("utf-8"))
     except (UserError, OSError, ValueError) as e:
-        raise UserError(f"The training state in {folder} is corrupt ({e}); start again with --overwrite.") from None
+        raise UserError(f"The training state in {folder} is corrupt ({e}); start again with overwrite.",
+                        settings=("overwrite",)) from None
     described = progress.pop("optimizers")
     if len(described) != len(optimizers):
         raise UserError(f"The training state in {folder} was made with another optimizer setting.")

@@ -174,8 +174,8 @@ def _prepare_data(run: _Run) -> None:
     elif tokenizer.vocab_size > m.vocab_size:
         raise UserError(
             f"The tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {m.vocab_size}; "
-            f"set model.vocab_size to {tokenizer.vocab_size} (or 0 to follow the tokenizer)."
-        )
+            f"set model.vocab_size to {tokenizer.vocab_size} (or 0 to follow the tokenizer).",
+            settings=("model.vocab_size",))
     ft = config.finetune
     run.window = min(ft.seq_len, m.block_size) if ft.init_from else m.block_size
     _check_lengths(run.data, len(run.data.tokens("train")), len(run.data.tokens("val")), run.window)
@@ -253,17 +253,16 @@ def _load_base(config: Config, log: Callable[[str], None]) -> tuple[nn.Module, s
 
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise UserError(f"The output folder {out} is a file; choose another train.out.")
+        raise UserError(f"The output folder {out} is a file; choose another train.out.", settings=("train.out",))
     holds_run = (out / "config.json").exists() or (out / STATE_DIR).exists()
     if resume:
         if not holds_run:
-            raise UserError(f"There is no run to resume in {out}; start one without resume.")
+            raise UserError(f"There is no run to resume in {out}; start one without resume.", settings=("resume",))
         return
     if holds_run and not overwrite:
         raise UserError(
             f"{out} already holds a training run; resume it, overwrite it, or choose another output folder "
-            f"(train.out)."
-        )
+            f"(train.out).", settings=("resume", "overwrite", "train.out"))
     if holds_run:
         for name in RUN_FILES:
             target = out / name
@@ -299,8 +298,7 @@ def _check_lengths(data: PreparedData, n_train: int, n_val: int, block_size: int
             raise UserError(
                 f"The {split} split of {data.meta['sources'][0]['path'] if data.meta['sources'] else data.dir} "
                 f"has {n} tokens, fewer than one training window ({need} tokens for context "
-                f"{block_size}); use a longer text or a smaller model.block_size."
-            )
+                f"{block_size}); use a longer text or a smaller model.block_size.", settings=("model.block_size",))
 
 
 # ---- the loop's parts ------------------------------------------------------------------------
