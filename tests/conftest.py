@@ -1,6 +1,6 @@
 """Shared fixtures: small slices of the real data sets (tests/data), a private cache, tiny configs.
 
-The suite never reads ../shared/data or the caller's LMFORGE_DATA_DIR: it passes on a
+The suite never reads the shared data sets beside the clone, nor the caller's LMFORGE_DATA_DIR: it passes on a
 fresh clone with nothing beside it. The default corpus (tiny Shakespeare) is served
 from a data folder the session builds out of tests/data/tinyshakespeare-head.txt (its
 first 100,000 characters), the way a user's local copy is found through LMFORGE_DATA_DIR.

@@ -133,3 +133,52 @@ def test_cli_train_classify_and_eval(tmp_path, toy, capsys):
     assert "'neutral' that the classifier was not trained on" in capsys.readouterr().err
     assert main(["generate", str(out)]) == 2
     assert "is a text classifier" in capsys.readouterr().err
+
+
+def test_classifier_training_resumes_exactly_after_an_interruption(tmp_path, toy):
+    from lmforge.errors import TrainingInterrupted
+    from lmforge.weights import read_tensors
+
+    train_path, dev_path = toy
+
+    def config(out):
+        return ClassifierTrainConfig(train_path=str(train_path), val_path=str(dev_path), out=str(out), epochs=3,
+                                     batch_size=8, lr=1e-2, eval_every=4, progress=False, device="cpu")
+
+    straight, resumed = [], []
+    train_classifier(config(tmp_path / "a"), log=lambda _: None, on_step=lambda s, loss: straight.append(loss))
+
+    def stop_at_10(step, loss):
+        resumed.append(loss)
+        if step == 10:  # mid-epoch (12 steps an epoch) and between evaluations
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train_classifier(config(tmp_path / "b"), log=lambda _: None, on_step=stop_at_10)
+    assert stopped.value.step == 10 and stopped.value.resumable
+    result = train_classifier(config(tmp_path / "b"), log=lambda _: None, resume=True,
+                              on_step=lambda s, loss: resumed.append(loss))
+    assert result["steps"] == 36 and resumed == straight  # the same batches in the same order
+    a = read_tensors(tmp_path / "a" / "train_state" / "model.safetensors")
+    b = read_tensors(tmp_path / "b" / "train_state" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(4, 37, 4))  # no record lost or doubled by the interruption
+    with pytest.raises(UserError, match="There is no classifier training to resume"):
+        train_classifier(config(tmp_path / "c"), log=lambda _: None, resume=True)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"epochs": 0}, "epochs must be at least 1"),
+    ({"lr": float("nan")}, "lr must be a positive number"),
+    ({"patience": -1}, "patience must be at least 0"),
+    ({"weight_decay": -0.1}, "weight_decay must be at least 0"),
+    ({"max_minutes": -5.0}, "max_minutes must be at least 0"),
+])
+def test_classifier_settings_are_checked_before_any_work(tmp_path, toy, change, message):
+    import dataclasses
+
+    cfg = dataclasses.replace(ClassifierTrainConfig(train_path=str(toy[0]), out=str(tmp_path / "o")), **change)
+    with pytest.raises(UserError, match=message):
+        train_classifier(cfg, log=lambda _: None)
+    assert not (tmp_path / "o").exists()

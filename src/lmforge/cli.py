@@ -53,7 +53,7 @@ def _unescape(text: str) -> str:
 
 def _generation_flags(parser: argparse.ArgumentParser, **defaults) -> None:
     """One flag per GenerationConfig setting (`top_p` → `--top-p`), with its help and default."""
-    from lmforge.generation import generation_settings
+    from lmforge.generation_config import generation_settings
 
     group = parser.add_argument_group("generation settings")
     for name, kind, default, help, _, _ in generation_settings():
@@ -70,7 +70,7 @@ def _generation_flags(parser: argparse.ArgumentParser, **defaults) -> None:
 
 
 def _generation_config(args: argparse.Namespace, **changes):
-    from lmforge.generation import GenerationConfig, generation_settings
+    from lmforge.generation_config import GenerationConfig, generation_settings
 
     values = {name: getattr(args, name) for name, *_ in generation_settings()}
     values["stop"] = tuple(values["stop"] or ())

@@ -311,6 +311,28 @@ def stream(model: nn.Module, tokenizer: TextTokenizer, prompt: str, config: Gene
 
 
 @torch.inference_mode()
+def _extend_beams(sequences: list[list[int]], scores: torch.Tensor, logprobs: torch.Tensor, eot: int | None,
+                  cfg: GenerationConfig, finished: list[tuple[float, list[int]]]):
+    """The best `num_beams` one-token extensions of the live beams; hypotheses that end with
+    the end-of-text token go to `finished` with their length-penalised score."""
+    vocab = logprobs.shape[-1]
+    top_scores, top_index = (scores[:, None] + logprobs).view(-1).topk(2 * cfg.num_beams)
+    new_sequences, new_scores, rows = [], [], []
+    for score, index in zip(top_scores.tolist(), top_index.tolist(), strict=True):
+        row, token = divmod(index, vocab)
+        if score == float("-inf"):
+            continue
+        if eot is not None and token == eot:
+            finished.append((score / (len(sequences[row]) + 1) ** cfg.length_penalty, sequences[row]))
+            continue
+        new_sequences.append(sequences[row] + [token])
+        new_scores.append(score)
+        rows.append(row)
+        if len(new_sequences) == cfg.num_beams:
+            break
+    return new_sequences, new_scores, rows
+
+
 def beam_search(model: nn.Module, tokenizer: TextTokenizer, prompt_ids: list[int],
                 cfg: GenerationConfig) -> Iterator[str]:
     """Beam search for one prompt, yielding the best beam's text as it settles.
@@ -335,23 +357,7 @@ def beam_search(model: nn.Module, tokenizer: TextTokenizer, prompt_ids: list[int
     finished: list[tuple[float, list[int]]] = []
     streamed = ""
     for _ in range(cfg.max_new_tokens):
-        vocab = logprobs.shape[-1]
-        total = (scores[:, None] + logprobs).view(-1)
-        top_scores, top_index = total.topk(2 * beams)
-        new_sequences, new_scores, rows = [], [], []
-        for score, index in zip(top_scores.tolist(), top_index.tolist(), strict=True):
-            row, token = divmod(index, vocab)
-            if score == float("-inf"):
-                continue
-            if eot is not None and token == eot:
-                length = len(sequences[row]) + 1
-                finished.append((score / length ** cfg.length_penalty, sequences[row]))
-                continue
-            new_sequences.append(sequences[row] + [token])
-            new_scores.append(score)
-            rows.append(row)
-            if len(new_sequences) == beams:
-                break
+        new_sequences, new_scores, rows = _extend_beams(sequences, scores, logprobs, eot, cfg, finished)
         best_finished = max((s for s, _ in finished), default=float("-inf"))
         if not new_sequences:
             break

@@ -198,7 +198,7 @@ def _check_classifier_out(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def train_classifier(cfg: ClassifierTrainConfig, overwrite: bool = False, log: Callable[[str], None] = print,
-                     resume: bool = False) -> dict:
+                     resume: bool = False, on_step: Callable[[int, float], None] | None = None) -> dict:
     """Train a classifier on cfg.train_path, evaluate on cfg.val_path, keep the best checkpoint.
 
     Runs on the shared training loop: early stopping, a time limit, Ctrl-C with a saved state,
@@ -261,7 +261,7 @@ def train_classifier(cfg: ClassifierTrainConfig, overwrite: bool = False, log: C
     out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=progress.step if resume else None)
     try:
-        run_loop(trainee, schedule, progress, metrics, Reporter(cfg.progress, total_steps, progress.step))
+        run_loop(trainee, schedule, progress, metrics, Reporter(cfg.progress, total_steps, progress.step), on_step)
     except TrainingInterrupted as stopped:
         raise TrainingInterrupted(out, stopped.step, stopped.resumable) from None
     finally:
