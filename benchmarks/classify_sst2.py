@@ -22,9 +22,13 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--minutes", type=float, default=4.0, help="time budget of each classifier")
-    parser.add_argument("--pretrain-minutes", type=float, default=3.0, help="language-model pre-training budget")
+    parser.add_argument(
+        "--pretrain-minutes", type=float, default=3.0, help="language-model pre-training budget"
+    )
     parser.add_argument("--output", default=str(RESULTS / "classify_sst2.json"))
     args = parser.parse_args()
 
@@ -37,36 +41,88 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        scratch = train_classifier(ClassifierTrainConfig(
-            train_path=str(train_tsv), val_path=str(dev_tsv), out=f"{tmp}/scratch", epochs=4,
-            eval_every=500, max_minutes=args.minutes, progress=False, device="cpu"))
-        rows.append({"run": "bilstm-scratch", "val_accuracy": scratch["best_val_accuracy"],
-                     "steps": scratch["steps"], "elapsed_s": time.perf_counter() - start,
-                     "history": scratch["history"]})
-        print(f"  BiLSTM from scratch: accuracy {scratch['best_val_accuracy']:.4f} "
-              f"in {rows[-1]['elapsed_s']:.0f}s", flush=True)
+        scratch = train_classifier(
+            ClassifierTrainConfig(
+                train_path=str(train_tsv),
+                val_path=str(dev_tsv),
+                out=f"{tmp}/scratch",
+                epochs=4,
+                eval_every=500,
+                max_minutes=args.minutes,
+                progress=False,
+                device="cpu",
+            )
+        )
+        rows.append(
+            {
+                "run": "bilstm-scratch",
+                "val_accuracy": scratch["best_val_accuracy"],
+                "steps": scratch["steps"],
+                "elapsed_s": time.perf_counter() - start,
+                "history": scratch["history"],
+            }
+        )
+        print(
+            f"  BiLSTM from scratch: accuracy {scratch['best_val_accuracy']:.4f} "
+            f"in {rows[-1]['elapsed_s']:.0f}s",
+            flush=True,
+        )
 
         # A word-level LSTM language model on the training sentences (text only), then --init from it.
         corpus = Path(tmp) / "sst2-sentences.txt"
         lines = train_tsv.read_text("utf-8").split("\n")[1:]
         corpus.write_text("\n".join(line.split("\t")[0] for line in lines if line.strip()) + "\n")
         start = time.perf_counter()
-        lm_config = apply_overrides(lmforge.load_preset("shakespeare-word-lstm"), {
-            "data.path": str(corpus), "data.vocab_size": 16000, "data.min_frequency": 1,
-            "model.tie_embeddings": False, "model.hidden_size": 256, "model.n_layer": 1,
-            "train.out": f"{tmp}/lm", "train.max_iters": 100000, "train.max_time_s": args.pretrain_minutes * 60,
-            "train.progress": False, "train.sample_tokens": 0, "train.eval_interval": 500})
+        lm_config = apply_overrides(
+            lmforge.load_preset("shakespeare-word-lstm"),
+            {
+                "data.path": str(corpus),
+                "data.vocab_size": 16000,
+                "data.min_frequency": 1,
+                "model.tie_embeddings": False,
+                "model.hidden_size": 256,
+                "model.n_layer": 1,
+                "train.out": f"{tmp}/lm",
+                "train.max_iters": 100000,
+                "train.max_time_s": args.pretrain_minutes * 60,
+                "train.progress": False,
+                "train.sample_tokens": 0,
+                "train.eval_interval": 500,
+            },
+        )
         lm = lmforge.train(lm_config, log=lambda _: None)
         pretrain_s = time.perf_counter() - start
         start = time.perf_counter()
-        init = train_classifier(ClassifierTrainConfig(
-            train_path=str(train_tsv), val_path=str(dev_tsv), out=f"{tmp}/init", init=f"{tmp}/lm", epochs=4,
-            eval_every=500, max_minutes=args.minutes, progress=False, device="cpu", lr=2e-3))
-        rows.append({"run": "lstm-lm-init", "val_accuracy": init["best_val_accuracy"], "steps": init["steps"],
-                     "elapsed_s": time.perf_counter() - start, "pretrain_s": pretrain_s,
-                     "pretrain_val_loss": lm.best_val_loss, "history": init["history"]})
-        print(f"  from the LM (pre-trained {pretrain_s:.0f}s, val loss {lm.best_val_loss:.3f}): accuracy "
-              f"{init['best_val_accuracy']:.4f} in {rows[-1]['elapsed_s']:.0f}s", flush=True)
+        init = train_classifier(
+            ClassifierTrainConfig(
+                train_path=str(train_tsv),
+                val_path=str(dev_tsv),
+                out=f"{tmp}/init",
+                init=f"{tmp}/lm",
+                epochs=4,
+                eval_every=500,
+                max_minutes=args.minutes,
+                progress=False,
+                device="cpu",
+                lr=2e-3,
+            )
+        )
+        rows.append(
+            {
+                "run": "lstm-lm-init",
+                "val_accuracy": init["best_val_accuracy"],
+                "steps": init["steps"],
+                "elapsed_s": time.perf_counter() - start,
+                "pretrain_s": pretrain_s,
+                "pretrain_val_loss": lm.best_val_loss,
+                "history": init["history"],
+            }
+        )
+        print(
+            f"  from the LM (pre-trained {pretrain_s:.0f}s, val loss {lm.best_val_loss:.3f}): accuracy "
+            f"{init['best_val_accuracy']:.4f} in {rows[-1]['elapsed_s']:.0f}s",
+            flush=True,
+        )
 
     print("\n| run | dev accuracy | training time (s) |")
     print("|---|---|---|")

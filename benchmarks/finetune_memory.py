@@ -39,7 +39,9 @@ def child(variant: str, steps: int, batch: int, seq: int) -> dict:
     set_threads(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    m = ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, activation="gelu_tanh")
+    m = ModelConfig(
+        vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, activation="gelu_tanh"
+    )
     model = build_model(m)
     rank = VARIANTS[variant]
     if rank:
@@ -58,7 +60,8 @@ def child(variant: str, steps: int, batch: int, seq: int) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return {
-        "variant": variant, "device": str(device),
+        "variant": variant,
+        "device": str(device),
         "params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "optimizer_state_mib": round(optimizer_state_bytes([opt]) / 2**20, 2),
@@ -68,7 +71,9 @@ def child(variant: str, steps: int, batch: int, seq: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
@@ -80,14 +85,31 @@ def main() -> None:
         return
     rows = []
     for variant in VARIANTS:
-        done = subprocess.run([sys.executable, __file__, "--child", variant, "--steps", str(args.steps),
-                               "--batch", str(args.batch), "--seq", str(args.seq)],
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                variant,
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"{variant:>9}: trainable {row['trainable_params']:>12,} of {row['params']:,}  optimizer state "
-              f"{row['optimizer_state_mib']:8.1f} MiB  peak memory {row['peak_memory_mib']:8.1f} MiB  "
-              f"{row['s_per_step']:.2f} s/step", flush=True)
+        print(
+            f"{variant:>9}: trainable {row['trainable_params']:>12,} of {row['params']:,}  optimizer state "
+            f"{row['optimizer_state_mib']:8.1f} MiB  peak memory {row['peak_memory_mib']:8.1f} MiB  "
+            f"{row['s_per_step']:.2f} s/step",
+            flush=True,
+        )
     full = rows[0]
     for row in rows:
         row["optimizer_state_vs_full"] = round(row["optimizer_state_mib"] / full["optimizer_state_mib"], 4)
@@ -95,11 +117,21 @@ def main() -> None:
         row["speed_vs_full"] = round(full["s_per_step"] / row["s_per_step"], 2)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "finetune_memory", "machine": platform.processor() or platform.machine(),
-        "model": "GPT-2-124M shape, float32", "batch": args.batch, "seq_len": args.seq, "steps": args.steps,
-        "rows": rows,
-    }, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "finetune_memory",
+                "machine": platform.processor() or platform.machine(),
+                "model": "GPT-2-124M shape, float32",
+                "batch": args.batch,
+                "seq_len": args.seq,
+                "steps": args.steps,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"Wrote {out}")
 
 

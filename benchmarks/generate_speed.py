@@ -63,7 +63,9 @@ def time_it(fn, repeats: int) -> float:
 def lmforge_runner(model, batch: int):
     from lmforge.generation import GenerationConfig, decode_steps
 
-    prompts = torch.randint(0, model.config.vocab_size, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0)).tolist()
+    prompts = torch.randint(
+        0, model.config.vocab_size, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0)
+    ).tolist()
     cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eot=False)
 
     def run():
@@ -78,14 +80,22 @@ def hf_runner(model, batch: int, vocab: int):
 
     def run():
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                           min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=0,
+            )
 
     return run
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--checkpoint", default="out/shakespeare-char")
     parser.add_argument("--output", default=str(RESULTS / "generate_speed.json"))
@@ -111,15 +121,22 @@ def main() -> None:
 
         trained, _, tcfg = load_checkpoint(args.checkpoint)
         m = tcfg.model
-        shapes["tiny"] = dict(vocab_size=m.vocab_size, block_size=256, n_layer=m.n_layer, n_head=m.n_head,
-                              n_embd=m.n_embd)
+        shapes["tiny"] = dict(
+            vocab_size=m.vocab_size, block_size=256, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd
+        )
 
     rows = []
     for name, shape in shapes.items():
         torch.manual_seed(0)
-        hf = GPT2LMHeadModel(GPT2Config(vocab_size=shape["vocab_size"], n_positions=shape["block_size"],
-                                        n_layer=shape["n_layer"], n_head=shape["n_head"],
-                                        n_embd=shape["n_embd"])).eval()
+        hf = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=shape["vocab_size"],
+                n_positions=shape["block_size"],
+                n_layer=shape["n_layer"],
+                n_head=shape["n_head"],
+                n_embd=shape["n_embd"],
+            )
+        ).eval()
         if name == "tiny":
             ours = trained.eval()
         else:
@@ -132,33 +149,68 @@ def main() -> None:
         for batch in (1, 8):
             hf_time = time_it(hf_runner(hf, batch, shape["vocab_size"]), args.repeats)
             hf_tps = batch * NEW_TOKENS / hf_time
-            rows.append({"model": name, "impl": "transformers", "precision": "float32", "batch": batch,
-                         "tokens_per_s": hf_tps, "ratio": 1.0,
-                         "bandwidth_fraction": weight_bytes(hf) * hf_tps / batch / (bandwidth * 1e9)})
+            rows.append(
+                {
+                    "model": name,
+                    "impl": "transformers",
+                    "precision": "float32",
+                    "batch": batch,
+                    "tokens_per_s": hf_tps,
+                    "ratio": 1.0,
+                    "bandwidth_fraction": weight_bytes(hf) * hf_tps / batch / (bandwidth * 1e9),
+                }
+            )
             print(f"  {name} batch {batch} transformers fp32: {hf_tps:.1f} tok/s", flush=True)
             for precision, model in variants:
                 t = time_it(lmforge_runner(model, batch), args.repeats)
                 tps = batch * NEW_TOKENS / t
-                rows.append({"model": name, "impl": "lmforge", "precision": precision, "batch": batch,
-                             "tokens_per_s": tps, "ratio": tps / hf_tps,
-                             "bandwidth_fraction": weight_bytes(model) * tps / batch / (bandwidth * 1e9)})
-                print(f"  {name} batch {batch} lmforge {precision}: {tps:.1f} tok/s ({tps / hf_tps:.2f}x)",
-                      flush=True)
+                rows.append(
+                    {
+                        "model": name,
+                        "impl": "lmforge",
+                        "precision": precision,
+                        "batch": batch,
+                        "tokens_per_s": tps,
+                        "ratio": tps / hf_tps,
+                        "bandwidth_fraction": weight_bytes(model) * tps / batch / (bandwidth * 1e9),
+                    }
+                )
+                print(
+                    f"  {name} batch {batch} lmforge {precision}: {tps:.1f} tok/s ({tps / hf_tps:.2f}x)",
+                    flush=True,
+                )
 
-    print("\n| model | implementation | precision | batch | tokens/s | vs transformers | of bandwidth bound |")
+    print(
+        "\n| model | implementation | precision | batch | tokens/s | vs transformers | of bandwidth bound |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['impl']} | {r['precision']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
-              f"{r['ratio']:.2f}x | {r['bandwidth_fraction']:.0%} |")
+        print(
+            f"| {r['model']} | {r['impl']} | {r['precision']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+            f"{r['ratio']:.2f}x | {r['bandwidth_fraction']:.0%} |"
+        )
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({
-        "benchmark": "generate_speed", "new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_TOKENS,
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "transformers": transformers.__version__,
-                    "bandwidth_gbs": bandwidth, "bf16_native": cpu_has_bf16()},
-        "rows": rows,
-    }, indent=2) + "\n")
+    output.write_text(
+        json.dumps(
+            {
+                "benchmark": "generate_speed",
+                "new_tokens": NEW_TOKENS,
+                "prompt_tokens": PROMPT_TOKENS,
+                "machine": {
+                    "cpu": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                    "bandwidth_gbs": bandwidth,
+                    "bf16_native": cpu_has_bf16(),
+                },
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwrote {output}")
 
 

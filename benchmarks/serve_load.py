@@ -46,8 +46,16 @@ def build_model_and_tokenizer():
     text = resolve_dataset("tinyshakespeare").read_text("utf-8")
     tokenizer = train_bpe_tokenizer([text], vocab_size=8192)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=1024, n_layer=12, n_head=12,
-                                    n_embd=768, activation="gelu_tanh"))
+    model = build_model(
+        ModelConfig(
+            vocab_size=tokenizer.vocab_size,
+            block_size=1024,
+            n_layer=12,
+            n_head=12,
+            n_embd=768,
+            activation="gelu_tanh",
+        )
+    )
     return use_blocked_matvec(model).eval(), tokenizer  # as `lmforge serve` loads a float32 model
 
 
@@ -58,7 +66,9 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:
@@ -70,9 +80,13 @@ class Server:
 
 
 async def one_request(client, url: str, i: int, max_tokens: int) -> dict:
-    body = {"messages": [{"role": "user", "content": f"Tell me the tale of the {i}th king."}],
-            "max_tokens": max_tokens, "temperature": 1.0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "messages": [{"role": "user", "content": f"Tell me the tale of the {i}th king."}],
+        "max_tokens": max_tokens,
+        "temperature": 1.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     stamps, tokens = [], 0
     async with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
@@ -85,15 +99,19 @@ async def one_request(client, url: str, i: int, max_tokens: int) -> dict:
                 tokens = chunk["usage"]["completion_tokens"]
             elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 stamps.append(time.perf_counter())
-    return {"ttft": stamps[0] - start if stamps else float("nan"),
-            "gaps": [b - a for a, b in zip(stamps, stamps[1:], strict=False)], "tokens": tokens,
-            "elapsed": time.perf_counter() - start}
+    return {
+        "ttft": stamps[0] - start if stamps else float("nan"),
+        "gaps": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
+        "tokens": tokens,
+        "elapsed": time.perf_counter() - start,
+    }
 
 
 async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     import httpx
 
     async with httpx.AsyncClient() as client:
+
         async def user(c: int) -> list[dict]:
             return [await one_request(client, url, c * requests + r, max_tokens) for r in range(requests)]
 
@@ -103,14 +121,23 @@ async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     ttft = [r["ttft"] for r in results]
     gaps = [g for r in results for g in r["gaps"]]
     tokens = sum(r["tokens"] for r in results)
-    return {"requests": len(results), "wall_s": round(wall, 2), "requests_per_s": round(len(results) / wall, 3),
-            "tokens_per_s": round(tokens / wall, 1), "generated_tokens": tokens,
-            "ttft_p50_s": round(percentile(ttft, 50), 3), "ttft_p99_s": round(percentile(ttft, 99), 3),
-            "itl_p50_ms": round(1000 * percentile(gaps, 50), 1), "itl_p99_ms": round(1000 * percentile(gaps, 99), 1)}
+    return {
+        "requests": len(results),
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(len(results) / wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "generated_tokens": tokens,
+        "ttft_p50_s": round(percentile(ttft, 50), 3),
+        "ttft_p99_s": round(percentile(ttft, 99), 3),
+        "itl_p50_ms": round(1000 * percentile(gaps, 50), 1),
+        "itl_p99_ms": round(1000 * percentile(gaps, 99), 1),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=1, help="requests per client, one after the other")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -124,29 +151,54 @@ def main() -> None:
     set_threads(0)
     model, tokenizer = build_model_and_tokenizer()
     rows = []
-    for name, max_batch in (("no batching (max_batch=1)", 1), (f"dynamic batching (max_batch={args.clients})",
-                                                                args.clients)):
-        app = create_app(model, tokenizer, ServerSettings(model_name="gpt2-124m-shape", max_batch=max_batch,
-                                                          max_queue=4 * args.clients), DEFAULT_CHAT_TEMPLATE)
+    for name, max_batch in (
+        ("no batching (max_batch=1)", 1),
+        (f"dynamic batching (max_batch={args.clients})", args.clients),
+    ):
+        app = create_app(
+            model,
+            tokenizer,
+            ServerSettings(model_name="gpt2-124m-shape", max_batch=max_batch, max_queue=4 * args.clients),
+            DEFAULT_CHAT_TEMPLATE,
+        )
         server = Server(app)
         try:
-            row = {"setting": name, "max_batch": max_batch,
-                   **asyncio.run(load(f"http://127.0.0.1:{server.port}", args.clients, args.requests,
-                                      args.max_tokens))}
+            row = {
+                "setting": name,
+                "max_batch": max_batch,
+                **asyncio.run(
+                    load(f"http://127.0.0.1:{server.port}", args.clients, args.requests, args.max_tokens)
+                ),
+            }
             row["engine"] = dict(app.state.engine.stats)
         finally:
             server.stop()
         rows.append(row)
-        print(f"{name:>34}: {row['requests_per_s']:.2f} req/s  {row['tokens_per_s']:.1f} tok/s  "
-              f"TTFT p50 {row['ttft_p50_s']:.2f}s p99 {row['ttft_p99_s']:.2f}s  "
-              f"ITL p50 {row['itl_p50_ms']:.0f}ms p99 {row['itl_p99_ms']:.0f}ms", flush=True)
+        print(
+            f"{name:>34}: {row['requests_per_s']:.2f} req/s  {row['tokens_per_s']:.1f} tok/s  "
+            f"TTFT p50 {row['ttft_p50_s']:.2f}s p99 {row['ttft_p99_s']:.2f}s  "
+            f"ITL p50 {row['itl_p50_ms']:.0f}ms p99 {row['itl_p99_ms']:.0f}ms",
+            flush=True,
+        )
     rows[1]["throughput_vs_no_batching"] = round(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "serve_load", "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "model": "GPT-2-124M shape (vocab 8,192), float32", "clients": args.clients, "requests_per_client":
-        args.requests, "max_tokens": args.max_tokens, "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "serve_load",
+                "machine": platform.processor() or platform.machine(),
+                "cpus": os.cpu_count(),
+                "model": "GPT-2-124M shape (vocab 8,192), float32",
+                "clients": args.clients,
+                "requests_per_client": args.requests,
+                "max_tokens": args.max_tokens,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"Wrote {out}")
 
 

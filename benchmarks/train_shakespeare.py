@@ -15,6 +15,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 import train_speed  # noqa: E402
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], "--repeats", "1", "--runs", "baseline", "fast",
-                "--output", str(train_speed.RESULTS / "train_shakespeare.json"), *sys.argv[1:]]
+    sys.argv = [
+        sys.argv[0],
+        "--repeats",
+        "1",
+        "--runs",
+        "baseline",
+        "fast",
+        "--output",
+        str(train_speed.RESULTS / "train_shakespeare.json"),
+        *sys.argv[1:],
+    ]
     train_speed.main()

@@ -61,9 +61,15 @@ def one_run(preset: str, overrides: dict, out: str) -> dict:
     from lmforge.config import apply_overrides
     from lmforge.models import build_model
 
-    config = apply_overrides(lmforge.load_preset(preset), {
-        **overrides, "train.out": out, "train.progress": False, "train.sample_tokens": 0,
-    })
+    config = apply_overrides(
+        lmforge.load_preset(preset),
+        {
+            **overrides,
+            "train.out": out,
+            "train.progress": False,
+            "train.sample_tokens": 0,
+        },
+    )
     result = lmforge.train(config, log=lambda _: None)
     history = result.history
     reached = next((r for r in history if r.get("val_loss", 9) <= TARGET), None)
@@ -84,7 +90,9 @@ def one_run(preset: str, overrides: dict, out: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--output", default=str(RESULTS / "train_speed.json"))
@@ -97,8 +105,10 @@ def main() -> None:
     set_threads(0)
     peak_fp32 = matmul_peak("float32")
     peak_bf16 = matmul_peak("bfloat16") if cpu_has_bf16() else None
-    print(f"matmul peak here: fp32 {peak_fp32:.0f} GFLOP/s, bf16 "
-          + (f"{peak_bf16:.0f} GFLOP/s" if peak_bf16 else "not native on this CPU"))
+    print(
+        f"matmul peak here: fp32 {peak_fp32:.0f} GFLOP/s, bf16 "
+        + (f"{peak_bf16:.0f} GFLOP/s" if peak_bf16 else "not native on this CPU")
+    )
 
     if "fast+compile" in args.runs:  # start from a cold compile cache, as a new user does
         import shutil
@@ -119,8 +129,11 @@ def main() -> None:
                     run["mfu_bf16"] = run["tokens_per_s"] * run["flops_per_token"] / (peak_bf16 * 1e9)
                 rows[name].append(run)
                 t = run["time_to_target_s"]
-                print(f"  {name} #{repeat + 1}: to {TARGET}: {f'{t:.1f}s' if t else 'not reached'}, "
-                      f"final val {run['final_val_loss']:.4f}, {run['tokens_per_s']:.0f} tok/s", flush=True)
+                print(
+                    f"  {name} #{repeat + 1}: to {TARGET}: {f'{t:.1f}s' if t else 'not reached'}, "
+                    f"final val {run['final_val_loss']:.4f}, {run['tokens_per_s']:.0f} tok/s",
+                    flush=True,
+                )
 
     def med(name: str, key: str):
         values = [r[key] for r in rows[name] if r[key] is not None]
@@ -129,15 +142,20 @@ def main() -> None:
     base_time = med("baseline", "time_to_target_s") if "baseline" in rows else None
     base_tps = med("baseline", "tokens_per_s") if "baseline" in rows else None
     summary = {}
-    print(f"\n| run | preset | time to {TARGET} (s) | vs baseline | final val loss | tokens/s | vs baseline "
-          f"| MFU fp32 | peak RSS (MB) |")
+    print(
+        f"\n| run | preset | time to {TARGET} (s) | vs baseline | final val loss | tokens/s | vs baseline "
+        f"| MFU fp32 | peak RSS (MB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.runs:
         t, tps = med(name, "time_to_target_s"), med(name, "tokens_per_s")
         summary[name] = {
-            "preset": RUNS[name][0], "overrides": RUNS[name][1],
-            "time_to_target_s": t, "final_val_loss": med(name, "final_val_loss"),
-            "tokens_per_s": tps, "mfu_fp32": med(name, "mfu_fp32"),
+            "preset": RUNS[name][0],
+            "overrides": RUNS[name][1],
+            "time_to_target_s": t,
+            "final_val_loss": med(name, "final_val_loss"),
+            "tokens_per_s": tps,
+            "mfu_fp32": med(name, "mfu_fp32"),
             "mfu_bf16": med(name, "mfu_bf16") if peak_bf16 else None,
             "peak_rss_mb": med(name, "peak_rss_mb"),
             "time_ratio": t / base_time if t and base_time else None,
@@ -147,17 +165,33 @@ def main() -> None:
         time_text = "not reached" if t is None else f"{t:.1f}"
         time_ratio = "" if s["time_ratio"] is None else f"{s['time_ratio']:.0%}"
         tps_ratio = "" if s["throughput_ratio"] is None else f"{s['throughput_ratio']:.2f}x"
-        print(f"| {name} | {s['preset']} | {time_text} | {time_ratio} | {s['final_val_loss']:.4f} | "
-              f"{tps:.0f} | {tps_ratio} | {s['mfu_fp32']:.1%} | {s['peak_rss_mb']:.0f} |")
+        print(
+            f"| {name} | {s['preset']} | {time_text} | {time_ratio} | {s['final_val_loss']:.4f} | "
+            f"{tps:.0f} | {tps_ratio} | {s['mfu_fp32']:.1%} | {s['peak_rss_mb']:.0f} |"
+        )
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({
-        "benchmark": "train_speed", "target_val_loss": TARGET, "repeats": args.repeats,
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "peak_fp32_gflops": peak_fp32, "peak_bf16_gflops": peak_bf16},
-        "summary": summary, "runs": rows,
-    }, indent=2) + "\n")
+    output.write_text(
+        json.dumps(
+            {
+                "benchmark": "train_speed",
+                "target_val_loss": TARGET,
+                "repeats": args.repeats,
+                "machine": {
+                    "cpu": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "peak_fp32_gflops": peak_fp32,
+                    "peak_bf16_gflops": peak_bf16,
+                },
+                "summary": summary,
+                "runs": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwrote {output}")
 
 

@@ -12,10 +12,26 @@ from lmforge.training.trainer import train
 
 from .conftest import SST2_SAMPLE, tiny_config
 
-POSITIVE = ["a wonderful film", "great acting and a lovely story", "i loved it", "brilliant and moving",
-            "a delight from start to finish", "superb", "warm , funny and wonderful", "great fun"]
-NEGATIVE = ["a dull mess", "boring and far too long", "i hated it", "awful acting", "a tedious bore",
-            "terrible", "flat , lifeless and dull", "a waste of time"]
+POSITIVE = [
+    "a wonderful film",
+    "great acting and a lovely story",
+    "i loved it",
+    "brilliant and moving",
+    "a delight from start to finish",
+    "superb",
+    "warm , funny and wonderful",
+    "great fun",
+]
+NEGATIVE = [
+    "a dull mess",
+    "boring and far too long",
+    "i hated it",
+    "awful acting",
+    "a tedious bore",
+    "terrible",
+    "flat , lifeless and dull",
+    "a waste of time",
+]
 
 
 def write_toy(path, rows):
@@ -32,8 +48,16 @@ def toy(tmp_path):
 
 def test_bilstm_learns_a_separable_task_and_classifies(tmp_path, toy):
     train_path, dev_path = toy
-    cfg = ClassifierTrainConfig(train_path=str(train_path), val_path=str(dev_path), out=str(tmp_path / "clf"),
-                                epochs=8, batch_size=8, lr=1e-2, progress=False, device="cpu")
+    cfg = ClassifierTrainConfig(
+        train_path=str(train_path),
+        val_path=str(dev_path),
+        out=str(tmp_path / "clf"),
+        epochs=8,
+        batch_size=8,
+        lr=1e-2,
+        progress=False,
+        device="cpu",
+    )
     result = train_classifier(cfg, log=lambda _: None)
     assert result["best_val_accuracy"] == 1.0 and result["labels"] == ["neg", "pos"]
     model, tokenizer, labels = load_classifier(tmp_path / "clf")
@@ -47,9 +71,17 @@ def test_bilstm_learns_a_separable_task_and_classifies(tmp_path, toy):
 
 def test_transformer_body_from_scratch(tmp_path, toy):
     train_path, dev_path = toy
-    cfg = ClassifierTrainConfig(train_path=str(train_path), val_path=str(dev_path), out=str(tmp_path / "clf"),
-                                epochs=8, batch_size=8, lr=3e-3, progress=False, device="cpu",
-                                model=ClassifierConfig(body="gpt", n_embd=32, n_layer=1, pooling="mean"))
+    cfg = ClassifierTrainConfig(
+        train_path=str(train_path),
+        val_path=str(dev_path),
+        out=str(tmp_path / "clf"),
+        epochs=8,
+        batch_size=8,
+        lr=3e-3,
+        progress=False,
+        device="cpu",
+        model=ClassifierConfig(body="gpt", n_embd=32, n_layer=1, pooling="mean"),
+    )
     result = train_classifier(cfg, log=lambda _: None)
     assert result["best_val_accuracy"] >= 0.875
     model, _, _ = load_classifier(tmp_path / "clf")
@@ -59,9 +91,17 @@ def test_transformer_body_from_scratch(tmp_path, toy):
 def test_init_from_a_language_model_reuses_its_tokenizer_and_body(tmp_path, toy, shakespeare_excerpt):
     train(tiny_config(tmp_path / "lm", shakespeare_excerpt), log=lambda _: None)
     train_path, dev_path = toy
-    cfg = ClassifierTrainConfig(train_path=str(train_path), val_path=str(dev_path), out=str(tmp_path / "clf"),
-                                init=str(tmp_path / "lm"), epochs=6, batch_size=8, lr=3e-3, progress=False,
-                                device="cpu")
+    cfg = ClassifierTrainConfig(
+        train_path=str(train_path),
+        val_path=str(dev_path),
+        out=str(tmp_path / "clf"),
+        init=str(tmp_path / "lm"),
+        epochs=6,
+        batch_size=8,
+        lr=3e-3,
+        progress=False,
+        device="cpu",
+    )
     result = train_classifier(cfg, log=lambda _: None)
     assert result["best_val_accuracy"] >= 0.75
     model, tokenizer, _ = load_classifier(tmp_path / "clf")
@@ -87,16 +127,21 @@ def test_reads_sst2_and_jsonl_with_string_labels(tmp_path):
     assert len(texts) == 400 and set(labels) == {"0", "1"}
     assert texts[0] == "the expressive power of the camera" and labels[0] == "1"  # trailing space stripped
     jsonl = tmp_path / "x.jsonl"
-    jsonl.write_text('{"review": "nice", "sentiment": "positive"}\n{"review": "bad", "sentiment": "negative"}\n')
+    jsonl.write_text(
+        '{"review": "nice", "sentiment": "positive"}\n{"review": "bad", "sentiment": "negative"}\n'
+    )
     assert read_labeled(jsonl) == (["nice", "bad"], ["positive", "negative"])
 
 
-@pytest.mark.parametrize("content, message", [
-    ("words\tlabel\nhello\t1\n", "has no text column"),
-    ("sentence\tstars\nhello\t1\n", "has no label column"),
-    ("sentence\tlabel\nhello\t\n", "train.tsv:2 has an empty label"),
-    ("", "is empty"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("words\tlabel\nhello\t1\n", "has no text column"),
+        ("sentence\tstars\nhello\t1\n", "has no label column"),
+        ("sentence\tlabel\nhello\t\n", "train.tsv:2 has an empty label"),
+        ("", "is empty"),
+    ],
+)
 def test_bad_data_files(tmp_path, content, message):
     path = tmp_path / "train.tsv"
     path.write_text(content)
@@ -108,19 +153,44 @@ def test_single_class_and_unknown_labels_are_refused(tmp_path, toy):
     train_path, _ = toy
     one = write_toy(tmp_path / "one.tsv", [("good", "pos"), ("fine", "pos")])
     with pytest.raises(UserError, match="a single class"):
-        train_classifier(ClassifierTrainConfig(train_path=str(one), out=str(tmp_path / "o")), log=lambda _: None)
+        train_classifier(
+            ClassifierTrainConfig(train_path=str(one), out=str(tmp_path / "o")), log=lambda _: None
+        )
     odd = write_toy(tmp_path / "odd.tsv", [("meh", "neutral")])
     with pytest.raises(UserError, match="'neutral' that do not occur"):
-        train_classifier(ClassifierTrainConfig(train_path=str(train_path), val_path=str(odd), out=str(tmp_path / "o")),
-                         log=lambda _: None)
+        train_classifier(
+            ClassifierTrainConfig(train_path=str(train_path), val_path=str(odd), out=str(tmp_path / "o")),
+            log=lambda _: None,
+        )
 
 
 def test_cli_train_classify_and_eval(tmp_path, toy, capsys):
     train_path, dev_path = toy
     out = tmp_path / "clf"
-    assert main(["train-classifier", "--data", str(train_path), "--val", str(dev_path), "--out", str(out),
-                 "--epochs", "8", "--batch-size", "8", "--lr", "1e-2", "--quiet", "--device", "cpu",
-                 "--class-weights"]) == 0
+    assert (
+        main(
+            [
+                "train-classifier",
+                "--data",
+                str(train_path),
+                "--val",
+                str(dev_path),
+                "--out",
+                str(out),
+                "--epochs",
+                "8",
+                "--batch-size",
+                "8",
+                "--lr",
+                "1e-2",
+                "--quiet",
+                "--device",
+                "cpu",
+                "--class-weights",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["classify", str(out), "--text", "a lovely , wonderful film", "--json"]) == 0
     line = json.loads(capsys.readouterr().out)
@@ -142,11 +212,22 @@ def test_classifier_training_resumes_exactly_after_an_interruption(tmp_path, toy
     train_path, dev_path = toy
 
     def config(out):
-        return ClassifierTrainConfig(train_path=str(train_path), val_path=str(dev_path), out=str(out), epochs=3,
-                                     batch_size=8, lr=1e-2, eval_every=4, progress=False, device="cpu")
+        return ClassifierTrainConfig(
+            train_path=str(train_path),
+            val_path=str(dev_path),
+            out=str(out),
+            epochs=3,
+            batch_size=8,
+            lr=1e-2,
+            eval_every=4,
+            progress=False,
+            device="cpu",
+        )
 
     straight, resumed = [], []
-    train_classifier(config(tmp_path / "a"), log=lambda _: None, on_step=lambda s, loss: straight.append(loss))
+    train_classifier(
+        config(tmp_path / "a"), log=lambda _: None, on_step=lambda s, loss: straight.append(loss)
+    )
 
     def stop_at_10(step, loss):
         resumed.append(loss)
@@ -156,8 +237,9 @@ def test_classifier_training_resumes_exactly_after_an_interruption(tmp_path, toy
     with pytest.raises(TrainingInterrupted) as stopped:
         train_classifier(config(tmp_path / "b"), log=lambda _: None, on_step=stop_at_10)
     assert stopped.value.step == 10 and stopped.value.resumable
-    result = train_classifier(config(tmp_path / "b"), log=lambda _: None, resume=True,
-                              on_step=lambda s, loss: resumed.append(loss))
+    result = train_classifier(
+        config(tmp_path / "b"), log=lambda _: None, resume=True, on_step=lambda s, loss: resumed.append(loss)
+    )
     assert result["steps"] == 36 and resumed == straight  # the same batches in the same order
     a = read_tensors(tmp_path / "a" / "train_state" / "model.safetensors")
     b = read_tensors(tmp_path / "b" / "train_state" / "model.safetensors")
@@ -168,17 +250,22 @@ def test_classifier_training_resumes_exactly_after_an_interruption(tmp_path, toy
         train_classifier(config(tmp_path / "c"), log=lambda _: None, resume=True)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"epochs": 0}, "epochs must be at least 1"),
-    ({"lr": float("nan")}, "lr must be a positive number"),
-    ({"patience": -1}, "patience must be at least 0"),
-    ({"weight_decay": -0.1}, "weight_decay must be at least 0"),
-    ({"max_minutes": -5.0}, "max_minutes must be at least 0"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"epochs": 0}, "epochs must be at least 1"),
+        ({"lr": float("nan")}, "lr must be a positive number"),
+        ({"patience": -1}, "patience must be at least 0"),
+        ({"weight_decay": -0.1}, "weight_decay must be at least 0"),
+        ({"max_minutes": -5.0}, "max_minutes must be at least 0"),
+    ],
+)
 def test_classifier_settings_are_checked_before_any_work(tmp_path, toy, change, message):
     import dataclasses
 
-    cfg = dataclasses.replace(ClassifierTrainConfig(train_path=str(toy[0]), out=str(tmp_path / "o")), **change)
+    cfg = dataclasses.replace(
+        ClassifierTrainConfig(train_path=str(toy[0]), out=str(tmp_path / "o")), **change
+    )
     with pytest.raises(UserError, match=message):
         train_classifier(cfg, log=lambda _: None)
     assert not (tmp_path / "o").exists()

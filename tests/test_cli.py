@@ -11,18 +11,40 @@ from lmforge.cli import main
 
 
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lmforge.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=os.environ.copy(), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=os.environ.copy(),
+        timeout=300,
+    )
 
 
-TINY = ["--preset", "tiny", "--max-iters", "10", "--model.block_size", "16", "--train.eval_interval", "5",
-        "--train.eval_batches", "2", "--device", "cpu", "--dtype", "float32", "--quiet"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--max-iters",
+    "10",
+    "--model.block_size",
+    "16",
+    "--train.eval_interval",
+    "5",
+    "--train.eval_batches",
+    "2",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--quiet",
+]
 
 
 def test_train_then_generate_end_to_end(tmp_path, shakespeare_excerpt):
     out = tmp_path / "run"
-    done = run_cli("train", *TINY, "--data", str(shakespeare_excerpt), "--out", str(out),
-                   "--train.sample-tokens", "40")
+    done = run_cli(
+        "train", *TINY, "--data", str(shakespeare_excerpt), "--out", str(out), "--train.sample-tokens", "40"
+    )
     assert done.returncode == 0, done.stderr
     assert "best validation loss" in done.stdout and "---- sample ----" in done.stdout
     saved = json.loads((out / "config.json").read_text())
@@ -34,14 +56,40 @@ def test_train_then_generate_end_to_end(tmp_path, shakespeare_excerpt):
 
 
 def test_prepare_command(tmp_path, shakespeare_excerpt):
-    assert main(["prepare", str(shakespeare_excerpt), "--out", str(tmp_path / "p"),
-                 "--tokenizer", "bpe", "--vocab-size", "300"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                str(shakespeare_excerpt),
+                "--out",
+                str(tmp_path / "p"),
+                "--tokenizer",
+                "bpe",
+                "--vocab-size",
+                "300",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((tmp_path / "p" / "meta.json").read_text())
     assert meta["tokenizer"] == {"kind": "bpe", "vocab_size": 300, "spec": "bpe"}
     assert main(["prepare", str(shakespeare_excerpt), "--out", str(tmp_path / "p")]) == 2
     # A prepared directory trains directly.
-    assert main(["train", *TINY, "--data", str(tmp_path / "p"), "--out", str(tmp_path / "run"),
-                 "--train.sample_tokens", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *TINY,
+                "--data",
+                str(tmp_path / "p"),
+                "--out",
+                str(tmp_path / "run"),
+                "--train.sample_tokens",
+                "0",
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -74,8 +122,18 @@ def test_non_utf8_corpus_from_the_cli(tmp_path):
     bad.write_bytes("Ünïcödé ".encode("latin-1") * 100)
     done = run_cli("train", *TINY, "--data", str(bad), "--out", str(tmp_path / "run"))
     assert done.returncode == 2 and "bad.txt is not valid utf-8: byte 0xdc at offset 0" in done.stderr
-    done = run_cli("train", *TINY, "--data", str(bad), "--data.errors", "replace",
-                   "--out", str(tmp_path / "run"), "--train.sample-tokens", "0")
+    done = run_cli(
+        "train",
+        *TINY,
+        "--data",
+        str(bad),
+        "--data.errors",
+        "replace",
+        "--out",
+        str(tmp_path / "run"),
+        "--train.sample-tokens",
+        "0",
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -96,12 +154,30 @@ def test_ctrl_c_saves_a_resumable_state_and_exits_130(tmp_path, shakespeare_exce
     import time
 
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "lmforge.cli", "train", *TINY, "--max-iters", "100000",
-            "--data", str(shakespeare_excerpt), "--out", str(out), "--train.sample_tokens", "0"]
+    args = [
+        sys.executable,
+        "-m",
+        "lmforge.cli",
+        "train",
+        *TINY,
+        "--max-iters",
+        "100000",
+        "--data",
+        str(shakespeare_excerpt),
+        "--out",
+        str(out),
+        "--train.sample_tokens",
+        "0",
+    ]
     # A shell that starts the tests in the background hands its children SIGINT ignored,
     # and Python keeps it ignored: restore the default so that Ctrl-C reaches the trainer.
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while not (out / "train_state").exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -111,7 +187,18 @@ def test_ctrl_c_saves_a_resumable_state_and_exits_130(tmp_path, shakespeare_exce
     assert "interrupted at step" in err and "--resume" in err
     state = json.loads((out / "train_state" / "state.json").read_text())
     assert state["step"] > 0
-    done = run_cli("train", *TINY, "--max-iters", str(state["step"] + 5), "--data", str(shakespeare_excerpt),
-                   "--out", str(out), "--resume", "--train.sample_tokens", "0")
+    done = run_cli(
+        "train",
+        *TINY,
+        "--max-iters",
+        str(state["step"] + 5),
+        "--data",
+        str(shakespeare_excerpt),
+        "--out",
+        str(out),
+        "--resume",
+        "--train.sample_tokens",
+        "0",
+    )
     assert done.returncode == 0, done.stderr
     assert f"Resuming {out} at step {state['step']}" in done.stdout

@@ -27,7 +27,7 @@ def test_prepare_writes_tokens_meta_and_the_standard_split(tmp_path, shakespeare
     assert meta["sources"][0]["sha256"] == hashlib.sha256(shakespeare_excerpt.read_bytes()).hexdigest()
     train = np.fromfile(tmp_path / "prep" / "train.bin", dtype=np.uint16)
     assert data.tokenizer.decode(train.tolist()) == text[: meta["train_tokens"]]
-    assert data.tokenizer.decode(data.tokens("val").tolist()) == text[meta["train_tokens"]:]
+    assert data.tokenizer.decode(data.tokens("val").tolist()) == text[meta["train_tokens"] :]
 
 
 def test_prepare_reads_folders_and_jsonl_with_document_separators(tmp_path):
@@ -124,7 +124,9 @@ def test_default_corpus_comes_from_the_data_dir_then_cache_then_download(tmp_pat
     assert resolve_dataset("tinyshakespeare") == data_dir / "tinyshakespeare.txt"
     # The test slice stands in for the real file: its checksum is the one expected.
     real = DATASETS["tinyshakespeare"]
-    monkeypatch.setitem(DATASETS, "tinyshakespeare", dataclasses.replace(real, sha256=sha256_file(SHAKESPEARE)))
+    monkeypatch.setitem(
+        DATASETS, "tinyshakespeare", dataclasses.replace(real, sha256=sha256_file(SHAKESPEARE))
+    )
     # Without a local copy it is downloaded (here from a file:// URL standing in for the web).
     monkeypatch.setenv("LMFORGE_DATA_DIR", str(tmp_path / "nothing-here"))
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))

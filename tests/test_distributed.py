@@ -13,13 +13,36 @@ from safetensors.torch import load_file
 
 def torchrun(*args: str, cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # LMFORGE_DATA_DIR: the test slice (conftest)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "lmforge", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "lmforge",
+        *args,
+    ]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-COMMON = ("train", "--preset", "tiny", "--quiet", "--train.eval_interval", "10", "--train.sample_tokens", "0",
-          "--optim.schedule", "constant", "--optim.warmup_iters", "0", "--device", "cpu")
+COMMON = (
+    "train",
+    "--preset",
+    "tiny",
+    "--quiet",
+    "--train.eval_interval",
+    "10",
+    "--train.sample_tokens",
+    "0",
+    "--optim.schedule",
+    "constant",
+    "--optim.warmup_iters",
+    "0",
+    "--device",
+    "cpu",
+)
 
 
 def test_two_processes_train_resume_exactly_and_write_once(tmp_path):
@@ -41,8 +64,22 @@ def test_two_processes_train_resume_exactly_and_write_once(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     # One process cannot continue a two-process run exactly: refused, with the reason.
-    single = subprocess.run([sys.executable, "-m", "lmforge", *COMMON, "--out", str(tmp_path / "split"),
-                             "--max-iters", "30", "--resume"], cwd=tmp_path, capture_output=True, text=True,
-                            env=dict(os.environ))
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmforge",
+            *COMMON,
+            "--out",
+            str(tmp_path / "split"),
+            "--max-iters",
+            "30",
+            "--resume",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+    )
     assert single.returncode == 2
     assert "trained with 2 process(es)" in single.stderr

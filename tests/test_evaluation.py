@@ -98,8 +98,10 @@ def test_bits_per_byte_and_per_char_follow_their_definitions():
 
 def test_bleu_and_chrf_match_sacrebleu_and_its_documented_example():
     hyps = ["The dog bit the man.", "It wasn't surprising.", "The man had just bitten him."]
-    refs = [["The dog bit the man.", "It was not unexpected.", "The man bit him first."],
-            ["The dog had bit the man.", "No one was surprised.", "The man had bitten the dog."]]
+    refs = [
+        ["The dog bit the man.", "It was not unexpected.", "The man bit him first."],
+        ["The dog had bit the man.", "No one was surprised.", "The man had bitten the dog."],
+    ]
     scores = bleu_chrf(hyps, refs)
     assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, refs).score)
     assert scores["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, refs).score)
@@ -138,8 +140,9 @@ def test_eval_agrees_with_the_training_log(tiny_checkpoint):
     assert records[-1]["val_loss_full"] == pytest.approx(result.full_val_loss, abs=1e-5)
     if result.best_val_loss == pytest.approx(result.final_val_loss):
         assert report["loss"] == pytest.approx(result.full_val_loss, abs=1e-4)
-    assert report["bits_per_char"] == pytest.approx(report["loss"] / math.log(2) * report["tokens"]
-                                                    / report["characters"])
+    assert report["bits_per_char"] == pytest.approx(
+        report["loss"] / math.log(2) * report["tokens"] / report["characters"]
+    )
 
 
 def test_eval_cli_table_json_and_errors(tiny_checkpoint, tmp_path, capsys):

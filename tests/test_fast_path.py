@@ -15,8 +15,18 @@ from lmforge.training.optim import build_optimizers
 
 def losses(dtype: torch.dtype, compile_model: bool, steps: int = 4) -> list[float]:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, pos_encoding="rope",
-                      qk_norm=True, activation="relu2", tie_embeddings=False, bias=False)
+    cfg = ModelConfig(
+        vocab_size=50,
+        block_size=16,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        pos_encoding="rope",
+        qk_norm=True,
+        activation="relu2",
+        tie_embeddings=False,
+        bias=False,
+    )
     model = build_model(cfg)
     optimizers = build_optimizers(model, OptimConfig(lr=3e-3, fused=True), torch.device("cpu"))
     run = torch.compile(model) if compile_model else model

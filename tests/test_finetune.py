@@ -24,11 +24,24 @@ from .test_hf_interop import hf_tokenizer_dir, save_tiny_hf_model  # noqa: F401 
 
 
 def finetune_config(base, data, out, **overrides):
-    settings = {"data.path": str(data), "train.out": str(out), "finetune.init_from": str(base),
-                "finetune.seq_len": 32, "train.max_iters": 30, "train.eval_interval": 15, "train.batch_size": 4,
-                "train.eval_batches": 4, "train.eval_at_start": True, "train.progress": False,
-                "train.sample_tokens": 0, "train.device": "cpu", "train.dtype": "float32", "optim.lr": 3e-3,
-                "optim.warmup_iters": 2, **overrides}
+    settings = {
+        "data.path": str(data),
+        "train.out": str(out),
+        "finetune.init_from": str(base),
+        "finetune.seq_len": 32,
+        "train.max_iters": 30,
+        "train.eval_interval": 15,
+        "train.batch_size": 4,
+        "train.eval_batches": 4,
+        "train.eval_at_start": True,
+        "train.progress": False,
+        "train.sample_tokens": 0,
+        "train.device": "cpu",
+        "train.dtype": "float32",
+        "optim.lr": 3e-3,
+        "optim.warmup_iters": 2,
+        **overrides,
+    }
     return apply_overrides(load_preset("finetune"), settings)
 
 
@@ -50,7 +63,9 @@ def test_lora_starts_at_the_base_model_and_merges_exactly():
                 m.lora_B.normal_()
     adapted = model(x)[0]
     assert not torch.allclose(adapted, before)
-    plain = build_model(model_config := ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    plain = build_model(
+        model_config := ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    )
     assert model_config.n_layer == 2
     plain.load_state_dict(merged_state_dict(model, model.state_dict()))
     assert torch.allclose(plain.eval()(x)[0], adapted, atol=1e-5)
@@ -71,8 +86,11 @@ def test_layer_wise_lr_decay_scales_lower_layers():
     assert lr_of[id(model.wte.weight)] == 0.125
 
 
-def test_lora_finetune_of_imported_llama_lowers_loss_and_exports(tmp_path, hf_tokenizer_dir,  # noqa: F811
-                                                                 shakespeare_excerpt):
+def test_lora_finetune_of_imported_llama_lowers_loss_and_exports(
+    tmp_path,
+    hf_tokenizer_dir,  # noqa: F811
+    shakespeare_excerpt,
+):
     base = save_tiny_hf_model("llama", tmp_path / "llama", hf_tokenizer_dir)
     lora = {"finetune.lora_rank": 8, "optim.lr": 2e-2, "train.max_iters": 60}
     config = finetune_config(base, shakespeare_excerpt, tmp_path / "ft", **lora)
@@ -107,9 +125,16 @@ def test_lora_finetune_of_imported_llama_lowers_loss_and_exports(tmp_path, hf_to
 
 def test_finetune_resumes_exactly(tmp_path, shakespeare_excerpt):
     train(tiny_config(tmp_path / "base", shakespeare_excerpt, **{"train.max_iters": 10}), log=lambda _: None)
-    settings = {"finetune.lora_rank": 2, "train.max_iters": 20, "train.eval_interval": 5, "model.dropout": 0.1}
-    whole = train(finetune_config(tmp_path / "base", shakespeare_excerpt, tmp_path / "whole", **settings),
-                  log=lambda _: None)
+    settings = {
+        "finetune.lora_rank": 2,
+        "train.max_iters": 20,
+        "train.eval_interval": 5,
+        "model.dropout": 0.1,
+    }
+    whole = train(
+        finetune_config(tmp_path / "base", shakespeare_excerpt, tmp_path / "whole", **settings),
+        log=lambda _: None,
+    )
 
     def stop_at_8(step, _loss):
         if step == 8:
@@ -118,10 +143,16 @@ def test_finetune_resumes_exactly(tmp_path, shakespeare_excerpt):
     from lmforge.errors import TrainingInterrupted
 
     with pytest.raises(TrainingInterrupted):
-        train(finetune_config(tmp_path / "base", shakespeare_excerpt, tmp_path / "split", **settings),
-              log=lambda _: None, on_step=stop_at_8)
-    resumed = train(finetune_config(tmp_path / "base", shakespeare_excerpt, tmp_path / "split", **settings),
-                    resume=True, log=lambda _: None)
+        train(
+            finetune_config(tmp_path / "base", shakespeare_excerpt, tmp_path / "split", **settings),
+            log=lambda _: None,
+            on_step=stop_at_8,
+        )
+    resumed = train(
+        finetune_config(tmp_path / "base", shakespeare_excerpt, tmp_path / "split", **settings),
+        resume=True,
+        log=lambda _: None,
+    )
     assert resumed.best_val_loss == whole.best_val_loss
     a = load_file(str(tmp_path / "whole" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "split" / "adapter.safetensors"))
@@ -135,9 +166,15 @@ def write_instructions(path, n=40):
         if i % 2:
             rows.append({"prompt": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."})
         else:
-            rows.append({"messages": [{"role": "system", "content": "Be brief."},
-                                      {"role": "user", "content": f"Add {a} and {b}."},
-                                      {"role": "assistant", "content": f"{a + b}"}]})
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": f"Add {a} and {b}."},
+                        {"role": "assistant", "content": f"{a + b}"},
+                    ]
+                }
+            )
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
 
@@ -156,8 +193,10 @@ def test_instruction_data_masks_everything_but_the_replies(tmp_path, shakespeare
 
     train(tiny_config(tmp_path / "base", shakespeare_excerpt, **{"train.max_iters": 5}), log=lambda _: None)
     data = write_instructions(tmp_path / "sft.jsonl")
-    result = train(finetune_config(tmp_path / "base", data, tmp_path / "sft", **{"train.max_iters": 40}),
-                   log=lambda _: None)
+    result = train(
+        finetune_config(tmp_path / "base", data, tmp_path / "sft", **{"train.max_iters": 40}),
+        log=lambda _: None,
+    )
     assert result.best_val_loss < result.history[0]["val_loss"]
     saved = json.loads((tmp_path / "sft" / "config.json").read_text())
     assert saved["chat_template"] == DEFAULT_CHAT_TEMPLATE
@@ -174,12 +213,43 @@ def test_finetune_cli_and_bad_input(tmp_path, shakespeare_excerpt, capsys):
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 3, "response": "b"}\n')
     assert main(["finetune", str(tmp_path / "base"), "--data", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "bad.jsonl:2 needs string fields prompt and response" in capsys.readouterr().err
-    assert main(["finetune", str(tmp_path / "nowhere"), "--data", str(shakespeare_excerpt),
-                 "--out", str(tmp_path / "y")]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                str(tmp_path / "nowhere"),
+                "--data",
+                str(shakespeare_excerpt),
+                "--out",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
-    code = main(["finetune", str(tmp_path / "base"), "--data", str(shakespeare_excerpt), "--lora-rank", "2",
-                 "--lora-targets", "attn.c_attn", "--max-iters", "4", "--seq-len", "16", "--quiet",
-                 "--out", str(tmp_path / "cli"), "--train.sample_tokens", "0", "--device", "cpu"])
+    code = main(
+        [
+            "finetune",
+            str(tmp_path / "base"),
+            "--data",
+            str(shakespeare_excerpt),
+            "--lora-rank",
+            "2",
+            "--lora-targets",
+            "attn.c_attn",
+            "--max-iters",
+            "4",
+            "--seq-len",
+            "16",
+            "--quiet",
+            "--out",
+            str(tmp_path / "cli"),
+            "--train.sample_tokens",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "trainable parameters" in out and "optimizer state" in out
@@ -197,8 +267,10 @@ def test_finetune_cli_and_bad_input(tmp_path, shakespeare_excerpt, capsys):
     not_adapter = str(tmp_path / "cli" / "model.safetensors")
     assert main(["generate", str(tmp_path / "base"), "--adapter", not_adapter, *greedy]) == 2
     assert "is not an lmforge LoRA adapter" in capsys.readouterr().err
-    train(tiny_config(tmp_path / "wider", shakespeare_excerpt, **{"train.max_iters": 2, "model.n_embd": 48}),
-          log=lambda _: None)
+    train(
+        tiny_config(tmp_path / "wider", shakespeare_excerpt, **{"train.max_iters": 2, "model.n_embd": 48}),
+        log=lambda _: None,
+    )
     assert main(["generate", str(tmp_path / "wider"), "--adapter", str(tmp_path / "cli"), *greedy]) == 2
     assert "does not fit this model" in capsys.readouterr().err
 
@@ -209,10 +281,23 @@ def test_sequence_classification_from_an_imported_model(tmp_path, hf_tokenizer_d
     from .test_classify import NEGATIVE, POSITIVE, write_toy
 
     base = save_tiny_hf_model("qwen2", tmp_path / "qwen2", hf_tokenizer_dir)
-    train_path = write_toy(tmp_path / "train.tsv", [(t, "pos") for t in POSITIVE] * 6 + [(t, "neg") for t in NEGATIVE] * 6)
-    dev_path = write_toy(tmp_path / "dev.tsv", [(t, "pos") for t in POSITIVE[:4]] + [(t, "neg") for t in NEGATIVE[:4]])
-    cfg = ClassifierTrainConfig(train_path=str(train_path), val_path=str(dev_path), out=str(tmp_path / "clf"),
-                                init=str(base), epochs=6, batch_size=8, lr=3e-3, progress=False, device="cpu")
+    train_path = write_toy(
+        tmp_path / "train.tsv", [(t, "pos") for t in POSITIVE] * 6 + [(t, "neg") for t in NEGATIVE] * 6
+    )
+    dev_path = write_toy(
+        tmp_path / "dev.tsv", [(t, "pos") for t in POSITIVE[:4]] + [(t, "neg") for t in NEGATIVE[:4]]
+    )
+    cfg = ClassifierTrainConfig(
+        train_path=str(train_path),
+        val_path=str(dev_path),
+        out=str(tmp_path / "clf"),
+        init=str(base),
+        epochs=6,
+        batch_size=8,
+        lr=3e-3,
+        progress=False,
+        device="cpu",
+    )
     result = train_classifier(cfg, log=lambda _: None)
     assert result["best_val_accuracy"] >= 0.75
     model, tokenizer, labels = load_classifier(tmp_path / "clf")
@@ -223,9 +308,16 @@ def test_python_api_entry_points(tmp_path, shakespeare_excerpt):
     import lmforge
 
     train(tiny_config(tmp_path / "base", shakespeare_excerpt, **{"train.max_iters": 5}), log=lambda _: None)
-    result = lmforge.finetune(str(tmp_path / "base"), str(shakespeare_excerpt), str(tmp_path / "ft"),
-                              finetune__lora_rank=2, train__max_iters=3, train__progress=False,
-                              train__sample_tokens=0, finetune__seq_len=16)
+    result = lmforge.finetune(
+        str(tmp_path / "base"),
+        str(shakespeare_excerpt),
+        str(tmp_path / "ft"),
+        finetune__lora_rank=2,
+        train__max_iters=3,
+        train__progress=False,
+        train__sample_tokens=0,
+        finetune__seq_len=16,
+    )
     assert result.step == 3 and (tmp_path / "ft" / "adapter.safetensors").is_file()
     report = lmforge.evaluate(str(tmp_path / "ft"))
     assert report["loss"] > 0 and report["perplexity"] > 1
@@ -239,8 +331,9 @@ def test_chat_template_follows_the_adapter_run(tmp_path):
     base, run, loose = tmp_path / "base", tmp_path / "run", tmp_path / "loose"
     for folder, template in ((base, "BASE {{ messages }}"), (run, "TUNED {{ messages }}")):
         folder.mkdir()  # the metadata of a checkpoint (open_checkpoint reads no weights)
-        (folder / "config.json").write_text(json.dumps({"format": "lmforge-checkpoint", "config": {},
-                                                        "chat_template": template}))
+        (folder / "config.json").write_text(
+            json.dumps({"format": "lmforge-checkpoint", "config": {}, "chat_template": template})
+        )
         (folder / "model.safetensors").touch()
         (folder / "tokenizer.json").touch()
     loose.mkdir()

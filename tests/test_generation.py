@@ -24,8 +24,15 @@ TEXT = "To be, or not to be, that is the question: ünïcödé ✓ — 日本語
 def make_model(pos="rope", block=24, seed=0, n_embd=32, **kw):
     torch.manual_seed(seed)
     tok = train_char_tokenizer([TEXT])
-    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=block, n_layer=2, n_head=2, n_embd=n_embd,
-                      pos_encoding=pos, **kw)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size,
+        block_size=block,
+        n_layer=2,
+        n_head=2,
+        n_embd=n_embd,
+        pos_encoding=pos,
+        **kw,
+    )
     return build_model(cfg).eval(), tok
 
 
@@ -49,7 +56,7 @@ def test_cached_logits_match_full_forward():
     prefill, _ = model(ids[:, :10], cache=cache)
     pieces = [prefill]
     for t in range(10, ids.shape[1]):
-        logits, _ = model(ids[:, t:t + 1], cache=cache)
+        logits, _ = model(ids[:, t : t + 1], cache=cache)
         pieces.append(logits)
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
 
@@ -67,8 +74,12 @@ def test_batched_prompts_with_padding_equal_each_alone(pos):
 def test_filters_never_sample_outside_their_sets():
     logits = torch.log(torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04]]))
     gen = torch.Generator().manual_seed(0)
-    for kwargs, allowed in [({"top_k": 2}, {0, 1}), ({"top_p": 0.7}, {0, 1, 2}),
-                            ({"top_p": 0.35}, {0}), ({"min_p": 0.3}, {0, 1, 2})]:
+    for kwargs, allowed in [
+        ({"top_k": 2}, {0, 1}),
+        ({"top_p": 0.7}, {0, 1, 2}),
+        ({"top_p": 0.35}, {0}),
+        ({"min_p": 0.3}, {0, 1, 2}),
+    ]:
         probs = filter_logits(logits, **kwargs).softmax(-1).expand(4000, -1)
         drawn = set(torch.multinomial(probs, 1, generator=gen).flatten().tolist())
         assert drawn == allowed, kwargs
@@ -89,8 +100,9 @@ def test_seeds_reproduce_and_differ():
 def test_penalties_change_greedy_choice():
     model, tok = make_model()
     plain = generate(model, tok, "To be", GenerationConfig(max_new_tokens=30, temperature=0))[0]
-    penalised = generate(model, tok, "To be", GenerationConfig(max_new_tokens=30, temperature=0,
-                                                               frequency_penalty=5.0))[0]
+    penalised = generate(
+        model, tok, "To be", GenerationConfig(max_new_tokens=30, temperature=0, frequency_penalty=5.0)
+    )[0]
     assert len(set(penalised)) >= len(set(plain))
     assert penalised != plain or len(set(plain)) == len(plain)
 
@@ -100,8 +112,9 @@ def test_beam_search_with_one_beam_is_greedy_and_more_beams_score_higher():
     prompt = tok.encode("To be, or")
     greedy_cfg = GenerationConfig(max_new_tokens=12, temperature=0, stop_at_eot=False)
     greedy = generate(model, tok, "To be, or", greedy_cfg)[0]
-    one = "".join(beam_search(model, tok, prompt, GenerationConfig(max_new_tokens=12, num_beams=1,
-                                                                     stop_at_eot=False)))
+    one = "".join(
+        beam_search(model, tok, prompt, GenerationConfig(max_new_tokens=12, num_beams=1, stop_at_eot=False))
+    )
     assert one == greedy
     cfg4 = GenerationConfig(max_new_tokens=12, num_beams=4, stop_at_eot=False, length_penalty=0.0)
     best = "".join(beam_search(model, tok, prompt, cfg4))
@@ -128,8 +141,11 @@ def test_streaming_equals_non_streaming_with_multibyte_characters():
     bpe = train_bpe_tokenizer([TEXT], vocab_size=270)
     assert any("\ufffd" in bpe.decode([i]) for i in bpe.encode("日本語"))
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=bpe.vocab_size, block_size=32, n_layer=1, n_head=2,
-                                    n_embd=32, pos_encoding="rope")).eval()
+    model = build_model(
+        ModelConfig(
+            vocab_size=bpe.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32, pos_encoding="rope"
+        )
+    ).eval()
     for stop in ([], ["e"], ["本語"]):
         cfg = GenerationConfig(max_new_tokens=40, temperature=1.0, seed=1, stop=stop)
         pieces = list(stream(model, bpe, "ünï", cfg))
@@ -148,8 +164,9 @@ def test_prompts_longer_than_the_context_warn_or_refuse():
     model, tok = make_model(block=16)
     long_prompt = "To be, or not to be, that is the question"
     warnings_seen = []
-    out = generate(model, tok, long_prompt, GenerationConfig(max_new_tokens=3, temperature=0),
-                   warn=warnings_seen.append)
+    out = generate(
+        model, tok, long_prompt, GenerationConfig(max_new_tokens=3, temperature=0), warn=warnings_seen.append
+    )
     assert len(out[0]) == 3 and "only its last 16 tokens are used" in warnings_seen[0]
     with pytest.raises(UserError, match="context is 16"):
         generate(model, tok, long_prompt, GenerationConfig(strict=True))
@@ -190,7 +207,9 @@ def test_blocked_matvec_keeps_tied_weights_and_greedy_tokens():
     large = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.numel() >= 4096]
     use_blocked_matvec(model, min_weight=4096)
     converted = [m.weight for m in model.modules() if isinstance(m, BlockedMatvecLinear)]
-    assert len(converted) == 2 * 4 and all(a is b for a, b in zip(converted, large, strict=True))  # 4 per block, not the head
+    assert len(converted) == 2 * 4 and all(
+        a is b for a, b in zip(converted, large, strict=True)
+    )  # 4 per block, not the head
     assert model.lm_head.weight is model.wte.weight  # still tied
     assert torch.equal(steps(model, [prompt], cfg, True), reference)
 
@@ -209,7 +228,8 @@ def test_pipeline_api(tmp_path, shakespeare_excerpt):
     assert out == [{"generated_text": "ROMEO:" + expected}]
     many = pipe(["A", "BB"], max_new_tokens=4, temperature=0, return_full_text=False)
     assert [x[0]["generated_text"] for x in many] == generate(
-        pipe.model, pipe.tokenizer, ["A", "BB"], GenerationConfig(max_new_tokens=4, temperature=0))
+        pipe.model, pipe.tokenizer, ["A", "BB"], GenerationConfig(max_new_tokens=4, temperature=0)
+    )
     with pytest.raises(UserError, match="Unknown generation setting"):
         pipe("x", max_tokens=3)
     with pytest.raises(UserError, match="Unknown pipeline task"):

@@ -33,10 +33,15 @@ def hf_tokenizer_dir(tmp_path, shakespeare_excerpt) -> Path:
     folder = tmp_path / "tokenizer"
     folder.mkdir()
     tokenizer.save(folder / "tokenizer.json")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-        "chat_template": "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}",
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|endoftext|>",
+                "chat_template": "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}",
+            }
+        )
+    )
     return folder
 
 
@@ -48,16 +53,32 @@ def save_tiny_hf_model(kind: str, folder: Path, tokenizer_dir: Path) -> Path:
         config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
         model = transformers.GPT2LMHeadModel(config)
     elif kind == "llama":
-        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=56, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=64, rope_theta=500.0, **common)
+        config = transformers.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=56,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            rope_theta=500.0,
+            **common,
+        )
         model = transformers.LlamaForCausalLM(config)
     else:
-        config = transformers.Qwen2Config(hidden_size=32, intermediate_size=56, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=64, tie_word_embeddings=True, **common)
+        config = transformers.Qwen2Config(
+            hidden_size=32,
+            intermediate_size=56,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+            **common,
+        )
         model = transformers.Qwen2ForCausalLM(config)
-    with torch.no_grad():  # random init leaves biases and norms at 0/1: perturb them so parity means something
+    with (
+        torch.no_grad()
+    ):  # random init leaves biases and norms at 0/1: perturb them so parity means something
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_" in name:
                 p.add_(torch.randn_like(p) * 0.1)
@@ -82,8 +103,9 @@ def test_import_matches_transformers_logits_and_greedy_tokens(kind, tmp_path, hf
     prompt = tokenizer.encode("First Citizen:")
     cfg = GenerationConfig(max_new_tokens=12, temperature=0.0, stop_at_eot=False)
     new = generate_ids(model, tokenizer, [prompt], cfg)[0]
-    expected = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                                  pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+    expected = reference.generate(
+        torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None
+    )[0, len(prompt) :].tolist()
     assert new == expected
 
 
@@ -153,8 +175,11 @@ def test_bad_hf_directories_get_clear_errors(tmp_path, hf_tokenizer_dir):
 
     # A sharded checkpoint whose index names a shard that is not there.
     (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+        )
+    )
     with pytest.raises(UserError, match="missing: model-00002-of-00002.safetensors"):
         import_hf(folder)
 
@@ -189,16 +214,44 @@ def test_cli_convert_generate_and_export(tmp_path, hf_tokenizer_dir, capsys):
     from lmforge.cli import main
 
     folder = save_tiny_hf_model("llama", tmp_path / "llama", hf_tokenizer_dir)
-    assert main(["generate", str(folder), "--prompt", "KING:", "--temperature", "0",
-                 "--max-new-tokens", "5", "--no-stream"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(folder),
+                "--prompt",
+                "KING:",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "5",
+                "--no-stream",
+            ]
+        )
+        == 0
+    )
     from_hf_dir = capsys.readouterr().out
 
     assert main(["convert", str(folder), "--out", str(tmp_path / "converted")]) == 0
     assert "imported from Hugging Face (llama)" in capsys.readouterr().out
     saved = json.loads((tmp_path / "converted" / "config.json").read_text())
     assert saved["chat_template"].startswith("{% for m in messages %}")
-    assert main(["generate", str(tmp_path / "converted"), "--prompt", "KING:", "--temperature", "0",
-                 "--max-new-tokens", "5", "--no-stream"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "converted"),
+                "--prompt",
+                "KING:",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "5",
+                "--no-stream",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == from_hf_dir
 
     assert main(["export", str(tmp_path / "converted"), "--out", str(tmp_path / "back")]) == 0
@@ -211,7 +264,9 @@ def test_export_refuses_layouts_transformers_cannot_load(tmp_path, shakespeare_e
     from lmforge.cli import main
     from lmforge.training.trainer import train
 
-    config = tiny_config(tmp_path / "run", shakespeare_excerpt, **{"model.qk_norm": True, "train.max_iters": 2})
+    config = tiny_config(
+        tmp_path / "run", shakespeare_excerpt, **{"model.qk_norm": True, "train.max_iters": 2}
+    )
     train(config, log=lambda _: None)
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
     assert "cannot be exported to Hugging Face" in capsys.readouterr().err

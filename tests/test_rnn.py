@@ -29,7 +29,7 @@ def test_state_carried_across_windows_equals_one_long_window(arch):
     _, full_loss = model(x, y)
     state, losses = None, []
     for i in range(0, 24, 8):
-        _, loss, state = model(x[:, i:i + 8], y[:, i:i + 8], state=state, return_state=True)
+        _, loss, state = model(x[:, i : i + 8], y[:, i : i + 8], state=state, return_state=True)
         losses.append(loss)
     assert torch.stack(losses).mean().item() == pytest.approx(full_loss.item(), abs=1e-6)
 
@@ -68,11 +68,21 @@ def test_contiguous_streams_continue_row_by_row():
 
 
 def test_lstm_trains_resumes_exactly_and_generates(tmp_path, shakespeare_excerpt):
-    overrides = {"model.arch": "lstm", "model.n_embd": 32, "model.hidden_size": 64, "model.n_layer": 2,
-                 "model.dropout": 0.1, "train.eval_interval": 5, "train.max_iters": 20}
+    overrides = {
+        "model.arch": "lstm",
+        "model.n_embd": 32,
+        "model.hidden_size": 64,
+        "model.n_layer": 2,
+        "model.dropout": 0.1,
+        "train.eval_interval": 5,
+        "train.max_iters": 20,
+    }
     straight = []
-    result = train(tiny_config(tmp_path / "a", shakespeare_excerpt, **overrides), log=lambda _: None,
-                   on_step=lambda s, loss: straight.append(loss))
+    result = train(
+        tiny_config(tmp_path / "a", shakespeare_excerpt, **overrides),
+        log=lambda _: None,
+        on_step=lambda s, loss: straight.append(loss),
+    )
     assert straight[-1] < straight[0] - 0.5
 
     first: list[float] = []
@@ -98,8 +108,15 @@ def test_lstm_trains_resumes_exactly_and_generates(tmp_path, shakespeare_excerpt
 
 
 def test_word_level_lstm_from_the_word_tokenizer(tmp_path, shakespeare_excerpt):
-    overrides = {"model.arch": "gru", "model.n_embd": 32, "model.n_layer": 1, "data.tokenizer": "word",
-                 "data.vocab_size": 500, "data.min_frequency": 2, "train.max_iters": 10}
+    overrides = {
+        "model.arch": "gru",
+        "model.n_embd": 32,
+        "model.n_layer": 1,
+        "data.tokenizer": "word",
+        "data.vocab_size": 500,
+        "data.min_frequency": 2,
+        "train.max_iters": 10,
+    }
     result = train(tiny_config(tmp_path / "w", shakespeare_excerpt, **overrides), log=lambda _: None)
     _, tokenizer, _ = load_checkpoint(tmp_path / "w")
     assert tokenizer.kind == "word" and tokenizer.vocab_size <= 500

@@ -36,7 +36,9 @@ class RunningServer:
     def __init__(self, app):
         self.port = free_port()
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 20
@@ -66,8 +68,9 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(checkpoint):
     model, tokenizer, _ = load_checkpoint(checkpoint)
-    app = create_app(model, tokenizer, ServerSettings(model_name="tiny", max_tokens_cap=50),
-                     chat_template_of(checkpoint))
+    app = create_app(
+        model, tokenizer, ServerSettings(model_name="tiny", max_tokens_cap=50), chat_template_of(checkpoint)
+    )
     server = RunningServer(app)
     server.model, server.tokenizer = model, tokenizer
     yield server
@@ -84,7 +87,9 @@ def test_models_and_health(served):
 def test_completion_matches_lmforge_generate_and_counts_usage(served):
     prompt = "ROMEO:\nI"
     response = served.client().completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
-    expected = generate(served.model, served.tokenizer, prompt, GenerationConfig(max_new_tokens=12, temperature=0))[0]
+    expected = generate(
+        served.model, served.tokenizer, prompt, GenerationConfig(max_new_tokens=12, temperature=0)
+    )[0]
     choice = response.choices[0]
     assert choice.text == expected
     assert choice.finish_reason == "length"
@@ -94,17 +99,19 @@ def test_completion_matches_lmforge_generate_and_counts_usage(served):
 
     # A stop string cuts the text before it and ends with finish_reason "stop".
     stop = expected[3:5]
-    stopped = served.client().completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
-                                                  stop=[stop])
-    assert stopped.choices[0].text == expected[:expected.index(stop)]
+    stopped = served.client().completions.create(
+        model="tiny", prompt=prompt, max_tokens=12, temperature=0, stop=[stop]
+    )
+    assert stopped.choices[0].text == expected[: expected.index(stop)]
     assert stopped.choices[0].finish_reason == "stop"
 
 
 def test_echo_returns_the_prompts_own_logprobs(served):
     prompt = "First Citizen:\nBefore we proceed"
     ids = served.tokenizer.encode(prompt)
-    response = served.client().completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True,
-                                                  logprobs=1, temperature=0)
+    response = served.client().completions.create(
+        model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0
+    )
     lp = response.choices[0].logprobs
     assert response.choices[0].text == prompt
     assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
@@ -113,8 +120,9 @@ def test_echo_returns_the_prompts_own_logprobs(served):
     assert len(lp.top_logprobs[1]) == 1 and lp.text_offset[:2] == [0, 1]
 
     # max_tokens 1 (lm-evaluation-harness's request): the prompt's scores, then one generated token's.
-    one = served.client().completions.create(model="tiny", prompt=ids, max_tokens=1, echo=True, logprobs=1,
-                                             temperature=0)
+    one = served.client().completions.create(
+        model="tiny", prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0
+    )
     scores = one.choices[0].logprobs.token_logprobs
     assert len(scores) == len(ids) + 1
     assert scores[:-1] == pytest.approx(lp.token_logprobs)
@@ -122,12 +130,17 @@ def test_echo_returns_the_prompts_own_logprobs(served):
 
 def test_chat_streaming_equals_non_streaming_with_the_same_seed(served):
     client = served.client()
-    messages = [{"role": "system", "content": "Speak like a king."}, {"role": "user", "content": "Who goes there?"}]
+    messages = [
+        {"role": "system", "content": "Speak like a king."},
+        {"role": "user", "content": "Who goes there?"},
+    ]
     settings = dict(model="tiny", messages=messages, max_tokens=30, temperature=0.9, seed=7)
     whole = client.chat.completions.create(**settings)
     text = whole.choices[0].message.content
     assert whole.choices[0].message.role == "assistant" and text
-    chunks = list(client.chat.completions.create(**settings, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(**settings, stream=True, stream_options={"include_usage": True})
+    )
     deltas = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert deltas == text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
@@ -138,8 +151,11 @@ def test_chat_streaming_equals_non_streaming_with_the_same_seed(served):
 
 
 def test_streaming_completion_ends_with_done(served):
-    with httpx.stream("POST", served.url + "/v1/completions",
-                      json={"prompt": "KING:", "max_tokens": 5, "stream": True, "temperature": 0}) as response:
+    with httpx.stream(
+        "POST",
+        served.url + "/v1/completions",
+        json={"prompt": "KING:", "max_tokens": 5, "stream": True, "temperature": 0},
+    ) as response:
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     assert all(line.startswith("data: ") for line in lines)
@@ -156,17 +172,26 @@ def test_bad_requests_get_openai_shaped_errors(served):
         client.completions.create(model="tiny", prompt="x", temperature="hot")
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model="tiny", messages=[])
-    bad = httpx.post(served.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    bad = httpx.post(
+        served.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert bad.status_code == 400 and bad.json()["error"]["message"] == "The request body is not valid JSON."
-    huge = httpx.post(served.url + "/v1/completions", content=b"x" * (2 << 20),
-                      headers={"content-type": "application/json"})
+    huge = httpx.post(
+        served.url + "/v1/completions", content=b"x" * (2 << 20), headers={"content-type": "application/json"}
+    )
     assert huge.status_code == 413 and "larger than" in huge.json()["error"]["message"]
 
 
 def test_api_key_is_required_when_set(checkpoint):
     model, tokenizer, _ = load_checkpoint(checkpoint)
-    server = RunningServer(create_app(model, tokenizer, ServerSettings(model_name="tiny", api_key="s3cret"),
-                                      chat_template_of(checkpoint)))
+    server = RunningServer(
+        create_app(
+            model,
+            tokenizer,
+            ServerSettings(model_name="tiny", api_key="s3cret"),
+            chat_template_of(checkpoint),
+        )
+    )
     try:
         with pytest.raises(openai.AuthenticationError):
             server.client("wrong").models.list()
@@ -182,8 +207,12 @@ def test_sixteen_concurrent_clients_are_batched_and_all_served(served):
 
     def one_client(i: int) -> str:
         stream = served.client().chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": f"Tell me a tale, {i}"}], max_tokens=20,
-            temperature=0.8, stream=True)
+            model="tiny",
+            messages=[{"role": "user", "content": f"Tell me a tale, {i}"}],
+            max_tokens=20,
+            temperature=0.8,
+            stream=True,
+        )
         return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
     start = time.time()
@@ -198,8 +227,11 @@ def test_sixteen_concurrent_clients_are_batched_and_all_served(served):
 def test_a_client_that_disconnects_stops_its_generation(served):
     engine = served.app.state.engine
     before = engine.stats["cancelled"]
-    with httpx.stream("POST", served.url + "/v1/completions",
-                      json={"prompt": "KING:", "max_tokens": 50, "stream": True, "temperature": 1.0}) as response:
+    with httpx.stream(
+        "POST",
+        served.url + "/v1/completions",
+        json={"prompt": "KING:", "max_tokens": 50, "stream": True, "temperature": 1.0},
+    ) as response:
         next(response.iter_lines())
     deadline = time.time() + 10
     while engine.stats["cancelled"] == before:
@@ -221,12 +253,16 @@ def test_bounded_queue_refuses_instead_of_stalling(checkpoint):
         loop.close()
 
     # Over HTTP: a request that does not fit in the queue gets 503 with Retry-After, at once.
-    server = RunningServer(create_app(model, tokenizer, ServerSettings(model_name="tiny", max_queue=2),
-                                      chat_template_of(checkpoint)))
+    server = RunningServer(
+        create_app(
+            model, tokenizer, ServerSettings(model_name="tiny", max_queue=2), chat_template_of(checkpoint)
+        )
+    )
     try:
         server.app.state.engine.close()  # nothing drains the queue
-        busy = httpx.post(server.url + "/v1/completions", json={"prompt": "KING:", "max_tokens": 5, "n": 3},
-                          timeout=10)
+        busy = httpx.post(
+            server.url + "/v1/completions", json={"prompt": "KING:", "max_tokens": 5, "n": 3}, timeout=10
+        )
         assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
         assert busy.json()["error"]["type"] == "server_busy"
     finally:
@@ -241,11 +277,15 @@ def test_web_chat_page_is_served(served):
 
 def test_web_chat_in_a_headless_browser(served):
     import playwright.sync_api as playwright
+
     # .ci/run installs Debian's chromium; a machine without it fails here rather than skipping the check.
-    assert shutil.which("chromium") or shutil.which("chromium-browser"), \
+    assert shutil.which("chromium") or shutil.which("chromium-browser"), (
         "no chromium browser: install it (apt-get install chromium) to run the web chat test"
+    )
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium") or shutil.which("chromium-browser"))
+        browser = p.chromium.launch(
+            executable_path=shutil.which("chromium") or shutil.which("chromium-browser")
+        )
         page = browser.new_page()
         page.goto(served.url + "/")
         page.fill("#temperature", "0")
@@ -258,9 +298,18 @@ def test_web_chat_in_a_headless_browser(served):
         send_enabled = page.is_enabled("#send")
         browser.close()
     # The page streamed the same reply the API gives for the same conversation and settings.
-    expected = served.client().chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Hello there"}], temperature=0, top_p=0.95,
-        max_tokens=10).choices[0].message.content
+    expected = (
+        served.client()
+        .chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Hello there"}],
+            temperature=0,
+            top_p=0.95,
+            max_tokens=10,
+        )
+        .choices[0]
+        .message.content
+    )
     assert user == "Hello there" and reply == expected and len(reply) > 0
     assert send_enabled
 
@@ -269,8 +318,14 @@ def test_terminal_chat_commands_and_history(checkpoint):
     model, tokenizer, _ = load_checkpoint(checkpoint)
     lines = iter(["/temperature 0", "Hello", "/system Be brief.", "/bogus", "Again", "/reset", "/quit"])
     out: list[str] = []
-    terminal_chat(model, tokenizer, chat_template_of(checkpoint), GenerationConfig(max_new_tokens=8),
-                  read=lambda _: next(lines), write=lambda *a, **k: out.append("".join(map(str, a))))
+    terminal_chat(
+        model,
+        tokenizer,
+        chat_template_of(checkpoint),
+        GenerationConfig(max_new_tokens=8),
+        read=lambda _: next(lines),
+        write=lambda *a, **k: out.append("".join(map(str, a))),
+    )
     text = "\n".join(out)
     assert "(temperature 0)" in text and "(system prompt set)" in text
     assert "(unknown command /bogus" in text and "(conversation forgotten)" in text

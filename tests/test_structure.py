@@ -49,7 +49,7 @@ def test_no_import_cycles_even_through_imports_inside_functions():
     def visit(node: str, path: list[str]) -> None:
         state[node] = 1
         for nxt in sorted(graph[node]):
-            assert state.get(nxt) != 1, "import cycle: " + " -> ".join([*path[path.index(nxt):], nxt])
+            assert state.get(nxt) != 1, "import cycle: " + " -> ".join([*path[path.index(nxt) :], nxt])
             if nxt not in state:
                 visit(nxt, [*path, nxt])
         state[node] = 2
@@ -77,15 +77,22 @@ def test_functions_stay_readable():
 
 def test_nothing_reads_config_json_by_hand_but_the_checkpoint_readers():
     readers = {"lmforge.checkpoint", "lmforge.interop.hf"}
-    offenders = [name for name, path in _modules().items() if name not in readers
-                 and '"config.json").read_text' in path.read_text("utf-8")]
+    offenders = [
+        name
+        for name, path in _modules().items()
+        if name not in readers and '"config.json").read_text' in path.read_text("utf-8")
+    ]
     assert not offenders
 
 
 def test_import_lmforge_and_the_cli_parser_load_no_torch():
-    code = ("import sys, lmforge, lmforge.cli; lmforge.cli.build_parser(); "
-            "print('torch' in sys.modules, 'numpy' in sys.modules, lmforge.__version__)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    code = (
+        "import sys, lmforge, lmforge.cli; lmforge.cli.build_parser(); "
+        "print('torch' in sys.modules, 'numpy' in sys.modules, lmforge.__version__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out[:2] == ["False", "False"] and out[2] == "0.1.0"
     # ...and the lazy names still resolve to the real objects
     import lmforge
@@ -123,7 +130,9 @@ def test_cli_flags_and_server_fields_are_made_from_generation_config():
             if in_api:
                 field = request.model_fields[name]
                 assert field.default == default and field.description == help_text
-                limits = {type(m).__name__.lower(): getattr(m, type(m).__name__.lower()) for m in field.metadata}
+                limits = {
+                    type(m).__name__.lower(): getattr(m, type(m).__name__.lower()) for m in field.metadata
+                }
                 assert limits == bounds, name
     # The same range is enforced everywhere: the library, the CLI and the server.
     with pytest.raises(UserError, match="top_p must be above 0 and at most 1, not 1.5"):
@@ -134,14 +143,16 @@ def test_cli_flags_and_server_fields_are_made_from_generation_config():
         GenerationConfig(seed=2**64)
     with pytest.raises(Exception, match="less than or equal to 1"):
         CompletionRequest(prompt="x", top_p=1.5)
-    assert CompletionRequest(prompt="x", top_k=5).generation_config(7, ["\n"]) == \
-        GenerationConfig(max_new_tokens=7, stop=("\n",), top_k=5)
+    assert CompletionRequest(prompt="x", top_k=5).generation_config(7, ["\n"]) == GenerationConfig(
+        max_new_tokens=7, stop=("\n",), top_k=5
+    )
 
 
 def test_cli_escapes_in_stop_strings_and_generated_defaults():
     parser = build_parser()
-    args = parser.parse_args(["generate", "ckpt", "--stop", r"\n\n", "--stop", "END", "--top-k", "3",
-                              "--no-stop-at-eot"])
+    args = parser.parse_args(
+        ["generate", "ckpt", "--stop", r"\n\n", "--stop", "END", "--top-k", "3", "--no-stop-at-eot"]
+    )
     assert args.stop == ["\n\n", "END"] and args.top_k == 3 and args.stop_at_eot is False
     assert args.temperature == 0.8 and args.max_new_tokens == 200 and args.device == "auto"
     chat = parser.parse_args(["chat", "ckpt"])
@@ -151,8 +162,11 @@ def test_cli_escapes_in_stop_strings_and_generated_defaults():
 def test_library_errors_name_settings_and_the_cli_adds_the_flags():
     parser = build_parser()
     assert flags_for(parser, "eval", ("stride", "data")) == ["--stride", "--data"]
-    assert flags_for(parser, "train", ("data.encoding", "train.out", "resume")) == \
-        ["--data.encoding", "--out", "--resume"]
+    assert flags_for(parser, "train", ("data.encoding", "train.out", "resume")) == [
+        "--data.encoding",
+        "--out",
+        "--resume",
+    ]
     assert flags_for(parser, "generate", ("strict", "nonexistent")) == ["--strict"]
     error = UserError("stride must be between 1 and the context (4), not 5.", settings=("stride",))
     assert "--" not in str(error) and error.settings == ("stride",)

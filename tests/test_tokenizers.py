@@ -62,7 +62,7 @@ def test_saved_tokenizer_json_loads_back_identically(tmp_path, kind):
 
 
 def test_long_texts_encode_in_chunks_exactly_as_whole(tmp_path):
-    text = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 3000)
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 3000
     tok = train_bpe_tokenizer([text[:5000]], vocab_size=300)
     assert encode_long(tok, text) == tok.encode(text)
     char = train_char_tokenizer([text])

@@ -14,7 +14,9 @@ from .conftest import tiny_config
 
 
 def test_training_lowers_the_loss_and_writes_the_run_directory(tmp_path, shakespeare_excerpt):
-    cfg = tiny_config(tmp_path / "run", shakespeare_excerpt, **{"train.max_iters": 60, "train.eval_interval": 20})
+    cfg = tiny_config(
+        tmp_path / "run", shakespeare_excerpt, **{"train.max_iters": 60, "train.eval_interval": 20}
+    )
     result = train(cfg, log=lambda _: None)
     out = tmp_path / "run"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png"):
@@ -73,14 +75,26 @@ def test_resume_continues_exactly(tmp_path, shakespeare_excerpt, dropout):
 
 
 def test_early_stopping_and_target_loss(tmp_path, shakespeare_excerpt):
-    cfg = tiny_config(tmp_path / "a", shakespeare_excerpt,
-                      **{"train.max_iters": 200, "train.eval_interval": 5, "train.target_loss": 3.3})
+    cfg = tiny_config(
+        tmp_path / "a",
+        shakespeare_excerpt,
+        **{"train.max_iters": 200, "train.eval_interval": 5, "train.target_loss": 3.3},
+    )
     result = train(cfg, log=lambda _: None)
     assert result.stopped_because.startswith("reached target") and result.step < 200
     assert result.final_val_loss <= 3.3
-    cfg = tiny_config(tmp_path / "b", shakespeare_excerpt,
-                      **{"train.max_iters": 200, "train.eval_interval": 5, "train.patience": 1,
-                         "optim.lr": 1.0, "optim.warmup_iters": 0, "optim.schedule": "constant"})
+    cfg = tiny_config(
+        tmp_path / "b",
+        shakespeare_excerpt,
+        **{
+            "train.max_iters": 200,
+            "train.eval_interval": 5,
+            "train.patience": 1,
+            "optim.lr": 1.0,
+            "optim.warmup_iters": 0,
+            "optim.schedule": "constant",
+        },
+    )
     result = train(cfg, log=lambda _: None)
     assert result.stopped_because.startswith("no improvement") and result.step < 200
 
@@ -97,7 +111,9 @@ def test_lr_schedules():
 
 
 def test_muon_optimizer_trains(tmp_path, shakespeare_excerpt):
-    cfg = tiny_config(tmp_path / "m", shakespeare_excerpt, **{"optim.optimizer": "muon", "train.max_iters": 40})
+    cfg = tiny_config(
+        tmp_path / "m", shakespeare_excerpt, **{"optim.optimizer": "muon", "train.max_iters": 40}
+    )
     result = train(cfg, log=lambda _: None)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] - 0.3
 

@@ -31,9 +31,16 @@ def tiny(arch: str = "gpt") -> torch.nn.Module:
 
 def trainee(model, source, saves=None) -> Trainee:
     optimizers = build_optimizers(model, OptimConfig(lr=1e-2, fused=False), CPU)
-    return Trainee(model=model, forward=model, optimizers=optimizers, source=source, set_lr=lambda step: 1e-2,
-                   save_best=lambda p: saves.append(p.step) if saves is not None else None, save_state=None,
-                   device=CPU)
+    return Trainee(
+        model=model,
+        forward=model,
+        optimizers=optimizers,
+        source=source,
+        set_lr=lambda step: 1e-2,
+        save_best=lambda p: saves.append(p.step) if saves is not None else None,
+        save_state=None,
+        device=CPU,
+    )
 
 
 def test_a_step_returns_the_batch_loss_and_moves_the_weights():
@@ -90,8 +97,9 @@ def test_state_saved_mid_run_restores_to_the_same_next_step(tmp_path):
     a = fresh()
     for _ in range(3):
         train_step(a, 1, 1.0)
-    saved_state.save_train_state(tmp_path, a.model, a.optimizers, saved_state.rng_state(a.source, CPU),
-                                 Progress(step=3).to_dict())
+    saved_state.save_train_state(
+        tmp_path, a.model, a.optimizers, saved_state.rng_state(a.source, CPU), Progress(step=3).to_dict()
+    )
     continued = [train_step(a, 1, 1.0).item() for _ in range(3)]
 
     b = fresh()

@@ -79,6 +79,20 @@ def finetune(checkpoint: str, data: str, out: str, **overrides) -> TrainResult:
     return train(apply_overrides(load_preset("finetune"), settings))
 
 
-__all__ = ["Checkpoint", "Config", "GenerationConfig", "TrainResult", "UserError", "evaluate", "finetune", "load",
-           "load_checkpoint", "load_preset", "open_checkpoint", "pipeline", "preset_names", "train",
-           "__version__"]
+__all__ = [
+    "Checkpoint",
+    "Config",
+    "GenerationConfig",
+    "TrainResult",
+    "UserError",
+    "evaluate",
+    "finetune",
+    "load",
+    "load_checkpoint",
+    "load_preset",
+    "open_checkpoint",
+    "pipeline",
+    "preset_names",
+    "train",
+    "__version__",
+]

@@ -45,11 +45,14 @@ def chat_stop_strings(template: str) -> list[str]:
     return []
 
 
-HELP = "Commands: /reset (forget the conversation), /system TEXT, /temperature X, /quit. Ctrl-C stops a reply."
+HELP = (
+    "Commands: /reset (forget the conversation), /system TEXT, /temperature X, /quit. Ctrl-C stops a reply."
+)
 
 
-def terminal_chat(model, tokenizer, template: str, config, system: str | None = None, read=input,
-                  write=print) -> None:
+def terminal_chat(
+    model, tokenizer, template: str, config, system: str | None = None, read=input, write=print
+) -> None:
     """A chat loop in the terminal: streaming replies, history, and a few slash commands.
 
     `config` is a GenerationConfig (temperature, max_new_tokens, ...); `read`/`write` are
@@ -84,7 +87,7 @@ def terminal_chat(model, tokenizer, template: str, config, system: str | None = 
             write("(conversation forgotten)")
             continue
         if text.startswith("/system"):
-            system = text[len("/system"):].strip() or None
+            system = text[len("/system") :].strip() or None
             write(f"(system prompt {'set' if system else 'cleared'})")
             continue
         if text.startswith("/temperature"):
@@ -102,7 +105,9 @@ def terminal_chat(model, tokenizer, template: str, config, system: str | None = 
             write(f"(unknown command {text.split()[0]}; {HELP})")
             continue
         history.append({"role": "user", "content": text})
-        prompt = _fitting_prompt(tokenizer, template, system, history, model.block_size - config.max_new_tokens)
+        prompt = _fitting_prompt(
+            tokenizer, template, system, history, model.block_size - config.max_new_tokens
+        )
         reply = ""
         write("model> ", end="")
         try:

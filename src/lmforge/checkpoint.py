@@ -63,8 +63,11 @@ class Checkpoint:
     def load(self, device: torch.device | str = "cpu") -> tuple[nn.Module, TextTokenizer]:
         """The language model (eval mode, float32) and its tokenizer."""
         if self.kind == CLASSIFIER:
-            raise UserError(f"{self.path} is a text classifier; label texts with it (`lmforge classify`) or "
-                            f"evaluate it on labeled data (`lmforge eval` with data).", settings=("data",))
+            raise UserError(
+                f"{self.path} is a text classifier; label texts with it (`lmforge classify`) or "
+                f"evaluate it on labeled data (`lmforge eval` with data).",
+                settings=("data",),
+            )
         if self.kind == HUGGING_FACE:
             from lmforge.interop.hf import import_hf
 
@@ -93,8 +96,14 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise UserError(f"Checkpoint {path} does not exist.")
     if hf.is_hf_dir(path):
         config, template, eos_ids, sampling = hf.read_hf_metadata(path)
-        return Checkpoint(path, HUGGING_FACE, config, {"imported_from": str(path.resolve())}, template,
-                          GenerationDefaults(tuple(eos_ids), sampling))
+        return Checkpoint(
+            path,
+            HUGGING_FACE,
+            config,
+            {"imported_from": str(path.resolve())},
+            template,
+            GenerationDefaults(tuple(eos_ids), sampling),
+        )
     config_file = path / "config.json"
     if not path.is_dir() or not config_file.is_file():
         raise UserError(f"{path} is not an lmforge checkpoint (no config.json); give a run directory.")
@@ -126,8 +135,9 @@ def load_checkpoint(
     return model, tokenizer, checkpoint.config
 
 
-def write_checkpoint(out: Path, tensors: dict[str, torch.Tensor], tokenizer: TextTokenizer,
-                     metadata: dict[str, Any]) -> None:
+def write_checkpoint(
+    out: Path, tensors: dict[str, torch.Tensor], tokenizer: TextTokenizer, metadata: dict[str, Any]
+) -> None:
     """Write weights, tokenizer and config.json (last, so a complete directory has a config)."""
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / "model.safetensors", tensors)
@@ -150,7 +160,12 @@ def save_checkpoint(
         tensors = {k: v.cpu() for k, v in merged_state_dict(model, tensors).items()}
         adapters = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
         ft = config.finetune
-        adapter_info = {"base": ft.init_from, "rank": str(ft.lora_rank), "alpha": str(ft.lora_alpha),
-                        "targets": ft.lora_targets, "format": "pt"}
+        adapter_info = {
+            "base": ft.init_from,
+            "rank": str(ft.lora_rank),
+            "alpha": str(ft.lora_alpha),
+            "targets": ft.lora_targets,
+            "format": "pt",
+        }
         save_tensors(out / "adapter.safetensors", adapters, adapter_info)
     write_checkpoint(out, tensors, tokenizer, {"config": config.to_dict(), **info})

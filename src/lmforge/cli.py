@@ -33,11 +33,20 @@ SHORT_FLAGS = {
 # Flags that several commands share, declared once with one default each.
 SHARED_FLAGS: dict[str, dict] = {
     "--device": {"default": "auto", "help": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"},
-    "--dtype": {"default": "float32", "choices": ["float32", "bfloat16", "float16"],
-                "help": "precision of the weights"},
-    "--quantize": {"default": "none", "choices": ["none", "int8"],
-                   "help": "int8 weight-only quantisation of the linear layers"},
-    "--adapter": {"default": None, "help": "a LoRA adapter.safetensors (or its folder) to merge into CHECKPOINT"},
+    "--dtype": {
+        "default": "float32",
+        "choices": ["float32", "bfloat16", "float16"],
+        "help": "precision of the weights",
+    },
+    "--quantize": {
+        "default": "none",
+        "choices": ["none", "int8"],
+        "help": "int8 weight-only quantisation of the linear layers",
+    },
+    "--adapter": {
+        "default": None,
+        "help": "a LoRA adapter.safetensors (or its folder) to merge into CHECKPOINT",
+    },
 }
 
 
@@ -60,13 +69,23 @@ def _generation_flags(parser: argparse.ArgumentParser, **defaults) -> None:
         flag = "--" + name.replace("_", "-")
         default = defaults.get(name, default)
         if kind is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=help)
+            group.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=help
+            )
         elif name == "stop":
-            group.add_argument(flag, dest=name, action="append", type=_unescape, default=None,
-                               help=help + r" (repeatable; \n and \t are understood)")
+            group.add_argument(
+                flag,
+                dest=name,
+                action="append",
+                type=_unescape,
+                default=None,
+                help=help + r" (repeatable; \n and \t are understood)",
+            )
         else:
             number = int if kind in (int, int | None) else float
-            group.add_argument(flag, dest=name, type=number, default=default, help=f"{help} (default {default})")
+            group.add_argument(
+                flag, dest=name, type=number, default=default, help=f"{help} (default {default})"
+            )
 
 
 def _generation_config(args: argparse.Namespace, **changes):
@@ -81,7 +100,9 @@ def _generation_config(args: argparse.Namespace, **changes):
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     from lmforge.config import field_types
 
-    group = parser.add_argument_group("config overrides (any field of the config; see `lmforge presets --show NAME`)")
+    group = parser.add_argument_group(
+        "config overrides (any field of the config; see `lmforge presets --show NAME`)"
+    )
     for flag, key in SHORT_FLAGS.items():
         group.add_argument(flag, dest=key, metavar="VALUE", default=None, help=f"= --{key}")
     for key, kind in field_types().items():
@@ -106,25 +127,39 @@ def _run_flags(p: argparse.ArgumentParser, what: str = "run") -> None:
 
 
 def _parser_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model from a preset (default: shakespeare-char)",
-                       description="Train a model. Text files are prepared on the fly into the cache.")
+    p = sub.add_parser(
+        "train",
+        help="train a model from a preset (default: shakespeare-char)",
+        description="Train a model. Text files are prepared on the fly into the cache.",
+    )
     p.add_argument("--preset", default="shakespeare-char", help="preset name or a .toml file")
-    p.add_argument("--compile", dest="train.compile", action="store_const", const="true",
-                   help="use torch.compile (= --train.compile true)")
+    p.add_argument(
+        "--compile",
+        dest="train.compile",
+        action="store_const",
+        const="true",
+        help="use torch.compile (= --train.compile true)",
+    )
     _run_flags(p)
     _add_config_flags(p)
 
 
 def _parser_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="fine-tune a checkpoint or Hugging Face model on text or instruction data",
-                       description="Fine-tune a pretrained model (full or LoRA). --data takes plain text, or "
-                                   "JSONL with prompt/response or chat messages (loss on the replies only).")
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a checkpoint or Hugging Face model on text or instruction data",
+        description="Fine-tune a pretrained model (full or LoRA). --data takes plain text, or "
+        "JSONL with prompt/response or chat messages (loss on the replies only).",
+    )
     p.add_argument("checkpoint", help="lmforge checkpoint or Hugging Face model directory")
     p.add_argument("--preset", default="finetune", help="preset with the training settings")
     p.add_argument("--lora-rank", dest="finetune.lora_rank", help="LoRA rank (0 = full fine-tuning)")
     p.add_argument("--lora-alpha", dest="finetune.lora_alpha")
-    p.add_argument("--lora-targets", dest="finetune.lora_targets",
-                   help="comma-separated layers (attn.c_attn, mlp.c_fc, ... or q_proj, up_proj, ...; all-linear)")
+    p.add_argument(
+        "--lora-targets",
+        dest="finetune.lora_targets",
+        help="comma-separated layers (attn.c_attn, mlp.c_fc, ... or q_proj, up_proj, ...; all-linear)",
+    )
     p.add_argument("--layer-lr-decay", dest="finetune.layer_lr_decay", help="layer-wise learning-rate decay")
     p.add_argument("--seq-len", dest="finetune.seq_len", help="training window in tokens")
     _run_flags(p)
@@ -132,9 +167,12 @@ def _parser_finetune(sub) -> None:
 
 
 def _parser_prepare(sub) -> None:
-    p = sub.add_parser("prepare", help="tokenize text into a prepared data directory",
-                       description="Read text (files, folders, JSONL), train or load a tokenizer, "
-                                   "split, and write token files plus meta.json.")
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize text into a prepared data directory",
+        description="Read text (files, folders, JSONL), train or load a tokenizer, "
+        "split, and write token files plus meta.json.",
+    )
     p.add_argument("paths", nargs="+", help="text files, folders of text files, or .jsonl files")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--tokenizer", default="char", help="char, word, bpe, or a tokenizer.json path")
@@ -150,9 +188,12 @@ def _parser_prepare(sub) -> None:
 
 
 def _parser_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a checkpoint, streaming",
-                       description="Continue one or more prompts. Text streams to the terminal as it is "
-                                   "produced; several prompts (or --no-stream) print when done.")
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a checkpoint, streaming",
+        description="Continue one or more prompts. Text streams to the terminal as it is "
+        "produced; several prompts (or --no-stream) print when done.",
+    )
     p.add_argument("checkpoint")
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
     p.add_argument("--prompt-file", help="one prompt per line ('-' reads standard input)")
@@ -163,18 +204,25 @@ def _parser_generate(sub) -> None:
 
 
 def _parser_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint (perplexity, bits/byte) or score hypotheses",
-                       description="Language-model metrics of CHECKPOINT on --data (default: its validation "
-                                   "split), or BLEU/chrF/ROUGE/accuracy of --hyp (or of greedy "
-                                   "continuations of --prompts) against --ref files.")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint (perplexity, bits/byte) or score hypotheses",
+        description="Language-model metrics of CHECKPOINT on --data (default: its validation "
+        "split), or BLEU/chrF/ROUGE/accuracy of --hyp (or of greedy "
+        "continuations of --prompts) against --ref files.",
+    )
     p.add_argument("checkpoint", nargs="?", help="checkpoint directory")
-    p.add_argument("--data", help="text file or prepared directory (default: the checkpoint's validation split)")
+    p.add_argument(
+        "--data", help="text file or prepared directory (default: the checkpoint's validation split)"
+    )
     p.add_argument("--context", type=int, help="window length in tokens (default: the model's context)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: = context)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--metric", default="bleu,chrf", help="comma-separated: bleu, chrf, rouge, accuracy")
     p.add_argument("--hyp", help="hypotheses, one per line")
-    p.add_argument("--ref", action="append", default=[], help="references, one per line (repeat for more sets)")
+    p.add_argument(
+        "--ref", action="append", default=[], help="references, one per line (repeat for more sets)"
+    )
     p.add_argument("--prompts", help="generate hypotheses from these prompts (one per line) with CHECKPOINT")
     p.add_argument("--max-new-tokens", type=int, default=64)
     _shared(p, "--device", "--dtype", "--quantize", "--adapter")
@@ -183,16 +231,23 @@ def _parser_eval(sub) -> None:
 
 
 def _parser_train_classifier(sub) -> None:
-    p = sub.add_parser("train-classifier", help="train a text classifier (e.g. sentiment) on labeled data",
-                       description="Train a classifier on TSV/CSV (with a header) or JSONL: a bidirectional "
-                                   "LSTM from scratch, or the body of a language-model checkpoint (--init).")
+    p = sub.add_parser(
+        "train-classifier",
+        help="train a text classifier (e.g. sentiment) on labeled data",
+        description="Train a classifier on TSV/CSV (with a header) or JSONL: a bidirectional "
+        "LSTM from scratch, or the body of a language-model checkpoint (--init).",
+    )
     p.add_argument("--data", required=True, help="training examples")
     p.add_argument("--val", default="", help="validation examples (default: 10%% of --data held out)")
     p.add_argument("--text-column", default="", help="default: sentence/text/review/...")
     p.add_argument("--label-column", default="", help="default: label/sentiment/class/...")
     p.add_argument("--init", default="", help="language-model checkpoint: reuse its tokenizer and body")
-    p.add_argument("--body", choices=["bilstm", "gpt"], default="bilstm",
-                   help="from scratch: bidirectional LSTM, or a Transformer decoder (gpt)")
+    p.add_argument(
+        "--body",
+        choices=["bilstm", "gpt"],
+        default="bilstm",
+        help="from scratch: bidirectional LSTM, or a Transformer decoder (gpt)",
+    )
     p.add_argument("--n-head", type=int, default=4, help="attention heads of a gpt body")
     p.add_argument("--out", default="out/classifier")
     p.add_argument("--epochs", type=int, default=3)
@@ -224,7 +279,9 @@ def _parser_classify(sub) -> None:
 
 
 def _parser_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API with a web chat page")
+    p = sub.add_parser(
+        "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API with a web chat page"
+    )
     p.add_argument("checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -293,8 +350,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
-    print(f"Done: {result.step} steps in {result.elapsed_s:.1f}s, best validation loss "
-          f"{result.best_val_loss:.4f}. Checkpoint: {result.out}")
+    print(
+        f"Done: {result.step} steps in {result.elapsed_s:.1f}s, best validation loss "
+        f"{result.best_val_loss:.4f}. Checkpoint: {result.out}"
+    )
     if result.sample:
         print("---- sample ----")
         print(result.sample)
@@ -317,10 +376,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.quiet:
         config.train.progress = False
     result = train(config, resume=args.resume, overwrite=args.overwrite)
-    print(f"Done: {result.step} steps in {result.elapsed_s:.1f}s, best validation loss {result.best_val_loss:.4f}; "
-          f"{result.trainable_params:,} trainable parameters, optimizer state "
-          f"{result.optimizer_state_bytes / 2**20:.1f} MiB, peak memory {result.peak_memory_bytes / 2**20:.0f} MiB. "
-          f"Checkpoint: {result.out}")
+    print(
+        f"Done: {result.step} steps in {result.elapsed_s:.1f}s, best validation loss {result.best_val_loss:.4f}; "
+        f"{result.trainable_params:,} trainable parameters, optimizer state "
+        f"{result.optimizer_state_bytes / 2**20:.1f} MiB, peak memory {result.peak_memory_bytes / 2**20:.0f} MiB. "
+        f"Checkpoint: {result.out}"
+    )
     if result.sample:
         print("---- sample ----")
         print(result.sample)
@@ -335,16 +396,25 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if (out / "meta.json").exists() and not args.overwrite:
         raise UserError(f"{out} already holds prepared data; pass --overwrite to replace it.")
     cfg = DataConfig(
-        path=",".join(args.paths), tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-        val_fraction=args.val_fraction, val_path=args.val_file, text_field=args.text_field,
-        encoding=args.encoding, errors=args.errors, clean=args.clean, dedup=args.dedup,
+        path=",".join(args.paths),
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        val_path=args.val_file,
+        text_field=args.text_field,
+        encoding=args.encoding,
+        errors=args.errors,
+        clean=args.clean,
+        dedup=args.dedup,
     )
     if not 0.0 < cfg.val_fraction < 1.0 and not cfg.val_path:
         raise UserError("--val-fraction must be between 0 and 1.")
     data = prepare([Path(p) for p in args.paths], out, cfg)
     meta = data.meta
-    print(f"Wrote {out}: {meta['tokenizer']['kind']} tokenizer with {meta['tokenizer']['vocab_size']} tokens, "
-          f"{meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens ({meta['dtype']}).")
+    print(
+        f"Wrote {out}: {meta['tokenizer']['kind']} tokenizer with {meta['tokenizer']['vocab_size']} tokens, "
+        f"{meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens ({meta['dtype']})."
+    )
     return 0
 
 
@@ -372,7 +442,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.inference import load_for_inference
 
     config = _generation_config(args)  # checked before the model loads
-    model, tokenizer = load_for_inference(args.checkpoint, args.device, args.dtype, args.quantize, args.adapter)
+    model, tokenizer = load_for_inference(
+        args.checkpoint, args.device, args.dtype, args.quantize, args.adapter
+    )
     prompts = _read_prompts(args)
     warn = lambda message: print(f"lmforge: warning: {message}", file=sys.stderr)  # noqa: E731
     for i in range(args.num_samples):
@@ -412,7 +484,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UserError("--prompts needs a CHECKPOINT to generate with.")
         if not args.ref:
             raise UserError("Give the references for the prompts with --ref.")
-        hyps = generate_hypotheses(args.checkpoint, args.prompts, args.max_new_tokens, args.device, args.adapter)
+        hyps = generate_hypotheses(
+            args.checkpoint, args.prompts, args.max_new_tokens, args.device, args.adapter
+        )
         result = score_lines(hyps, [_read_lines(r) for r in args.ref], metrics)
     elif args.checkpoint and _is_classifier(args.checkpoint):
         if not args.data:
@@ -422,12 +496,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         model, tokenizer, labels = load_classifier(args.checkpoint, args.device)
         texts, gold = read_labeled(args.data)
-        result = {"checkpoint": args.checkpoint, "data": args.data, "examples": len(texts),
-                  **evaluate_classifier(model, tokenizer, labels, texts, gold, args.device)}
+        result = {
+            "checkpoint": args.checkpoint,
+            "data": args.data,
+            "examples": len(texts),
+            **evaluate_classifier(model, tokenizer, labels, texts, gold, args.device),
+        }
     elif args.checkpoint:
-        result = evaluate(args.checkpoint, args.data, args.context, args.stride, args.batch_size, args.device,
-                          progress=sys.stderr.isatty(), dtype=args.dtype, quantize=args.quantize,
-                          adapter=args.adapter)
+        result = evaluate(
+            args.checkpoint,
+            args.data,
+            args.context,
+            args.stride,
+            args.batch_size,
+            args.device,
+            progress=sys.stderr.isatty(),
+            dtype=args.dtype,
+            quantize=args.quantize,
+            adapter=args.adapter,
+        )
     else:
         raise UserError("Give a CHECKPOINT to evaluate, or --hyp and --ref files to score.")
     if args.output:
@@ -443,17 +530,39 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     from lmforge.training.classify import ClassifierTrainConfig, train_classifier
 
     cfg = ClassifierTrainConfig(
-        train_path=args.data, val_path=args.val, text_column=args.text_column, label_column=args.label_column,
-        out=args.out, init=args.init, vocab_size=args.vocab_size, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, class_weights=args.class_weights, patience=args.patience, eval_every=args.eval_every,
-        max_minutes=args.max_minutes, seed=args.seed, device=args.device, progress=not args.quiet,
+        train_path=args.data,
+        val_path=args.val,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        out=args.out,
+        init=args.init,
+        vocab_size=args.vocab_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        class_weights=args.class_weights,
+        patience=args.patience,
+        eval_every=args.eval_every,
+        max_minutes=args.max_minutes,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
         gpt_heads=args.n_head,
-        model=ClassifierConfig(body=args.body, n_embd=args.n_embd, hidden_size=args.hidden_size, n_layer=args.n_layer,
-                               dropout=args.dropout, pooling=args.pooling, max_length=args.max_length),
+        model=ClassifierConfig(
+            body=args.body,
+            n_embd=args.n_embd,
+            hidden_size=args.hidden_size,
+            n_layer=args.n_layer,
+            dropout=args.dropout,
+            pooling=args.pooling,
+            max_length=args.max_length,
+        ),
     )
     result = train_classifier(cfg, overwrite=args.overwrite, resume=args.resume)
-    print(f"Done: {result['steps']} steps in {result['elapsed_s']:.0f}s, best validation accuracy "
-          f"{result['best_val_accuracy']:.4f}. Checkpoint: {result['out']}")
+    print(
+        f"Done: {result['steps']} steps in {result['elapsed_s']:.0f}s, best validation accuracy "
+        f"{result['best_val_accuracy']:.4f}. Checkpoint: {result['out']}"
+    )
     return 0
 
 
@@ -473,8 +582,15 @@ def cmd_classify(args: argparse.Namespace) -> int:
     for text, p in zip(texts, probs.tolist(), strict=True):
         best = max(range(len(labels)), key=lambda i: p[i])
         if args.json:
-            print(json.dumps({"text": text, "label": labels[best],
-                              "probabilities": {lb: round(x, 5) for lb, x in zip(labels, p, strict=True)}}))
+            print(
+                json.dumps(
+                    {
+                        "text": text,
+                        "label": labels[best],
+                        "probabilities": {lb: round(x, 5) for lb, x in zip(labels, p, strict=True)},
+                    }
+                )
+            )
         else:
             shown = "  ".join(f"{lb}: {x:.3f}" for lb, x in zip(labels, p, strict=True))
             print(f"{labels[best]}\t({shown})\t{text}")
@@ -491,11 +607,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from lmforge.serving.server import serve
     except ImportError as e:
-        raise UserError(f"Serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'lmforge[serve]'.") from None
+        raise UserError(
+            f"Serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'lmforge[serve]'."
+        ) from None
     if args.max_batch < 1 or args.max_queue < 1 or args.max_tokens_cap < 1:
         raise UserError("--max-batch, --max-queue and --max-tokens-cap must be at least 1.")
-    serve(args.checkpoint, args.host, args.port, args.api_key, args.device, args.dtype, args.quantize,
-          args.max_batch, args.max_queue, args.max_tokens_cap, adapter=args.adapter)
+    serve(
+        args.checkpoint,
+        args.host,
+        args.port,
+        args.api_key,
+        args.device,
+        args.dtype,
+        args.quantize,
+        args.max_batch,
+        args.max_queue,
+        args.max_tokens_cap,
+        adapter=args.adapter,
+    )
     return 0
 
 
@@ -504,13 +633,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from lmforge.inference import load_for_inference
 
     _generation_config(args, max_new_tokens=args.max_new_tokens or 1)  # settings checked before loading
-    model, tokenizer = load_for_inference(args.checkpoint, args.device, args.dtype, args.quantize, args.adapter)
+    model, tokenizer = load_for_inference(
+        args.checkpoint, args.device, args.dtype, args.quantize, args.adapter
+    )
     if args.max_new_tokens is None:
         args.max_new_tokens = min(256, model.block_size // 2)
     if args.max_new_tokens >= model.block_size:
         raise UserError(f"--max-new-tokens must be below the model's context ({model.block_size}).")
     config = _generation_config(args)
-    terminal_chat(model, tokenizer, chat_template_of(args.checkpoint, args.adapter), config, system=args.system)
+    terminal_chat(
+        model, tokenizer, chat_template_of(args.checkpoint, args.adapter), config, system=args.system
+    )
     return 0
 
 
@@ -532,8 +665,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     info = {"imported_from": str(source.resolve()), "chat_template": opened.chat_template}
     save_checkpoint(out, model, config, tokenizer, info)
     params = sum(p.numel() for p in model.parameters())
-    print(f"Wrote {out}: {config.description}, {params / 1e6:.2f}M parameters, "
-          f"{config.model.n_layer} layers, vocabulary {tokenizer.vocab_size}.")
+    print(
+        f"Wrote {out}: {config.description}, {params / 1e6:.2f}M parameters, "
+        f"{config.model.n_layer} layers, vocabulary {tokenizer.vocab_size}."
+    )
     return 0
 
 
@@ -566,12 +701,18 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 # name: (parser, command); the parser functions above each add one subcommand.
 SUBCOMMANDS = {
-    "train": (_parser_train, cmd_train), "finetune": (_parser_finetune, cmd_finetune),
-    "prepare": (_parser_prepare, cmd_prepare), "generate": (_parser_generate, cmd_generate),
-    "eval": (_parser_eval, cmd_eval), "train-classifier": (_parser_train_classifier, cmd_train_classifier),
-    "classify": (_parser_classify, cmd_classify), "serve": (_parser_serve, cmd_serve),
-    "chat": (_parser_chat, cmd_chat), "convert": (_parser_convert, cmd_convert),
-    "export": (_parser_export, cmd_export), "presets": (_parser_presets, cmd_presets),
+    "train": (_parser_train, cmd_train),
+    "finetune": (_parser_finetune, cmd_finetune),
+    "prepare": (_parser_prepare, cmd_prepare),
+    "generate": (_parser_generate, cmd_generate),
+    "eval": (_parser_eval, cmd_eval),
+    "train-classifier": (_parser_train_classifier, cmd_train_classifier),
+    "classify": (_parser_classify, cmd_classify),
+    "serve": (_parser_serve, cmd_serve),
+    "chat": (_parser_chat, cmd_chat),
+    "convert": (_parser_convert, cmd_convert),
+    "export": (_parser_export, cmd_export),
+    "presets": (_parser_presets, cmd_presets),
 }
 PARSERS = [parser for parser, _ in SUBCOMMANDS.values()]
 

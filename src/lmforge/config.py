@@ -112,7 +112,9 @@ class FinetuneConfig:
     lora_rank: int = 0  # 0 = full fine-tuning; else train rank-r adapters on the target layers only
     lora_alpha: float = 16.0  # adapter output is scaled by alpha / rank
     lora_dropout: float = 0.0
-    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_gate,mlp.c_proj"  # or HF names, or "all-linear"
+    lora_targets: str = (
+        "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_gate,mlp.c_proj"  # or HF names, or "all-linear"
+    )
     layer_lr_decay: float = 1.0  # < 1: each layer below the top learns this much slower (embeddings slowest)
 
 
@@ -171,9 +173,7 @@ def parse_value(key: str, raw: Any, kind: type) -> Any:
 
 def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
     """Set 'section.field' keys on a copy of `config`; unknown keys list the valid ones."""
-    config = dataclasses.replace(
-        config, **{s: dataclasses.replace(getattr(config, s)) for s in SECTIONS}
-    )
+    config = dataclasses.replace(config, **{s: dataclasses.replace(getattr(config, s)) for s in SECTIONS})
     types = field_types()
     for key, raw in overrides.items():
         if key in ("name", "description"):
@@ -200,9 +200,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
         elif key in ("name", "description"):
             flat[key] = value
         else:
-            raise UserError(
-                f"{source}: unknown section {key!r}; valid sections: {', '.join(SECTIONS)}."
-            )
+            raise UserError(f"{source}: unknown section {key!r}; valid sections: {', '.join(SECTIONS)}.")
     try:
         return apply_overrides(Config(), flat)
     except UserError as e:
@@ -225,9 +223,7 @@ def load_preset(name: str) -> Config:
         text = path.read_text(encoding="utf-8")
     else:
         if name not in preset_names():
-            raise UserError(
-                f"Unknown preset {name!r}; available presets: {', '.join(preset_names())}."
-            )
+            raise UserError(f"Unknown preset {name!r}; available presets: {', '.join(preset_names())}.")
         text = resources.files("lmforge.presets").joinpath(f"{name}.toml").read_text("utf-8")
     try:
         data = tomllib.loads(text)
@@ -244,22 +240,49 @@ def validate(config: Config) -> None:
     m, t, o = config.model, config.train, config.optim
     gpt = m.arch == "gpt"
     checks = [
-        (not gpt or m.n_embd % m.n_head == 0, f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})."),
-        (not gpt or m.n_kv_head == 0 or m.n_head % m.n_kv_head == 0, "model.n_head must be a multiple of model.n_kv_head."),
+        (
+            not gpt or m.n_embd % m.n_head == 0,
+            f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}).",
+        ),
+        (
+            not gpt or m.n_kv_head == 0 or m.n_head % m.n_kv_head == 0,
+            "model.n_head must be a multiple of model.n_kv_head.",
+        ),
         (m.block_size >= 1, "model.block_size must be at least 1."),
-        (m.pos_encoding in ("learned", "sinusoidal", "rope"), "model.pos_encoding must be learned, sinusoidal or rope."),
-        (not gpt or m.pos_encoding != "rope" or (m.n_embd // m.n_head) % 2 == 0, "rope needs an even head size (n_embd / n_head)."),
+        (
+            m.pos_encoding in ("learned", "sinusoidal", "rope"),
+            "model.pos_encoding must be learned, sinusoidal or rope.",
+        ),
+        (
+            not gpt or m.pos_encoding != "rope" or (m.n_embd // m.n_head) % 2 == 0,
+            "rope needs an even head size (n_embd / n_head).",
+        ),
         (m.norm in ("layernorm", "rmsnorm"), "model.norm must be layernorm or rmsnorm."),
-        (m.activation in ("gelu", "gelu_tanh", "relu2", "swiglu"), "model.activation must be gelu, gelu_tanh, relu2 or swiglu."),
+        (
+            m.activation in ("gelu", "gelu_tanh", "relu2", "swiglu"),
+            "model.activation must be gelu, gelu_tanh, relu2 or swiglu.",
+        ),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)."),
         (m.n_layer >= 1 and m.n_embd >= 1, "model.n_layer and model.n_embd must be at least 1."),
         (t.max_iters >= 1, "train.max_iters must be at least 1."),
-        (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be at least 1."),
-        (t.eval_interval >= 1 and t.eval_batches >= 1, "train.eval_interval and train.eval_batches must be at least 1."),
-        (t.dtype in ("auto", "float32", "bfloat16", "float16"), "train.dtype must be auto, float32, bfloat16 or float16."),
+        (
+            t.batch_size >= 1 and t.grad_accum >= 1,
+            "train.batch_size and train.grad_accum must be at least 1.",
+        ),
+        (
+            t.eval_interval >= 1 and t.eval_batches >= 1,
+            "train.eval_interval and train.eval_batches must be at least 1.",
+        ),
+        (
+            t.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "train.dtype must be auto, float32, bfloat16 or float16.",
+        ),
         (o.optimizer in ("adamw", "muon"), "optim.optimizer must be adamw or muon."),
         (o.schedule in ("cosine", "wsd", "constant"), "optim.schedule must be cosine, wsd or constant."),
-        (0.0 < config.data.val_fraction < 1.0 or config.data.val_path, "data.val_fraction must be between 0 and 1."),
+        (
+            0.0 < config.data.val_fraction < 1.0 or config.data.val_path,
+            "data.val_fraction must be between 0 and 1.",
+        ),
         (config.finetune.lora_rank >= 0, "finetune.lora_rank must be at least 0 (0 = full fine-tuning)."),
         (0.0 < config.finetune.layer_lr_decay <= 1.0, "finetune.layer_lr_decay must be in (0, 1]."),
         (config.finetune.seq_len >= 1, "finetune.seq_len must be at least 1."),

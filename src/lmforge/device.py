@@ -27,10 +27,14 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     except RuntimeError:
         raise UserError(f"Unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("Device cuda was asked for but no CUDA GPU is available; use the cpu device.",
-                        settings=("device",))
+        raise UserError(
+            "Device cuda was asked for but no CUDA GPU is available; use the cpu device.",
+            settings=("device",),
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("Device mps was asked for but is not available; use the cpu device.", settings=("device",))
+        raise UserError(
+            "Device mps was asked for but is not available; use the cpu device.", settings=("device",)
+        )
     return device
 
 
@@ -55,7 +59,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"Unknown dtype {name!r}; use auto, float32, bfloat16 or float16.")
     if name == "float16" and device.type == "cpu":
-        raise UserError("float16 training is for GPUs; on a CPU use the dtype bfloat16 or float32.", settings=("dtype",))
+        raise UserError(
+            "float16 training is for GPUs; on a CPU use the dtype bfloat16 or float32.", settings=("dtype",)
+        )
     return DTYPES[name]
 
 

@@ -34,8 +34,13 @@ from lmforge.tokenizers import TextTokenizer
 # ---- logits processing ----------------------------------------------------------------
 
 
-def apply_penalties(logits: torch.Tensor, context: torch.Tensor, context_valid: torch.Tensor,
-                    generated_counts: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor,
+    context: torch.Tensor,
+    context_valid: torch.Tensor,
+    generated_counts: torch.Tensor,
+    cfg: GenerationConfig,
+) -> torch.Tensor:
     """Repetition penalty (CTRL / Hugging Face style) over the whole text, presence and
     frequency penalties (OpenAI style) over the generated tokens."""
     if cfg.repetition_penalty != 1.0:
@@ -44,11 +49,15 @@ def apply_penalties(logits: torch.Tensor, context: torch.Tensor, context_valid: 
         penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
     if cfg.presence_penalty or cfg.frequency_penalty:
-        logits = logits - cfg.presence_penalty * (generated_counts > 0) - cfg.frequency_penalty * generated_counts
+        logits = (
+            logits - cfg.presence_penalty * (generated_counts > 0) - cfg.frequency_penalty * generated_counts
+        )
     return logits
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> torch.Tensor:
     """Set to -inf every logit outside the top-k, top-p and min-p sets (rows independent)."""
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -66,7 +75,9 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
     return logits
 
 
-def choose_tokens(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+def choose_tokens(
+    logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None
+) -> torch.Tensor:
     if cfg.temperature == 0:
         return logits.argmax(-1)
     logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
@@ -89,15 +100,25 @@ def start_ids(tokenizer: TextTokenizer) -> list[int]:
     return tokenizer.encode("\n") or [0]
 
 
-def encode_prompt(tokenizer: TextTokenizer, prompt: str, block_size: int, strict: bool,
-                  warn: Callable[[str], None] | None = None) -> list[int]:
+def encode_prompt(
+    tokenizer: TextTokenizer,
+    prompt: str,
+    block_size: int,
+    strict: bool,
+    warn: Callable[[str], None] | None = None,
+) -> list[int]:
     ids = tokenizer.encode(prompt) if prompt else start_ids(tokenizer)
     if len(ids) > block_size:
         if strict:
-            raise UserError(f"The prompt has {len(ids)} tokens but the model's context is {block_size}; "
-                            f"shorten it, or turn strict off to keep its last {block_size} tokens.", settings=("strict",))
-        message = (f"The prompt has {len(ids)} tokens, more than the context ({block_size}); "
-                   f"only its last {block_size} tokens are used.")
+            raise UserError(
+                f"The prompt has {len(ids)} tokens but the model's context is {block_size}; "
+                f"shorten it, or turn strict off to keep its last {block_size} tokens.",
+                settings=("strict",),
+            )
+        message = (
+            f"The prompt has {len(ids)} tokens, more than the context ({block_size}); "
+            f"only its last {block_size} tokens are used."
+        )
         (warn or (lambda m: warnings.warn(m, stacklevel=3)))(message)
         ids = ids[-block_size:]
     return ids
@@ -152,7 +173,7 @@ class TextTracker:
                     if text.endswith(s[:n]):
                         hold = max(hold, n)
                         break
-            while hold < len(text) and text[len(text) - hold - 1:len(text) - hold] == "\ufffd":
+            while hold < len(text) and text[len(text) - hold - 1 : len(text) - hold] == "\ufffd":
                 hold += 1
             text = text[: len(text) - hold]
         return text
@@ -160,7 +181,7 @@ class TextTracker:
     def take_new(self, final: bool = False) -> str:
         """The settled text not yet handed out."""
         settled = self.settled(final)
-        piece = settled[self.emitted:] if len(settled) >= self.emitted else ""
+        piece = settled[self.emitted :] if len(settled) >= self.emitted else ""
         self.emitted = max(self.emitted, len(settled))
         return piece
 
@@ -179,8 +200,8 @@ def _left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Ten
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     valid = torch.zeros(len(prompts), width, dtype=torch.bool)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        valid[row, width - len(p):] = True
+        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        valid[row, width - len(p) :] = True
     return ids.to(device), valid.to(device)
 
 
@@ -189,10 +210,15 @@ def _positions(valid: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def decode_steps(model: nn.Module, prompts: list[list[int]], cfg: GenerationConfig,
-                 eot_id: int | None = None, use_cache: bool = True,
-                 banned: list[int] | None = None,
-                 observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> Iterator[torch.Tensor]:
+def decode_steps(
+    model: nn.Module,
+    prompts: list[list[int]],
+    cfg: GenerationConfig,
+    eot_id: int | None = None,
+    use_cache: bool = True,
+    banned: list[int] | None = None,
+    observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, step after step (rows that ended keep yielding
     `eot_id`/0; the caller decides when to stop). `use_cache=False` recomputes the whole
     window every step: the reference that the cache is tested against. `observe(logits,
@@ -205,8 +231,11 @@ def decode_steps(model: nn.Module, prompts: list[list[int]], cfg: GenerationConf
     # Room for the prompt and the new tokens only: a 32k-context model needs no 32k cache here.
     capacity = min(block_size, ids.shape[1] + cfg.max_new_tokens + 1)
     cache = model.new_cache(len(prompts), capacity=capacity) if use_cache else None
-    logits, _ = model(ids, cache=cache, positions=_positions(valid), attention_mask=valid) if use_cache \
+    logits, _ = (
+        model(ids, cache=cache, positions=_positions(valid), attention_mask=valid)
+        if use_cache
         else model(ids, positions=_positions(valid), attention_mask=valid)
+    )
     next_logits = logits[:, -1].float()
     counts = torch.zeros_like(next_logits)  # how often each token was generated, per row
     for _ in range(cfg.max_new_tokens):
@@ -231,13 +260,17 @@ def decode_steps(model: nn.Module, prompts: list[list[int]], cfg: GenerationConf
             # Recompute over the last block_size tokens (learned/sinusoidal positions beyond
             # the context re-encode the window; positions restart at 0 like in training).
             window, window_valid = ids[:, -block_size:], valid[:, -block_size:]
-            logits, _ = model(window, positions=_positions(window_valid) if not sliding
-                              else positions[:, -block_size:], attention_mask=window_valid)
+            logits, _ = model(
+                window,
+                positions=_positions(window_valid) if not sliding else positions[:, -block_size:],
+                attention_mask=window_valid,
+            )
         next_logits = logits[:, -1].float()
 
 
-def generate_ids(model: nn.Module, tokenizer: TextTokenizer, prompts: list[list[int]],
-                 cfg: GenerationConfig) -> list[list[int]]:
+def generate_ids(
+    model: nn.Module, tokenizer: TextTokenizer, prompts: list[list[int]], cfg: GenerationConfig
+) -> list[list[int]]:
     """New token ids for each prompt (ending before the end-of-text token)."""
     eot = tokenizer.eot_id
     out: list[list[int]] = [[] for _ in prompts]
@@ -263,8 +296,13 @@ def _check_prompts(prompts: str | list[str]) -> list[str]:
     return list(prompts)
 
 
-def generate(model: nn.Module, tokenizer: TextTokenizer, prompts: str | list[str],
-             config: GenerationConfig | None = None, warn: Callable[[str], None] | None = None) -> list[str]:
+def generate(
+    model: nn.Module,
+    tokenizer: TextTokenizer,
+    prompts: str | list[str],
+    config: GenerationConfig | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> list[str]:
     """The generated continuation of each prompt (prompts of any lengths, batched)."""
     cfg = config or GenerationConfig()
     texts = _check_prompts(prompts)
@@ -282,8 +320,13 @@ def generate(model: nn.Module, tokenizer: TextTokenizer, prompts: str | list[str
     return results
 
 
-def stream(model: nn.Module, tokenizer: TextTokenizer, prompt: str, config: GenerationConfig | None = None,
-           warn: Callable[[str], None] | None = None) -> Iterator[str]:
+def stream(
+    model: nn.Module,
+    tokenizer: TextTokenizer,
+    prompt: str,
+    config: GenerationConfig | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Iterator[str]:
     """Yield pieces of the continuation as they settle; their concatenation equals `generate`'s text."""
     cfg = config or GenerationConfig()
     ids = encode_prompt(tokenizer, prompt, model.block_size, cfg.strict, warn)
@@ -311,8 +354,14 @@ def stream(model: nn.Module, tokenizer: TextTokenizer, prompt: str, config: Gene
 
 
 @torch.inference_mode()
-def _extend_beams(sequences: list[list[int]], scores: torch.Tensor, logprobs: torch.Tensor, eot: int | None,
-                  cfg: GenerationConfig, finished: list[tuple[float, list[int]]]):
+def _extend_beams(
+    sequences: list[list[int]],
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    eot: int | None,
+    cfg: GenerationConfig,
+    finished: list[tuple[float, list[int]]],
+):
     """The best `num_beams` one-token extensions of the live beams; hypotheses that end with
     the end-of-text token go to `finished` with their length-penalised score."""
     vocab = logprobs.shape[-1]
@@ -333,8 +382,9 @@ def _extend_beams(sequences: list[list[int]], scores: torch.Tensor, logprobs: to
     return new_sequences, new_scores, rows
 
 
-def beam_search(model: nn.Module, tokenizer: TextTokenizer, prompt_ids: list[int],
-                cfg: GenerationConfig) -> Iterator[str]:
+def beam_search(
+    model: nn.Module, tokenizer: TextTokenizer, prompt_ids: list[int], cfg: GenerationConfig
+) -> Iterator[str]:
     """Beam search for one prompt, yielding the best beam's text as it settles.
 
     A prefix is settled once every live beam shares it (no later step can change it).
@@ -344,8 +394,10 @@ def beam_search(model: nn.Module, tokenizer: TextTokenizer, prompt_ids: list[int
     beams = cfg.num_beams
     eot = tokenizer.eot_id if cfg.stop_at_eot else None
     if len(prompt_ids) + cfg.max_new_tokens > block_size and pos != "rope":
-        raise UserError(f"Beam search needs prompt + max_new_tokens within the context ({block_size}) "
-                        f"for this model; lower max_new_tokens.")
+        raise UserError(
+            f"Beam search needs prompt + max_new_tokens within the context ({block_size}) "
+            f"for this model; lower max_new_tokens."
+        )
     cache = model.new_cache(1, capacity=min(block_size, len(prompt_ids) + cfg.max_new_tokens + 1))
     logits, _ = model(torch.tensor([prompt_ids], device=device), cache=cache)
     logprobs = F.log_softmax(logits[:, -1].float(), -1)  # (1, V)
@@ -365,8 +417,11 @@ def beam_search(model: nn.Module, tokenizer: TextTokenizer, prompt_ids: list[int
             break
         # Without early stopping, continue until no live beam can beat the best finished one
         # (scores only fall as tokens are added when length_penalty <= 1).
-        if finished and cfg.length_penalty <= 1 and \
-                max(new_scores) / (len(new_sequences[0])) ** cfg.length_penalty < best_finished:
+        if (
+            finished
+            and cfg.length_penalty <= 1
+            and max(new_scores) / (len(new_sequences[0])) ** cfg.length_penalty < best_finished
+        ):
             break
         sequences, rows_t = new_sequences, torch.tensor(rows, device=device)
         while len(sequences) < beams:  # fewer live candidates than beams: pad with dead copies
@@ -383,7 +438,7 @@ def beam_search(model: nn.Module, tokenizer: TextTokenizer, prompt_ids: list[int
         common = _common_prefix(live)
         text = tokenizer.decode(common).rstrip("\ufffd")
         if len(text) > len(streamed) and text.startswith(streamed) and not cfg.stop:
-            yield text[len(streamed):]
+            yield text[len(streamed) :]
             streamed = text
     for seq, sc in zip(sequences, scores.tolist(), strict=True):
         if sc > float("-inf"):
@@ -394,8 +449,8 @@ def beam_search(model: nn.Module, tokenizer: TextTokenizer, prompt_ids: list[int
         tracker.add(t)
     final = tracker.settled(final=True)
     if final.startswith(streamed):
-        if final[len(streamed):]:
-            yield final[len(streamed):]
+        if final[len(streamed) :]:
+            yield final[len(streamed) :]
     else:  # cannot happen without stop strings (the best beam extends the common prefix)
         yield final
 
@@ -426,18 +481,36 @@ def sequence_logprob(model: nn.Module, prompt_ids: list[int], new_ids: list[int]
 # ---- convenience ----------------------------------------------------------------------------
 
 
-def sample_text(model: nn.Module, tokenizer: TextTokenizer, prompt: str, max_new_tokens: int,
-                temperature: float = 0.8, top_k: int = 0, seed: int | None = None) -> str:
+def sample_text(
+    model: nn.Module,
+    tokenizer: TextTokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    seed: int | None = None,
+) -> str:
     """The prompt followed by sampled text (used for training's closing sample)."""
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     return prompt + generate(model, tokenizer, prompt, cfg)[0]
 
 
-def sample_tokens(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
-                  top_k: int = 0, generator_seed: int | None = None) -> list[int]:
+def sample_tokens(
+    model: nn.Module,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    generator_seed: int | None = None,
+) -> list[int]:
     """Token ids after `prompt_ids` (temperature 0 = greedy), no end-of-text handling."""
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                           seed=generator_seed, stop_at_eot=False)
+    cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        seed=generator_seed,
+        stop_at_eot=False,
+    )
     return [int(t[0]) for t in decode_steps(model, [prompt_ids], cfg)]
 
 
@@ -447,8 +520,13 @@ class TextGenerationPipeline:
     def __init__(self, model: nn.Module, tokenizer: TextTokenizer):
         self.model, self.tokenizer = model, tokenizer
 
-    def __call__(self, prompts: str | list[str], return_full_text: bool = True, num_return_sequences: int = 1,
-                 **settings) -> list[dict] | list[list[dict]]:
+    def __call__(
+        self,
+        prompts: str | list[str],
+        return_full_text: bool = True,
+        num_return_sequences: int = 1,
+        **settings,
+    ) -> list[dict] | list[list[dict]]:
         unknown = set(settings) - set(GenerationConfig.__dataclass_fields__)
         if unknown:
             raise UserError(f"Unknown generation setting(s): {', '.join(sorted(unknown))}.")
@@ -466,8 +544,9 @@ class TextGenerationPipeline:
         return results[0] if single else results
 
 
-def pipeline(task: str, model: str, device: str = "cpu", dtype: str = "float32",
-             quantize: str | None = None) -> TextGenerationPipeline:
+def pipeline(
+    task: str, model: str, device: str = "cpu", dtype: str = "float32", quantize: str | None = None
+) -> TextGenerationPipeline:
     """Hugging Face-style entry point; only the "text-generation" task exists so far."""
     if task != "text-generation":
         raise UserError(f"Unknown pipeline task {task!r}; available: text-generation.")

@@ -16,8 +16,16 @@ from typing import Any
 from lmforge.errors import UserError
 
 
-def option(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
-           le: float | None = None, lt: float | None = None, api: bool = True) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    api: bool = True,
+) -> Any:
     """A generation setting: its default, what it does and its valid range. The CLI flags of
     `generate`/`chat` and the request fields of the server are made from these (`api=False`:
     not a request field; the server's protocol has its own way to say it)."""
@@ -34,18 +42,23 @@ class GenerationConfig:
     top_k: int = option(0, "keep the k most likely tokens (0 = all)", ge=0)
     top_p: float = option(1.0, "keep the smallest set of tokens whose probability reaches p", gt=0.0, le=1.0)
     min_p: float = option(0.0, "drop tokens less likely than min_p times the most likely one", ge=0.0, lt=1.0)
-    repetition_penalty: float = option(1.0, "> 1 discourages tokens already in the text (prompt included)",
-                                       gt=0.0, le=100.0)
-    presence_penalty: float = option(0.0, "subtracted once from the logit of each token already generated",
-                                     ge=-10.0, le=10.0)
-    frequency_penalty: float = option(0.0, "subtracted per occurrence of each token already generated",
-                                      ge=-10.0, le=10.0)
+    repetition_penalty: float = option(
+        1.0, "> 1 discourages tokens already in the text (prompt included)", gt=0.0, le=100.0
+    )
+    presence_penalty: float = option(
+        0.0, "subtracted once from the logit of each token already generated", ge=-10.0, le=10.0
+    )
+    frequency_penalty: float = option(
+        0.0, "subtracted per occurrence of each token already generated", ge=-10.0, le=10.0
+    )
     stop: tuple[str, ...] = option((), "cut the text before the first of these strings", api=False)
     stop_at_eot: bool = option(True, "end a sequence at the end-of-text token", api=False)
-    num_beams: int = option(1, "beam search with this many beams when > 1 (deterministic)", ge=1, le=64,
-                            api=False)
-    length_penalty: float = option(1.0, "beam score = log-probability / length ** length_penalty",
-                                   ge=-10.0, le=10.0, api=False)
+    num_beams: int = option(
+        1, "beam search with this many beams when > 1 (deterministic)", ge=1, le=64, api=False
+    )
+    length_penalty: float = option(
+        1.0, "beam score = log-probability / length ** length_penalty", ge=-10.0, le=10.0, api=False
+    )
     early_stopping: bool = option(True, "beam search ends once num_beams hypotheses are finished", api=False)
     seed: int | None = option(None, "seed of the sampler (same seed, same text)", ge=0, le=2**63 - 1)
     strict: bool = option(False, "refuse prompts longer than the context instead of cropping them", api=False)
@@ -76,7 +89,8 @@ def out_of_bounds(value: float, bounds: dict[str, float]) -> str | None:
     """None when `value` is a finite number within `bounds`, else what it must be."""
     words = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
     ok = math.isfinite(value) and all(
-        {"ge": value >= b, "gt": value > b, "le": value <= b, "lt": value < b}[k] for k, b in bounds.items())
+        {"ge": value >= b, "gt": value > b, "le": value <= b, "lt": value < b}[k] for k, b in bounds.items()
+    )
     if ok:
         return None
     return " and ".join(f"{words[k]} {b:g}" for k, b in bounds.items()) or "a finite number"
@@ -85,5 +99,7 @@ def out_of_bounds(value: float, bounds: dict[str, float]) -> str | None:
 def generation_settings() -> list[tuple[str, type, Any, str, dict[str, float], bool]]:
     """(name, type, default, help, bounds, in the API) of every generation setting, in order."""
     hints = typing.get_type_hints(GenerationConfig)
-    return [(f.name, hints[f.name], f.default, f.metadata["help"], f.metadata["bounds"], f.metadata["api"])
-            for f in fields(GenerationConfig)]
+    return [
+        (f.name, hints[f.name], f.default, f.metadata["help"], f.metadata["bounds"], f.metadata["api"])
+        for f in fields(GenerationConfig)
+    ]

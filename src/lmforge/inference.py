@@ -38,7 +38,8 @@ class Int8Linear(nn.Module):
             with warnings.catch_warnings():  # torch marks its quantized tensors as deprecated
                 warnings.simplefilter("ignore")
                 quantized = torch.quantize_per_channel(
-                    weight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+                    weight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8
+                )
             bias = None if linear.bias is None else linear.bias.detach().float()
             self._packed = torch.ops.quantized.linear_prepack(quantized, bias)
 
@@ -49,8 +50,9 @@ class Int8Linear(nn.Module):
             return y.reshape(*shape[:-1], -1).to(x.dtype)
         if self.kernel == "pack" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
             shape = x.shape
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight_int8,
-                                                   self.scale.to(x.dtype)).reshape(*shape[:-1], -1)
+            y = torch.ops.aten._weight_int8pack_mm(
+                x.reshape(-1, shape[-1]), self.weight_int8, self.scale.to(x.dtype)
+            ).reshape(*shape[:-1], -1)
             return y + self.bias if self.bias is not None else y
         weight = self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None]
         return F.linear(x, weight, self.bias)
@@ -91,8 +93,8 @@ class BlockedMatvecLinear(nn.Module):
             y = torch.baddbmm(self.bias[: self.blocked_rows].view(self.blocks, -1, 1), blocked, columns)
         y = y.view(self.blocked_rows, rows).t() if rows > 1 else y.view(1, self.blocked_rows)
         if self.blocked_rows < self.out_features:
-            rest = self.weight[self.blocked_rows:]
-            bias = None if self.bias is None else self.bias[self.blocked_rows:]
+            rest = self.weight[self.blocked_rows :]
+            bias = None if self.bias is None else self.bias[self.blocked_rows :]
             y = torch.cat([y, F.linear(flat, rest, bias)], dim=1)
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -103,9 +105,13 @@ def use_blocked_matvec(model: nn.Module, min_weight: int = 1 << 18) -> nn.Module
     stay in the CPU's cache, where the one-core kernel is already fast and splitting only
     adds work (measured: a 128-wide model decodes 3-20% slower when converted)."""
     for name, child in list(model.named_children()):
-        if (isinstance(child, nn.Linear) and child.weight.device.type == "cpu"
-                and child.weight.dtype == torch.float32 and child.weight.numel() >= min_weight
-                and child.out_features >= BlockedMatvecLinear.BLOCKS):
+        if (
+            isinstance(child, nn.Linear)
+            and child.weight.device.type == "cpu"
+            and child.weight.dtype == torch.float32
+            and child.weight.numel() >= min_weight
+            and child.out_features >= BlockedMatvecLinear.BLOCKS
+        ):
             setattr(model, name, BlockedMatvecLinear(child))
         else:
             use_blocked_matvec(child, min_weight)
@@ -134,8 +140,13 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_for_inference(path: str, device: str = "cpu", dtype: str = "float32", quantize: str | None = None,
-                       adapter: str | None = None):
+def load_for_inference(
+    path: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    quantize: str | None = None,
+    adapter: str | None = None,
+):
     """A checkpoint's model (eval mode) and tokenizer, at the requested precision; `adapter`:
     a LoRA adapter saved by `lmforge finetune` for this base, merged in before anything else."""
     from lmforge.checkpoint import load_checkpoint

@@ -113,7 +113,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> TextTok
     if vocab_size < 257:
         raise UserError(
             f"A byte-level BPE vocabulary needs at least 257 tokens (256 bytes + <|endoftext|>), "
-            f"not {vocab_size}; raise data.vocab_size.", settings=("data.vocab_size",)
+            f"not {vocab_size}; raise data.vocab_size.",
+            settings=("data.vocab_size",),
         )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -166,6 +167,4 @@ def build_tokenizer(spec: str, texts: list[str], vocab_size: int, min_frequency:
         return train_bpe_tokenizer(texts, vocab_size=vocab_size)
     if spec.endswith(".json") or Path(spec).is_dir():
         return load_tokenizer(spec)
-    raise UserError(
-        f"Unknown tokenizer {spec!r}; use char, word, bpe, or the path to a tokenizer.json."
-    )
+    raise UserError(f"Unknown tokenizer {spec!r}; use char, word, bpe, or the path to a tokenizer.json.")

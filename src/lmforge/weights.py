@@ -30,7 +30,9 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """Write tensors to a safetensors file atomically."""
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))
 
@@ -44,7 +46,9 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({e}); the checkpoint is corrupt.") from None
+        raise UserError(
+            f"{path} is not a readable safetensors file ({e}); the checkpoint is corrupt."
+        ) from None
 
 
 def load_weights(path: Path, model: nn.Module) -> None:

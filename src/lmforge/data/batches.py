@@ -37,8 +37,15 @@ def windows_to_tensors(
 class RandomWindows:
     """Random (input, target) windows; reproducible from its seed and saved state."""
 
-    def __init__(self, tokens: np.ndarray, length: int, batch_size: int, seed: int, device: torch.device,
-                 mask: np.ndarray | None = None):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        length: int,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        mask: np.ndarray | None = None,
+    ):
         self.tokens = tokens
         self.mask = mask
         self.length = length
@@ -52,7 +59,7 @@ class RandomWindows:
         if self.mask is not None:
             # A window with no reply token teaches nothing (and its loss is 0/0): draw it again.
             for _ in range(100):
-                empty = ~np.array([self.mask[s + 1:s + self.length + 1].any() for s in starts])
+                empty = ~np.array([self.mask[s + 1 : s + self.length + 1].any() for s in starts])
                 if not empty.any():
                     break
                 starts[empty] = torch.randint(high, (int(empty.sum()),), generator=self.generator).numpy()

@@ -41,7 +41,8 @@ def read_text_file(path: Path, encoding: str = "utf-8", errors: str = "strict") 
         raise UserError(
             f"{path} is not valid {encoding}: byte 0x{raw[e.start]:02x} at offset {e.start} "
             f"cannot be decoded; convert the file, or set data.encoding (e.g. latin-1) "
-            f"or data.errors to replace.", settings=("data.encoding", "data.errors")
+            f"or data.errors to replace.",
+            settings=("data.encoding", "data.errors"),
         ) from None
     except LookupError:
         raise UserError(f"Unknown text encoding {encoding!r}; use e.g. utf-8 or latin-1.") from None
@@ -67,7 +68,8 @@ def _read_jsonl(path: Path, text_field: str, encoding: str, errors: str) -> list
         if not isinstance(record, dict) or text_field not in record:
             raise UserError(
                 f"{path}:{lineno} has no {text_field!r} field; set data.text_field to the "
-                f"name of the field that holds the text.", settings=("data.text_field",)
+                f"name of the field that holds the text.",
+                settings=("data.text_field",),
             )
         if not isinstance(record[text_field], str):
             raise UserError(f"{path}:{lineno}: field {text_field!r} must be a string.")
@@ -81,7 +83,8 @@ def list_files(path: Path) -> list[Path]:
         raise UserError(f"Data path {path} does not exist.")
     if path.is_dir():
         files = sorted(
-            p for p in path.rglob("*")
+            p
+            for p in path.rglob("*")
             if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and not p.name.startswith(".")
         )
         if not files:
@@ -111,9 +114,7 @@ def read_documents(
 
 def clean_text(text: str) -> str:
     """Drop control characters (keeping newline and tab), collapse runs of spaces and blank lines."""
-    text = "".join(
-        ch for ch in text if ch in "\n\t" or not unicodedata.category(ch).startswith("C")
-    )
+    text = "".join(ch for ch in text if ch in "\n\t" or not unicodedata.category(ch).startswith("C"))
     text = _SPACES.sub(" ", text)
     text = "\n".join(line.strip() for line in text.split("\n"))
     return _BLANK_LINES.sub("\n\n", text).strip("\n") + "\n"

@@ -43,10 +43,13 @@ def _as_conversation(record: Any, where: str) -> Conversation:
         messages = record["messages"]
         ok = isinstance(messages, list) and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages)
+            for m in messages
+        )
         if not ok or not any(m["role"] == "assistant" for m in messages):
-            raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects with at least "
-                            f"one assistant reply.")
+            raise UserError(
+                f"{where}: 'messages' must be a list of {{role, content}} objects with at least "
+                f"one assistant reply."
+            )
         return [{"role": m["role"], "content": m["content"]} for m in messages]
     if "instruction" in record and "output" in record:
         prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
@@ -55,9 +58,13 @@ def _as_conversation(record: Any, where: str) -> Conversation:
         prompt = record.get("prompt")
         reply = record.get("response", record.get("completion"))
     if not isinstance(prompt, str) or not isinstance(reply, str):
-        raise UserError(f"{where} needs string fields prompt and response (or instruction and output, "
-                        f"or a messages list).")
-    conversation = [{"role": "system", "content": record["system"]}] if isinstance(record.get("system"), str) else []
+        raise UserError(
+            f"{where} needs string fields prompt and response (or instruction and output, "
+            f"or a messages list)."
+        )
+    conversation = (
+        [{"role": "system", "content": record["system"]}] if isinstance(record.get("system"), str) else []
+    )
     return conversation + [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
 
 
@@ -73,14 +80,19 @@ def is_instruction_file(path: Path, encoding: str = "utf-8") -> bool:
                 except json.JSONDecodeError:
                     return False
                 return isinstance(record, dict) and (
-                    "messages" in record or {"prompt", "response"} <= record.keys()
-                    or {"prompt", "completion"} <= record.keys() or {"instruction", "output"} <= record.keys())
+                    "messages" in record
+                    or {"prompt", "response"} <= record.keys()
+                    or {"prompt", "completion"} <= record.keys()
+                    or {"instruction", "output"} <= record.keys()
+                )
     return False
 
 
 def read_conversations(path: Path, text: str) -> list[Conversation]:
     """Every conversation of an instruction JSONL file whose content is `text`."""
-    conversations = [_as_conversation(record, f"{path}:{lineno}") for lineno, record in json_lines(path, text)]
+    conversations = [
+        _as_conversation(record, f"{path}:{lineno}") for lineno, record in json_lines(path, text)
+    ]
     if not conversations:
         raise UserError(f"{path} holds no conversations; give one JSON object per line.")
     return conversations
@@ -101,11 +113,14 @@ def compile_template(template: str):
 
 def render_chat(template: str, messages: Conversation, add_generation_prompt: bool) -> str:
     """The text of `messages` as the model was trained to see it."""
-    return compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                             eos_token=EOT, bos_token="")
+    return compile_template(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, eos_token=EOT, bos_token=""
+    )
 
 
-def encode_conversation(tokenizer: TextTokenizer, template: str, messages: Conversation) -> tuple[list[int], list[int]]:
+def encode_conversation(
+    tokenizer: TextTokenizer, template: str, messages: Conversation
+) -> tuple[list[int], list[int]]:
     """Token ids of a rendered conversation and the loss mask (1 on assistant replies)."""
     compiled = compile_template(template)
     ids: list[int] = []
@@ -114,14 +129,19 @@ def encode_conversation(tokenizer: TextTokenizer, template: str, messages: Conve
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = compiled.render(messages=messages[:i], add_generation_prompt=True, eos_token=EOT, bos_token="")
-        after = compiled.render(messages=messages[:i + 1], add_generation_prompt=False, eos_token=EOT,
-                                bos_token="")
+        before = compiled.render(
+            messages=messages[:i], add_generation_prompt=True, eos_token=EOT, bos_token=""
+        )
+        after = compiled.render(
+            messages=messages[: i + 1], add_generation_prompt=False, eos_token=EOT, bos_token=""
+        )
         if not before.startswith(done) or not after.startswith(before):
-            raise UserError("The chat template does not render conversations incrementally (a prefix of a "
-                            "conversation changes when a message is added); lmforge cannot mask it.")
-        given = tokenizer.encode(before[len(done):])
-        reply = tokenizer.encode(after[len(before):])
+            raise UserError(
+                "The chat template does not render conversations incrementally (a prefix of a "
+                "conversation changes when a message is added); lmforge cannot mask it."
+            )
+        given = tokenizer.encode(before[len(done) :])
+        reply = tokenizer.encode(after[len(before) :])
         ids += given + reply
         mask += [0] * len(given) + [1] * len(reply)
         done = after

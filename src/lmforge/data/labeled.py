@@ -31,8 +31,9 @@ def _pick(columns: list[str], wanted: str | None, guesses: tuple[str, ...], what
     )
 
 
-def read_labeled(path: str | Path, text_column: str | None = None,
-                 label_column: str | None = None) -> tuple[list[str], list[str]]:
+def read_labeled(
+    path: str | Path, text_column: str | None = None, label_column: str | None = None
+) -> tuple[list[str], list[str]]:
     """Texts and their labels, one example per row (or JSON line)."""
     path = Path(path)
     content = read_text_file(path)
@@ -43,8 +44,11 @@ def read_labeled(path: str | Path, text_column: str | None = None,
         columns = sorted({k for _, r in records if isinstance(r, dict) for k in r})
     else:
         delimiter = "," if path.suffix.lower() == ".csv" else "\t"
-        reader = csv.DictReader(content.split("\n"), delimiter=delimiter, quoting=csv.QUOTE_NONE
-                                if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        reader = csv.DictReader(
+            content.split("\n"),
+            delimiter=delimiter,
+            quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL,
+        )
         columns = [c for c in (reader.fieldnames or []) if c]
         records = [(i + 2, r) for i, r in enumerate(reader) if any((v or "").strip() for v in r.values())]
     text_key = _pick(columns, text_column, TEXT_NAMES, "text", path)

@@ -57,8 +57,9 @@ class PreparedData:
         """Instruction data: which tokens the loss is computed on (None: all of them)."""
         if not self.meta.get("masked") or self.meta[f"{split}_tokens"] == 0:
             return None
-        return np.memmap(self.dir / f"{split}.mask.bin", dtype=np.uint8, mode="r",
-                         shape=(self.meta[f"{split}_tokens"],))
+        return np.memmap(
+            self.dir / f"{split}.mask.bin", dtype=np.uint8, mode="r", shape=(self.meta[f"{split}_tokens"],)
+        )
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -157,8 +158,11 @@ def _prepare_conversations(files: list[Path], out_dir: Path, cfg: DataConfig) ->
     val_convs, val_sources = read([Path(cfg.val_path)]) if cfg.val_path else ([], [])
     if not val_convs:
         if len(train_convs) < 2:
-            raise UserError(f"{files[0]} holds {len(train_convs)} conversation; at least 2 are needed "
-                            f"(one to validate on), or give a validation file (data.val_path).", settings=("data.val_path",))
+            raise UserError(
+                f"{files[0]} holds {len(train_convs)} conversation; at least 2 are needed "
+                f"(one to validate on), or give a validation file (data.val_path).",
+                settings=("data.val_path",),
+            )
         n_val = max(1, int(len(train_convs) * cfg.val_fraction))
         train_convs, val_convs = train_convs[:-n_val], train_convs[-n_val:]
     texts = [render_chat(template, c, add_generation_prompt=False) for c in train_convs]
@@ -174,12 +178,18 @@ def _prepare_conversations(files: list[Path], out_dir: Path, cfg: DataConfig) ->
         splits[split] = (ids, mask)
     dtype = token_dtype(tokenizer.vocab_size)
     meta = {
-        "format": FORMAT, "version": FORMAT_VERSION, "masked": True,
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "masked": True,
         "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "spec": cfg.tokenizer},
-        "dtype": dtype, "train_tokens": len(splits["train"][0]), "val_tokens": len(splits["val"][0]),
-        "documents": len(train_convs), "val_documents": len(val_convs),
+        "dtype": dtype,
+        "train_tokens": len(splits["train"][0]),
+        "val_tokens": len(splits["val"][0]),
+        "documents": len(train_convs),
+        "val_documents": len(val_convs),
         "trained_tokens": {split: sum(m) for split, (_, m) in splits.items()},
-        "characters": sum(map(len, texts)), "train_bytes": sum(len(t.encode("utf-8")) for t in texts),
+        "characters": sum(map(len, texts)),
+        "train_bytes": sum(len(t.encode("utf-8")) for t in texts),
         "sources": [dataclasses.asdict(s) for s in sources],
         "val_sources": [dataclasses.asdict(s) for s in val_sources],
         "settings": dataclasses.asdict(cfg),

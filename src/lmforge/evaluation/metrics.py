@@ -56,8 +56,10 @@ def rouge(hypotheses: list[str], references: list[list[str]]) -> dict:
 def classification_metrics(predictions: list[str], labels: list[str]) -> dict:
     """Accuracy, macro-F1 (over the labels that occur in either list) and the confusion matrix."""
     if len(predictions) != len(labels):
-        raise UserError(f"There are {len(predictions)} predictions but {len(labels)} labels; "
-                        f"they must be parallel, one per line.")
+        raise UserError(
+            f"There are {len(predictions)} predictions but {len(labels)} labels; "
+            f"they must be parallel, one per line."
+        )
     if not labels:
         raise UserError("There are no labels to score against.")
     classes = sorted(set(labels) | set(predictions))
@@ -74,6 +76,10 @@ def classification_metrics(predictions: list[str], labels: list[str]) -> dict:
         recall = tp / actual if actual else 0.0
         f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
     correct = sum(matrix[i][i] for i in range(len(classes)))
-    return {"accuracy": correct / len(labels), "macro_f1": sum(f1s) / len(f1s),
-            "per_class_f1": dict(zip(classes, f1s, strict=True)), "labels": classes,
-            "confusion_matrix": matrix}
+    return {
+        "accuracy": correct / len(labels),
+        "macro_f1": sum(f1s) / len(f1s),
+        "per_class_f1": dict(zip(classes, f1s, strict=True)),
+        "labels": classes,
+        "confusion_matrix": matrix,
+    }

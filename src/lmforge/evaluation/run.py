@@ -13,10 +13,18 @@ from lmforge.evaluation.perplexity import evaluate_ids
 METRICS = ("bleu", "chrf", "rouge", "accuracy")
 
 
-def evaluate(checkpoint: str | Path, data: str | Path | None = None, context: int | None = None,
-             stride: int | None = None, batch_size: int = 8, device: str = "cpu",
-             progress: bool = False, dtype: str = "float32", quantize: str | None = None,
-             adapter: str | None = None) -> dict:
+def evaluate(
+    checkpoint: str | Path,
+    data: str | Path | None = None,
+    context: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    progress: bool = False,
+    dtype: str = "float32",
+    quantize: str | None = None,
+    adapter: str | None = None,
+) -> dict:
     """Language-model metrics of a checkpoint on a text file, a prepared directory, or (default)
     the validation split of the data it was trained on."""
     from lmforge.checkpoint import LANGUAGE_MODEL, open_checkpoint
@@ -27,8 +35,11 @@ def evaluate(checkpoint: str | Path, data: str | Path | None = None, context: in
 
     opened = open_checkpoint(checkpoint)
     if opened.kind != LANGUAGE_MODEL and data is None:  # an imported model has no training data of its own
-        raise UserError(f"{checkpoint} is an imported model with no validation split of its own; "
-                        f"give a text to evaluate it on (data).", settings=("data",))
+        raise UserError(
+            f"{checkpoint} is an imported model with no validation split of its own; "
+            f"give a text to evaluate it on (data).",
+            settings=("data",),
+        )
     config = opened.config
     model, tokenizer = load_for_inference(str(checkpoint), device, dtype, quantize, adapter)
     if data is None:
@@ -47,8 +58,13 @@ def evaluate(checkpoint: str | Path, data: str | Path | None = None, context: in
     if len(ids) < 2:
         raise UserError(f"{source} has {len(ids)} token(s); at least 2 are needed to score a prediction.")
     report = evaluate_ids(model, tokenizer, ids, context, stride, batch_size, device, progress)
-    return {"checkpoint": str(checkpoint), "data": source, "dtype": dtype, "quantize": quantize or "none",
-            **report.to_dict()}
+    return {
+        "checkpoint": str(checkpoint),
+        "data": source,
+        "dtype": dtype,
+        "quantize": quantize or "none",
+        **report.to_dict(),
+    }
 
 
 def _read_lines(path: str | Path) -> list[str]:
@@ -77,8 +93,13 @@ def score_lines(hyps: list[str], refs: list[list[str]], metrics: list[str]) -> d
     out: dict = {"examples": len(hyps)}
     if "bleu" in metrics or "chrf" in metrics:
         scores = bleu_chrf(hyps, refs)
-        out.update({k: v for k, v in scores.items()
-                    if k.startswith("bleu") and "bleu" in metrics or k.startswith("chrf") and "chrf" in metrics})
+        out.update(
+            {
+                k: v
+                for k, v in scores.items()
+                if k.startswith("bleu") and "bleu" in metrics or k.startswith("chrf") and "chrf" in metrics
+            }
+        )
     if "rouge" in metrics:
         out.update(rouge(hyps, refs))
     if "accuracy" in metrics:
@@ -86,8 +107,13 @@ def score_lines(hyps: list[str], refs: list[list[str]], metrics: list[str]) -> d
     return out
 
 
-def generate_hypotheses(checkpoint: str | Path, prompts_file: str | Path, max_new_tokens: int = 64,
-                        device: str = "cpu", adapter: str | None = None) -> list[str]:
+def generate_hypotheses(
+    checkpoint: str | Path,
+    prompts_file: str | Path,
+    max_new_tokens: int = 64,
+    device: str = "cpu",
+    adapter: str | None = None,
+) -> list[str]:
     """Greedy continuations of each prompt line, cut at the first newline."""
     from lmforge.generation import sample_tokens
     from lmforge.inference import load_for_inference
@@ -95,7 +121,7 @@ def generate_hypotheses(checkpoint: str | Path, prompts_file: str | Path, max_ne
     model, tokenizer = load_for_inference(str(checkpoint), device, adapter=adapter)
     hyps = []
     for prompt in _read_lines(prompts_file):
-        ids = tokenizer.encode(prompt)[-model.block_size:] or [tokenizer.eot_id or 0]
+        ids = tokenizer.encode(prompt)[-model.block_size :] or [tokenizer.eot_id or 0]
         text = tokenizer.decode(sample_tokens(model, ids, max_new_tokens, temperature=0.0))
         hyps.append(text.split("\n")[0].strip())
     return hyps
@@ -105,8 +131,10 @@ def format_report(result: dict) -> str:
     """A readable table for the terminal."""
     lines = []
     if "examples" in result and "accuracy" in result and "checkpoint" in result:
-        lines += [f"checkpoint      {result['checkpoint']}", f"data            {result['data']} "
-                  f"({result['examples']:,} examples)"]
+        lines += [
+            f"checkpoint      {result['checkpoint']}",
+            f"data            {result['data']} ({result['examples']:,} examples)",
+        ]
     if "perplexity" in result:
         lines += [
             f"checkpoint      {result['checkpoint']} ({result.get('dtype', 'float32')}"

@@ -60,55 +60,109 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> Mod
         if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
             raise UserError(f"{source}: GPT-2 activation {act!r} is not supported (gelu_new or gelu).")
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-            raise UserError(f"{source}: GPT-2 attention variants (scale_attn_by_inverse_layer_idx, "
-                            f"reorder_and_upcast_attn) are not supported.")
+            raise UserError(
+                f"{source}: GPT-2 attention variants (scale_attn_by_inverse_layer_idx, "
+                f"reorder_and_upcast_attn) are not supported."
+            )
         return ModelConfig(
-            arch="gpt", vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024),
-            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-            mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"], bias=True, pos_encoding="learned",
-            norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            arch="gpt",
+            vocab_size=hf["vocab_size"],
+            block_size=hf.get("n_positions", 1024),
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
+            mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
+            bias=True,
+            pos_encoding="learned",
+            norm="layernorm",
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             activation="gelu" if act == "gelu" else "gelu_tanh",
-            tie_embeddings=hf.get("tie_word_embeddings", True), dropout=0.0,
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            dropout=0.0,
         )
     n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or n_embd // n_head
     if head_dim * n_head != n_embd:
-        raise UserError(f"{source}: head_dim {head_dim} × {n_head} heads ≠ hidden size {n_embd}; "
-                        f"such models are not supported yet.")
+        raise UserError(
+            f"{source}: head_dim {head_dim} × {n_head} heads ≠ hidden size {n_embd}; "
+            f"such models are not supported yet."
+        )
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: activation {hf.get('hidden_act')!r} is not supported (silu).")
     if hf.get("mlp_bias"):
         raise UserError(f"{source}: MLP biases are not supported.")
     return ModelConfig(
-        arch="gpt", vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
-        n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
-        n_embd=n_embd, mlp_hidden=hf["intermediate_size"], bias=False,
+        arch="gpt",
+        vocab_size=hf["vocab_size"],
+        block_size=hf.get("max_position_embeddings", 2048),
+        n_layer=hf["num_hidden_layers"],
+        n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        n_embd=n_embd,
+        mlp_hidden=hf["intermediate_size"],
+        bias=False,
         qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias")),
-        pos_encoding="rope", rope_theta=_rope_theta(hf), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-        activation="swiglu", tie_embeddings=hf.get("tie_word_embeddings", False), dropout=0.0,
+        pos_encoding="rope",
+        rope_theta=_rope_theta(hf),
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        activation="swiglu",
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        dropout=0.0,
     )
 
 
 def hf_config_from_model(m: ModelConfig) -> dict[str, Any]:
     """The Hugging Face config of an lmforge GPT, or a clear refusal naming what does not fit."""
-    gpt2 = dict(pos_encoding="learned", norm="layernorm", activation="gelu_tanh", bias=True, tie_embeddings=True,
-                qk_norm=False, logit_softcap=0.0, n_kv_head_ok=m.n_kv_head in (0, m.n_head))
-    llama = dict(pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False, qk_norm=False,
-                 logit_softcap=0.0)
+    gpt2 = dict(
+        pos_encoding="learned",
+        norm="layernorm",
+        activation="gelu_tanh",
+        bias=True,
+        tie_embeddings=True,
+        qk_norm=False,
+        logit_softcap=0.0,
+        n_kv_head_ok=m.n_kv_head in (0, m.n_head),
+    )
+    llama = dict(
+        pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False, qk_norm=False, logit_softcap=0.0
+    )
     hidden = m.mlp_hidden or int(m.mlp_ratio * m.n_embd)
     if all(getattr(m, k) == v for k, v in gpt2.items() if k != "n_kv_head_ok") and gpt2["n_kv_head_ok"]:
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": m.vocab_size,
-                "n_positions": m.block_size, "n_embd": m.n_embd, "n_layer": m.n_layer, "n_head": m.n_head,
-                "n_inner": hidden, "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps,
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True}
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": m.vocab_size,
+            "n_positions": m.block_size,
+            "n_embd": m.n_embd,
+            "n_layer": m.n_layer,
+            "n_head": m.n_head,
+            "n_inner": hidden,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": m.norm_eps,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "tie_word_embeddings": True,
+        }
     if all(getattr(m, k) == v for k, v in llama.items()):
         kind = "qwen2" if m.qkv_bias else "llama"
-        out = {"model_type": kind, "architectures": ["Qwen2ForCausalLM" if m.qkv_bias else "LlamaForCausalLM"],
-               "vocab_size": m.vocab_size, "hidden_size": m.n_embd, "intermediate_size": hidden,
-               "num_hidden_layers": m.n_layer, "num_attention_heads": m.n_head,
-               "num_key_value_heads": m.n_kv_head or m.n_head, "max_position_embeddings": m.block_size,
-               "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "hidden_act": "silu",
-               "tie_word_embeddings": m.tie_embeddings, "attention_bias": m.qkv_bias}
+        out = {
+            "model_type": kind,
+            "architectures": ["Qwen2ForCausalLM" if m.qkv_bias else "LlamaForCausalLM"],
+            "vocab_size": m.vocab_size,
+            "hidden_size": m.n_embd,
+            "intermediate_size": hidden,
+            "num_hidden_layers": m.n_layer,
+            "num_attention_heads": m.n_head,
+            "num_key_value_heads": m.n_kv_head or m.n_head,
+            "max_position_embeddings": m.block_size,
+            "rms_norm_eps": m.norm_eps,
+            "rope_theta": m.rope_theta,
+            "hidden_act": "silu",
+            "tie_word_embeddings": m.tie_embeddings,
+            "attention_bias": m.qkv_bias,
+        }
         return out
     raise UserError(
         "This model cannot be exported to Hugging Face: export needs the GPT-2 layout (learned positions, "
@@ -137,7 +191,9 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         files = [path / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise UserError(f"{index} lists shard(s) that are missing: {', '.join(missing)}; download them too.")
+            raise UserError(
+                f"{index} lists shard(s) that are missing: {', '.join(missing)}; download them too."
+            )
     elif (path / "pytorch_model.bin").is_file():
         import pickle
 
@@ -150,8 +206,9 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
                 f"to model.safetensors with a tool you trust."
             ) from None
     else:
-        raise UserError(f"{path} has no weights (model.safetensors, model.safetensors.index.json or "
-                        f"pytorch_model.bin).")
+        raise UserError(
+            f"{path} has no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)."
+        )
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         try:
@@ -163,16 +220,26 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
 
 # Parameter names, lmforge's → Hugging Face's; one table per family serves import and export.
 # GPT-2's names are given without the "transformer." prefix that some of its checkpoints lack.
-GPT2_NAMES = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight",
-              "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
-GPT2_LAYER_NAMES = {f"{module}.{p}": f"{module}.{p}" for p in ("weight", "bias") for module in ("ln_1", "ln_2")} | {
-    f"{linear}.bias": f"{linear}.bias" for linear in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+GPT2_NAMES = {
+    "wte.weight": "wte.weight",
+    "wpe.weight": "wpe.weight",
+    "ln_f.weight": "ln_f.weight",
+    "ln_f.bias": "ln_f.bias",
+}
+GPT2_LAYER_NAMES = {
+    f"{module}.{p}": f"{module}.{p}" for p in ("weight", "bias") for module in ("ln_1", "ln_2")
+} | {
+    f"{linear}.bias": f"{linear}.bias" for linear in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+}
 GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # HF stores these weights (in, out)
 LLAMA_NAMES = {"wte.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight"}
 LLAMA_LAYER_NAMES = {
-    "ln_1.weight": "input_layernorm.weight", "ln_2.weight": "post_attention_layernorm.weight",
-    "attn.c_proj.weight": "self_attn.o_proj.weight", "mlp.c_gate.weight": "mlp.gate_proj.weight",
-    "mlp.c_fc.weight": "mlp.up_proj.weight", "mlp.c_proj.weight": "mlp.down_proj.weight",
+    "ln_1.weight": "input_layernorm.weight",
+    "ln_2.weight": "post_attention_layernorm.weight",
+    "attn.c_proj.weight": "self_attn.o_proj.weight",
+    "mlp.c_gate.weight": "mlp.gate_proj.weight",
+    "mlp.c_fc.weight": "mlp.up_proj.weight",
+    "mlp.c_proj.weight": "mlp.down_proj.weight",
 }  # plus attn.c_attn = q_proj, k_proj and v_proj stacked
 
 
@@ -239,8 +306,10 @@ def load_hf_tokenizer(path: Path) -> TextTokenizer:
         if tok.token_to_id(EOT) is not None:
             tok.add_special_tokens([EOT])
         return TextTokenizer(tok, kind="bpe")
-    raise UserError(f"{path} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); copy the "
-                    f"tokenizer files from the model's source next to its weights.")
+    raise UserError(
+        f"{path} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); copy the "
+        f"tokenizer files from the model's source next to its weights."
+    )
 
 
 def chat_template(path: Path) -> str | None:
@@ -278,7 +347,9 @@ def read_hf_metadata(path: str | Path) -> tuple[Config, str | None, list[int], d
     path = Path(path)
     hf_config = _read_json(path / "config.json")
     m = model_config_from_hf(hf_config, str(path / "config.json"))
-    config = Config(name=path.name, description=f"imported from Hugging Face ({hf_config['model_type']})", model=m)
+    config = Config(
+        name=path.name, description=f"imported from Hugging Face ({hf_config['model_type']})", model=m
+    )
     generation = _read_json(path / "generation_config.json")
     eos: list[int] = []
     for source in (hf_config, generation):
@@ -292,7 +363,9 @@ def read_hf_metadata(path: str | Path) -> tuple[Config, str | None, list[int], d
     return config, chat_template(path), eos, sampling
 
 
-def import_hf(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, TextTokenizer, Config]:
+def import_hf(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, TextTokenizer, Config]:
     """A Hugging Face model directory as an lmforge GPT (eval mode), tokenizer and Config."""
     from lmforge.models import build_model
 
@@ -305,7 +378,9 @@ def import_hf(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.
     try:
         converted = (_gpt2_to_lmforge if hf_config["model_type"] == "gpt2" else _llama_to_lmforge)(tensors, m)
     except KeyError as e:
-        raise UserError(f"{path}: weight {e.args[0]} is missing; the files do not match config.json.") from None
+        raise UserError(
+            f"{path}: weight {e.args[0]} is missing; the files do not match config.json."
+        ) from None
     model = build_model(m)
     load_state(converted, model, str(path))
     return model.float().to(device).eval(), tokenizer, config
@@ -330,7 +405,13 @@ def export_hf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out: s
     special = {"eos_token": EOT, "bos_token": EOT} if eot is not None else {}
     if tokenizer.hf.token_to_id("<unk>") is not None:
         special["unk_token"] = "<unk>"
-    atomic_write_json(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
-                                                      "model_max_length": config.model.block_size, **special})
+    atomic_write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": config.model.block_size,
+            **special,
+        },
+    )
     atomic_write_json(out / "config.json", hf_config)  # last: a complete directory has a config
     return out

@@ -33,13 +33,20 @@ class BiLSTMEncoder(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
-        self.rnn = nn.LSTM(cfg.n_embd, cfg.hidden_size, num_layers=cfg.n_layer, batch_first=True,
-                           bidirectional=True, dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
+        self.rnn = nn.LSTM(
+            cfg.n_embd,
+            cfg.hidden_size,
+            num_layers=cfg.n_layer,
+            batch_first=True,
+            bidirectional=True,
+            dropout=cfg.dropout if cfg.n_layer > 1 else 0.0,
+        )
         self.width = 2 * cfg.hidden_size
 
     def features(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        packed = nn.utils.rnn.pack_padded_sequence(self.drop(self.wte(idx)), lengths.cpu(),
-                                                   batch_first=True, enforce_sorted=False)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.drop(self.wte(idx)), lengths.cpu(), batch_first=True, enforce_sorted=False
+        )
         out, _ = self.rnn(packed)
         return nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=idx.shape[1])[0]
 
@@ -63,8 +70,13 @@ class TextClassifier(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(width, n_classes)
 
-    def forward(self, idx: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor | None = None,
-                class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        lengths: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        class_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden = self.body.features(idx, lengths)
         logits = self.head(self.drop(pool(hidden.float(), lengths, self.cfg.pooling)))
         loss = None if labels is None else F.cross_entropy(logits, labels, weight=class_weights)

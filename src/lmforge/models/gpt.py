@@ -61,8 +61,16 @@ class KVCache:
     are dropped (a sliding window): rotary attention depends only on relative positions.
     """
 
-    def __init__(self, n_layer: int, batch: int, n_kv_head: int, capacity: int, head_dim: int,
-                 device: torch.device | str, dtype: torch.dtype):
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        n_kv_head: int,
+        capacity: int,
+        head_dim: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ):
         shape = (n_layer, batch, n_kv_head, capacity, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -78,9 +86,9 @@ class KVCache:
         drop = self.length + n - self.capacity
         if drop > 0:
             keep = self.length - drop
-            self.k[:, :, :, :keep] = self.k[:, :, :, drop:self.length].clone()
-            self.v[:, :, :, :keep] = self.v[:, :, :, drop:self.length].clone()
-            self.valid[:, :keep] = self.valid[:, drop:self.length].clone()
+            self.k[:, :, :, :keep] = self.k[:, :, :, drop : self.length].clone()
+            self.v[:, :, :, :keep] = self.v[:, :, :, drop : self.length].clone()
+            self.valid[:, :keep] = self.valid[:, drop : self.length].clone()
             self.valid[:, keep:] = False
             self.length = keep
 
@@ -120,8 +128,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.is_residual_projection = True
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim],
@@ -142,9 +156,9 @@ class CausalSelfAttention(nn.Module):
         causal = mask is None
         if cache is not None:
             start = cache.length
-            cache.k[layer, :, :, start:start + T] = k
-            cache.v[layer, :, :, start:start + T] = v
-            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+            cache.k[layer, :, :, start : start + T] = k
+            cache.v[layer, :, :, start : start + T] = v
+            k, v = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
             causal = causal and start == 0  # one new token attends to every cached one
             if mask is None and start > 0 and T > 1:
                 raise ValueError("several new tokens after a non-empty cache need an explicit mask")
@@ -158,10 +172,13 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         return F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=mask,
             is_causal=causal and mask is None and q.shape[2] > 1,
             dropout_p=self.dropout if self.training else 0.0,
@@ -201,8 +218,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln_1(x), rope, cache, layer, mask))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
@@ -275,8 +298,13 @@ class GPT(nn.Module):
         Causal attention never lets a real token see the padding after it, so no mask is needed."""
         return self.hidden_states(idx)
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T = idx.shape
         if cache is None and T > self.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.block_size})")
@@ -299,9 +327,12 @@ class GPT(nn.Module):
         mask = None
         if cache is not None:
             cache.make_room(T)
-            new_valid = attention_mask if attention_mask is not None else torch.ones(
-                B, T, dtype=torch.bool, device=idx.device)
-            cache.valid[:, cache.length:cache.length + T] = new_valid
+            new_valid = (
+                attention_mask
+                if attention_mask is not None
+                else torch.ones(B, T, dtype=torch.bool, device=idx.device)
+            )
+            cache.valid[:, cache.length : cache.length + T] = new_valid
             cache.padded = cache.padded or not bool(new_valid.all())
             if cache.padded or (cache.length > 0 and T > 1):
                 mask = attention_mask_for(cache, new_valid)
@@ -317,8 +348,15 @@ class GPT(nn.Module):
         """An empty KV cache for `batch` sequences of up to `capacity` tokens (default: the context)."""
         cfg = self.config
         weight = self.wte.weight
-        return KVCache(cfg.n_layer, batch, cfg.n_kv_head or cfg.n_head, capacity or self.block_size,
-                       cfg.n_embd // cfg.n_head, weight.device, dtype or weight.dtype)
+        return KVCache(
+            cfg.n_layer,
+            batch,
+            cfg.n_kv_head or cfg.n_head,
+            capacity or self.block_size,
+            cfg.n_embd // cfg.n_head,
+            weight.device,
+            dtype or weight.dtype,
+        )
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -57,20 +57,35 @@ class RecurrentLM(nn.Module):
         hidden = cfg.hidden_size or cfg.n_embd
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
-        self.rnn = CELLS[cfg.arch](cfg.n_embd, hidden, num_layers=cfg.n_layer, batch_first=True,
-                                   dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
+        self.rnn = CELLS[cfg.arch](
+            cfg.n_embd,
+            hidden,
+            num_layers=cfg.n_layer,
+            batch_first=True,
+            dropout=cfg.dropout if cfg.n_layer > 1 else 0.0,
+        )
         # With tied weights the head must work at the embedding width: project down if needed.
-        self.proj = nn.Linear(hidden, cfg.n_embd, bias=False) if cfg.tie_embeddings and hidden != cfg.n_embd else None
-        self.lm_head = nn.Linear(cfg.n_embd if self.proj is not None or cfg.tie_embeddings else hidden,
-                                 cfg.vocab_size, bias=True)
+        self.proj = (
+            nn.Linear(hidden, cfg.n_embd, bias=False) if cfg.tie_embeddings and hidden != cfg.n_embd else None
+        )
+        self.lm_head = nn.Linear(
+            cfg.n_embd if self.proj is not None or cfg.tie_embeddings else hidden, cfg.vocab_size, bias=True
+        )
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         nn.init.normal_(self.wte.weight, std=0.1 if not cfg.tie_embeddings else 0.02)
         nn.init.zeros_(self.lm_head.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, state=None,
-                return_state: bool = False, cache: RecurrentState | None = None,
-                positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        state=None,
+        return_state: bool = False,
+        cache: RecurrentState | None = None,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ):
         """(logits, loss), plus the final hidden state with `return_state` (training carries it).
 
         Generation passes a `cache`; left padding (attention_mask False) is skipped so that
@@ -100,8 +115,9 @@ class RecurrentLM(nn.Module):
         # Left padding -> right padding, then a packed sequence skips the pads exactly.
         order = torch.argsort(~valid, dim=1, stable=True)
         right = torch.gather(idx, 1, order)
-        packed = nn.utils.rnn.pack_padded_sequence(self.drop(self.wte(right)), lengths.cpu(),
-                                                   batch_first=True, enforce_sorted=False)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.drop(self.wte(right)), lengths.cpu(), batch_first=True, enforce_sorted=False
+        )
         out, new_state = self.rnn(packed, start_state)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=idx.shape[1])
         # Back to left-padded positions: the last valid output must sit in the last column.
@@ -119,14 +135,18 @@ class RecurrentLM(nn.Module):
         out, _ = self.rnn(packed)
         return nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=idx.shape[1])[0]
 
-    def new_cache(self, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None) -> RecurrentState:
+    def new_cache(
+        self, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None
+    ) -> RecurrentState:
         return RecurrentState()
 
     def flops_per_token(self) -> float:
         cfg = self.config
         hidden = cfg.hidden_size or cfg.n_embd
         gates = {"lstm": 4, "gru": 3, "rnn": 1}[cfg.arch]
-        recurrent = sum(gates * hidden * ((cfg.n_embd if i == 0 else hidden) + hidden) for i in range(cfg.n_layer))
+        recurrent = sum(
+            gates * hidden * ((cfg.n_embd if i == 0 else hidden) + hidden) for i in range(cfg.n_layer)
+        )
         head = self.lm_head.in_features * cfg.vocab_size
         return 6 * (recurrent + head + (self.proj.weight.numel() if self.proj is not None else 0))
 

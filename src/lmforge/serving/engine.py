@@ -94,8 +94,14 @@ class _Job:
 
 
 class Engine:
-    def __init__(self, model: nn.Module, tokenizer: TextTokenizer, max_batch: int = 8, max_queue: int = 64,
-                 batch_wait_s: float = 0.02):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: TextTokenizer,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        batch_wait_s: float = 0.02,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -161,8 +167,11 @@ class Engine:
                 rest: deque[Sequence | _Job] = deque()
                 while self.pending:
                     item = self.pending.popleft()
-                    if (len(batch) < self.max_batch and isinstance(item, Sequence)
-                            and item.batch_key() == first.batch_key()):
+                    if (
+                        len(batch) < self.max_batch
+                        and isinstance(item, Sequence)
+                        and item.batch_key() == first.batch_key()
+                    ):
                         batch.append(item)
                     else:
                         rest.append(item)
@@ -186,7 +195,9 @@ class Engine:
         self.stats["batches"] += 1
         self.stats["sequences"] += len(batch)
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
-        cfg = replace(batch[0].config.sampling_key(), max_new_tokens=max(s.config.max_new_tokens for s in batch))
+        cfg = replace(
+            batch[0].config.sampling_key(), max_new_tokens=max(s.config.max_new_tokens for s in batch)
+        )
         eot = self.tokenizer.eot_id
         trackers = [TextTracker(self.tokenizer, list(s.config.stop)) for s in batch]
         done = [s.cancelled for s in batch]
@@ -209,8 +220,14 @@ class Engine:
             batch[row].emit(Done(batch[row].index, reason, produced[row]))
             done[row] = True
 
-        steps = decode_steps(self.model, [s.prompt_ids for s in batch], cfg, eot,
-                             banned=banned_ids(self.tokenizer), observe=observe)
+        steps = decode_steps(
+            self.model,
+            [s.prompt_ids for s in batch],
+            cfg,
+            eot,
+            banned=banned_ids(self.tokenizer),
+            observe=observe,
+        )
         for token in steps:
             for row, t in enumerate(token.tolist()):
                 if done[row]:
@@ -229,9 +246,14 @@ class Engine:
                 if seq.logprobs is not None:
                     lp = float(scores["chosen"][row])
                     if seq.logprobs:
-                        top = [(int(i), float(v)) for i, v in
-                               zip(scores["top_ids"][row, :seq.logprobs], scores["top_values"][row, :seq.logprobs],
-                                   strict=True)]
+                        top = [
+                            (int(i), float(v))
+                            for i, v in zip(
+                                scores["top_ids"][row, : seq.logprobs],
+                                scores["top_values"][row, : seq.logprobs],
+                                strict=True,
+                            )
+                        ]
                 seq.emit(Token(seq.index, trackers[row].take_new(), t, lp, top))
                 if trackers[row].stopped:
                     finish(row, "stop")

@@ -17,8 +17,15 @@ from lmforge.generation import GenerationConfig, generation_settings
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
         self.headers = headers
@@ -53,8 +60,11 @@ class RequestBase(BaseModel):
 
 
 def _sampling_fields() -> dict[str, Any]:
-    return {name: (kind, Field(default=default, description=help, **bounds))
-            for name, kind, default, help, bounds, api in generation_settings() if api}
+    return {
+        name: (kind, Field(default=default, description=help, **bounds))
+        for name, kind, default, help, bounds, api in generation_settings()
+        if api
+    }
 
 
 # temperature, top_p, top_k, min_p, penalties and seed, as GenerationConfig defines them
@@ -100,8 +110,11 @@ class Choice:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def sse(obj: Any) -> str:
@@ -123,21 +136,39 @@ class ResponseShape:
 
     def envelope(self, choices: list[dict], streaming: bool) -> dict:
         kind = self.object + (".chunk" if streaming and self.chat else "")
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
 
     def opening_chunk(self, index: int) -> dict | None:
         """Chat streams open each choice with the assistant's role."""
         if not self.chat:
             return None
-        return self.envelope([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                               "finish_reason": None}], True)
+        return self.envelope(
+            [
+                {
+                    "index": index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+            True,
+        )
 
     def chunk(self, index: int, text: str, finish_reason: str | None = None) -> dict:
         if self.chat:
             delta = {"content": text} if finish_reason is None else {}
-            return self.envelope([{"index": index, "delta": delta, "logprobs": None,
-                                   "finish_reason": finish_reason}], True)
-        return self.envelope([{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}], True)
+            return self.envelope(
+                [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], True
+            )
+        return self.envelope(
+            [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}], True
+        )
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
         return {**self.envelope([], True), "usage": usage(prompt_tokens, completion_tokens)}

@@ -76,8 +76,18 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": created,
-                                            "owned_by": "lmforge", "context_length": model.block_size}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": settings.model_name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "lmforge",
+                    "context_length": model.block_size,
+                }
+            ],
+        }
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page() -> str:
@@ -97,7 +107,9 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status, headers=e.headers)
+        return JSONResponse(
+            error_body(e.message, e.kind, e.param, e.code), status_code=e.status, headers=e.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -119,19 +131,32 @@ def _add_limits_and_auth(app: FastAPI, settings: ServerSettings) -> None:
     async def limits_and_auth(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return JSONResponse(error_body(f"The request body is larger than {settings.max_body_bytes} bytes.",
-                                           "invalid_request_error"), status_code=413)
+            return JSONResponse(
+                error_body(
+                    f"The request body is larger than {settings.max_body_bytes} bytes.",
+                    "invalid_request_error",
+                ),
+                status_code=413,
+            )
         if settings.api_key and request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "")
             expected = f"Bearer {settings.api_key}"
             if not hmac.compare_digest(given.encode(), expected.encode()):  # constant time
-                return JSONResponse(error_body("Invalid or missing API key (send Authorization: Bearer KEY).",
-                                               "authentication_error", code="invalid_api_key"), status_code=401)
+                return JSONResponse(
+                    error_body(
+                        "Invalid or missing API key (send Authorization: Bearer KEY).",
+                        "authentication_error",
+                        code="invalid_api_key",
+                    ),
+                    status_code=401,
+                )
         return await call_next(request)
 
 
 def _busy(e: QueueFull) -> APIError:
-    return APIError(503, f"The server is busy ({e}); retry shortly.", "server_busy", headers={"Retry-After": "1"})
+    return APIError(
+        503, f"The server is busy ({e}); retry shortly.", "server_busy", headers={"Retry-After": "1"}
+    )
 
 
 class _Requests:
@@ -146,17 +171,27 @@ class _Requests:
     def max_new(self, body: RequestBase, requested: int | None, default: int) -> int:
         n = default if requested is None else requested
         if n > self.settings.max_tokens_cap:
-            raise APIError(400, f"max_tokens is {n}; this server allows at most {self.settings.max_tokens_cap}.",
-                           param="max_tokens")
+            raise APIError(
+                400,
+                f"max_tokens is {n}; this server allows at most {self.settings.max_tokens_cap}.",
+                param="max_tokens",
+            )
         if body.n > self.settings.max_n:
-            raise APIError(400, f"n is {body.n}; this server allows at most {self.settings.max_n}.", param="n")
+            raise APIError(
+                400, f"n is {body.n}; this server allows at most {self.settings.max_n}.", param="n"
+            )
         return n
 
     def check_context(self, prompt_ids: list[int], new_tokens: int) -> None:
         if len(prompt_ids) + new_tokens > self.block_size:
-            raise APIError(400, f"This model's maximum context length is {self.block_size} tokens, but the prompt "
-                                f"has {len(prompt_ids)} tokens and max_tokens asks for {new_tokens} more; shorten "
-                                f"the prompt or lower max_tokens.", param="max_tokens", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.block_size} tokens, but the prompt "
+                f"has {len(prompt_ids)} tokens and max_tokens asks for {new_tokens} more; shorten "
+                f"the prompt or lower max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
 
     @staticmethod
     def stops_of(body: RequestBase) -> list[str]:
@@ -177,8 +212,9 @@ class _Requests:
         for p in given:
             if isinstance(p, list):
                 if any(not 0 <= t < self.tokenizer.vocab_size for t in p):
-                    raise APIError(400, f"prompt token ids must be in [0, {self.tokenizer.vocab_size}).",
-                                   param="prompt")
+                    raise APIError(
+                        400, f"prompt token ids must be in [0, {self.tokenizer.vocab_size}).", param="prompt"
+                    )
                 ids.append(list(p) or start_ids(self.tokenizer))
             else:
                 ids.append(self.tokenizer.encode(p) if p else start_ids(self.tokenizer))
@@ -186,14 +222,22 @@ class _Requests:
 
     # ---- running ----
 
-    def start(self, prompts: list[list[int]], body: RequestBase, new_tokens: int, stop: list[str],
-              logprobs: int | None) -> tuple[asyncio.Queue, list[Sequence]]:
+    def start(
+        self,
+        prompts: list[list[int]],
+        body: RequestBase,
+        new_tokens: int,
+        stop: list[str],
+        logprobs: int | None,
+    ) -> tuple[asyncio.Queue, list[Sequence]]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         config = body.generation_config(new_tokens, stop)
         group = self.engine.new_group() if body.seed is not None else 0
-        sequences = [Sequence(ids, config, index, events, loop, group, logprobs)
-                     for index, ids in enumerate(p for p in prompts for _ in range(body.n))]
+        sequences = [
+            Sequence(ids, config, index, events, loop, group, logprobs)
+            for index, ids in enumerate(p for p in prompts for _ in range(body.n))
+        ]
         if new_tokens > 0:
             try:
                 self.engine.submit(sequences)
@@ -231,8 +275,13 @@ class _Requests:
         return choices
 
     @staticmethod
-    async def stream(events: asyncio.Queue, sequences: list[Sequence], shape: ResponseShape,
-                     prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    async def stream(
+        events: asyncio.Queue,
+        sequences: list[Sequence],
+        shape: ResponseShape,
+        prompt_tokens: int,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
         """The streaming path: one server-sent event per settled piece of text."""
         try:
             for s in sequences:
@@ -260,8 +309,10 @@ class _Requests:
 
     def respond(self, body: RequestBase, shape: ResponseShape, events, sequences, prompt_tokens: int):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(self.stream(events, sequences, shape, prompt_tokens, include_usage),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            self.stream(events, sequences, shape, prompt_tokens, include_usage),
+            media_type="text/event-stream",
+        )
 
     # ---- endpoints ----
 
@@ -273,8 +324,9 @@ class _Requests:
         if body.echo and body.stream:
             raise APIError(400, "echo is not supported together with stream.", param="echo")
         stop = self.stops_of(body)
-        shape = ResponseShape("text_completion", f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()),
-                              self.settings.model_name)
+        shape = ResponseShape(
+            "text_completion", f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), self.settings.model_name
+        )
         events, sequences = self.start(prompts, body, new_tokens, stop, body.logprobs)
         prompt_tokens = sum(len(p) for p in prompts) * body.n
         if body.stream:
@@ -286,14 +338,18 @@ class _Requests:
             try:
                 for i, ids in enumerate(prompts):
                     echoed[i] = await self.engine.run_in_worker(
-                        lambda ids=ids: prompt_logprobs(model, ids, body.logprobs or 0))
+                        lambda ids=ids: prompt_logprobs(model, ids, body.logprobs or 0)
+                    )
             except QueueFull as e:
                 raise _busy(e) from None
         choices = []
         for index, r in enumerate(results):
             p = index // body.n
-            prompt_text = given[p] if isinstance(given[p], str) else \
-                self.tokenizer.decode(prompts[p], skip_special_tokens=False)
+            prompt_text = (
+                given[p]
+                if isinstance(given[p], str)
+                else self.tokenizer.decode(prompts[p], skip_special_tokens=False)
+            )
             lp = None
             if body.logprobs is not None:
                 tokens, logprobs, tops = r.tokens, r.logprobs, r.top
@@ -301,26 +357,39 @@ class _Requests:
                     given_lp, given_tops = echoed[p]
                     tokens, logprobs, tops = prompts[p] + tokens, given_lp + logprobs, given_tops + tops
                 lp = self.logprob_block(tokens, logprobs, tops)
-            choices.append({"index": index, "text": (prompt_text + r.text) if body.echo else r.text, "logprobs": lp,
-                            "finish_reason": r.finish_reason})
-        return {**shape.envelope(choices, False),
-                "usage": usage(prompt_tokens, sum(r.completion_tokens for r in results))}
+            choices.append(
+                {
+                    "index": index,
+                    "text": (prompt_text + r.text) if body.echo else r.text,
+                    "logprobs": lp,
+                    "finish_reason": r.finish_reason,
+                }
+            )
+        return {
+            **shape.envelope(choices, False),
+            "usage": usage(prompt_tokens, sum(r.completion_tokens for r in results)),
+        }
 
     async def chat(self, body: ChatRequest, chat_template: str):
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in body.messages
+        ]
         try:
             prompt = chat_prompt(chat_template, messages)
         except Exception as e:  # a template error is the request's (or the model's) problem, not a crash
-            raise APIError(400, f"The chat template could not format these messages ({e}).",
-                           param="messages") from None
+            raise APIError(
+                400, f"The chat template could not format these messages ({e}).", param="messages"
+            ) from None
         ids = self.tokenizer.encode(prompt)
-        new_tokens = self.max_new(body, body.max_completion_tokens or body.max_tokens,
-                                  max(1, min(512, self.block_size - len(ids))))
+        new_tokens = self.max_new(
+            body, body.max_completion_tokens or body.max_tokens, max(1, min(512, self.block_size - len(ids)))
+        )
         self.check_context(ids, new_tokens)
         stop = self.stops_of(body) + chat_stop_strings(chat_template)
-        shape = ResponseShape("chat.completion", f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()),
-                              self.settings.model_name)
+        shape = ResponseShape(
+            "chat.completion", f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), self.settings.model_name
+        )
         top = body.top_logprobs or 0
         events, sequences = self.start([ids], body, new_tokens, stop, top if body.logprobs else None)
         if body.stream:
@@ -331,15 +400,32 @@ class _Requests:
         for index, r in enumerate(results):
             lp = None
             if body.logprobs:
-                lp = {"content": [
-                    {"token": piece(t), "logprob": v, "bytes": list(piece(t).encode("utf-8")),
-                     "top_logprobs": [{"token": piece(i), "logprob": x, "bytes": list(piece(i).encode("utf-8"))}
-                                      for i, x in top_list]}
-                    for t, v, top_list in zip(r.tokens, r.logprobs, r.top, strict=True)]}
-            choices.append({"index": index, "message": {"role": "assistant", "content": r.text},
-                            "logprobs": lp, "finish_reason": r.finish_reason})
-        return {**shape.envelope(choices, False),
-                "usage": usage(len(ids) * body.n, sum(r.completion_tokens for r in results))}
+                lp = {
+                    "content": [
+                        {
+                            "token": piece(t),
+                            "logprob": v,
+                            "bytes": list(piece(t).encode("utf-8")),
+                            "top_logprobs": [
+                                {"token": piece(i), "logprob": x, "bytes": list(piece(i).encode("utf-8"))}
+                                for i, x in top_list
+                            ],
+                        }
+                        for t, v, top_list in zip(r.tokens, r.logprobs, r.top, strict=True)
+                    ]
+                }
+            choices.append(
+                {
+                    "index": index,
+                    "message": {"role": "assistant", "content": r.text},
+                    "logprobs": lp,
+                    "finish_reason": r.finish_reason,
+                }
+            )
+        return {
+            **shape.envelope(choices, False),
+            "usage": usage(len(ids) * body.n, sum(r.completion_tokens for r in results)),
+        }
 
     def piece(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
@@ -349,15 +435,28 @@ class _Requests:
         for t in tokens:
             text_offset.append(position)
             position += len(self.piece(t))
-        return {"tokens": [self.piece(t) for t in tokens], "token_logprobs": logprobs,
-                "top_logprobs": [({self.piece(i): v for i, v in top} if top else None) for top in tops],
-                "text_offset": text_offset}
+        return {
+            "tokens": [self.piece(t) for t in tokens],
+            "token_logprobs": logprobs,
+            "top_logprobs": [({self.piece(i): v for i, v in top} if top else None) for top in tops],
+            "text_offset": text_offset,
+        }
 
 
-def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device: str = "cpu", dtype: str = "float32", quantize: str | None = None, max_batch: int = 8,
-          max_queue: int = 64, max_tokens_cap: int = 2048, log_level: str = "info",
-          adapter: str | None = None) -> None:
+def serve(
+    checkpoint: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    quantize: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    max_tokens_cap: int = 2048,
+    log_level: str = "info",
+    adapter: str | None = None,
+) -> None:
     """Load `checkpoint` (with a LoRA `adapter` merged in, if given) and serve it until interrupted."""
     from pathlib import Path
 
@@ -367,8 +466,13 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     from lmforge.inference import load_for_inference
 
     model, tokenizer = load_for_inference(checkpoint, device, dtype, quantize, adapter)
-    settings = ServerSettings(model_name=Path(checkpoint).resolve().name, api_key=api_key, max_batch=max_batch,
-                              max_queue=max_queue, max_tokens_cap=max_tokens_cap)
+    settings = ServerSettings(
+        model_name=Path(checkpoint).resolve().name,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_tokens_cap=max_tokens_cap,
+    )
     app = create_app(model, tokenizer, settings, chat_template_of(checkpoint, adapter))
     print(f"Serving {settings.model_name} on http://{host}:{port} (OpenAI API under /v1, chat page at /).")
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -11,6 +11,7 @@ import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -86,41 +87,59 @@ def _build(cfg: ClassifierTrainConfig, train_texts: list[str], n_classes: int):
     tokenizer = train_word_tokenizer(train_texts, vocab_size=cfg.vocab_size)
     if cfg.model.body == "gpt":  # a Transformer decoder body, from scratch
         mcfg = dataclasses.replace(cfg.model, body="lm", vocab_size=tokenizer.vocab_size)
-        body_config = ModelConfig(arch="gpt", vocab_size=tokenizer.vocab_size, block_size=cfg.model.max_length,
-                                  n_layer=cfg.model.n_layer, n_head=cfg.gpt_heads, n_embd=cfg.model.n_embd,
-                                  dropout=cfg.model.dropout, pos_encoding="rope", bias=False)
+        body_config = ModelConfig(
+            arch="gpt",
+            vocab_size=tokenizer.vocab_size,
+            block_size=cfg.model.max_length,
+            n_layer=cfg.model.n_layer,
+            n_head=cfg.gpt_heads,
+            n_embd=cfg.model.n_embd,
+            dropout=cfg.model.dropout,
+            pos_encoding="rope",
+            bias=False,
+        )
         validate(Config(model=body_config))
         body = build_model(body_config)
         return tokenizer, TextClassifier(body, body_width(body), n_classes, mcfg), body_config
     if cfg.model.body != "bilstm":
-        raise UserError(f"Unknown classifier body {cfg.model.body!r}; use bilstm or gpt (or init from a checkpoint).",
-                        settings=("body", "init"))
+        raise UserError(
+            f"Unknown classifier body {cfg.model.body!r}; use bilstm or gpt (or init from a checkpoint).",
+            settings=("body", "init"),
+        )
     mcfg = dataclasses.replace(cfg.model, body="bilstm", vocab_size=tokenizer.vocab_size)
     body = BiLSTMEncoder(mcfg)
     return tokenizer, TextClassifier(body, body.width, n_classes, mcfg), None
 
 
 @torch.no_grad()
-def predict(model: TextClassifier, tokenizer: TextTokenizer, texts: list[str], batch_size: int = 64,
-            device: torch.device | str = "cpu") -> torch.Tensor:
+def predict(
+    model: TextClassifier,
+    tokenizer: TextTokenizer,
+    texts: list[str],
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """Class probabilities (N, classes) for the texts."""
     model.eval()
     device = resolve_device(device)
     encoded = encode_batch(tokenizer, texts, model.cfg.max_length)
     out = []
     for i in range(0, len(encoded), batch_size):
-        ids, lengths = pad_right(encoded[i:i + batch_size], device)
+        ids, lengths = pad_right(encoded[i : i + batch_size], device)
         logits, _ = model(ids, lengths)
         out.append(logits.float().softmax(-1).cpu())
     return torch.cat(out)
 
 
-def evaluate_classifier(model, tokenizer, labels: list[str], texts: list[str], gold: list[str],
-                        device="cpu") -> dict:
+def evaluate_classifier(
+    model, tokenizer, labels: list[str], texts: list[str], gold: list[str], device="cpu"
+) -> dict:
     unknown = sorted(set(gold) - set(labels))
     if unknown:
-        raise UserError(f"The evaluation data has label(s) {', '.join(map(repr, unknown))} that the classifier "
-                        f"was not trained on (its labels: {', '.join(labels)}).")
+        raise UserError(
+            f"The evaluation data has label(s) {', '.join(map(repr, unknown))} that the classifier "
+            f"was not trained on (its labels: {', '.join(labels)})."
+        )
     probs = predict(model, tokenizer, texts, device=device)
     predictions = [labels[i] for i in probs.argmax(-1).tolist()]
     return classification_metrics(predictions, gold)
@@ -129,8 +148,16 @@ def evaluate_classifier(model, tokenizer, labels: list[str], texts: list[str], g
 class ExampleSource:
     """Shuffled batches of labeled examples, a new order each epoch, for the shared loop."""
 
-    def __init__(self, encoded: list[list[int]], targets: torch.Tensor, batch_size: int, seed: int,
-                 device: torch.device, class_weights: torch.Tensor | None, scorer: Callable[[], dict[str, float]]):
+    def __init__(
+        self,
+        encoded: list[list[int]],
+        targets: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        class_weights: torch.Tensor | None,
+        scorer: Callable[[], dict[str, float]],
+    ):
         self.encoded, self.targets, self.batch_size, self.device = encoded, targets, batch_size, device
         self.class_weights, self.scorer = class_weights, scorer
         self.generator = torch.Generator().manual_seed(seed)
@@ -141,7 +168,7 @@ class ExampleSource:
         if self.position >= len(self.order):  # a new epoch
             self.order = torch.randperm(len(self.encoded), generator=self.generator)
             self.position = 0
-        rows = self.order[self.position:self.position + self.batch_size].tolist()
+        rows = self.order[self.position : self.position + self.batch_size].tolist()
         self.position += self.batch_size
         ids, lengths = pad_right([self.encoded[i] for i in rows], self.device)
         return ids, lengths, self.targets[rows].to(self.device)
@@ -155,8 +182,11 @@ class ExampleSource:
         return scores
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state(), "order": self.order,
-                "position": torch.tensor([self.position])}
+        return {
+            "generator": self.generator.get_state(),
+            "order": self.order,
+            "position": torch.tensor([self.position]),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
@@ -168,37 +198,54 @@ def _read_splits(cfg: ClassifierTrainConfig) -> tuple[list[str], list[str], list
     texts, labels = read_labeled(cfg.train_path, cfg.text_column or None, cfg.label_column or None)
     label_set = sorted(set(labels))
     if len(label_set) < 2:
-        raise UserError(f"{cfg.train_path} has a single class ({label_set[0]!r}); a classifier needs at least two.")
+        raise UserError(
+            f"{cfg.train_path} has a single class ({label_set[0]!r}); a classifier needs at least two."
+        )
     if cfg.val_path:
         val_texts, val_labels = read_labeled(cfg.val_path, cfg.text_column or None, cfg.label_column or None)
         unknown = sorted(set(val_labels) - set(label_set))
         if unknown:
-            raise UserError(f"{cfg.val_path} has label(s) {', '.join(map(repr, unknown))} that do not occur in "
-                            f"{cfg.train_path} (labels there: {', '.join(label_set)}).")
+            raise UserError(
+                f"{cfg.val_path} has label(s) {', '.join(map(repr, unknown))} that do not occur in "
+                f"{cfg.train_path} (labels there: {', '.join(label_set)})."
+            )
         return texts, labels, val_texts, val_labels
     cut = max(1, len(texts) // 10)
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(texts), generator=g).tolist()
-    return ([texts[i] for i in order[cut:]], [labels[i] for i in order[cut:]],
-            [texts[i] for i in order[:cut]], [labels[i] for i in order[:cut]])
+    return (
+        [texts[i] for i in order[cut:]],
+        [labels[i] for i in order[cut:]],
+        [texts[i] for i in order[:cut]],
+        [labels[i] for i in order[:cut]],
+    )
 
 
 def _check_classifier_out(out: Path, resume: bool, overwrite: bool) -> None:
     has_state = (out / STATE_DIR).is_dir() or (out / f"{STATE_DIR}.old").is_dir()
     if resume and not has_state:
-        raise UserError(f"There is no classifier training to resume in {out}; start one without resume.",
-                        settings=("resume",))
+        raise UserError(
+            f"There is no classifier training to resume in {out}; start one without resume.",
+            settings=("resume",),
+        )
     if not resume and (out / "config.json").exists() and not overwrite:
-        raise UserError(f"{out} already holds a model; overwrite it, resume it, or choose another output folder.",
-                        settings=("overwrite", "resume", "out"))
+        raise UserError(
+            f"{out} already holds a model; overwrite it, resume it, or choose another output folder.",
+            settings=("overwrite", "resume", "out"),
+        )
     if not resume and overwrite:
         for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", STATE_DIR):
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
 
-def train_classifier(cfg: ClassifierTrainConfig, overwrite: bool = False, log: Callable[[str], None] = print,
-                     resume: bool = False, on_step: Callable[[int, float], None] | None = None) -> dict:
+def train_classifier(
+    cfg: ClassifierTrainConfig,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+    resume: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict:
     """Train a classifier on cfg.train_path, evaluate on cfg.val_path, keep the best checkpoint.
 
     Runs on the shared training loop: early stopping, a time limit, Ctrl-C with a saved state,
@@ -206,31 +253,71 @@ def train_classifier(cfg: ClassifierTrainConfig, overwrite: bool = False, log: C
     """
     validate_classifier_config(cfg)
     set_threads(0)
-    device = resolve_device(cfg.device)
     out = Path(cfg.out)
     _check_classifier_out(out, resume, overwrite)
+    trainee, schedule, label_set = _classifier_trainee(cfg, resolve_device(cfg.device), out)
+    progress = Progress()
+    if resume:
+        rng, saved = saved_state.load_train_state(out, trainee.model, trainee.optimizers)
+        saved_state.set_rng_state(rng, trainee.source, trainee.device)
+        progress = Progress.from_dict(saved)
+        log(f"Resuming {out} at step {progress.step} (best validation accuracy {progress.best:.4f}).")
+    else:
+        n_params = sum(p.numel() for p in trainee.model.parameters())
+        log(
+            f"Training a {trainee.model.cfg.body} classifier ({n_params / 1e6:.2f}M parameters) on "
+            f"{len(trainee.source.encoded):,} examples, {len(label_set)} labels {label_set}, "
+            f"{schedule.max_steps} steps, device {trainee.device}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=progress.step if resume else None)
+    reporter = Reporter(cfg.progress, schedule.max_steps, progress.step)
+    try:
+        run_loop(trainee, schedule, progress, metrics, reporter, on_step)
+    except TrainingInterrupted as stopped:
+        raise TrainingInterrupted(out, stopped.step, stopped.resumable) from None
+    finally:
+        metrics.close()
+    write_loss_plot(metrics.history, out / "loss.png")
+    stopped = {"max_iters": "epochs"}.get(progress.stopped_because, progress.stopped_because)
+    return {
+        "out": str(out),
+        "steps": progress.step,
+        "best_val_accuracy": progress.best,
+        "stopped_because": stopped,
+        "elapsed_s": progress.elapsed(),
+        "history": metrics.history,
+        "labels": label_set,
+    }
+
+
+def _classifier_trainee(
+    cfg: ClassifierTrainConfig, device: torch.device, out: Path
+) -> tuple[Trainee, Schedule, list[str]]:
+    """The data, model, optimizer, batch source and schedule of a classifier run, for the shared loop."""
     texts, labels, val_texts, val_labels = _read_splits(cfg)
     label_set = sorted(set(labels))
     torch.manual_seed(cfg.seed)
     tokenizer, model, body_config = _build(cfg, texts, len(label_set))
     model.to(device)
-    index = {label: i for i, label in enumerate(label_set)}
     encoded = encode_batch(tokenizer, texts, model.cfg.max_length)
-    counts = Counter(labels)
     weights = None
-    if cfg.class_weights:
+    if cfg.class_weights:  # inverse class frequency
+        counts = Counter(labels)
         weights = torch.tensor([len(labels) / (len(label_set) * counts[c]) for c in label_set], device=device)
     steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     ocfg = OptimConfig(lr=cfg.lr, min_lr=cfg.lr / 10, weight_decay=cfg.weight_decay,
-                       warmup_iters=min(cfg.warmup_iters, total_steps // 10), grad_clip=1.0)
+                       warmup_iters=min(cfg.warmup_iters, total_steps // 10), grad_clip=1.0)  # fmt: skip
     optimizers = build_optimizers(model, ocfg, device)
-    source = ExampleSource(encoded, torch.tensor([index[label] for label in labels]), cfg.batch_size, cfg.seed,
-                           device, weights, lambda: _scores(model, tokenizer, label_set, val_texts, val_labels, device))
-    schedule = Schedule(max_steps=total_steps, eval_interval=cfg.eval_every or steps_per_epoch,
-                        log_interval=cfg.eval_every or steps_per_epoch, grad_clip=ocfg.grad_clip,
+    index = {label: i for i, label in enumerate(label_set)}
+    targets = torch.tensor([index[label] for label in labels])
+    scorer = partial(_scores, model, tokenizer, label_set, val_texts, val_labels, device)
+    source = ExampleSource(encoded, targets, cfg.batch_size, cfg.seed, device, weights, scorer)
+    every = cfg.eval_every or steps_per_epoch
+    schedule = Schedule(max_steps=total_steps, eval_interval=every, log_interval=every, grad_clip=ocfg.grad_clip,
                         patience=cfg.patience, max_time_s=cfg.max_minutes * 60, monitor="val_accuracy",
-                        higher_is_better=True)
+                        higher_is_better=True)  # fmt: skip
 
     def set_step_lr(step: int) -> float:
         lr = lr_at(step, ocfg, total_steps)
@@ -238,38 +325,19 @@ def train_classifier(cfg: ClassifierTrainConfig, overwrite: bool = False, log: C
         return lr
 
     def save_best(p: Progress) -> None:
-        save_classifier(out, model, tokenizer, label_set, body_config,
-                        {"step": p.step, "val_accuracy": p.scores["val_accuracy"],
-                         "val_macro_f1": p.scores["val_macro_f1"], "train_path": cfg.train_path})
+        scores = {"val_accuracy": p.scores["val_accuracy"], "val_macro_f1": p.scores["val_macro_f1"]}
+        info = {"step": p.step, **scores, "train_path": cfg.train_path}
+        save_classifier(out, model, tokenizer, label_set, body_config, info)
 
     def save_state(p: Progress) -> None:
-        saved_state.save_train_state(out, model, optimizers, saved_state.rng_state(source, device),
-                                     {**p.to_dict(), "config": dataclasses.asdict(cfg)})
+        rng = saved_state.rng_state(source, device)
+        saved_state.save_train_state(
+            out, model, optimizers, rng, {**p.to_dict(), "config": dataclasses.asdict(cfg)}
+        )
 
     trainee = Trainee(model=model, forward=model, optimizers=optimizers, source=source, set_lr=set_step_lr,
-                      save_best=save_best, save_state=save_state, device=device)
-    progress = Progress()
-    if resume:
-        rng, saved = saved_state.load_train_state(out, model, optimizers)
-        saved_state.set_rng_state(rng, source, device)
-        progress = Progress.from_dict(saved)
-        log(f"Resuming {out} at step {progress.step} (best validation accuracy {progress.best:.4f}).")
-    else:
-        n_params = sum(p.numel() for p in model.parameters())
-        log(f"Training a {model.cfg.body} classifier ({n_params / 1e6:.2f}M parameters) on {len(encoded):,} "
-            f"examples, {len(label_set)} labels {label_set}, {total_steps} steps, device {device}")
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=progress.step if resume else None)
-    try:
-        run_loop(trainee, schedule, progress, metrics, Reporter(cfg.progress, total_steps, progress.step), on_step)
-    except TrainingInterrupted as stopped:
-        raise TrainingInterrupted(out, stopped.step, stopped.resumable) from None
-    finally:
-        metrics.close()
-    write_loss_plot(metrics.history, out / "loss.png")
-    stopped = {"max_iters": "epochs"}.get(progress.stopped_because, progress.stopped_because)
-    return {"out": str(out), "steps": progress.step, "best_val_accuracy": progress.best, "stopped_because": stopped,
-            "elapsed_s": progress.elapsed(), "history": metrics.history, "labels": label_set}
+                      save_best=save_best, save_state=save_state, device=device)  # fmt: skip
+    return trainee, schedule, label_set
 
 
 def _scores(model, tokenizer, label_set, texts, gold, device) -> dict[str, float]:
@@ -286,24 +354,43 @@ def validate_classifier_config(cfg: ClassifierTrainConfig) -> None:
         (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay must be at least 0"),
         (cfg.warmup_iters >= 0 and cfg.eval_every >= 0, "warmup_iters and eval_every must be at least 0"),
         (cfg.patience >= 0, "patience must be at least 0 (0 = off)"),
-        (math.isfinite(cfg.max_minutes) and cfg.max_minutes >= 0, "max_minutes must be at least 0 (0 = no limit)"),
+        (
+            math.isfinite(cfg.max_minutes) and cfg.max_minutes >= 0,
+            "max_minutes must be at least 0 (0 = no limit)",
+        ),
         (cfg.vocab_size >= 2, "vocab_size must be at least 2"),
         (cfg.model.max_length >= 1, "model.max_length must be at least 1"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (cfg.model.n_embd >= 1 and cfg.model.n_layer >= 1 and cfg.model.hidden_size >= 1,
-         "model.n_embd, model.n_layer and model.hidden_size must be at least 1"),
+        (
+            cfg.model.n_embd >= 1 and cfg.model.n_layer >= 1 and cfg.model.hidden_size >= 1,
+            "model.n_embd, model.n_layer and model.hidden_size must be at least 1",
+        ),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(f"Classifier setting {message}.")
 
 
-def save_classifier(out: Path, model: TextClassifier, tokenizer: TextTokenizer, labels: list[str],
-                    body_config: ModelConfig | None, info: dict) -> None:
-    write_checkpoint(out, unique_state_dict(model), tokenizer, {
-        "task": TASK, "classifier": dataclasses.asdict(model.cfg), "labels": labels,
-        "body": dataclasses.asdict(body_config) if body_config is not None else None, **info,
-    })
+def save_classifier(
+    out: Path,
+    model: TextClassifier,
+    tokenizer: TextTokenizer,
+    labels: list[str],
+    body_config: ModelConfig | None,
+    info: dict,
+) -> None:
+    write_checkpoint(
+        out,
+        unique_state_dict(model),
+        tokenizer,
+        {
+            "task": TASK,
+            "classifier": dataclasses.asdict(model.cfg),
+            "labels": labels,
+            "body": dataclasses.asdict(body_config) if body_config is not None else None,
+            **info,
+        },
+    )
 
 
 def is_classifier(path: str | Path) -> bool:
@@ -316,7 +403,9 @@ def is_classifier(path: str | Path) -> bool:
 def load_classifier(path: str | Path, device: str = "cpu") -> tuple[TextClassifier, TextTokenizer, list[str]]:
     checkpoint = open_checkpoint(path)
     if not checkpoint.is_classifier:
-        raise UserError(f"{path} is a language model, not a classifier; train one with `lmforge train-classifier`.")
+        raise UserError(
+            f"{path} is a language model, not a classifier; train one with `lmforge train-classifier`."
+        )
     data = checkpoint.metadata
     mcfg = ClassifierConfig(**data["classifier"])
     labels = data["labels"]

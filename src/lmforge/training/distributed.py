@@ -95,8 +95,10 @@ def from_environment(device_name: str) -> Distributed:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     if device_name.startswith("cuda:"):
-        raise UserError("Under torchrun each process takes the GPU of its LOCAL_RANK; set the device to cuda.",
-                        settings=("device",))
+        raise UserError(
+            "Under torchrun each process takes the GPU of its LOCAL_RANK; set the device to cuda.",
+            settings=("device",),
+        )
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
     started = False
     if not dist.is_initialized():

@@ -65,13 +65,21 @@ class Progress:
         return self.elapsed_before + time.perf_counter() - self.started
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "best_val_loss": self.best, "bad_evals": self.bad_evals,
-                "elapsed_s": self.elapsed()}
+        return {
+            "step": self.step,
+            "best_val_loss": self.best,
+            "bad_evals": self.bad_evals,
+            "elapsed_s": self.elapsed(),
+        }
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Progress:
-        return cls(step=saved["step"], best=saved["best_val_loss"], bad_evals=saved["bad_evals"],
-                   elapsed_before=saved["elapsed_s"])
+        return cls(
+            step=saved["step"],
+            best=saved["best_val_loss"],
+            bad_evals=saved["bad_evals"],
+            elapsed_before=saved["elapsed_s"],
+        )
 
 
 @dataclass
@@ -121,9 +129,11 @@ def evaluate(t: Trainee, s: Schedule, p: Progress) -> dict[str, float]:
     scores = t.source.validation_score(t.evaluator or t.forward, t.dtype)
     value = scores[s.monitor]
     if not math.isfinite(value):
-        raise UserError(f"Training diverged: {s.monitor} is {value} at step {p.step}; lower the learning "
-                        f"rate (optim.lr) or set optim.grad_clip. The last good state is kept.",
-                        settings=("optim.lr", "optim.grad_clip"))
+        raise UserError(
+            f"Training diverged: {s.monitor} is {value} at step {p.step}; lower the learning "
+            f"rate (optim.lr) or set optim.grad_clip. The last good state is kept.",
+            settings=("optim.lr", "optim.grad_clip"),
+        )
     p.scores = scores
     better = math.isnan(p.best) or (value > p.best if s.higher_is_better else value < p.best)
     if better:
@@ -164,14 +174,22 @@ class _Window:
             record["train_loss"] = round(t.dist.mean(self.loss).item() / self.steps, 5)  # one sync per record
         record["lr"] = lr
         if s.tokens_per_step and self.steps:
-            record["tokens_per_s"] = round(self.steps * s.tokens_per_step / (time.perf_counter() - self.start), 1)
+            record["tokens_per_s"] = round(
+                self.steps * s.tokens_per_step / (time.perf_counter() - self.start), 1
+            )
         self.loss.zero_()
         self.steps, self.start = 0, time.perf_counter()
         return record
 
 
-def run_loop(t: Trainee, s: Schedule, p: Progress, metrics: MetricsLog, reporter: Reporter,
-             on_step: Callable[[int, float], None] | None = None) -> Progress:
+def run_loop(
+    t: Trainee,
+    s: Schedule,
+    p: Progress,
+    metrics: MetricsLog,
+    reporter: Reporter,
+    on_step: Callable[[int, float], None] | None = None,
+) -> Progress:
     """Train from `p.step` to `s.max_steps` (or an earlier stop); returns the final progress.
 
     `on_step(step, loss)` is called after each step (tests use it to simulate interruptions).
@@ -217,7 +235,9 @@ def run_loop(t: Trainee, s: Schedule, p: Progress, metrics: MetricsLog, reporter
             reporter.close()
             if window.steps and p.step % s.log_interval == 0 and metrics.last_step != p.step:
                 # Stopped between a step and its record (a second Ctrl-C): log what the step measured.
-                metrics.log({**window.record(t, s, p, t.set_lr(p.step - 1)), "elapsed_s": round(p.elapsed(), 3)})
+                metrics.log(
+                    {**window.record(t, s, p, t.set_lr(p.step - 1)), "elapsed_s": round(p.elapsed(), 3)}
+                )
             resumable = t.save_state is not None and not t.dist.active
             if resumable:  # (several processes cannot agree on a save here: the last evaluation's stands)
                 t.save_state(p)

@@ -22,8 +22,13 @@ from lmforge.errors import UserError
 
 # Hugging Face module names and what they are called in lmforge's GPT.
 HF_NAMES = {
-    "q_proj": "attn.c_attn", "k_proj": "attn.c_attn", "v_proj": "attn.c_attn", "o_proj": "attn.c_proj",
-    "gate_proj": "mlp.c_gate", "up_proj": "mlp.c_fc", "down_proj": "mlp.c_proj",
+    "q_proj": "attn.c_attn",
+    "k_proj": "attn.c_attn",
+    "v_proj": "attn.c_attn",
+    "o_proj": "attn.c_proj",
+    "gate_proj": "mlp.c_gate",
+    "up_proj": "mlp.c_fc",
+    "down_proj": "mlp.c_proj",
 }
 
 
@@ -31,8 +36,13 @@ class LoRALinear(nn.Linear):
     """An nn.Linear (same weight and bias names) plus a trainable low-rank update."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
-                         device="meta", dtype=base.weight.dtype)  # no second copy of W
+        super().__init__(
+            base.in_features,
+            base.out_features,
+            bias=base.bias is not None,
+            device="meta",
+            dtype=base.weight.dtype,
+        )  # no second copy of W
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
@@ -69,13 +79,21 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
     suffixes = parse_targets(targets)
     for p in model.parameters():
         p.requires_grad_(False)
-    chosen = [(name, module) for name, module in model.named_modules()
-              if isinstance(module, nn.Linear) and name != "lm_head"
-              and any(name == s or name.endswith("." + s) for s in suffixes)]
+    chosen = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and name != "lm_head"
+        and any(name == s or name.endswith("." + s) for s in suffixes)
+    ]
     if not chosen:
-        linear = sorted({name.split(".", 2)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise UserError(f"finetune.lora_targets {targets!r} matches no layer of this model; "
-                        f"its linear layers are: {', '.join(linear)}.")
+        linear = sorted(
+            {name.split(".", 2)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        )
+        raise UserError(
+            f"finetune.lora_targets {targets!r} matches no layer of this model; "
+            f"its linear layers are: {', '.join(linear)}."
+        )
     for name, module in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -105,8 +123,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight and turn LoRALinear back into nn.Linear (in place)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
-            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                              device="meta", dtype=module.weight.dtype)
+            plain = nn.Linear(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                device="meta",
+                dtype=module.weight.dtype,
+            )
             plain.weight = nn.Parameter(module.merged_weight().detach(), requires_grad=False)
             plain.bias = module.bias
             parent_name, _, child = name.rpartition(".")
@@ -123,8 +146,10 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
 
     file = Path(path) / "adapter.safetensors" if Path(path).is_dir() else Path(path)
     if not file.is_file():
-        raise UserError(f"No LoRA adapter at {path}: pass the adapter.safetensors that "
-                        "a LoRA fine-tuning run (finetune.lora_rank > 0) wrote, or its folder.")
+        raise UserError(
+            f"No LoRA adapter at {path}: pass the adapter.safetensors that "
+            "a LoRA fine-tuning run (finetune.lora_rank > 0) wrote, or its folder."
+        )
     try:
         with safe_open(str(file), framework="pt") as f:
             meta = f.metadata() or {}
@@ -132,8 +157,10 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     except (SafetensorError, OSError) as e:
         raise UserError(f"{file} is not a readable safetensors file ({e}).") from None
     if not {"rank", "alpha", "targets"} <= meta.keys() or not tensors:
-        raise UserError(f"{file} is not an lmforge LoRA adapter (no rank/alpha/targets metadata); "
-                        "use the adapter.safetensors that `lmforge finetune` writes.")
+        raise UserError(
+            f"{file} is not an lmforge LoRA adapter (no rank/alpha/targets metadata); "
+            "use the adapter.safetensors that `lmforge finetune` writes."
+        )
     base = meta.get("base") or "its base model"
     try:
         apply_lora(model, int(meta["rank"]), float(meta["alpha"]), 0.0, meta["targets"])

@@ -93,8 +93,15 @@ class Reporter:
         from tqdm import tqdm
 
         self.enabled = enabled
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True,
-                        file=sys.stderr, unit="step", leave=False)
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            disable=not enabled,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            unit="step",
+            leave=False,
+        )
 
     def step(self, record: dict[str, Any] | None) -> None:
         if record is not None:

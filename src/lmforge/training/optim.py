@@ -58,10 +58,18 @@ def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz, for 2-D hidden weight matrices."""
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = 5, weight_decay: float = 0.0):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        weight_decay=weight_decay)
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        weight_decay: float = 0.0,
+    ):
+        defaults = dict(
+            lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -98,18 +106,20 @@ def layer_depth(name: str, n_layer: int) -> int:
     return n_layer + 1
 
 
-def _groups(params: list[tuple[str, nn.Parameter]], weight_decay: float, lr: float,
-            scale_of) -> list[dict]:
+def _groups(params: list[tuple[str, nn.Parameter]], weight_decay: float, lr: float, scale_of) -> list[dict]:
     """Param groups of one kind, split by learning-rate scale (layer-wise decay)."""
     by_scale: dict[float, list[nn.Parameter]] = {}
     for name, p in params:
         by_scale.setdefault(scale_of(name), []).append(p)
-    return [{"params": ps, "weight_decay": weight_decay, "base_lr": lr * scale}
-            for scale, ps in sorted(by_scale.items(), reverse=True)]
+    return [
+        {"params": ps, "weight_decay": weight_decay, "base_lr": lr * scale}
+        for scale, ps in sorted(by_scale.items(), reverse=True)
+    ]
 
 
-def build_optimizers(model: nn.Module, cfg: OptimConfig, device: torch.device,
-                     layer_lr_decay: float = 1.0) -> list[torch.optim.Optimizer]:
+def build_optimizers(
+    model: nn.Module, cfg: OptimConfig, device: torch.device, layer_lr_decay: float = 1.0
+) -> list[torch.optim.Optimizer]:
     """The optimizers for the trainable parameters; each param group carries `base_lr` for the schedule.
 
     `layer_lr_decay` < 1 gives block i of n the rate lr × decay^(n - i), embeddings the lowest.
@@ -131,13 +141,20 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, device: torch.device,
     if cfg.optimizer == "muon":
         hidden = [p for _, p in matrices if id(p) not in embedding_ids]
         rest = [(n, p) for n, p in matrices if id(p) in embedding_ids]
-        adam = _adamw(_groups(rest, cfg.weight_decay, cfg.lr, scale_of)
-                      + _groups(others, 0.0, cfg.lr, scale_of), cfg, device)
-        muon = Muon([{"params": hidden, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr,
-                    momentum=cfg.muon_momentum)
+        adam = _adamw(
+            _groups(rest, cfg.weight_decay, cfg.lr, scale_of) + _groups(others, 0.0, cfg.lr, scale_of),
+            cfg,
+            device,
+        )
+        muon = Muon([{"params": hidden, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr, momentum=cfg.muon_momentum)
         return [adam, muon]
-    return [_adamw(_groups(matrices, cfg.weight_decay, cfg.lr, scale_of)
-                   + _groups(others, 0.0, cfg.lr, scale_of), cfg, device)]
+    return [
+        _adamw(
+            _groups(matrices, cfg.weight_decay, cfg.lr, scale_of) + _groups(others, 0.0, cfg.lr, scale_of),
+            cfg,
+            device,
+        )
+    ]
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], lr: float, cfg: OptimConfig) -> None:

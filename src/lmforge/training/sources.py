@@ -42,9 +42,18 @@ class BatchSource(Protocol):
 class WindowSource:
     """Random training windows; validation on fixed, evenly spaced windows."""
 
-    def __init__(self, train: np.ndarray, val: np.ndarray, window: int, batch_size: int, eval_batches: int,
-                 seed: int, device: torch.device, train_mask: np.ndarray | None = None,
-                 val_mask: np.ndarray | None = None):
+    def __init__(
+        self,
+        train: np.ndarray,
+        val: np.ndarray,
+        window: int,
+        batch_size: int,
+        eval_batches: int,
+        seed: int,
+        device: torch.device,
+        train_mask: np.ndarray | None = None,
+        val_mask: np.ndarray | None = None,
+    ):
         self.sampler = RandomWindows(train, window, batch_size, seed, device, train_mask)
         self.val, self.val_mask = val, val_mask
         self.val_starts = fixed_windows(val, window, eval_batches * batch_size)
@@ -57,8 +66,18 @@ class WindowSource:
         return model(*batch)[1]
 
     def validation_score(self, model: nn.Module, dtype: torch.dtype) -> dict[str, float]:
-        return {"val_loss": window_loss(model, self.val, self.val_starts, self.window, self.batch_size,
-                                        self.device, dtype, self.val_mask)}
+        return {
+            "val_loss": window_loss(
+                model,
+                self.val,
+                self.val_starts,
+                self.window,
+                self.batch_size,
+                self.device,
+                dtype,
+                self.val_mask,
+            )
+        }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.sampler.state_dict()
@@ -70,7 +89,9 @@ class WindowSource:
 class StreamSource:
     """Contiguous streams for a recurrent model, its hidden state carried between batches."""
 
-    def __init__(self, train: np.ndarray, val: np.ndarray, window: int, batch_size: int, device: torch.device):
+    def __init__(
+        self, train: np.ndarray, val: np.ndarray, window: int, batch_size: int, device: torch.device
+    ):
         self.streams = ContiguousStreams(train, window, batch_size, device)
         self.val, self.window, self.batch_size, self.device = val, window, batch_size, device
         self.carry: tuple[torch.Tensor, ...] | None = None
@@ -104,15 +125,23 @@ class StreamSource:
 
 
 @torch.no_grad()
-def window_loss(model: nn.Module, tokens, starts, length: int, batch_size: int, device: torch.device,
-                dtype: torch.dtype, mask=None) -> float:
+def window_loss(
+    model: nn.Module,
+    tokens,
+    starts,
+    length: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    mask=None,
+) -> float:
     """Mean next-token loss over fixed windows (every scored token weighs the same)."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
     for i in range(0, len(starts), batch_size):
-        x, y = windows_to_tensors(tokens, starts[i:i + batch_size], length, device, mask)
+        x, y = windows_to_tensors(tokens, starts[i : i + batch_size], length, device, mask)
         scored = (y != IGNORE).sum()
         if mask is not None and scored.item() == 0:
             continue
@@ -125,8 +154,9 @@ def window_loss(model: nn.Module, tokens, starts, length: int, batch_size: int, 
 
 
 @torch.no_grad()
-def stream_loss(model: nn.Module, tokens, length: int, batch_size: int, device: torch.device,
-                dtype: torch.dtype) -> float:
+def stream_loss(
+    model: nn.Module, tokens, length: int, batch_size: int, device: torch.device, dtype: torch.dtype
+) -> float:
     """Mean loss of a recurrent model over the whole split, carrying its state window to window."""
     was_training = model.training
     model.eval()

@@ -27,6 +27,7 @@ from lmforge.weights import load_weights, read_tensors, save_weights
 
 STATE_DIR = "train_state"
 
+
 def _flatten_optimizers(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list]:
     tensors: dict[str, torch.Tensor] = {}
     described = []
@@ -48,7 +49,7 @@ def _unflatten_optimizer(i: int, tensors: dict[str, torch.Tensor], described: di
     prefix = f"opt{i}."
     for name, tensor in tensors.items():
         if name.startswith(prefix):
-            index, key = name[len(prefix):].split(".", 1)
+            index, key = name[len(prefix) :].split(".", 1)
             state.setdefault(int(index), {})[key] = tensor
     for index, values in described["scalars"].items():
         state.setdefault(int(index), {}).update(values)
@@ -93,14 +94,17 @@ def load_train_state(
     if not all((folder / n).is_file() for n in needed):
         raise UserError(
             f"{out} has no complete training state to resume from; start again with overwrite.",
-            settings=("overwrite",))
+            settings=("overwrite",),
+        )
     load_weights(folder / "model.safetensors", model)
     try:
         tensors = read_tensors(folder / "state.safetensors")
         progress = json.loads((folder / "state.json").read_text("utf-8"))
     except (UserError, OSError, ValueError) as e:
-        raise UserError(f"The training state in {folder} is corrupt ({e}); start again with overwrite.",
-                        settings=("overwrite",)) from None
+        raise UserError(
+            f"The training state in {folder} is corrupt ({e}); start again with overwrite.",
+            settings=("overwrite",),
+        ) from None
     described = progress.pop("optimizers")
     if len(described) != len(optimizers):
         raise UserError(f"The training state in {folder} was made with another optimizer setting.")
@@ -122,4 +126,4 @@ def set_rng_state(rng: dict[str, torch.Tensor], source, device: torch.device) ->
     torch.set_rng_state(rng["torch"])
     if device.type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], device)
-    source.load_state_dict({k[len("source."):]: v for k, v in rng.items() if k.startswith("source.")})
+    source.load_state_dict({k[len("source.") :]: v for k, v in rng.items() if k.startswith("source.")})

@@ -40,8 +40,16 @@ from lmforge.training.optim import build_optimizers, lr_at, set_lr
 from lmforge.training.sources import BatchSource, StreamSource, WindowSource
 
 STATE_DIR = saved_state.STATE_DIR
-RUN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png",
-             "adapter.safetensors", STATE_DIR, f"{STATE_DIR}.old")
+RUN_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "metrics.jsonl",
+    "loss.png",
+    "adapter.safetensors",
+    STATE_DIR,
+    f"{STATE_DIR}.old",
+)
 
 
 @dataclass
@@ -102,11 +110,18 @@ def train(
     try:
         run = _setup(config, resume, overwrite, log if dist.main else (lambda _: None), dist)
         tc = config.train
-        metrics = MetricsLog(run.out / "metrics.jsonl", keep_until_step=run.progress.step if resume else None,
-                             write=dist.main)
+        metrics = MetricsLog(
+            run.out / "metrics.jsonl", keep_until_step=run.progress.step if resume else None, write=dist.main
+        )
         try:
-            progress = run_loop(_trainee(run), _schedule(run), run.progress, metrics,
-                                Reporter(tc.progress and dist.main, tc.max_iters, run.progress.step), on_step)
+            progress = run_loop(
+                _trainee(run),
+                _schedule(run),
+                run.progress,
+                metrics,
+                Reporter(tc.progress and dist.main, tc.max_iters, run.progress.step),
+                on_step,
+            )
         except TrainingInterrupted as stopped:
             metrics.close()
             if dist.main:
@@ -123,8 +138,9 @@ def train(
 # ---- setup ----------------------------------------------------------------------------------
 
 
-def _setup(config: Config, resume: bool, overwrite: bool, log: Callable[[str], None],
-           dist: Distributed) -> _Run:
+def _setup(
+    config: Config, resume: bool, overwrite: bool, log: Callable[[str], None], dist: Distributed
+) -> _Run:
     threads = config.train.threads
     if dist.active and threads == 0:  # the processes of one machine share its cores
         threads = max(1, physical_cores() // dist.local_world_size)
@@ -132,8 +148,14 @@ def _setup(config: Config, resume: bool, overwrite: bool, log: Callable[[str], N
     device = resolve_device(config.train.device)
     if dist.active and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
-    run = _Run(config, Path(config.train.out or f"out/{config.name}"), device,
-               resolve_dtype(config.train.dtype, device), dist, log)
+    run = _Run(
+        config,
+        Path(config.train.out or f"out/{config.name}"),
+        device,
+        resolve_dtype(config.train.dtype, device),
+        dist,
+        log,
+    )
     if dist.main:
         _check_out_dir(run.out, resume, overwrite)
     dist.barrier()
@@ -145,7 +167,9 @@ def _setup(config: Config, resume: bool, overwrite: bool, log: Callable[[str], N
         run.info["finetuned_from"] = config.finetune.init_from
         # Chat and serving format prompts the way the replies were trained.
         instructions = run.data.mask("train") is not None
-        run.info["chat_template"] = (config.data.chat_template or DEFAULT_CHAT_TEMPLATE) if instructions else base[1]
+        run.info["chat_template"] = (
+            (config.data.chat_template or DEFAULT_CHAT_TEMPLATE) if instructions else base[1]
+        )
     if resume:
         _check_resume_config(run.out, config)
     torch.manual_seed(config.train.seed)
@@ -175,7 +199,8 @@ def _prepare_data(run: _Run) -> None:
         raise UserError(
             f"The tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {m.vocab_size}; "
             f"set model.vocab_size to {tokenizer.vocab_size} (or 0 to follow the tokenizer).",
-            settings=("model.vocab_size",))
+            settings=("model.vocab_size",),
+        )
     ft = config.finetune
     run.window = min(ft.seq_len, m.block_size) if ft.init_from else m.block_size
     _check_lengths(run.data, len(run.data.tokens("train")), len(run.data.tokens("val")), run.window)
@@ -204,11 +229,22 @@ def _make_source(run: _Run) -> BatchSource:
     train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
     train_mask = data.mask("train")  # instruction data: loss on the replies only
     if not getattr(run.model, "stateful", False):
-        return WindowSource(train_tokens, val_tokens, run.window, tc.batch_size, tc.eval_batches,
-                            tc.seed + dist.rank, run.device, train_mask, data.mask("val"))
+        return WindowSource(
+            train_tokens,
+            val_tokens,
+            run.window,
+            tc.batch_size,
+            tc.eval_batches,
+            tc.seed + dist.rank,
+            run.device,
+            train_mask,
+            data.mask("val"),
+        )
     if train_mask is not None:
-        raise UserError("Instruction (prompt/response) data needs a Transformer; recurrent models train on "
-                        "plain text only.")
+        raise UserError(
+            "Instruction (prompt/response) data needs a Transformer; recurrent models train on "
+            "plain text only."
+        )
     if (len(train_tokens) - 1) // tc.batch_size < run.window:
         raise UserError(
             f"The training split has {len(train_tokens)} tokens: too few for {tc.batch_size} streams of at "
@@ -216,7 +252,7 @@ def _make_source(run: _Run) -> BatchSource:
         )
     if dist.active:  # each rank reads its own slice of the text as its streams
         share = len(train_tokens) // dist.world_size
-        train_tokens = train_tokens[dist.rank * share:(dist.rank + 1) * share]
+        train_tokens = train_tokens[dist.rank * share : (dist.rank + 1) * share]
     return StreamSource(train_tokens, val_tokens, run.window, tc.batch_size, run.device)
 
 
@@ -234,7 +270,9 @@ def _load_base(config: Config, log: Callable[[str], None]) -> tuple[nn.Module, s
     base = open_checkpoint(source)
     model, tokenizer = base.load()
     config.model = dataclasses.replace(base.config.model, dropout=config.model.dropout)
-    if config.model.dropout != base.config.model.dropout:  # same weights, in a model built with the new dropout
+    if (
+        config.model.dropout != base.config.model.dropout
+    ):  # same weights, in a model built with the new dropout
         rebuilt = build_model(config.model)
         rebuilt.load_state_dict(model.state_dict())
         model = rebuilt
@@ -253,16 +291,22 @@ def _load_base(config: Config, log: Callable[[str], None]) -> tuple[nn.Module, s
 
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise UserError(f"The output folder {out} is a file; choose another train.out.", settings=("train.out",))
+        raise UserError(
+            f"The output folder {out} is a file; choose another train.out.", settings=("train.out",)
+        )
     holds_run = (out / "config.json").exists() or (out / STATE_DIR).exists()
     if resume:
         if not holds_run:
-            raise UserError(f"There is no run to resume in {out}; start one without resume.", settings=("resume",))
+            raise UserError(
+                f"There is no run to resume in {out}; start one without resume.", settings=("resume",)
+            )
         return
     if holds_run and not overwrite:
         raise UserError(
             f"{out} already holds a training run; resume it, overwrite it, or choose another output folder "
-            f"(train.out).", settings=("resume", "overwrite", "train.out"))
+            f"(train.out).",
+            settings=("resume", "overwrite", "train.out"),
+        )
     if holds_run:
         for name in RUN_FILES:
             target = out / name
@@ -280,7 +324,9 @@ def _check_resume_config(out: Path, config: Config) -> None:
     try:
         saved = json.loads(state.read_text("utf-8"))["config"]
     except (OSError, ValueError, KeyError):
-        raise UserError(f"{out} has no readable training state to resume; overwrite it to start again.") from None
+        raise UserError(
+            f"{out} has no readable training state to resume; overwrite it to start again."
+        ) from None
     now = config.to_dict()
     for section in ("model", "data"):
         if saved[section] != now[section]:
@@ -298,7 +344,9 @@ def _check_lengths(data: PreparedData, n_train: int, n_val: int, block_size: int
             raise UserError(
                 f"The {split} split of {data.meta['sources'][0]['path'] if data.meta['sources'] else data.dir} "
                 f"has {n} tokens, fewer than one training window ({need} tokens for context "
-                f"{block_size}); use a longer text or a smaller model.block_size.", settings=("model.block_size",))
+                f"{block_size}); use a longer text or a smaller model.block_size.",
+                settings=("model.block_size",),
+            )
 
 
 # ---- the loop's parts ------------------------------------------------------------------------
@@ -306,15 +354,25 @@ def _check_lengths(data: PreparedData, n_train: int, n_val: int, block_size: int
 
 def _schedule(run: _Run) -> Schedule:
     tc, o = run.config.train, run.config.optim
-    return Schedule(max_steps=tc.max_iters, eval_interval=tc.eval_interval, log_interval=tc.log_interval,
-                    grad_accum=tc.grad_accum, grad_clip=o.grad_clip, patience=tc.patience, target=tc.target_loss,
-                    max_time_s=tc.max_time_s, eval_at_start=tc.eval_at_start,
-                    tokens_per_step=tc.batch_size * tc.grad_accum * run.window * run.dist.world_size)
+    return Schedule(
+        max_steps=tc.max_iters,
+        eval_interval=tc.eval_interval,
+        log_interval=tc.log_interval,
+        grad_accum=tc.grad_accum,
+        grad_clip=o.grad_clip,
+        patience=tc.patience,
+        target=tc.target_loss,
+        max_time_s=tc.max_time_s,
+        eval_at_start=tc.eval_at_start,
+        tokens_per_step=tc.batch_size * tc.grad_accum * run.window * run.dist.world_size,
+    )
 
 
 def _trainee(run: _Run) -> Trainee:
     config, dist = run.config, run.dist
-    wrapped = dist.wrap(run.model, run.device)  # DistributedDataParallel under torchrun, else the model itself
+    wrapped = dist.wrap(
+        run.model, run.device
+    )  # DistributedDataParallel under torchrun, else the model itself
     compiled = torch.compile(wrapped) if config.train.compile else wrapped
 
     def set_step_lr(step: int) -> float:
@@ -323,15 +381,32 @@ def _trainee(run: _Run) -> Trainee:
         return lr
 
     def save_best(progress: Progress) -> None:
-        info = {**run.info, "step": progress.step, "val_loss": progress.best, "world_size": dist.world_size,
-                "tokenizer": run.tokenizer.kind, "vocab_size": run.tokenizer.vocab_size, "data": str(run.data.dir)}
+        info = {
+            **run.info,
+            "step": progress.step,
+            "val_loss": progress.best,
+            "world_size": dist.world_size,
+            "tokenizer": run.tokenizer.kind,
+            "vocab_size": run.tokenizer.vocab_size,
+            "data": str(run.data.dir),
+        }
         save_checkpoint(run.out, run.model, config, run.tokenizer, info)
 
-    return Trainee(model=run.model, forward=compiled, optimizers=run.optimizers, source=run.source,
-                   set_lr=set_step_lr, save_best=save_best, save_state=lambda p: _save_state(run, p),
-                   device=run.device, dtype=run.dtype, dist=dist, ddp=wrapped,
-                   # Every rank scores the same windows with the same weights, so all decide alike.
-                   evaluator=run.model if dist.active else compiled)
+    return Trainee(
+        model=run.model,
+        forward=compiled,
+        optimizers=run.optimizers,
+        source=run.source,
+        set_lr=set_step_lr,
+        save_best=save_best,
+        save_state=lambda p: _save_state(run, p),
+        device=run.device,
+        dtype=run.dtype,
+        dist=dist,
+        ddp=wrapped,
+        # Every rank scores the same windows with the same weights, so all decide alike.
+        evaluator=run.model if dist.active else compiled,
+    )
 
 
 def _save_state(run: _Run, progress: Progress) -> None:
@@ -351,11 +426,13 @@ def _restore(run: _Run) -> None:
     dist = run.dist
     saved_world = saved.get("world_size", 1)
     if saved_world != dist.world_size:
-        raise UserError(f"{run.out} was trained with {saved_world} process(es); resume it with the same number "
-                        f"(now {dist.world_size}) so that it continues exactly.")
+        raise UserError(
+            f"{run.out} was trained with {saved_world} process(es); resume it with the same number "
+            f"(now {dist.world_size}) so that it continues exactly."
+        )
     if dist.active:
         prefix = f"rank{dist.rank}."
-        rng = {k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)}
+        rng = {k[len(prefix) :]: v for k, v in rng.items() if k.startswith(prefix)}
     saved_state.set_rng_state(rng, run.source, run.device)
     run.progress = Progress.from_dict(saved)
     run.saved_step = run.progress.step
@@ -369,14 +446,25 @@ def _finish(run: _Run, progress: Progress, metrics: MetricsLog) -> TrainResult:
     dist, tc = run.dist, run.config.train
     full_val = math.nan
     val_tokens = run.data.tokens("val")
-    if (tc.final_full_eval and metrics.history and len(val_tokens) <= 5_000_000 and run.data.mask("val") is None
-            and dist.main):
+    if (
+        tc.final_full_eval
+        and metrics.history
+        and len(val_tokens) <= 5_000_000
+        and run.data.mask("val") is None
+        and dist.main
+    ):
         # The whole validation split, scored exactly as `lmforge eval DIR` scores it.
         from lmforge.evaluation.perplexity import evaluate_ids
 
         stateful = getattr(run.model, "stateful", False)
-        full_val = evaluate_ids(run.model.eval(), run.tokenizer, val_tokens.tolist(),
-                                context=None if stateful else run.window, batch_size=32, device=run.device).loss
+        full_val = evaluate_ids(
+            run.model.eval(),
+            run.tokenizer,
+            val_tokens.tolist(),
+            context=None if stateful else run.window,
+            batch_size=32,
+            device=run.device,
+        ).loss
         run.model.train()
         metrics.history[-1]["val_loss_full"] = round(full_val, 5)
         metrics.rewrite()
@@ -394,12 +482,19 @@ def _finish(run: _Run, progress: Progress, metrics: MetricsLog) -> TrainResult:
         sample = sample_text(best, run.tokenizer, "", tc.sample_tokens, seed=tc.seed)
     speeds = [r["tokens_per_s"] for r in metrics.history if "tokens_per_s" in r]
     result = TrainResult(
-        out=run.out, step=progress.step, best_val_loss=progress.best,
-        final_val_loss=progress.scores.get("val_loss", math.nan), elapsed_s=progress.elapsed(),
-        tokens_per_s=sum(speeds) / max(1, len(speeds)), history=metrics.history, sample=sample,
-        stopped_because=progress.stopped_because, full_val_loss=full_val,
+        out=run.out,
+        step=progress.step,
+        best_val_loss=progress.best,
+        final_val_loss=progress.scores.get("val_loss", math.nan),
+        elapsed_s=progress.elapsed(),
+        tokens_per_s=sum(speeds) / max(1, len(speeds)),
+        history=metrics.history,
+        sample=sample,
+        stopped_because=progress.stopped_because,
+        full_val_loss=full_val,
         trainable_params=sum(p.numel() for p in run.model.parameters() if p.requires_grad),
-        optimizer_state_bytes=optimizer_state_bytes(run.optimizers), peak_memory_bytes=peak_memory(run.device),
+        optimizer_state_bytes=optimizer_state_bytes(run.optimizers),
+        peak_memory_bytes=peak_memory(run.device),
     )
     dist.barrier()  # nobody leaves (and ends the process group) while rank 0 still writes
     return result
@@ -414,16 +509,23 @@ def peak_memory(device: torch.device) -> int:
 
 
 def optimizer_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
-    return sum(t.numel() * t.element_size() for opt in optimizers for state in opt.state.values()
-               for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
+    return sum(
+        t.numel() * t.element_size()
+        for opt in optimizers
+        for state in opt.state.values()
+        for t in state.values()
+        if torch.is_tensor(t) and t.dim() > 0
+    )
 
 
 def _describe(run: _Run) -> str:
     m, data = run.config.model, run.data
     n = sum(p.numel() for p in run.model.parameters())
-    return (f"{m.arch} {n / 1e6:.2f}M parameters, vocab {m.vocab_size} ({data.tokenizer.kind}), "
-            f"{data.meta['train_tokens']:,} training tokens, device {run.device}, "
-            f"{str(run.dtype).removeprefix('torch.')}")
+    return (
+        f"{m.arch} {n / 1e6:.2f}M parameters, vocab {m.vocab_size} ({data.tokenizer.kind}), "
+        f"{data.meta['train_tokens']:,} training tokens, device {run.device}, "
+        f"{str(run.dtype).removeprefix('torch.')}"
+    )
 
 
 def print_config(config: Config, log: Callable[[str], None]) -> None:
