@@ -170,3 +170,12 @@ def test_library_errors_name_settings_and_the_cli_adds_the_flags():
     assert flags_for(parser, "generate", ("strict", "nonexistent")) == ["--strict"]
     error = UserError("stride must be between 1 and the context (4), not 5.", settings=("stride",))
     assert "--" not in str(error) and error.settings == ("stride",)
+
+
+def test_code_is_ruff_clean_and_formatted():
+    targets = [str(REPO / d) for d in ("src", "tests", "benchmarks")]
+    for command in (["check"], ["format", "--check"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "ruff", *command, *targets], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
