@@ -160,3 +160,18 @@ def test_metrics_log_drops_records_after_the_saved_step_and_a_damaged_last_line(
     log.log({"step": 15, "train_loss": 0.5})
     log.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [5, 10, 15]
+
+
+def test_progress_in_a_log_file_is_plain_lines_not_a_bar(capsys):
+    reporter = Reporter(True, total=100, initial=0, every_s=0.0)  # stderr is captured: not a terminal
+    reporter.step({"step": 10, "train_loss": 2.5, "tokens_per_s": 12000.0})
+    reporter.step(None)
+    reporter.evaluation({"step": 20, "train_loss": 2.4, "val_loss": 2.45, "val_ppl": 11.59, "elapsed_s": 3.0})
+    reporter.close()
+    captured = capsys.readouterr()
+    assert captured.err == "step     10/100 | loss 2.500 12.0k tok/s\n"  # no carriage returns, no bar
+    assert captured.out == "step     20 | train 2.4000 | val 2.4500 | ppl 11.59 | 3.0s\n"
+    quiet = Reporter(False, total=100, initial=0, every_s=0.0)
+    quiet.step({"step": 10, "train_loss": 2.5})
+    quiet.evaluation({"step": 20, "val_loss": 2.0, "elapsed_s": 1.0})
+    assert capsys.readouterr() == ("", "")

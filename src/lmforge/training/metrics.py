@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,30 +88,33 @@ def write_loss_plot(history: list[dict[str, Any]], path: Path) -> None:
 
 
 class Reporter:
-    """Progress on stderr: a live bar on a terminal; evaluation lines always."""
+    """Progress on stderr: a live bar on a terminal; when stderr is a file or a pipe (a log,
+    a job scheduler), one plain line every `every_s` seconds instead. Evaluation lines always."""
 
-    def __init__(self, enabled: bool, total: int, initial: int):
+    def __init__(self, enabled: bool, total: int, initial: int, every_s: float = 10.0):
         from tqdm import tqdm
 
-        self.enabled = enabled
-        self.bar = tqdm(
-            total=total,
-            initial=initial,
-            disable=not enabled,
-            dynamic_ncols=True,
-            file=sys.stderr,
-            unit="step",
-            leave=False,
-        )
+        self.enabled, self.total, self.every_s = enabled, total, every_s
+        self.live = enabled and sys.stderr.isatty()
+        self.last_line = time.monotonic()
+        self.bar = tqdm(total=total, initial=initial, disable=not self.live, dynamic_ncols=True,
+                        file=sys.stderr, unit="step", leave=False)  # fmt: skip
 
     def step(self, record: dict[str, Any] | None) -> None:
         if record is not None:
-            self.bar.set_postfix_str(postfix(record))
+            if self.live:
+                self.bar.set_postfix_str(postfix(record))
+            elif self.enabled and time.monotonic() - self.last_line >= self.every_s:
+                print(
+                    f"step {record['step']:>6}/{self.total} | {postfix(record)}", file=sys.stderr, flush=True
+                )
+                self.last_line = time.monotonic()
         self.bar.update(1)
 
     def evaluation(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            self.bar.write(eval_line(record))
+            self.bar.write(eval_line(record))  # stdout, with the final report
+            self.last_line = time.monotonic()
 
     def close(self) -> None:
         self.bar.close()

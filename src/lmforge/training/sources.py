@@ -17,6 +17,7 @@ The classifier's source (`ExampleSource`) lives with the classifier trainer.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import numpy as np
@@ -66,18 +67,9 @@ class WindowSource:
         return model(*batch)[1]
 
     def validation_score(self, model: nn.Module, dtype: torch.dtype) -> dict[str, float]:
-        return {
-            "val_loss": window_loss(
-                model,
-                self.val,
-                self.val_starts,
-                self.window,
-                self.batch_size,
-                self.device,
-                dtype,
-                self.val_mask,
-            )
-        }
+        loss = window_loss(model, self.val, self.val_starts, self.window, self.batch_size, self.device, dtype,
+                           self.val_mask)  # fmt: skip
+        return loss_scores(loss)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.sampler.state_dict()
@@ -110,7 +102,7 @@ class StreamSource:
         return loss
 
     def validation_score(self, model: nn.Module, dtype: torch.dtype) -> dict[str, float]:
-        return {"val_loss": stream_loss(model, self.val, self.window, self.batch_size, self.device, dtype)}
+        return loss_scores(stream_loss(model, self.val, self.window, self.batch_size, self.device, dtype))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = dict(self.streams.state_dict())
@@ -122,6 +114,12 @@ class StreamSource:
         self.streams.load_state_dict(state)
         carry = [state[f"carry.{i}"].to(self.device) for i in range(len(state)) if f"carry.{i}" in state]
         self.carry = tuple(carry) or None
+
+
+def loss_scores(loss: float) -> dict[str, float]:
+    """What a language model's evaluation reports: the loss (which picks the best weights)
+    and its perplexity."""
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
 @torch.no_grad()
