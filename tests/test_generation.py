@@ -37,7 +37,7 @@ def make_model(pos="rope", block=24, seed=0, n_embd=32, **kw):
 
 
 def steps(model, prompts, cfg, use_cache):
-    return torch.stack(list(decode_steps(model, prompts, cfg, None, use_cache=use_cache)), dim=1)
+    return torch.stack(list(decode_steps(model, prompts, cfg, (), use_cache=use_cache)), dim=1)
 
 
 @pytest.mark.parametrize("pos", ["rope", "learned", "sinusoidal"])

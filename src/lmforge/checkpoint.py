@@ -34,7 +34,7 @@ from lmforge.weights import load_weights, save_tensors, unique_state_dict
 
 FORMAT = "lmforge-checkpoint"
 FORMAT_VERSION = 1
-LANGUAGE_MODEL, CLASSIFIER, HUGGING_FACE = "lmforge", "classifier", "huggingface"
+LANGUAGE_MODEL, CLASSIFIER, HUGGING_FACE, GGUF = "lmforge", "classifier", "huggingface", "gguf"
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Checkpoint:
     """A checkpoint's metadata, read without loading its weights."""
 
     path: Path
-    kind: str  # LANGUAGE_MODEL, CLASSIFIER or HUGGING_FACE
+    kind: str  # LANGUAGE_MODEL, CLASSIFIER, HUGGING_FACE or GGUF
     config: Config | None  # the language model's run config (None for a classifier)
     metadata: dict[str, Any]  # the rest: step, val_loss, labels, finetuned_from, ...
     chat_template: str | None = None
@@ -72,38 +72,61 @@ class Checkpoint:
             from lmforge.interop.hf import import_hf
 
             model, tokenizer, _ = import_hf(self.path, device)
-            return model, tokenizer
-        from lmforge.models import build_model
+        elif self.kind == GGUF:
+            from lmforge.interop.gguf import import_gguf
 
-        model = build_model(self.config.model)
-        load_weights(self.path / "model.safetensors", model)
-        return model.to(device).eval(), self.tokenizer()
+            model, tokenizer, _ = import_gguf(self.path, device)
+        else:
+            from lmforge.models import build_model
+
+            model = build_model(self.config.model)
+            load_weights(self.path / "model.safetensors", model)
+            model, tokenizer = model.to(device).eval(), load_tokenizer(self.path / "tokenizer.json")
+        return model, self._checked(tokenizer)
 
     def tokenizer(self) -> TextTokenizer:
         if self.kind == HUGGING_FACE:
             from lmforge.interop.hf import load_hf_tokenizer
 
-            return load_hf_tokenizer(self.path)
-        return load_tokenizer(self.path / "tokenizer.json")
+            tokenizer = load_hf_tokenizer(self.path)
+        elif self.kind == GGUF:
+            from lmforge.interop.gguf import load_gguf_tokenizer
+
+            tokenizer = load_gguf_tokenizer(self.path)
+        else:
+            tokenizer = load_tokenizer(self.path / "tokenizer.json")
+        return self._checked(tokenizer)
+
+    def _checked(self, tokenizer: TextTokenizer) -> TextTokenizer:
+        """The tokenizer, checked against the model, ending generation at every end-of-sequence
+        id the checkpoint declares."""
+        if self.config and tokenizer.vocab_size > self.config.model.vocab_size:
+            raise UserError(f"{self.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                            f"{self.config.model.vocab_size}; the checkpoint's files do not belong together.")  # fmt: skip
+        tokenizer.extra_end_ids = tuple(self.generation.eos_token_ids)
+        return tokenizer
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Read any checkpoint's metadata; a clear error when `path` is none."""
-    from lmforge.interop import hf
+    from lmforge.interop import gguf, hf
 
     path = Path(path)
     if not path.exists():
         raise UserError(f"Checkpoint {path} does not exist.")
+    foreign = None
     if hf.is_hf_dir(path):
-        config, template, eos_ids, sampling = hf.read_hf_metadata(path)
-        return Checkpoint(
-            path,
-            HUGGING_FACE,
-            config,
-            {"imported_from": str(path.resolve())},
-            template,
-            GenerationDefaults(tuple(eos_ids), sampling),
-        )
+        foreign = HUGGING_FACE, hf.read_hf_metadata(path)
+    elif path.suffix == ".gguf" or gguf.is_gguf(path):
+        foreign = GGUF, gguf.read_gguf_metadata(path)
+    if foreign:
+        kind, (config, template, eos_ids, sampling) = foreign
+        defaults = GenerationDefaults(tuple(eos_ids), sampling)
+        return Checkpoint(path, kind, config, {"imported_from": str(path.resolve())}, template, defaults)
+    return _open_lmforge(path)
+
+
+def _open_lmforge(path: Path) -> Checkpoint:
     config_file = path / "config.json"
     if not path.is_dir() or not config_file.is_file():
         raise UserError(f"{path} is not an lmforge checkpoint (no config.json); give a run directory.")
@@ -122,8 +145,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if data.get("task") == "classification":
         return Checkpoint(path, CLASSIFIER, None, data, template)
     config = config_from_dict(data.get("config", {}), source=str(config_file))
-    # Generation ends at the tokenizer's end-of-text token; nothing else to declare.
-    return Checkpoint(path, LANGUAGE_MODEL, config, data, template)
+    eos = tuple(i for i in data.get("eos_token_ids", []) if isinstance(i, int))  # kept from an imported model
+    sampling = data.get("sampling_defaults") if isinstance(data.get("sampling_defaults"), dict) else {}
+    return Checkpoint(path, LANGUAGE_MODEL, config, data, template, GenerationDefaults(eos, sampling))
 
 
 def load_checkpoint(

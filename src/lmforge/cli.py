@@ -61,40 +61,40 @@ def _unescape(text: str) -> str:
 
 
 def _generation_flags(parser: argparse.ArgumentParser, **defaults) -> None:
-    """One flag per GenerationConfig setting (`top_p` → `--top-p`), with its help and default."""
+    """One flag per GenerationConfig setting (`top_p` → `--top-p`), with its help. A flag left
+    out takes the checkpoint's recommended value (generation_config.json) if it has one, else
+    this command's default, else GenerationConfig's."""
     from lmforge.generation_config import generation_settings
 
+    parser.set_defaults(generation_defaults=defaults)
     group = parser.add_argument_group("generation settings")
     for name, kind, default, help, _, _ in generation_settings():
         flag = "--" + name.replace("_", "-")
-        default = defaults.get(name, default)
+        shown = f"{help} (default {defaults.get(name, default)})"
         if kind is bool:
             group.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=help
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=shown
             )
         elif name == "stop":
-            group.add_argument(
-                flag,
-                dest=name,
-                action="append",
-                type=_unescape,
-                default=None,
-                help=help + r" (repeatable; \n and \t are understood)",
-            )
+            group.add_argument(flag, dest=name, action="append", type=_unescape, default=None,
+                               help=help + r" (repeatable; \n and \t are understood)")  # fmt: skip
         else:
             number = int if kind in (int, int | None) else float
-            group.add_argument(
-                flag, dest=name, type=number, default=default, help=f"{help} (default {default})"
-            )
+            group.add_argument(flag, dest=name, type=number, default=None, help=shown)
 
 
-def _generation_config(args: argparse.Namespace, **changes):
+def _generation_config(args: argparse.Namespace, recommended: dict | None = None, **changes):
+    """The GenerationConfig of a command: its flags over the checkpoint's recommendation over
+    the command's defaults."""
     from lmforge.generation_config import GenerationConfig, generation_settings
 
-    values = {name: getattr(args, name) for name, *_ in generation_settings()}
-    values["stop"] = tuple(values["stop"] or ())
+    values = {**args.generation_defaults, **(recommended or {})}
+    for name, *_ in generation_settings():
+        given = getattr(args, name)
+        if given is not None:
+            values[name] = tuple(given) if name == "stop" else given
     values.update(changes)
-    return GenerationConfig(**values)
+    return GenerationConfig(**{k: v for k, v in values.items() if v is not None})
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -301,16 +301,32 @@ def _parser_chat(sub) -> None:
 
 
 def _parser_convert(sub) -> None:
-    p = sub.add_parser("convert", help="import a Hugging Face model directory as an lmforge checkpoint")
-    p.add_argument("hf_dir", help="folder with config.json, weights and tokenizer files")
+    p = sub.add_parser(
+        "convert", help="import a Hugging Face model directory or a GGUF file as an lmforge checkpoint"
+    )
+    p.add_argument(
+        "hf_dir", metavar="MODEL", help="Hugging Face folder (config.json, weights, tokenizer) or .gguf file"
+    )
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--overwrite", action="store_true")
 
 
 def _parser_export(sub) -> None:
-    p = sub.add_parser("export", help="write a GPT checkpoint as a Hugging Face model directory")
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory or a GGUF file")
     p.add_argument("checkpoint")
-    p.add_argument("--out", required=True, help="directory that transformers will load")
+    p.add_argument("--out", required=True, help="directory that transformers loads, or a .gguf file")
+    p.add_argument(
+        "--format",
+        choices=["hf", "gguf"],
+        default=None,
+        help="hf (a transformers directory) or gguf (llama.cpp, Ollama); default: from --out",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        default="f32",
+        help="GGUF: how the matrices are stored (norms stay f32)",
+    )
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -437,11 +453,19 @@ def _read_text(path: str) -> str:
     return read_text_file(Path(path))
 
 
+def _recommended(checkpoint: str) -> dict:
+    """The sampling settings a checkpoint recommends (its generation_config.json)."""
+    from lmforge.checkpoint import open_checkpoint
+
+    return open_checkpoint(checkpoint).generation.sampling
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.generation import generate, stream
     from lmforge.inference import load_for_inference
 
-    config = _generation_config(args)  # checked before the model loads
+    recommended = _recommended(args.checkpoint)
+    config = _generation_config(args, recommended)  # checked before the model loads
     model, tokenizer = load_for_inference(
         args.checkpoint, args.device, args.dtype, args.quantize, args.adapter
     )
@@ -632,7 +656,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from lmforge.chat import chat_template_of, terminal_chat
     from lmforge.inference import load_for_inference
 
-    _generation_config(args, max_new_tokens=args.max_new_tokens or 1)  # settings checked before loading
+    recommended = _recommended(args.checkpoint)
+    _generation_config(args, recommended, max_new_tokens=args.max_new_tokens or 1)  # checked before loading
     model, tokenizer = load_for_inference(
         args.checkpoint, args.device, args.dtype, args.quantize, args.adapter
     )
@@ -640,7 +665,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         args.max_new_tokens = min(256, model.block_size // 2)
     if args.max_new_tokens >= model.block_size:
         raise UserError(f"--max-new-tokens must be below the model's context ({model.block_size}).")
-    config = _generation_config(args)
+    config = _generation_config(args, recommended)
     terminal_chat(
         model, tokenizer, chat_template_of(args.checkpoint, args.adapter), config, system=args.system
     )
@@ -653,16 +678,19 @@ def _check_target(out: Path, overwrite: bool) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from lmforge.checkpoint import HUGGING_FACE, open_checkpoint, save_checkpoint
+    from lmforge.checkpoint import GGUF, HUGGING_FACE, open_checkpoint, save_checkpoint
 
     source, out = Path(args.hf_dir), Path(args.out)
     opened = open_checkpoint(source)
-    if opened.kind != HUGGING_FACE:
-        raise UserError(f"{source} is not a Hugging Face model directory (no config.json with a model_type).")
+    if opened.kind not in (HUGGING_FACE, GGUF):
+        raise UserError(f"{source} is neither a Hugging Face model directory (config.json with a model_type) "
+                        f"nor a GGUF file; it is already an lmforge checkpoint.")  # fmt: skip
     _check_target(out, args.overwrite)
     model, tokenizer = opened.load()
     config = opened.config
-    info = {"imported_from": str(source.resolve()), "chat_template": opened.chat_template}
+    info = {"imported_from": str(source.resolve()), "chat_template": opened.chat_template,
+            "eos_token_ids": list(opened.generation.eos_token_ids),
+            "sampling_defaults": opened.generation.sampling}  # fmt: skip
     save_checkpoint(out, model, config, tokenizer, info)
     params = sum(p.numel() for p in model.parameters())
     print(
@@ -673,13 +701,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lmforge.checkpoint import load_checkpoint
-    from lmforge.interop.hf import export_hf
+    from lmforge.checkpoint import open_checkpoint
 
     out = Path(args.out)
-    _check_target(out, args.overwrite)
-    model, tokenizer, config = load_checkpoint(args.checkpoint)
-    export_hf(model, tokenizer, config, out)
+    fmt = args.format or ("gguf" if out.suffix == ".gguf" else "hf")
+    if fmt == "gguf" and out.exists() and not args.overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite or choose another --out.")
+    if fmt == "hf":
+        _check_target(out, args.overwrite)
+    opened = open_checkpoint(args.checkpoint)
+    model, tokenizer = opened.load()
+    if fmt == "gguf":
+        from lmforge.interop.gguf import export_gguf
+
+        export_gguf(model, tokenizer, opened.config, out, args.quantize, opened.chat_template,
+                    opened.generation.eos_token_ids)  # fmt: skip
+        print(f"Wrote {out} ({args.quantize}): run it with llama.cpp (llama-cli -m {out}) or Ollama.")
+        return 0
+    from lmforge.interop.hf import export_hf
+
+    export_hf(model, tokenizer, opened.config, out)
     print(f"Wrote {out}: load it with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r}).")
     return 0
 

@@ -214,19 +214,20 @@ def decode_steps(
     model: nn.Module,
     prompts: list[list[int]],
     cfg: GenerationConfig,
-    eot_id: int | None = None,
+    end_ids: tuple[int, ...] = (),
     use_cache: bool = True,
     banned: list[int] | None = None,
     observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, step after step (rows that ended keep yielding
-    `eot_id`/0; the caller decides when to stop). `use_cache=False` recomputes the whole
+    the first of `end_ids`; the caller decides when to stop). `use_cache=False` recomputes the whole
     window every step: the reference that the cache is tested against. `observe(logits,
     token)` sees the model's raw next-token logits and the choice (for log-probabilities)."""
     device, block_size, pos = _model_info(model)
     ids, valid = _left_pad(prompts, device)
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    ends = torch.tensor(end_ids, dtype=torch.long, device=device)
     sliding = pos == "rope"
     # Room for the prompt and the new tokens only: a 32k-context model needs no 32k cache here.
     capacity = min(block_size, ids.shape[1] + cfg.max_new_tokens + 1)
@@ -243,10 +244,10 @@ def decode_steps(
         if banned:
             vocab_logits[:, banned] = float("-inf")
         token = choose_tokens(vocab_logits, cfg, generator)
-        if eot_id is not None:
-            token = torch.where(finished, torch.full_like(token, eot_id), token)
+        if end_ids:
+            token = torch.where(finished, torch.full_like(token, end_ids[0]), token)
             if cfg.stop_at_eot:
-                finished |= token == eot_id
+                finished |= torch.isin(token, ends)
         counts.scatter_add_(1, token[:, None], torch.ones_like(token[:, None], dtype=counts.dtype))
         if observe is not None:
             observe(next_logits, token)
@@ -272,14 +273,14 @@ def generate_ids(
     model: nn.Module, tokenizer: TextTokenizer, prompts: list[list[int]], cfg: GenerationConfig
 ) -> list[list[int]]:
     """New token ids for each prompt (ending before the end-of-text token)."""
-    eot = tokenizer.eot_id
+    ends = tokenizer.end_ids
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    for token in decode_steps(model, prompts, cfg, eot, banned=banned_ids(tokenizer)):
+    for token in decode_steps(model, prompts, cfg, ends, banned=banned_ids(tokenizer)):
         for row, t in enumerate(token.tolist()):
             if done[row]:
                 continue
-            if cfg.stop_at_eot and t == eot:
+            if cfg.stop_at_eot and t in ends:
                 done[row] = True
             else:
                 out[row].append(t)
@@ -334,10 +335,10 @@ def stream(
         yield from beam_search(model, tokenizer, ids, cfg)
         return
     tracker = TextTracker(tokenizer, cfg.stop)
-    eot = tokenizer.eot_id
-    for token in decode_steps(model, [ids], cfg, eot, banned=banned_ids(tokenizer)):
+    ends = tokenizer.end_ids
+    for token in decode_steps(model, [ids], cfg, ends, banned=banned_ids(tokenizer)):
         t = int(token[0])
-        if cfg.stop_at_eot and t == eot:
+        if cfg.stop_at_eot and t in ends:
             break
         tracker.add(t)
         piece = tracker.take_new()
@@ -353,12 +354,11 @@ def stream(
 # ---- beam search -----------------------------------------------------------------------
 
 
-@torch.inference_mode()
 def _extend_beams(
     sequences: list[list[int]],
     scores: torch.Tensor,
     logprobs: torch.Tensor,
-    eot: int | None,
+    ends: tuple[int, ...],
     cfg: GenerationConfig,
     finished: list[tuple[float, list[int]]],
 ):
@@ -371,7 +371,7 @@ def _extend_beams(
         row, token = divmod(index, vocab)
         if score == float("-inf"):
             continue
-        if eot is not None and token == eot:
+        if token in ends:
             finished.append((score / (len(sequences[row]) + 1) ** cfg.length_penalty, sequences[row]))
             continue
         new_sequences.append(sequences[row] + [token])
@@ -382,6 +382,7 @@ def _extend_beams(
     return new_sequences, new_scores, rows
 
 
+@torch.inference_mode()
 def beam_search(
     model: nn.Module, tokenizer: TextTokenizer, prompt_ids: list[int], cfg: GenerationConfig
 ) -> Iterator[str]:
@@ -392,7 +393,7 @@ def beam_search(
     """
     device, block_size, pos = _model_info(model)
     beams = cfg.num_beams
-    eot = tokenizer.eot_id if cfg.stop_at_eot else None
+    ends = tokenizer.end_ids if cfg.stop_at_eot else ()
     if len(prompt_ids) + cfg.max_new_tokens > block_size and pos != "rope":
         raise UserError(
             f"Beam search needs prompt + max_new_tokens within the context ({block_size}) "
@@ -409,7 +410,7 @@ def beam_search(
     finished: list[tuple[float, list[int]]] = []
     streamed = ""
     for _ in range(cfg.max_new_tokens):
-        new_sequences, new_scores, rows = _extend_beams(sequences, scores, logprobs, eot, cfg, finished)
+        new_sequences, new_scores, rows = _extend_beams(sequences, scores, logprobs, ends, cfg, finished)
         best_finished = max((s for s, _ in finished), default=float("-inf"))
         if not new_sequences:
             break

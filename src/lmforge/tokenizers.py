@@ -24,9 +24,10 @@ _SAFE_CUT = re.compile(r"\n(?=\S)")
 class TextTokenizer:
     """A thin wrapper over `tokenizers.Tokenizer` with the few operations lmforge needs."""
 
-    def __init__(self, tokenizer: Tokenizer, kind: str = "custom"):
+    def __init__(self, tokenizer: Tokenizer, kind: str = "custom", extra_end_ids: tuple[int, ...] = ()):
         self.hf = tokenizer
         self.kind = kind
+        self.extra_end_ids = extra_end_ids  # end-of-sequence ids a checkpoint declares (e.g. <|im_end|>)
 
     @property
     def vocab_size(self) -> int:
@@ -35,6 +36,15 @@ class TextTokenizer:
     @property
     def eot_id(self) -> int | None:
         return self.hf.token_to_id(EOT)
+
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        """Every token that ends a generated sequence: the checkpoint's end-of-sequence ids,
+        then <|endoftext|>. The first is the one that pads finished rows."""
+        ids = list(self.extra_end_ids)
+        if self.eot_id is not None and self.eot_id not in ids:
+            ids.append(self.eot_id)
+        return tuple(ids)
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids

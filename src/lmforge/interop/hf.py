@@ -256,7 +256,7 @@ def _gpt2_to_lmforge(hf: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, t
     return out
 
 
-def _llama_to_lmforge(hf: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+def llama_to_lmforge(hf: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
     out = {ours: hf[theirs] for ours, theirs in LLAMA_NAMES.items()}
     for i in range(m.n_layer):
         h, b = f"model.layers.{i}.", f"blocks.{i}."
@@ -269,7 +269,7 @@ def _llama_to_lmforge(hf: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, 
     return out
 
 
-def _lmforge_to_hf(sd: dict[str, torch.Tensor], m: ModelConfig, kind: str) -> dict[str, torch.Tensor]:
+def lmforge_to_hf(sd: dict[str, torch.Tensor], m: ModelConfig, kind: str) -> dict[str, torch.Tensor]:
     if kind == "gpt2":
         out = {"transformer." + theirs: sd[ours] for ours, theirs in GPT2_NAMES.items()}
         for i in range(m.n_layer):
@@ -376,7 +376,7 @@ def import_hf(
     tokenizer = load_hf_tokenizer(path)
     tensors = read_hf_weights(path)
     try:
-        converted = (_gpt2_to_lmforge if hf_config["model_type"] == "gpt2" else _llama_to_lmforge)(tensors, m)
+        converted = (_gpt2_to_lmforge if hf_config["model_type"] == "gpt2" else llama_to_lmforge)(tensors, m)
     except KeyError as e:
         raise UserError(
             f"{path}: weight {e.args[0]} is missing; the files do not match config.json."
@@ -395,7 +395,7 @@ def export_hf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out: s
     out = Path(out)
     hf_config = hf_config_from_model(config.model)
     sd = {k: v.float() for k, v in model.state_dict().items()}
-    tensors = _lmforge_to_hf(sd, config.model, "gpt2" if hf_config["model_type"] == "gpt2" else "llama")
+    tensors = lmforge_to_hf(sd, config.model, "gpt2" if hf_config["model_type"] == "gpt2" else "llama")
     # A tied head is not written: transformers re-ties lm_head to the embedding itself.
     out.mkdir(parents=True, exist_ok=True)
     eot = tokenizer.eot_id

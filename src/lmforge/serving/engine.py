@@ -198,7 +198,7 @@ class Engine:
         cfg = replace(
             batch[0].config.sampling_key(), max_new_tokens=max(s.config.max_new_tokens for s in batch)
         )
-        eot = self.tokenizer.eot_id
+        ends = self.tokenizer.end_ids
         trackers = [TextTracker(self.tokenizer, list(s.config.stop)) for s in batch]
         done = [s.cancelled for s in batch]
         produced = [0] * len(batch)
@@ -224,7 +224,7 @@ class Engine:
             self.model,
             [s.prompt_ids for s in batch],
             cfg,
-            eot,
+            ends,
             banned=banned_ids(self.tokenizer),
             observe=observe,
         )
@@ -237,7 +237,7 @@ class Engine:
                     self.stats["cancelled"] += 1
                     done[row] = True
                     continue
-                if t == eot:
+                if t in ends:
                     finish(row, "stop")
                     continue
                 produced[row] += 1

