@@ -282,3 +282,55 @@ def test_eval_of_an_imported_model_needs_data(tmp_path, hf_tokenizer_dir, shakes
     assert main(["eval", str(folder), "--data", str(shakespeare_excerpt), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert 4.0 < report["loss"] < 7.0  # a random 300-token model: near ln(300) = 5.7
+
+
+# ---- hub ids -------------------------------------------------------------------------------------
+
+
+def test_hub_ids_resolve_from_the_hub_cache_offline(tmp_path, hf_tokenizer_dir, monkeypatch, capsys):
+    """A hub id opens from a Hugging Face cache laid out as huggingface_hub lays it out (here
+    built by the test), with HF_HUB_OFFLINE=1: nothing goes to the network."""
+    import lmforge
+    from lmforge.checkpoint import HUGGING_FACE, open_checkpoint
+    from lmforge.cli import main
+
+    cache = tmp_path / "hub"
+    commits = {"main": "a" * 40, "v1": "b" * 40}
+    for ref, commit in commits.items():
+        save_tiny_hf_model(
+            "llama", cache / "models--tiny-org--tiny-llama" / "snapshots" / commit, hf_tokenizer_dir
+        )
+        refs = cache / "models--tiny-org--tiny-llama" / "refs"
+        refs.mkdir(parents=True, exist_ok=True)
+        (refs / ref).write_text(commit)
+    (
+        cache / "models--tiny-org--tiny-llama" / "snapshots" / commits["v1"] / "generation_config.json"
+    ).write_text(json.dumps({"eos_token_id": [0, 7], "temperature": 0.3, "top_p": 0.5, "do_sample": True}))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    opened = open_checkpoint("tiny-org/tiny-llama")
+    assert opened.kind == HUGGING_FACE and opened.path.name == commits["main"]
+    pinned = open_checkpoint("tiny-org/tiny-llama@v1")
+    assert pinned.path.name == commits["v1"]
+    assert pinned.generation.eos_token_ids == (0, 7) and pinned.generation.sampling == {"temperature": 0.3,
+                                                                                         "top_p": 0.5}  # fmt: skip
+    model, tokenizer, _ = lmforge.load("tiny-org/tiny-llama")
+    assert model.block_size == 64 and tokenizer.end_ids == (0,)  # config.json's eos_token_id, <|endoftext|>
+    pipe = lmforge.pipeline("text-generation", model="tiny-org/tiny-llama")
+    assert pipe("ROMEO:", max_new_tokens=3, temperature=0, stop_at_eot=False)[0]["generated_text"].startswith(
+        "ROMEO:"
+    )
+    assert main(["generate", "tiny-org/tiny-llama", "--revision", "v1", "--prompt", "ROMEO:",
+                 "--max-new-tokens", "3", "--no-stream", "--device", "cpu"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.startswith("ROMEO:")
+
+    # Offline with nothing cached: one sentence naming the id and how to fetch it.
+    assert main(["generate", "tiny-org/missing-model", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("lmforge: error: tiny-org/missing-model is not a local checkpoint, and tiny-org/missing-model "
+                   "is not in the Hugging Face cache; fetch it while online (`hf download tiny-org/missing-model`, "
+                   "or unset HF_HUB_OFFLINE).")  # fmt: skip
+    # A path that is plainly local still gets the plain answer.
+    assert main(["generate", str(tmp_path / "no" / "such"), "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -270,3 +270,33 @@ def test_cli_convert_generate_and_export_a_gguf(tmp_path, bpe):
                  "q8_0"]) == 0  # fmt: skip
     assert open_checkpoint(tmp_path / "back.gguf").kind == GGUF
     assert main(["export", str(tmp_path / "converted"), "--out", str(tmp_path / "back.gguf")]) == 2  # exists
+
+
+def test_hf_export_keeps_template_end_ids_and_sampling_and_files_are_readable(tmp_path, bpe):
+    import json
+    import stat
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmforge.cli import main
+
+    model, config = tiny_llama(bpe)
+    im_end = bpe.hf.token_to_id("<|endoftext|>")
+    source = export_gguf(model, bpe, config, tmp_path / "tiny.gguf", "f32", chat_template="{{ messages[0].content }}",
+                         eos_ids=(im_end,))  # fmt: skip
+    assert main(["convert", str(source), "--out", str(tmp_path / "ckpt")]) == 0
+    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    hf = tmp_path / "hf"
+    generation = json.loads((hf / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == im_end and generation["bos_token_id"] == bpe.eot_id
+    tokenizer = AutoTokenizer.from_pretrained(str(hf))
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi"
+    reloaded = AutoModelForCausalLM.from_pretrained(str(hf)).eval()
+    x = torch.tensor([bpe.encode("ROMEO: a rose")])
+    with torch.no_grad():
+        assert (reloaded(x).logits - model(x)[0]).abs().max().item() < 1e-4
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [*hf.iterdir(), *(tmp_path / "ckpt").iterdir(), tmp_path / "tiny.gguf"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path  # not private to the writer

@@ -107,10 +107,15 @@ class Checkpoint:
         return tokenizer
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Read any checkpoint's metadata; a clear error when `path` is none."""
-    from lmforge.interop import gguf, hf
+def open_checkpoint(path: str | Path, revision: str | None = None) -> Checkpoint:
+    """Read any checkpoint's metadata; a clear error when `path` is none.
 
+    `path` is a local folder or file, or a Hugging Face hub id (`org/name`, `org/name@revision`)
+    that is fetched into the hub cache on first use."""
+    from lmforge.interop import gguf, hf, hub
+
+    if not Path(path).exists() and hub.looks_like_hub_id(str(path)):
+        path = hub.fetch(str(path), revision)
     path = Path(path)
     if not path.exists():
         raise UserError(f"Checkpoint {path} does not exist.")

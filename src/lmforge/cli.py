@@ -47,6 +47,7 @@ SHARED_FLAGS: dict[str, dict] = {
         "default": None,
         "help": "a LoRA adapter.safetensors (or its folder) to merge into CHECKPOINT",
     },
+    "--revision": {"default": None, "help": "for a Hugging Face hub id: the branch, tag or commit to use"},
 }
 
 
@@ -162,6 +163,7 @@ def _parser_finetune(sub) -> None:
     )
     p.add_argument("--layer-lr-decay", dest="finetune.layer_lr_decay", help="layer-wise learning-rate decay")
     p.add_argument("--seq-len", dest="finetune.seq_len", help="training window in tokens")
+    _shared(p, "--revision")
     _run_flags(p)
     _add_config_flags(p)
 
@@ -199,7 +201,7 @@ def _parser_generate(sub) -> None:
     p.add_argument("--prompt-file", help="one prompt per line ('-' reads standard input)")
     p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
     p.add_argument("--no-stream", action="store_true", help="print each result when it is complete")
-    _shared(p, "--device", "--dtype", "--quantize", "--adapter")
+    _shared(p, "--device", "--dtype", "--quantize", "--adapter", "--revision")
     _generation_flags(p, max_new_tokens=200, temperature=0.8)
 
 
@@ -225,7 +227,7 @@ def _parser_eval(sub) -> None:
     )
     p.add_argument("--prompts", help="generate hypotheses from these prompts (one per line) with CHECKPOINT")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    _shared(p, "--device", "--dtype", "--quantize", "--adapter")
+    _shared(p, "--device", "--dtype", "--quantize", "--adapter", "--revision")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--output", help="also write the JSON result to this file")
 
@@ -286,7 +288,7 @@ def _parser_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
-    _shared(p, "--device", "--dtype", "--quantize", "--adapter")
+    _shared(p, "--device", "--dtype", "--quantize", "--adapter", "--revision")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (1 = no batching)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting sequences before answering 503")
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="the most tokens one request may ask for")
@@ -296,7 +298,7 @@ def _parser_chat(sub) -> None:
     p = sub.add_parser("chat", help="chat with a checkpoint in the terminal")
     p.add_argument("checkpoint")
     p.add_argument("--system", default=None, help="system prompt")
-    _shared(p, "--device", "--dtype", "--quantize", "--adapter")
+    _shared(p, "--device", "--dtype", "--quantize", "--adapter", "--revision")
     _generation_flags(p, temperature=0.8, top_p=0.95, max_new_tokens=None)
 
 
@@ -304,9 +306,8 @@ def _parser_convert(sub) -> None:
     p = sub.add_parser(
         "convert", help="import a Hugging Face model directory or a GGUF file as an lmforge checkpoint"
     )
-    p.add_argument(
-        "hf_dir", metavar="MODEL", help="Hugging Face folder (config.json, weights, tokenizer) or .gguf file"
-    )
+    p.add_argument("hf_dir", metavar="MODEL", help="Hugging Face folder or hub id, or a .gguf file")
+    _shared(p, "--revision")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--overwrite", action="store_true")
 
@@ -314,6 +315,7 @@ def _parser_convert(sub) -> None:
 def _parser_export(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory or a GGUF file")
     p.add_argument("checkpoint")
+    _shared(p, "--revision")
     p.add_argument("--out", required=True, help="directory that transformers loads, or a .gguf file")
     p.add_argument(
         "--format",
@@ -720,7 +722,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     from lmforge.interop.hf import export_hf
 
-    export_hf(model, tokenizer, opened.config, out)
+    export_hf(model, tokenizer, opened.config, out, opened.chat_template, opened.generation.eos_token_ids,
+              opened.generation.sampling)  # fmt: skip
     print(f"Wrote {out}: load it with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r}).")
     return 0
 
@@ -779,6 +782,14 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _pin_revision(args: argparse.Namespace) -> None:
+    """`--revision R` for a hub id travels with it as `org/name@R`, which every reader accepts."""
+    if getattr(args, "revision", None):
+        for field in ("checkpoint", "hf_dir"):
+            if getattr(args, field, None) and not Path(getattr(args, field)).exists():
+                setattr(args, field, f"{getattr(args, field)}@{args.revision}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -787,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     training = args.command in ("train", "finetune") and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if training else None
     try:
+        _pin_revision(args)
         return SUBCOMMANDS[args.command][1](args)
     except UserError as e:
         flags = flags_for(parser, args.command, e.settings)

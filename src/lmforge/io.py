@@ -23,11 +23,26 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes the file private; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def umask() -> int:
+    current = os.umask(0)  # (the only way to read it is to set it)
+    os.umask(current)
+    return current
+
+
+def new_temp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh folder in `parent` to fill and then rename into place, with ordinary permissions
+    (mkdtemp makes it private)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(folder, 0o777 & ~umask())
+    return folder
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from lmforge.config import DataConfig
 from lmforge.data.corpus import SourceFile, clean_text, dedup_documents, read_documents
 from lmforge.data.datasets import DATASETS, DEFAULT_DATASET, resolve_dataset
 from lmforge.errors import UserError
-from lmforge.io import atomic_write_json, cache_dir, sha256_file
+from lmforge.io import atomic_write_json, cache_dir, new_temp_dir, sha256_file
 from lmforge.tokenizers import TextTokenizer, build_tokenizer, encode_long, load_tokenizer
 
 FORMAT = "lmforge-data"
@@ -277,7 +276,7 @@ def resolve_data(cfg: DataConfig, log=print) -> PreparedData:
     log(f"Preparing {', '.join(map(str, paths))} (tokenizer: {cfg.tokenizer}) into {target}")
     # Prepare into a temporary sibling, then rename: a crash never leaves a partial cache entry.
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".prep-", dir=target.parent))
+    tmp = new_temp_dir(target.parent, ".prep-")
     try:
         prepare(paths, tmp, cfg)
         try:

@@ -386,11 +386,14 @@ def import_hf(
     return model.float().to(device).eval(), tokenizer, config
 
 
-def export_hf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out: str | Path) -> Path:
-    """Write `model` as a Hugging Face directory (config.json, model.safetensors, tokenizer files)."""
-    from safetensors.torch import save_file
-
-    from lmforge.io import atomic_write, atomic_write_json
+def export_hf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out: str | Path,
+              chat_template: str | None = None, eos_ids: tuple[int, ...] = (),
+              sampling: dict[str, Any] | None = None) -> Path:  # fmt: skip
+    """Write `model` as a Hugging Face directory: config.json, generation_config.json (every
+    end-of-sequence id, the recommended sampling), model.safetensors, tokenizer.json and
+    tokenizer_config.json (bos/eos/pad tokens, the chat template)."""
+    from lmforge.io import atomic_write_json
+    from lmforge.weights import save_tensors
 
     out = Path(out)
     hf_config = hf_config_from_model(config.model)
@@ -398,20 +401,26 @@ def export_hf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out: s
     tensors = lmforge_to_hf(sd, config.model, "gpt2" if hf_config["model_type"] == "gpt2" else "llama")
     # A tied head is not written: transformers re-ties lm_head to the embedding itself.
     out.mkdir(parents=True, exist_ok=True)
-    eot = tokenizer.eot_id
-    hf_config.update({"torch_dtype": "float32", "bos_token_id": eot, "eos_token_id": eot})
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    ends = list(eos_ids) or ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
+    bos = tokenizer.eot_id if tokenizer.eot_id is not None else (ends[0] if ends else None)
+    eos = ends[0] if len(ends) == 1 else (ends or None)
+    hf_config.update({"torch_dtype": "float32", "bos_token_id": bos, "eos_token_id": eos})
+    save_tensors(out / "model.safetensors", tensors)
     tokenizer.save(out / "tokenizer.json")
-    special = {"eos_token": EOT, "bos_token": EOT} if eot is not None else {}
+    special = {}
+    if ends:
+        name = tokenizer.hf.id_to_token(ends[0])
+        special = {"eos_token": name, "pad_token": name, "bos_token": tokenizer.hf.id_to_token(bos)}
     if tokenizer.hf.token_to_id("<unk>") is not None:
         special["unk_token"] = "<unk>"
-    atomic_write_json(
-        out / "tokenizer_config.json",
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "model_max_length": config.model.block_size,
-            **special,
-        },
-    )
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.model.block_size,
+                        **special}  # fmt: skip
+    if chat_template:
+        tokenizer_config["chat_template"] = chat_template
+    atomic_write_json(out / "tokenizer_config.json", tokenizer_config)
+    generation = {"bos_token_id": bos, "eos_token_id": eos, **(sampling or {})}
+    if sampling:
+        generation["do_sample"] = sampling.get("temperature", 1.0) > 0
+    atomic_write_json(out / "generation_config.json", generation)
     atomic_write_json(out / "config.json", hf_config)  # last: a complete directory has a config
     return out

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from lmforge.errors import UserError
-from lmforge.io import atomic_write_json
+from lmforge.io import atomic_write_json, new_temp_dir
 from lmforge.weights import load_weights, read_tensors, save_weights
 
 STATE_DIR = "train_state"
@@ -65,7 +64,7 @@ def save_train_state(
 ) -> None:
     """Write the resumable state into a fresh folder, then swap it in for the old one."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{STATE_DIR}-", dir=out))
+    tmp = new_temp_dir(out, f".{STATE_DIR}-")
     try:
         save_weights(tmp / "model.safetensors", model)
         tensors, described = _flatten_optimizers(optimizers)

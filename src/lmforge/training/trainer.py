@@ -266,8 +266,8 @@ def _load_base(config: Config, log: Callable[[str], None]) -> tuple[nn.Module, s
 
     from lmforge.io import cache_dir
 
-    source = Path(config.finetune.init_from)
-    base = open_checkpoint(source)
+    base = open_checkpoint(config.finetune.init_from)  # a folder, a .gguf file or a hub id
+    source = base.path
     model, tokenizer = base.load()
     config.model = dataclasses.replace(base.config.model, dropout=config.model.dropout)
     if (
