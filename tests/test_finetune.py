@@ -341,3 +341,58 @@ def test_chat_template_follows_the_adapter_run(tmp_path):
     assert chat_template_of(base, run / "adapter.safetensors") == "TUNED {{ messages }}"  # the file or
     assert chat_template_of(base, run) == "TUNED {{ messages }}"  # its folder
     assert chat_template_of(base, loose / "adapter.safetensors") == "BASE {{ messages }}"  # no run beside it
+
+
+def test_lora_adapters_are_peft_compatible_both_ways(tmp_path, hf_tokenizer_dir, shakespeare_excerpt):  # noqa: F811
+    import peft
+
+    from lmforge.inference import load_for_inference
+
+    base = save_tiny_hf_model("llama", tmp_path / "llama", hf_tokenizer_dir)
+    settings = {"finetune.lora_rank": 4, "finetune.lora_alpha": 8.0, "finetune.lora_targets": "all-linear",
+                "optim.lr": 2e-2, "train.max_iters": 20}  # fmt: skip
+    train(finetune_config(base, shakespeare_excerpt, tmp_path / "ft", **settings), log=lambda _: None)
+    written = json.loads((tmp_path / "ft" / "adapter_config.json").read_text())
+    assert written["r"] == 4 and written["lora_alpha"] == 8.0 and written["peft_type"] == "LORA"
+    assert set(written["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"}  # fmt: skip
+    merged, tokenizer, _ = load_checkpoint(tmp_path / "ft")
+    ids = torch.tensor([tokenizer.encode("KING RICHARD: my lord")])
+
+    # lmforge's adapter on the transformers base through peft = lmforge's merged checkpoint
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+    with torch.no_grad():
+        plain = hf_base(ids).logits
+        tuned = peft.PeftModel.from_pretrained(hf_base, tmp_path / "ft").eval()
+        assert (tuned(ids).logits - merged(ids)[0]).abs().max().item() <= 1e-4
+        assert (plain - merged(ids)[0]).abs().max().item() > 1e-3  # the adapter changed something
+
+    # an adapter made by peft (random B, so it is not a no-op) on lmforge = on transformers
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(base)
+    made = peft.get_peft_model(
+        fresh, peft.LoraConfig(r=2, lora_alpha=6, target_modules=["k_proj", "down_proj"])
+    )
+    with torch.no_grad():
+        for name, param in made.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    made.save_pretrained(tmp_path / "peft")
+    ours, _ = load_for_inference(str(base), adapter=str(tmp_path / "peft"))
+    with torch.no_grad():
+        assert (made.eval()(ids).logits - ours(ids)[0]).abs().max().item() <= 1e-4
+    assert main(["generate", str(base), "--adapter", str(tmp_path / "peft"), "--prompt", "KING",
+                 "--max-new-tokens", "3", "--no-stream", "--temperature", "0"]) == 0  # fmt: skip
+
+    # an adapter made for another base (a wider MLP): one clear sentence
+    wider = transformers.LlamaConfig(hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=300, max_position_embeddings=64)  # fmt: skip
+    other = peft.get_peft_model(
+        transformers.LlamaForCausalLM(wider), peft.LoraConfig(r=2, target_modules=["up_proj"])
+    )
+    other.save_pretrained(tmp_path / "peft-wide")
+    config_file = tmp_path / "peft-wide" / "adapter_config.json"
+    config_file.write_text(
+        json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": "wide-llama"})
+    )
+    with pytest.raises(UserError, match=r"does not fit this model: it was made for wide-llama"):
+        load_for_inference(str(base), adapter=str(tmp_path / "peft-wide"))

@@ -180,7 +180,8 @@ def save_checkpoint(
     """Write a language model, its config and tokenizer: the checkpoint that other commands use.
 
     A model with LoRA adapters is written merged (a plain model every command reads);
-    the adapters alone go to adapter.safetensors beside it.
+    the adapters alone go to adapter.safetensors beside it, and for a Llama-family model also
+    to PEFT's adapter_config.json + adapter_model.safetensors.
     """
     from lmforge.training.lora import adapter_state_dict, has_lora, merged_state_dict
 
@@ -197,4 +198,10 @@ def save_checkpoint(
             "format": "pt",
         }
         save_tensors(out / "adapter.safetensors", adapters, adapter_info)
+        from lmforge.interop.peft import llama_shaped, save_peft_adapter
+
+        if llama_shaped(config.model):  # the same adapters for peft.PeftModel on the transformers model
+            save_peft_adapter(
+                model, config.model, out, ft.init_from, ft.lora_rank, ft.lora_alpha, ft.lora_dropout
+            )
     write_checkpoint(out, tensors, tokenizer, {"config": config.to_dict(), **info})

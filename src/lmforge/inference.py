@@ -148,18 +148,22 @@ def load_for_inference(
     adapter: str | None = None,
 ):
     """A checkpoint's model (eval mode) and tokenizer, at the requested precision; `adapter`:
-    a LoRA adapter saved by `lmforge finetune` for this base, merged in before anything else."""
+    a LoRA adapter for this base (from `lmforge finetune`, or a PEFT folder), merged in before anything else."""
     from lmforge.checkpoint import load_checkpoint
 
     if dtype not in DTYPES:
         raise UserError(f"Unknown dtype {dtype!r}; use float32, bfloat16 or float16.")
     if quantize not in (None, "", "none", "int8"):
         raise UserError(f"Unknown quantisation {quantize!r}; use int8 (or none).")
-    model, tokenizer, _ = load_checkpoint(path, resolve_device(device))
+    model, tokenizer, config = load_checkpoint(path, resolve_device(device))
     if adapter:
+        from lmforge.interop.peft import is_peft_adapter, load_peft_adapter
         from lmforge.training.lora import load_adapter
 
-        load_adapter(model, adapter)
+        if is_peft_adapter(adapter):  # a folder written by peft (or by finetune, beside adapter.safetensors)
+            load_peft_adapter(model, config.model, adapter)
+        else:
+            load_adapter(model, adapter)
     model = model.to(DTYPES[dtype])
     if quantize == "int8":
         # Every linear layer, the output head included; a tied embedding table stays float
