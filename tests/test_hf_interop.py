@@ -334,3 +334,34 @@ def test_hub_ids_resolve_from_the_hub_cache_offline(tmp_path, hf_tokenizer_dir, 
     # A path that is plainly local still gets the plain answer.
     assert main(["generate", str(tmp_path / "no" / "such"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["shakespeare-char", "nanogpt-cpu-baseline", "shakespeare-bpe", "tiny",
+                                    "finetune", "shakespeare-char-lstm", "shakespeare-word-lstm"])  # fmt: skip
+def test_every_built_in_preset_exports_with_logit_parity(tmp_path, preset):
+    """Each Transformer preset maps onto a transformers architecture (GPT-2, or Persimmon for the
+    default's rotary + LayerNorm + ReLU² + QK-norm); the recurrent ones have none and say so."""
+    from lmforge.config import load_preset
+    from lmforge.interop.hf import export_hf, hf_config_from_model
+    from lmforge.models import build_model
+    from lmforge.tokenizers import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(["To be, or not to be, that is the question. " * 20], vocab_size=280)
+    config = load_preset(preset)
+    config.model.vocab_size = tokenizer.vocab_size
+    config.model.dropout = 0.0
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    if config.model.arch != "gpt":
+        with pytest.raises(UserError, match="cannot be exported to Hugging Face"):
+            hf_config_from_model(config.model)
+        return
+    with torch.no_grad():  # random norms and biases, so that a misplaced one shows
+        for name, param in model.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                param.normal_(0.5 if name.endswith("weight") else 0.0, 0.2)
+    export_hf(model, tokenizer, config, tmp_path / "hf")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([tokenizer.encode("To be, or not to be")])
+    with torch.no_grad():
+        assert (reloaded(ids).logits - model(ids)[0]).abs().max().item() <= 1e-4, reloaded.config.model_type

@@ -114,21 +114,31 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> Mod
 
 def hf_config_from_model(m: ModelConfig) -> dict[str, Any]:
     """The Hugging Face config of an lmforge GPT, or a clear refusal naming what does not fit."""
-    gpt2 = dict(
-        pos_encoding="learned",
-        norm="layernorm",
-        activation="gelu_tanh",
-        bias=True,
-        tie_embeddings=True,
-        qk_norm=False,
-        logit_softcap=0.0,
-        n_kv_head_ok=m.n_kv_head in (0, m.n_head),
-    )
+    if m.arch != "gpt":
+        raise UserError(f"This model cannot be exported to Hugging Face: transformers has no architecture for "
+                        f"{m.arch} language models; export takes Transformer (gpt) models.")  # fmt: skip
+    # A model without biases fits a family with biases exactly: its biases are written as zeros.
+    full_heads = m.n_kv_head in (0, m.n_head)
+    plain = m.logit_softcap == 0.0 and not m.qkv_bias
+    gpt2 = (m.pos_encoding == "learned" and m.norm == "layernorm" and m.activation in ("gelu_tanh", "gelu")
+            and m.tie_embeddings and not m.qk_norm and plain and full_heads)  # fmt: skip
     llama = dict(
         pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False, qk_norm=False, logit_softcap=0.0
     )
+    # Persimmon: rotary positions, LayerNorm, ReLU², a LayerNorm on each head's query and key
+    # (lmforge's has no gain and eps 1e-5: written as gain 1, bias 0, with the model's eps).
+    persimmon = (m.pos_encoding == "rope" and m.norm == "layernorm" and m.activation == "relu2" and m.qk_norm
+                 and m.norm_eps == 1e-5 and plain and full_heads)  # fmt: skip
     hidden = m.mlp_hidden or int(m.mlp_ratio * m.n_embd)
-    if all(getattr(m, k) == v for k, v in gpt2.items() if k != "n_kv_head_ok") and gpt2["n_kv_head_ok"]:
+    if persimmon:
+        return {"model_type": "persimmon", "architectures": ["PersimmonForCausalLM"], "vocab_size": m.vocab_size,
+                "hidden_size": m.n_embd, "intermediate_size": hidden, "num_hidden_layers": m.n_layer,
+                "num_attention_heads": m.n_head, "max_position_embeddings": m.block_size, "hidden_act": "relu2",
+                "layer_norm_eps": m.norm_eps, "qk_layernorm": True, "tie_word_embeddings": m.tie_embeddings,
+                "rope_theta": m.rope_theta, "partial_rotary_factor": 1.0,
+                "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta, "partial_rotary_factor": 1.0},
+                "hidden_dropout": 0.0, "attention_dropout": 0.0}  # fmt: skip
+    if gpt2:
         return {
             "model_type": "gpt2",
             "architectures": ["GPT2LMHeadModel"],
@@ -138,7 +148,7 @@ def hf_config_from_model(m: ModelConfig) -> dict[str, Any]:
             "n_layer": m.n_layer,
             "n_head": m.n_head,
             "n_inner": hidden,
-            "activation_function": "gelu_new",
+            "activation_function": "gelu_new" if m.activation == "gelu_tanh" else "gelu",
             "layer_norm_epsilon": m.norm_eps,
             "resid_pdrop": 0.0,
             "embd_pdrop": 0.0,
@@ -166,8 +176,8 @@ def hf_config_from_model(m: ModelConfig) -> dict[str, Any]:
         return out
     raise UserError(
         "This model cannot be exported to Hugging Face: export needs the GPT-2 layout (learned positions, "
-        "LayerNorm, gelu_tanh, biases, tied head) or the Llama layout (rope, rmsnorm, swiglu, no biases), "
-        f"without QK-norm or soft-capping; it has pos_encoding={m.pos_encoding}, norm={m.norm}, "
+        "LayerNorm, GELU, tied head), the Llama layout (rope, rmsnorm, swiglu, no biases) or the Persimmon "
+        "layout (rope, layernorm, relu2, QK-norm, full heads), without soft-capping; it has pos_encoding={m.pos_encoding}, norm={m.norm}, "
         f"activation={m.activation}, bias={m.bias}, qk_norm={m.qk_norm}, tie_embeddings={m.tie_embeddings}."
     )
 
@@ -269,7 +279,45 @@ def llama_to_lmforge(hf: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, t
     return out
 
 
+def _with_zero_biases(sd: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+    """`sd` with a zero bias for every linear and norm layer of a bias-free model."""
+    out = dict(sd)
+    for name, weight in sd.items():
+        bias = name[: -len("weight")] + "bias"
+        if name.endswith(".weight") and not name.startswith(("wte", "wpe", "lm_head")) and bias not in sd:
+            out[bias] = torch.zeros(weight.shape[0], dtype=weight.dtype)
+    return out
+
+
+def _persimmon(sd: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+    head = m.n_embd // m.n_head
+    out = {"model.embed_tokens.weight": sd["wte.weight"], "model.final_layernorm.weight": sd["ln_f.weight"],
+           "model.final_layernorm.bias": sd["ln_f.bias"]}  # fmt: skip
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(m.n_layer):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        for p in ("weight", "bias"):
+            out[h + f"input_layernorm.{p}"] = sd[b + f"ln_1.{p}"]
+            out[h + f"post_attention_layernorm.{p}"] = sd[b + f"ln_2.{p}"]
+            out[h + f"self_attn.dense.{p}"] = sd[b + f"attn.c_proj.{p}"]
+            out[h + f"mlp.dense_h_to_4h.{p}"] = sd[b + f"mlp.c_fc.{p}"]
+            out[h + f"mlp.dense_4h_to_h.{p}"] = sd[b + f"mlp.c_proj.{p}"]
+            # lmforge stacks all queries, then keys, then values; Persimmon interleaves them per head.
+            qkv = sd[b + f"attn.c_attn.{p}"]
+            out[h + f"self_attn.query_key_value.{p}"] = (
+                qkv.reshape(3, m.n_head, head, *qkv.shape[1:]).transpose(0, 1).reshape(qkv.shape).contiguous()
+            )
+            for norm in ("q_layernorm", "k_layernorm"):
+                out[h + f"self_attn.{norm}.{p}"] = torch.ones(head) if p == "weight" else torch.zeros(head)
+    return out
+
+
 def lmforge_to_hf(sd: dict[str, torch.Tensor], m: ModelConfig, kind: str) -> dict[str, torch.Tensor]:
+    if kind in ("gpt2", "persimmon"):
+        sd = _with_zero_biases(sd, m)
+    if kind == "persimmon":
+        return _persimmon(sd, m)
     if kind == "gpt2":
         out = {"transformer." + theirs: sd[ours] for ours, theirs in GPT2_NAMES.items()}
         for i in range(m.n_layer):
@@ -398,7 +446,8 @@ def export_hf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out: s
     out = Path(out)
     hf_config = hf_config_from_model(config.model)
     sd = {k: v.float() for k, v in model.state_dict().items()}
-    tensors = lmforge_to_hf(sd, config.model, "gpt2" if hf_config["model_type"] == "gpt2" else "llama")
+    kind = hf_config["model_type"] if hf_config["model_type"] in ("gpt2", "persimmon") else "llama"
+    tensors = lmforge_to_hf(sd, config.model, kind)
     # A tied head is not written: transformers re-ties lm_head to the embedding itself.
     out.mkdir(parents=True, exist_ok=True)
     ends = list(eos_ids) or ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
