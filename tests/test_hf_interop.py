@@ -365,3 +365,29 @@ def test_every_built_in_preset_exports_with_logit_parity(tmp_path, preset):
     ids = torch.tensor([tokenizer.encode("To be, or not to be")])
     with torch.no_grad():
         assert (reloaded(ids).logits - model(ids)[0]).abs().max().item() <= 1e-4, reloaded.config.model_type
+
+
+@pytest.mark.parametrize("error, message", [
+    ("GatedRepoError", "tiny-org/gated (revision v9) is a gated model: accept its terms on huggingface.co, then set HF_TOKEN"),
+    ("RepositoryNotFoundError", "tiny-org/gated is not a local checkpoint, and the Hugging Face hub has no model "
+                                "tiny-org/gated (or it is private: set HF_TOKEN)."),
+    ("RevisionNotFoundError", "The Hugging Face model tiny-org/gated has no revision 'v9'."),
+])  # fmt: skip
+def test_hub_failures_online_are_one_sentence(monkeypatch, capsys, error, message):
+    """What the hub answers for a gated, unknown or misspelled model (its own exception types,
+    raised here by a stand-in for snapshot_download: the tests never reach the network)."""
+    import httpx2
+    import huggingface_hub
+    import huggingface_hub.errors
+
+    from lmforge.cli import main
+
+    def refuse(repo_id, **_):
+        response = httpx2.Response(401, request=httpx2.Request("GET", f"https://example.invalid/{repo_id}"))
+        raise getattr(huggingface_hub.errors, error)("refused", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert main(["generate", "tiny-org/gated", "--revision", "v9", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1

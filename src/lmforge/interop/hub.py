@@ -62,12 +62,12 @@ def fetch(spec: str, revision: str | None = None) -> Path:
             f"The Hugging Face model {repo} has no revision {revision!r}.", settings=("revision",)
         ) from None
     except RepositoryNotFoundError:
-        raise UserError(f"{spec} is not a local checkpoint, and the Hugging Face hub has no model {repo} "
+        raise UserError(f"{repo} is not a local checkpoint, and the Hugging Face hub has no model {repo} "
                         f"(or it is private: set HF_TOKEN).") from None  # fmt: skip
     except LocalEntryNotFoundError:
-        raise UserError(f"{spec} is not a local checkpoint, and {where} is not in the Hugging Face cache; "
+        raise UserError(f"{repo} is not a local checkpoint, and {where} is not in the Hugging Face cache; "
                         f"fetch it while online (`hf download {repo}`, or unset HF_HUB_OFFLINE).") from None  # fmt: skip
     except (HfHubHTTPError, OSError) as e:
-        raise UserError(f"{spec} is not a local checkpoint, and fetching {where} from the Hugging Face hub "
+        raise UserError(f"{repo} is not a local checkpoint, and fetching {where} from the Hugging Face hub "
                         f"failed ({e}).") from None  # fmt: skip
     return Path(folder)
