@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.data.instructions import DEFAULT_CHAT_TEMPLATE, Conversation, render_chat
+from lmforge.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 
@@ -93,12 +94,10 @@ def terminal_chat(
         if text.startswith("/temperature"):
             try:
                 value = float(text.split(maxsplit=1)[1])
-                if value < 0:
-                    raise ValueError
-            except (IndexError, ValueError):
-                write("(usage: /temperature 0.7 — a number of at least 0)")
+                config = replace(config, temperature=value)  # checked against the setting's range
+            except (IndexError, ValueError, UserError):
+                write("(usage: /temperature 0.7 — a number from 0 to 5)")
                 continue
-            config = replace(config, temperature=value)
             write(f"(temperature {value:g})")
             continue
         if text.startswith("/"):
@@ -111,7 +110,10 @@ def terminal_chat(
         reply = ""
         write("model> ", end="")
         try:
-            for piece in stream(model, tokenizer, prompt, replace(config, stop=list(config.stop) + stops)):
+            notice = lambda message: write(f"({message})\nmodel> ", end="")  # noqa: E731  (one line, no warning)
+            for piece in stream(
+                model, tokenizer, prompt, replace(config, stop=list(config.stop) + stops), notice
+            ):
                 reply += piece
                 write(piece, end="", flush=True)
         except KeyboardInterrupt:  # stop this reply, stay in the chat

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lmforge.config import Config, config_from_dict
+from lmforge.config import Config, check_size, config_from_dict
 from lmforge.errors import UserError
 from lmforge.io import atomic_write_json
+from lmforge.settings import check_fields
 from lmforge.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.weights import load_weights, save_tensors, unique_state_dict
 
@@ -127,8 +128,20 @@ def open_checkpoint(path: str | Path, revision: str | None = None) -> Checkpoint
     if foreign:
         kind, (config, template, eos_ids, sampling) = foreign
         defaults = GenerationDefaults(tuple(eos_ids), sampling)
-        return Checkpoint(path, kind, config, {"imported_from": str(path.resolve())}, template, defaults)
-    return _open_lmforge(path)
+        checkpoint = Checkpoint(
+            path, kind, config, {"imported_from": str(path.resolve())}, template, defaults
+        )
+    else:
+        checkpoint = _open_lmforge(path)
+    if checkpoint.config is not None:  # a damaged or hostile config must not reach the model's constructor
+        try:
+            check_fields(checkpoint.config.model, "model.")
+            check_size(checkpoint.config.model)
+        except UserError as e:
+            raise UserError(
+                f"{path}: {e} The checkpoint's config is damaged or not meant for this machine."
+            ) from None
+    return checkpoint
 
 
 def _open_lmforge(path: Path) -> Checkpoint:

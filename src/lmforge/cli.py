@@ -468,6 +468,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     recommended = _recommended(args.checkpoint)
     config = _generation_config(args, recommended)  # checked before the model loads
+    if args.num_samples < 1:
+        raise UserError("--num-samples must be at least 1.")
     model, tokenizer = load_for_inference(
         args.checkpoint, args.device, args.dtype, args.quantize, args.adapter
     )
@@ -638,6 +640,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     if args.max_batch < 1 or args.max_queue < 1 or args.max_tokens_cap < 1:
         raise UserError("--max-batch, --max-queue and --max-tokens-cap must be at least 1.")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, not {args.port}.")
     serve(
         args.checkpoint,
         args.host,
@@ -791,6 +795,13 @@ def _pin_revision(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else argv
+    for given in raw:  # bytes that are not UTF-8 arrive as lone surrogates: refuse them by name
+        if any("\udc80" <= ch <= "\udcff" for ch in given):
+            shown = given.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            print(f"lmforge: error: the argument {shown!r} is not valid UTF-8 text; pass text in UTF-8.",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     # `kill`, a job scheduler's preemption or torchrun stopping a run send SIGTERM: treat it
@@ -812,6 +823,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmforge: interrupted.", file=sys.stderr)
         return 130
+    except UnicodeDecodeError as e:  # standard input or a file read as text
+        print(f"lmforge: error: the input is not valid {e.encoding} text (byte 0x{e.object[e.start]:02x} at "
+              f"offset {e.start}); convert it to UTF-8.", file=sys.stderr)  # fmt: skip
+        return 2
     except Exception:
         traceback.print_exc()
         return 1

@@ -18,15 +18,16 @@ from typing import Any
 import tomllib
 
 from lmforge.errors import UserError
+from lmforge.settings import check_fields, option
 
 
 @dataclass
 class DataConfig:
     path: str = ""  # text file, folder, .jsonl, or prepared dir; "" = tiny Shakespeare
     tokenizer: str = "char"  # "char", "word", "bpe", or a path to a tokenizer.json
-    vocab_size: int = 4096  # target size of a trained BPE or word vocabulary
-    min_frequency: int = 1  # word tokenizer: rarer words become <unk>
-    val_fraction: float = 0.1  # last fraction of the token stream kept for validation
+    vocab_size: int = option(4096, "target size of a trained BPE or word vocabulary", ge=2, le=4_194_304)
+    min_frequency: int = option(1, "word tokenizer: rarer words become <unk>", ge=1)
+    val_fraction: float = option(0.1, "last fraction of the token stream kept for validation", gt=0.0, lt=1.0)
     val_path: str = ""  # explicit validation text instead of a fraction
     text_field: str = "text"  # field of each JSONL record that holds the text
     encoding: str = "utf-8"
@@ -39,26 +40,30 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "gpt"
-    vocab_size: int = 0  # 0 = take the tokenizer's size
-    block_size: int = 256  # context length in tokens
-    n_layer: int = 6
-    n_head: int = 6
-    n_kv_head: int = 0  # 0 = same as n_head (grouped-query attention when smaller)
-    n_embd: int = 384  # embedding width (and the Transformer's width)
-    hidden_size: int = 0  # recurrent models: hidden state size (0 = n_embd)
-    mlp_ratio: float = 4.0  # hidden width of the MLP relative to n_embd
-    mlp_hidden: int = 0  # exact hidden width of the MLP (overrides mlp_ratio when set)
-    dropout: float = 0.0
+    vocab_size: int = option(0, "0 = take the tokenizer's size", ge=0, le=4_194_304)
+    block_size: int = option(256, "context length in tokens", ge=1, le=1_048_576)
+    n_layer: int = option(6, "layers", ge=1, le=1024)
+    n_head: int = option(6, "attention heads", ge=1, le=1024)
+    n_kv_head: int = option(
+        0, "key/value heads: 0 = n_head (grouped-query attention when smaller)", ge=0, le=1024
+    )
+    n_embd: int = option(384, "embedding width (and the Transformer's width)", ge=1, le=65_536)
+    hidden_size: int = option(0, "recurrent models: hidden state size (0 = n_embd)", ge=0, le=65_536)
+    mlp_ratio: float = option(4.0, "hidden width of the MLP relative to n_embd", gt=0.0, le=64.0)
+    mlp_hidden: int = option(
+        0, "exact hidden width of the MLP (overrides mlp_ratio when set)", ge=0, le=1_048_576
+    )
+    dropout: float = option(0.0, "dropout probability", ge=0.0, lt=1.0)
     bias: bool = True  # biases in linear layers and LayerNorm
     qkv_bias: bool = False  # biases on the query/key/value projection even when bias is false (Qwen2)
     pos_encoding: str = "learned"  # learned | sinusoidal | rope
-    rope_theta: float = 10000.0
+    rope_theta: float = option(10000.0, "rotary base frequency", gt=0.0)
     norm: str = "layernorm"  # layernorm | rmsnorm
-    norm_eps: float = 1e-5
+    norm_eps: float = option(1e-5, "epsilon of the norms", gt=0.0, lt=1.0)
     activation: str = "gelu"  # gelu | gelu_tanh | relu2 | swiglu
     tie_embeddings: bool = True
     qk_norm: bool = False  # normalise queries and keys before attention
-    logit_softcap: float = 0.0  # 0 = off; else logits = cap * tanh(logits / cap)
+    logit_softcap: float = option(0.0, "0 = off; else logits = cap * tanh(logits / cap)", ge=0.0)
     zero_init_proj: bool = False  # start residual projections at zero
     attn_fp32: bool = True  # under bf16/fp16 autocast, compute attention in float32
 
@@ -66,56 +71,60 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
-    warmup_iters: int = 100
+    lr: float = option(1e-3, "peak learning rate", gt=0.0, le=10.0)
+    min_lr: float = option(1e-4, "learning rate at the end of the decay", ge=0.0, le=10.0)
+    weight_decay: float = option(0.1, "decoupled weight decay", ge=0.0, le=10.0)
+    beta1: float = option(0.9, "AdamW's first-moment decay", ge=0.0, lt=1.0)
+    beta2: float = option(0.99, "AdamW's second-moment decay", ge=0.0, lt=1.0)
+    eps: float = option(1e-8, "AdamW's epsilon", gt=0.0, le=1.0)
+    warmup_iters: int = option(100, "steps of linear warm-up", ge=0)
     schedule: str = "cosine"  # cosine | wsd (warm-up, stable, decay) | constant
-    decay_iters: int = 0  # length of the cosine (0 = max_iters)
-    wsd_decay_frac: float = 0.2  # final fraction of the run spent decaying (wsd)
-    grad_clip: float = 1.0  # 0 = off
+    decay_iters: int = option(0, "length of the cosine (0 = max_iters)", ge=0)
+    wsd_decay_frac: float = option(0.2, "final fraction of the run spent decaying (wsd)", ge=0.0, le=1.0)
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0 = off)", ge=0.0)
     fused: bool = True  # fused AdamW kernel where the device has one
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
+    muon_lr: float = option(0.02, "Muon's learning rate", gt=0.0, le=10.0)
+    muon_momentum: float = option(0.95, "Muon's momentum", ge=0.0, lt=1.0)
 
 
 @dataclass
 class TrainConfig:
     out: str = ""  # run directory; "" = out/<preset>
-    max_iters: int = 2000
-    batch_size: int = 12
-    grad_accum: int = 1
-    eval_interval: int = 250
-    eval_batches: int = 20  # validation batches per evaluation (fixed windows)
+    max_iters: int = option(2000, "optimizer steps", ge=1)
+    batch_size: int = option(12, "sequences per micro-batch", ge=1, le=1_048_576)
+    grad_accum: int = option(1, "micro-batches per optimizer step", ge=1)
+    eval_interval: int = option(250, "steps between evaluations", ge=1)
+    eval_batches: int = option(20, "validation batches per evaluation (fixed windows)", ge=1)
     eval_at_start: bool = False
     final_full_eval: bool = True  # at the end, also score the whole validation split (as `lmforge eval` does)
-    log_interval: int = 50
-    patience: int = 0  # stop after this many evaluations without improvement; 0 = off
-    target_loss: float = 0.0  # stop once validation loss reaches this; 0 = off
-    max_time_s: float = 0.0  # stop (with a final evaluation) after this many seconds; 0 = off
-    seed: int = 1337
+    log_interval: int = option(50, "steps between metrics records", ge=1)
+    patience: int = option(0, "stop after this many evaluations without improvement (0 = off)", ge=0)
+    target_loss: float = option(0.0, "stop once validation loss reaches this (0 = off)", ge=0.0)
+    max_time_s: float = option(
+        0.0, "stop (with a final evaluation) after this many seconds (0 = off)", ge=0.0
+    )
+    seed: int = option(1337, "seed of every random generator", ge=0, le=2**63 - 1)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (mixed precision via autocast)
     compile: bool = False
-    threads: int = 0  # CPU threads; 0 = number of physical cores
-    sample_tokens: int = 300  # length of the sample printed at the end; 0 = none
+    threads: int = option(0, "CPU threads (0 = number of physical cores)", ge=0, le=4096)
+    sample_tokens: int = option(300, "length of the sample printed at the end (0 = none)", ge=0)
     progress: bool = True
 
 
 @dataclass
 class FinetuneConfig:
-    init_from: str = ""  # checkpoint or Hugging Face directory to start from ("" = train from scratch)
-    seq_len: int = 256  # training window when fine-tuning (at most the model's block_size)
-    lora_rank: int = 0  # 0 = full fine-tuning; else train rank-r adapters on the target layers only
-    lora_alpha: float = 16.0  # adapter output is scaled by alpha / rank
-    lora_dropout: float = 0.0
+    init_from: str = ""  # checkpoint, Hugging Face folder or hub id, or .gguf file ("" = train from scratch)
+    seq_len: int = option(256, "training window when fine-tuning (at most the model's block_size)", ge=1)
+    lora_rank: int = option(0, "0 = full fine-tuning; else train rank-r adapters on the target layers", ge=0)
+    lora_alpha: float = option(16.0, "adapter output is scaled by alpha / rank", gt=0.0)
+    lora_dropout: float = option(0.0, "dropout on the adapters' input", ge=0.0, lt=1.0)
     lora_targets: str = (
         "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_gate,mlp.c_proj"  # or HF names, or "all-linear"
     )
-    layer_lr_decay: float = 1.0  # < 1: each layer below the top learns this much slower (embeddings slowest)
+    layer_lr_decay: float = option(
+        1.0, "< 1: each layer below the top learns this much slower", gt=0.0, le=1.0
+    )
 
 
 @dataclass
@@ -236,57 +245,66 @@ def load_preset(name: str) -> Config:
 
 
 def validate(config: Config) -> None:
-    """Catch inconsistent settings before any work starts."""
+    """Catch impossible or inconsistent settings before any work starts: every declared range
+    (settings.py), then the rules that tie settings together, then the model's size."""
+    check_fields(config)
     m, t, o = config.model, config.train, config.optim
     gpt = m.arch == "gpt"
     checks = [
-        (
-            not gpt or m.n_embd % m.n_head == 0,
-            f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}).",
-        ),
-        (
-            not gpt or m.n_kv_head == 0 or m.n_head % m.n_kv_head == 0,
-            "model.n_head must be a multiple of model.n_kv_head.",
-        ),
-        (m.block_size >= 1, "model.block_size must be at least 1."),
-        (
-            m.pos_encoding in ("learned", "sinusoidal", "rope"),
-            "model.pos_encoding must be learned, sinusoidal or rope.",
-        ),
-        (
-            not gpt or m.pos_encoding != "rope" or (m.n_embd // m.n_head) % 2 == 0,
-            "rope needs an even head size (n_embd / n_head).",
-        ),
-        (m.norm in ("layernorm", "rmsnorm"), "model.norm must be layernorm or rmsnorm."),
-        (
-            m.activation in ("gelu", "gelu_tanh", "relu2", "swiglu"),
-            "model.activation must be gelu, gelu_tanh, relu2 or swiglu.",
-        ),
-        (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)."),
-        (m.n_layer >= 1 and m.n_embd >= 1, "model.n_layer and model.n_embd must be at least 1."),
-        (t.max_iters >= 1, "train.max_iters must be at least 1."),
-        (
-            t.batch_size >= 1 and t.grad_accum >= 1,
-            "train.batch_size and train.grad_accum must be at least 1.",
-        ),
-        (
-            t.eval_interval >= 1 and t.eval_batches >= 1,
-            "train.eval_interval and train.eval_batches must be at least 1.",
-        ),
-        (
-            t.dtype in ("auto", "float32", "bfloat16", "float16"),
-            "train.dtype must be auto, float32, bfloat16 or float16.",
-        ),
-        (o.optimizer in ("adamw", "muon"), "optim.optimizer must be adamw or muon."),
-        (o.schedule in ("cosine", "wsd", "constant"), "optim.schedule must be cosine, wsd or constant."),
-        (
-            0.0 < config.data.val_fraction < 1.0 or config.data.val_path,
-            "data.val_fraction must be between 0 and 1.",
-        ),
-        (config.finetune.lora_rank >= 0, "finetune.lora_rank must be at least 0 (0 = full fine-tuning)."),
-        (0.0 < config.finetune.layer_lr_decay <= 1.0, "finetune.layer_lr_decay must be in (0, 1]."),
-        (config.finetune.seq_len >= 1, "finetune.seq_len must be at least 1."),
-    ]
-    for ok, message in checks:
+        (not gpt or m.n_embd % m.n_head == 0,
+         f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}).", "model.n_embd"),
+        (not gpt or m.n_kv_head == 0 or m.n_head % m.n_kv_head == 0,
+         "model.n_head must be a multiple of model.n_kv_head.", "model.n_kv_head"),
+        (m.pos_encoding in ("learned", "sinusoidal", "rope"),
+         "model.pos_encoding must be learned, sinusoidal or rope.", "model.pos_encoding"),
+        (not gpt or m.pos_encoding != "rope" or (m.n_embd // m.n_head) % 2 == 0,
+         "rope needs an even head size (model.n_embd / model.n_head).", "model.n_head"),
+        (m.norm in ("layernorm", "rmsnorm"), "model.norm must be layernorm or rmsnorm.", "model.norm"),
+        (m.activation in ("gelu", "gelu_tanh", "relu2", "swiglu"),
+         "model.activation must be gelu, gelu_tanh, relu2 or swiglu.", "model.activation"),
+        (t.dtype in ("auto", "float32", "bfloat16", "float16"),
+         "train.dtype must be auto, float32, bfloat16 or float16.", "train.dtype"),
+        (o.optimizer in ("adamw", "muon"), "optim.optimizer must be adamw or muon.", "optim.optimizer"),
+        (o.schedule in ("cosine", "wsd", "constant"), "optim.schedule must be cosine, wsd or constant.",
+         "optim.schedule"),
+        (o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr:g}) must not exceed optim.lr ({o.lr:g}).", "optim.min_lr"),
+    ]  # fmt: skip
+    for ok, message, setting in checks:
         if not ok:
-            raise UserError(message)
+            raise UserError(message, settings=(setting,))
+    check_size(m, bytes_per_parameter=16)  # weights, gradients and two optimizer moments in float32
+
+
+def estimated_parameters(m: ModelConfig) -> int:
+    """About how many parameters the model section describes (the tokenizer's vocabulary,
+    when vocab_size is 0, is not known yet and counted as 0)."""
+    width = m.hidden_size or m.n_embd
+    embeddings = m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2)
+    if m.arch == "gpt":
+        hidden = m.mlp_hidden or int(m.mlp_ratio * m.n_embd)
+        per_layer = 4 * m.n_embd * m.n_embd + (3 if m.activation == "swiglu" else 2) * m.n_embd * hidden
+        return (
+            embeddings
+            + m.n_layer * per_layer
+            + (m.block_size * m.n_embd if m.pos_encoding == "learned" else 0)
+        )
+    return embeddings + m.n_layer * 4 * width * (m.n_embd + width) * 2
+
+
+def check_size(m: ModelConfig, bytes_per_parameter: int = 4) -> None:
+    """Refuse a model this machine cannot hold (4 bytes a parameter to load it, 16 to train it)."""
+    import os
+
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no check
+        return
+    needed = bytes_per_parameter * estimated_parameters(m)
+    if needed > memory:
+        raise UserError(
+            f"The model section describes about {estimated_parameters(m) / 1e9:.1f} billion parameters, which "
+            f"need about {needed / 2**30:.0f} GiB {'to train' if bytes_per_parameter > 4 else 'to load'}; "
+            f"this machine has {memory / 2**30:.0f} GiB. "
+            f"Lower model.vocab_size, model.n_embd or model.n_layer.",
+            settings=("model.n_embd", "model.n_layer"),
+        )

@@ -70,6 +70,7 @@ def filter_logits(
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # Drop a token when the tokens before it already reach top_p (the first always stays).
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop_sorted[..., 0] = False  # the most likely token always stays (a tiny top_p rounds to 0 here)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -80,7 +81,9 @@ def choose_tokens(
 ) -> torch.Tensor:
     if cfg.temperature == 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
+    # Shifted so that the best logit is 0: a tiny temperature then gives -inf, never inf - inf.
+    logits = (logits - logits.max(-1, keepdim=True).values) / cfg.temperature
+    logits = filter_logits(logits.nan_to_num(nan=float("-inf")), cfg.top_k, cfg.top_p, cfg.min_p)
     probs = logits.softmax(-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 

@@ -8,29 +8,11 @@ the CLI can build its flags quickly.
 
 from __future__ import annotations
 
-import math
 import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from lmforge.errors import UserError
-
-
-def option(
-    default: Any,
-    help: str,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-    api: bool = True,
-) -> Any:
-    """A generation setting: its default, what it does and its valid range. The CLI flags of
-    `generate`/`chat` and the request fields of the server are made from these (`api=False`:
-    not a request field; the server's protocol has its own way to say it)."""
-    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
-    return field(default=default, metadata={"help": help, "bounds": bounds, "api": api})
+from lmforge.settings import check_fields, option
 
 
 @dataclass(frozen=True)
@@ -43,7 +25,7 @@ class GenerationConfig:
     top_p: float = option(1.0, "keep the smallest set of tokens whose probability reaches p", gt=0.0, le=1.0)
     min_p: float = option(0.0, "drop tokens less likely than min_p times the most likely one", ge=0.0, lt=1.0)
     repetition_penalty: float = option(
-        1.0, "> 1 discourages tokens already in the text (prompt included)", gt=0.0, le=100.0
+        1.0, "> 1 discourages tokens already in the text (prompt included)", ge=0.01, le=100.0
     )
     presence_penalty: float = option(
         0.0, "subtracted once from the logit of each token already generated", ge=-10.0, le=10.0
@@ -72,28 +54,11 @@ class GenerationConfig:
 
     def validate(self) -> None:
         """Every setting within its range (the bounds in the field definitions)."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None or isinstance(value, bool | tuple):
-                continue
-            problem = out_of_bounds(value, f.metadata["bounds"])
-            if problem:
-                raise UserError(f"Generation setting {f.name} must be {problem}, not {value!r}.")
+        check_fields(self, label="Generation setting ")
 
     def sampling_key(self) -> GenerationConfig:
         """The settings that must agree for sequences to be decoded in one batch."""
         return replace(self, max_new_tokens=0, stop=(), strict=False)
-
-
-def out_of_bounds(value: float, bounds: dict[str, float]) -> str | None:
-    """None when `value` is a finite number within `bounds`, else what it must be."""
-    words = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
-    ok = math.isfinite(value) and all(
-        {"ge": value >= b, "gt": value > b, "le": value <= b, "lt": value < b}[k] for k, b in bounds.items()
-    )
-    if ok:
-        return None
-    return " and ".join(f"{words[k]} {b:g}" for k, b in bounds.items()) or "a finite number"
 
 
 def generation_settings() -> list[tuple[str, type, Any, str, dict[str, float], bool]]:

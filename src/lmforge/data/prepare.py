@@ -261,7 +261,11 @@ def data_paths(cfg: DataConfig) -> list[Path]:
     spec = cfg.path or DEFAULT_DATASET
     if spec in DATASETS:
         return [resolve_dataset(spec)]
-    return [Path(p) for p in spec.split(",")]
+    parts = [p.strip() for p in spec.split(",")]
+    if not all(parts):  # "a.txt," would otherwise name the current folder, and with it every text below it
+        raise UserError(f"data.path {spec!r} has an empty entry; list files or folders separated by single "
+                        f"commas, with none left empty.", settings=("data.path",))  # fmt: skip
+    return [Path(p) for p in parts]
 
 
 def resolve_data(cfg: DataConfig, log=print) -> PreparedData:

@@ -110,6 +110,9 @@ def evaluate_ids(
 
     The default window is the model's context, at most 8,192 tokens (a recurrent model's
     context is unbounded: it reads each 8,192-token window from a fresh state)."""
+    if batch_size < 1 or (context is not None and context < 1) or (stride is not None and stride < 1):
+        raise UserError(f"batch_size, context and stride must be at least 1 (got {batch_size}, {context}, {stride}).",
+                        settings=("batch_size", "context", "stride"))  # fmt: skip
     context = context or min(model.block_size, 8192)
     if context > model.block_size:
         raise UserError(

@@ -172,6 +172,10 @@ class _Window:
         record: dict[str, Any] = {"step": p.step}
         if self.steps:
             record["train_loss"] = round(t.dist.mean(self.loss).item() / self.steps, 5)  # one sync per record
+            if not math.isfinite(record["train_loss"]):
+                raise UserError(f"Training diverged: the training loss is {record['train_loss']} at step {p.step}; "
+                                f"lower the learning rate (optim.lr) or set optim.grad_clip. The last good state "
+                                f"is kept.", settings=("optim.lr", "optim.grad_clip"))  # fmt: skip
         record["lr"] = lr
         if s.tokens_per_step and self.steps:
             record["tokens_per_s"] = round(

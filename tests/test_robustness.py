@@ -1,0 +1,191 @@
+"""Bad input, class by class: every user mistake gets one sentence and exit status 2 (never a
+traceback), nothing is silently wrong, and the validators hold for any value (hypothesis)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lmforge.checkpoint import open_checkpoint
+from lmforge.cli import main
+from lmforge.config import Config, apply_overrides, field_types, validate
+from lmforge.errors import UserError
+from lmforge.generation_config import GenerationConfig, generation_settings
+from lmforge.training.trainer import train
+
+from .conftest import tiny_config
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--lr", "-1"], "optim.lr must be above 0 and at most 10, not -1.0. (command line: --lr)"),
+    (["--optim.beta1", "2"], "optim.beta1 must be at least 0 and below 1, not 2.0. (command line: --optim.beta1)"),
+    (["--model.n_head", "0"], "model.n_head must be at least 1 and at most 1024, not 0."),
+    (["--seed", str(2**70)], "train.seed must be at least 0 and at most 9.22337e+18"),
+    (["--train.max_time_s", "-5"], "train.max_time_s must be at least 0, not -5.0."),
+    (["--train.patience", "-1"], "train.patience must be at least 0, not -1."),
+    (["--optim.grad_clip", "-1"], "optim.grad_clip must be at least 0, not -1.0."),
+    (["--optim.weight_decay", "-0.1"], "optim.weight_decay must be at least 0 and at most 10, not -0.1."),
+    (["--optim.lr", "nan"], "optim.lr must be above 0 and at most 10, not nan."),
+    (["--model.vocab_size", "1000000000"], "model.vocab_size must be at least 0 and at most 4.1943e+06"),
+    (["--model.n_embd", "65536", "--model.n_layer", "1024", "--model.n_head", "64"], "billion parameters"),
+    (["--optim.min_lr", "0.5", "--lr", "0.1"], "optim.min_lr (0.5) must not exceed optim.lr (0.1)."),
+    (["--data", "a.txt,"], "has an empty entry"),
+])  # fmt: skip
+def test_bad_training_settings_are_one_sentence(tmp_path, capsys, flags, expected):
+    code, err = run_cli(["train", "--preset", "tiny", "--out", str(tmp_path / "o"), *flags], capsys)
+    assert code == 2 and expected in err
+    assert err.startswith("lmforge: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["eval", "CKPT", "--batch-size", "-1"], "batch_size, context and stride must be at least 1"),
+    (["eval", "CKPT", "--batch-size", "0"], "batch_size, context and stride must be at least 1"),
+    (["generate", "CKPT", "--num-samples", "0"], "--num-samples must be at least 1."),
+    (["generate", "CKPT", "--temperature", "inf"], "temperature must be at least 0 and at most 5, not inf"),
+    (["generate", "CKPT", "--top-p", "1e-50"], None),  # accepted: above 0, and it works (next test)
+    (["serve", "CKPT", "--port", "99999"], "--port must be between 0 and 65535, not 99999."),
+])  # fmt: skip
+def test_bad_inference_settings(tmp_path, capsys, shakespeare_excerpt, args, expected):
+    out = tmp_path / "ckpt"
+    train(tiny_config(out, shakespeare_excerpt, **{"train.max_iters": 10}), log=lambda _: None)
+    args = [str(out) if a == "CKPT" else a for a in args]
+    if expected is None:
+        assert main([*args, "--prompt", "ROMEO:", "--max-new-tokens", "5", "--no-stream"]) == 0
+        assert capsys.readouterr().out.startswith("ROMEO:")
+        return
+    code, err = run_cli(args, capsys)
+    assert code == 2 and expected in err and "Traceback" not in err
+
+
+def test_non_utf8_bytes_in_arguments_and_on_standard_input(tmp_path, shakespeare_excerpt):
+    out = tmp_path / "ckpt"
+    train(tiny_config(out, shakespeare_excerpt, **{"train.max_iters": 10}), log=lambda _: None)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    bad_arg = subprocess.run([sys.executable, "-m", "lmforge", "generate", str(out), "--prompt", b"caf\xe9"],
+                             capture_output=True, env=env, timeout=120)  # fmt: skip
+    assert bad_arg.returncode == 2 and b"is not valid UTF-8 text" in bad_arg.stderr
+    assert b"Traceback" not in bad_arg.stderr
+    bad_stdin = subprocess.run([sys.executable, "-m", "lmforge", "generate", str(out), "--prompt-file", "-"],
+                               input=b"caf\xe9\n", capture_output=True, env=env, timeout=120)  # fmt: skip
+    assert bad_stdin.returncode == 2 and b"is not valid utf-8 text (byte 0xe9" in bad_stdin.stderr
+    assert b"Traceback" not in bad_stdin.stderr
+
+
+def test_damaged_or_hostile_checkpoint_configs_are_refused_before_any_allocation(
+    tmp_path, shakespeare_excerpt
+):
+    out = tmp_path / "ckpt"
+    train(tiny_config(out, shakespeare_excerpt, **{"train.max_iters": 10}), log=lambda _: None)
+    saved = json.loads((out / "config.json").read_text())
+    for change, message in [({"block_size": -4}, "model.block_size must be at least 1"),
+                            ({"vocab_size": 10**9}, "model.vocab_size must be at least 0 and at most"),
+                            ({"n_embd": 60000, "n_layer": 1000}, "billion parameters")]:  # fmt: skip
+        hostile = json.loads(json.dumps(saved))
+        hostile["config"]["model"].update(change)
+        (out / "config.json").write_text(json.dumps(hostile))
+        with pytest.raises(UserError, match=message):
+            open_checkpoint(out)
+
+
+def test_training_that_diverges_stops_with_an_error_and_keeps_the_last_good_state(
+    tmp_path, shakespeare_excerpt, monkeypatch, capsys
+):
+    """A loss that turns NaN (here from step 13 on: the stand-in for an exploding run) stops the
+    run with exit 2, and the state saved at the last evaluation (step 10) is left to resume from."""
+    from lmforge.training.sources import WindowSource
+
+    original, calls = WindowSource.loss, []
+
+    def failing(self, model, batch):
+        calls.append(1)
+        loss = original(self, model, batch)
+        return loss * float("nan") if len(calls) > 12 else loss
+
+    monkeypatch.setattr(WindowSource, "loss", failing)
+    out = tmp_path / "run"
+    code, err = run_cli(["train", "--preset", "tiny", "--data", str(shakespeare_excerpt), "--out", str(out),
+                         "--max-iters", "40", "--train.eval_interval", "10", "--train.log_interval", "5",
+                         "--train.sample_tokens", "0", "--quiet", "--device", "cpu"], capsys)  # fmt: skip
+    assert code == 2 and "Training diverged: the training loss is nan at step 15" in err
+    assert "(command line: --lr, --optim.grad_clip)" in err
+    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 10
+    assert json.loads((out / "config.json").read_text())["step"] == 10  # the best model, from before
+
+
+def test_a_run_directory_that_is_a_file_is_refused(tmp_path, shakespeare_excerpt, capsys):
+    (tmp_path / "taken").write_text("not a folder")
+    code, err = run_cli(["train", "--preset", "tiny", "--data", str(shakespeare_excerpt), "--out",
+                         str(tmp_path / "taken")], capsys)  # fmt: skip
+    assert code == 2 and "is a file; choose another train.out. (command line: --out)" in err
+
+
+# ---- properties of the validators --------------------------------------------------------------
+
+NUMBERS = st.one_of(st.integers(min_value=-(2**80), max_value=2**80),
+                    st.floats(allow_nan=True, allow_infinity=True, width=64))  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(key=st.sampled_from(sorted(k for k, t in field_types().items() if t in (int, float))), value=NUMBERS)
+def test_config_validation_accepts_only_values_within_range(key, value):
+    """Any number for any numeric setting: either a UserError naming that setting, or a config
+    whose every number is finite and within the declared range."""
+    kind = field_types()[key]
+    try:
+        config = apply_overrides(Config(), {key: str(value) if kind is int else value})
+        validate(config)
+    except UserError as e:
+        assert (
+            key.split(".")[-1] in str(e)
+            or "billion parameters" in str(e)
+            or "must not exceed" in str(e)
+            or "divisible" in str(e)
+            or "multiple" in str(e)
+            or "even head size" in str(e)
+        ), str(e)
+        return
+    section, name = key.split(".")
+    accepted = getattr(getattr(config, section), name)
+    assert math.isfinite(accepted)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from([n for n, kind, *_ in generation_settings() if kind in (int, float, int | None)]),
+       value=NUMBERS)  # fmt: skip
+def test_generation_settings_accept_only_values_within_range(name, value):
+    try:
+        config = GenerationConfig(**{name: value})
+    except UserError as e:
+        assert name in str(e) and e.settings == (name,)
+        return
+    assert math.isfinite(getattr(config, name))
+
+
+def test_sampling_with_extreme_but_valid_settings_never_fails():
+    import torch
+
+    from lmforge.generation import choose_tokens
+
+    logits = torch.randn(3, 50)
+    for cfg in [GenerationConfig(top_p=1e-300), GenerationConfig(repetition_penalty=0.01, temperature=5.0),
+                GenerationConfig(min_p=0.999999, top_k=1), GenerationConfig(temperature=1e-30)]:  # fmt: skip
+        tokens = choose_tokens(logits, cfg, torch.Generator().manual_seed(0))
+        assert tokens.shape == (3,) and ((0 <= tokens) & (tokens < 50)).all()
+
+
+def test_tests_data_is_where_the_robustness_inputs_come_from():
+    assert Path(__file__).with_name("data").is_dir()
