@@ -17,6 +17,7 @@ import uvicorn
 
 from lmforge.chat import chat_template_of, terminal_chat  # noqa: E402
 from lmforge.checkpoint import load_checkpoint  # noqa: E402
+from lmforge.errors import UserError  # noqa: E402
 from lmforge.evaluation.perplexity import token_nll  # noqa: E402
 from lmforge.generation import GenerationConfig, generate  # noqa: E402
 from lmforge.serving.engine import Engine, QueueFull, Sequence  # noqa: E402
@@ -175,7 +176,10 @@ def test_bad_requests_get_openai_shaped_errors(served):
     bad = httpx.post(
         served.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
     )
-    assert bad.status_code == 400 and bad.json()["error"]["message"] == "The request body is not valid JSON."
+    assert (
+        bad.status_code == 400
+        and bad.json()["error"]["message"] == "The request body is not valid JSON (in UTF-8)."
+    )
     huge = httpx.post(
         served.url + "/v1/completions", content=b"x" * (2 << 20), headers={"content-type": "application/json"}
     )
@@ -252,19 +256,26 @@ def test_bounded_queue_refuses_instead_of_stalling(checkpoint):
     finally:
         loop.close()
 
-    # Over HTTP: a request that does not fit in the queue gets 503 with Retry-After, at once.
+    # Over HTTP: a request that does not fit in the queue now gets 503 with Retry-After, at once;
+    # one that could never fit (more sequences than the queue holds) gets 400: retrying is useless.
     server = RunningServer(
         create_app(
             model, tokenizer, ServerSettings(model_name="tiny", max_queue=2), chat_template_of(checkpoint)
         )
     )
     try:
-        server.app.state.engine.close()  # nothing drains the queue
+        engine = server.app.state.engine
+        engine.close()  # nothing drains the queue
+        engine.submit([make(0), make(1)])  # (the Sequence objects are never run)
         busy = httpx.post(
-            server.url + "/v1/completions", json={"prompt": "KING:", "max_tokens": 5, "n": 3}, timeout=10
+            server.url + "/v1/completions", json={"prompt": "KING:", "max_tokens": 5, "n": 1}, timeout=10
         )
         assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
         assert busy.json()["error"]["type"] == "server_busy"
+        never = httpx.post(
+            server.url + "/v1/completions", json={"prompt": ["a"] * 3, "max_tokens": 5}, timeout=10
+        )
+        assert never.status_code == 400 and "queues at most 2 at once" in never.json()["error"]["message"]
     finally:
         server.stop()
 
@@ -330,3 +341,86 @@ def test_terminal_chat_commands_and_history(checkpoint):
     assert "(temperature 0)" in text and "(system prompt set)" in text
     assert "(unknown command /bogus" in text and "(conversation forgotten)" in text
     assert text.count("model> ") == 2
+
+
+# ---- the server cannot be knocked over by its clients -----------------------------------------------
+
+
+def test_a_chunked_body_over_the_limit_is_cut_off_and_others_are_still_served(served):
+    sent = []
+
+    def five_megabytes():
+        for _ in range(80):
+            sent.append(1)
+            yield b"x" * 65536
+
+    start = time.perf_counter()
+    big = httpx.post(served.url + "/v1/completions", content=five_megabytes(),
+                     headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    assert big.status_code == 413 and big.json()["error"]["type"] == "invalid_request_error"
+    assert "larger than 1048576 bytes" in big.json()["error"]["message"]
+    assert time.perf_counter() - start < 10
+    assert httpx.get(served.url + "/health", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "KING:", "top_p": 1e-46, "max_tokens": 3}, None),  # accepted and answered
+    ({"prompt": "KING:", "repetition_penalty": 1e-300, "max_tokens": 3}, "repetition_penalty"),
+    ({"prompt": "KING:", "seed": 2**64, "max_tokens": 3}, "seed"),
+    ({"prompt": "KING:", "temperature": "hot", "max_tokens": 3}, "temperature"),
+    ({"prompt": "KING:", "logprobs": 5, "max_tokens": 3}, None),
+    ({"prompt": "K" * 10, "logprobs": 20, "echo": True, "max_tokens": 0}, None),
+])  # fmt: skip
+def test_strange_sampling_values_give_answers_or_400_never_500(served, body, param):
+    reply = httpx.post(served.url + "/v1/completions", json=body, timeout=30)
+    if param is None:
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    else:
+        assert reply.status_code == 400 and reply.json()["error"]["param"].endswith(param), reply.text
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b'{"prompt": "\\ud800 a lone surrogate", "max_tokens": 3}', "lone surrogate"),
+    (b'{"messages": [{"role": "user", "content": "\\udfff"}]}', "lone surrogate"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}', "messages.0.content"),
+    (b'{"prompt": "caf\\xe9"}'.replace(b"\\\\xe9", b"\\xe9"), "not valid JSON"),
+    (b"[" * 5000 + b"]" * 5000, None),
+])  # fmt: skip
+def test_malformed_bodies_get_openai_shaped_400s(served, raw, expected):
+    path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
+    reply = httpx.post(
+        served.url + path, content=raw, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    if expected:
+        assert expected in error["message"] or expected == error["param"], error
+    # the connection is still good for the next request
+    assert httpx.get(served.url + "/health", timeout=5).status_code == 200
+
+
+def test_only_loopback_host_names_are_answered_by_a_loopback_server(served):
+    evil = httpx.get(served.url + "/v1/models", headers={"host": "attacker.example"}, timeout=5)
+    assert (
+        evil.status_code == 400
+        and "Host 'attacker.example' is not served here" in evil.json()["error"]["message"]
+    )
+    for name in ("localhost", f"localhost:{served.port}", f"127.0.0.1:{served.port}"):
+        assert httpx.get(served.url + "/v1/models", headers={"host": name}, timeout=5).status_code == 200
+
+
+def test_the_api_key_comes_from_the_environment_or_a_file(tmp_path, monkeypatch):
+    from lmforge.cli import _api_key, build_parser
+
+    parser = build_parser()
+    monkeypatch.setenv("LMFORGE_API_KEY", "from-env")
+    assert _api_key(parser.parse_args(["serve", "x"])) == "from-env"
+    (tmp_path / "key").write_text("from-file\n")
+    assert _api_key(parser.parse_args(["serve", "x", "--api-key-file", str(tmp_path / "key")])) == "from-file"
+    monkeypatch.delenv("LMFORGE_API_KEY")
+    assert _api_key(parser.parse_args(["serve", "x"])) is None
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(UserError, match="is empty"):
+        _api_key(parser.parse_args(["serve", "x", "--api-key-file", str(tmp_path / "empty")]))

@@ -287,7 +287,16 @@ def _parser_serve(sub) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 requests (visible "
+        "in `ps`: prefer $LMFORGE_API_KEY or --api-key-file)",
+    )
+    p.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
+    p.add_argument("--allowed-host", action="append", default=None,
+                   help="a Host name the server answers to (repeatable; default: loopback names when bound to "
+                        "loopback, any otherwise)")  # fmt: skip
     _shared(p, "--device", "--dtype", "--quantize", "--adapter", "--revision")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (1 = no batching)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting sequences before answering 503")
@@ -646,7 +655,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.checkpoint,
         args.host,
         args.port,
-        args.api_key,
+        _api_key(args),
         args.device,
         args.dtype,
         args.quantize,
@@ -654,8 +663,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.max_queue,
         args.max_tokens_cap,
         adapter=args.adapter,
+        allowed_hosts=args.allowed_host,
     )
     return 0
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else --api-key-file, else $LMFORGE_API_KEY (None: no key needed)."""
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text("utf-8").strip().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"Cannot read the API key file {args.api_key_file} ({e}).") from None
+        if not key or not key[0].strip():
+            raise UserError(f"The API key file {args.api_key_file} is empty.")
+        return key[0].strip()
+    return args.api_key or os.environ.get("LMFORGE_API_KEY") or None
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

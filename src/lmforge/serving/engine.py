@@ -202,7 +202,7 @@ class Engine:
         trackers = [TextTracker(self.tokenizer, list(s.config.stop)) for s in batch]
         done = [s.cancelled for s in batch]
         produced = [0] * len(batch)
-        top_k = max((s.logprobs or 0) for s in batch)
+        top_k = min(max((s.logprobs or 0) for s in batch), self.tokenizer.vocab_size)  # no more than exist
         wants_logprobs = any(s.logprobs is not None for s in batch)
         scores: dict[str, torch.Tensor] = {}
 
@@ -274,6 +274,7 @@ def prompt_logprobs(model: nn.Module, ids: list[int], top: int) -> tuple[list[fl
     device = next(model.parameters()).device
     logits, _ = model(torch.tensor([ids], device=device))
     logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+    top = min(top, logprobs.shape[-1])  # no more alternatives than the vocabulary has
     target = torch.tensor(ids[1:], device=device)
     chosen = logprobs[:-1].gather(1, target[:, None]).squeeze(1).tolist()
     tops: list[list] = [[]]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from lmforge.chat import chat_prompt, chat_stop_strings
 from lmforge.generation import start_ids
@@ -47,6 +49,9 @@ from lmforge.serving.protocol import (
 class ServerSettings:
     model_name: str
     api_key: str | None = None
+    # Host headers accepted: a server on loopback answers only to loopback names, so that a web page
+    # elsewhere cannot reach it through DNS rebinding. ("*" = any, for a server bound to all addresses.)
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "[::1]", "::1")
     max_tokens_cap: int = 2048  # the most new tokens one choice may ask for
     max_n: int = 8  # the most choices one request may ask for
     max_body_bytes: int = 1 << 20
@@ -67,6 +72,7 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
     app.state.engine = engine
     _add_error_handlers(app)
     _add_limits_and_auth(app, settings)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # outermost: counts every byte received
     requests = _Requests(engine, tokenizer, settings, model.block_size)
     created = int(time.time())
 
@@ -104,11 +110,68 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
     return app
 
 
+class BodyLimit:
+    """ASGI middleware: stop reading a request body once it passes `limit` bytes, whether it was
+    announced with Content-Length or sent in chunks (a chunked upload is never read whole). It
+    answers 413 itself and tells the application that the client went away."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        received, started, refused = 0, False, False
+
+        async def limited():
+            nonlocal received, refused, started
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                refused = True
+                if not started:
+                    started = True
+                    text = f"The request body is larger than {self.limit} bytes."
+                    await JSONResponse(error_body(text, "invalid_request_error"), 413)(scope, receive, send)
+                return {"type": "http.disconnect"}
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            if refused:
+                return  # the 413 has been sent: whatever the application answers is dropped
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, tracked_send)
+        except Exception as e:  # noqa: BLE001  (a bug: logged, answered in the API's shape, connection kept)
+            if refused:
+                return
+            logging.getLogger("lmforge.serve").exception("request failed")
+            if not started:
+                text = f"Internal error ({type(e).__name__}); the server log has the details."
+                await JSONResponse(error_body(text, "server_error"), 500)(scope, receive, send)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
         return JSONResponse(
             error_body(e.message, e.kind, e.param, e.code), status_code=e.status, headers=e.headers
+        )
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:  # 404, 405, 413: in the API's shape
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(_: Request, e: RecursionError) -> JSONResponse:
+        return JSONResponse(
+            error_body("The request body is nested too deeply.", "invalid_request_error"), 400
         )
 
     @app.exception_handler(RequestValidationError)
@@ -119,7 +182,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
         first = e.errors()[0] if e.errors() else {}
         if first.get("type") == "json_invalid":
-            message = "The request body is not valid JSON."
+            message = "The request body is not valid JSON (in UTF-8)."
         else:
             message = "Invalid request: " + "; ".join(problems) + "."
         param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
@@ -129,6 +192,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _add_limits_and_auth(app: FastAPI, settings: ServerSettings) -> None:
     @app.middleware("http")
     async def limits_and_auth(request: Request, call_next):
+        host = request.headers.get("host", "")
+        name = host if host.endswith("]") else host.rsplit(":", 1)[0]
+        if "*" not in settings.allowed_hosts and name not in settings.allowed_hosts:
+            return JSONResponse(error_body(f"Host {host!r} is not served here (the server answers to "
+                                           f"{', '.join(settings.allowed_hosts)}; see lmforge serve --allowed-host).",
+                                           "invalid_request_error"), status_code=400)  # fmt: skip
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
             return JSONResponse(
@@ -151,6 +220,16 @@ def _add_limits_and_auth(app: FastAPI, settings: ServerSettings) -> None:
                     status_code=401,
                 )
         return await call_next(request)
+
+
+def valid_text(text: str, param: str) -> str:
+    """`text`, or a 400 when it holds a lone surrogate (JSON can carry one; Unicode text cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"{param} holds a lone surrogate (\\ud800-\\udfff), which is not text.",
+                       param=param) from None  # fmt: skip
+    return text
 
 
 def _busy(e: QueueFull) -> APIError:
@@ -201,6 +280,7 @@ class _Requests:
         return stop
 
     def prompts_of(self, raw) -> tuple[list[str | list[int]], list[list[int]]]:
+        """(Runs in a worker thread: a long prompt must not hold up the event loop.)"""
         """The prompts as given (text or token ids) and as token ids."""
         if isinstance(raw, str):
             given: list[str | list[int]] = [raw]
@@ -217,7 +297,7 @@ class _Requests:
                     )
                 ids.append(list(p) or start_ids(self.tokenizer))
             else:
-                ids.append(self.tokenizer.encode(p) if p else start_ids(self.tokenizer))
+                ids.append(self.tokenizer.encode(valid_text(p, "prompt")) if p else start_ids(self.tokenizer))
         return given, ids
 
     # ---- running ----
@@ -230,6 +310,11 @@ class _Requests:
         stop: list[str],
         logprobs: int | None,
     ) -> tuple[asyncio.Queue, list[Sequence]]:
+        count = len(prompts) * body.n
+        if count > self.engine.max_queue:  # could never be queued: retrying would not help
+            raise APIError(400, f"This request asks for {count} sequences (prompts × n); this server queues at "
+                                f"most {self.engine.max_queue} at once. Send fewer prompts or a smaller n.",
+                           param="n")  # fmt: skip
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         config = body.generation_config(new_tokens, stop)
@@ -317,7 +402,7 @@ class _Requests:
     # ---- endpoints ----
 
     async def completion(self, body: CompletionRequest):
-        given, prompts = self.prompts_of(body.prompt)
+        given, prompts = await asyncio.to_thread(self.prompts_of, body.prompt)
         new_tokens = self.max_new(body, body.max_tokens, 16)
         for ids in prompts:
             self.check_context(ids, new_tokens)
@@ -372,7 +457,10 @@ class _Requests:
 
     async def chat(self, body: ChatRequest, chat_template: str):
         messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            {
+                "role": "system" if m.role == "developer" else m.role,
+                "content": valid_text(m.text(), "messages"),
+            }
             for m in body.messages
         ]
         try:
@@ -381,7 +469,7 @@ class _Requests:
             raise APIError(
                 400, f"The chat template could not format these messages ({e}).", param="messages"
             ) from None
-        ids = self.tokenizer.encode(prompt)
+        ids = await asyncio.to_thread(self.tokenizer.encode, prompt)
         new_tokens = self.max_new(
             body, body.max_completion_tokens or body.max_tokens, max(1, min(512, self.block_size - len(ids)))
         )
@@ -443,6 +531,12 @@ class _Requests:
         }
 
 
+def _default_hosts(bind: str) -> tuple[str, ...]:
+    """Loopback-bound: loopback names only (DNS-rebinding safe). Bound elsewhere: any name."""
+    loopback = ("127.0.0.1", "localhost", "::1", "[::1]")
+    return (*loopback, bind) if bind in loopback or bind.startswith("127.") else ("*",)
+
+
 def serve(
     checkpoint: str,
     host: str = "127.0.0.1",
@@ -456,6 +550,7 @@ def serve(
     max_tokens_cap: int = 2048,
     log_level: str = "info",
     adapter: str | None = None,
+    allowed_hosts: list[str] | None = None,
 ) -> None:
     """Load `checkpoint` (with a LoRA `adapter` merged in, if given) and serve it until interrupted."""
     from pathlib import Path
@@ -472,6 +567,7 @@ def serve(
         max_batch=max_batch,
         max_queue=max_queue,
         max_tokens_cap=max_tokens_cap,
+        allowed_hosts=tuple(allowed_hosts or _default_hosts(host)),
     )
     app = create_app(model, tokenizer, settings, chat_template_of(checkpoint, adapter))
     print(f"Serving {settings.model_name} on http://{host}:{port} (OpenAI API under /v1, chat page at /).")
