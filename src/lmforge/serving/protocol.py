@@ -31,6 +31,19 @@ class APIError(Exception):
         self.headers = headers
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """What every error looks like (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 

@@ -37,6 +37,7 @@ from lmforge.serving.protocol import (
     ChatRequest,
     Choice,
     CompletionRequest,
+    ErrorResponse,
     RequestBase,
     ResponseShape,
     error_body,
@@ -99,15 +100,53 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
     async def chat_page() -> str:
         return resources.files("lmforge.serving").joinpath("chat.html").read_text("utf-8")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest):
         return await requests.completion(body)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatRequest):
         return await requests.chat(body, chat_template)
 
+    app.openapi = lambda: _openapi(app, settings)
     return app
+
+
+ERROR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+ERROR_RESPONSES = {
+    400: {
+        "description": "Invalid request (bad JSON, a value out of range, a prompt beyond the context)",
+        **ERROR,
+    },
+    401: {"description": "Missing or wrong API key", **ERROR},
+    413: {"description": "Request body too large", **ERROR},
+    503: {"description": "Queue full: retry after the Retry-After header's seconds", **ERROR},
+}
+
+
+def _openapi(app: FastAPI, settings: ServerSettings) -> dict:
+    """The OpenAPI document as the server behaves: errors are OpenAI-shaped 400s (FastAPI would
+    say 422), completions can stream as server-sent events, and `n` has the server's limit."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version="1", routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["ErrorResponse"] = ErrorResponse.model_json_schema()
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    for path in schema["paths"].values():
+        for operation in path.values():
+            operation["responses"].pop("422", None)
+            ok = operation["responses"].get("200", {}).get("content")
+            if ok is not None and operation.get("requestBody"):
+                ok["text/event-stream"] = {"schema": {"type": "string", "description": 'with "stream": true'}}
+    for model in ("CompletionRequest", "ChatRequest"):
+        if model in components:
+            components[model]["properties"]["n"]["maximum"] = settings.max_n
+    app.openapi_schema = schema
+    return schema
 
 
 class BodyLimit:
