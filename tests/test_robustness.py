@@ -189,3 +189,51 @@ def test_sampling_with_extreme_but_valid_settings_never_fails():
 
 def test_tests_data_is_where_the_robustness_inputs_come_from():
     assert Path(__file__).with_name("data").is_dir()
+
+
+# ---- files: unwritable folders, a full disk, what a kill leaves behind -----------------------------
+
+
+def test_an_unwritable_output_folder_is_one_sentence(shakespeare_excerpt, capsys):
+    code, err = run_cli(["train", "--preset", "tiny", "--data", str(shakespeare_excerpt), "--out",
+                         "/sys/lmforge-cannot-write/run", "--quiet"], capsys)  # fmt: skip
+    assert code == 2 and "cannot write" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_full_disk_during_a_save_stops_cleanly_and_the_run_resumes(tmp_path, shakespeare_excerpt, monkeypatch,
+                                                                     capsys):  # fmt: skip
+    import errno
+
+    from lmforge.training import state as saved_state
+
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--data", str(shakespeare_excerpt), "--out", str(out), "--max-iters", "30",
+            "--train.eval_interval", "10", "--train.sample_tokens", "0", "--quiet", "--device", "cpu"]  # fmt: skip
+    original, saves = saved_state.save_weights, []
+
+    def disk_full_on_second_state(path, model, metadata=None):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return original(path, model, metadata)
+
+    monkeypatch.setattr(saved_state, "save_weights", disk_full_on_second_state)
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "(No space left on device); free some space" in err and "--resume" in err
+    assert "Traceback" not in err
+    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 10  # the good state stands
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the half-written copy is gone
+    monkeypatch.setattr(saved_state, "save_weights", original)
+    assert main([*args, "--resume"]) == 0
+    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 30
+
+
+def test_leftovers_of_a_killed_save_are_removed_when_the_run_continues(tmp_path, shakespeare_excerpt):
+    out = tmp_path / "run"
+    cfg = tiny_config(out, shakespeare_excerpt, **{"train.max_iters": 10})
+    train(cfg, log=lambda _: None)
+    (out / ".train_state-k1ll3d").mkdir()  # what kill -9 during a save leaves
+    (out / ".train_state-k1ll3d" / "model.safetensors").write_bytes(b"half")
+    (out / ".model.safetensors.ab12.tmp").write_bytes(b"half")
+    train(apply_overrides(cfg, {"train.max_iters": 20}), resume=True, log=lambda _: None)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []

@@ -7,6 +7,7 @@ unexpected (traceback shown); 130 after Ctrl-C (training saves its state first).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -846,6 +847,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmforge: interrupted.", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
+            traceback.print_exc()
+            return 1
+        where = f" {e.filename}" if e.filename else ""
+        print(f"lmforge: error: cannot write{where} ({e.strerror}); free some space or choose a writable "
+              f"folder, then run the command again (training: with --resume).", file=sys.stderr)  # fmt: skip
+        return 2
     except UnicodeDecodeError as e:  # standard input or a file read as text
         print(f"lmforge: error: the input is not valid {e.encoding} text (byte 0x{e.object[e.start]:02x} at "
               f"offset {e.start}); convert it to UTF-8.", file=sys.stderr)  # fmt: skip

@@ -75,3 +75,29 @@ def cache_dir() -> Path:
         return Path(os.environ["LMFORGE_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
     return Path(base) / "lmforge"
+
+
+TEMPORARY = (".train_state-", ".prep-")  # folders being filled (new_temp_dir prefixes)
+
+
+def remove_stale_temporaries(folder: Path, older_than_s: float = 0.0) -> int:
+    """Delete what an interrupted write left in `folder` (`.NAME.*.tmp` files, half-filled
+    `.train_state-*`/`.prep-*` folders), older than `older_than_s` seconds; returns how many."""
+    import shutil
+    import time
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed, now = 0, time.time()
+    for entry in folder.iterdir():
+        name = entry.name
+        ours = (name.startswith(".") and name.endswith(".tmp") and entry.is_file()) or (
+            name.startswith(TEMPORARY) and entry.is_dir())  # fmt: skip
+        try:
+            if ours and now - entry.stat().st_mtime >= older_than_s:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                removed += 1
+        except OSError:  # gone already, or not ours to remove
+            pass
+    return removed

@@ -31,6 +31,7 @@ from lmforge.config import Config, validate
 from lmforge.data.prepare import PreparedData, resolve_data
 from lmforge.device import physical_cores, resolve_device, resolve_dtype, set_threads
 from lmforge.errors import TrainingInterrupted, UserError
+from lmforge.io import remove_stale_temporaries
 from lmforge.models import build_model
 from lmforge.training import state as saved_state
 from lmforge.training.distributed import Distributed, from_environment
@@ -158,6 +159,7 @@ def _setup(
     )
     if dist.main:
         _check_out_dir(run.out, resume, overwrite)
+        remove_stale_temporaries(run.out)  # what a kill during a save left behind (this run owns the folder)
     dist.barrier()
     base = _load_base(config, log) if config.finetune.init_from else None
     _prepare_data(run)
