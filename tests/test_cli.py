@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from lmforge.cli import main
 
@@ -147,6 +149,10 @@ def test_presets_lists_names_and_descriptions(capsys):
     assert shown["model"]["n_embd"] == 128 and shown["train"]["batch_size"] == 12
 
 
+# A learning rate that does not depend on the run's length, so runs of different lengths compare.
+CONSTANT_LR = ("--optim.schedule", "constant", "--optim.warmup_iters", "0")
+
+
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])  # Ctrl-C; kill or a scheduler's preemption
 def test_ctrl_c_saves_a_resumable_state_and_exits_130(tmp_path, shakespeare_excerpt, signal_name):
     """A real signal to a running `lmforge train`: exit 130, then --resume finishes the run."""
@@ -168,6 +174,7 @@ def test_ctrl_c_saves_a_resumable_state_and_exits_130(tmp_path, shakespeare_exce
         str(out),
         "--train.sample_tokens",
         "0",
+        *CONSTANT_LR,
     ]
     # A shell that starts the tests in the background hands its children SIGINT ignored,
     # and Python keeps it ignored: restore the default so that Ctrl-C reaches the trainer.
@@ -199,6 +206,16 @@ def test_ctrl_c_saves_a_resumable_state_and_exits_130(tmp_path, shakespeare_exce
         "--resume",
         "--train.sample_tokens",
         "0",
+        *CONSTANT_LR,
     )
     assert done.returncode == 0, done.stderr
     assert f"Resuming {out} at step {state['step']}" in done.stdout
+    # Exact: the same weights as a run that was never interrupted (the signal was taken at a step
+    # boundary, so no batch was skipped or repeated).
+    straight = tmp_path / "straight"
+    whole = run_cli("train", *TINY, "--max-iters", str(state["step"] + 5), "--data", str(shakespeare_excerpt),
+                    "--out", str(straight), "--train.sample_tokens", "0", *CONSTANT_LR)  # fmt: skip
+    assert whole.returncode == 0, whole.stderr
+    a = load_file(str(out / "train_state" / "model.safetensors"))
+    b = load_file(str(straight / "train_state" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
