@@ -237,3 +237,30 @@ def test_leftovers_of_a_killed_save_are_removed_when_the_run_continues(tmp_path,
     (out / ".model.safetensors.ab12.tmp").write_bytes(b"half")
     train(apply_overrides(cfg, {"train.max_iters": 20}), resume=True, log=lambda _: None)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_an_adapter_is_refused_on_a_same_shaped_but_different_base(tmp_path, shakespeare_excerpt):
+    from lmforge.inference import load_for_inference
+
+    from .test_finetune import finetune_config
+
+    for name, seed in (("a", 1), ("b", 2)):  # same architecture and tokenizer, different weights
+        train(tiny_config(tmp_path / name, shakespeare_excerpt, **{"train.max_iters": 10, "train.seed": seed}),
+              log=lambda _: None)  # fmt: skip
+    train(finetune_config(tmp_path / "a", shakespeare_excerpt, tmp_path / "ft", **{"finetune.lora_rank": 2,
+                          "train.max_iters": 4}), log=lambda _: None)  # fmt: skip
+    adapter = str(tmp_path / "ft" / "adapter.safetensors")
+    load_for_inference(str(tmp_path / "a"), adapter=adapter)  # its own base: fine
+    with pytest.raises(UserError, match="was trained on .*/a, and this is another model"):
+        load_for_inference(str(tmp_path / "b"), adapter=adapter)
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_at_load(tmp_path, shakespeare_excerpt):
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.tokenizers import train_bpe_tokenizer
+
+    out = tmp_path / "ckpt"
+    train(tiny_config(out, shakespeare_excerpt, **{"train.max_iters": 10}), log=lambda _: None)
+    train_bpe_tokenizer([shakespeare_excerpt.read_text("utf-8")], vocab_size=400).save(out / "tokenizer.json")
+    with pytest.raises(UserError, match="the tokenizer has 400 tokens but the model only"):
+        load_checkpoint(out)

@@ -196,7 +196,7 @@ def save_checkpoint(
     the adapters alone go to adapter.safetensors beside it, and for a Llama-family model also
     to PEFT's adapter_config.json + adapter_model.safetensors.
     """
-    from lmforge.training.lora import adapter_state_dict, has_lora, merged_state_dict
+    from lmforge.training.lora import adapter_state_dict, base_fingerprint, has_lora, merged_state_dict
 
     tensors = unique_state_dict(model)
     if has_lora(model):
@@ -209,6 +209,7 @@ def save_checkpoint(
             "alpha": str(ft.lora_alpha),
             "targets": ft.lora_targets,
             "format": "pt",
+            "base_fingerprint": base_fingerprint(model),
         }
         save_tensors(out / "adapter.safetensors", adapters, adapter_info)
         from lmforge.interop.peft import llama_shaped, save_peft_adapter

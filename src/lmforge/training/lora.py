@@ -101,6 +101,21 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
     return len(chosen)
 
 
+def base_fingerprint(model: nn.Module) -> str:
+    """Identifies the base model an adapter belongs to: the shapes of its tensors and the first
+    MiB of its embedding's bytes (two different bases almost never share both)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name in sorted(state):
+        digest.update(f"{name}{tuple(state[name].shape)}".encode())
+    embedding = next((v for k, v in sorted(state.items()) if k.endswith("wte.weight")), None)
+    if embedding is not None:
+        digest.update(embedding.detach().float().cpu().contiguous().view(-1)[: 1 << 18].numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
@@ -162,6 +177,9 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             "use the adapter.safetensors that `lmforge finetune` writes."
         )
     base = meta.get("base") or "its base model"
+    if meta.get("base_fingerprint") and meta["base_fingerprint"] != base_fingerprint(model):
+        raise UserError(f"The adapter {file} was trained on {base}, and this is another model; "
+                        f"put it on the model it was trained on.")  # fmt: skip
     try:
         apply_lora(model, int(meta["rank"]), float(meta["alpha"]), 0.0, meta["targets"])
     except UserError:
