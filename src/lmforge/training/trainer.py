@@ -127,8 +127,10 @@ def train(
             metrics.close()
             if dist.main:
                 write_loss_plot(metrics.history, run.out / "loss.png")
+            # Several processes cannot agree on a save at a signal: the last evaluation's state stands.
             step = stopped.step if not dist.active else run.saved_step
-            raise TrainingInterrupted(run.out, step, stopped.resumable) from None
+            resumable = stopped.resumable or (run.out / STATE_DIR / "state.json").exists()
+            raise TrainingInterrupted(run.out, step, resumable) from None
         finally:
             metrics.close()
         return _finish(run, progress, metrics)
