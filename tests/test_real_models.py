@@ -161,38 +161,54 @@ def test_k_quant_tensors_read_as_transformers_reads_them(tmp_path, kind):
     assert (mine - theirs.logits).abs().max().item() <= 1e-4
 
 
-def _k_quant_file_from(tmp_path: Path, kind: str) -> Path:
+def rewrite_gguf(source: Path, dest: Path, change) -> Path:
+    """A copy of GGUF file `source` with the same metadata, where `change(name, data)` may return
+    (raw bytes array, quantization type) to store a tensor differently (None: as it was)."""
     import gguf
 
-    reader = gguf.GGUFReader(str(tmp_path / "f32.gguf"))
-    qtype = gguf.GGMLQuantizationType[kind]
-    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
-    out = tmp_path / f"{kind}.gguf"
-    writer = gguf.GGUFWriter(str(out), "llama")
+    reader = gguf.GGUFReader(str(source))
+    writer = gguf.GGUFWriter(str(dest), "llama")
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
             continue
         sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), field.types[0], sub)
-    rng = np.random.default_rng(0)
     for tensor in reader.tensors:
         data = np.array(tensor.data)
-        if data.ndim == 2 and data.shape[1] % 256 == 0:
-            rows, blocks = data.shape[0], data.shape[1] // 256
-            raw = rng.integers(0, 256, (rows, blocks, block_bytes), dtype=np.uint8)
-            scale = np.array([0.002], dtype=np.float16).view(np.uint8)  # small f16 scales: finite weights
-            if kind == "Q4_K":  # d and dmin lead the block
-                raw[:, :, 0:2], raw[:, :, 2:4] = scale, scale
-            else:  # Q6_K: d ends the block
-                raw[:, :, -2:] = scale
-            writer.add_tensor(tensor.name, raw.reshape(rows, -1), raw_dtype=qtype)
-        else:
+        changed = change(tensor.name, data)
+        if changed is None:
             writer.add_tensor(tensor.name, data)
+        else:
+            writer.add_tensor(tensor.name, changed[0], raw_dtype=changed[1])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return out
+    return dest
+
+
+def _k_quant_file_from(tmp_path: Path, kind: str) -> Path:
+    """The f32 file's matrices stored as `kind` blocks the test makes (the gguf package reads
+    K-quants but cannot write them), with small scales so that the weights stay finite."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    rng = np.random.default_rng(0)
+
+    def as_k_quant(name, data):
+        if data.ndim != 2 or data.shape[1] % 256:
+            return None
+        rows, blocks = data.shape[0], data.shape[1] // 256
+        raw = rng.integers(0, 256, (rows, blocks, block_bytes), dtype=np.uint8)
+        scale = np.array([0.002], dtype=np.float16).view(np.uint8)
+        if kind == "Q4_K":  # d and dmin lead the block
+            raw[:, :, 0:2], raw[:, :, 2:4] = scale, scale
+        else:  # Q6_K: d ends the block
+            raw[:, :, -2:] = scale
+        return raw.reshape(rows, -1), qtype
+
+    return rewrite_gguf(tmp_path / "f32.gguf", tmp_path / f"{kind}.gguf", as_k_quant)
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -218,25 +234,15 @@ def test_truncated_foreign_and_unsupported_gguf_files_are_refused_clearly(tmp_pa
 
     model, config = tiny_llama(bpe)
     path = export_gguf(model, bpe, config, tmp_path / "ok.gguf", "f32")
-    reader = gguf.GGUFReader(str(path))
-    odd = tmp_path / "iq.gguf"
-    writer = gguf.GGUFWriter(str(odd), "llama")
-    for field in reader.fields.values():
-        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
-            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), field.types[0], sub)
-    for tensor in reader.tensors:
-        data = np.array(tensor.data)
-        if tensor.name == "blk.0.attn_q.weight":  # one tensor in a type lmforge does not read
-            size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ4_NL]
-            raw = np.zeros((data.shape[0], data.shape[1] // size[0] * size[1]), dtype=np.uint8)
-            writer.add_tensor(tensor.name, raw, raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
-        else:
-            writer.add_tensor(tensor.name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    iq4 = gguf.GGMLQuantizationType.IQ4_NL
+    block = gguf.GGML_QUANT_SIZES[iq4]
+
+    def one_unreadable(name, data):  # one tensor in a type lmforge does not read
+        if name != "blk.0.attn_q.weight":
+            return None
+        return np.zeros((data.shape[0], data.shape[1] // block[0] * block[1]), dtype=np.uint8), iq4
+
+    odd = rewrite_gguf(path, tmp_path / "iq.gguf", one_unreadable)
     with pytest.raises(
         UserError, match="blk.0.attn_q.weight has type IQ4_NL, which is not supported; supported: F32"
     ):
