@@ -424,3 +424,19 @@ def test_the_api_key_comes_from_the_environment_or_a_file(tmp_path, monkeypatch)
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(UserError, match="is empty"):
         _api_key(parser.parse_args(["serve", "x", "--api-key-file", str(tmp_path / "empty")]))
+
+
+def test_tokenize_detokenize_and_favicon(served):
+    tok = httpx.post(served.url + "/tokenize", json={"prompt": "ROMEO: hi"}, timeout=10).json()
+    assert tok["tokens"] == served.tokenizer.encode("ROMEO: hi") and tok["count"] == len(tok["tokens"])
+    assert tok["max_model_len"] == served.model.block_size
+    back = httpx.post(served.url + "/detokenize", json={"tokens": tok["tokens"]}, timeout=10).json()
+    assert back == {"prompt": "ROMEO: hi"}
+    bad = httpx.post(served.url + "/detokenize", json={"tokens": [10**9]}, timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    icon = httpx.get(served.url + "/favicon.ico", timeout=10)
+    assert (
+        icon.status_code == 200
+        and icon.headers["content-type"] == "image/svg+xml"
+        and b"<svg" in icon.content
+    )

@@ -115,6 +115,16 @@ class ChatRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
+class TokenizeRequest(BaseModel):
+    model: str | None = None
+    prompt: str
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
 # ---- responses --------------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from lmforge.chat import chat_prompt, chat_stop_strings
@@ -37,9 +37,11 @@ from lmforge.serving.protocol import (
     ChatRequest,
     Choice,
     CompletionRequest,
+    DetokenizeRequest,
     ErrorResponse,
     RequestBase,
     ResponseShape,
+    TokenizeRequest,
     error_body,
     sse,
     usage,
@@ -96,6 +98,22 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
             ],
         }
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(FAVICON, media_type="image/svg+xml", headers={"cache-control": "max-age=86400"})
+
+    @app.post("/tokenize", responses=ERROR_RESPONSES)
+    async def tokenize(body: TokenizeRequest) -> dict:
+        """Token ids of a text, as the served model sees it (vLLM's shape; lm-eval probes for it)."""
+        ids = await asyncio.to_thread(tokenizer.encode, valid_text(body.prompt, "prompt"))
+        return {"tokens": ids, "count": len(ids), "max_model_len": model.block_size}
+
+    @app.post("/detokenize", responses=ERROR_RESPONSES)
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        if any(not 0 <= t < tokenizer.vocab_size for t in body.tokens):
+            raise APIError(400, f"tokens must be in [0, {tokenizer.vocab_size}).", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
     @app.get("/", response_class=HTMLResponse)
     async def chat_page() -> str:
         return resources.files("lmforge.serving").joinpath("chat.html").read_text("utf-8")
@@ -112,6 +130,10 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
     return app
 
 
+# A small "lm" mark, so that browsers showing the chat page get an icon instead of a 404.
+FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="6" '
+           b'fill="#1f6feb"/><text x="16" y="22" font-size="16" text-anchor="middle" fill="#fff" '
+           b'font-family="sans-serif">lm</text></svg>')  # fmt: skip
 ERROR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
 ERROR_RESPONSES = {
     400: {
