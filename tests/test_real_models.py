@@ -306,3 +306,28 @@ def test_hf_export_keeps_template_end_ids_and_sampling_and_files_are_readable(tm
     os.umask(umask)
     for path in [*hf.iterdir(), *(tmp_path / "ckpt").iterdir(), tmp_path / "tiny.gguf"]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path  # not private to the writer
+
+
+def test_llama_cpp_runs_the_gguf_export_with_the_same_greedy_tokens(tmp_path, smollm2):
+    """SmolLM2 through lmforge (GGUF in), exported (GGUF out) and run by llama.cpp itself:
+    the same token ids for the prompt and the same 32 greedy tokens."""
+    import llama_cpp
+
+    from lmforge.generation import generate_ids
+
+    checkpoint = open_checkpoint(smollm2)
+    model, tokenizer = checkpoint.load()
+    path = export_gguf(model, tokenizer, checkpoint.config, tmp_path / "smollm2-f32.gguf", "f32",
+                       checkpoint.chat_template, checkpoint.generation.eos_token_ids)  # fmt: skip
+    prompt = tokenizer.encode("The capital of France is")
+    ours = generate_ids(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=32, temperature=0,
+                                                                     stop_at_eot=False))[0]  # fmt: skip
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False, logits_all=True)
+    assert llm.tokenize(b"The capital of France is", add_bos=False, special=False) == prompt
+    llm.eval(prompt)
+    theirs = []
+    for _ in range(32):  # llama.cpp's greedy choice, step by step (its sampler would stop at <|im_end|>)
+        theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([theirs[-1]])
+    assert theirs == ours
+    assert tokenizer.decode(ours).startswith(" Paris.")

@@ -176,7 +176,7 @@ def _hf_name(name: str) -> str:
 
 
 # Byte-level BPE vocabularies whose pre-tokenizer is GPT-2's (what transformers builds for them)
-GPT2_STYLE = ("default", "gpt2", "smollm")
+GPT2_STYLE = ("default", "gpt2", "gpt-2", "smollm")
 CONTROL = 3  # tokenizer.ggml.token_type of special tokens (<|im_end|>, ...)
 
 
@@ -274,7 +274,7 @@ def _bpe_vocabulary(tokenizer: TextTokenizer, vocab_size: int) -> tuple[list[str
         if token == "":  # the model's vocabulary is larger than the tokenizer's: unused slots
             tokens[i], types[i] = f"[PAD{i}]", 5
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return tokens, types, merges, "gpt2"
+    return tokens, types, merges, "gpt-2"  # llama.cpp's name for GPT-2's pre-tokenizer regex
 
 
 def export_gguf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out: str | Path,
