@@ -343,6 +343,22 @@ def test_terminal_chat_commands_and_history(checkpoint):
     assert text.count("model> ") == 2
 
 
+def test_terminal_chat_trims_a_long_message_with_a_notice_not_a_warning(checkpoint):
+    import warnings
+
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    lines = iter(["/temperature 99", "/temperature inf", "KING " * 400, "/quit"])  # far over the 128 context
+    out: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a raw Python warning would fail the test
+        terminal_chat(model, tokenizer, chat_template_of(checkpoint), GenerationConfig(max_new_tokens=8),
+                      read=lambda _: next(lines), write=lambda *a, **k: out.append("".join(map(str, a))))  # fmt: skip
+    text = "\n".join(out)
+    assert text.count("(usage: /temperature 0.7 — a number from 0 to 5)") == 2  # out of range: a usage line
+    assert "more than the context (128); only its last 128 tokens are used.)" in text  # one notice
+    assert text.count("model> ") == 2  # the notice, then the reply on a fresh "model> "
+
+
 # ---- the server cannot be knocked over by its clients -----------------------------------------------
 
 
