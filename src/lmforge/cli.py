@@ -812,10 +812,13 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _pin_revision(args: argparse.Namespace) -> None:
     """`--revision R` for a hub id travels with it as `org/name@R`, which every reader accepts."""
+    from lmforge.interop.hub import looks_like_hub_id
+
     if getattr(args, "revision", None):
         for field in ("checkpoint", "hf_dir"):
-            if getattr(args, field, None) and not Path(getattr(args, field)).exists():
-                setattr(args, field, f"{getattr(args, field)}@{args.revision}")
+            value = getattr(args, field, None)
+            if value and not Path(value).exists() and looks_like_hub_id(value):
+                setattr(args, field, f"{value}@{args.revision}")
 
 
 def main(argv: list[str] | None = None) -> int:
