@@ -29,6 +29,7 @@ SHORT_FLAGS = {
     "--seed": "train.seed",
     "--batch-size": "train.batch_size",
     "--lr": "optim.lr",
+    "--init-embeddings": "train.init_embeddings",
 }
 
 # Flags that several commands share, declared once with one default each.
@@ -245,6 +246,9 @@ def _parser_train_classifier(sub) -> None:
     p.add_argument("--text-column", default="", help="default: sentence/text/review/...")
     p.add_argument("--label-column", default="", help="default: label/sentiment/class/...")
     p.add_argument("--init", default="", help="language-model checkpoint: reuse its tokenizer and body")
+    p.add_argument("--init-embeddings", default="", metavar="VECTORS",
+                   help="word2vec/GloVe vectors (e.g. from `lmforge embeddings train`) for the word embedding; "
+                   "their width must equal --n-embd")  # fmt: skip
     p.add_argument(
         "--body",
         choices=["bilstm", "gpt"],
@@ -268,8 +272,22 @@ def _parser_train_classifier(sub) -> None:
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0 = each epoch)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this many minutes")
     p.add_argument("--seed", type=int, default=1337)
+    _privacy_flags(p)
     _shared(p, "--device")
     _run_flags(p, "training")
+
+
+def _privacy_flags(parser: argparse.ArgumentParser) -> None:
+    """--privacy.target_epsilon and the rest, from PrivacyConfig (as `train` has them for every section)."""
+    import dataclasses
+
+    from lmforge.config import PrivacyConfig
+
+    group = parser.add_argument_group("differential privacy (DP-SGD through Opacus)")
+    for f in dataclasses.fields(PrivacyConfig):
+        flags = [f"--privacy.{f.name}", f"--privacy.{f.name.replace('_', '-')}"]
+        group.add_argument(*dict.fromkeys(flags), dest=f"privacy.{f.name}", type=float, default=f.default,
+                           metavar="FLOAT", help=f.metadata.get("help"))  # fmt: skip
 
 
 def _parser_classify(sub) -> None:
@@ -342,6 +360,84 @@ def _parser_export(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
+def _parser_explain(sub) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="why a model decided: attention maps, attributions, per-token loss",
+        description="Explain a classifier's label or a language model's next token for a text: attention "
+        "maps per layer and head, integrated-gradients attributions per token (captum), and for language "
+        "models the loss of each token. Writes PNG figures, explain.html (self-contained) and explain.json.",
+    )
+    p.add_argument("checkpoint")
+    p.add_argument("--text", required=True)
+    p.add_argument(
+        "--target", default=None, help="the label / next token to explain (default: the predicted one)"
+    )
+    p.add_argument(
+        "--out", default="out/explain", help="folder for the figures, explain.html and explain.json"
+    )
+    p.add_argument(
+        "--steps", type=int, default=64, help="integration steps (more: a smaller convergence delta)"
+    )
+    _shared(p, "--device")
+
+
+def _parser_tune(sub) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="search hyper-parameters with Optuna (TPE, pruning, a resumable SQLite study)",
+        description="Train a preset many times with settings sampled from a search space (TOML: one "
+        "table per setting, e.g. [optim.lr] low = 1e-4, high = 1e-2, log = true; or choices = [...]). "
+        "Bad trials are pruned from their validation loss. The study lives in OUT/study.db: the same "
+        "command continues it, and several processes can share it. Writes OUT/best.toml (a preset) and "
+        "OUT/search.png.",
+    )
+    p.add_argument("--preset", default="shakespeare-char", help="the config the search starts from")
+    p.add_argument("--space", required=True, help="search space TOML file")
+    p.add_argument("--trials", type=int, default=20, help="trials in the study (over all runs and workers)")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the study on this machine")
+    p.add_argument("--timeout", type=float, default=0.0, help="stop starting trials after this many seconds")
+    p.add_argument("--trial-time", type=float, default=0.0,
+                   help="training-time budget of each trial in seconds (= --train.max_time_s)")  # fmt: skip
+    p.add_argument("--no-pruning", action="store_true", help="let every trial finish")
+    _add_config_flags(p)
+
+
+def _parser_embeddings(sub) -> None:
+    p = sub.add_parser(
+        "embeddings",
+        help="train word vectors (Word2Vec) and query them",
+        description="Word vectors with gensim: train skip-gram or CBOW vectors on text, list a word's "
+        "neighbors, solve analogies. Use them to start a model with --init-embeddings.",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    t = actions.add_parser("train", help="train vectors on text files (TSV/CSV/JSONL: the text column)")
+    t.add_argument("corpus", nargs="+", help="text files, one sentence per line")
+    t.add_argument("--out", default="out/vectors.txt", help="word2vec text format; a .bin name writes binary")
+    defaults = _embeddings_defaults()
+    t.add_argument("--method", choices=["skipgram", "cbow"], default=defaults.method)
+    for name in ("dim", "window", "min_count", "epochs", "negative", "seed", "workers"):
+        t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    t.add_argument("--lowercase", action="store_true", help="fold words to lower case")
+    t.add_argument("--overwrite", action="store_true")
+    n = actions.add_parser("neighbors", help="the words nearest to a word")
+    n.add_argument("vectors", help="word2vec text/binary or GloVe text file")
+    n.add_argument("--word", required=True)
+    n.add_argument("--topn", type=int, default=10)
+    a = actions.add_parser("analogy", help="a - b + c: --positive king woman --negative man")
+    a.add_argument("vectors")
+    a.add_argument("--positive", nargs="+", required=True)
+    a.add_argument("--negative", nargs="*", default=[])
+    a.add_argument("--topn", type=int, default=5)
+
+
+def _embeddings_defaults():
+    from lmforge.embeddings import EmbeddingsConfig
+
+    return EmbeddingsConfig()
+
+
 def _parser_presets(sub) -> None:
     p = sub.add_parser("presets", help="list presets, or show one")
     p.add_argument("--show", metavar="NAME", help="print the full resolved config of a preset")
@@ -378,9 +474,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
+    spent = f", privacy spent ε = {result.privacy['epsilon']:.2f}" if result.privacy else ""
     print(
         f"Done: {result.step} steps in {result.elapsed_s:.1f}s, best validation loss "
-        f"{result.best_val_loss:.4f}. Checkpoint: {result.out}"
+        f"{result.best_val_loss:.4f}{spent}. Checkpoint: {result.out}"
     )
     if result.sample:
         print("---- sample ----")
@@ -564,6 +661,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from lmforge.config import PrivacyConfig
     from lmforge.models.classifier import ClassifierConfig
     from lmforge.training.classify import ClassifierTrainConfig, train_classifier
 
@@ -574,6 +672,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         label_column=args.label_column,
         out=args.out,
         init=args.init,
+        init_embeddings=args.init_embeddings,
         vocab_size=args.vocab_size,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -586,6 +685,9 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
         gpt_heads=args.n_head,
+        privacy=PrivacyConfig(
+            **{k.split(".")[1]: v for k, v in vars(args).items() if k.startswith("privacy.")}
+        ),
         model=ClassifierConfig(
             body=args.body,
             n_embd=args.n_embd,
@@ -599,7 +701,9 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     result = train_classifier(cfg, overwrite=args.overwrite, resume=args.resume)
     print(
         f"Done: {result['steps']} steps in {result['elapsed_s']:.0f}s, best validation accuracy "
-        f"{result['best_val_accuracy']:.4f}. Checkpoint: {result['out']}"
+        f"{result['best_val_accuracy']:.4f}"
+        + (f", privacy spent ε = {result['epsilon']:.2f}" if result["epsilon"] is not None else "")
+        + f". Checkpoint: {result['out']}"
     )
     return 0
 
@@ -771,6 +875,63 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from lmforge.explain import explain, load_for_explaining, write_report
+
+    model, tokenizer, labels = load_for_explaining(args.checkpoint, args.device)
+    e = explain(model, tokenizer, args.text, labels, args.target, args.steps)
+    written = write_report(e, args.out)
+    ranked = sorted(zip(e.tokens, e.attributions, strict=True), key=lambda pair: -abs(pair[1]))[:5]
+    print(f"{e.kind}: {e.decision!r} (p = {e.probability:.3f})")
+    print("most influential tokens: " + ", ".join(f"{t!r} {a:+.3f}" for t, a in ranked))
+    print(
+        f"attributions add up to {sum(e.attributions):.4f}; logit change from the baseline {e.output_difference:.4f}"
+    )
+    print(f"Wrote {', '.join(str(p) for p in written.values())}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from lmforge.config import apply_overrides, load_preset
+
+    overrides = _overrides(args)
+    out = overrides.pop("train.out", None) or "out/tune"  # the study's folder; each trial gets one inside
+    if args.trial_time:
+        overrides["train.max_time_s"] = args.trial_time
+    base = apply_overrides(load_preset(args.preset), overrides)
+    from lmforge.tune import TuneSettings, tune
+
+    settings = TuneSettings(out=out, trials=args.trials, workers=args.workers, seed=base.train.seed,
+                            timeout_s=args.timeout, pruning=not args.no_pruning)  # fmt: skip
+    tune(base, args.space, settings)
+    return 0
+
+
+def cmd_embeddings(args: argparse.Namespace) -> int:
+    from lmforge import embeddings
+
+    if args.action == "train":
+        if Path(args.out).exists() and not args.overwrite:
+            raise UserError(f"{args.out} already exists; pass --overwrite or choose another --out.")
+        cfg = embeddings.EmbeddingsConfig(method=args.method, dim=args.dim, window=args.window,
+                                          min_count=args.min_count, epochs=args.epochs, negative=args.negative,
+                                          lowercase=args.lowercase, seed=args.seed, workers=args.workers)  # fmt: skip
+        info = embeddings.train_vectors(args.corpus, args.out, cfg)
+        print(f"Wrote {info['out']}: {info['words']:,} words x {info['dim']} ({cfg.method}, "
+              f"{info['corpus_words']:,} words of text in {info['sentences']:,} lines).")  # fmt: skip
+        return 0
+    if args.topn < 1:
+        raise UserError("--topn must be at least 1.")
+    vectors = embeddings.load_vectors(args.vectors)
+    if args.action == "neighbors":
+        found = embeddings.neighbors(vectors, args.word, args.topn)
+    else:
+        found = embeddings.analogy(vectors, args.positive, args.negative, args.topn)
+    for word, similarity in found:
+        print(f"{similarity:.4f}  {word}")
+    return 0
+
+
 # name: (parser, command); the parser functions above each add one subcommand.
 SUBCOMMANDS = {
     "train": (_parser_train, cmd_train),
@@ -784,6 +945,9 @@ SUBCOMMANDS = {
     "chat": (_parser_chat, cmd_chat),
     "convert": (_parser_convert, cmd_convert),
     "export": (_parser_export, cmd_export),
+    "explain": (_parser_explain, cmd_explain),
+    "tune": (_parser_tune, cmd_tune),
+    "embeddings": (_parser_embeddings, cmd_embeddings),
     "presets": (_parser_presets, cmd_presets),
 }
 PARSERS = [parser for parser, _ in SUBCOMMANDS.values()]
@@ -833,7 +997,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # `kill`, a job scheduler's preemption or torchrun stopping a run send SIGTERM: treat it
     # like Ctrl-C, so that training saves a state that --resume continues exactly.
-    training = args.command in ("train", "finetune") and threading.current_thread() is threading.main_thread()
+    training = (
+        args.command in ("train", "finetune", "tune")
+        and threading.current_thread() is threading.main_thread()
+    )
     previous = signal.signal(signal.SIGTERM, _interrupt) if training else None
     try:
         _pin_revision(args)

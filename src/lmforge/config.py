@@ -108,6 +108,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (mixed precision via autocast)
     compile: bool = False
     threads: int = option(0, "CPU threads (0 = number of physical cores)", ge=0, le=4096)
+    init_embeddings: str = ""  # word2vec/GloVe vectors for the embedding of a word-level model
     sample_tokens: int = option(300, "length of the sample printed at the end (0 = none)", ge=0)
     progress: bool = True
 
@@ -128,6 +129,23 @@ class FinetuneConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differentially private training (DP-SGD through Opacus): off unless a target ε or a noise
+    multiplier is given."""
+
+    target_epsilon: float = option(
+        0.0, "ε to reach at the end of training (0 = off, or noise_multiplier)", ge=0.0
+    )
+    noise_multiplier: float = option(
+        0.0, "noise std / max_grad_norm (0 = solved from target_epsilon)", ge=0.0
+    )
+    max_grad_norm: float = option(1.0, "each example's gradient is clipped to this norm", gt=0.0)
+    delta: float = option(
+        0.0, "δ of the (ε, δ) guarantee (0 = min(1e-5, 1 / (10 × examples)))", ge=0.0, lt=1.0
+    )
+
+
+@dataclass
 class Config:
     name: str = "custom"
     description: str = ""
@@ -136,12 +154,13 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("data", "model", "optim", "train", "finetune")
+SECTIONS = ("data", "model", "optim", "train", "finetune", "privacy")
 
 
 def _section_types() -> dict[str, type]:

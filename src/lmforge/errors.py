@@ -31,3 +31,11 @@ class TrainingInterrupted(Exception):
         if self.resumable:
             return f"Training interrupted at step {self.step}; its state is saved in {self.out}."
         return f"Training interrupted at step {self.step}; the best checkpoint so far is in {self.out}."
+
+
+def require(module: str, extra: str, what: str) -> None:
+    """A one-line error, not an ImportError, when an optional dependency is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{what} needs the {module} package: pip install 'lmforge[{extra}]'.")

@@ -127,6 +127,10 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, qkv_width, bias=cfg.bias or cfg.qkv_bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.is_residual_projection = True
+        # `lmforge explain` sets keep_attention: attention is then computed unfused and its
+        # probabilities (B, heads, T, S) kept in `attention`.
+        self.keep_attention = False
+        self.attention: torch.Tensor | None = None
 
     def forward(
         self,
@@ -175,6 +179,8 @@ class CausalSelfAttention(nn.Module):
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None
     ) -> torch.Tensor:
+        if self.keep_attention:
+            return self._attend_explicitly(q, k, v, causal, mask)
         return F.scaled_dot_product_attention(
             q,
             k,
@@ -184,6 +190,24 @@ class CausalSelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )
+
+    def _attend_explicitly(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """What scaled_dot_product_attention computes, step by step, keeping the probabilities."""
+        if self.n_kv_head != self.n_head:  # grouped-query: query head h reads key/value head h // group
+            group = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        T, S = q.shape[2], k.shape[2]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        elif causal and T > 1:
+            allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        probabilities = scores.softmax(dim=-1)
+        self.attention = probabilities.detach()
+        return probabilities @ v
 
 
 class MLP(nn.Module):

@@ -18,14 +18,16 @@ import torch
 import torch.nn as nn
 
 from lmforge.checkpoint import open_checkpoint, write_checkpoint
-from lmforge.config import Config, ModelConfig, OptimConfig, config_from_dict, validate
+from lmforge.config import Config, ModelConfig, OptimConfig, PrivacyConfig, config_from_dict, validate
 from lmforge.data.labeled import read_labeled
 from lmforge.device import resolve_device, set_threads
 from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.evaluation.metrics import classification_metrics
 from lmforge.models import build_model
 from lmforge.models.classifier import BiLSTMEncoder, ClassifierConfig, TextClassifier, body_width
+from lmforge.settings import check_fields
 from lmforge.tokenizers import TextTokenizer, train_word_tokenizer
+from lmforge.training import privacy as private
 from lmforge.training import state as saved_state
 from lmforge.training.loop import Progress, Schedule, Trainee, run_loop
 from lmforge.training.metrics import MetricsLog, Reporter, write_loss_plot
@@ -44,7 +46,9 @@ class ClassifierTrainConfig:
     label_column: str = ""
     out: str = "out/classifier"
     init: str = ""  # a language-model checkpoint whose tokenizer and body to reuse
+    init_embeddings: str = ""  # word2vec/GloVe vectors for the word embedding of a from-scratch body
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # DP-SGD (off by default)
     vocab_size: int = 20000  # word vocabulary when training from scratch
     gpt_heads: int = 4  # attention heads of a from-scratch gpt body
     epochs: int = 3
@@ -255,7 +259,7 @@ def train_classifier(
     set_threads(0)
     out = Path(cfg.out)
     _check_classifier_out(out, resume, overwrite)
-    trainee, schedule, label_set = _classifier_trainee(cfg, resolve_device(cfg.device), out)
+    trainee, schedule, label_set = _classifier_trainee(cfg, resolve_device(cfg.device), out, log)
     progress = Progress()
     if resume:
         rng, saved = saved_state.load_train_state(out, trainee.model, trainee.optimizers)
@@ -288,17 +292,27 @@ def train_classifier(
         "elapsed_s": progress.elapsed(),
         "history": metrics.history,
         "labels": label_set,
+        "epsilon": next((r["epsilon"] for r in reversed(metrics.history) if "epsilon" in r), None),
     }
 
 
 def _classifier_trainee(
-    cfg: ClassifierTrainConfig, device: torch.device, out: Path
+    cfg: ClassifierTrainConfig, device: torch.device, out: Path, log: Callable[[str], None] = print
 ) -> tuple[Trainee, Schedule, list[str]]:
     """The data, model, optimizer, batch source and schedule of a classifier run, for the shared loop."""
     texts, labels, val_texts, val_labels = _read_splits(cfg)
     label_set = sorted(set(labels))
     torch.manual_seed(cfg.seed)
     tokenizer, model, body_config = _build(cfg, texts, len(label_set))
+    if cfg.init_embeddings:
+        from lmforge.embeddings import describe_coverage, init_embedding
+
+        if cfg.init:
+            raise UserError("Give either init (a language model's body) or init_embeddings (word vectors), "
+                            "not both.", settings=("init", "init_embeddings"))  # fmt: skip
+        log(describe_coverage(init_embedding(model.body.wte, tokenizer, cfg.init_embeddings)))
+    if private.enabled(cfg.privacy):
+        private.prepare_model(model)  # Opacus' recurrent layers, same weights
     model.to(device)
     encoded = encode_batch(tokenizer, texts, model.cfg.max_length)
     weights = None
@@ -310,6 +324,13 @@ def _classifier_trainee(
     ocfg = OptimConfig(lr=cfg.lr, min_lr=cfg.lr / 10, weight_decay=cfg.weight_decay,
                        warmup_iters=min(cfg.warmup_iters, total_steps // 10), grad_clip=1.0)  # fmt: skip
     optimizers = build_optimizers(model, ocfg, device)
+    forward, privacy = model, None
+    if private.enabled(cfg.privacy):  # each labeled text is one example of the guarantee
+        private.check_supported(optimizers, grad_accum=1, distributed=False, compiled=False)
+        privacy = private.plan(cfg.privacy, len(encoded), cfg.batch_size, total_steps)
+        log(privacy.describe(total_steps))
+        forward, dp_optimizer = private.make_private(model, optimizers[0], privacy)
+        ocfg.grad_clip = 0.0  # the DP optimizer clips each example's gradient instead
     index = {label: i for i, label in enumerate(label_set)}
     targets = torch.tensor([index[label] for label in labels])
     scorer = partial(_scores, model, tokenizer, label_set, val_texts, val_labels, device)
@@ -327,6 +348,8 @@ def _classifier_trainee(
     def save_best(p: Progress) -> None:
         scores = {"val_accuracy": p.scores["val_accuracy"], "val_macro_f1": p.scores["val_macro_f1"]}
         info = {"step": p.step, **scores, "train_path": cfg.train_path}
+        if privacy:
+            info["privacy"] = privacy.info(p.step)
         save_classifier(out, model, tokenizer, label_set, body_config, info)
 
     def save_state(p: Progress) -> None:
@@ -335,8 +358,9 @@ def _classifier_trainee(
             out, model, optimizers, rng, {**p.to_dict(), "config": dataclasses.asdict(cfg)}
         )
 
-    trainee = Trainee(model=model, forward=model, optimizers=optimizers, source=source, set_lr=set_step_lr,
-                      save_best=save_best, save_state=save_state, device=device)  # fmt: skip
+    trainee = Trainee(model=model, forward=forward, optimizers=[dp_optimizer] if privacy else optimizers,
+                      source=source, set_lr=set_step_lr, save_best=save_best, save_state=save_state, device=device,
+                      report=(lambda p: {"epsilon": privacy.epsilon(p.step)}) if privacy else None)  # fmt: skip
     return trainee, schedule, label_set
 
 
@@ -369,6 +393,7 @@ def validate_classifier_config(cfg: ClassifierTrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(f"Classifier setting {message}.")
+    check_fields(cfg.privacy, "privacy.")
 
 
 def save_classifier(

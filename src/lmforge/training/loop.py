@@ -98,6 +98,7 @@ class Trainee:
     dist: Distributed = field(default_factory=Distributed)
     ddp: nn.Module | None = None  # the DistributedDataParallel wrapper, when there is one
     evaluator: nn.Module | None = None  # what scores validation (default: forward)
+    report: Callable[[Progress], dict[str, float]] | None = None  # more values for each evaluation record
 
 
 def train_step(t: Trainee, grad_accum: int, grad_clip: float, scaler=None) -> torch.Tensor:
@@ -193,10 +194,13 @@ def run_loop(
     metrics: MetricsLog,
     reporter: Reporter,
     on_step: Callable[[int, float], None] | None = None,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
 ) -> Progress:
     """Train from `p.step` to `s.max_steps` (or an earlier stop); returns the final progress.
 
-    `on_step(step, loss)` is called after each step (tests use it to simulate interruptions).
+    `on_step(step, loss)` is called after each step (tests use it to simulate interruptions);
+    `on_eval(step, scores)` after each evaluation (a hyper-parameter search prunes from it by
+    raising).
     Ctrl-C or SIGTERM saves the state at the end of the current step and raises
     TrainingInterrupted.
     """
@@ -220,10 +224,14 @@ def run_loop(
                     record = window.record(t, s, p, lr)
                     if is_eval:
                         record.update(_rounded(evaluate(t, s, p)))
+                        if t.report:
+                            record.update(_rounded(t.report(p)))
                     record["elapsed_s"] = round(p.elapsed(), 3)
                     metrics.log(record)
                     if is_eval:
                         reporter.evaluation(record)
+                        if on_eval:
+                            on_eval(p.step, p.scores)
                         reason = stop_reason(s, p, out_of_time)
                         if reason:
                             p.stopped_because = reason

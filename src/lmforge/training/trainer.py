@@ -33,11 +33,13 @@ from lmforge.device import physical_cores, resolve_device, resolve_dtype, set_th
 from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.io import remove_stale_temporaries
 from lmforge.models import build_model
+from lmforge.training import privacy as private
 from lmforge.training import state as saved_state
 from lmforge.training.distributed import Distributed, from_environment
 from lmforge.training.loop import Progress, Schedule, Trainee, run_loop
 from lmforge.training.metrics import MetricsLog, Reporter, write_loss_plot
 from lmforge.training.optim import build_optimizers, lr_at, set_lr
+from lmforge.training.privacy import Privacy
 from lmforge.training.sources import BatchSource, StreamSource, WindowSource
 
 STATE_DIR = saved_state.STATE_DIR
@@ -67,6 +69,7 @@ class TrainResult:
     full_val_loss: float = math.nan  # last weights on the whole validation split
     trainable_params: int = 0
     optimizer_state_bytes: int = 0  # optimizer moments (what LoRA saves most of)
+    privacy: dict[str, Any] = field(default_factory=dict)  # DP-SGD: ε, δ, noise (empty: not private)
     peak_memory_bytes: int = 0  # CUDA: peak allocated; CPU: peak resident set of the process
 
 
@@ -88,6 +91,7 @@ class _Run:
     progress: Progress = field(default_factory=Progress)
     info: dict[str, Any] = field(default_factory=dict)  # extra fields of the checkpoint's config.json
     saved_step: int = 0  # the step of the last saved training state
+    privacy: Privacy | None = None  # DP-SGD settings and accountant (None: ordinary training)
 
     @property
     def tokenizer(self):
@@ -100,11 +104,12 @@ def train(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
     on_step: Callable[[int, float], None] | None = None,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train the model described by `config`; returns where it went and how it did.
 
     `on_step(step, loss)` is called after each optimizer step (tests use it to
-    simulate an interruption). Under torchrun, every process calls this (see distributed.py).
+    simulate an interruption), `on_eval(step, scores)` after each evaluation. Under torchrun, every process calls this (see distributed.py).
     """
     validate(config)
     dist = from_environment(config.train.device)
@@ -122,6 +127,7 @@ def train(
                 metrics,
                 Reporter(tc.progress and dist.main, tc.max_iters, run.progress.step),
                 on_step,
+                on_eval,
             )
         except TrainingInterrupted as stopped:
             metrics.close()
@@ -179,6 +185,8 @@ def _setup(
     torch.manual_seed(config.train.seed)
     _build_model(run, base)
     run.source = _make_source(run)
+    if private.enabled(config.privacy):
+        run.privacy = _plan_privacy(run)
     if resume:
         _restore(run)
     else:
@@ -213,11 +221,20 @@ def _prepare_data(run: _Run) -> None:
 def _build_model(run: _Run, base: tuple[nn.Module, str | None] | None) -> None:
     config, ft = run.config, run.config.finetune
     model = base[0] if base else build_model(config.model)
+    if config.train.init_embeddings:
+        from lmforge.embeddings import describe_coverage, init_embedding
+
+        if base:
+            raise UserError("train.init_embeddings starts a new model's embedding; a fine-tuned model keeps "
+                            "its own.", settings=("train.init_embeddings",))  # fmt: skip
+        run.log(describe_coverage(init_embedding(model.wte, run.tokenizer, config.train.init_embeddings)))
     if ft.lora_rank:
         from lmforge.training.lora import apply_lora
 
         adapted = apply_lora(model, ft.lora_rank, ft.lora_alpha, ft.lora_dropout, ft.lora_targets)
         run.log(f"LoRA rank {ft.lora_rank} (alpha {ft.lora_alpha:g}) on {adapted} layers.")
+    if private.enabled(config.privacy):
+        private.prepare_model(model)  # Opacus' recurrent layers, same weights
     run.model = model.to(run.device)
     run.model.train()
     run.optimizers = build_optimizers(run.model, config.optim, run.device, ft.layer_lr_decay)
@@ -225,6 +242,21 @@ def _build_model(run: _Run, base: tuple[nn.Module, str | None] | None) -> None:
     total = sum(p.numel() for p in model.parameters())
     if trainable < total:
         run.log(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%).")
+
+
+def _plan_privacy(run: _Run) -> Privacy:
+    """DP-SGD for a Transformer: each training window is one example of the guarantee."""
+    tc = run.config.train
+    if getattr(run.model, "stateful", False):
+        raise UserError("Differentially private training needs independent examples; a recurrent language model "
+                        "carries its state from batch to batch. Use a Transformer (model.arch gpt).",
+                        settings=("model.arch",))  # fmt: skip
+    private.check_supported(run.optimizers, tc.grad_accum, run.dist.active, tc.compile)
+    examples = len(run.data.tokens("train")) // run.window
+    plan = private.plan(run.config.privacy, examples, tc.batch_size, tc.max_iters)
+    run.log(plan.describe(tc.max_iters) + f" (an example is a window of {run.window} tokens; "
+            f"{examples:,} of them)")  # fmt: skip
+    return plan
 
 
 def _make_source(run: _Run) -> BatchSource:
@@ -363,7 +395,7 @@ def _schedule(run: _Run) -> Schedule:
         eval_interval=tc.eval_interval,
         log_interval=tc.log_interval,
         grad_accum=tc.grad_accum,
-        grad_clip=o.grad_clip,
+        grad_clip=0.0 if run.privacy else o.grad_clip,  # DP-SGD clips each example's gradient instead
         patience=tc.patience,
         target=tc.target_loss,
         max_time_s=tc.max_time_s,
@@ -378,6 +410,10 @@ def _trainee(run: _Run) -> Trainee:
         run.model, run.device
     )  # DistributedDataParallel under torchrun, else the model itself
     compiled = torch.compile(wrapped) if config.train.compile else wrapped
+    optimizers = run.optimizers
+    if run.privacy:  # per-example gradients, clipped and noised by the optimizer
+        compiled, dp_optimizer = private.make_private(run.model, run.optimizers[0], run.privacy)
+        optimizers = [dp_optimizer]
 
     def set_step_lr(step: int) -> float:
         lr = lr_at(step, config.optim, config.train.max_iters)
@@ -394,12 +430,14 @@ def _trainee(run: _Run) -> Trainee:
             "vocab_size": run.tokenizer.vocab_size,
             "data": str(run.data.dir),
         }
+        if run.privacy:
+            info["privacy"] = run.privacy.info(progress.step)
         save_checkpoint(run.out, run.model, config, run.tokenizer, info)
 
     return Trainee(
         model=run.model,
         forward=compiled,
-        optimizers=run.optimizers,
+        optimizers=optimizers,
         source=run.source,
         set_lr=set_step_lr,
         save_best=save_best,
@@ -409,7 +447,8 @@ def _trainee(run: _Run) -> Trainee:
         dist=dist,
         ddp=wrapped,
         # Every rank scores the same windows with the same weights, so all decide alike.
-        evaluator=run.model if dist.active else compiled,
+        evaluator=run.model if dist.active or run.privacy else compiled,
+        report=(lambda p: {"epsilon": run.privacy.epsilon(p.step)}) if run.privacy else None,
     )
 
 
@@ -499,6 +538,7 @@ def _finish(run: _Run, progress: Progress, metrics: MetricsLog) -> TrainResult:
         trainable_params=sum(p.numel() for p in run.model.parameters() if p.requires_grad),
         optimizer_state_bytes=optimizer_state_bytes(run.optimizers),
         peak_memory_bytes=peak_memory(run.device),
+        privacy=run.privacy.info(progress.step) if run.privacy else {},
     )
     dist.barrier()  # nobody leaves (and ends the process group) while rank 0 still writes
     return result

@@ -1,0 +1,102 @@
+"""Differentially private training (DP-SGD through Opacus): the reported ε is the accountant's,
+the runs still learn, checkpoints load as ordinary models, unsupported settings are named."""
+
+import json
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.config import PrivacyConfig
+from lmforge.training.classify import ClassifierTrainConfig, load_classifier, predict, train_classifier
+from lmforge.training.privacy import plan
+from lmforge.training.trainer import train
+
+from .conftest import tiny_config
+from .test_classify import toy  # noqa: F401  (fixture)
+
+
+def opacus_epsilon(noise: float, sample_rate: float, steps: int, delta: float) -> float:
+    """ε the way Opacus' own privacy engine accounts it: one accountant step per optimizer step."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    for _ in range(steps):
+        accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
+    return accountant.get_epsilon(delta)
+
+
+def classifier_config(train_path, dev_path, out, **privacy) -> ClassifierTrainConfig:
+    return ClassifierTrainConfig(train_path=str(train_path), val_path=str(dev_path), out=str(out), epochs=6,
+                                 batch_size=8, lr=2e-2, eval_every=12, progress=False, device="cpu",
+                                 privacy=PrivacyConfig(**privacy))  # fmt: skip
+
+
+def test_private_classifier_reports_the_accountants_epsilon_and_still_learns(tmp_path, toy):  # noqa: F811
+    train_path, dev_path = toy  # 96 examples, batches of 8: sampling rate 1/12
+    result = train_classifier(classifier_config(train_path, dev_path, tmp_path / "dp", noise_multiplier=0.8),
+                              log=lambda _: None)  # fmt: skip
+    assert result["steps"] == 72 and result["best_val_accuracy"] >= 0.875  # learns despite the noise
+    records = [json.loads(line) for line in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
+    for record in records:  # every evaluation says how much privacy has been spent so far
+        expected = opacus_epsilon(0.8, 8 / 96, record["step"], 1e-5)
+        assert record["epsilon"] == pytest.approx(expected, abs=1e-4)
+    assert [r["epsilon"] for r in records] == sorted(r["epsilon"] for r in records)
+    saved = json.loads((tmp_path / "dp" / "config.json").read_text())["privacy"]
+    assert saved["delta"] == 1e-5 and saved["noise_multiplier"] == 0.8
+    assert saved["epsilon"] == pytest.approx(opacus_epsilon(0.8, 8 / 96, saved["steps"], 1e-5), abs=1e-4)
+    # The BiLSTM trained through Opacus' DPLSTM loads as the ordinary model, same names, same outputs.
+    model, tokenizer, labels = load_classifier(tmp_path / "dp")
+    assert isinstance(model.body.rnn, torch.nn.LSTM)
+    assert predict(model, tokenizer, ["a wonderful film"]).shape == (1, 2)
+
+
+def test_target_epsilon_is_met_at_the_last_step(tmp_path, toy):  # noqa: F811
+    train_path, dev_path = toy
+    result = train_classifier(classifier_config(train_path, dev_path, tmp_path / "dp", target_epsilon=4.0),
+                              log=lambda _: None)  # fmt: skip
+    assert result["epsilon"] == pytest.approx(4.0, rel=0.01) and result["epsilon"] <= 4.0 + 1e-3
+    privacy = plan(PrivacyConfig(target_epsilon=4.0), examples=96, batch_size=8, steps=72)
+    assert opacus_epsilon(privacy.noise_multiplier, 8 / 96, 72, privacy.delta) == pytest.approx(4.0, rel=0.01)
+
+
+def test_private_language_model_learns_and_records_epsilon(tmp_path, shakespeare_excerpt):
+    config = tiny_config(tmp_path / "lm", shakespeare_excerpt, **{
+        "train.max_iters": 60, "train.batch_size": 16, "train.eval_interval": 20, "train.eval_batches": 4,
+        "train.eval_at_start": True, "optim.lr": 3e-3, "optim.warmup_iters": 5,
+        "privacy.noise_multiplier": 0.5, "privacy.max_grad_norm": 1.0})  # fmt: skip
+    result = train(config, log=lambda _: None)
+    first, last = result.history[0]["val_loss"], result.history[-1]["val_loss"]
+    assert last < first - 0.5  # it learns
+    examples = 54_000 // 16  # (the excerpt's 90% training split) / block size: one example is a window
+    assert result.privacy["sample_rate"] == pytest.approx(16 / examples, rel=0.01)
+    expected = opacus_epsilon(0.5, result.privacy["sample_rate"], 60, result.privacy["delta"])
+    assert result.privacy["epsilon"] == pytest.approx(expected, abs=1e-4)
+    saved = json.loads((tmp_path / "lm" / "config.json").read_text())
+    assert saved["privacy"]["steps"] == saved["step"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model.arch", "lstm"], "a recurrent language model carries its state"),
+        (["--optim.optimizer", "muon"], "needs a single optimizer"),
+        (["--train.grad_accum", "2"], "needs train.grad_accum 1"),
+        (["--privacy.noise_multiplier", "1.0"], "not both"),
+        (["--privacy.target_epsilon", "-1"], "privacy.target_epsilon must be at least 0"),
+    ],
+)
+def test_unsupported_private_settings_are_named(tmp_path, shakespeare_excerpt, capsys, flags, message):
+    argv = ["train", "--preset", "tiny", "--data", str(shakespeare_excerpt), "--out", str(tmp_path / "o"),
+            "--max-iters", "2", "--device", "cpu", "--quiet", "--privacy.target_epsilon", "8", *flags]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_too_few_examples_for_private_training(tmp_path, toy, capsys):  # noqa: F811
+    train_path, dev_path = toy
+    assert main(["train-classifier", "--data", str(train_path), "--val", str(dev_path), "--out",
+                 str(tmp_path / "c"), "--batch-size", "64", "--privacy.noise-multiplier", "1", "--quiet"]) == 2  # fmt: skip
+    assert "96 examples for batches of 64" in capsys.readouterr().err
