@@ -145,6 +145,7 @@ def _storage(out: Path):
 def _study(out: Path, settings: TuneSettings, worker: int):
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # lmforge prints one line per trial itself
     pruner = (
         optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials, n_warmup_steps=0)
         if settings.pruning
@@ -214,7 +215,6 @@ def run_worker(base: Config, params: list[Param], settings: TuneSettings, worker
     """Run trials of the shared study until it holds `settings.trials` finished ones."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(settings.out)
     study = _study(out, settings, worker)
     remaining = settings.trials - _finished(study)

@@ -245,12 +245,8 @@ def _build_model(run: _Run, base: tuple[nn.Module, str | None] | None) -> None:
 
 
 def _plan_privacy(run: _Run) -> Privacy:
-    """DP-SGD for a Transformer: each training window is one example of the guarantee."""
+    """DP-SGD: each training window is one example of the guarantee."""
     tc = run.config.train
-    if getattr(run.model, "stateful", False):
-        raise UserError("Differentially private training needs independent examples; a recurrent language model "
-                        "carries its state from batch to batch. Use a Transformer (model.arch gpt).",
-                        settings=("model.arch",))  # fmt: skip
     private.check_supported(run.optimizers, tc.grad_accum, run.dist.active, tc.compile)
     examples = len(run.data.tokens("train")) // run.window
     plan = private.plan(run.config.privacy, examples, tc.batch_size, tc.max_iters)
@@ -264,7 +260,9 @@ def _make_source(run: _Run) -> BatchSource:
     tc, data, dist = run.config.train, run.data, run.dist
     train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
     train_mask = data.mask("train")  # instruction data: loss on the replies only
-    if not getattr(run.model, "stateful", False):
+    # (Under differential privacy a recurrent model also reads independent windows, each from a zero
+    # state: a state carried from batch to batch would tie examples together.)
+    if not getattr(run.model, "stateful", False) or private.enabled(run.config.privacy):
         return WindowSource(
             train_tokens,
             val_tokens,
