@@ -29,7 +29,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--minutes", type=float, default=3.0, help="training budget of each run")
-    parser.add_argument("--epsilon", type=float, default=8.0, help="target ε of the private run (δ = 1e-5)")
+    parser.add_argument("--epsilon", type=float, default=8.0, help="target ε of the private run")
     parser.add_argument(
         "--epochs", type=int, default=2, help="planned epochs (the target ε is for all of them)"
     )
@@ -58,10 +58,12 @@ def main() -> None:
             rows.append({"run": name, "best_val_accuracy": max(r["val_accuracy"] for r in history),
                          "steps": last["step"], "elapsed_s": last["elapsed_s"],
                          "steps_per_s": round(last["step"] / last["elapsed_s"], 2),
-                         "epsilon": last.get("epsilon"), "history": history})  # fmt: skip
+                         "epsilon": last.get("epsilon"),
+                         "privacy": json.loads((run / "config.json").read_text()).get("privacy"),
+                         "history": history})  # fmt: skip
     out = {"benchmark": "privacy_sst2", "machine": machine_info(), "minutes_per_run": args.minutes,
            "settings": {"batch_size": args.batch_size, "vocab_size": args.vocab_size, "lr": args.lr,
-                        "planned_epochs": args.epochs, "target_epsilon": args.epsilon, "delta": 1e-5},
+                        "planned_epochs": args.epochs, "target_epsilon": args.epsilon},
            "rows": rows}  # fmt: skip
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")

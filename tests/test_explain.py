@@ -11,6 +11,7 @@ from lmforge.errors import UserError
 from lmforge.explain import explain, load_for_explaining
 from lmforge.models import build_model
 from lmforge.models.classifier import ClassifierConfig
+from lmforge.models.gpt import recorded_attention
 from lmforge.training.classify import ClassifierTrainConfig, predict, train_classifier
 from lmforge.training.trainer import train
 
@@ -37,16 +38,15 @@ def test_kept_attention_is_what_the_fused_kernel_computes(kv_heads, pos):
                                     n_embd=32, pos_encoding=pos)).eval()  # fmt: skip
     idx = torch.randint(0, 40, (2, 12))
     fused = model(idx)[0]
-    layers = [m for m in model.modules() if hasattr(m, "keep_attention")]
-    for layer in layers:
-        layer.keep_attention = True
-    explicit = model(idx)[0]
-    assert torch.allclose(fused, explicit, atol=1e-5)
-    for layer in layers:
-        probs = layer.attention  # (B, heads, T, T)
+    with recorded_attention() as recorded:
+        explicit = model(idx)[0]
+    assert torch.allclose(fused, explicit, atol=1e-5) and len(recorded) == 2
+    for probs in recorded:  # (B, heads, T, T)
         assert probs.shape == (2, 4, 12, 12)
         assert torch.allclose(probs.sum(-1), torch.ones(2, 4, 12), atol=1e-6)  # each row a distribution
         assert torch.all(probs.triu(1) == 0)  # causal: no query sees a later key
+    model(idx)
+    assert len(recorded) == 2  # outside the block nothing more is recorded
 
 
 def test_language_model_explanation_adds_up(lm, tmp_path, capsys):

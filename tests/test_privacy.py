@@ -60,9 +60,37 @@ def test_target_epsilon_is_met_at_the_last_step(tmp_path, toy):  # noqa: F811
     assert opacus_epsilon(privacy.noise_multiplier, 8 / 96, 72, privacy.delta) == pytest.approx(4.0, rel=0.01)
 
 
-@pytest.mark.parametrize("arch, lr", [("gpt", 3e-3), ("lstm", 2e-2)])
-def test_private_language_model_learns_and_records_epsilon(tmp_path, shakespeare_excerpt, arch, lr):
-    config = tiny_config(tmp_path / "lm", shakespeare_excerpt, **{"model.arch": arch, "optim.min_lr": 1e-4,
+BIAS_FREE = {"model.bias": False, "model.qk_norm": True, "model.pos_encoding": "rope",
+             "model.activation": "relu2", "model.tie_embeddings": False}  # the default preset's kind  # fmt: skip
+
+
+def test_per_example_gradients_are_exact_for_a_bias_free_gpt():
+    from opacus import GradSampleModule
+
+    from lmforge.config import Config, apply_overrides
+    from lmforge.models import build_model
+    from lmforge.training.privacy import _layer_norm_without_bias_grad_sample
+
+    torch.manual_seed(0)
+    cfg = apply_overrides(Config(), {**BIAS_FREE, "model.vocab_size": 30, "model.block_size": 8,
+                                     "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 16}).model  # fmt: skip
+    model = build_model(cfg)
+    _layer_norm_without_bias_grad_sample()
+    private = GradSampleModule(model)
+    x, y = torch.randint(0, 30, (3, 8)), torch.randint(0, 30, (3, 8))
+    private(x, y)[1].backward()
+    per_example = {name: p.grad_sample.clone() for name, p in model.named_parameters()}
+    private.remove_hooks()
+    for i in range(3):  # each example's own gradient, by plain autograd
+        model.zero_grad()
+        model(x[i : i + 1], y[i : i + 1])[1].backward()
+        for name, p in model.named_parameters():
+            assert torch.allclose(per_example[name][i], p.grad, atol=1e-6), name
+
+
+@pytest.mark.parametrize("arch, lr, extra", [("gpt", 3e-3, {}), ("gpt", 3e-3, BIAS_FREE), ("lstm", 2e-2, {})])
+def test_private_language_model_learns_and_records_epsilon(tmp_path, shakespeare_excerpt, arch, lr, extra):
+    config = tiny_config(tmp_path / "lm", shakespeare_excerpt, **extra, **{"model.arch": arch, "optim.min_lr": 1e-4,
         "train.max_iters": 60, "train.batch_size": 16, "train.eval_interval": 20, "train.eval_batches": 4,
         "train.eval_at_start": True, "optim.lr": lr, "optim.warmup_iters": 5,
         "privacy.noise_multiplier": 0.5, "privacy.max_grad_norm": 1.0})  # fmt: skip

@@ -73,7 +73,7 @@ def served(checkpoint):
         model, tokenizer, ServerSettings(model_name="tiny", max_tokens_cap=50), chat_template_of(checkpoint)
     )
     server = RunningServer(app)
-    server.model, server.tokenizer = model, tokenizer
+    server.model, server.tokenizer, server.checkpoint = model, tokenizer, checkpoint
     yield server
     server.stop()
 
@@ -307,6 +307,10 @@ def test_web_chat_in_a_headless_browser(served):
         reply = page.eval_on_selector(".assistant", "e => e.textContent")
         user = page.eval_on_selector(".user", "e => e.textContent")
         send_enabled = page.is_enabled("#send")
+        page.click(".attn-btn")  # the reply's attention over the conversation
+        page.wait_for_selector(".attention[data-tokens]", timeout=30000)
+        shown = page.eval_on_selector_all(".attention .tok", "spans => spans.map(s => s.textContent)")
+        reply_spans = page.eval_on_selector_all(".attention .reply", "spans => spans.length")
         browser.close()
     # The page streamed the same reply the API gives for the same conversation and settings.
     expected = (
@@ -323,6 +327,42 @@ def test_web_chat_in_a_headless_browser(served):
     )
     assert user == "Hello there" and reply == expected and len(reply) > 0
     assert send_enabled
+    conversation = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": reply}]
+    attention = httpx.post(served.url + "/v1/attention", json={"messages": conversation}).json()
+    assert shown == attention["tokens"] and reply_spans == len(attention["attention"])
+
+
+def test_attention_of_a_reply(served):
+    from lmforge.chat import chat_prompt
+    from lmforge.models.gpt import recorded_attention
+
+    conversation = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "A king."}]
+    answer = httpx.post(served.url + "/v1/attention", json={"messages": conversation})
+    assert answer.status_code == 200
+    data = answer.json()
+    tokenizer, model = served.tokenizer, served.model
+    prompt = chat_prompt(chat_template_of(served.checkpoint), conversation[:1])
+    ids = tokenizer.encode(prompt + "A king.")
+    assert data["reply_start"] == len(tokenizer.encode(prompt)) and len(data["tokens"]) == len(ids)
+    rows = data["attention"]
+    assert len(rows) == len(ids) - data["reply_start"] == len("A king.")  # one row per reply token (chars)
+    for i, row in enumerate(rows):  # each row: a distribution over the tokens up to its own
+        position = data["reply_start"] + i
+        assert sum(row) == pytest.approx(1.0, abs=1e-3) and all(x == 0 for x in row[position + 1 :])
+    with torch.no_grad(), recorded_attention() as recorded:
+        model(torch.tensor([ids]))
+    expected = torch.stack([m[0].mean(0) for m in recorded]).mean(0)[data["reply_start"]]
+    assert rows[0] == pytest.approx(expected.tolist(), abs=1e-4)
+    one_layer = httpx.post(served.url + "/v1/attention", json={"messages": conversation, "layer": 1}).json()
+    assert one_layer["attention"][0] == pytest.approx(
+        recorded[1][0].mean(0)[data["reply_start"]].tolist(), abs=1e-4
+    )
+    bad = httpx.post(served.url + "/v1/attention", json={"messages": conversation, "layer": 7})
+    assert bad.status_code == 400 and "layer must be between 0 and 1" in bad.json()["error"]["message"]
+    not_reply = httpx.post(served.url + "/v1/attention", json={"messages": conversation[::-1]})
+    assert (
+        not_reply.status_code == 400 and "must be the assistant reply" in not_reply.json()["error"]["message"]
+    )
 
 
 def test_terminal_chat_commands_and_history(checkpoint):

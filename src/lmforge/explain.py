@@ -61,10 +61,24 @@ def load_for_explaining(path: str, device: str = "cpu") -> tuple[nn.Module, obje
     return model.float().to(resolve_device(device)).eval(), tokenizer, None
 
 
-def _attention_layers(model: nn.Module) -> list[nn.Module]:
-    from lmforge.models.gpt import CausalSelfAttention
+@torch.no_grad()
+def reply_attention(
+    model: nn.Module, ids: list[int], start: int, layer: int | None = None
+) -> list[list[float]]:
+    """How much each token from `start` on attends to every token (rows: those tokens, columns: all
+    tokens), averaged over heads, and over layers unless `layer` is given."""
+    from lmforge.models.gpt import recorded_attention
 
-    return [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    device = next(model.parameters()).device
+    with recorded_attention() as recorded:
+        model(torch.tensor([ids], device=device))
+    if not recorded:
+        raise UserError("This model has no attention layers (a recurrent model) to show.")
+    if layer is not None and not 0 <= layer < len(recorded):
+        raise UserError(f"layer must be between 0 and {len(recorded) - 1}.", settings=("layer",))
+    maps = torch.stack([m[0].float().mean(0) for m in recorded])  # (layers, T, T), mean over heads
+    chosen = maps.mean(0) if layer is None else maps[layer]
+    return chosen[start:].cpu().tolist()
 
 
 def _embedding(model: nn.Module, classifier: bool) -> nn.Embedding:
@@ -111,16 +125,11 @@ def explain(model: nn.Module, tokenizer, text: str, labels: list[str] | None = N
             return model(batch, length.expand(batch.shape[0]))[0]
         return model(batch)[0][:, -1, :]
 
-    layers = _attention_layers(model)
-    for layer in layers:
-        layer.keep_attention = True
-    try:
-        with torch.no_grad():
-            logits = scores(idx).float()
-        attention = [layer.attention[0].tolist() for layer in layers] if layers else None
-    finally:
-        for layer in layers:
-            layer.keep_attention, layer.attention = False, None
+    from lmforge.models.gpt import recorded_attention
+
+    with recorded_attention() as recorded, torch.no_grad():
+        logits = scores(idx).float()
+    attention = [m[0].tolist() for m in recorded] or None
     probabilities = logits.softmax(-1)[0]
     chosen = _target_index(target, labels, tokenizer, int(probabilities.argmax()))
     decision = labels[chosen] if classifier else tokenizer.decode([chosen])

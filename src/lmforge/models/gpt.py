@@ -13,6 +13,9 @@ untied head. Attention runs through `scaled_dot_product_attention`.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -113,6 +116,21 @@ def attention_mask_for(cache: KVCache | None, new_valid: torch.Tensor) -> torch.
     return mask | own[None, None]
 
 
+_recording = threading.local()
+
+
+@contextmanager
+def recorded_attention() -> Iterator[list[torch.Tensor]]:
+    """Within the block, attention run by this thread is computed unfused and each layer's
+    probabilities (B, heads, T, S) are appended to the list, in the order the layers run.
+    Other threads (a server's decoding worker) keep the fused kernel."""
+    _recording.maps = maps = []
+    try:
+        yield maps
+    finally:
+        _recording.maps = None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -127,10 +145,6 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, qkv_width, bias=cfg.bias or cfg.qkv_bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.is_residual_projection = True
-        # `lmforge explain` sets keep_attention: attention is then computed unfused and its
-        # probabilities (B, heads, T, S) kept in `attention`.
-        self.keep_attention = False
-        self.attention: torch.Tensor | None = None
 
     def forward(
         self,
@@ -179,8 +193,11 @@ class CausalSelfAttention(nn.Module):
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        if self.keep_attention:
-            return self._attend_explicitly(q, k, v, causal, mask)
+        recording = getattr(_recording, "maps", None)
+        if recording is not None:  # `lmforge explain`: the probabilities themselves are wanted
+            y, probabilities = self._attend_explicitly(q, k, v, causal, mask)
+            recording.append(probabilities.detach())
+            return y
         return F.scaled_dot_product_attention(
             q,
             k,
@@ -193,8 +210,8 @@ class CausalSelfAttention(nn.Module):
 
     def _attend_explicitly(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """What scaled_dot_product_attention computes, step by step, keeping the probabilities."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What scaled_dot_product_attention computes, step by step: the output and the probabilities."""
         if self.n_kv_head != self.n_head:  # grouped-query: query head h reads key/value head h // group
             group = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -206,8 +223,7 @@ class CausalSelfAttention(nn.Module):
             allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
             scores = scores.masked_fill(~allowed, float("-inf"))
         probabilities = scores.softmax(dim=-1)
-        self.attention = probabilities.detach()
-        return probabilities @ v
+        return probabilities @ v, probabilities
 
 
 class MLP(nn.Module):

@@ -115,6 +115,14 @@ class ChatRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
+class AttentionRequest(BaseModel):
+    """A conversation whose last message is the assistant reply to look into."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=2)
+    layer: int | None = Field(default=None, ge=0, description="one layer (default: the mean over layers)")
+
+
 class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str

@@ -30,10 +30,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 
 from lmforge.chat import chat_prompt, chat_stop_strings
+from lmforge.errors import UserError
 from lmforge.generation import start_ids
 from lmforge.serving.engine import Done, Engine, Failed, QueueFull, Sequence, Token, prompt_logprobs
 from lmforge.serving.protocol import (
     APIError,
+    AttentionRequest,
     ChatRequest,
     Choice,
     CompletionRequest,
@@ -113,6 +115,41 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
         if any(not 0 <= t < tokenizer.vocab_size for t in body.tokens):
             raise APIError(400, f"tokens must be in [0, {tokenizer.vocab_size}).", param="tokens")
         return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    @app.post("/v1/attention", responses=ERROR_RESPONSES)
+    async def attention(body: AttentionRequest) -> dict:
+        """What the last (assistant) message attended to: one row per reply token over every token of
+        the conversation, averaged over heads (and layers unless `layer` is given). The web chat shows it."""
+        if body.messages[-1].role != "assistant":
+            raise APIError(
+                400, "The last message must be the assistant reply to look into.", param="messages"
+            )
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": valid_text(m.text(), "messages")} for m in body.messages]  # fmt: skip
+        try:
+            prompt = chat_prompt(chat_template, messages[:-1])
+        except Exception as e:
+            raise APIError(400, f"The chat template could not format these messages ({e}).",
+                           param="messages") from None  # fmt: skip
+        start = len(await asyncio.to_thread(tokenizer.encode, prompt))
+        ids = await asyncio.to_thread(tokenizer.encode, prompt + messages[-1]["content"])
+        cut = max(0, len(ids) - model.block_size)  # the part of the conversation the model can see
+        ids, start = ids[cut:], max(0, start - cut)
+        if start >= len(ids):
+            raise APIError(400, "The assistant reply is empty.", param="messages")
+
+        def compute() -> list[list[float]]:
+            from lmforge.explain import reply_attention
+
+            return reply_attention(model, ids, start, body.layer)
+
+        try:
+            rows = await asyncio.to_thread(compute)
+        except UserError as e:
+            raise APIError(400, str(e), param="layer" if "layer" in str(e) else "model") from None
+        pieces = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+        return {"tokens": pieces, "reply_start": start, "truncated": cut,
+                "attention": [[round(x, 5) for x in row] for row in rows]}  # fmt: skip
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page() -> str:

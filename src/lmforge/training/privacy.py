@@ -157,6 +157,29 @@ def prepare_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _layer_norm_without_bias_grad_sample() -> None:
+    """Opacus' LayerNorm grad sampler assumes a bias; lmforge's bias-free presets have none. The same
+    per-example gradient of the gain, skipping the missing bias."""
+    import torch.nn.functional as F
+    from opacus.grad_sample import GradSampleModule
+    from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
+
+    original = GradSampleModule.GRAD_SAMPLERS[nn.LayerNorm]
+    if getattr(original, "handles_no_bias", False):
+        return
+
+    def layer_norm_grad_sample(layer: nn.LayerNorm, activations: list[torch.Tensor], backprops: torch.Tensor):
+        if layer.bias is not None:
+            return original(layer, activations, backprops)
+        if layer.weight is None or not layer.weight.requires_grad:
+            return {}
+        normalized = F.layer_norm(activations[0], layer.normalized_shape, eps=layer.eps)
+        return {layer.weight: sum_over_all_but_batch_and_last_n(normalized * backprops, layer.weight.dim())}
+
+    layer_norm_grad_sample.handles_no_bias = True
+    GradSampleModule.GRAD_SAMPLERS[nn.LayerNorm] = layer_norm_grad_sample
+
+
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, privacy: Privacy):
     """The model wrapped to record per-example gradients, and the optimizer that clips and noises them."""
     from opacus import GradSampleModule
@@ -164,6 +187,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, privacy: Pr
 
     # Opacus' hooks fire on modules whose inputs need no gradient (the embedding's): expected, not a problem.
     warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+    _layer_norm_without_bias_grad_sample()
     private = GradSampleModule(model)
     dp_optimizer = DPOptimizer(optimizer, noise_multiplier=privacy.noise_multiplier,
                                max_grad_norm=privacy.max_grad_norm, expected_batch_size=privacy.batch_size,
