@@ -496,3 +496,45 @@ def test_tokenize_detokenize_and_favicon(served):
         and icon.headers["content-type"] == "image/svg+xml"
         and b"<svg" in icon.content
     )
+
+
+def test_terminal_chat_has_line_editing_and_keeps_history(checkpoint, tmp_path):
+    """A person at a terminal (a pseudo-terminal here): the up arrow recalls the last line, and the
+    lines are kept for the next session."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LMFORGE_CACHE_DIR": str(tmp_path / "cache"), "TERM": "xterm"}
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lmforge", "chat", str(checkpoint), "--temperature", "0", "--max-new-tokens", "3"],
+        stdin=follower, stdout=follower, stderr=follower, env=env, close_fds=True,
+    )  # fmt: skip
+    os.close(follower)
+    transcript = b""
+
+    def read_until(marker: bytes, count: int) -> None:
+        nonlocal transcript
+        deadline = time.time() + 60
+        while transcript.count(marker) < count and time.time() < deadline:
+            if select.select([leader], [], [], 0.5)[0]:
+                try:
+                    transcript += os.read(leader, 4096)
+                except OSError:
+                    return
+
+    read_until(b"you> ", 1)
+    os.write(leader, b"hello\r")
+    read_until(b"you> ", 2)
+    os.write(leader, b"\x1b[A\r")  # up arrow, then Enter: the same line again
+    read_until(b"you> ", 3)
+    os.write(leader, b"/quit\r")
+    process.wait(timeout=30)
+    os.close(leader)
+    text = transcript.decode("utf-8", "replace")
+    assert text.count("you> hello") == 2 and "^[[A" not in text
+    # (readline keeps a repeated line once)
+    assert (tmp_path / "cache" / "chat_history").read_text().split() == ["hello", "/quit"]

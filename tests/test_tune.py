@@ -122,3 +122,19 @@ def test_every_preset_round_trips_through_a_written_preset_file(tmp_path, name):
     path = tmp_path / "p.toml"
     path.write_text(config_to_toml(config), encoding="utf-8")
     assert load_preset(str(path)).to_dict() == config.to_dict()
+
+
+def test_a_missing_optional_package_is_named(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a)
+    )
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE)
+    assert main(["tune", "--space", str(space), "--out", str(tmp_path / "s")]) == 2
+    assert (
+        "Hyper-parameter search needs the optuna package: pip install 'lmforge[tune]'."
+        in capsys.readouterr().err
+    )

@@ -7,6 +7,8 @@ text) gets lmforge's default template, which is at least a readable transcript.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lmforge.data.instructions import DEFAULT_CHAT_TEMPLATE, Conversation, render_chat
@@ -49,6 +51,32 @@ def chat_stop_strings(template: str) -> list[str]:
 HELP = (
     "Commands: /reset (forget the conversation), /system TEXT, /temperature X, /quit. Ctrl-C stops a reply."
 )
+
+
+@contextmanager
+def line_editing(history_file: Path | None) -> Iterator[None]:
+    """Within the block, input() has line editing (arrows, Ctrl-A/E, Ctrl-R search) and the lines
+    of earlier sessions as history (GNU readline), saved back to `history_file` at the end."""
+    try:
+        import readline
+    except ImportError:  # no readline on this platform: plain input()
+        yield
+        return
+    readline.set_history_length(1000)
+    if history_file is not None and history_file.is_file():
+        try:
+            readline.read_history_file(history_file)
+        except OSError:
+            pass
+    try:
+        yield
+    finally:
+        if history_file is not None:
+            try:
+                history_file.parent.mkdir(parents=True, exist_ok=True)
+                readline.write_history_file(history_file)
+            except OSError:  # a read-only home: the chat worked, only its history is not kept
+                pass
 
 
 def terminal_chat(

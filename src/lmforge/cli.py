@@ -30,6 +30,7 @@ SHORT_FLAGS = {
     "--batch-size": "train.batch_size",
     "--lr": "optim.lr",
     "--init-embeddings": "train.init_embeddings",
+    "--loggers": "train.loggers",
 }
 
 # Flags that several commands share, declared once with one default each.
@@ -272,6 +273,7 @@ def _parser_train_classifier(sub) -> None:
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0 = each epoch)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this many minutes")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--loggers", default="", help="beside metrics.jsonl, comma-separated: csv, tensorboard")
     _privacy_flags(p)
     _shared(p, "--device")
     _run_flags(p, "training")
@@ -684,6 +686,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         progress=not args.quiet,
+        loggers=args.loggers,
         gpt_heads=args.n_head,
         privacy=PrivacyConfig(
             **{k.split(".")[1]: v for k, v in vars(args).items() if k.startswith("privacy.")}
@@ -800,9 +803,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.max_new_tokens >= model.block_size:
         raise UserError(f"--max-new-tokens must be below the model's context ({model.block_size}).")
     config = _generation_config(args, recommended)
-    terminal_chat(
-        model, tokenizer, chat_template_of(args.checkpoint, args.adapter), config, system=args.system
-    )
+    from contextlib import nullcontext
+
+    from lmforge.chat import line_editing
+    from lmforge.io import cache_dir
+
+    interactive = sys.stdin.isatty()  # line editing and history for a person typing, not for piped input
+    with line_editing(cache_dir() / "chat_history") if interactive else nullcontext():
+        terminal_chat(
+            model, tokenizer, chat_template_of(args.checkpoint, args.adapter), config, system=args.system
+        )
     return 0
 
 

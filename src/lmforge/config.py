@@ -111,6 +111,9 @@ class TrainConfig:
     init_embeddings: str = ""  # word2vec/GloVe vectors for the embedding of a word-level model
     sample_tokens: int = option(300, "length of the sample printed at the end (0 = none)", ge=0)
     progress: bool = True
+    loggers: str = (
+        ""  # beside metrics.jsonl, comma-separated: csv (metrics.csv), tensorboard (OUT/tensorboard)
+    )
 
 
 @dataclass
@@ -291,6 +294,9 @@ def validate(config: Config) -> None:
     for ok, message, setting in checks:
         if not ok:
             raise UserError(message, settings=(setting,))
+    from lmforge.training.metrics import parse_loggers
+
+    parse_loggers(t.loggers)
     check_size(m, bytes_per_parameter=16)  # weights, gradients and two optimizer moments in float32
 
 

@@ -30,7 +30,7 @@ from lmforge.tokenizers import TextTokenizer, train_word_tokenizer
 from lmforge.training import privacy as private
 from lmforge.training import state as saved_state
 from lmforge.training.loop import Progress, Schedule, Trainee, run_loop
-from lmforge.training.metrics import MetricsLog, Reporter, write_loss_plot
+from lmforge.training.metrics import MetricsLog, Reporter, parse_loggers, write_loss_plot
 from lmforge.training.optim import build_optimizers, lr_at, set_lr
 from lmforge.training.state import STATE_DIR
 from lmforge.weights import load_weights, unique_state_dict
@@ -63,6 +63,7 @@ class ClassifierTrainConfig:
     seed: int = 1337
     device: str = "auto"
     progress: bool = True
+    loggers: str = ""  # beside metrics.jsonl: csv, tensorboard (comma-separated)
 
 
 def encode_batch(tokenizer: TextTokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -238,7 +239,8 @@ def _check_classifier_out(out: Path, resume: bool, overwrite: bool) -> None:
             settings=("overwrite", "resume", "out"),
         )
     if not resume and overwrite:
-        for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", STATE_DIR):
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "metrics.csv",
+                     "tensorboard", STATE_DIR):  # fmt: skip
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
@@ -274,7 +276,8 @@ def train_classifier(
             f"{schedule.max_steps} steps, device {trainee.device}"
         )
     out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=progress.step if resume else None)
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=progress.step if resume else None,
+                         loggers=cfg.loggers)  # fmt: skip
     reporter = Reporter(cfg.progress, schedule.max_steps, progress.step)
     try:
         run_loop(trainee, schedule, progress, metrics, reporter, on_step)
@@ -394,6 +397,7 @@ def validate_classifier_config(cfg: ClassifierTrainConfig) -> None:
         if not ok:
             raise UserError(f"Classifier setting {message}.")
     check_fields(cfg.privacy, "privacy.")
+    parse_loggers(cfg.loggers)
 
 
 def save_classifier(

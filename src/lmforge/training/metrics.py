@@ -14,18 +14,85 @@ from typing import Any
 
 from lmforge.io import atomic_write, atomic_write_text
 
+LOGGERS = ("csv", "tensorboard")
+
+
+class CSVLogger:
+    """metrics.csv: the records of metrics.jsonl as a table, one column per key seen so far."""
+
+    def __init__(self, path: Path, history: list[dict[str, Any]]):
+        self.path, self.rows = path, list(history)
+        self._write()
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.rows.append(record)
+        self._write()  # (rewritten whole: a new key adds a column; a few hundred rows at most)
+
+    def _write(self) -> None:
+        import csv
+        import io
+
+        columns = list(dict.fromkeys(key for row in self.rows for key in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, buffer.getvalue())
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardLogger:
+    """Scalars for TensorBoard (`tensorboard --logdir OUT/tensorboard`), one per numeric key."""
+
+    def __init__(self, folder: Path, history: list[dict[str, Any]], resume_step: int | None):
+        from lmforge.errors import require
+
+        require("tensorboard", "tensorboard", "Logging to TensorBoard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        # On resume, events after the saved step are purged: they will be logged again.
+        self.writer = SummaryWriter(str(folder), purge_step=resume_step + 1 if resume_step else None)
+        if not resume_step:
+            for record in history:
+                self.log(record)
+
+    def log(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def parse_loggers(spec: str) -> list[str]:
+    """'tensorboard,csv' -> the logger names, each checked."""
+    from lmforge.errors import UserError
+
+    names = [name.strip().lower() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in LOGGERS]
+    if unknown:
+        raise UserError(f"Unknown logger {unknown[0]!r}; choose from {', '.join(LOGGERS)} (comma-separated).",
+                        settings=("train.loggers", "loggers"))  # fmt: skip
+    return names
+
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step, appended and flushed as training goes.
+    """metrics.jsonl: one JSON object per logged step, appended and flushed as training goes,
+    and the same records to the chosen loggers (metrics.csv, TensorBoard events).
 
     On resume, lines logged after the saved state are dropped (they will be logged again),
     and so is a damaged last line (what a full disk or a kill mid-write leaves behind).
     """
 
-    def __init__(self, path: Path, keep_until_step: int | None, write: bool = True):
+    def __init__(self, path: Path, keep_until_step: int | None, write: bool = True, loggers: str = ""):
         self.path = path
         self.history: list[dict[str, Any]] = []
         self.file = None
+        self.loggers: list[CSVLogger | TensorBoardLogger] = []
         if not write:  # another process writes the file (distributed training)
             return
         if keep_until_step is not None and path.exists():
@@ -38,6 +105,13 @@ class MetricsLog:
                     self.history.append(record)
         self.rewrite()
         self.file = open(path, "a", encoding="utf-8")
+        for name in parse_loggers(loggers):
+            if name == "csv":
+                self.loggers.append(CSVLogger(path.with_name("metrics.csv"), self.history))
+            else:
+                self.loggers.append(
+                    TensorBoardLogger(path.with_name("tensorboard"), self.history, keep_until_step)
+                )
 
     def rewrite(self) -> None:
         """Write the whole history again (after a record changed)."""
@@ -53,6 +127,8 @@ class MetricsLog:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        for logger in self.loggers:
+            logger.log(record)
 
     @property
     def last_step(self) -> int:
@@ -62,6 +138,9 @@ class MetricsLog:
         if self.file:
             self.file.close()
             self.file = None
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []
 
 
 def write_loss_plot(history: list[dict[str, Any]], path: Path) -> None:

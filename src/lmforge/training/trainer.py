@@ -50,6 +50,8 @@ RUN_FILES = (
     "metrics.jsonl",
     "loss.png",
     "adapter.safetensors",
+    "metrics.csv",
+    "tensorboard",
     STATE_DIR,
     f"{STATE_DIR}.old",
 )
@@ -116,9 +118,8 @@ def train(
     try:
         run = _setup(config, resume, overwrite, log if dist.main else (lambda _: None), dist)
         tc = config.train
-        metrics = MetricsLog(
-            run.out / "metrics.jsonl", keep_until_step=run.progress.step if resume else None, write=dist.main
-        )
+        metrics = MetricsLog(run.out / "metrics.jsonl", keep_until_step=run.progress.step if resume else None,
+                             write=dist.main, loggers=tc.loggers)  # fmt: skip
         try:
             progress = run_loop(
                 _trainee(run),
