@@ -331,3 +331,41 @@ def test_llama_cpp_runs_the_gguf_export_with_the_same_greedy_tokens(tmp_path, sm
         llm.eval([theirs[-1]])
     assert theirs == ours
     assert tokenizer.decode(ours).startswith(" Paris.")
+
+
+def test_web_chat_on_smollm2_answers_renders_and_fits(smollm2, loaded, tmp_path):
+    """The web chat page in headless Chromium on the real instruction model."""
+    import playwright.sync_api as playwright
+
+    from lmforge.serving.server import ServerSettings, create_app
+
+    from .test_serve import RunningServer, check_layout, chromium_path, stored
+
+    model, tokenizer, _ = loaded
+    checkpoint = open_checkpoint(smollm2)
+    tokenizer = checkpoint.tokenizer()  # with the end-of-turn id the GGUF declares
+    settings = ServerSettings(model_name="smollm2", sampling_defaults=checkpoint.generation.sampling)
+    server = RunningServer(create_app(model.eval(), tokenizer, settings, checkpoint.chat_template))
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium_path())
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(server.url + "/")
+            page.wait_for_selector("body[data-ready='1']")
+            assert page.input_value("#max_tokens") == "256"  # min(256, half of the 8192-token context)
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "24")
+            page.fill("#prompt", "What is the capital of France?")
+            page.click("#send")
+            page.wait_for_selector(".assistant[data-rendered='1']", timeout=120000)
+            shown = page.text_content(".assistant")
+            speed = page.text_content(".speed")
+            check_layout(page, tmp_path / "smollm2-desktop.png")
+            page.set_viewport_size({"width": 390, "height": 844})
+            check_layout(page, tmp_path / "smollm2-phone.png")
+            reply = stored(page, "smollm2")[1]["content"]
+            browser.close()
+    finally:
+        server.stop()
+    assert "Paris" in reply and "<|im_end|>" not in reply and "Paris" in shown
+    assert "tok/s" in speed

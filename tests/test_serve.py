@@ -286,32 +286,67 @@ def test_web_chat_page_is_served(served):
     assert "/v1/chat/completions" in page.text
 
 
-def test_web_chat_in_a_headless_browser(served):
+def chromium_path() -> str:
+    # .ci/run installs Debian's chromium; a machine without it fails here rather than skipping the check.
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert path, "no chromium browser: install it (apt-get install chromium) to run the web chat tests"
+    return path
+
+
+def check_layout(page, shot) -> None:
+    """Screenshot the page; everything that matters is visible, inside the window, and nothing
+    makes the page scroll sideways."""
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 1000
+    width = page.evaluate("() => window.innerWidth")
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= width
+    for selector in ("#prompt", "#send", "#stop", "#log", "aside"):
+        box = page.locator(selector).bounding_box()
+        assert page.is_visible(selector) and box and box["width"] > 20, selector
+        assert box["x"] >= 0 and box["x"] + box["width"] <= width + 1, selector
+
+
+def stored(page, model="tiny") -> list[dict]:
+    return page.evaluate(f"() => JSON.parse(localStorage.getItem('lmforge-chat:{model}')).history")
+
+
+def test_web_chat_in_a_headless_browser(served, tmp_path):
     import playwright.sync_api as playwright
 
-    # .ci/run installs Debian's chromium; a machine without it fails here rather than skipping the check.
-    assert shutil.which("chromium") or shutil.which("chromium-browser"), (
-        "no chromium browser: install it (apt-get install chromium) to run the web chat test"
-    )
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=shutil.which("chromium") or shutil.which("chromium-browser")
-        )
-        page = browser.new_page()
+        browser = p.chromium.launch(executable_path=chromium_path())
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.goto(served.url + "/")
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.input_value("#max_tokens") == "64"  # from the model: half its 128-token context
+        assert "128 tokens" in page.text_content("#context")
         page.fill("#temperature", "0")
         page.fill("#max_tokens", "10")
         page.fill("#prompt", "Hello there")
         page.click("#send")
         page.wait_for_selector(".assistant[data-done='1']", timeout=30000)
-        reply = page.eval_on_selector(".assistant", "e => e.textContent")
+        conversation = stored(page)
         user = page.eval_on_selector(".user", "e => e.textContent")
+        speed = page.text_content(".speed")
         send_enabled = page.is_enabled("#send")
+        check_layout(page, tmp_path / "desktop.png")
         page.click(".attn-btn")  # the reply's attention over the conversation
         page.wait_for_selector(".attention[data-tokens]", timeout=30000)
         shown = page.eval_on_selector_all(".attention .tok", "spans => spans.map(s => s.textContent)")
         reply_spans = page.eval_on_selector_all(".attention .reply", "spans => spans.length")
+        # A reload keeps the conversation (this browser's localStorage) and the settings.
+        page.reload()
+        page.wait_for_selector(".assistant[data-rendered='1']", timeout=30000)
+        restored = page.eval_on_selector_all(".msg", "m => m.map(e => e.className)")
+        assert page.input_value("#temperature") == "0" and page.input_value("#max_tokens") == "10"
+        # A failed turn (max_tokens over the server's cap of 50) shows an error and is not kept.
+        page.fill("#max_tokens", "500")
+        page.fill("#prompt", "Too long a reply")
+        page.click("#send")
+        page.wait_for_selector(".error")
+        assert "max_tokens" in page.text_content(".error") and stored(page) == conversation
         browser.close()
+    reply = conversation[1]["content"]
     # The page streamed the same reply the API gives for the same conversation and settings.
     expected = (
         served.client()
@@ -321,15 +356,71 @@ def test_web_chat_in_a_headless_browser(served):
             temperature=0,
             top_p=0.95,
             max_tokens=10,
-        )
+        )  # fmt: skip
         .choices[0]
         .message.content
     )
     assert user == "Hello there" and reply == expected and len(reply) > 0
-    assert send_enabled
-    conversation = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": reply}]
-    attention = httpx.post(served.url + "/v1/attention", json={"messages": conversation}).json()
+    assert conversation == [
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": reply},
+    ]
+    assert send_enabled and speed.startswith("10 tokens") and "tok/s" in speed
+    assert restored == ["msg user", "msg assistant"]
+    both = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": reply}]
+    attention = httpx.post(served.url + "/v1/attention", json={"messages": both}).json()
     assert shown == attention["tokens"] and reply_spans == len(attention["attention"])
+
+
+def test_web_chat_renders_markdown_safely_trims_history_and_fits_a_phone(served, tmp_path):
+    import playwright.sync_api as playwright
+
+    markdown = "Some **bold** code:\n\n```python\nprint(1)\n```\n\n<script>window.hacked = 1</script>"
+    long_turns = []
+    for i in range(3):  # more than the 128-token context holds with the reply
+        long_turns += [
+            {"role": "user", "content": f"question {i} " + "x" * 60},
+            {"role": "assistant", "content": "y" * 40},
+        ]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path())
+        phone = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+        page = phone.new_page()
+        page.goto(served.url + "/")
+        page.wait_for_selector("body[data-ready='1']")
+        history = [{"role": "user", "content": "Show code"}, {"role": "assistant", "content": markdown}]
+        page.evaluate("h => localStorage.setItem('lmforge-chat:tiny', JSON.stringify({history: h, settings: {}}))",
+                      history)  # fmt: skip
+        page.reload()
+        page.wait_for_selector(".assistant[data-rendered='1']")
+        assert page.text_content(".assistant pre code") == "print(1)\n"
+        assert page.text_content(".assistant strong") == "bold"
+        assert "<script>window.hacked = 1</script>" in page.text_content(".assistant")  # shown, not run
+        assert page.evaluate("() => window.hacked") is None
+        assert not page.evaluate("() => document.getElementById('settings').open")  # folded on a phone
+        check_layout(page, tmp_path / "phone.png")
+        # A conversation longer than the context: the oldest turns are left out, and the reply comes.
+        page.evaluate("h => localStorage.setItem('lmforge-chat:tiny', JSON.stringify({history: h, settings: "
+                      "{max_tokens: '20', temperature: '0'}}))", long_turns)  # fmt: skip
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']")
+        page.fill("#prompt", "and now?")
+        page.click("#send")
+        page.wait_for_selector(".assistant[data-done='1']", timeout=30000)
+        notice = page.text_content(".notice")
+        errors = page.eval_on_selector_all(".error", "e => e.length")
+        kept = stored(page)
+        browser.close()
+    assert "older messages left out to fit the model's context" in notice and errors == 0
+    assert kept[:6] == long_turns and kept[6] == {"role": "user", "content": "and now?"} and len(kept) == 8
+
+
+def test_render_endpoint_escapes_html(served):
+    answer = httpx.post(
+        served.url + "/v1/render", json={"text": "# T\n<img src=x onerror=alert(1)> [a](javascript:x)"}
+    )
+    html = answer.json()["html"]
+    assert "<h1>T</h1>" in html and "<img" not in html and 'href="javascript' not in html
 
 
 def test_attention_of_a_reply(served):

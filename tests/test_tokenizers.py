@@ -78,3 +78,24 @@ def test_loading_a_broken_tokenizer_file_is_a_clear_error(tmp_path):
         load_tokenizer(tmp_path / "missing.json")
     with pytest.raises(UserError, match="Unknown tokenizer"):
         build_tokenizer("sentencepiece", ["x"], 10)
+
+
+def test_token_bytes_are_exact_for_parts_of_a_character_and_top_logprobs_keep_both():
+    from types import SimpleNamespace
+
+    from lmforge.serving.server import _Requests
+    from lmforge.tokenizers import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(["naïve café " * 50, "plain words here " * 50], vocab_size=300)
+    vocab = tokenizer.hf.get_vocab()
+    first, second = vocab["Ã"], vocab["©"]  # byte-level tokens of 0xC3 and 0xA9: "é" is C3 A9
+    assert tokenizer.decode([first]) == "\ufffd" == tokenizer.decode([second])  # alone, neither is text
+    assert tokenizer.token_bytes(first) == b"\xc3" and tokenizer.token_bytes(second) == b"\xa9"
+    assert b"".join(tokenizer.token_bytes(t) for t in tokenizer.encode("café")) == "café".encode()
+    eot = tokenizer.eot_id
+    assert tokenizer.token_bytes(eot) == b"<|endoftext|>"
+    requests = SimpleNamespace(
+        tokenizer=tokenizer, piece=lambda t: tokenizer.decode([t], skip_special_tokens=False)
+    )
+    top = _Requests.top_dict(requests, [(first, -0.5), (second, -1.5)])
+    assert len(top) == 2 and top["\ufffd"] == -0.5 and top["©"] == -1.5

@@ -8,6 +8,7 @@ generation from an empty prompt.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -19,6 +20,24 @@ from lmforge.errors import UserError
 EOT = "<|endoftext|>"
 UNK = "<unk>"
 _SAFE_CUT = re.compile(r"\n(?=\S)")
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    """The inverse of GPT-2's byte-to-printable-character table that byte-level BPE vocabularies use."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    codes, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, codes, strict=True)}
 
 
 class TextTokenizer:
@@ -54,6 +73,22 @@ class TextTokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for. A byte-level BPE token can hold part of a UTF-8 character
+        (its text alone decodes to U+FFFD); its bytes are exact."""
+        name = self.hf.id_to_token(token)
+        if name is None:
+            return b""
+        byte = _BYTE_FALLBACK.fullmatch(name)  # SentencePiece-style byte tokens: <0xE2>
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        added = {t.content for t in self.hf.get_added_tokens_decoder().values()}
+        if isinstance(self.hf.decoder, decoders.ByteLevel) and name not in added:
+            table = _unicode_to_byte()
+            if all(ch in table for ch in name):
+                return bytes(table[ch] for ch in name)
+        return self.decode([token], skip_special_tokens=False).encode("utf-8")
 
     def save(self, path: str | Path) -> None:
         from lmforge.io import atomic_write_text

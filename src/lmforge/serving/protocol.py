@@ -123,6 +123,10 @@ class AttentionRequest(BaseModel):
     layer: int | None = Field(default=None, ge=0, description="one layer (default: the mean over layers)")
 
 
+class RenderRequest(BaseModel):
+    text: str
+
+
 class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str

@@ -41,6 +41,7 @@ from lmforge.serving.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     ErrorResponse,
+    RenderRequest,
     RequestBase,
     ResponseShape,
     TokenizeRequest,
@@ -62,6 +63,9 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     max_batch: int = 8  # sequences decoded together (1 = no dynamic batching)
     max_queue: int = 64  # sequences waiting; beyond it requests get 503
+    sampling_defaults: dict | None = (
+        None  # the checkpoint's recommended sampling (the web chat starts from it)
+    )
 
 
 def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -> FastAPI:
@@ -83,7 +87,15 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": settings.model_name, "queued": engine.queued()}
+        """Liveness, and what the web chat needs to start: the context and the recommended sampling."""
+        return {"status": "ok", "model": settings.model_name, "queued": engine.queued(),
+                "context_length": model.block_size, "sampling": settings.sampling_defaults or {}}  # fmt: skip
+
+    @app.post("/v1/render", responses=ERROR_RESPONSES)
+    async def render(body: RenderRequest) -> dict:
+        """A reply's Markdown as HTML for the web chat (CommonMark and tables; raw HTML in the text is
+        escaped, and links to javascript:/data: are refused, so the result is safe to insert)."""
+        return {"html": await asyncio.to_thread(render_markdown, valid_text(body.text, "text"))}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -591,9 +603,13 @@ class _Requests:
                         {
                             "token": piece(t),
                             "logprob": v,
-                            "bytes": list(piece(t).encode("utf-8")),
+                            "bytes": list(self.tokenizer.token_bytes(t)),
                             "top_logprobs": [
-                                {"token": piece(i), "logprob": x, "bytes": list(piece(i).encode("utf-8"))}
+                                {
+                                    "token": piece(i),
+                                    "logprob": x,
+                                    "bytes": list(self.tokenizer.token_bytes(i)),
+                                }
                                 for i, x in top_list
                             ],
                         }
@@ -616,6 +632,20 @@ class _Requests:
     def piece(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
 
+    def top_dict(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        """The legacy completions format keys alternatives by their text: two tokens with the same
+        text (parts of one UTF-8 character, special tokens) get distinct keys (the second its
+        vocabulary entry) instead of one overwriting the other."""
+        out: dict[str, float] = {}
+        for token, value in top:
+            key = self.piece(token)
+            if key in out:
+                key = self.tokenizer.hf.id_to_token(token) or key
+            if key in out:
+                key = f"<token {token}>"
+            out[key] = value
+        return out
+
     def logprob_block(self, tokens: list[int], logprobs: list, tops: list) -> dict:
         text_offset, position = [], 0
         for t in tokens:
@@ -624,9 +654,16 @@ class _Requests:
         return {
             "tokens": [self.piece(t) for t in tokens],
             "token_logprobs": logprobs,
-            "top_logprobs": [({self.piece(i): v for i, v in top} if top else None) for top in tops],
+            "top_logprobs": [(self.top_dict(top) if top else None) for top in tops],
             "text_offset": text_offset,
         }
+
+
+def render_markdown(text: str) -> str:
+    from markdown_it import MarkdownIt
+
+    # A chat reply's line breaks are meant (poetry, lists of lines): "breaks" keeps them.
+    return MarkdownIt("commonmark", {"html": False, "breaks": True}).enable("table").render(text)
 
 
 def _default_hosts(bind: str) -> tuple[str, ...]:
@@ -659,7 +696,10 @@ def serve(
     from lmforge.inference import load_for_inference
 
     model, tokenizer = load_for_inference(checkpoint, device, dtype, quantize, adapter)
+    from lmforge.checkpoint import open_checkpoint
+
     settings = ServerSettings(
+        sampling_defaults=open_checkpoint(checkpoint).generation.sampling,
         model_name=Path(checkpoint).resolve().name,
         api_key=api_key,
         max_batch=max_batch,
