@@ -545,6 +545,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _note(message: str) -> None:
+    print(f"lmforge: note: {message}", file=sys.stderr)
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
@@ -580,7 +584,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise UserError("--num-samples must be at least 1.")
     model, tokenizer = load_for_inference(
-        args.checkpoint, args.device, args.dtype, args.quantize, args.adapter
+        args.checkpoint, args.device, args.dtype, args.quantize, args.adapter, notice=_note
     )
     prompts = _read_prompts(args)
     warn = lambda message: print(f"lmforge: warning: {message}", file=sys.stderr)  # noqa: E731
@@ -796,7 +800,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     recommended = _recommended(args.checkpoint)
     _generation_config(args, recommended, max_new_tokens=args.max_new_tokens or 1)  # checked before loading
     model, tokenizer = load_for_inference(
-        args.checkpoint, args.device, args.dtype, args.quantize, args.adapter
+        args.checkpoint, args.device, args.dtype, args.quantize, args.adapter, notice=_note
     )
     if args.max_new_tokens is None:
         args.max_new_tokens = min(256, model.block_size // 2)

@@ -2,17 +2,19 @@
 and matrix-vector products that use every CPU core.
 
 int8 quantisation stores each linear layer's weight as int8 with one float scale
-per output channel (symmetric, round to nearest). Which kernel multiplies depends
-on the hardware, because the fast int8 paths are hardware-specific:
-- CPUs with AVX-512: PyTorch's int8 weight-pack kernel (weight-only: activations stay float);
-- other x86 CPUs (AVX2): FBGEMM's dynamically quantised linear kernel, which also
-  quantises each input to int8 on the fly (the only fast int8 path PyTorch has there);
-- elsewhere (GPUs): the weight is dequantised on the fly (saves memory, not time).
+per output channel (symmetric, round to nearest). Which kernel multiplies is measured on
+this CPU for each weight shape (kernels.py), among PyTorch's int8 weight-pack kernel
+(weight-only: activations stay float), FBGEMM's dynamically quantised linear kernel (it
+also quantises each input to int8 on the fly) and dequantising on the fly: which one is
+fast depends on the CPU, not on a flag. On GPUs the weight is dequantised on the fly
+(saves memory, not time). When the requested precision (int8, bfloat16) measures slower
+than float32 here, loading says so.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 from lmforge.device import DTYPES, resolve_device
 from lmforge.errors import UserError
+from lmforge.kernels import BlockedMatvecLinear
 
 
 class Int8Linear(nn.Module):
@@ -33,7 +36,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(linear.weight.dtype))
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.kernel = _choose_kernel(weight.device)
+        self.kernel = _choose_kernel(weight.device, self.in_features, self.out_features)
         if self.kernel == "fbgemm":
             with warnings.catch_warnings():  # torch marks its quantized tensors as deprecated
                 warnings.simplefilter("ignore")
@@ -58,47 +61,6 @@ class Int8Linear(nn.Module):
         return F.linear(x, weight, self.bias)
 
 
-class BlockedMatvecLinear(nn.Module):
-    """nn.Linear whose products with a few rows use every CPU core.
-
-    Decoding one token at a time makes each linear layer a matrix-vector product, bound
-    by reading the weight from memory. PyTorch's CPU kernel for it runs on one core, which
-    reads about half of what the memory can deliver (measured here: 14 GB/s of 28 GB/s).
-    Viewing the weight as a batch of row blocks turns the product into a batched one that
-    PyTorch spreads over the cores (26 GB/s here). Same parameters, same state-dict keys;
-    larger inputs (prefill, training) take the ordinary path.
-    """
-
-    MAX_ROWS = 8  # beyond this the ordinary matrix-matrix kernel is already multi-threaded
-    BLOCKS = 4  # measured best here among 2-16 (two cores); more blocks only add bookkeeping
-
-    def __init__(self, linear: nn.Linear, blocks: int = BLOCKS):
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias  # shared, so tied weights stay tied
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.blocks = blocks
-        # Rows that split evenly into blocks; the remainder (if any) is a small ordinary product.
-        self.blocked_rows = self.out_features - self.out_features % blocks
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows > self.MAX_ROWS or x.dtype != self.weight.dtype or not self.weight.is_contiguous():
-            return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, self.in_features)
-        blocked = self.weight[: self.blocked_rows].view(self.blocks, -1, self.in_features)
-        columns = flat.t().expand(self.blocks, -1, -1)  # the same input for every block, not copied
-        if self.bias is None:
-            y = torch.bmm(blocked, columns)
-        else:  # bias added inside the product: one pass over the output
-            y = torch.baddbmm(self.bias[: self.blocked_rows].view(self.blocks, -1, 1), blocked, columns)
-        y = y.view(self.blocked_rows, rows).t() if rows > 1 else y.view(1, self.blocked_rows)
-        if self.blocked_rows < self.out_features:
-            rest = self.weight[self.blocked_rows :]
-            bias = None if self.bias is None else self.bias[self.blocked_rows :]
-            y = torch.cat([y, F.linear(flat, rest, bias)], dim=1)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-
 def use_blocked_matvec(model: nn.Module, min_weight: int = 1 << 18) -> nn.Module:
     """Replace every float32 CPU nn.Linear of at least `min_weight` weights with
     BlockedMatvecLinear (in place); returns the model. Smaller weights (1 MB by default)
@@ -118,16 +80,35 @@ def use_blocked_matvec(model: nn.Module, min_weight: int = 1 << 18) -> nn.Module
     return model
 
 
-def _choose_kernel(device: torch.device) -> str:
+def _choose_kernel(device: torch.device, in_features: int, out_features: int) -> str:
     if device.type != "cpu":
         return "dequantize"
-    from lmforge.device import cpu_has_bf16
+    from lmforge.kernels import fastest_int8_kernel
 
-    if cpu_has_bf16():  # AVX-512 BF16 implies the AVX-512 paths of the int8 weight-pack kernel
-        return "pack"
-    if "fbgemm" in torch.backends.quantized.supported_engines:
-        return "fbgemm"
-    return "dequantize"
+    return fastest_int8_kernel(in_features, out_features)
+
+
+def linear_shapes(model: nn.Module) -> dict[tuple[int, int], int]:
+    """(in_features, out_features) of the model's linear layers -> how many there are."""
+    shapes: dict[tuple[int, int], int] = {}
+    for module in model.modules():
+        if isinstance(module, nn.Linear | Int8Linear | BlockedMatvecLinear):
+            key = (module.in_features, module.out_features)
+            shapes[key] = shapes.get(key, 0) + 1
+    return shapes
+
+
+def slower_precision_notice(model: nn.Module, precision: str) -> str | None:
+    """A sentence when `precision` (int8 or bfloat16) decodes slower than float32 on this CPU."""
+    from lmforge.kernels import precision_report
+
+    chosen, float32 = precision_report(linear_shapes(model), precision)
+    if chosen <= 1.05 * float32:
+        return None
+    option = "--quantize int8" if precision == "int8" else "--dtype bfloat16"
+    return (f"{option} measures {float32 / chosen:.2f}x float32's decoding speed on this CPU "
+            f"({1e3 * chosen:.2f} vs {1e3 * float32:.2f} ms of matrix products per token): it saves memory, "
+            f"not time; leave it out for speed.")  # fmt: skip
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -146,9 +127,11 @@ def load_for_inference(
     dtype: str = "float32",
     quantize: str | None = None,
     adapter: str | None = None,
+    notice: Callable[[str], None] | None = None,
 ):
     """A checkpoint's model (eval mode) and tokenizer, at the requested precision; `adapter`:
-    a LoRA adapter for this base (from `lmforge finetune`, or a PEFT folder), merged in before anything else."""
+    a LoRA adapter for this base (from `lmforge finetune`, or a PEFT folder), merged in before anything else.
+    `notice` (default: a warning) hears when the requested precision is slower than float32 here."""
     from lmforge.checkpoint import load_checkpoint
 
     if dtype not in DTYPES:
@@ -171,4 +154,9 @@ def load_for_inference(
         quantize_int8(model)
     else:
         use_blocked_matvec(model)
+    precision = "int8" if quantize == "int8" else "bfloat16" if dtype == "bfloat16" else None
+    if precision and next(model.buffers(), next(model.parameters())).device.type == "cpu":
+        message = slower_precision_notice(model, precision)
+        if message:
+            (notice or (lambda m: warnings.warn(m, stacklevel=3)))(message)
     return model.eval(), tokenizer

@@ -132,36 +132,7 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
     async def attention(body: AttentionRequest) -> dict:
         """What the last (assistant) message attended to: one row per reply token over every token of
         the conversation, averaged over heads (and layers unless `layer` is given). The web chat shows it."""
-        if body.messages[-1].role != "assistant":
-            raise APIError(
-                400, "The last message must be the assistant reply to look into.", param="messages"
-            )
-        messages = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": valid_text(m.text(), "messages")} for m in body.messages]  # fmt: skip
-        try:
-            prompt = chat_prompt(chat_template, messages[:-1])
-        except Exception as e:
-            raise APIError(400, f"The chat template could not format these messages ({e}).",
-                           param="messages") from None  # fmt: skip
-        start = len(await asyncio.to_thread(tokenizer.encode, prompt))
-        ids = await asyncio.to_thread(tokenizer.encode, prompt + messages[-1]["content"])
-        cut = max(0, len(ids) - model.block_size)  # the part of the conversation the model can see
-        ids, start = ids[cut:], max(0, start - cut)
-        if start >= len(ids):
-            raise APIError(400, "The assistant reply is empty.", param="messages")
-
-        def compute() -> list[list[float]]:
-            from lmforge.explain import reply_attention
-
-            return reply_attention(model, ids, start, body.layer)
-
-        try:
-            rows = await asyncio.to_thread(compute)
-        except UserError as e:
-            raise APIError(400, str(e), param="layer" if "layer" in str(e) else "model") from None
-        pieces = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
-        return {"tokens": pieces, "reply_start": start, "truncated": cut,
-                "attention": [[round(x, 5) for x in row] for row in rows]}  # fmt: skip
+        return await reply_attention_of(model, tokenizer, chat_template, body)
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page() -> str:
@@ -659,6 +630,34 @@ class _Requests:
         }
 
 
+async def reply_attention_of(model, tokenizer, chat_template: str, body: AttentionRequest) -> dict:
+    """The /v1/attention answer: the conversation's tokens, where the reply starts, and its rows."""
+    if body.messages[-1].role != "assistant":
+        raise APIError(400, "The last message must be the assistant reply to look into.", param="messages")
+    messages = [{"role": "system" if m.role == "developer" else m.role,
+                 "content": valid_text(m.text(), "messages")} for m in body.messages]  # fmt: skip
+    try:
+        prompt = chat_prompt(chat_template, messages[:-1])
+    except Exception as e:
+        raise APIError(400, f"The chat template could not format these messages ({e}).",
+                       param="messages") from None  # fmt: skip
+    start = len(await asyncio.to_thread(tokenizer.encode, prompt))
+    ids = await asyncio.to_thread(tokenizer.encode, prompt + messages[-1]["content"])
+    cut = max(0, len(ids) - model.block_size)  # the part of the conversation the model can see
+    ids, start = ids[cut:], max(0, start - cut)
+    if start >= len(ids):
+        raise APIError(400, "The assistant reply is empty.", param="messages")
+    from lmforge.explain import reply_attention
+
+    try:  # (in a thread of its own: attention is recorded for that thread only, decoding goes on)
+        rows = await asyncio.to_thread(reply_attention, model, ids, start, body.layer)
+    except UserError as e:
+        raise APIError(400, str(e), param="layer" if "layer" in str(e) else "model") from None
+    pieces = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+    return {"tokens": pieces, "reply_start": start, "truncated": cut,
+            "attention": [[round(x, 5) for x in row] for row in rows]}  # fmt: skip
+
+
 def render_markdown(text: str) -> str:
     from markdown_it import MarkdownIt
 
@@ -695,7 +694,8 @@ def serve(
     from lmforge.chat import chat_template_of
     from lmforge.inference import load_for_inference
 
-    model, tokenizer = load_for_inference(checkpoint, device, dtype, quantize, adapter)
+    model, tokenizer = load_for_inference(checkpoint, device, dtype, quantize, adapter,
+                                          notice=lambda m: print(f"Note: {m}", flush=True))  # fmt: skip
     from lmforge.checkpoint import open_checkpoint
 
     settings = ServerSettings(

@@ -1,0 +1,203 @@
+"""Matrix-vector products for decoding, and which kernel is fastest on this CPU: measured, never
+assumed from a CPU flag.
+
+Decoding one token multiplies every weight matrix by one vector, and the fastest way to do
+that depends on the machine: PyTorch's int8 weight-pack kernel is fast on some AVX-512 CPUs
+and four times slower than float32 on others; bfloat16 reads half the bytes yet can be
+slower than float32 where the CPU converts it in software. So for each weight shape the
+candidate kernels are timed once (a few milliseconds) and the result is kept in the cache,
+keyed by the CPU model, its flags and the torch version:
+
+    $LMFORGE_CACHE_DIR/kernel-timings.json   {"<cpu>|<torch>": {"int8-pack 576x1536": 1.2e-5, ...}}
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_lock = threading.Lock()
+_timings: dict[str, float] | None = None  # this machine's entries of the cache file
+
+
+class BlockedMatvecLinear(nn.Module):
+    """nn.Linear whose products with a few rows use every CPU core.
+
+    Decoding one token at a time makes each linear layer a matrix-vector product, bound
+    by reading the weight from memory. PyTorch's CPU kernel for it runs on one core, which
+    reads about half of what the memory can deliver (measured here: 14 GB/s of 28 GB/s).
+    Viewing the weight as a batch of row blocks turns the product into a batched one that
+    PyTorch spreads over the cores (26 GB/s here). Same parameters, same state-dict keys;
+    larger inputs (prefill, training) take the ordinary path.
+    """
+
+    MAX_ROWS = 8  # beyond this the ordinary matrix-matrix kernel is already multi-threaded
+    BLOCKS = 4  # measured best here among 2-16 (two cores); more blocks only add bookkeeping
+
+    def __init__(self, linear: nn.Linear, blocks: int = BLOCKS):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # shared, so tied weights stay tied
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.blocks = blocks
+        # Rows that split evenly into blocks; the remainder (if any) is a small ordinary product.
+        self.blocked_rows = self.out_features - self.out_features % blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows > self.MAX_ROWS or x.dtype != self.weight.dtype or not self.weight.is_contiguous():
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, self.in_features)
+        blocked = self.weight[: self.blocked_rows].view(self.blocks, -1, self.in_features)
+        columns = flat.t().expand(self.blocks, -1, -1)  # the same input for every block, not copied
+        if self.bias is None:
+            y = torch.bmm(blocked, columns)
+        else:  # bias added inside the product: one pass over the output
+            y = torch.baddbmm(self.bias[: self.blocked_rows].view(self.blocks, -1, 1), blocked, columns)
+        y = y.view(self.blocked_rows, rows).t() if rows > 1 else y.view(1, self.blocked_rows)
+        if self.blocked_rows < self.out_features:
+            rest = self.weight[self.blocked_rows :]
+            bias = None if self.bias is None else self.bias[self.blocked_rows :]
+            y = torch.cat([y, F.linear(flat, rest, bias)], dim=1)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def machine_key() -> str:
+    """The CPU model, its vector flags and the torch version: timings are valid for this triple."""
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
+    return f"{model} [{' '.join(f for f in wanted if f in flags)}] torch {torch.__version__}"
+
+
+def _cache_file() -> Path:
+    from lmforge.io import cache_dir
+
+    return cache_dir() / "kernel-timings.json"
+
+
+def _load() -> dict[str, float]:
+    global _timings
+    if _timings is None:
+        try:
+            _timings = dict(json.loads(_cache_file().read_text("utf-8")).get(machine_key(), {}))
+        except (OSError, ValueError, AttributeError):
+            _timings = {}
+    return _timings
+
+
+def _save() -> None:
+    from lmforge.io import atomic_write_json
+
+    path = _cache_file()
+    try:
+        everything = json.loads(path.read_text("utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        everything = {}
+    everything[machine_key()] = _timings
+    try:
+        atomic_write_json(path, everything)
+    except OSError:  # a read-only cache: the timings are measured again next time
+        pass
+
+
+def measure(kernel: str, fn: Callable[[], object], repeats: int = 15) -> float:
+    """Median seconds of one call of `fn` (the product by `kernel`), after a warm-up."""
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _candidates(in_features: int, out_features: int) -> dict[str, Callable[[], object]]:
+    """One matrix-vector product of this shape, by each kernel this build of torch has."""
+    x = torch.randn(1, in_features)
+    weight = torch.randn(out_features, in_features)
+    scale = weight.abs().amax(dim=1) / 127.0
+    int8 = (weight / scale[:, None]).round().to(torch.int8)
+    kernels: dict[str, Callable[[], object]] = {
+        "float32": lambda: F.linear(x, weight),
+    }
+    x16, weight16 = x.bfloat16(), weight.bfloat16()
+    kernels["bfloat16"] = lambda: F.linear(x16, weight16)
+    if out_features >= BlockedMatvecLinear.BLOCKS:
+        blocked = BlockedMatvecLinear(torch.nn.Linear(in_features, out_features, bias=False))
+        kernels["float32-blocked"] = lambda: blocked(x)
+    if hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        kernels["int8-pack"] = lambda: torch.ops.aten._weight_int8pack_mm(x, int8, scale)
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantized = torch.quantize_per_channel(weight, scale.double(), torch.zeros_like(scale, dtype=torch.long),
+                                                   0, torch.qint8)  # fmt: skip
+        packed = torch.ops.quantized.linear_prepack(quantized, None)
+        kernels["int8-fbgemm"] = lambda: torch.ops.quantized.linear_dynamic(x, packed, True)
+    kernels["int8-dequantize"] = lambda: F.linear(x, int8.float() * scale[:, None])
+    return kernels
+
+
+def timings(in_features: int, out_features: int) -> dict[str, float]:
+    """Seconds per matrix-vector product of this shape for every kernel (measured once per machine)."""
+    with _lock:
+        cached = _load()
+        shape = f"{in_features}x{out_features}"
+        wanted = {name: f"{name} {shape}" for name in _candidates_names(in_features, out_features)}
+        if not all(key in cached for key in wanted.values()):
+            for name, fn in _candidates(in_features, out_features).items():
+                cached[f"{name} {shape}"] = measure(name, fn)
+            _save()
+        return {name: cached[key] for name, key in wanted.items() if key in cached}
+
+
+def _candidates_names(in_features: int, out_features: int) -> list[str]:
+    names = ["float32", "bfloat16", "int8-dequantize"]
+    if out_features >= BlockedMatvecLinear.BLOCKS:
+        names.append("float32-blocked")
+    if hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        names.append("int8-pack")
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        names.append("int8-fbgemm")
+    return names
+
+
+def fastest_int8_kernel(in_features: int, out_features: int) -> str:
+    """'pack', 'fbgemm' or 'dequantize': whichever multiplies this shape fastest here."""
+    measured = timings(in_features, out_features)
+    int8 = {name: t for name, t in measured.items() if name.startswith("int8-")}
+    return min(int8, key=int8.get).removeprefix("int8-")
+
+
+def precision_report(shapes: dict[tuple[int, int], int], precision: str) -> tuple[float, float]:
+    """Seconds per decoded token spent in the linear layers (`shapes`: (in, out) -> how many) with
+    the requested precision ('int8' or 'bfloat16') and with float32, both at their fastest kernel."""
+    chosen = baseline = 0.0
+    for (in_features, out_features), count in shapes.items():
+        measured = timings(in_features, out_features)
+        float32 = min(t for name, t in measured.items() if name.startswith("float32"))
+        if precision == "int8":
+            value = min(t for name, t in measured.items() if name.startswith("int8-"))
+        else:
+            value = measured["bfloat16"]
+        chosen += count * value
+        baseline += count * float32
+    return chosen, baseline
