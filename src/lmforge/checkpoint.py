@@ -44,6 +44,7 @@ class GenerationDefaults:
 
     eos_token_ids: tuple[int, ...] = ()  # every id that ends a sequence (besides the tokenizer's end-of-text)
     sampling: dict[str, Any] = field(default_factory=dict)  # recommended temperature, top_p, top_k, ...
+    bos_token_id: int | None = None  # the token a text starts from, when the model declares one
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Checkpoint:
             raise UserError(f"{self.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                             f"{self.config.model.vocab_size}; the checkpoint's files do not belong together.")  # fmt: skip
         tokenizer.extra_end_ids = tuple(self.generation.eos_token_ids)
+        tokenizer.bos_id = self.generation.bos_token_id
         return tokenizer
 
 
@@ -126,8 +128,8 @@ def open_checkpoint(path: str | Path, revision: str | None = None) -> Checkpoint
     elif path.suffix == ".gguf" or gguf.is_gguf(path):
         foreign = GGUF, gguf.read_gguf_metadata(path)
     if foreign:
-        kind, (config, template, eos_ids, sampling) = foreign
-        defaults = GenerationDefaults(tuple(eos_ids), sampling)
+        kind, (config, template, eos_ids, sampling, bos) = foreign
+        defaults = GenerationDefaults(tuple(eos_ids), sampling, bos)
         checkpoint = Checkpoint(
             path, kind, config, {"imported_from": str(path.resolve())}, template, defaults
         )
@@ -165,7 +167,8 @@ def _open_lmforge(path: Path) -> Checkpoint:
     config = config_from_dict(data.get("config", {}), source=str(config_file))
     eos = tuple(i for i in data.get("eos_token_ids", []) if isinstance(i, int))  # kept from an imported model
     sampling = data.get("sampling_defaults") if isinstance(data.get("sampling_defaults"), dict) else {}
-    return Checkpoint(path, LANGUAGE_MODEL, config, data, template, GenerationDefaults(eos, sampling))
+    bos = data.get("bos_token_id") if isinstance(data.get("bos_token_id"), int) else None
+    return Checkpoint(path, LANGUAGE_MODEL, config, data, template, GenerationDefaults(eos, sampling, bos))
 
 
 def load_checkpoint(

@@ -838,7 +838,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     config = opened.config
     info = {"imported_from": str(source.resolve()), "chat_template": opened.chat_template,
             "eos_token_ids": list(opened.generation.eos_token_ids),
-            "sampling_defaults": opened.generation.sampling}  # fmt: skip
+            "sampling_defaults": opened.generation.sampling, "bos_token_id": opened.generation.bos_token_id}  # fmt: skip
     save_checkpoint(out, model, config, tokenizer, info)
     params = sum(p.numel() for p in model.parameters())
     print(

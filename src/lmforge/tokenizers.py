@@ -47,6 +47,7 @@ class TextTokenizer:
         self.hf = tokenizer
         self.kind = kind
         self.extra_end_ids = extra_end_ids  # end-of-sequence ids a checkpoint declares (e.g. <|im_end|>)
+        self.bos_id: int | None = None  # the beginning-of-text id a checkpoint declares, if any
 
     @property
     def vocab_size(self) -> int:

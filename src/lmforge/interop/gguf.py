@@ -110,8 +110,9 @@ def _hf_config(reader, path: Path) -> dict[str, Any]:
             "tie_word_embeddings": tied, "head_dim": int(key("rope.dimension_count", n_embd // n_head))}  # fmt: skip
 
 
-def read_gguf_metadata(path: str | Path) -> tuple[Config, str | None, list[int], dict[str, Any]]:
-    """Config, chat template, end-of-sequence ids and (no) sampling defaults of a GGUF file."""
+def read_gguf_metadata(path: str | Path) -> tuple[Config, str | None, list[int], dict[str, Any], int | None]:
+    """Config, chat template, end-of-sequence ids, (no) sampling defaults and the beginning-of-text
+    id of a GGUF file."""
     from lmforge.interop.hf import model_config_from_hf
 
     path = Path(path)
@@ -121,7 +122,9 @@ def read_gguf_metadata(path: str | Path) -> tuple[Config, str | None, list[int],
     config = Config(name=path.stem, description=f"imported from GGUF ({name})", model=model)
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     template = _field(reader, "tokenizer.chat_template")
-    return config, template if isinstance(template, str) else None, [] if eos is None else [int(eos)], {}
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    return (config, template if isinstance(template, str) else None, [] if eos is None else [int(eos)], {},
+            None if bos is None else int(bos))  # fmt: skip
 
 
 def _unpermute(weight: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -388,10 +388,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
-def read_hf_metadata(path: str | Path) -> tuple[Config, str | None, list[int], dict[str, Any]]:
+def read_hf_metadata(path: str | Path) -> tuple[Config, str | None, list[int], dict[str, Any], int | None]:
     """What a Hugging Face model directory says without loading weights: the lmforge Config,
     the chat template, every end-of-sequence id (config.json and generation_config.json, each
-    an int or a list) and the recommended sampling settings of generation_config.json."""
+    an int or a list), the recommended sampling settings of generation_config.json and the
+    beginning-of-text id."""
     path = Path(path)
     hf_config = _read_json(path / "config.json")
     m = model_config_from_hf(hf_config, str(path / "config.json"))
@@ -408,7 +409,8 @@ def read_hf_metadata(path: str | Path) -> tuple[Config, str | None, list[int], d
     sampling = {k: generation[k] for k in SAMPLING_KEYS if isinstance(generation.get(k), int | float)}
     if generation.get("do_sample") is False:
         sampling["temperature"] = 0.0
-    return config, chat_template(path), eos, sampling
+    bos = hf_config.get("bos_token_id", generation.get("bos_token_id"))
+    return config, chat_template(path), eos, sampling, bos if isinstance(bos, int) else None
 
 
 def import_hf(

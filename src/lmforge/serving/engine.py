@@ -270,17 +270,31 @@ class Engine:
 @torch.inference_mode()
 def prompt_logprobs(model: nn.Module, ids: list[int], top: int) -> tuple[list[float | None], list[list]]:
     """Log-probability of each prompt token given the ones before it (None for the first),
-    and the `top` most likely tokens at each position: what `echo` returns."""
+    and the `top` most likely tokens at each position: what `echo` returns.
+
+    A prompt longer than the model's context is scored in sliding windows (as `lmforge eval`
+    scores a text): each token once, with at least half a context before it."""
+    from lmforge.evaluation.perplexity import sliding_windows
+
     device = next(model.parameters()).device
-    logits, _ = model(torch.tensor([ids], device=device))
-    logprobs = torch.log_softmax(logits[0].float(), dim=-1)
-    top = min(top, logprobs.shape[-1])  # no more alternatives than the vocabulary has
-    target = torch.tensor(ids[1:], device=device)
-    chosen = logprobs[:-1].gather(1, target[:, None]).squeeze(1).tolist()
+    block = getattr(model, "block_size", len(ids))
+    chosen: list[float] = []
     tops: list[list] = [[]]
-    if top:
-        values, indices = logprobs[:-1].topk(top, dim=-1)
-        tops += [list(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(indices, values, strict=True)]
-    else:
-        tops += [[] for _ in chosen]
+    for begin, end, first in sliding_windows(
+        len(ids), min(block, len(ids)), max(1, min(block, len(ids)) // 2)
+    ):
+        logits, _ = model(
+            torch.tensor([ids[begin : end - 1]], device=device)
+        )  # inputs predict begin+1..end-1
+        logprobs = torch.log_softmax(logits[0].float(), dim=-1)[first - begin - 1 : end - begin - 1]
+        target = torch.tensor(ids[first:end], device=device)
+        chosen += logprobs.gather(1, target[:, None]).squeeze(1).tolist()
+        k = min(top, logprobs.shape[-1])  # no more alternatives than the vocabulary has
+        if k:
+            values, indices = logprobs.topk(k, dim=-1)
+            tops += [
+                list(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(indices, values, strict=True)
+            ]
+        else:
+            tops += [[] for _ in range(end - first)]
     return [None, *chosen], tops

@@ -122,6 +122,19 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
         ids = await asyncio.to_thread(tokenizer.encode, valid_text(body.prompt, "prompt"))
         return {"tokens": ids, "count": len(ids), "max_model_len": model.block_size}
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        """What a client needs to tokenize as the server does (vLLM's shape; lm-evaluation-harness's
+        remote tokenizer reads it): special tokens, the chat template, the context length."""
+        end = tokenizer.end_ids[0] if tokenizer.end_ids else None
+        eos = tokenizer.hf.id_to_token(end) if end is not None else None
+        # The model's declared beginning-of-text token; lmforge's own models start texts from <|endoftext|>.
+        start = getattr(tokenizer, "bos_id", None)
+        start = tokenizer.eot_id if start is None else start
+        bos = tokenizer.hf.id_to_token(start) if start is not None else None
+        return {"eos_token": eos, "bos_token": bos, "pad_token": eos, "chat_template": chat_template,
+                "model_max_length": model.block_size, "tokenizer_class": "lmforge"}  # fmt: skip
+
     @app.post("/detokenize", responses=ERROR_RESPONSES)
     async def detokenize(body: DetokenizeRequest) -> dict:
         if any(not 0 <= t < tokenizer.vocab_size for t in body.tokens):
@@ -485,7 +498,12 @@ class _Requests:
     async def completion(self, body: CompletionRequest):
         given, prompts = await asyncio.to_thread(self.prompts_of, body.prompt)
         new_tokens = self.max_new(body, body.max_tokens, 16)
-        for ids in prompts:
+        # With echo, a prompt longer than the context is still scored whole (in sliding windows,
+        # as lm-evaluation-harness needs), and any new tokens follow its last tokens that fit.
+        generate_from = prompts
+        if body.echo and new_tokens < self.block_size:
+            generate_from = [ids[-(self.block_size - new_tokens) :] for ids in prompts]
+        for ids in generate_from:
             self.check_context(ids, new_tokens)
         if body.echo and body.stream:
             raise APIError(400, "echo is not supported together with stream.", param="echo")
@@ -493,7 +511,7 @@ class _Requests:
         shape = ResponseShape(
             "text_completion", f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), self.settings.model_name
         )
-        events, sequences = self.start(prompts, body, new_tokens, stop, body.logprobs)
+        events, sequences = self.start(generate_from, body, new_tokens, stop, body.logprobs)
         prompt_tokens = sum(len(p) for p in prompts) * body.n
         if body.stream:
             return self.respond(body, shape, events, sequences, prompt_tokens)

