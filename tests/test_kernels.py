@@ -67,6 +67,11 @@ def test_a_precision_slower_than_float32_here_says_so(fresh_cache, monkeypatch, 
     slow_int8 = {"float32": 1.0, "float32-blocked": 1.0, "bfloat16": 0.5, "int8-pack": 3.0, "int8-fbgemm": 2.0,
                  "int8-dequantize": 4.0}  # fmt: skip
     fake_timings(monkeypatch, slow_int8)
+    import lmforge.inference
+
+    monkeypatch.setattr(
+        lmforge.inference, "_probe", lambda model, tokenizer: None
+    )  # (quality: see real_models)
     notes = []
     load_for_inference(str(tmp_path / "run"), quantize="int8", notice=notes.append)
     assert len(notes) == 1 and "--quantize int8 measures 0.50x float32's decoding speed" in notes[0]

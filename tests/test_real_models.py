@@ -369,3 +369,25 @@ def test_web_chat_on_smollm2_answers_renders_and_fits(smollm2, loaded, tmp_path)
         server.stop()
     assert "Paris" in reply and "<|im_end|>" not in reply and "Paris" in shown
     assert "tok/s" in speed
+
+
+def test_int8_keeps_smollm2_faithful_by_falling_back_to_weight_only(smollm2, loaded):
+    """FBGEMM quantises activations, which SmolLM2's outliers do not survive: whichever int8 kernel
+    this CPU measures fastest, loading keeps the float model's next-token choices (falling back to
+    weight-only int8 and saying so when they change), and the model still answers correctly."""
+    from lmforge.chat import chat_prompt
+    from lmforge.inference import PROBE_TEXT, Int8Linear, load_for_inference
+
+    notes = []
+    model, tokenizer = load_for_inference(str(smollm2), quantize="int8", notice=notes.append)
+    kernels = {layer.kernel for layer in model.modules() if isinstance(layer, Int8Linear)}
+    ids = torch.tensor([tokenizer.encode(PROBE_TEXT)])
+    with torch.no_grad():
+        agreement = (loaded[0](ids)[0].argmax(-1) == model(ids)[0].argmax(-1)).float().mean().item()
+    assert agreement >= 0.9
+    switched = any("using weight-only int8 instead" in n for n in notes)
+    assert not switched or "fbgemm" not in kernels  # an announced fallback happened
+    prompt = chat_prompt(open_checkpoint(smollm2).chat_template,
+                         [{"role": "user", "content": "What is the capital of France?"}])  # fmt: skip
+    reply = generate(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=12, temperature=0))[0]
+    assert "Paris" in reply
