@@ -91,12 +91,6 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
         return {"status": "ok", "model": settings.model_name, "queued": engine.queued(),
                 "context_length": model.block_size, "sampling": settings.sampling_defaults or {}}  # fmt: skip
 
-    @app.post("/v1/render", responses=ERROR_RESPONSES)
-    async def render(body: RenderRequest) -> dict:
-        """A reply's Markdown as HTML for the web chat (CommonMark and tables; raw HTML in the text is
-        escaped, and links to javascript:/data: are refused, so the result is safe to insert)."""
-        return {"html": await asyncio.to_thread(render_markdown, valid_text(body.text, "text"))}
-
     @app.get("/v1/models")
     async def models() -> dict:
         return {
@@ -111,6 +105,40 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
                 }
             ],
         }
+
+    _add_tokenizer_routes(app, model, tokenizer, chat_template)
+
+    @app.post("/v1/attention", responses=ERROR_RESPONSES)
+    async def attention(body: AttentionRequest) -> dict:
+        """What the last (assistant) message attended to: one row per reply token over every token of
+        the conversation, averaged over heads (and layers unless `layer` is given). The web chat shows it."""
+        return await reply_attention_of(model, tokenizer, chat_template, body)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> str:
+        return resources.files("lmforge.serving").joinpath("chat.html").read_text("utf-8")
+
+    @app.post("/v1/completions", responses=ERROR_RESPONSES)
+    async def completions(body: CompletionRequest):
+        return await requests.completion(body)
+
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+    async def chat_completions(body: ChatRequest):
+        return await requests.chat(body, chat_template)
+
+    app.openapi = lambda: _openapi(app, settings)
+    return app
+
+
+def _add_tokenizer_routes(app: FastAPI, model, tokenizer, chat_template: str) -> None:
+    """The small routes around the model: tokenizer access (vLLM's shapes, which lm-evaluation-harness
+    uses), Markdown rendering for the web chat, and the page's icon."""
+
+    @app.post("/v1/render", responses=ERROR_RESPONSES)
+    async def render(body: RenderRequest) -> dict:
+        """A reply's Markdown as HTML for the web chat (CommonMark and tables; raw HTML in the text is
+        escaped, and links to javascript:/data: are refused, so the result is safe to insert)."""
+        return {"html": await asyncio.to_thread(render_markdown, valid_text(body.text, "text"))}
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:
@@ -140,27 +168,6 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
         if any(not 0 <= t < tokenizer.vocab_size for t in body.tokens):
             raise APIError(400, f"tokens must be in [0, {tokenizer.vocab_size}).", param="tokens")
         return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
-
-    @app.post("/v1/attention", responses=ERROR_RESPONSES)
-    async def attention(body: AttentionRequest) -> dict:
-        """What the last (assistant) message attended to: one row per reply token over every token of
-        the conversation, averaged over heads (and layers unless `layer` is given). The web chat shows it."""
-        return await reply_attention_of(model, tokenizer, chat_template, body)
-
-    @app.get("/", response_class=HTMLResponse)
-    async def chat_page() -> str:
-        return resources.files("lmforge.serving").joinpath("chat.html").read_text("utf-8")
-
-    @app.post("/v1/completions", responses=ERROR_RESPONSES)
-    async def completions(body: CompletionRequest):
-        return await requests.completion(body)
-
-    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
-    async def chat_completions(body: ChatRequest):
-        return await requests.chat(body, chat_template)
-
-    app.openapi = lambda: _openapi(app, settings)
-    return app
 
 
 # A small "lm" mark, so that browsers showing the chat page get an icon instead of a 404.
