@@ -113,6 +113,22 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # Named so that they are refused out loud rather than ignored: this server has no tool calling and
+    # no constrained decoding yet.
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(parameter, message) for a feature this request needs that the server does not have."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            return ("response_format", f"response_format {kind!r} needs constrained decoding, which this server "
+                    f"does not do yet; leave response_format out (or use type text) and ask for JSON in the prompt.")  # fmt: skip
+        if self.tools and self.tool_choice != "none":
+            return ("tools", "This server does not do tool calling yet; send the request without tools "
+                    "(or with tool_choice none).")  # fmt: skip
+        return None
 
 
 class AttentionRequest(BaseModel):

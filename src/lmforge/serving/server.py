@@ -562,6 +562,9 @@ class _Requests:
         }
 
     async def chat(self, body: ChatRequest, chat_template: str):
+        missing = body.unsupported()
+        if missing:
+            raise APIError(400, missing[1], param=missing[0])
         messages = [
             {
                 "role": "system" if m.role == "developer" else m.role,
