@@ -138,3 +138,40 @@ def test_a_missing_optional_package_is_named(tmp_path, monkeypatch, capsys):
         "Hyper-parameter search needs the optuna package: pip install 'lmforge[tune]'."
         in capsys.readouterr().err
     )
+
+
+def test_a_trial_that_cannot_train_is_given_up_and_the_search_goes_on(tmp_path, shakespeare_excerpt):
+    space = tmp_path / "space.toml"
+    space.write_text("[model.block_size]\nchoices = [16, 200000]\n")  # 200,000: longer than the whole text
+    base = tiny_config(
+        tmp_path / "unused", shakespeare_excerpt, **{"train.max_iters": 4, "train.eval_interval": 2}
+    )
+    lines = []
+    result = tune(base, space, TuneSettings(out=str(tmp_path / "study"), trials=4, seed=7), log=lines.append)
+    trials = json.loads((tmp_path / "study" / "trials.json").read_text())
+    given_up = [t for t in trials if t["params"]["model.block_size"] == 200000]
+    assert given_up and all(t["state"] == "pruned" and "fewer than one training window" in t["invalid"]
+                            for t in given_up)  # fmt: skip
+    assert any("given up" in line for line in lines)
+    assert result["best_params"]["model.block_size"] == 16 and len(trials) == 4
+
+
+def test_a_data_problem_is_reported_before_any_trial(tmp_path, capsys):
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE)
+    assert (
+        main(
+            [
+                "tune",
+                "--space",
+                str(space),
+                "--out",
+                str(tmp_path / "s"),
+                "--data",
+                str(tmp_path / "none.txt"),
+            ]
+        )
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "study.db").exists()

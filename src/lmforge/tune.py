@@ -189,6 +189,10 @@ def _objective(base: Config, params: list[Param], out: Path, log: Callable[[str]
         except optuna.TrialPruned as pruned:
             log(f"trial {trial.number}: pruned ({pruned})")
             raise
+        except UserError as e:  # these settings cannot train (diverged, a window longer than the text, ...)
+            trial.set_user_attr("invalid", str(e))
+            log(f"trial {trial.number}: given up ({e})")
+            raise optuna.TrialPruned(str(e)) from None
         trial.set_user_attr("step", result.step)
         trial.set_user_attr("elapsed_s", round(result.elapsed_s, 2))
         trial.set_user_attr("stopped_because", result.stopped_because)
@@ -203,11 +207,16 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _finished(study) -> int:
+def _counted() -> tuple:
+    """The trial states that count towards --trials: a trial that failed (Ctrl-C, a crash) does not,
+    so running the command again makes up for it."""
     import optuna
 
-    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    return len(study.get_trials(deepcopy=False, states=done))
+    return (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def _finished(study) -> int:
+    return len(study.get_trials(deepcopy=False, states=_counted()))
 
 
 def run_worker(base: Config, params: list[Param], settings: TuneSettings, worker: int = 0,
@@ -224,7 +233,12 @@ def run_worker(base: Config, params: list[Param], settings: TuneSettings, worker
         _objective(base, params, out, log),
         n_trials=remaining,
         timeout=settings.timeout_s or None,
-        callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=None)],
+        # (running trials count too, so that workers together never start more than --trials)
+        callbacks=[
+            optuna.study.MaxTrialsCallback(
+                settings.trials, states=(*_counted(), optuna.trial.TrialState.RUNNING)
+            )
+        ],
         catch=(),
     )
 
@@ -247,6 +261,11 @@ def tune(base: Config, space: str | Path, settings: TuneSettings, log: Callable[
         if getattr(settings, key) < 1:
             raise UserError(f"--{key} must be at least 1.")
     validate(base)
+    from lmforge.data.prepare import resolve_data
+
+    # The data once, before any trial: its problems are the user's to fix, not a trial's to be pruned
+    # for, and every trial (and worker) then finds it prepared in the cache.
+    resolve_data(base.data, log=lambda _: None)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     study = _study(out, settings, 0)
@@ -269,7 +288,7 @@ def tune(base: Config, space: str | Path, settings: TuneSettings, log: Callable[
             run_worker(base, params, settings, 0, log)
     except (KeyboardInterrupt, TrainingInterrupted):
         log(f"Search interrupted after {_finished(study)} finished trial(s); run the same command again to "
-            f"continue the study in {out / 'study.db'} (the interrupted trial is retried).")  # fmt: skip
+            f"continue the study in {out / 'study.db'} (the interrupted trial is made up for).")  # fmt: skip
         raise KeyboardInterrupt from None
     finally:
         for process in extra:
@@ -359,7 +378,8 @@ def write_search_plot(trials, path: Path) -> None:
     ax.set_ylabel("validation loss")
     ax.set_title("lmforge tune")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if done or pruned:
+        ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
