@@ -151,3 +151,14 @@ def test_corpus_problems_are_named(tmp_path):
     with pytest.raises(UserError, match="lower --min-count"):
         train_vectors([rare], tmp_path / "v.txt", EmbeddingsConfig(min_count=5))
     assert not (tmp_path / "v.txt").exists()
+
+
+def test_a_tsv_corpus_needs_only_a_text_column(tmp_path, capsys):
+    corpus = tmp_path / "texts.tsv"
+    corpus.write_text("id\tbody\n1\tthe cat sat\n2\tthe dog sat\n")
+    out = tmp_path / "v.txt"
+    assert main(["embeddings", "train", str(corpus), "--out", str(out), "--min-count", "1"]) == 2
+    assert "has no text column" in capsys.readouterr().err  # named, with the columns it has
+    assert main(["embeddings", "train", str(corpus), "--out", str(out), "--min-count", "1", "--dim", "8",
+                 "--workers", "1", "--text-column", "body"]) == 0  # fmt: skip
+    assert set(load_vectors(out).index_to_key) == {"the", "cat", "dog", "sat"}

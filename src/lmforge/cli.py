@@ -422,6 +422,11 @@ def _parser_embeddings(sub) -> None:
     for name in ("dim", "window", "min_count", "epochs", "negative", "seed", "workers"):
         t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     t.add_argument("--lowercase", action="store_true", help="fold words to lower case")
+    t.add_argument(
+        "--text-column",
+        default="",
+        help="TSV/CSV/JSONL corpora: the text column (default: text/sentence/...)",
+    )
     t.add_argument("--overwrite", action="store_true")
     n = actions.add_parser("neighbors", help="the words nearest to a word")
     n.add_argument("vectors", help="word2vec text/binary or GloVe text file")
@@ -929,7 +934,8 @@ def cmd_embeddings(args: argparse.Namespace) -> int:
             raise UserError(f"{args.out} already exists; pass --overwrite or choose another --out.")
         cfg = embeddings.EmbeddingsConfig(method=args.method, dim=args.dim, window=args.window,
                                           min_count=args.min_count, epochs=args.epochs, negative=args.negative,
-                                          lowercase=args.lowercase, seed=args.seed, workers=args.workers)  # fmt: skip
+                                          lowercase=args.lowercase, seed=args.seed, workers=args.workers,
+                                          text_column=args.text_column)  # fmt: skip
         info = embeddings.train_vectors(args.corpus, args.out, cfg)
         print(f"Wrote {info['out']}: {info['words']:,} words x {info['dim']} ({cfg.method}, "
               f"{info['corpus_words']:,} words of text in {info['sentences']:,} lines).")  # fmt: skip

@@ -28,17 +28,19 @@ def split_words(text: str) -> list[str]:
     return [word for word, _ in splitter.pre_tokenize_str(text)]
 
 
-def read_sentences(paths: list[str | Path], lowercase: bool = False) -> list[list[str]]:
+def read_sentences(
+    paths: list[str | Path], lowercase: bool = False, text_column: str = ""
+) -> list[list[str]]:
     """One word list per line of text (per example of a TSV/CSV/JSONL file: its text column)."""
     from lmforge.data.corpus import read_text_file
-    from lmforge.data.labeled import read_labeled
+    from lmforge.data.labeled import read_texts
 
     sentences: list[list[str]] = []
     for path in map(Path, paths):
         if not path.is_file():
             raise UserError(f"The corpus file {path} does not exist.")
         if path.suffix.lower() in TABULAR:
-            lines = read_labeled(path)[0]
+            lines = read_texts(path, text_column or None)
         else:
             lines = read_text_file(path).split("\n")
         for line in lines:
@@ -59,6 +61,7 @@ class EmbeddingsConfig:
     epochs: int = 5
     negative: int = 5  # negative samples per positive pair
     lowercase: bool = False
+    text_column: str = ""  # TSV/CSV/JSONL corpora: the column with the text (default: text/sentence/...)
     seed: int = 1337
     workers: int = 0  # 0 = every core
 
@@ -78,7 +81,7 @@ def train_vectors(paths: list[str | Path], out: str | Path, cfg: EmbeddingsConfi
                              ("epochs", cfg.epochs, 1), ("negative", cfg.negative, 1)):  # fmt: skip
         if value < low:
             raise UserError(f"--{name} must be at least {low}, not {value}.")
-    sentences = read_sentences(paths, cfg.lowercase)
+    sentences = read_sentences(paths, cfg.lowercase, cfg.text_column)
     model = Word2Vec(
         vector_size=cfg.dim,
         window=cfg.window,
@@ -150,9 +153,12 @@ def analogy(vectors, positive: list[str], negative: list[str], topn: int = 5) ->
 
 
 def _known(vectors, word: str) -> str:
-    for candidate in (word, word.lower()):
-        if candidate in vectors.key_to_index:
-            return candidate
+    """The word as the file spells it: exactly, else ignoring case (as init_embedding matches)."""
+    if word in vectors.key_to_index:
+        return word
+    for key in vectors.index_to_key:  # most frequent first
+        if key.lower() == word.lower():
+            return key
     raise UserError(f"{word!r} has no vector (the file has {len(vectors):,} words); try another word.")
 
 
