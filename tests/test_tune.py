@@ -11,7 +11,7 @@ import pytest
 from lmforge.cli import main
 from lmforge.config import apply_overrides, load_preset, preset_names
 from lmforge.errors import UserError
-from lmforge.tune import TuneSettings, config_to_toml, read_space, tune
+from lmforge.tune import TuneSettings, config_to_toml, read_space, run_worker, tune
 
 from .conftest import tiny_config
 
@@ -90,6 +90,24 @@ def test_two_workers_share_one_study(tmp_path, shakespeare_excerpt):
     assert "[worker 0] trial" in done.stdout and "[worker 1] trial" in done.stdout
     trials = json.loads((out / "trials.json").read_text())
     assert len(trials) == 4 and sorted(t["number"] for t in trials) == [0, 1, 2, 3]
+
+
+def test_a_trial_started_after_the_last_needed_one_is_not_run(tmp_path, shakespeare_excerpt):
+    """The race of two workers: both see one trial missing and both start one. The later-numbered trial
+    sees the earlier one running, gives way without training, and neither counts nor shows."""
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE)
+    settings = TuneSettings(out=str(tmp_path / "study"), trials=2)
+    (tmp_path / "study").mkdir()
+    other_worker = optuna.create_study(study_name="lmforge", direction="minimize",
+                                       storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")  # fmt: skip
+    other_worker.tell(other_worker.ask(), 3.5)  # a finished trial of another worker
+    other_worker.ask()  # and one it is still running
+    run_worker(tiny_config(tmp_path / "unused", shakespeare_excerpt), read_space(space), settings, 0, print)
+    trials = other_worker.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
+                                         optuna.trial.TrialState.FAIL]  # fmt: skip
+    assert trials[2].user_attrs == {"surplus": True} and not (tmp_path / "study" / "trials").exists()
 
 
 @pytest.mark.parametrize(

@@ -145,7 +145,8 @@ def _storage(out: Path):
 def _study(out: Path, settings: TuneSettings, worker: int):
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # lmforge prints one line per trial itself
+    # lmforge prints one line per trial itself (and Optuna would warn about each surplus trial)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     pruner = (
         optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials, n_warmup_steps=0)
         if settings.pruning
@@ -161,12 +162,32 @@ def _study(out: Path, settings: TuneSettings, worker: int):
     )
 
 
-def _objective(base: Config, params: list[Param], out: Path, log: Callable[[str], None]):
+class _Surplus(Exception):
+    """A trial started by one worker while the others had already started the last ones needed."""
+
+
+def _is_surplus(trial, wanted: int) -> bool:
+    """Whether `wanted` trials numbered before this one are finished or running. Trial numbers are handed
+    out by the shared storage, so the earliest trials win and workers never run more than --trials."""
+    import optuna
+
+    states = (*_counted(), optuna.trial.TrialState.RUNNING)
+    earlier = trial.study.get_trials(deepcopy=False, states=states)
+    return sum(t.number < trial.number for t in earlier) >= wanted
+
+
+def _objective(base: Config, params: list[Param], settings: TuneSettings, log: Callable[[str], None]):
     import optuna
 
     from lmforge.training.trainer import train
 
+    out = Path(settings.out)
+
     def objective(trial: optuna.Trial) -> float:
+        if _is_surplus(trial, settings.trials):
+            trial.set_user_attr("surplus", True)
+            trial.study.stop()
+            raise _Surplus
         sample = {p.key: p.suggest(trial) for p in params}
         config = apply_overrides(base, sample)
         config.train.out = str(out / "trials" / f"{trial.number:03d}")
@@ -230,7 +251,7 @@ def run_worker(base: Config, params: list[Param], settings: TuneSettings, worker
     if remaining <= 0:
         return
     study.optimize(
-        _objective(base, params, out, log),
+        _objective(base, params, settings, log),
         n_trials=remaining,
         timeout=settings.timeout_s or None,
         # (running trials count too, so that workers together never start more than --trials)
@@ -239,7 +260,7 @@ def run_worker(base: Config, params: list[Param], settings: TuneSettings, worker
                 settings.trials, states=(*_counted(), optuna.trial.TrialState.RUNNING)
             )
         ],
-        catch=(),
+        catch=(_Surplus,),  # marked failed, so it neither counts nor shows in trials.json
     )
 
 
@@ -302,7 +323,7 @@ def summarize(base: Config, study, out: Path, log: Callable[[str], None] = print
 
     from lmforge.io import atomic_write_json, atomic_write_text
 
-    trials = study.get_trials(deepcopy=False)
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     rows = [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
              **t.user_attrs} for t in trials]  # fmt: skip
