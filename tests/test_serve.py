@@ -629,23 +629,3 @@ def test_terminal_chat_has_line_editing_and_keeps_history(checkpoint, tmp_path):
     assert text.count("you> hello") == 2 and "^[[A" not in text
     # (readline keeps a repeated line once)
     assert (tmp_path / "cache" / "chat_history").read_text().split() == ["hello", "/quit"]
-
-
-def test_tools_and_structured_output_are_refused_out_loud_not_ignored(served):
-    client = served.client()
-    messages = [{"role": "user", "content": "Hello"}]
-    with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="tiny", messages=messages, max_tokens=4,
-                                       response_format={"type": "json_object"})  # fmt: skip
-    assert "response_format 'json_object' needs constrained decoding" in str(refused.value)
-    tool = {
-        "type": "function",
-        "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}},
-    }
-    with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, tools=[tool])
-    assert "does not do tool calling yet" in str(refused.value)
-    # What the server can honour still works: plain text format, tools switched off.
-    ok = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, tools=[tool],
-                                        tool_choice="none", response_format={"type": "text"})  # fmt: skip
-    assert ok.choices[0].finish_reason in ("length", "stop")

@@ -30,9 +30,10 @@ def chat_template_of(checkpoint: str | Path, adapter: str | Path | None = None) 
     return open_checkpoint(checkpoint).chat_template or DEFAULT_CHAT_TEMPLATE
 
 
-def chat_prompt(template: str, messages: Conversation) -> str:
-    """The prompt that asks the model for the assistant's next reply."""
-    return render_chat(template, messages, add_generation_prompt=True)
+def chat_prompt(template: str, messages: Conversation, tools: list[dict] | None = None) -> str:
+    """The prompt that asks the model for the assistant's next reply (`tools`: the functions it may
+    call, for templates that list them)."""
+    return render_chat(template, messages, add_generation_prompt=True, tools=tools)
 
 
 def chat_stop_strings(template: str) -> list[str]:

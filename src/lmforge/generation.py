@@ -221,11 +221,14 @@ def decode_steps(
     use_cache: bool = True,
     banned: list[int] | None = None,
     observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    constrain: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, step after step (rows that ended keep yielding
     the first of `end_ids`; the caller decides when to stop). `use_cache=False` recomputes the whole
     window every step: the reference that the cache is tested against. `observe(logits,
-    token)` sees the model's raw next-token logits and the choice (for log-probabilities)."""
+    token)` sees the model's raw next-token logits and the choice (for log-probabilities).
+    `constrain(logits)` masks the tokens a grammar forbids (see `structured.mask_logits`); the
+    caller advances the grammar with each yielded token before asking for the next."""
     device, block_size, pos = _model_info(model)
     ids, valid = _left_pad(prompts, device)
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
@@ -246,6 +249,8 @@ def decode_steps(
         vocab_logits = apply_penalties(next_logits, ids, valid, counts, cfg)
         if banned:
             vocab_logits[:, banned] = float("-inf")
+        if constrain is not None:
+            vocab_logits = constrain(vocab_logits)
         token = choose_tokens(vocab_logits, cfg, generator)
         if end_ids:
             token = torch.where(finished, torch.full_like(token, end_ids[0]), token)

@@ -111,10 +111,13 @@ def compile_template(template: str):
         raise UserError(f"The chat template is not valid Jinja ({e}).") from None
 
 
-def render_chat(template: str, messages: Conversation, add_generation_prompt: bool) -> str:
+def render_chat(
+    template: str, messages: Conversation, add_generation_prompt: bool, tools: list[dict] | None = None
+) -> str:
     """The text of `messages` as the model was trained to see it."""
+    extra = {"tools": tools} if tools else {}
     return compile_template(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, eos_token=EOT, bos_token=""
+        messages=messages, add_generation_prompt=add_generation_prompt, eos_token=EOT, bos_token="", **extra
     )
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.generation import GenerationConfig, TextTracker, banned_ids, decode_steps
+from lmforge.structured import GrammarConstraint, mask_logits
 from lmforge.tokenizers import TextTokenizer
 
 
@@ -74,6 +75,7 @@ class Sequence:
     loop: asyncio.AbstractEventLoop
     group: int = 0  # seeded requests: only the choices of their own request share their batch
     logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
+    grammar: str | None = None  # the text must follow this grammar (JSON output, tool calls)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -219,7 +221,9 @@ class Engine:
                 batch[row].emit(Token(batch[row].index, rest))
             batch[row].emit(Done(batch[row].index, reason, produced[row]))
             done[row] = True
+            constraints[row] = None
 
+        constraints = [GrammarConstraint(self.tokenizer, s.grammar) if s.grammar else None for s in batch]
         steps = decode_steps(
             self.model,
             [s.prompt_ids for s in batch],
@@ -227,6 +231,7 @@ class Engine:
             ends,
             banned=banned_ids(self.tokenizer),
             observe=observe,
+            constrain=(lambda logits: mask_logits(logits, constraints)) if any(constraints) else None,
         )
         for token in steps:
             for row, t in enumerate(token.tolist()):
@@ -242,6 +247,8 @@ class Engine:
                     continue
                 produced[row] += 1
                 trackers[row].add(t)
+                if constraints[row] is not None:
+                    constraints[row].advance(t)
                 lp = top = None
                 if seq.logprobs is not None:
                     lp = float(scores["chosen"][row])
@@ -255,7 +262,7 @@ class Engine:
                             )
                         ]
                 seq.emit(Token(seq.index, trackers[row].take_new(), t, lp, top))
-                if trackers[row].stopped:
+                if trackers[row].stopped or (constraints[row] is not None and constraints[row].complete):
                     finish(row, "stop")
                 elif produced[row] >= seq.config.max_new_tokens:
                     finish(row, "length")

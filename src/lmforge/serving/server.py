@@ -41,6 +41,7 @@ from lmforge.serving.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     ErrorResponse,
+    NamedToolChoice,
     RenderRequest,
     RequestBase,
     ResponseShape,
@@ -49,6 +50,8 @@ from lmforge.serving.protocol import (
     sse,
     usage,
 )
+from lmforge.serving.tools import messages_for_template, read_tool_calls, template_takes_tools, tool_call_lark
+from lmforge.structured import check_grammar, json_schema_grammar, lark_grammar
 
 
 @dataclass
@@ -410,6 +413,7 @@ class _Requests:
         new_tokens: int,
         stop: list[str],
         logprobs: int | None,
+        grammar: str | None = None,
     ) -> tuple[asyncio.Queue, list[Sequence]]:
         count = len(prompts) * body.n
         if count > self.engine.max_queue:  # could never be queued: retrying would not help
@@ -421,7 +425,7 @@ class _Requests:
         config = body.generation_config(new_tokens, stop)
         group = self.engine.new_group() if body.seed is not None else 0
         sequences = [
-            Sequence(ids, config, index, events, loop, group, logprobs)
+            Sequence(ids, config, index, events, loop, group, logprobs, grammar=grammar)
             for index, ids in enumerate(p for p in prompts for _ in range(body.n))
         ]
         if new_tokens > 0:
@@ -561,23 +565,48 @@ class _Requests:
             "usage": usage(prompt_tokens, sum(r.completion_tokens for r in results)),
         }
 
-    async def chat(self, body: ChatRequest, chat_template: str):
-        missing = body.unsupported()
-        if missing:
-            raise APIError(400, missing[1], param=missing[0])
-        messages = [
-            {
-                "role": "system" if m.role == "developer" else m.role,
-                "content": valid_text(m.text(), "messages"),
-            }
-            for m in body.messages
-        ]
+    def chat_prompt_of(self, body: ChatRequest, chat_template: str, tools: list[dict]) -> str:
+        messages = [m.for_template() for m in body.messages]
+        for m in messages:
+            valid_text(m["content"], "messages")
+        takes_tools = template_takes_tools(chat_template)
+        messages = messages_for_template(messages, tools, takes_tools)
         try:
-            prompt = chat_prompt(chat_template, messages)
+            return chat_prompt(chat_template, messages, tools=tools if takes_tools and tools else None)
         except Exception as e:  # a template error is the request's (or the model's) problem, not a crash
             raise APIError(
                 400, f"The chat template could not format these messages ({e}).", param="messages"
             ) from None
+
+    def grammar_of(self, body: ChatRequest, tools: list[dict]) -> str | None:
+        """The grammar the reply must follow: one tool call (tool_choice "required" or a named
+        function), JSON (response_format), or none. (Runs in a worker thread: the first use builds
+        the grammar library's view of the vocabulary.)"""
+        param = "tool_choice"
+        try:
+            if tools and body.tool_choice not in (None, "auto"):
+                name = (
+                    body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else None
+                )
+                if name is not None and name not in {t["function"]["name"] for t in tools}:
+                    raise APIError(400, f"tool_choice names the function {name!r}, which is not among the tools.",
+                                   param=param)  # fmt: skip
+                grammar = lark_grammar(tool_call_lark(tools, name))
+            elif body.response_format is not None and body.response_format.type != "text":
+                param = "response_format"
+                given = body.response_format.json_schema
+                grammar = json_schema_grammar(given.json_schema if given is not None else None)
+            else:
+                return None
+            check_grammar(self.tokenizer, grammar)
+        except UserError as e:
+            raise APIError(400, str(e), param=param) from None
+        return grammar
+
+    async def chat(self, body: ChatRequest, chat_template: str):
+        tools = body.offered_tools()
+        prompt = self.chat_prompt_of(body, chat_template, tools)
+        grammar = await asyncio.to_thread(self.grammar_of, body, tools)
         ids = await asyncio.to_thread(self.tokenizer.encode, prompt)
         new_tokens = self.max_new(
             body, body.max_completion_tokens or body.max_tokens, max(1, min(512, self.block_size - len(ids)))
@@ -588,45 +617,33 @@ class _Requests:
             "chat.completion", f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), self.settings.model_name
         )
         top = body.top_logprobs or 0
-        events, sequences = self.start([ids], body, new_tokens, stop, top if body.logprobs else None)
-        if body.stream:
+        events, sequences = self.start([ids], body, new_tokens, stop, top if body.logprobs else None, grammar)
+        if body.stream and not tools:
             return self.respond(body, shape, events, sequences, len(ids) * body.n)
         results = await self.collect(events, sequences, new_tokens)
-        piece = self.piece
-        choices = []
-        for index, r in enumerate(results):
-            lp = None
-            if body.logprobs:
-                lp = {
-                    "content": [
-                        {
-                            "token": piece(t),
-                            "logprob": v,
-                            "bytes": list(self.tokenizer.token_bytes(t)),
-                            "top_logprobs": [
-                                {
-                                    "token": piece(i),
-                                    "logprob": x,
-                                    "bytes": list(self.tokenizer.token_bytes(i)),
-                                }
-                                for i, x in top_list
-                            ],
-                        }
-                        for t, v, top_list in zip(r.tokens, r.logprobs, r.top, strict=True)
-                    ]
-                }
-            choices.append(
-                {
-                    "index": index,
-                    "message": {"role": "assistant", "content": r.text},
-                    "logprobs": lp,
-                    "finish_reason": r.finish_reason,
-                }
-            )
-        return {
-            **shape.envelope(choices, False),
-            "usage": usage(len(ids) * body.n, sum(r.completion_tokens for r in results)),
-        }
+        choices = [self.chat_choice(index, r, body, tools) for index, r in enumerate(results)]
+        used = usage(len(ids) * body.n, sum(r.completion_tokens for r in results))
+        if body.stream:  # with tools the reply is read whole (is it a call?), then sent as chunks
+            return StreamingResponse(_replayed(shape, choices, body, used), media_type="text/event-stream")
+        return {**shape.envelope(choices, False), "usage": used}
+
+    def chat_choice(self, index: int, r: Choice, body: ChatRequest, tools: list[dict]) -> dict:
+        message: dict = {"role": "assistant", "content": r.text}
+        finish_reason = r.finish_reason
+        if tools:
+            content, calls = read_tool_calls(r.text, tools)
+            if calls:
+                message, finish_reason = (
+                    {"role": "assistant", "content": content, "tool_calls": calls},
+                    "tool_calls",
+                )
+        lp = None
+        if body.logprobs:
+            lp = {"content": [{"token": self.piece(t), "logprob": v, "bytes": list(self.tokenizer.token_bytes(t)),
+                               "top_logprobs": [{"token": self.piece(i), "logprob": x,
+                                                 "bytes": list(self.tokenizer.token_bytes(i))} for i, x in top_list]}
+                              for t, v, top_list in zip(r.tokens, r.logprobs, r.top, strict=True)]}  # fmt: skip
+        return {"index": index, "message": message, "logprobs": lp, "finish_reason": finish_reason}
 
     def piece(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
@@ -658,12 +675,32 @@ class _Requests:
         }
 
 
+async def _replayed(
+    shape: ResponseShape, choices: list[dict], body: ChatRequest, used: dict
+) -> AsyncIterator[str]:
+    """Finished chat choices as a stream of chunks: the role, the content, the tool calls, the end."""
+    for choice in choices:
+        message, index = choice["message"], choice["index"]
+        yield sse(shape.opening_chunk(index))
+        if message["content"]:
+            yield sse(shape.chunk(index, message["content"]))
+        if message.get("tool_calls"):
+            calls = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+            delta = {"index": index, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None}
+            yield sse(shape.envelope([delta], True))
+        yield sse(shape.chunk(index, "", choice["finish_reason"]))
+    if body.stream_options and body.stream_options.include_usage:
+        yield sse({**shape.envelope([], True), "usage": used})
+    yield "data: [DONE]\n\n"
+
+
 async def reply_attention_of(model, tokenizer, chat_template: str, body: AttentionRequest) -> dict:
     """The /v1/attention answer: the conversation's tokens, where the reply starts, and its rows."""
     if body.messages[-1].role != "assistant":
         raise APIError(400, "The last message must be the assistant reply to look into.", param="messages")
-    messages = [{"role": "system" if m.role == "developer" else m.role,
-                 "content": valid_text(m.text(), "messages")} for m in body.messages]  # fmt: skip
+    messages = [m.for_template() for m in body.messages]
+    for m in messages:
+        valid_text(m["content"], "messages")
     try:
         prompt = chat_prompt(chat_template, messages[:-1])
     except Exception as e:
