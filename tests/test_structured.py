@@ -191,8 +191,8 @@ def test_the_prompt_carries_tools_calls_and_results_for_any_template():
                 "CALL {{ c.function.name }}({{ c.function.arguments.city }}){% endfor %}\n{% endfor %}")  # fmt: skip
     assert template_takes_tools(template) and not template_takes_tools("{{ messages }}")
     assert chat_prompt(template, native, tools=[WEATHER]) == (
-        "TOOLS: get_weather\nuser: Weather in Paris?\nassistant: CALL get_weather(Paris)\ntool: 22 C and sunny\n"
-    )
+        "TOOLS: get_weatheruser: Weather in Paris?assistant: CALL get_weather(Paris)tool: 22 C and sunny"
+    )  # (compiled as Hugging Face does: the newline right after a block tag is dropped)
     # What the model writes back is read the same way.
     content, calls = read_tool_calls('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": '
                                      '{"city": "Lyon"}}\n</tool_call>', [WEATHER])  # fmt: skip
