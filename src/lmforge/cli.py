@@ -230,6 +230,9 @@ def _parser_eval(sub) -> None:
     )
     p.add_argument("--prompts", help="generate hypotheses from these prompts (one per line) with CHECKPOINT")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--beams", type=int, default=4, help="encoder–decoder checkpoints: beam width (1 = greedy)"
+    )
     _shared(p, "--device", "--dtype", "--quantize", "--adapter", "--revision")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--output", help="also write the JSON result to this file")
@@ -290,6 +293,27 @@ def _privacy_flags(parser: argparse.ArgumentParser) -> None:
         flags = [f"--privacy.{f.name}", f"--privacy.{f.name.replace('_', '-')}"]
         group.add_argument(*dict.fromkeys(flags), dest=f"privacy.{f.name}", type=float, default=f.default,
                            metavar="FLOAT", help=f.metadata.get("help"))  # fmt: skip
+
+
+def _parser_translate(sub) -> None:
+    _transduce_flags(sub.add_parser("translate", help="translate texts with an encoder–decoder checkpoint"))
+
+
+def _parser_summarize(sub) -> None:
+    _transduce_flags(sub.add_parser("summarize", help="summarize texts with an encoder–decoder checkpoint"))
+
+
+def _transduce_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint")
+    p.add_argument("--text", action="append", default=None, help="a text (repeatable)")
+    p.add_argument("--file", help="one text per line ('-' = standard input)")
+    p.add_argument("--beams", type=int, default=4, help="beam width (1 = greedy)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="a finished hypothesis scores log-probability / length**this (> 1 favours longer)")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=0, help="0 = the model's target length")
+    p.add_argument("--batch-size", type=int, default=32)
+    _shared(p, "--device")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
 def _parser_classify(sub) -> None:
@@ -634,6 +658,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             args.checkpoint, args.prompts, args.max_new_tokens, args.device, args.adapter
         )
         result = score_lines(hyps, [_read_lines(r) for r in args.ref], metrics)
+    elif args.checkpoint and _is_seq2seq(args.checkpoint):
+        from lmforge.seq2seq import Seq2SeqConfig, evaluate_pairs
+
+        result = evaluate_pairs(args.checkpoint, args.data, Seq2SeqConfig(beams=args.beams), args.device)
     elif args.checkpoint and _is_classifier(args.checkpoint):
         if not args.data:
             raise UserError("Evaluating a classifier needs labeled examples: pass --data FILE.tsv.")
@@ -749,6 +777,38 @@ def cmd_classify(args: argparse.Namespace) -> int:
             shown = "  ".join(f"{lb}: {x:.3f}" for lb, x in zip(labels, p, strict=True))
             print(f"{labels[best]}\t({shown})\t{text}")
     return 0
+
+
+def cmd_transduce(args: argparse.Namespace) -> int:
+    import json
+
+    from lmforge.inference import load_for_inference
+    from lmforge.seq2seq import Seq2SeqConfig, transduce
+
+    texts = list(args.text or [])
+    if args.file:
+        content = sys.stdin.read() if args.file == "-" else _read_text(args.file)
+        texts += [line for line in content.split("\n") if line.strip()]
+    if not texts:
+        raise UserError(f"Give texts to {args.command} with --text or --file.")
+    if args.beams < 1 or args.batch_size < 1 or args.max_new_tokens < 0:
+        raise UserError("--beams and --batch-size must be at least 1, --max-new-tokens at least 0.")
+    model, tokenizer = load_for_inference(args.checkpoint, args.device)
+    cfg = Seq2SeqConfig(beams=args.beams, length_penalty=args.length_penalty, max_new_tokens=args.max_new_tokens,
+                        batch_size=args.batch_size)  # fmt: skip
+    key = "translation" if args.command == "translate" else "summary"
+    for text, output in zip(texts, transduce(model, tokenizer, texts, cfg), strict=True):
+        print(json.dumps({"text": text, key: output}, ensure_ascii=False) if args.json else output)
+    return 0
+
+
+def _is_seq2seq(path: str) -> bool:
+    from lmforge.checkpoint import open_checkpoint
+
+    try:
+        return open_checkpoint(path).config.model.arch == "seq2seq"
+    except UserError:
+        return False
 
 
 def _is_classifier(path: str) -> bool:
@@ -961,6 +1021,8 @@ SUBCOMMANDS = {
     "eval": (_parser_eval, cmd_eval),
     "train-classifier": (_parser_train_classifier, cmd_train_classifier),
     "classify": (_parser_classify, cmd_classify),
+    "translate": (_parser_translate, cmd_transduce),
+    "summarize": (_parser_summarize, cmd_transduce),
     "serve": (_parser_serve, cmd_serve),
     "chat": (_parser_chat, cmd_chat),
     "convert": (_parser_convert, cmd_convert),

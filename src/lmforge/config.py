@@ -35,6 +35,20 @@ class DataConfig:
     clean: bool = False  # strip control characters and collapse runs of spaces
     dedup: bool = False  # drop documents that occur more than once
     chat_template: str = ""  # Jinja template that formats instruction/chat JSONL ("" = lmforge's default)
+    # Encoder–decoder (model.arch = "seq2seq") data: source/target pairs
+    task: str = "translation"  # translation | summarization: what `lmforge eval` scores (BLEU/chrF or ROUGE)
+    source_field: str = (
+        ""  # column (TSV/CSV header) or JSONL field of the source ("" = first of a headerless TSV)
+    )
+    target_field: str = ""  # ... of the target ("" = second column)
+    target_path: str = ""  # targets in a second file, line-aligned with data.path (and val_target_path)
+    val_target_path: str = ""
+    max_source_tokens: int = option(
+        0, "pairs with a longer source are left out of training (0 = model's)", ge=0
+    )
+    max_target_tokens: int = option(
+        0, "pairs with a longer target are left out of training (0 = model's)", ge=0
+    )
 
 
 @dataclass
@@ -49,6 +63,9 @@ class ModelConfig:
     )
     n_embd: int = option(384, "embedding width (and the Transformer's width)", ge=1, le=65_536)
     hidden_size: int = option(0, "recurrent models: hidden state size (0 = n_embd)", ge=0, le=65_536)
+    n_encoder_layer: int = option(0, "encoder–decoder: encoder layers (0 = n_layer)", ge=0, le=1024)
+    source_block_size: int = option(0, "encoder–decoder: longest source in tokens (0 = block_size)", ge=0,
+                                    le=1_048_576)  # fmt: skip
     mlp_ratio: float = option(4.0, "hidden width of the MLP relative to n_embd", gt=0.0, le=64.0)
     mlp_hidden: int = option(
         0, "exact hidden width of the MLP (overrides mlp_ratio when set)", ge=0, le=1_048_576
@@ -109,6 +126,9 @@ class TrainConfig:
     compile: bool = False
     threads: int = option(0, "CPU threads (0 = number of physical cores)", ge=0, le=4096)
     init_embeddings: str = ""  # word2vec/GloVe vectors for the embedding of a word-level model
+    label_smoothing: float = option(
+        0.0, "encoder–decoder: label smoothing of the training loss", ge=0.0, lt=1.0
+    )
     sample_tokens: int = option(300, "length of the sample printed at the end (0 = none)", ge=0)
     progress: bool = True
     loggers: str = (
@@ -271,7 +291,7 @@ def validate(config: Config) -> None:
     (settings.py), then the rules that tie settings together, then the model's size."""
     check_fields(config)
     m, t, o = config.model, config.train, config.optim
-    gpt = m.arch == "gpt"
+    gpt = m.arch in ("gpt", "seq2seq")  # the Transformers
     checks = [
         (not gpt or m.n_embd % m.n_head == 0,
          f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}).", "model.n_embd"),
@@ -290,6 +310,8 @@ def validate(config: Config) -> None:
         (o.schedule in ("cosine", "wsd", "constant"), "optim.schedule must be cosine, wsd or constant.",
          "optim.schedule"),
         (o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr:g}) must not exceed optim.lr ({o.lr:g}).", "optim.min_lr"),
+        (config.data.task in ("translation", "summarization"), "data.task must be translation or summarization.",
+         "data.task"),
     ]  # fmt: skip
     for ok, message, setting in checks:
         if not ok:
@@ -305,13 +327,17 @@ def estimated_parameters(m: ModelConfig) -> int:
     when vocab_size is 0, is not known yet and counted as 0)."""
     width = m.hidden_size or m.n_embd
     embeddings = m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2)
-    if m.arch == "gpt":
+    if m.arch in ("gpt", "seq2seq"):
         hidden = m.mlp_hidden or int(m.mlp_ratio * m.n_embd)
         per_layer = 4 * m.n_embd * m.n_embd + (3 if m.activation == "swiglu" else 2) * m.n_embd * hidden
+        layers = m.n_layer
+        if m.arch == "seq2seq":  # the encoder's layers, and the decoder's cross-attention
+            layers += m.n_encoder_layer or m.n_layer
+            per_layer += 2 * m.n_embd * m.n_embd
         return (
             embeddings
-            + m.n_layer * per_layer
-            + (m.block_size * m.n_embd if m.pos_encoding == "learned" else 0)
+            + layers * per_layer
+            + (m.block_size * m.n_embd * 2 if m.pos_encoding == "learned" else 0)
         )
     return embeddings + m.n_layer * 4 * width * (m.n_embd + width) * 2
 

@@ -553,13 +553,23 @@ class TextGenerationPipeline:
         return results[0] if single else results
 
 
-def pipeline(
-    task: str, model: str, device: str = "cpu", dtype: str = "float32", quantize: str | None = None
-) -> TextGenerationPipeline:
-    """Hugging Face-style entry point; only the "text-generation" task exists so far."""
-    if task != "text-generation":
-        raise UserError(f"Unknown pipeline task {task!r}; available: text-generation.")
+PIPELINE_TASKS = ("text-generation", "translation", "summarization")
+
+
+def pipeline(task: str, model: str, device: str = "cpu", dtype: str = "float32", quantize: str | None = None):
+    """Hugging Face-style entry point: "text-generation" (a language model), "translation" or
+    "summarization" (an encoder–decoder model)."""
+    if task not in PIPELINE_TASKS and not task.startswith("translation_"):  # (HF's translation_en_to_fr)
+        raise UserError(f"Unknown pipeline task {task!r}; available: {', '.join(PIPELINE_TASKS)}.")
     from lmforge.inference import load_for_inference
 
     loaded, tokenizer = load_for_inference(model, device, dtype, quantize)
+    encoder_decoder = getattr(loaded, "is_encoder_decoder", False)
+    if (task == "text-generation") == encoder_decoder:
+        wanted = "an encoder–decoder" if not encoder_decoder else "a decoder-only language"
+        raise UserError(f"The {task} pipeline needs {wanted} model; {model} is not one.")
+    if encoder_decoder:
+        from lmforge.seq2seq import Seq2SeqPipeline
+
+        return Seq2SeqPipeline("translation" if task.startswith("translation") else task, loaded, tokenizer)
     return TextGenerationPipeline(loaded, tokenizer)

@@ -47,7 +47,7 @@ def rouge(hypotheses: list[str], references: list[list[str]]) -> dict:
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     for i, hyp in enumerate(hypotheses):
-        scores = scorer.score_multi([refs[i] for refs in references], hyp)
+        scores = scorer.score_multi([refs[i] for refs in references if refs[i] is not None], hyp)
         for key in totals:
             totals[key] += scores[key].fmeasure
     return {key: 100.0 * value / len(hypotheses) for key, value in totals.items()}

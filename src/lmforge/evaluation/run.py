@@ -148,6 +148,12 @@ def format_report(result: dict) -> str:
             f"scored          {result['tokens']:,} tokens, {result['bytes']:,} bytes, "
             f"{result['characters']:,} characters (context {result['context']}, stride {result['stride']})",
         ]
+    if "task" in result and "examples" in result:  # an encoder–decoder checkpoint on pairs
+        lines += [f"checkpoint      {result['checkpoint']} ({result['task']})",
+                  f"data            {result['data']} ({result['examples']:,} sources, "
+                  f"{result['references']:,} references)"]  # fmt: skip
+        for source, output in result.get("samples", [])[:2]:
+            lines.append(f"example         {source[:70]} → {output[:70]}")
     if "bleu" in result:
         p = "/".join(f"{x:.1f}" for x in result["bleu_precisions"])
         lines.append(f"BLEU            {result['bleu']:.2f} ({p}, BP {result['bleu_brevity_penalty']:.3f})")

@@ -507,6 +507,13 @@ class _Requests:
     # ---- endpoints ----
 
     async def completion(self, body: CompletionRequest):
+        if getattr(self.engine.model, "is_encoder_decoder", False):
+            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            if not all(isinstance(p, str) for p in prompts):
+                raise APIError(
+                    400, "An encoder–decoder model takes text prompts, not token ids.", param="prompt"
+                )
+            return await self.transduced(body, [valid_text(p, "prompt") for p in prompts], "text_completion")
         given, prompts = await asyncio.to_thread(self.prompts_of, body.prompt)
         new_tokens = self.max_new(body, body.max_tokens, 16)
         # With echo, a prompt longer than the context is still scored whole (in sliding windows,
@@ -603,7 +610,35 @@ class _Requests:
             raise APIError(400, str(e), param=param) from None
         return grammar
 
+    async def transduced(self, body: RequestBase, sources: list[str], kind: str):
+        """An encoder–decoder model (translation, summarization): each prompt, or the chat's last user
+        message, is a source; its output (beam search, 4 beams) is the reply. Streamed as one piece."""
+        from lmforge.seq2seq import Seq2SeqConfig, transduce
+
+        model, tokenizer = self.engine.model, self.tokenizer
+        if not sources or any(not s.strip() for s in sources):
+            raise APIError(400, "Give a non-empty text to translate or summarize.", param="prompt")
+        cfg = Seq2SeqConfig(beams=4, max_new_tokens=min(body.max_tokens or 0, model.block_size - 1))
+        try:
+            outputs = await self.engine.run_in_worker(lambda: transduce(model, tokenizer, sources, cfg))
+        except QueueFull as e:
+            raise _busy(e) from None
+        shape = ResponseShape(kind, f"{'chatcmpl' if kind != 'text_completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                              int(time.time()), self.settings.model_name)  # fmt: skip
+        choices = [{"index": i, "finish_reason": "stop", "logprobs": None,
+                    **({"message": {"role": "assistant", "content": o}} if shape.chat else {"text": o})}
+                   for i, o in enumerate(outputs)]  # fmt: skip
+        used = usage(
+            sum(len(tokenizer.encode(s)) for s in sources), sum(len(tokenizer.encode(o)) for o in outputs)
+        )
+        if body.stream:
+            return StreamingResponse(_replayed(shape, choices, body, used), media_type="text/event-stream")
+        return {**shape.envelope(choices, False), "usage": used}
+
     async def chat(self, body: ChatRequest, chat_template: str):
+        if getattr(self.engine.model, "is_encoder_decoder", False):
+            users = [m.text() for m in body.messages if m.role == "user"]
+            return await self.transduced(body, users[-1:], "chat.completion")
         tools = body.offered_tools()
         prompt = self.chat_prompt_of(body, chat_template, tools)
         grammar = await asyncio.to_thread(self.grammar_of, body, tools)
@@ -680,8 +715,10 @@ async def _replayed(
 ) -> AsyncIterator[str]:
     """Finished chat choices as a stream of chunks: the role, the content, the tool calls, the end."""
     for choice in choices:
-        message, index = choice["message"], choice["index"]
-        yield sse(shape.opening_chunk(index))
+        message, index = choice.get("message", {"content": choice.get("text")}), choice["index"]
+        opening = shape.opening_chunk(index)
+        if opening:
+            yield sse(opening)
         if message["content"]:
             yield sse(shape.chunk(index, message["content"]))
         if message.get("tool_calls"):

@@ -197,12 +197,25 @@ def _setup(
     return run
 
 
+def is_seq2seq(config: Config) -> bool:
+    """An encoder–decoder model: it trains on source/target pairs (training/pairs.py), not on a text."""
+    return config.model.arch == "seq2seq"
+
+
 def _prepare_data(run: _Run) -> None:
     """Tokenized splits (rank 0 prepares them into the cache first), checked against the model."""
     config, dist = run.config, run.dist
     if not dist.main:
         dist.barrier()
-    run.data = resolve_data(config.data, log=run.log)
+    if is_seq2seq(config):
+        from lmforge.data.pairs import prepare_pairs
+
+        if config.finetune.init_from:
+            raise UserError("Fine-tuning an encoder–decoder checkpoint is not supported yet; train it from "
+                            "scratch.", settings=("finetune.init_from",))  # fmt: skip
+        run.data = prepare_pairs(config, log=run.log)
+    else:
+        run.data = resolve_data(config.data, log=run.log)
     if dist.main:
         dist.barrier()
     m, tokenizer = config.model, run.data.tokenizer
@@ -216,6 +229,8 @@ def _prepare_data(run: _Run) -> None:
         )
     ft = config.finetune
     run.window = min(ft.seq_len, m.block_size) if ft.init_from else m.block_size
+    if is_seq2seq(config):
+        return
     _check_lengths(run.data, len(run.data.tokens("train")), len(run.data.tokens("val")), run.window)
 
 
@@ -248,6 +263,9 @@ def _build_model(run: _Run, base: tuple[nn.Module, str | None] | None) -> None:
 def _plan_privacy(run: _Run) -> Privacy:
     """DP-SGD: each training window is one example of the guarantee."""
     tc = run.config.train
+    if is_seq2seq(run.config):
+        raise UserError("Differentially private training of encoder–decoder models is not supported; "
+                        "leave the privacy settings out.", settings=("privacy.target_epsilon",))  # fmt: skip
     private.check_supported(run.optimizers, tc.grad_accum, run.dist.active, tc.compile)
     examples = len(run.data.tokens("train")) // run.window
     plan = private.plan(run.config.privacy, examples, tc.batch_size, tc.max_iters)
@@ -259,6 +277,11 @@ def _plan_privacy(run: _Run) -> Privacy:
 def _make_source(run: _Run) -> BatchSource:
     """Random windows for a Transformer; contiguous streams with carried state for a recurrent model."""
     tc, data, dist = run.config.train, run.data, run.dist
+    if is_seq2seq(run.config):
+        from lmforge.training.pairs import PairSource
+
+        return PairSource(data, tc.batch_size, tc.eval_batches, tc.seed + dist.rank, run.device,
+                          tc.label_smoothing, dist.rank, dist.world_size)  # fmt: skip
     train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
     train_mask = data.mask("train")  # instruction data: loss on the replies only
     # (Under differential privacy a recurrent model also reads independent windows, each from a zero
@@ -487,9 +510,10 @@ def _restore(run: _Run) -> None:
 def _finish(run: _Run, progress: Progress, metrics: MetricsLog) -> TrainResult:
     dist, tc = run.dist, run.config.train
     full_val = math.nan
-    val_tokens = run.data.tokens("val")
+    val_tokens = run.data.tokens("val") if not is_seq2seq(run.config) else []
     if (
-        tc.final_full_eval
+        not is_seq2seq(run.config)
+        and tc.final_full_eval
         and metrics.history
         and len(val_tokens) <= 5_000_000
         and run.data.mask("val") is None
@@ -516,7 +540,9 @@ def _finish(run: _Run, progress: Progress, metrics: MetricsLog) -> TrainResult:
     if progress.stopped_because != "max_iters":
         run.log(f"Stopped at step {progress.step}: {progress.stopped_because}.")
     sample = ""
-    if tc.sample_tokens > 0 and dist.main:
+    if is_seq2seq(run.config) and dist.main:
+        sample = _seq2seq_report(run, metrics)
+    elif tc.sample_tokens > 0 and dist.main:
         from lmforge.checkpoint import load_checkpoint
         from lmforge.generation import sample_text
 
@@ -541,6 +567,26 @@ def _finish(run: _Run, progress: Progress, metrics: MetricsLog) -> TrainResult:
     )
     dist.barrier()  # nobody leaves (and ends the process group) while rank 0 still writes
     return result
+
+
+def _seq2seq_report(run: _Run, metrics: MetricsLog) -> str:
+    """An encoder–decoder run ends with its task's score on (up to 200 of) the validation sources,
+    decoded greedily by the best weights, and one example as the sample."""
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.seq2seq import Seq2SeqConfig, references_by_source, score_outputs, transduce
+
+    best, _, _ = load_checkpoint(run.out, run.device)
+    texts, task = run.data.val_texts, run.config.data.task
+    sources, references = references_by_source(texts.sources, texts.targets)
+    sources, references = sources[:200], [refs[:200] for refs in references]
+    outputs = transduce(best, run.tokenizer, sources, Seq2SeqConfig(beams=1))
+    scores = score_outputs(task, outputs, references)
+    keys = ("bleu", "chrf") if task == "translation" else ("rouge1", "rouge2", "rougeL")
+    metrics.history[-1].update({f"val_{k}_greedy": round(scores[k], 3) for k in keys})
+    metrics.rewrite()
+    shown = ", ".join(f"{k} {scores[k]:.2f}" for k in keys)
+    run.log(f"On {len(sources)} validation sources (greedy, best weights): {shown}")
+    return f"{sources[0]}\n→ {outputs[0]}"
 
 
 def peak_memory(device: torch.device) -> int:

@@ -1,0 +1,240 @@
+"""An encoder–decoder Transformer (translation, summarization), in one file.
+
+    source ─▶ embedding (+ positions) ─▶ n_encoder_layer × [ x + self_attn(norm(x)) ; x + mlp(norm(x)) ]
+           ─▶ norm ─▶ memory                                        (bidirectional, padding masked)
+    target ─▶ embedding (+ positions) ─▶ n_layer × [ y + causal_self_attn(norm(y))
+                                                     ; y + cross_attn(norm(y), memory)
+                                                     ; y + mlp(norm(y)) ]
+           ─▶ norm ─▶ linear head (tied to the embedding or not) ─▶ next-token logits
+
+One vocabulary serves both sides (a joint BPE), so the source and target embeddings are one
+matrix. Positions are learned, sinusoidal, or rotary (RoPE, in the self-attention of both sides;
+cross-attention has no order of its own). Pre-norm blocks, LayerNorm or RMSNorm, the MLP
+activations of `gpt.py`, whose parts (norms, MLP, rotary and sinusoidal tables) are reused here.
+
+Decoding keeps a `Seq2SeqCache`: each decoder layer's self-attention keys and values (filled one
+token at a time) and its cross-attention keys and values of the encoded source (computed once):
+a step then costs one token's work instead of the whole prefix's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.models.gpt import MLP, apply_rotary, make_norm, rotary_tables, sinusoidal_table
+from lmforge.models.registry import register
+
+
+class Seq2SeqCache:
+    """Decoder state for generation: self-attention keys/values of the target so far (slots filled
+    left to right) and cross-attention keys/values of the source, with the source's padding mask."""
+
+    def __init__(self, cross_k: list[torch.Tensor], cross_v: list[torch.Tensor], source_mask: torch.Tensor,
+                 capacity: int, n_head: int, head_dim: int):  # fmt: skip
+        batch, dtype, device = source_mask.shape[0], cross_k[0].dtype, cross_k[0].device
+        shape = (len(cross_k), batch, n_head, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.cross_k, self.cross_v, self.source_mask = cross_k, cross_v, source_mask
+        self.capacity, self.length = capacity, 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows `index` (beam search)."""
+        self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
+        self.cross_k = [k.index_select(0, index) for k in self.cross_k]
+        self.cross_v = [v.index_select(0, index) for v in self.cross_v]
+        self.source_mask = self.source_mask.index_select(0, index)
+
+
+class Attention(nn.Module):
+    """Multi-head attention. Self-attention takes queries, keys and values from `x`;
+    cross-attention takes keys and values from the encoded source (`memory`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.dropout
+        self.q = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.is_residual_projection = True
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
+
+    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(source).chunk(2, dim=-1)
+        return self.heads(k), self.heads(v)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                causal: bool = False, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+        """Attend from `x` to the heads `k`, `v` (already rotated when `rope` is used)."""
+        q = self.heads(self.q(x))
+        if rope is not None:
+            q = apply_rotary(q, *rope)
+        y = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # fmt: skip
+        B, _, T, _ = y.shape
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2, self.mlp = make_norm(cfg), Attention(cfg), make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope) -> torch.Tensor:
+        h = self.ln_1(x)
+        k, v = self.attn.keys_values(h)
+        if rope is not None:
+            k = apply_rotary(k, *rope)
+        x = x + self.drop(self.attn(h, k, v, mask, rope=rope))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1, self.attn = make_norm(cfg), Attention(cfg)
+        self.ln_2, self.cross = make_norm(cfg), Attention(cfg)
+        self.ln_3, self.mlp = make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, y: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, source_mask: torch.Tensor,
+                rope, cache: Seq2SeqCache | None = None, layer: int = 0) -> torch.Tensor:  # fmt: skip
+        h = self.ln_1(y)
+        k, v = self.attn.keys_values(h)
+        if rope is not None:
+            k = apply_rotary(k, *rope)
+        causal = True
+        if cache is not None:  # append this step's keys/values, attend to all so far
+            start, T = cache.length, y.shape[1]
+            cache.k[layer, :, :, start : start + T], cache.v[layer, :, :, start : start + T] = k, v
+            k, v = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
+            causal = start == 0  # one new token after cached ones sees them all
+            if start > 0 and T > 1:
+                raise ValueError("several new tokens after a non-empty cache are not supported")
+        y = y + self.drop(self.attn(h, k, v, causal=causal and y.shape[1] > 1, rope=rope))
+        y = y + self.drop(self.cross(self.ln_2(y), cross_k, cross_v, source_mask))
+        return y + self.drop(self.mlp(self.ln_3(y)))
+
+
+@register("seq2seq")
+class Seq2Seq(nn.Module):
+    """Encoder–decoder Transformer; `model.block_size` bounds the target, `model.source_block_size`
+    the source (0 = block_size), `model.n_encoder_layer` the encoder's depth (0 = n_layer)."""
+
+    is_encoder_decoder = True
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.block_size = cfg.block_size
+        self.source_block_size = cfg.source_block_size or cfg.block_size
+        longest = max(self.block_size, self.source_block_size)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # both sides: one joint vocabulary
+        if cfg.pos_encoding == "learned":
+            self.source_wpe = nn.Embedding(self.source_block_size, cfg.n_embd)
+            self.target_wpe = nn.Embedding(self.block_size, cfg.n_embd)
+        elif cfg.pos_encoding == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(longest, cfg.n_embd), persistent=False)
+        else:
+            cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, longest, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_encoder_layer or cfg.n_layer))
+        self.ln_enc = make_norm(cfg)
+        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2's initialisation, residual projections scaled by the depth they add to.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_projection", False):
+                std = 0.02 / math.sqrt(2 * (len(self.encoder) + len(self.decoder)))
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def _embed(self, ids: torch.Tensor, start: int, side: str):
+        """Token embeddings plus absolute positions (or the rotary angles) from `start`."""
+        T = ids.shape[1]
+        x, rope = self.wte(ids), None
+        positions = torch.arange(start, start + T, device=ids.device)
+        if self.config.pos_encoding == "learned":
+            x = x + (self.source_wpe if side == "source" else self.target_wpe)(positions)
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + self.pos_table[positions]
+        else:
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
+        return self.drop(x), rope
+
+    def encode(self, source: torch.Tensor, source_valid: torch.Tensor) -> torch.Tensor:
+        """The encoded source (B, S, n_embd); `source_valid` (B, S) is False on padding."""
+        if source.shape[1] > self.source_block_size:
+            raise ValueError(f"source of {source.shape[1]} tokens is longer than {self.source_block_size}")
+        x, rope = self._embed(source, 0, "source")
+        mask = source_valid[:, None, None, :]
+        for block in self.encoder:
+            x = block(x, mask, rope)
+        return self.ln_enc(x)
+
+    def new_cache(
+        self, memory: torch.Tensor, source_valid: torch.Tensor, capacity: int | None = None
+    ) -> Seq2SeqCache:
+        """An empty decoder cache for the encoded `memory`: its cross-attention keys and values, once."""
+        pairs = [block.cross.keys_values(memory) for block in self.decoder]
+        cfg = self.config
+        return Seq2SeqCache([k for k, _ in pairs], [v for _, v in pairs], source_valid[:, None, None, :],
+                            capacity or self.block_size, cfg.n_head, cfg.n_embd // cfg.n_head)  # fmt: skip
+
+    def decode(self, target: torch.Tensor, memory: torch.Tensor | None = None, source_valid: torch.Tensor | None = None,
+               cache: Seq2SeqCache | None = None) -> torch.Tensor:  # fmt: skip
+        """Next-token logits (B, T, vocab) for the target tokens, given the memory or a cache."""
+        start = cache.length if cache is not None else 0
+        if start + target.shape[1] > self.block_size:
+            raise ValueError(f"target of {start + target.shape[1]} tokens is longer than {self.block_size}")
+        y, rope = self._embed(target, start, "target")
+        if cache is None:
+            pairs = [block.cross.keys_values(memory) for block in self.decoder]
+            mask = source_valid[:, None, None, :]
+        for i, block in enumerate(self.decoder):
+            if cache is not None:
+                y = block(y, cache.cross_k[i], cache.cross_v[i], cache.source_mask, rope, cache, i)
+            else:
+                y = block(y, *pairs[i], mask, rope)
+        if cache is not None:
+            cache.length += target.shape[1]
+        return self.lm_head(self.ln_f(y))
+
+    def forward(self, source: torch.Tensor, source_valid: torch.Tensor, target_in: torch.Tensor,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """Teacher forcing: logits for every target position, and the mean cross-entropy over the
+        positions whose target is not -100 (padding) when `targets` are given."""
+        logits = self.decode(target_in, self.encode(source, source_valid), source_valid)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return logits, loss
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.wte.weight.numel()
+        return n

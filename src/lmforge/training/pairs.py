@@ -1,0 +1,137 @@
+"""The batch source of encoder–decoder training: source/target pairs, batched by length.
+
+Each epoch the pairs are shuffled, cut into pools of 50 batches, each pool sorted by source length
+and cut into batches, and the batches shuffled: a batch holds pairs of similar length, so little
+of it is padding, and the order still changes every epoch. A batch is
+
+    source     (B, S)  token ids, right-padded          source_valid (B, S)  False on padding
+    target_in  (B, T)  <|endoftext|> + target, padded   targets      (B, T)  target + <|endoftext|>,
+                                                                             -100 on padding (not scored)
+
+The same token begins the decoder's input and ends the target (the model learns to stop there).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.data.batches import IGNORE
+from lmforge.device import autocast
+from lmforge.errors import UserError
+from lmforge.training.sources import loss_scores
+
+POOL = 50  # batches sorted together by length
+
+
+def boundary_id(tokenizer) -> int:
+    """The token that starts the decoder's input and ends a target: <|endoftext|>."""
+    if tokenizer.eot_id is None:
+        raise UserError("An encoder–decoder model needs a tokenizer with <|endoftext|> (lmforge's char, word and "
+                        "bpe tokenizers have it); this tokenizer.json does not.")  # fmt: skip
+    return tokenizer.eot_id
+
+
+def pad_sources(sources: list, pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded source ids and their validity mask."""
+    width = max(len(s) for s in sources)
+    ids = torch.full((len(sources), width), pad, dtype=torch.long)
+    valid = torch.zeros(len(sources), width, dtype=torch.bool)
+    for row, s in enumerate(sources):
+        ids[row, : len(s)] = torch.as_tensor(np.asarray(s), dtype=torch.long)
+        valid[row, : len(s)] = True
+    return ids.to(device), valid.to(device)
+
+
+def make_batch(sources: list, targets: list, boundary: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    source, source_valid = pad_sources(sources, boundary, device)
+    width = max(len(t) for t in targets) + 1
+    target_in = torch.full((len(targets), width), boundary, dtype=torch.long)
+    labels = torch.full((len(targets), width), IGNORE, dtype=torch.long)
+    for row, t in enumerate(targets):
+        t = torch.as_tensor(np.asarray(t), dtype=torch.long)
+        target_in[row, 1 : len(t) + 1] = t
+        labels[row, : len(t)] = t
+        labels[row, len(t)] = boundary
+    return source, source_valid, target_in.to(device), labels.to(device)
+
+
+class PairSource:
+    """Length-bucketed batches of training pairs; validation loss on a fixed set of pairs."""
+
+    def __init__(self, data, batch_size: int, eval_batches: int, seed: int, device: torch.device,
+                 label_smoothing: float = 0.0, rank: int = 0, world_size: int = 1):  # fmt: skip
+        self.sources, self.targets = data.train_sources, data.train_targets
+        self.val_sources = data.val_sources[: eval_batches * batch_size]
+        self.val_targets = data.val_targets[: eval_batches * batch_size]
+        self.boundary = boundary_id(data.tokenizer)
+        self.batch_size, self.device, self.label_smoothing = batch_size, device, label_smoothing
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches: list[list[int]] = []
+        self.position = 0
+        self.lengths = np.asarray([len(s) for s in self.sources])
+
+    def _new_epoch(self) -> None:
+        order = torch.randperm(len(self.sources), generator=self.generator).numpy()
+        order = order[self.rank :: self.world_size]  # each process its own share of the pairs
+        pool = POOL * self.batch_size
+        batches = []
+        for begin in range(0, len(order), pool):
+            chunk = order[begin : begin + pool]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches += [
+                chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)
+            ]
+        shuffled = torch.randperm(len(batches), generator=self.generator).tolist()
+        self.batches, self.position = [batches[i] for i in shuffled], 0
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        if self.position >= len(self.batches):
+            self._new_epoch()
+        rows = self.batches[self.position]
+        self.position += 1
+        return make_batch([self.sources[i] for i in rows], [self.targets[i] for i in rows], self.boundary,
+                          self.device)  # fmt: skip
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        source, source_valid, target_in, targets = batch
+        logits, _ = model(source, source_valid, target_in)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE, label_smoothing=self.label_smoothing)  # fmt: skip
+
+    @torch.no_grad()
+    def validation_score(self, model: nn.Module, dtype: torch.dtype) -> dict[str, float]:
+        """Mean cross-entropy per target token (no label smoothing) over the fixed validation pairs."""
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(self.val_sources), self.batch_size):
+            batch = make_batch(self.val_sources[i : i + self.batch_size], self.val_targets[i : i + self.batch_size],
+                               self.boundary, self.device)  # fmt: skip
+            with autocast(self.device, dtype):
+                _, loss = model(*batch)
+            scored = int((batch[3] != IGNORE).sum())
+            total += float(loss) * scored
+            count += scored
+        model.train(was_training)
+        return loss_scores(total / max(count, 1) if count else math.nan)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        flat = [i for b in self.batches for i in b]
+        sizes = [len(b) for b in self.batches]
+        return {"generator": self.generator.get_state(), "batch_rows": torch.tensor(flat, dtype=torch.long),
+                "batch_sizes": torch.tensor(sizes, dtype=torch.long), "position": torch.tensor([self.position])}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+        rows, sizes = state["batch_rows"].tolist(), state["batch_sizes"].tolist()
+        self.batches, begin = [], 0
+        for size in sizes:
+            self.batches.append(rows[begin : begin + size])
+            begin += size
+        self.position = int(state["position"][0])

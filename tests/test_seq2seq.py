@@ -1,0 +1,247 @@
+"""The encoder–decoder family: the model's caches and masks, pairs data, training (and exact resume),
+greedy and beam decoding, translate/summarize/eval commands and the pipelines."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lmforge
+from lmforge.checkpoint import load_checkpoint
+from lmforge.cli import main
+from lmforge.config import ModelConfig, apply_overrides, load_preset
+from lmforge.data.pairs import read_pairs
+from lmforge.errors import TrainingInterrupted, UserError
+from lmforge.models import build_model
+from lmforge.seq2seq import Seq2SeqConfig, beam_search, greedy, references_by_source, transduce
+from lmforge.serving.server import ServerSettings, create_app
+from lmforge.training.pairs import PairSource, make_batch
+from lmforge.training.trainer import train
+
+from .conftest import ENG_FRA_SAMPLE
+from .test_serve import RunningServer
+
+
+def tiny_seq2seq(pos: str = "learned", **changes) -> torch.nn.Module:
+    cfg = ModelConfig(arch="seq2seq", vocab_size=40, block_size=12, source_block_size=10, n_layer=2,
+                      n_encoder_layer=3, n_head=2, n_embd=16, pos_encoding=pos, **changes)  # fmt: skip
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+@pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
+def test_cached_decoding_equals_recomputation(pos):
+    """Step by step through the cache (self-attention keys/values appended, cross-attention keys/values
+    of the source computed once) gives the logits of the whole target at once."""
+    model = tiny_seq2seq(pos)
+    source = torch.randint(2, 40, (3, 10))
+    valid = torch.ones(3, 10, dtype=torch.bool)
+    valid[1, 6:], valid[2, 3:] = False, False
+    target = torch.randint(2, 40, (3, 12))
+    with torch.no_grad():
+        whole, _ = model(source, valid, target)
+        cache = model.new_cache(model.encode(source, valid), valid)
+        stepped = torch.cat([model.decode(target[:, i : i + 1], cache=cache) for i in range(12)], dim=1)
+    assert torch.allclose(whole, stepped, atol=1e-5)
+    sources = [source[0].tolist(), source[1, :6].tolist(), source[2, :3].tolist()]
+    assert greedy(model, sources, 1, 11, use_cache=True) == greedy(model, sources, 1, 11, use_cache=False)
+
+
+def test_padding_masks_make_batched_results_equal_single_examples():
+    model = tiny_seq2seq("rope")
+    sources = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    targets = [[20, 21, 22], [23, 24, 25, 26, 27], [28]]
+    with torch.no_grad():
+        batch = make_batch(sources, targets, 1, torch.device("cpu"))
+        together, _ = model(*batch[:3])
+        for row in range(3):
+            alone = make_batch([sources[row]], [targets[row]], 1, torch.device("cpu"))
+            logits, _ = model(*alone[:3])
+            width = len(targets[row]) + 1
+            assert torch.allclose(together[row, :width], logits[0], atol=1e-5)
+    # So are the decoded outputs, greedy and beam.
+    one_by_one = [greedy(model, [s], 1, 11) for s in sources]
+    assert greedy(model, sources, 1, 11) == [o[0] for o in one_by_one]
+    assert beam_search(model, sources, 1, 11, beams=3) == [beam_search(model, [s], 1, 11, beams=3)[0]
+                                                            for s in sources]  # fmt: skip
+
+
+def test_the_loss_counts_target_tokens_only_and_ends_with_the_boundary():
+    batch = make_batch([[5, 6], [7]], [[8, 9, 10], [11]], 1, torch.device("cpu"))
+    source, valid, target_in, labels = batch
+    assert valid.tolist() == [[True, True], [True, False]]
+    assert target_in.tolist() == [[1, 8, 9, 10], [1, 11, 1, 1]]
+    assert labels.tolist() == [[8, 9, 10, 1], [11, 1, -100, -100]]
+
+
+def test_beam_of_one_is_greedy_and_wider_beams_score_at_least_as_well():
+    model = tiny_seq2seq("learned")
+    sources = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    assert beam_search(model, sources, 1, 11, beams=1, length_penalty=0.0) == greedy(model, sources, 1, 11)
+
+    def logprob(source, output):
+        ids = torch.tensor([source])
+        target = torch.tensor([[1, *output]])
+        with torch.no_grad():
+            logits = model.decode(target, model.encode(ids, torch.ones_like(ids, dtype=torch.bool)),
+                                  torch.ones_like(ids, dtype=torch.bool))  # fmt: skip
+        logp = torch.log_softmax(logits[0], -1)
+        wanted = [*output, 1]
+        return sum(logp[i, t].item() for i, t in enumerate(wanted[: logits.shape[1]]))
+
+    for source in sources:
+        best = beam_search(model, [source], 1, 11, beams=6, length_penalty=0.0)[0]
+        assert logprob(source, best) >= logprob(source, greedy(model, [source], 1, 11)[0]) - 1e-5
+
+
+@pytest.mark.parametrize(
+    "content, flags, message",
+    [
+        ("hello\tbonjour\nno tab here\n", {}, ":2 has no tab"),
+        ("hello\tbonjour\n\t vide\n", {}, ":2 has an empty source"),
+        ("src\ttgt\nhello\tbonjour\n", {"source_field": "english", "target_field": "tgt"},
+         "has no column 'english' for the source; its columns are: src, tgt"),
+        ('{"source": "hi", "target": ""}\n', {}, ":1 has an empty target"),
+        ("", {}, "is empty"),
+    ],
+)  # fmt: skip
+def test_bad_parallel_data_gets_one_clear_error(tmp_path, content, flags, message):
+    path = tmp_path / ("pairs.jsonl" if content.startswith("{") else "pairs.tsv")
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError) as refused:
+        read_pairs(path, **flags)
+    assert message in str(refused.value)
+
+
+def test_aligned_files_must_have_as_many_lines(tmp_path):
+    (tmp_path / "a.en").write_text("one\ntwo\nthree\n", encoding="utf-8")
+    (tmp_path / "a.fr").write_text("un\ndeux\n", encoding="utf-8")
+    with pytest.raises(UserError, match="has 3 lines but .*a.fr has 2"):
+        read_pairs(tmp_path / "a.en", target_path=str(tmp_path / "a.fr"))
+    (tmp_path / "a.fr").write_text("un\ndeux\ntrois\n", encoding="utf-8")
+    pairs = read_pairs(tmp_path / "a.en", target_path=str(tmp_path / "a.fr"))
+    assert pairs.targets == ["un", "deux", "trois"]
+
+
+def test_several_translations_of_one_sentence_are_references_of_one_source():
+    sources, refs = references_by_source(["Hi.", "Go.", "Hi."], ["Salut.", "Va !", "Bonjour."])
+    assert sources == ["Hi.", "Go."] and refs == [["Salut.", "Va !"], ["Bonjour.", None]]
+
+
+def copy_task(tmp_path, n: int = 1500, seed: int = 0):
+    """Lower-case letter strings → the same string in capitals: learnable in seconds."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdefg") for _ in range(rng.randint(2, 6)))
+        lines.append(f"{word}\t{word.upper()}")
+    (tmp_path / "train.tsv").write_text("\n".join(lines[:-100]) + "\n", encoding="utf-8")
+    (tmp_path / "dev.tsv").write_text("\n".join(lines[-100:]) + "\n", encoding="utf-8")
+    return tmp_path / "train.tsv", tmp_path / "dev.tsv"
+
+
+def seq2seq_config(out, train_tsv, dev_tsv, **changes):
+    base = {"data.path": str(train_tsv), "data.val_path": str(dev_tsv), "data.tokenizer": "char",
+            "model.n_layer": 2, "model.n_encoder_layer": 2, "model.n_head": 2, "model.n_embd": 48,
+            "model.block_size": 10, "model.source_block_size": 10, "model.dropout": 0.0,
+            "train.out": str(out), "train.max_iters": 300, "train.batch_size": 32, "train.eval_interval": 100,
+            "train.eval_batches": 2, "train.log_interval": 50, "train.device": "cpu", "train.dtype": "float32",
+            "train.progress": False, "optim.lr": 3e-3, "optim.warmup_iters": 20}  # fmt: skip
+    base.update(changes)
+    return apply_overrides(load_preset("eng-fra-translation"), base)
+
+
+def test_a_tiny_model_learns_a_copy_task_and_the_commands_use_it(tmp_path, capsys):
+    train_tsv, dev_tsv = copy_task(tmp_path)
+    result = train(seq2seq_config(tmp_path / "run", train_tsv, dev_tsv), log=lambda _: None)
+    assert result.best_val_loss < 0.3  # from about log(vocab) = 2.8
+    scored = result.history[-1]
+    assert scored["val_bleu_greedy"] > 80  # the run's own report: BLEU on the validation sources
+    model, tokenizer, config = load_checkpoint(tmp_path / "run")
+    sources = ["abc", "gfedc", "ba"]
+    assert transduce(model, tokenizer, sources, Seq2SeqConfig(beams=3)) == ["ABC", "GFEDC", "BA"]
+    assert main(["translate", str(tmp_path / "run"), "--text", "cab", "--text", "dd", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == [{"text": "cab", "translation": "CAB"}, {"text": "dd", "translation": "DD"}]
+    assert main(["eval", str(tmp_path / "run"), "--data", str(dev_tsv), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["examples"] == len({line.split("\t")[0] for line in dev_tsv.read_text().splitlines()})
+    assert report["bleu"] > 80 and report["bleu_signature"].startswith("nrefs:")
+    translator = lmforge.pipeline("translation", model=str(tmp_path / "run"))
+    assert translator("fade") == [{"translation_text": "FADE"}]
+    with pytest.raises(UserError, match="needs a decoder-only language model"):
+        lmforge.pipeline("text-generation", model=str(tmp_path / "run"))
+    # Served: the completion's prompt, or the chat's last user message, is the source.
+    server = RunningServer(create_app(model, tokenizer, ServerSettings(model_name="copy"), ""))
+    try:
+        client = server.client()
+        done = client.completions.create(model="copy", prompt=["bad", "eggs"], max_tokens=9)
+        assert [c.text for c in done.choices] == ["BAD", "EGGS"] and done.usage.prompt_tokens == 7
+        chat = client.chat.completions.create(model="copy", messages=[{"role": "user", "content": "face"}])
+        assert chat.choices[0].message.content == "FACE"
+        streamed = client.chat.completions.create(model="copy", messages=[{"role": "user", "content": "cafe"}],
+                                                  stream=True)  # fmt: skip
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == "CAFE"
+    finally:
+        server.stop()
+
+
+def test_resume_continues_exactly(tmp_path):
+    train_tsv, dev_tsv = copy_task(tmp_path, n=400)
+    changes = {"train.max_iters": 20, "train.eval_interval": 5, "model.dropout": 0.1}
+    straight: list[float] = []
+    train(seq2seq_config(tmp_path / "a", train_tsv, dev_tsv, **changes), log=lambda _: None,
+          on_step=lambda step, loss: straight.append(loss))  # fmt: skip
+    first: list[float] = []
+
+    def interrupt_at_10(step, loss):
+        first.append(loss)
+        if step == 10:
+            raise KeyboardInterrupt
+
+    cfg = seq2seq_config(tmp_path / "b", train_tsv, dev_tsv, **changes)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, log=lambda _: None, on_step=interrupt_at_10)
+    second: list[float] = []
+    train(cfg, resume=True, log=lambda _: None, on_step=lambda step, loss: second.append(loss))
+    assert first + second == pytest.approx(straight, abs=1e-6)
+
+
+def test_batches_hold_pairs_of_similar_length(tmp_path):
+    train_tsv, dev_tsv = copy_task(tmp_path, n=1200)
+    from lmforge.data.pairs import prepare_pairs
+
+    data = prepare_pairs(seq2seq_config(tmp_path / "x", train_tsv, dev_tsv), log=lambda _: None)
+    source = PairSource(data, batch_size=16, eval_batches=1, seed=0, device=torch.device("cpu"))
+    spreads = []
+    for _ in range(20):
+        _, valid, _, _ = source.next_batch()
+        lengths = valid.sum(1)
+        spreads.append(int(lengths.max() - lengths.min()))
+    assert max(spreads) <= 1  # lengths 2..6 in random order would spread by 3-4 in almost every batch
+
+
+def test_the_real_sample_trains_with_a_joint_bpe_and_translate_cli_runs(tmp_path):
+    """A slice of the real Tatoeba pairs: the preset's pipeline end to end (no quality asked of 20 steps)."""
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "lmforge", "train", "--preset", "eng-fra-translation",
+                           "--data", str(ENG_FRA_SAMPLE), "--data.val_path", "", "--data.val_fraction", "0.2",
+                           "--data.vocab_size", "400", "--model.n_embd", "32", "--max-iters", "20",
+                           "--train.eval_interval", "10", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (
+        "training pairs" in done.stdout and "validation sources (greedy, best weights): bleu" in done.stdout
+    )
+    model, tokenizer, config = load_checkpoint(out)
+    assert config.model.arch == "seq2seq" and config.data.task == "translation"
+    assert tokenizer.kind == "bpe" and tokenizer.encode("Bonjour") and tokenizer.encode("Hello")
+    shown = subprocess.run(
+        [sys.executable, "-m", "lmforge", "summarize", str(out)], capture_output=True, text=True
+    )
+    assert shown.returncode == 2 and "Give texts to summarize with --text or --file." in shown.stderr
