@@ -64,6 +64,8 @@ class ModelConfig:
     n_embd: int = option(384, "embedding width (and the Transformer's width)", ge=1, le=65_536)
     hidden_size: int = option(0, "recurrent models: hidden state size (0 = n_embd)", ge=0, le=65_536)
     n_encoder_layer: int = option(0, "encoder–decoder: encoder layers (0 = n_layer)", ge=0, le=1024)
+    embedding_norm: bool = False  # encoder–decoder: a norm right after the embeddings (BART, mBART)
+    scale_embedding: bool = False  # encoder–decoder: token embeddings times sqrt(n_embd) (mBART's option)
     source_block_size: int = option(0, "encoder–decoder: longest source in tokens (0 = block_size)", ge=0,
                                     le=1_048_576)  # fmt: skip
     mlp_ratio: float = option(4.0, "hidden width of the MLP relative to n_embd", gt=0.0, le=64.0)
@@ -291,7 +293,7 @@ def validate(config: Config) -> None:
     (settings.py), then the rules that tie settings together, then the model's size."""
     check_fields(config)
     m, t, o = config.model, config.train, config.optim
-    gpt = m.arch in ("gpt", "seq2seq")  # the Transformers
+    gpt = m.arch in ("gpt", "seq2seq", "encoder")  # the Transformers
     checks = [
         (not gpt or m.n_embd % m.n_head == 0,
          f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}).", "model.n_embd"),
@@ -327,7 +329,7 @@ def estimated_parameters(m: ModelConfig) -> int:
     when vocab_size is 0, is not known yet and counted as 0)."""
     width = m.hidden_size or m.n_embd
     embeddings = m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2)
-    if m.arch in ("gpt", "seq2seq"):
+    if m.arch in ("gpt", "seq2seq", "encoder"):
         hidden = m.mlp_hidden or int(m.mlp_ratio * m.n_embd)
         per_layer = 4 * m.n_embd * m.n_embd + (3 if m.activation == "swiglu" else 2) * m.n_embd * hidden
         layers = m.n_layer

@@ -27,7 +27,7 @@ from lmforge.tokenizers import EOT, TextTokenizer, load_tokenizer
 from lmforge.weights import load_state
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
-SUPPORTED = ("gpt2", *LLAMA_LIKE)
+SUPPORTED = ("gpt2", *LLAMA_LIKE, "mbart", "bert")
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -55,6 +55,14 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> Mod
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
         raise UserError(f"{source}: model_type {kind!r} is not supported; supported: {', '.join(SUPPORTED)}.")
+    if kind == "mbart":  # the encoder–decoder family (interop/mbart.py)
+        from lmforge.interop.mbart import model_config_from_mbart
+
+        return model_config_from_mbart(hf, source)
+    if kind == "bert":  # the encoder-only family (interop/bert.py)
+        from lmforge.interop.bert import model_config_from_bert
+
+        return model_config_from_bert(hf, source)
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
@@ -426,12 +434,27 @@ def import_hf(
     tokenizer = load_hf_tokenizer(path)
     tensors = read_hf_weights(path)
     try:
-        converted = (_gpt2_to_lmforge if hf_config["model_type"] == "gpt2" else llama_to_lmforge)(tensors, m)
+        if hf_config["model_type"] == "mbart":
+            from lmforge.interop.mbart import mbart_to_lmforge
+
+            converted = mbart_to_lmforge(tensors, m)
+        elif hf_config["model_type"] == "bert":
+            from lmforge.interop.bert import bert_to_lmforge
+
+            converted = bert_to_lmforge(tensors, m)
+        else:
+            converted = (_gpt2_to_lmforge if hf_config["model_type"] == "gpt2" else llama_to_lmforge)(
+                tensors, m
+            )
     except KeyError as e:
         raise UserError(
             f"{path}: weight {e.args[0]} is missing; the files do not match config.json."
         ) from None
     model = build_model(m)
+    if hf_config["model_type"] == "bert":  # a BertModel has no MLM head: the head keeps its fresh init
+        fresh = model.state_dict()
+        head = ("head_", "lm_head.bias", *(() if m.tie_embeddings else ("lm_head.weight",)))
+        converted = {**{k: v for k, v in fresh.items() if k.startswith(head)}, **converted}
     load_state(converted, model, str(path))
     return model.float().to(device).eval(), tokenizer, config
 
@@ -446,10 +469,16 @@ def export_hf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out: s
     from lmforge.weights import save_tensors
 
     out = Path(out)
-    hf_config = hf_config_from_model(config.model)
     sd = {k: v.float() for k, v in model.state_dict().items()}
-    kind = hf_config["model_type"] if hf_config["model_type"] in ("gpt2", "persimmon") else "llama"
-    tensors = lmforge_to_hf(sd, config.model, kind)
+    if config.model.arch == "seq2seq":
+        from lmforge.interop.mbart import lmforge_to_mbart, mbart_config_from_model
+
+        hf_config = mbart_config_from_model(config.model, tokenizer.eot_id)
+        tensors = lmforge_to_mbart(sd, config.model)
+    else:
+        hf_config = hf_config_from_model(config.model)
+        kind = hf_config["model_type"] if hf_config["model_type"] in ("gpt2", "persimmon") else "llama"
+        tensors = lmforge_to_hf(sd, config.model, kind)
     # A tied head is not written: transformers re-ties lm_head to the embedding itself.
     out.mkdir(parents=True, exist_ok=True)
     ends = list(eos_ids) or ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])

@@ -87,6 +87,6 @@ def body_width(body: nn.Module) -> int:
     if isinstance(body, BiLSTMEncoder):
         return body.width
     cfg = body.config
-    if cfg.arch == "gpt":
+    if cfg.arch in ("gpt", "encoder"):
         return cfg.n_embd
     return cfg.hidden_size or cfg.n_embd

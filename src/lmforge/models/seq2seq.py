@@ -9,7 +9,8 @@
 
 One vocabulary serves both sides (a joint BPE), so the source and target embeddings are one
 matrix. Positions are learned, sinusoidal, or rotary (RoPE, in the self-attention of both sides;
-cross-attention has no order of its own). Pre-norm blocks, LayerNorm or RMSNorm, the MLP
+cross-attention has no order of its own); optionally a norm right after the embeddings and
+embeddings scaled by sqrt(width) (mBART's layout, so that mBART checkpoints import exactly). Pre-norm blocks, LayerNorm or RMSNorm, the MLP
 activations of `gpt.py`, whose parts (norms, MLP, rotary and sinusoidal tables) are reused here.
 
 Decoding keeps a `Seq2SeqCache`: each decoder layer's self-attention keys and values (filled one
@@ -150,6 +151,9 @@ class Seq2Seq(nn.Module):
             cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, longest, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.embedding_norm:
+            self.source_norm, self.target_norm = make_norm(cfg), make_norm(cfg)
+        self.embed_scale = math.sqrt(cfg.n_embd) if cfg.scale_embedding else 1.0
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_encoder_layer or cfg.n_layer))
         self.ln_enc = make_norm(cfg)
@@ -175,7 +179,7 @@ class Seq2Seq(nn.Module):
     def _embed(self, ids: torch.Tensor, start: int, side: str):
         """Token embeddings plus absolute positions (or the rotary angles) from `start`."""
         T = ids.shape[1]
-        x, rope = self.wte(ids), None
+        x, rope = self.wte(ids) * self.embed_scale, None
         positions = torch.arange(start, start + T, device=ids.device)
         if self.config.pos_encoding == "learned":
             x = x + (self.source_wpe if side == "source" else self.target_wpe)(positions)
@@ -183,6 +187,8 @@ class Seq2Seq(nn.Module):
             x = x + self.pos_table[positions]
         else:
             rope = (self.rope_cos[positions], self.rope_sin[positions])
+        if self.config.embedding_norm:
+            x = (self.source_norm if side == "source" else self.target_norm)(x)
         return self.drop(x), rope
 
     def encode(self, source: torch.Tensor, source_valid: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,7 @@ def _build(cfg: ClassifierTrainConfig, train_texts: list[str], n_classes: int):
 
         lm, tokenizer, lm_config = load_checkpoint(cfg.init)
         mcfg = dataclasses.replace(cfg.model, body="lm", vocab_size=tokenizer.vocab_size)
-        if lm_config.model.arch == "gpt":
+        if lm_config.model.arch in ("gpt", "encoder"):
             mcfg.max_length = min(mcfg.max_length, lm_config.model.block_size)
         return tokenizer, TextClassifier(lm, body_width(lm), n_classes, mcfg), lm_config.model
     tokenizer = train_word_tokenizer(train_texts, vocab_size=cfg.vocab_size)

@@ -78,6 +78,59 @@ class WindowSource:
         self.sampler.load_state_dict(state)
 
 
+class MaskedWindowSource:
+    """Masked-language-model batches (encoder models): random windows of the text with BERT's
+    masking applied (models/encoder.py: `mask_tokens`); validation on fixed windows masked with a
+    fixed seed, so every evaluation scores the same positions."""
+
+    def __init__(self, train: np.ndarray, val: np.ndarray, window: int, batch_size: int, eval_batches: int,
+                 seed: int, device: torch.device, mask_id: int, vocab_size: int, special: list[int]):  # fmt: skip
+        self.sampler = RandomWindows(train, window, batch_size, seed, device)
+        self.generator = torch.Generator().manual_seed(seed + 1)
+        self.val, self.val_starts = val, fixed_windows(val, window, eval_batches * batch_size)
+        self.window, self.batch_size, self.device = window, batch_size, device
+        self.mask_id, self.vocab_size = mask_id, vocab_size
+        self.special = torch.tensor(special, dtype=torch.long, device=device)
+
+    def _masked(self, ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        from lmforge.models.encoder import mask_tokens
+
+        return mask_tokens(ids, self.mask_id, self.vocab_size, generator, special=self.special)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, _ = self.sampler.next_batch()
+        return self._masked(ids, self.generator)
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return model(*batch)[1]
+
+    @torch.no_grad()
+    def validation_score(self, model: nn.Module, dtype: torch.dtype) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        generator = torch.Generator().manual_seed(0)
+        total, count = 0.0, 0
+        for i in range(0, len(self.val_starts), self.batch_size):
+            ids, _ = windows_to_tensors(
+                self.val, self.val_starts[i : i + self.batch_size], self.window, self.device
+            )
+            inputs, targets = self._masked(ids, generator)
+            scored = int((targets != IGNORE).sum())
+            if scored:
+                with autocast(self.device, dtype):
+                    total += float(model(inputs, targets)[1]) * scored
+                count += scored
+        model.train(was_training)
+        return loss_scores(total / max(count, 1))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**self.sampler.state_dict(), "mask_generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.sampler.load_state_dict(state)
+        self.generator.set_state(state["mask_generator"])
+
+
 class StreamSource:
     """Contiguous streams for a recurrent model, its hidden state carried between batches."""
 

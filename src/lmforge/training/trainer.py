@@ -40,7 +40,7 @@ from lmforge.training.loop import Progress, Schedule, Trainee, run_loop
 from lmforge.training.metrics import MetricsLog, Reporter, write_loss_plot
 from lmforge.training.optim import build_optimizers, lr_at, set_lr
 from lmforge.training.privacy import Privacy
-from lmforge.training.sources import BatchSource, StreamSource, WindowSource
+from lmforge.training.sources import BatchSource, MaskedWindowSource, StreamSource, WindowSource
 
 STATE_DIR = saved_state.STATE_DIR
 RUN_FILES = (
@@ -216,6 +216,10 @@ def _prepare_data(run: _Run) -> None:
         run.data = prepare_pairs(config, log=run.log)
     else:
         run.data = resolve_data(config.data, log=run.log)
+        if config.model.arch == "encoder":  # masked-LM training needs a [MASK] token in the vocabulary
+            from lmforge.models.encoder import MASK_TOKEN
+
+            run.data.tokenizer.hf.add_special_tokens([MASK_TOKEN])
     if dist.main:
         dist.barrier()
     m, tokenizer = config.model, run.data.tokenizer
@@ -283,6 +287,14 @@ def _make_source(run: _Run) -> BatchSource:
         return PairSource(data, tc.batch_size, tc.eval_batches, tc.seed + dist.rank, run.device,
                           tc.label_smoothing, dist.rank, dist.world_size)  # fmt: skip
     train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
+    if run.config.model.arch == "encoder":
+        from lmforge.models.encoder import MASK_TOKEN
+
+        tokenizer = data.tokenizer
+        special = [i for i in (tokenizer.eot_id, tokenizer.hf.token_to_id("<unk>")) if i is not None]
+        return MaskedWindowSource(train_tokens, val_tokens, run.window, tc.batch_size, tc.eval_batches,
+                                  tc.seed + dist.rank, run.device, tokenizer.hf.token_to_id(MASK_TOKEN),
+                                  tokenizer.vocab_size, special)  # fmt: skip
     train_mask = data.mask("train")  # instruction data: loss on the replies only
     # (Under differential privacy a recurrent model also reads independent windows, each from a zero
     # state: a state carried from batch to batch would tie examples together.)
@@ -510,9 +522,10 @@ def _restore(run: _Run) -> None:
 def _finish(run: _Run, progress: Progress, metrics: MetricsLog) -> TrainResult:
     dist, tc = run.dist, run.config.train
     full_val = math.nan
-    val_tokens = run.data.tokens("val") if not is_seq2seq(run.config) else []
+    language_model = run.config.model.arch not in ("seq2seq", "encoder")  # (perplexity and samples apply)
+    val_tokens = run.data.tokens("val") if language_model else []
     if (
-        not is_seq2seq(run.config)
+        language_model
         and tc.final_full_eval
         and metrics.history
         and len(val_tokens) <= 5_000_000
@@ -542,7 +555,7 @@ def _finish(run: _Run, progress: Progress, metrics: MetricsLog) -> TrainResult:
     sample = ""
     if is_seq2seq(run.config) and dist.main:
         sample = _seq2seq_report(run, metrics)
-    elif tc.sample_tokens > 0 and dist.main:
+    elif tc.sample_tokens > 0 and dist.main and language_model:
         from lmforge.checkpoint import load_checkpoint
         from lmforge.generation import sample_text
 
