@@ -233,4 +233,6 @@ def test_pipeline_api(tmp_path, shakespeare_excerpt):
     with pytest.raises(UserError, match="Unknown generation setting"):
         pipe("x", max_tokens=3)
     with pytest.raises(UserError, match="Unknown pipeline task"):
+        pipeline("image-classification", model=str(tmp_path / "run"))
+    with pytest.raises(UserError, match="The summarization pipeline needs an encoder–decoder model"):
         pipeline("summarization", model=str(tmp_path / "run"))

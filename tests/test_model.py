@@ -73,7 +73,10 @@ def test_sequences_longer_than_the_context_are_refused():
 
 def test_registry_names_the_available_architectures():
     assert "gpt" in MODELS
-    with pytest.raises(UserError, match="Unknown model.arch 'transformer-xl'; available: gpt"):
+    with pytest.raises(
+        UserError,
+        match="Unknown model.arch 'transformer-xl'; available: encoder, gpt, gru, lstm, rnn, seq2seq",
+    ):
         build_model(small(arch="transformer-xl"))
 
 

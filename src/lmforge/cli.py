@@ -806,9 +806,10 @@ def _is_seq2seq(path: str) -> bool:
     from lmforge.checkpoint import open_checkpoint
 
     try:
-        return open_checkpoint(path).config.model.arch == "seq2seq"
+        config = open_checkpoint(path).config  # (a classifier has no language-model config)
     except UserError:
         return False
+    return config is not None and config.model.arch == "seq2seq"
 
 
 def _is_classifier(path: str) -> bool:
