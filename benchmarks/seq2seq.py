@@ -73,7 +73,7 @@ def gpt_baseline(runs: Path, minutes: float, sources: list[str], references) -> 
     seconds = train("eng-fra-translation", out, minutes, [
         "--data", str(text), "--data.val_path", "", "--model.arch", "gpt", "--model.n_layer", "6",
         "--model.block_size", "128", "--data.task", "translation", "--train.label_smoothing", "0",
-        "--train.sample_tokens", "0", "--train.eval_batches", "10"])  # fmt: skip
+        "--train.sample_tokens", "0", "--train.eval_batches", "10", "--train.batch_size", "32"])  # fmt: skip
     model, tokenizer, _ = load_checkpoint(out)
     model.eval()
     prompts = [f"English: {s}\nFrench:" for s in sources]
