@@ -61,3 +61,17 @@ def tiny_config(out: Path, data: Path | str = "", **overrides) -> Config:
     }
     base.update(overrides)
     return apply_overrides(load_preset("tiny"), base)
+
+
+def saved_with_random_norms(model, folder: Path, tokenizer) -> Path:
+    """Save a freshly initialised Hugging Face model (norms at 1, biases at 0) after moving every norm
+    and bias off its initial value, so that a misplaced one shows in a parity test; with `tokenizer`."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    tokenizer.save(folder / "tokenizer.json")
+    return folder

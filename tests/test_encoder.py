@@ -14,7 +14,7 @@ from lmforge.models.encoder import MASK_TOKEN, mask_tokens
 from lmforge.training.classify import ClassifierTrainConfig, train_classifier
 from lmforge.training.trainer import train
 
-from .conftest import SST2_SAMPLE
+from .conftest import SST2_SAMPLE, saved_with_random_norms
 
 
 def test_masking_follows_bert_and_the_loss_counts_only_masked_positions():
@@ -78,12 +78,7 @@ def test_hugging_face_bert_imports_with_equal_logits(tmp_path):
                         intermediate_size=64, max_position_embeddings=40)  # fmt: skip
     torch.manual_seed(0)
     theirs = BertForMaskedLM(config).eval()
-    with torch.no_grad():  # random norms and biases, so that a misplaced one shows
-        for name, p in theirs.named_parameters():
-            if "LayerNorm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    theirs.save_pretrained(tmp_path / "bert")
-    tokenizer.save(tmp_path / "bert" / "tokenizer.json")
+    saved_with_random_norms(theirs, tmp_path / "bert", tokenizer)
     ours, _ = open_checkpoint(tmp_path / "bert").load()
     ids = torch.randint(0, tokenizer.vocab_size, (2, 12))
     valid = torch.ones_like(ids, dtype=torch.bool)

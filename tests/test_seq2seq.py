@@ -23,7 +23,7 @@ from lmforge.serving.server import ServerSettings, create_app
 from lmforge.training.pairs import PairSource, make_batch
 from lmforge.training.trainer import train
 
-from .conftest import ENG_FRA_SAMPLE
+from .conftest import ENG_FRA_SAMPLE, saved_with_random_norms
 from .test_serve import RunningServer
 
 
@@ -264,12 +264,7 @@ def test_mbart_imports_with_logit_parity_and_exports_for_transformers(tmp_path):
                             pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0)  # fmt: skip
     torch.manual_seed(0)
     theirs = MBartForConditionalGeneration(hf_config).eval()
-    with torch.no_grad():  # random norms and biases, so that a misplaced one shows
-        for name, p in theirs.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    theirs.save_pretrained(tmp_path / "hf")
-    tokenizer.save(tmp_path / "hf" / "tokenizer.json")
+    saved_with_random_norms(theirs, tmp_path / "hf", tokenizer)
     ours, _ = open_checkpoint(tmp_path / "hf").load()
     source = torch.randint(1, tokenizer.vocab_size, (2, 9))
     mask = torch.ones_like(source, dtype=torch.bool)

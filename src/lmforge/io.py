@@ -101,3 +101,23 @@ def remove_stale_temporaries(folder: Path, older_than_s: float = 0.0) -> int:
         except OSError:  # gone already, or not ours to remove
             pass
     return removed
+
+
+def build_directory(target: Path, build: Callable[[Path], None]) -> None:
+    """Make the directory `target` by calling `build(tmp)` on a temporary sibling, then renaming it:
+    a crash never leaves a partial entry (a cache of prepared data). If another process made `target`
+    meanwhile, its copy stands."""
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent, older_than_s=3600)  # others' may be in progress: only old ones
+    tmp = new_temp_dir(target.parent, ".prep-")
+    try:
+        build(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process built the same entry meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from lmforge.config import Config
 from lmforge.data.corpus import read_text_file
 from lmforge.data.labeled import _records
 from lmforge.errors import UserError
-from lmforge.io import atomic_write_json, cache_dir, new_temp_dir, remove_stale_temporaries, sha256_file
+from lmforge.io import atomic_write_json, build_directory, cache_dir, sha256_file
 from lmforge.tokenizers import TextTokenizer, build_tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -181,18 +180,7 @@ def prepare_pairs(config: Config, log=print) -> PreparedPairs:
     target = cache_dir() / "pairs" / _cache_key(config)
     if not (target / "meta.json").is_file():
         log(f"Preparing the pairs of {d.path} (tokenizer: {d.tokenizer}) into {target}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(target.parent, older_than_s=3600)
-        tmp = new_temp_dir(target.parent, ".prep-")
-        try:
-            _prepare_into(tmp, config, log)
-            try:
-                tmp.rename(target)
-            except OSError:  # another process prepared the same pairs meanwhile
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        build_directory(target, lambda tmp: _prepare_into(tmp, config, log))
     return open_pairs(target)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from lmforge.config import DataConfig
 from lmforge.data.corpus import SourceFile, clean_text, dedup_documents, read_documents
 from lmforge.data.datasets import DATASETS, DEFAULT_DATASET, resolve_dataset
 from lmforge.errors import UserError
-from lmforge.io import atomic_write_json, cache_dir, new_temp_dir, remove_stale_temporaries, sha256_file
+from lmforge.io import atomic_write_json, build_directory, cache_dir, sha256_file
 from lmforge.tokenizers import TextTokenizer, build_tokenizer, encode_long, load_tokenizer
 
 FORMAT = "lmforge-data"
@@ -278,17 +277,5 @@ def resolve_data(cfg: DataConfig, log=print) -> PreparedData:
     if (target / "meta.json").is_file():
         return open_prepared(target)
     log(f"Preparing {', '.join(map(str, paths))} (tokenizer: {cfg.tokenizer}) into {target}")
-    # Prepare into a temporary sibling, then rename: a crash never leaves a partial cache entry.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target.parent, older_than_s=3600)  # others' may be in progress: only old ones
-    tmp = new_temp_dir(target.parent, ".prep-")
-    try:
-        prepare(paths, tmp, cfg)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process prepared the same data meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    build_directory(target, lambda tmp: prepare(paths, tmp, cfg))
     return open_prepared(target)
