@@ -11,7 +11,7 @@ from lmforge.checkpoint import load_checkpoint, open_checkpoint
 from lmforge.config import ModelConfig, apply_overrides, load_preset
 from lmforge.models import build_model
 from lmforge.models.encoder import MASK_TOKEN, mask_tokens
-from lmforge.training.classify import ClassifierTrainConfig, train_classifier
+from lmforge.training.classify import ClassifierTrainConfig, load_classifier, predict, train_classifier
 from lmforge.training.trainer import train
 
 from .conftest import SST2_SAMPLE, saved_with_random_norms
@@ -63,9 +63,13 @@ def test_mlm_preset_trains_and_its_body_classifies(tmp_path, shakespeare_excerpt
     cfg = ClassifierTrainConfig(train_path=str(SST2_SAMPLE), val_path=str(SST2_SAMPLE), out=str(tmp_path / "clf"),
                                 init=str(tmp_path / "mlm"), epochs=1, batch_size=16, progress=False, device="cpu")  # fmt: skip
     scores = train_classifier(cfg, log=lambda _: None)
-    assert 0.0 <= scores["best_val_accuracy"] <= 1.0 and scores["steps"] > 0
+    assert scores["steps"] == 25  # 400 examples, batch 16, one epoch
     body = open_checkpoint(tmp_path / "clf").metadata["body"]
-    assert body["arch"] == "encoder"
+    assert (body["arch"], body["n_layer"], body["n_embd"], body["vocab_size"]) == ("encoder", 2, 32, 301)
+    classifier, _, labels = load_classifier(tmp_path / "clf")
+    assert isinstance(classifier.body, type(model)) and labels == ["0", "1"]
+    probabilities = predict(classifier, tokenizer, ["a gorgeous film", "dull and lifeless"])
+    assert probabilities.shape == (2, 2) and torch.allclose(probabilities.sum(1), torch.ones(2))
 
 
 def test_hugging_face_bert_imports_with_equal_logits(tmp_path):

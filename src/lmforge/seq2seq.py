@@ -33,7 +33,9 @@ class Seq2SeqConfig:
     length_penalty: float = 1.0
     max_new_tokens: int = 0  # 0 = the model's block_size - 1
     batch_size: int = 32
-    use_cache: bool = True  # False: recompute the decoder over the whole prefix each step (a reference)
+    use_cache: bool = (
+        True  # greedy only: False recomputes the decoder over the prefix each step (a reference)
+    )
 
 
 def _encode_sources(model: nn.Module, tokenizer: TextTokenizer, sources: list[str]) -> list[list[int]]:

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
-from lmforge.models.gpt import MLP
+from lmforge.models.gpt import MLP, init_gpt2
 from lmforge.models.registry import register
 
 MASK_TOKEN = "[MASK]"
@@ -71,14 +71,7 @@ class Encoder(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=True)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear | nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        self.apply(lambda module: init_gpt2(module, residual_std=0.02))  # BERT: N(0, 0.02) everywhere
 
     def hidden_states(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         T = idx.shape[1]

@@ -56,6 +56,18 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     return table
 
 
+def init_gpt2(module: nn.Module, residual_std: float) -> None:
+    """GPT-2's initialisation: weights N(0, 0.02), biases 0; residual projections get `residual_std`
+    (0.02 / sqrt(2 × blocks), so the residual stream's variance does not grow with depth; 0 = zeros)."""
+    if isinstance(module, nn.Linear):
+        std = residual_std if getattr(module, "is_residual_projection", False) else 0.02
+        nn.init.normal_(module.weight, mean=0.0, std=std) if std else nn.init.zeros_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
 class KVCache:
     """Preallocated keys and values of every layer, for generation without recomputation.
 
@@ -294,20 +306,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # GPT-2 initialisation; residual projections are scaled by 1/sqrt(2 * n_layer)
-        # so that the residual stream's variance does not grow with depth (or start at zero).
-        if isinstance(module, nn.Linear):
-            std = 0.02
-            if getattr(module, "is_residual_projection", False):
-                std = 0.0 if self.config.zero_init_proj else 0.02 / math.sqrt(2 * self.config.n_layer)
-            nn.init.normal_(module.weight, mean=0.0, std=std) if std else nn.init.zeros_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        residual_std = 0.0 if cfg.zero_init_proj else 0.02 / math.sqrt(2 * cfg.n_layer)
+        self.apply(lambda module: init_gpt2(module, residual_std))
 
     def forward(
         self,

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
-from lmforge.models.gpt import MLP, apply_rotary, make_norm, rotary_tables, sinusoidal_table
+from lmforge.models.gpt import MLP, apply_rotary, init_gpt2, make_norm, rotary_tables, sinusoidal_table
 from lmforge.models.registry import register
 
 
@@ -162,19 +162,10 @@ class Seq2Seq(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
         # GPT-2's initialisation, residual projections scaled by the depth they add to.
-        if isinstance(module, nn.Linear):
-            std = 0.02
-            if getattr(module, "is_residual_projection", False):
-                std = 0.02 / math.sqrt(2 * (len(self.encoder) + len(self.decoder)))
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        self.apply(
+            lambda module: init_gpt2(module, 0.02 / math.sqrt(2 * (len(self.encoder) + len(self.decoder))))
+        )
 
     def _embed(self, ids: torch.Tensor, start: int, side: str):
         """Token embeddings plus absolute positions (or the rotary angles) from `start`."""
