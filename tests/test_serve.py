@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import httpx  # the [dev] extra installs these: a missing one fails, never skips
 import openai
@@ -20,7 +21,7 @@ from lmforge.checkpoint import load_checkpoint  # noqa: E402
 from lmforge.errors import UserError  # noqa: E402
 from lmforge.evaluation.perplexity import token_nll  # noqa: E402
 from lmforge.generation import GenerationConfig, generate  # noqa: E402
-from lmforge.serving.engine import Engine, QueueFull, Sequence  # noqa: E402
+from lmforge.serving.engine import Done, Engine, QueueFull, Sequence  # noqa: E402
 from lmforge.serving.server import ServerSettings, create_app  # noqa: E402
 from lmforge.training.trainer import train  # noqa: E402
 
@@ -226,6 +227,56 @@ def test_sixteen_concurrent_clients_are_batched_and_all_served(served):
     assert engine.stats["sequences"] - before["sequences"] == 16
     assert engine.stats["batches"] - before["batches"] < 16  # requests that arrived together shared batches
     assert engine.stats["max_batch_seen"] > 1
+
+
+def test_sequences_join_a_running_batch_and_leave_it_when_done(checkpoint):
+    """Continuous batching: a sequence submitted while another runs joins it at the next step,
+    one that ends leaves at once, and each greedy text equals the one it gets alone."""
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    greedy = GenerationConfig(max_new_tokens=40, temperature=0, stop_at_eot=False)
+    prompts = ["KING:", "Who goes there? Stand and unfold", "O"]
+    lengths = [40, 8, 25]
+    alone = [
+        generate(model, tokenizer, p, GenerationConfig(max_new_tokens=n, temperature=0))[0]
+        for p, n in zip(prompts, lengths, strict=True)
+    ]
+    engine = Engine(model, tokenizer, max_batch=4)
+
+    async def run() -> tuple[list[str], list[int]]:
+        loop = asyncio.get_running_loop()
+        queues = [asyncio.Queue() for _ in prompts]
+        sequences = [
+            Sequence(tokenizer.encode(p), replace(greedy, max_new_tokens=n), 0, q, loop)
+            for p, n, q in zip(prompts, lengths, queues, strict=True)
+        ]
+        sequences[2].config = GenerationConfig(max_new_tokens=25, temperature=1.0, top_k=5, seed=None)
+        engine.submit(sequences[:1])
+        texts, finished_order = ["", "", ""], []
+
+        async def collect(i: int) -> None:
+            while True:
+                event = await queues[i].get()
+                if isinstance(event, Done):
+                    finished_order.append(i)
+                    return
+                texts[i] += event.text
+                if i == 0 and event.token_id is not None and len(texts[0]) and not joined:
+                    joined.append(True)
+                    engine.submit(sequences[1:])  # while the first is running
+
+        joined: list[bool] = []
+        await asyncio.gather(*(collect(i) for i in range(3)))
+        return texts, finished_order
+
+    try:
+        texts, order = asyncio.run(run())
+    finally:
+        engine.close()
+    assert texts[0] == alone[0] and texts[1] == alone[1]  # the other rows and padding change nothing
+    assert texts[2]  # a sampled row beside greedy ones, with its own settings
+    assert order.index(1) < order.index(0)  # the short one left before the long one ended
+    assert engine.stats["batches"] == 2 and engine.stats["max_batch_seen"] == 3
+    assert engine.stats["steps"] <= 41 + 1  # run together: not 40 + 8 + 25 steps one after another
 
 
 def test_a_client_that_disconnects_stops_its_generation(served):

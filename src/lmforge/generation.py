@@ -198,7 +198,8 @@ def _model_info(model: nn.Module) -> tuple[torch.device, int, str]:
     return device, model.block_size, pos
 
 
-def _left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, width) with each prompt at the right end, and which slots hold real tokens."""
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     valid = torch.zeros(len(prompts), width, dtype=torch.bool)
@@ -208,7 +209,8 @@ def _left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Ten
     return ids.to(device), valid.to(device)
 
 
-def _positions(valid: torch.Tensor) -> torch.Tensor:
+def positions_of(valid: torch.Tensor) -> torch.Tensor:
+    """Each slot's position within its own row's text (left padding does not count)."""
     return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -230,7 +232,7 @@ def decode_steps(
     `constrain(logits)` masks the tokens a grammar forbids (see `structured.mask_logits`); the
     caller advances the grammar with each yielded token before asking for the next."""
     device, block_size, pos = _model_info(model)
-    ids, valid = _left_pad(prompts, device)
+    ids, valid = left_pad(prompts, device)
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     ends = torch.tensor(end_ids, dtype=torch.long, device=device)
@@ -239,9 +241,9 @@ def decode_steps(
     capacity = min(block_size, ids.shape[1] + cfg.max_new_tokens + 1)
     cache = model.new_cache(len(prompts), capacity=capacity) if use_cache else None
     logits, _ = (
-        model(ids, cache=cache, positions=_positions(valid), attention_mask=valid)
+        model(ids, cache=cache, positions=positions_of(valid), attention_mask=valid)
         if use_cache
-        else model(ids, positions=_positions(valid), attention_mask=valid)
+        else model(ids, positions=positions_of(valid), attention_mask=valid)
     )
     next_logits = logits[:, -1].float()
     counts = torch.zeros_like(next_logits)  # how often each token was generated, per row
@@ -262,7 +264,7 @@ def decode_steps(
         yield token
         ids = torch.cat([ids, token[:, None]], dim=1)
         valid = torch.cat([valid, torch.ones_like(token[:, None], dtype=torch.bool)], dim=1)
-        positions = _positions(valid)
+        positions = positions_of(valid)
         if use_cache and (sliding or ids.shape[1] <= block_size):
             logits, _ = model(token[:, None], cache=cache, positions=positions[:, -1:])
         else:
@@ -271,7 +273,7 @@ def decode_steps(
             window, window_valid = ids[:, -block_size:], valid[:, -block_size:]
             logits, _ = model(
                 window,
-                positions=_positions(window_valid) if not sliding else positions[:, -block_size:],
+                positions=positions_of(window_valid) if not sliding else positions[:, -block_size:],
                 attention_mask=window_valid,
             )
         next_logits = logits[:, -1].float()

@@ -113,6 +113,33 @@ class KVCache:
         self.v = self.v.index_select(1, index)
         self.valid = self.valid.index_select(0, index)
 
+    @classmethod
+    def joined(cls, parts: list[tuple[KVCache, torch.Tensor]], room: int) -> KVCache:
+        """One cache holding the rows `rows` of each `(cache, rows)` part, in order, with `room`
+        free slots after the longest (continuous batching: sequences join and leave a running
+        batch). Rows are right-aligned, so every row's next token goes in the same slot; slots
+        that are padding for every kept row of a part are dropped."""
+        spans = []
+        for cache, rows in parts:
+            used = cache.valid[rows, : cache.length].any(0).nonzero()
+            first = int(used[0]) if len(used) else cache.length
+            spans.append((first, cache.length))
+        length = max(end - first for first, end in spans)
+        sample = parts[0][0]
+        n_layer, _, n_kv_head, _, head_dim = sample.k.shape
+        batch = sum(len(rows) for _, rows in parts)
+        out = cls(n_layer, batch, n_kv_head, length + room, head_dim, sample.k.device, sample.k.dtype)
+        row = 0
+        for (cache, rows), (first, end) in zip(parts, spans, strict=True):
+            n, start = len(rows), length - (end - first)
+            out.k[:, row : row + n, :, start:length] = cache.k[:, rows, :, first:end]
+            out.v[:, row : row + n, :, start:length] = cache.v[:, rows, :, first:end]
+            out.valid[row : row + n, start:length] = cache.valid[rows, first:end]
+            row += n
+        out.length = length
+        out.padded = not bool(out.valid[:, :length].all())
+        return out
+
 
 def attention_mask_for(cache: KVCache | None, new_valid: torch.Tensor) -> torch.Tensor:
     """Boolean (B, 1, T, S) mask: query i (slot start+i) sees valid slots up to its own."""

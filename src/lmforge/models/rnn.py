@@ -37,6 +37,24 @@ class RecurrentState:
         elif self.state is not None:
             self.state = self.state.index_select(1, index)
 
+    @classmethod
+    def joined(cls, parts: list[tuple[RecurrentState, torch.Tensor]], room: int) -> RecurrentState:
+        """The rows `rows` of each `(state, rows)` part, in order, as one state (continuous
+        batching; `room` is unused: a hidden state does not grow)."""
+        out = cls()
+        states = [state.state for state, _ in parts]
+        if isinstance(states[0], tuple):
+            out.state = tuple(
+                torch.cat([s[i].index_select(1, rows) for s, (_, rows) in zip(states, parts, strict=True)], 1)
+                for i in range(len(states[0]))
+            )
+        else:
+            out.state = torch.cat(
+                [s.index_select(1, rows) for s, (_, rows) in zip(states, parts, strict=True)], 1
+            )
+        out.length = max(state.length for state, _ in parts)
+        return out
+
 
 def detach_state(state):
     """Cut the gradient history at a window boundary (truncated BPTT)."""

@@ -1,12 +1,13 @@
 """The generation engine behind the server: one worker thread owns the model.
 
-Requests become `Sequence`s in a bounded queue. The worker takes the oldest one and,
-after a short wait for companions, every queued sequence with the same sampling
-settings (up to `max_batch`), and decodes them together as one left-padded batch
-with a KV cache: dynamic batching. Each sequence stops on its own (end-of-text,
-stop string, its max_tokens, or its client going away) and the batch ends when all
-have. A sequence with a seed is batched only with the other choices of its own
-request, so a seeded request gives the same text whatever else is running.
+Requests become `Sequence`s in a bounded queue. The worker runs one batch at a time
+and keeps it full (continuous batching): before every decode step, waiting
+sequences join the running batch (up to `max_batch` rows) after one prefill pass
+over their prompts, and a sequence leaves as soon as it ends (end-of-text, stop
+string, its max_tokens, a complete grammar, or its client going away), without
+waiting for the others. Each row keeps its own KV cache rows, positions and
+sampling settings. A sequence with a seed runs only beside the other choices of
+its own request, so a seeded request gives the same text whatever else is running.
 
 Events go back to the asyncio side through `loop.call_soon_threadsafe`, as small
 dataclasses: `Token` (a settled piece of text), `Done` (finish reason and count) and
@@ -21,13 +22,21 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from lmforge.generation import GenerationConfig, TextTracker, banned_ids, decode_steps
+from lmforge.generation import (
+    GenerationConfig,
+    TextTracker,
+    apply_penalties,
+    banned_ids,
+    choose_tokens,
+    left_pad,
+    positions_of,
+)
 from lmforge.structured import GrammarConstraint, mask_logits
 from lmforge.tokenizers import TextTokenizer
 
@@ -79,9 +88,6 @@ class Sequence:
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
 
-    def batch_key(self) -> tuple[GenerationConfig, int]:
-        return self.config.sampling_key(), self.group
-
     def emit(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
@@ -95,7 +101,39 @@ class _Job:
     loop: asyncio.AbstractEventLoop
 
 
+@dataclass
+class _Row:
+    """A sequence in the running batch: its text so far and what decides its next token."""
+
+    seq: Sequence
+    tracker: TextTracker
+    constraint: GrammarConstraint | None
+    history: list[int]  # prompt and generated ids (repetition penalties look at them)
+    counts: torch.Tensor | None  # how often each token was generated (presence/frequency penalties)
+    produced: int = 0
+    done: bool = False
+
+    @property
+    def length(self) -> int:
+        return len(self.history)
+
+    @property
+    def remaining(self) -> int:
+        return self.seq.config.max_new_tokens - self.produced
+
+
 class Engine:
+    """Continuous batching: sequences join the running batch at the next decode step and
+    leave it when they end. Newcomers are prefilled together (one forward pass over their
+    left-padded prompts into a fresh cache); their rows are then joined with the running
+    rows' cache (`joined`: right-aligned, so every row's next token goes in the same
+    slot). Finished rows are dropped at the next join, or as soon as they are half the
+    batch. Every row has its own sampling settings, stop strings, grammar and length.
+
+    A seeded request runs in a batch of its own choices only (it waits for the running
+    batch to drain, and nothing joins it), so its text does not depend on other traffic.
+    """
+
     def __init__(
         self,
         model: nn.Module,
@@ -113,7 +151,15 @@ class Engine:
         self.condition = threading.Condition()
         self.stopped = False
         self.groups = itertools.count(1)
-        self.stats = {"batches": 0, "sequences": 0, "max_batch_seen": 0, "cancelled": 0}
+        # batches: prefills (groups of sequences that started together); steps: decode steps.
+        self.stats = {"batches": 0, "steps": 0, "sequences": 0, "max_batch_seen": 0, "cancelled": 0}
+        self.device = next(model.parameters()).device
+        self.ends = tokenizer.end_ids
+        self.banned = banned_ids(tokenizer)
+        self.generators: dict[int, torch.Generator] = {}  # a seeded request's sampler, by group
+        self.rows: list[_Row] = []
+        self.cache: Any = None
+        self.next_logits: torch.Tensor | None = None
         self.thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
         self.thread.start()
 
@@ -130,7 +176,7 @@ class Engine:
             self.condition.notify()
 
     async def run_in_worker(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the worker thread between batches (the model is never used by two threads)."""
+        """Run `fn` on the worker thread between decode steps (the model is never used by two threads)."""
         loop = asyncio.get_running_loop()
         job = _Job(fn, loop.create_future(), loop)
         with self.condition:
@@ -153,36 +199,58 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            with self.condition:
-                while not self.pending and not self.stopped:
-                    self.condition.wait()
-                if self.stopped:
-                    return
-                first = self.pending.popleft()
-            if isinstance(first, _Job):
-                self._run_job(first)
-                continue
-            batch = [first]
-            if self.max_batch > 1 and self.batch_wait_s > 0:
-                time.sleep(self.batch_wait_s)  # let requests that arrive together meet
-            with self.condition:
-                rest: deque[Sequence | _Job] = deque()
-                while self.pending:
-                    item = self.pending.popleft()
-                    if (
-                        len(batch) < self.max_batch
-                        and isinstance(item, Sequence)
-                        and item.batch_key() == first.batch_key()
-                    ):
-                        batch.append(item)
-                    else:
-                        rest.append(item)
-                self.pending = rest
+            jobs, newcomers = self._take_work()
+            if self.stopped:
+                return
+            for job in jobs:
+                self._run_job(job)
             try:
-                self._run_batch(batch)
+                if newcomers:
+                    self._admit(newcomers)
+                if self.rows:
+                    self._step()
             except Exception as e:  # a bug must not kill the worker: report it to the clients
-                for s in batch:
-                    s.emit(Failed(s.index, f"generation failed: {type(e).__name__}: {e}"))
+                for row in self.rows:
+                    if not row.done:
+                        row.seq.emit(Failed(row.seq.index, f"generation failed: {type(e).__name__}: {e}"))
+                for s in newcomers:
+                    if not any(r.seq is s for r in self.rows):
+                        s.emit(Failed(s.index, f"generation failed: {type(e).__name__}: {e}"))
+                self._clear()
+
+    def _take_work(self) -> tuple[list[_Job], list[Sequence]]:
+        """Jobs waiting, and the sequences that can join the batch now (in arrival order). An idle
+        engine waits for work, then briefly for companions of the first sequence."""
+        with self.condition:
+            while not self.pending and not self.rows and not self.stopped:
+                self.condition.wait()
+        if not self.rows and self.max_batch > 1 and self.batch_wait_s > 0 and not self.stopped:
+            if any(isinstance(item, Sequence) for item in self.pending):
+                time.sleep(self.batch_wait_s)  # let requests that arrive together meet
+        jobs: list[_Job] = []
+        newcomers: list[Sequence] = []
+        running = [r for r in self.rows if not r.done]
+        group = running[0].seq.group if running else None
+        with self.condition:
+            rest: deque[Sequence | _Job] = deque()
+            blocked = False
+            while self.pending:
+                item = self.pending.popleft()
+                if isinstance(item, _Job):
+                    jobs.append(item)
+                    continue
+                if blocked or len(running) + len(newcomers) >= self.max_batch:
+                    rest.append(item)
+                    continue
+                if group is None:
+                    group = item.group
+                if item.group != group:
+                    blocked = True  # first come, first served: later arrivals do not overtake
+                    rest.append(item)
+                    continue
+                newcomers.append(item)
+            self.pending = rest
+        return jobs, newcomers
 
     @staticmethod
     def _run_job(job: _Job) -> None:
@@ -193,85 +261,139 @@ class Engine:
             error = e  # (the name `e` is cleared when the except block ends; the callback runs later)
             job.loop.call_soon_threadsafe(lambda: job.future.done() or job.future.set_exception(error))
 
-    def _run_batch(self, batch: list[Sequence]) -> None:
+    def _clear(self) -> None:
+        self.rows, self.cache, self.next_logits = [], None, None
+        self.generators.clear()
+
+    @torch.inference_mode()
+    def _admit(self, newcomers: list[Sequence]) -> None:
+        """Prefill the newcomers' prompts and join their rows with the running ones."""
         self.stats["batches"] += 1
-        self.stats["sequences"] += len(batch)
-        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
-        cfg = replace(
-            batch[0].config.sampling_key(), max_new_tokens=max(s.config.max_new_tokens for s in batch)
-        )
-        ends = self.tokenizer.end_ids
-        trackers = [TextTracker(self.tokenizer, list(s.config.stop)) for s in batch]
-        done = [s.cancelled for s in batch]
-        produced = [0] * len(batch)
-        top_k = min(max((s.logprobs or 0) for s in batch), self.tokenizer.vocab_size)  # no more than exist
-        wants_logprobs = any(s.logprobs is not None for s in batch)
-        scores: dict[str, torch.Tensor] = {}
+        self.stats["sequences"] += len(newcomers)
+        for s in newcomers:
+            if s.config.seed is not None and s.group not in self.generators:
+                self.generators[s.group] = torch.Generator().manual_seed(s.config.seed)
+        ids, valid = left_pad([s.prompt_ids for s in newcomers], self.device)
+        cache = self.model.new_cache(len(newcomers), capacity=ids.shape[1])
+        logits, _ = self.model(ids, cache=cache, positions=positions_of(valid), attention_mask=valid)
+        new_rows = [
+            _Row(
+                s,
+                TextTracker(self.tokenizer, list(s.config.stop)),
+                GrammarConstraint(self.tokenizer, s.grammar) if s.grammar else None,
+                list(s.prompt_ids),
+                None,
+            )
+            for s in newcomers
+        ]
+        self._regroup(extra=(cache, new_rows, logits[:, -1].float()))
 
-        def observe(logits: torch.Tensor, token: torch.Tensor) -> None:
-            if wants_logprobs:
-                logprobs = torch.log_softmax(logits.float(), dim=-1)
-                scores["chosen"] = logprobs.gather(1, token[:, None]).squeeze(1).cpu()
-                if top_k:
-                    scores["top_values"], scores["top_ids"] = (t.cpu() for t in logprobs.topk(top_k, dim=-1))
+    def _regroup(self, extra: tuple[Any, list[_Row], torch.Tensor] | None = None) -> None:
+        """Drop finished rows (and add `extra`'s): one new cache, rows and next-token logits."""
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        parts, rows, logits = [], [self.rows[i] for i in keep], []
+        if keep:
+            index = torch.tensor(keep, device=self.device)
+            parts.append((self.cache, index))
+            logits.append(self.next_logits.index_select(0, index))
+        if extra is not None:
+            cache, new_rows, new_logits = extra
+            parts.append((cache, torch.arange(len(new_rows), device=self.device)))
+            rows += new_rows
+            logits.append(new_logits)
+        if not rows:
+            self._clear()
+            return
+        room = max(r.remaining for r in rows) + 1
+        self.cache = type(parts[0][0]).joined(parts, room)
+        self.rows, self.next_logits = rows, torch.cat(logits)
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(rows))
 
-        def finish(row: int, reason: str) -> None:
-            rest = trackers[row].take_new(final=True)
-            if rest:
-                batch[row].emit(Token(batch[row].index, rest))
-            batch[row].emit(Done(batch[row].index, reason, produced[row]))
-            done[row] = True
-            constraints[row] = None
+    @torch.inference_mode()
+    def _step(self) -> None:
+        """Choose every live row's next token, hand out its text, and run the model on them."""
+        self.stats["steps"] += 1
+        for row, (token, scores) in zip(self.rows, self._choose(), strict=True):
+            if not row.done:
+                self._advance(row, token, scores)
+        live = sum(not r.done for r in self.rows)
+        if live == 0:
+            self._clear()
+            return
+        if live <= len(self.rows) // 2:
+            self._regroup()  # do not keep computing rows that have ended
+        filler = self.ends[0] if self.ends else 0
+        tokens = torch.tensor([filler if r.done else r.history[-1] for r in self.rows], device=self.device)
+        positions = torch.tensor([r.length - 1 for r in self.rows], device=self.device)
+        logits, _ = self.model(tokens[:, None], cache=self.cache, positions=positions[:, None])
+        self.next_logits = logits[:, -1].float()
 
-        constraints = [GrammarConstraint(self.tokenizer, s.grammar) if s.grammar else None for s in batch]
-        steps = decode_steps(
-            self.model,
-            [s.prompt_ids for s in batch],
-            cfg,
-            ends,
-            banned=banned_ids(self.tokenizer),
-            observe=observe,
-            constrain=(lambda logits: mask_logits(logits, constraints)) if any(constraints) else None,
-        )
-        for token in steps:
-            for row, t in enumerate(token.tolist()):
-                if done[row]:
-                    continue
-                seq = batch[row]
-                if seq.cancelled:
-                    self.stats["cancelled"] += 1
-                    done[row] = True
-                    continue
-                if t in ends:
-                    finish(row, "stop")
-                    continue
-                produced[row] += 1
-                trackers[row].add(t)
-                if constraints[row] is not None:
-                    constraints[row].advance(t)
-                lp = top = None
-                if seq.logprobs is not None:
-                    lp = float(scores["chosen"][row])
-                    if seq.logprobs:
-                        top = [
-                            (int(i), float(v))
-                            for i, v in zip(
-                                scores["top_ids"][row, : seq.logprobs],
-                                scores["top_values"][row, : seq.logprobs],
-                                strict=True,
-                            )
-                        ]
-                seq.emit(Token(seq.index, trackers[row].take_new(), t, lp, top))
-                if trackers[row].stopped or (constraints[row] is not None and constraints[row].complete):
-                    finish(row, "stop")
-                elif produced[row] >= seq.config.max_new_tokens:
-                    finish(row, "length")
-            if all(done):
-                break
-        steps.close()
-        for row in range(len(batch)):
-            if not done[row]:
-                finish(row, "length")
+    def _choose(self) -> list[tuple[int, tuple | None]]:
+        """Each row's next token under its own settings, with (log-probability, top alternatives)
+        for the rows that asked for them."""
+        chosen = []
+        for i, row in enumerate(self.rows):
+            if row.done:
+                chosen.append((0, None))
+                continue
+            seq, cfg = row.seq, row.seq.config
+            raw = self.next_logits[i : i + 1]
+            logits = raw
+            if cfg.repetition_penalty != 1.0 or cfg.presence_penalty or cfg.frequency_penalty:
+                if row.counts is None:
+                    row.counts = torch.zeros_like(raw)
+                context = torch.tensor([row.history], device=self.device)
+                logits = apply_penalties(
+                    logits, context, torch.ones_like(context, dtype=torch.bool), row.counts, cfg
+                )
+            if self.banned:
+                logits = logits.clone()
+                logits[:, self.banned] = float("-inf")
+            if row.constraint is not None:
+                logits = mask_logits(logits, [row.constraint])
+            token = int(choose_tokens(logits, cfg, self.generators.get(seq.group)))
+            scores = None
+            if seq.logprobs is not None:
+                logprobs = torch.log_softmax(raw[0], dim=-1)
+                top = []
+                if seq.logprobs:
+                    values, ids = logprobs.topk(min(seq.logprobs, logprobs.shape[-1]))
+                    top = list(zip(ids.tolist(), values.tolist(), strict=True))
+                scores = (float(logprobs[token]), top or None)
+            chosen.append((token, scores))
+        return chosen
+
+    def _advance(self, row: _Row, token: int, scores: tuple | None) -> None:
+        """Hand out the text `token` settles, and end the row when its sequence is done."""
+        seq = row.seq
+        if seq.cancelled:
+            self.stats["cancelled"] += 1
+            row.done = True
+            return
+        if token in self.ends:
+            self._finish(row, "stop")
+            return
+        row.produced += 1
+        row.history.append(token)
+        if row.counts is not None:
+            row.counts[0, token] += 1
+        row.tracker.add(token)
+        if row.constraint is not None:
+            row.constraint.advance(token)
+        logprob, top = scores if scores is not None else (None, None)
+        seq.emit(Token(seq.index, row.tracker.take_new(), token, logprob, top))
+        if row.tracker.stopped or (row.constraint is not None and row.constraint.complete):
+            self._finish(row, "stop")
+        elif row.produced >= seq.config.max_new_tokens:
+            self._finish(row, "length")
+
+    @staticmethod
+    def _finish(row: _Row, reason: str) -> None:
+        rest = row.tracker.take_new(final=True)
+        if rest:
+            row.seq.emit(Token(row.seq.index, rest))
+        row.seq.emit(Done(row.seq.index, reason, row.produced))
+        row.done = True
 
 
 @torch.inference_mode()
