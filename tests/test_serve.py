@@ -233,7 +233,7 @@ def test_sequences_join_a_running_batch_and_leave_it_when_done(checkpoint):
     """Continuous batching: a sequence submitted while another runs joins it at the next step,
     one that ends leaves at once, and each greedy text equals the one it gets alone."""
     model, tokenizer, _ = load_checkpoint(checkpoint)
-    greedy = GenerationConfig(max_new_tokens=40, temperature=0, stop_at_eot=False)
+    greedy = GenerationConfig(max_new_tokens=40, temperature=0)
     prompts = ["KING:", "Who goes there? Stand and unfold", "O"]
     lengths = [40, 8, 25]
     alone = [

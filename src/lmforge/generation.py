@@ -241,9 +241,9 @@ def decode_steps(
     capacity = min(block_size, ids.shape[1] + cfg.max_new_tokens + 1)
     cache = model.new_cache(len(prompts), capacity=capacity) if use_cache else None
     logits, _ = (
-        model(ids, cache=cache, positions=positions_of(valid), attention_mask=valid)
+        model(ids, cache=cache, positions=positions_of(valid), attention_mask=valid, last_only=True)
         if use_cache
-        else model(ids, positions=positions_of(valid), attention_mask=valid)
+        else model(ids, positions=positions_of(valid), attention_mask=valid, last_only=True)
     )
     next_logits = logits[:, -1].float()
     counts = torch.zeros_like(next_logits)  # how often each token was generated, per row
@@ -275,6 +275,7 @@ def decode_steps(
                 window,
                 positions=positions_of(window_valid) if not sliding else positions[:, -block_size:],
                 attention_mask=window_valid,
+                last_only=True,
             )
         next_logits = logits[:, -1].float()
 

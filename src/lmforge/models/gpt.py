@@ -343,14 +343,19 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position, and the mean cross-entropy when `targets` are given.
 
         Generation passes a `cache` (new keys and values are appended to it), the
-        absolute `positions` of the new tokens (B, T), and an `attention_mask` (B, T)
-        that is False for left padding. Training passes none of them.
+        absolute `positions` of the new tokens (B, T), an `attention_mask` (B, T)
+        that is False for left padding, and `last_only` (logits of the last position
+        only: a prompt's other positions would cost a vocabulary-wide product each).
+        Training passes none of them.
         """
         hidden = self.hidden_states(idx, cache, positions, attention_mask)
+        if last_only:
+            hidden = hidden[:, -1:]
         logits = self.lm_head(hidden)
         if self.config.logit_softcap > 0:
             cap = self.config.logit_softcap

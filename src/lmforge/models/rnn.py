@@ -103,6 +103,7 @@ class RecurrentLM(nn.Module):
         cache: RecurrentState | None = None,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ):
         """(logits, loss), plus the final hidden state with `return_state` (training carries it).
 
@@ -114,6 +115,8 @@ class RecurrentLM(nn.Module):
             out, new_state = self._run_padded(idx, attention_mask, start_state)
         else:
             out, new_state = self.rnn(self.drop(self.wte(idx)), start_state)
+        if last_only:
+            out = out[:, -1:]
         if self.proj is not None:
             out = self.proj(out)
         logits = self.lm_head(self.drop(out))

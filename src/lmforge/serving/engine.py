@@ -275,7 +275,9 @@ class Engine:
                 self.generators[s.group] = torch.Generator().manual_seed(s.config.seed)
         ids, valid = left_pad([s.prompt_ids for s in newcomers], self.device)
         cache = self.model.new_cache(len(newcomers), capacity=ids.shape[1])
-        logits, _ = self.model(ids, cache=cache, positions=positions_of(valid), attention_mask=valid)
+        logits, _ = self.model(
+            ids, cache=cache, positions=positions_of(valid), attention_mask=valid, last_only=True
+        )
         new_rows = [
             _Row(
                 s,
@@ -330,38 +332,46 @@ class Engine:
 
     def _choose(self) -> list[tuple[int, tuple | None]]:
         """Each row's next token under its own settings, with (log-probability, top alternatives)
-        for the rows that asked for them."""
-        chosen = []
+        for the rows that asked for them. Rows with the same settings are sampled as one batch."""
+        logits = self.next_logits
+        if self.banned:
+            logits = logits.clone()
+            logits[:, self.banned] = float("-inf")
+        if any(r.constraint is not None for r in self.rows):
+            logits = mask_logits(logits, [None if r.done else r.constraint for r in self.rows])
+        groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(self.rows):
-            if row.done:
-                chosen.append((0, None))
-                continue
-            seq, cfg = row.seq, row.seq.config
-            raw = self.next_logits[i : i + 1]
-            logits = raw
+            if not row.done:
+                groups.setdefault((row.seq.config.sampling_key(), row.seq.group), []).append(i)
+        tokens = torch.zeros(len(self.rows), dtype=torch.long, device=logits.device)
+        for (cfg, group), members in groups.items():
+            index = torch.tensor(members, device=logits.device)
+            sub = logits.index_select(0, index)
             if cfg.repetition_penalty != 1.0 or cfg.presence_penalty or cfg.frequency_penalty:
-                if row.counts is None:
-                    row.counts = torch.zeros_like(raw)
-                context = torch.tensor([row.history], device=self.device)
-                logits = apply_penalties(
-                    logits, context, torch.ones_like(context, dtype=torch.bool), row.counts, cfg
+                sub = torch.cat(
+                    [self._penalised(sub[j : j + 1], self.rows[i], cfg) for j, i in enumerate(members)]
                 )
-            if self.banned:
-                logits = logits.clone()
-                logits[:, self.banned] = float("-inf")
-            if row.constraint is not None:
-                logits = mask_logits(logits, [row.constraint])
-            token = int(choose_tokens(logits, cfg, self.generators.get(seq.group)))
+            tokens[index] = choose_tokens(sub, cfg, self.generators.get(group))
+        chosen = tokens.tolist()
+        out = []
+        for i, row in enumerate(self.rows):
             scores = None
-            if seq.logprobs is not None:
-                logprobs = torch.log_softmax(raw[0], dim=-1)
-                top = []
-                if seq.logprobs:
-                    values, ids = logprobs.topk(min(seq.logprobs, logprobs.shape[-1]))
+            if not row.done and row.seq.logprobs is not None:
+                logprobs = torch.log_softmax(self.next_logits[i], dim=-1)
+                top = None
+                if row.seq.logprobs:
+                    values, ids = logprobs.topk(min(row.seq.logprobs, logprobs.shape[-1]))
                     top = list(zip(ids.tolist(), values.tolist(), strict=True))
-                scores = (float(logprobs[token]), top or None)
-            chosen.append((token, scores))
-        return chosen
+                scores = (float(logprobs[chosen[i]]), top)
+            out.append((chosen[i], scores))
+        return out
+
+    def _penalised(self, logits: torch.Tensor, row: _Row, cfg: GenerationConfig) -> torch.Tensor:
+        """One row's logits under the repetition, presence and frequency penalties."""
+        if row.counts is None:
+            row.counts = torch.zeros_like(logits)
+        context = torch.tensor([row.history], device=logits.device)
+        return apply_penalties(logits, context, torch.ones_like(context, dtype=torch.bool), row.counts, cfg)
 
     def _advance(self, row: _Row, token: int, scores: tuple | None) -> None:
         """Hand out the text `token` settles, and end the row when its sequence is done."""
@@ -370,7 +380,7 @@ class Engine:
             self.stats["cancelled"] += 1
             row.done = True
             return
-        if token in self.ends:
+        if token in self.ends and seq.config.stop_at_eot:  # (ignore_eos: write on)
             self._finish(row, "stop")
             return
         row.produced += 1

@@ -66,10 +66,13 @@ class RequestBase(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
+    ignore_eos: bool = False  # vLLM's extension: write on past the end-of-sequence token (benchmarks)
 
     def generation_config(self, max_new_tokens: int, stop: list[str]) -> GenerationConfig:
         settings = {name: getattr(self, name) for name, *_, api in generation_settings() if api}
-        return GenerationConfig(max_new_tokens=max_new_tokens, stop=tuple(stop), **settings)
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens, stop=tuple(stop), stop_at_eot=not self.ignore_eos, **settings
+        )
 
 
 def _sampling_fields() -> dict[str, Any]:
