@@ -39,7 +39,9 @@ class BlockedMatvecLinear(nn.Module):
     larger inputs (prefill, training) take the ordinary path.
     """
 
-    MAX_ROWS = 8  # beyond this the ordinary matrix-matrix kernel is already multi-threaded
+    # Up to 16 rows (a served batch) the blocked product is faster too: measured on SmolLM2's
+    # decode step at 16 rows, 108 ms against 148 ms with the ordinary kernel from 9 rows on.
+    MAX_ROWS = 16
     BLOCKS = 4  # measured best here among 2-16 (two cores); more blocks only add bookkeeping
 
     def __init__(self, linear: nn.Linear, blocks: int = BLOCKS):
