@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import sys
 import threading
 import time
@@ -120,6 +121,10 @@ async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     }
 
 
+def run_load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    return asyncio.run(load(url, clients, requests, max_tokens))
+
+
 def run_setting(model, tokenizer, chat_template: str, name: str, clients: int, max_batch: int, args) -> dict:
     from lmforge.serving.server import ServerSettings, create_app
 
@@ -128,8 +133,11 @@ def run_setting(model, tokenizer, chat_template: str, name: str, clients: int, m
     server = Server(app)
     try:
         url = f"http://127.0.0.1:{server.port}"
-        row = {"setting": name, "clients": clients, "max_batch": max_batch,
-               **asyncio.run(load(url, clients, args.requests, args.max_tokens))}  # fmt: skip
+        # The clients run in another process: in this one they would compete with the server
+        # for the interpreter lock, and a real server's clients are elsewhere.
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            measured = pool.apply(run_load, (url, clients, args.requests, args.max_tokens))
+        row = {"setting": name, "clients": clients, "max_batch": max_batch, **measured}
         row["engine"] = dict(app.state.engine.stats)
     finally:
         server.stop()

@@ -8,7 +8,6 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import httpx  # the [dev] extra installs these: a missing one fails, never skips
 import openai
@@ -230,12 +229,12 @@ def test_sixteen_concurrent_clients_are_batched_and_all_served(served):
 
 
 def test_sequences_join_a_running_batch_and_leave_it_when_done(checkpoint):
-    """Continuous batching: a sequence submitted while another runs joins it at the next step,
-    one that ends leaves at once, and each greedy text equals the one it gets alone."""
+    """Continuous batching: sequences submitted while another runs join it at the next step
+    (into a rebuilt cache, or into spare rows of the running one), one that ends leaves at
+    once, and each greedy text equals the one it gets alone."""
     model, tokenizer, _ = load_checkpoint(checkpoint)
-    greedy = GenerationConfig(max_new_tokens=40, temperature=0)
-    prompts = ["KING:", "Who goes there? Stand and unfold", "O"]
-    lengths = [40, 8, 25]
+    prompts = ["KING:", "Who goes there? Stand and unfold", "O", "Ay"]
+    lengths = [40, 8, 20, 25]
     alone = [
         generate(model, tokenizer, p, GenerationConfig(max_new_tokens=n, temperature=0))[0]
         for p, n in zip(prompts, lengths, strict=True)
@@ -245,13 +244,14 @@ def test_sequences_join_a_running_batch_and_leave_it_when_done(checkpoint):
     async def run() -> tuple[list[str], list[int]]:
         loop = asyncio.get_running_loop()
         queues = [asyncio.Queue() for _ in prompts]
+        configs = [GenerationConfig(max_new_tokens=n, temperature=0) for n in lengths]
+        configs[3] = GenerationConfig(max_new_tokens=25, temperature=1.0, top_k=5)  # beside greedy rows
         sequences = [
-            Sequence(tokenizer.encode(p), replace(greedy, max_new_tokens=n), 0, q, loop)
-            for p, n, q in zip(prompts, lengths, queues, strict=True)
+            Sequence(tokenizer.encode(p), c, 0, q, loop)
+            for p, c, q in zip(prompts, configs, queues, strict=True)
         ]
-        sequences[2].config = GenerationConfig(max_new_tokens=25, temperature=1.0, top_k=5, seed=None)
+        texts, finished_order, tokens_of_first = [""] * 4, [], [0]
         engine.submit(sequences[:1])
-        texts, finished_order = ["", "", ""], []
 
         async def collect(i: int) -> None:
             while True:
@@ -260,23 +260,28 @@ def test_sequences_join_a_running_batch_and_leave_it_when_done(checkpoint):
                     finished_order.append(i)
                     return
                 texts[i] += event.text
-                if i == 0 and event.token_id is not None and len(texts[0]) and not joined:
-                    joined.append(True)
-                    engine.submit(sequences[1:])  # while the first is running
+                if i == 0 and event.token_id is not None:
+                    tokens_of_first[0] += 1
+                    if tokens_of_first[0] == 1:
+                        engine.submit([sequences[1], sequences[3]])  # a longer prompt: rebuilt cache
+                    elif tokens_of_first[0] == 5:
+                        engine.submit([sequences[2]])  # a short one: written into a spare row
 
-        joined: list[bool] = []
-        await asyncio.gather(*(collect(i) for i in range(3)))
+        await asyncio.gather(*(collect(i) for i in range(4)))
         return texts, finished_order
 
     try:
         texts, order = asyncio.run(run())
     finally:
         engine.close()
-    assert texts[0] == alone[0] and texts[1] == alone[1]  # the other rows and padding change nothing
-    assert texts[2]  # a sampled row beside greedy ones, with its own settings
+    assert [texts[i] for i in (0, 1, 2)] == [
+        alone[i] for i in (0, 1, 2)
+    ]  # other rows and padding change nothing
+    assert texts[3]
     assert order.index(1) < order.index(0)  # the short one left before the long one ended
-    assert engine.stats["batches"] == 2 and engine.stats["max_batch_seen"] == 3
-    assert engine.stats["steps"] <= 41 + 1  # run together: not 40 + 8 + 25 steps one after another
+    assert engine.stats["batches"] == 3 and engine.stats["rebuilds"] == 2  # the third joined without one
+    assert engine.stats["max_batch_seen"] == 4
+    assert engine.stats["steps"] <= 41 + 1  # run together: not 40 + 8 + 20 + 25 steps one after another
 
 
 def test_a_client_that_disconnects_stops_its_generation(served):

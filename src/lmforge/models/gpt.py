@@ -12,6 +12,7 @@ untied head. Attention runs through `scaled_dot_product_attention`.
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 from collections.abc import Iterator
@@ -114,11 +115,12 @@ class KVCache:
         self.valid = self.valid.index_select(0, index)
 
     @classmethod
-    def joined(cls, parts: list[tuple[KVCache, torch.Tensor]], room: int) -> KVCache:
+    def joined(cls, parts: list[tuple[KVCache, torch.Tensor]], room: int, batch: int = 0) -> KVCache:
         """One cache holding the rows `rows` of each `(cache, rows)` part, in order, with `room`
         free slots after the longest (continuous batching: sequences join and leave a running
-        batch). Rows are right-aligned, so every row's next token goes in the same slot; slots
-        that are padding for every kept row of a part are dropped."""
+        batch), and at least `batch` rows (spare rows for sequences that join later: see
+        `place`, `narrowed`). Rows are right-aligned, so every row's next token goes in the same
+        slot; slots that are padding for every kept row of a part are dropped."""
         spans = []
         for cache, rows in parts:
             used = cache.valid[rows, : cache.length].any(0).nonzero()
@@ -127,7 +129,7 @@ class KVCache:
         length = max(end - first for first, end in spans)
         sample = parts[0][0]
         n_layer, _, n_kv_head, _, head_dim = sample.k.shape
-        batch = sum(len(rows) for _, rows in parts)
+        batch = max(batch, sum(len(rows) for _, rows in parts))
         out = cls(n_layer, batch, n_kv_head, length + room, head_dim, sample.k.device, sample.k.dtype)
         row = 0
         for (cache, rows), (first, end) in zip(parts, spans, strict=True):
@@ -137,8 +139,42 @@ class KVCache:
             out.valid[row : row + n, start:length] = cache.valid[rows, first:end]
             row += n
         out.length = length
-        out.padded = not bool(out.valid[:, :length].all())
+        out.padded = True
         return out
+
+    def narrowed(self, rows: int) -> KVCache:
+        """The first `rows` rows as a cache of their own, sharing this one's memory (a view:
+        what a forward pass writes lands here; copy its `length` back afterwards)."""
+        view = copy.copy(self)
+        view.k, view.v, view.valid = self.k[:, :rows], self.v[:, :rows], self.valid[:rows]
+        return view
+
+    def fits(self, tokens: int, room: int) -> bool:
+        """Whether a sequence of `tokens` cached tokens, right-aligned, and `room` more fit."""
+        return tokens <= self.length and self.length + room <= self.capacity
+
+    def place(self, row: int, source: KVCache, source_row: int) -> None:
+        """Put row `source_row` of `source` (its valid slots) into row `row`, right-aligned."""
+        used = source.valid[source_row, : source.length].nonzero()
+        first = int(used[0]) if len(used) else source.length
+        n = source.length - first
+        at = self.length - n
+        self.k[:, row, :, at : self.length] = source.k[:, source_row, :, first : source.length]
+        self.v[:, row, :, at : self.length] = source.v[:, source_row, :, first : source.length]
+        self.valid[row] = False
+        self.valid[row, at : self.length] = source.valid[source_row, first : source.length]
+        self.padded = True
+
+    def move_row(self, source_row: int, row: int) -> None:
+        """Copy row `source_row` over row `row` (a finished sequence's row is reused)."""
+        self.k[:, row] = self.k[:, source_row]
+        self.v[:, row] = self.v[:, source_row]
+        self.valid[row] = self.valid[source_row]
+
+    def unused_prefix(self, rows: int) -> int:
+        """How many leading slots are padding in every one of the first `rows` rows."""
+        used = self.valid[:rows, : self.length].any(0).nonzero()
+        return int(used[0]) if len(used) else self.length
 
 
 def attention_mask_for(cache: KVCache | None, new_valid: torch.Tensor) -> torch.Tensor:

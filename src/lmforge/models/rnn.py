@@ -38,9 +38,12 @@ class RecurrentState:
             self.state = self.state.index_select(1, index)
 
     @classmethod
-    def joined(cls, parts: list[tuple[RecurrentState, torch.Tensor]], room: int) -> RecurrentState:
+    def joined(
+        cls, parts: list[tuple[RecurrentState, torch.Tensor]], room: int, batch: int = 0
+    ) -> RecurrentState:
         """The rows `rows` of each `(state, rows)` part, in order, as one state (continuous
-        batching; `room` is unused: a hidden state does not grow)."""
+        batching; `room` and `batch` are unused: a hidden state does not grow, and rows are
+        joined only when they come)."""
         out = cls()
         states = [state.state for state, _ in parts]
         if isinstance(states[0], tuple):

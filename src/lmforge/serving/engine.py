@@ -37,6 +37,7 @@ from lmforge.generation import (
     left_pad,
     positions_of,
 )
+from lmforge.models.gpt import KVCache
 from lmforge.structured import GrammarConstraint, mask_logits
 from lmforge.tokenizers import TextTokenizer
 
@@ -125,10 +126,13 @@ class _Row:
 class Engine:
     """Continuous batching: sequences join the running batch at the next decode step and
     leave it when they end. Newcomers are prefilled together (one forward pass over their
-    left-padded prompts into a fresh cache); their rows are then joined with the running
-    rows' cache (`joined`: right-aligned, so every row's next token goes in the same
-    slot). Finished rows are dropped at the next join, or as soon as they are half the
-    batch. Every row has its own sampling settings, stop strings, grammar and length.
+    left-padded prompts into a fresh cache), then their keys and values are written into
+    spare rows of the running cache, right-aligned so that every row's next token goes in
+    the same slot (`KVCache.place`); only when they do not fit (no spare row, no room, or
+    much shared padding to trim) is the cache rebuilt (`joined`). A finished row is
+    replaced by the last row (`move_row`), so the running rows are always the first ones
+    and no step computes a row that has ended. Every row has its own sampling settings,
+    stop strings, grammar and length.
 
     A seeded request runs in a batch of its own choices only (it waits for the running
     batch to drain, and nothing joins it), so its text does not depend on other traffic.
@@ -151,8 +155,15 @@ class Engine:
         self.condition = threading.Condition()
         self.stopped = False
         self.groups = itertools.count(1)
-        # batches: prefills (groups of sequences that started together); steps: decode steps.
-        self.stats = {"batches": 0, "steps": 0, "sequences": 0, "max_batch_seen": 0, "cancelled": 0}
+        # batches: prefills (sequences that joined together); rebuilds: caches built anew; steps: decode steps.
+        self.stats = {
+            "batches": 0,
+            "rebuilds": 0,
+            "steps": 0,
+            "sequences": 0,
+            "max_batch_seen": 0,
+            "cancelled": 0,
+        }
         self.device = next(model.parameters()).device
         self.ends = tokenizer.end_ids
         self.banned = banned_ids(tokenizer)
@@ -288,46 +299,81 @@ class Engine:
             )
             for s in newcomers
         ]
-        self._regroup(extra=(cache, new_rows, logits[:, -1].float()))
+        new_logits = logits[:, -1].float()
+        if not self._place(cache, new_rows, new_logits):
+            self._regroup(extra=(cache, new_rows, new_logits))
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(self.rows))
+
+    def _place(self, cache: Any, new_rows: list[_Row], new_logits: torch.Tensor) -> bool:
+        """Write the newcomers' keys and values into spare rows of the running cache, when they
+        fit there (no copy of the running rows); False when the cache must be rebuilt."""
+        buffer, n = self.cache, len(self.rows)
+        if not isinstance(buffer, KVCache) or not n or n + len(new_rows) > buffer.k.shape[1]:
+            return False
+        if buffer.unused_prefix(n) > buffer.length // 2:
+            return False  # rebuild instead: half of every row's attention would be over padding
+        if not all(buffer.fits(len(r.history), r.remaining + 1) for r in new_rows):
+            return False
+        for j in range(len(new_rows)):
+            buffer.place(n + j, cache, j)
+        self.rows += new_rows
+        self.next_logits = torch.cat([self.next_logits, new_logits])
+        return True
 
     def _regroup(self, extra: tuple[Any, list[_Row], torch.Tensor] | None = None) -> None:
-        """Drop finished rows (and add `extra`'s): one new cache, rows and next-token logits."""
-        keep = [i for i, r in enumerate(self.rows) if not r.done]
-        parts, rows, logits = [], [self.rows[i] for i in keep], []
-        if keep:
-            index = torch.tensor(keep, device=self.device)
+        """A new cache for the running rows (and `extra`'s), with spare rows for newcomers."""
+        parts, rows, logits = [], list(self.rows), []
+        if rows:
+            index = torch.arange(len(rows), device=self.device)
             parts.append((self.cache, index))
-            logits.append(self.next_logits.index_select(0, index))
+            logits.append(self.next_logits)
         if extra is not None:
             cache, new_rows, new_logits = extra
             parts.append((cache, torch.arange(len(new_rows), device=self.device)))
             rows += new_rows
             logits.append(new_logits)
-        if not rows:
-            self._clear()
-            return
         room = max(r.remaining for r in rows) + 1
-        self.cache = type(parts[0][0]).joined(parts, room)
+        self.cache = type(parts[0][0]).joined(parts, room, batch=self.max_batch)
+        self.stats["rebuilds"] += 1
         self.rows, self.next_logits = rows, torch.cat(logits)
-        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(rows))
+
+    def _drop_finished(self) -> None:
+        """Take the ended rows out of the batch: the last row moves into an ended row's place."""
+        if not isinstance(self.cache, KVCache):  # a recurrent state holds exactly its rows
+            keep = [i for i, r in enumerate(self.rows) if not r.done]
+            if len(keep) < len(self.rows):
+                index = torch.tensor(keep, device=self.device)
+                self.cache = type(self.cache).joined([(self.cache, index)], 0)
+                self.rows = [self.rows[i] for i in keep]
+            return
+        i = 0
+        while i < len(self.rows):
+            if self.rows[i].done:
+                last = len(self.rows) - 1
+                if i != last:
+                    self.cache.move_row(last, i)
+                    self.rows[i] = self.rows[last]
+                self.rows.pop()
+            else:
+                i += 1
 
     @torch.inference_mode()
     def _step(self) -> None:
-        """Choose every live row's next token, hand out its text, and run the model on them."""
+        """Choose every row's next token, hand out its text, and run the model on the rows
+        still going."""
         self.stats["steps"] += 1
         for row, (token, scores) in zip(self.rows, self._choose(), strict=True):
-            if not row.done:
-                self._advance(row, token, scores)
-        live = sum(not r.done for r in self.rows)
-        if live == 0:
+            self._advance(row, token, scores)
+        self._drop_finished()
+        if not self.rows:
             self._clear()
             return
-        if live <= len(self.rows) // 2:
-            self._regroup()  # do not keep computing rows that have ended
-        filler = self.ends[0] if self.ends else 0
-        tokens = torch.tensor([filler if r.done else r.history[-1] for r in self.rows], device=self.device)
+        tokens = torch.tensor([r.history[-1] for r in self.rows], device=self.device)
         positions = torch.tensor([r.length - 1 for r in self.rows], device=self.device)
-        logits, _ = self.model(tokens[:, None], cache=self.cache, positions=positions[:, None])
+        cache = self.cache.narrowed(len(self.rows)) if isinstance(self.cache, KVCache) else self.cache
+        logits, _ = self.model(tokens[:, None], cache=cache, positions=positions[:, None])
+        if cache is not self.cache:  # a view of the first rows: keep the whole cache's count
+            self.cache.length, self.cache.padded = cache.length, cache.padded
         self.next_logits = logits[:, -1].float()
 
     def _choose(self) -> list[tuple[int, tuple | None]]:
