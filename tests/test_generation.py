@@ -251,3 +251,43 @@ def test_pipeline_api(tmp_path, shakespeare_excerpt):
         pipeline("image-classification", model=str(tmp_path / "run"))
     with pytest.raises(UserError, match="The summarization pipeline needs an encoder–decoder model"):
         pipeline("summarization", model=str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_prefill_with_cached_prefixes_equals_computing_everything(pos):
+    from lmforge.models.gpt import KVCache
+    from lmforge.serving.prefill import PrefixCache, prefill
+
+    model, tok = make_model(pos, block=64, n_kv_head=1)
+    first = tok.encode("To be, or not to be")
+    prompts = [
+        tok.encode("To be, or not to be, that is"),
+        tok.encode("Whether 'tis"),
+        first,
+        tok.encode("To"),
+    ]
+    prefixes = PrefixCache(max_tokens=1000)
+    prefill(model, [first], prefixes)
+    assert prefixes.reused == 0 and prefixes.tokens == len(first)
+    cache, logits = prefill(model, prompts, prefixes)
+    plain_cache, plain = prefill(model, prompts, None)
+    # Reused: all of the first prompt for the longer one, all but its last token for itself and
+    # for "To" (its "T"); nothing for the prompt that begins differently.
+    assert prefixes.reused == len(first) + (len(first) - 1) + 1
+    assert torch.allclose(logits, plain, atol=1e-5)
+    # Decoding on from either cache gives the same next logits (positions and masks line up).
+    token = logits.argmax(-1, keepdim=True)
+    positions = torch.tensor([[len(p)] for p in prompts])
+    rows = torch.arange(len(prompts))
+    with torch.inference_mode():
+        after, _ = model(token, cache=KVCache.joined([(cache, rows)], room=1), positions=positions)
+        plain_after, _ = model(
+            token, cache=KVCache.joined([(plain_cache, rows)], room=1), positions=positions
+        )
+    assert torch.allclose(after, plain_after, atol=1e-5)
+    # The budget keeps the most recently used prompts only.
+    small = PrefixCache(max_tokens=len(first) + 3)
+    prefill(model, [first], small)
+    prefill(model, [tok.encode("abc")], small)
+    prefill(model, [tok.encode("Whether")], small)
+    assert small.tokens <= len(first) + 3 and tuple(first) not in small.entries

@@ -34,10 +34,9 @@ from lmforge.generation import (
     apply_penalties,
     banned_ids,
     choose_tokens,
-    left_pad,
-    positions_of,
 )
 from lmforge.models.gpt import KVCache
+from lmforge.serving.prefill import PrefixCache, prefill
 from lmforge.structured import GrammarConstraint, mask_logits
 from lmforge.tokenizers import TextTokenizer
 
@@ -126,7 +125,8 @@ class _Row:
 class Engine:
     """Continuous batching: sequences join the running batch at the next decode step and
     leave it when they end. Newcomers are prefilled together (one forward pass over their
-    left-padded prompts into a fresh cache), then their keys and values are written into
+    left-padded prompts into a fresh cache; beginnings seen in recent prompts are copied
+    from the prefix cache, not computed: see prefill.py), then their keys and values are written into
     spare rows of the running cache, right-aligned so that every row's next token goes in
     the same slot (`KVCache.place`); only when they do not fit (no spare row, no room, or
     much shared padding to trim) is the cache rebuilt (`joined`). A finished row is
@@ -145,12 +145,14 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 64,
         batch_wait_s: float = 0.02,
+        prefix_cache_tokens: int = 4096,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_s
+        self.prefixes = PrefixCache(prefix_cache_tokens)  # keys and values of recent prompts
         self.pending: deque[Sequence | _Job] = deque()
         self.condition = threading.Condition()
         self.stopped = False
@@ -284,11 +286,7 @@ class Engine:
         for s in newcomers:
             if s.config.seed is not None and s.group not in self.generators:
                 self.generators[s.group] = torch.Generator().manual_seed(s.config.seed)
-        ids, valid = left_pad([s.prompt_ids for s in newcomers], self.device)
-        cache = self.model.new_cache(len(newcomers), capacity=ids.shape[1])
-        logits, _ = self.model(
-            ids, cache=cache, positions=positions_of(valid), attention_mask=valid, last_only=True
-        )
+        cache, new_logits = prefill(self.model, [s.prompt_ids for s in newcomers], self.prefixes)
         new_rows = [
             _Row(
                 s,
@@ -299,10 +297,10 @@ class Engine:
             )
             for s in newcomers
         ]
-        new_logits = logits[:, -1].float()
         if not self._place(cache, new_rows, new_logits):
             self._regroup(extra=(cache, new_rows, new_logits))
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(self.rows))
+        self.stats["prefix_tokens_reused"] = self.prefixes.reused
 
     def _place(self, cache: Any, new_rows: list[_Row], new_logits: torch.Tensor) -> bool:
         """Write the newcomers' keys and values into spare rows of the running cache, when they
