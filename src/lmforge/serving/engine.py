@@ -330,7 +330,9 @@ class Engine:
             parts.append((cache, torch.arange(len(new_rows), device=self.device)))
             rows += new_rows
             logits.append(new_logits)
-        room = max(r.remaining for r in rows) + 1
+        # Room for the longest remaining sequence, and as much again for sequences that join later
+        # (memory only: attention reads the slots in use, not the free ones).
+        room = 2 * (max(r.remaining for r in rows) + 1)
         self.cache = type(parts[0][0]).joined(parts, room, batch=self.max_batch)
         self.stats["rebuilds"] += 1
         self.rows, self.next_logits = rows, torch.cat(logits)
