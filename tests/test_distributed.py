@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -83,3 +84,34 @@ def test_two_processes_train_resume_exactly_and_write_once(tmp_path):
     )
     assert single.returncode == 2
     assert "trained with 2 process(es)" in single.stderr
+
+    # --strategy fsdp: each process holds half of every parameter and optimizer moment; the
+    # losses and weights are those of DDP (the same windows, gradients averaged the same way,
+    # only summed in another order), the checkpoint is whole, and resuming is exact.
+    sharded = torchrun(*COMMON, "--strategy", "fsdp", "--out", str(tmp_path / "fsdp"), "--max-iters", "20",
+                       cwd=tmp_path)  # fmt: skip
+    assert sharded.returncode == 0, sharded.stderr[-2000:]
+    total = sum(t.numel() for t in load_file(str(tmp_path / "whole" / "model.safetensors")).values())
+    split = re.search(
+        r"FSDP: parameters split over 2 processes \(([\d,]+) of ([\d,]+) values", sharded.stdout
+    )
+    here, of = (int(g.replace(",", "")) for g in split.groups())
+    assert of == total and total / 2 <= here <= total / 2 + 100  # half each (rows split evenly, padded)
+    fsdp_records = [
+        json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()
+    ]
+    for r, s in zip(records, fsdp_records, strict=True):
+        assert abs(r["train_loss"] - s["train_loss"]) < 1e-4 and abs(r["val_loss"] - s["val_loss"]) < 1e-4
+    c = load_file(str(tmp_path / "fsdp" / "model.safetensors"))
+    ddp_weights = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert sorted(c) == sorted(ddp_weights)
+    assert all(torch.allclose(c[k], ddp_weights[k], atol=1e-3) for k in c)
+    first = torchrun(*COMMON, "--strategy", "fsdp", "--out", str(tmp_path / "fsdp-split"), "--max-iters", "10",
+                     cwd=tmp_path)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = torchrun(*COMMON, "--strategy", "fsdp", "--out", str(tmp_path / "fsdp-split"), "--max-iters", "20",
+                      "--resume", cwd=tmp_path)  # fmt: skip
+    assert second.returncode == 0, second.stderr[-2000:]
+    d = load_file(str(tmp_path / "fsdp-split" / "train_state" / "model.safetensors"))
+    e = load_file(str(tmp_path / "fsdp" / "train_state" / "model.safetensors"))
+    assert all(torch.equal(d[k], e[k]) for k in e)

@@ -31,7 +31,7 @@ from lmforge.errors import UserError
 from lmforge.io import atomic_write_json
 from lmforge.settings import check_fields
 from lmforge.tokenizers import TextTokenizer, load_tokenizer
-from lmforge.weights import load_weights, save_tensors, unique_state_dict
+from lmforge.weights import load_weights, save_tensors, unique_state_dict, without_tied
 
 FORMAT = "lmforge-checkpoint"
 FORMAT_VERSION = 1
@@ -191,17 +191,23 @@ def write_checkpoint(
 
 
 def save_checkpoint(
-    out: Path, model: nn.Module, config: Config, tokenizer: TextTokenizer, info: dict[str, Any]
+    out: Path,
+    model: nn.Module,
+    config: Config,
+    tokenizer: TextTokenizer,
+    info: dict[str, Any],
+    whole: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write a language model, its config and tokenizer: the checkpoint that other commands use.
 
     A model with LoRA adapters is written merged (a plain model every command reads);
     the adapters alone go to adapter.safetensors beside it, and for a Llama-family model also
-    to PEFT's adapter_config.json + adapter_model.safetensors.
+    to PEFT's adapter_config.json + adapter_model.safetensors. `whole`: the model's tensors
+    gathered from a sharded (fsdp) model, written instead of the model's own.
     """
     from lmforge.training.lora import adapter_state_dict, base_fingerprint, has_lora, merged_state_dict
 
-    tensors = unique_state_dict(model)
+    tensors = unique_state_dict(model) if whole is None else without_tied(model, whole)
     if has_lora(model):
         tensors = {k: v.cpu() for k, v in merged_state_dict(model, tensors).items()}
         adapters = {k: v.cpu() for k, v in adapter_state_dict(model).items()}

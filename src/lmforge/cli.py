@@ -31,6 +31,7 @@ SHORT_FLAGS = {
     "--lr": "optim.lr",
     "--init-embeddings": "train.init_embeddings",
     "--loggers": "train.loggers",
+    "--strategy": "train.strategy",
 }
 
 # Flags that several commands share, declared once with one default each.

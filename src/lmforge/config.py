@@ -126,6 +126,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (mixed precision via autocast)
     compile: bool = False
+    strategy: str = "ddp"  # under torchrun: ddp (every rank holds the model) | fsdp (parameters sharded)
     threads: int = option(0, "CPU threads (0 = number of physical cores)", ge=0, le=4096)
     init_embeddings: str = ""  # word2vec/GloVe vectors for the embedding of a word-level model
     label_smoothing: float = option(
@@ -308,6 +309,7 @@ def validate(config: Config) -> None:
          "model.activation must be gelu, gelu_tanh, relu2 or swiglu.", "model.activation"),
         (t.dtype in ("auto", "float32", "bfloat16", "float16"),
          "train.dtype must be auto, float32, bfloat16 or float16.", "train.dtype"),
+        (t.strategy in ("ddp", "fsdp"), "train.strategy must be ddp or fsdp.", "train.strategy"),
         (o.optimizer in ("adamw", "muon"), "optim.optimizer must be adamw or muon.", "optim.optimizer"),
         (o.schedule in ("cosine", "wsd", "constant"), "optim.schedule must be cosine, wsd or constant.",
          "optim.schedule"),

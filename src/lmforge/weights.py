@@ -30,6 +30,33 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def tied_sources(model: nn.Module) -> dict[str, str]:
+    """{name: the name it repeats} for every parameter that is another one (tied weights), found
+    by identity: also right for a sharded model, whose tensors have no single storage."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            out[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return out
+
+
+def without_tied(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` (a whole state dict) without the names of tied copies, contiguous, on the CPU."""
+    tied = tied_sources(model)
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items() if k not in tied}
+
+
+def with_tied(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with every tied copy filled in from the tensor it repeats."""
+    return {
+        **tensors,
+        **{k: tensors[source] for k, source in tied_sources(model).items() if source in tensors},
+    }
+
+
 def save_tensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:

@@ -139,7 +139,7 @@ def evaluate(t: Trainee, s: Schedule, p: Progress) -> dict[str, float]:
     better = math.isnan(p.best) or (value > p.best if s.higher_is_better else value < p.best)
     if better:
         p.best, p.bad_evals = value, 0
-        if t.dist.main:
+        if t.dist.main or t.dist.sharded:  # (a sharded model is gathered by every rank)
             t.save_best(p)
     else:
         p.bad_evals += 1

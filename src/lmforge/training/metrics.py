@@ -93,6 +93,7 @@ class MetricsLog:
         self.history: list[dict[str, Any]] = []
         self.file = None
         self.loggers: list[CSVLogger | TensorBoardLogger] = []
+        self.write = write
         if not write:  # another process writes the file (distributed training)
             return
         if keep_until_step is not None and path.exists():
@@ -115,6 +116,8 @@ class MetricsLog:
 
     def rewrite(self) -> None:
         """Write the whole history again (after a record changed)."""
+        if not self.write:
+            return
         reopen = self.file is not None
         if reopen:
             self.file.close()

@@ -114,7 +114,7 @@ def train(
     simulate an interruption), `on_eval(step, scores)` after each evaluation. Under torchrun, every process calls this (see distributed.py).
     """
     validate(config)
-    dist = from_environment(config.train.device)
+    dist = from_environment(config.train.device, config.train.strategy)
     try:
         run = _setup(config, resume, overwrite, log if dist.main else (lambda _: None), dist)
         tc = config.train
@@ -257,6 +257,14 @@ def _build_model(run: _Run, base: tuple[nn.Module, str | None] | None) -> None:
         private.prepare_model(model)  # Opacus' recurrent layers, same weights
     run.model = model.to(run.device)
     run.model.train()
+    if run.dist.sharded:
+        if ft.lora_rank or private.enabled(config.privacy):
+            raise UserError("train.strategy fsdp does not combine with LoRA or private training; use ddp.",
+                            settings=("train.strategy",))  # fmt: skip
+        run.dist.shard(run.model)  # before the optimizer: it must hold the sharded parameters
+        here = sum(p.to_local().numel() for p in run.model.parameters())
+        run.log(f"FSDP: parameters split over {run.dist.world_size} processes "
+                f"({here:,} of {sum(p.numel() for p in run.model.parameters()):,} values in each).")  # fmt: skip
     run.optimizers = build_optimizers(run.model, config.optim, run.device, ft.layer_lr_decay)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -466,7 +474,9 @@ def _trainee(run: _Run) -> Trainee:
         }
         if run.privacy:
             info["privacy"] = run.privacy.info(progress.step)
-        save_checkpoint(run.out, run.model, config, run.tokenizer, info)
+        whole = dist.full_state(run.model)  # fsdp: gathered from every rank (all call this)
+        if dist.main:
+            save_checkpoint(run.out, run.model, config, run.tokenizer, info, whole[0] if whole else None)
 
     return Trainee(
         model=run.model,
@@ -491,15 +501,17 @@ def _save_state(run: _Run, progress: Progress) -> None:
     if run.dist.active:  # every rank's source and RNG state, saved by rank 0
         everyone = run.dist.gather({k: v.cpu() for k, v in rng.items()})
         rng = {f"rank{r}.{k}": v for r, state in enumerate(everyone) for k, v in state.items()}
+    whole = run.dist.full_state(run.model, run.optimizers)  # fsdp: gathered from every rank
     if run.dist.main:
         state = {**progress.to_dict(), "config": run.config.to_dict(), "world_size": run.dist.world_size}
-        saved_state.save_train_state(run.out, run.model, run.optimizers, rng, state)
+        saved_state.save_train_state(run.out, run.model, run.optimizers, rng, state, whole)
     run.saved_step = progress.step
     run.dist.barrier()
 
 
 def _restore(run: _Run) -> None:
-    rng, saved = saved_state.load_train_state(run.out, run.model, run.optimizers)
+    load_whole = run.dist.load_full_state if run.dist.sharded else None
+    rng, saved = saved_state.load_train_state(run.out, run.model, run.optimizers, load_whole)
     dist = run.dist
     saved_world = saved.get("world_size", 1)
     if saved_world != dist.world_size:
@@ -530,7 +542,7 @@ def _finish(run: _Run, progress: Progress, metrics: MetricsLog) -> TrainResult:
         and metrics.history
         and len(val_tokens) <= 5_000_000
         and run.data.mask("val") is None
-        and dist.main
+        and (dist.main or dist.sharded)  # (a sharded model runs only with every rank)
     ):
         # The whole validation split, scored exactly as `lmforge eval DIR` scores it.
         from lmforge.evaluation.perplexity import evaluate_ids
