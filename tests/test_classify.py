@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -106,6 +107,19 @@ def test_init_from_a_language_model_reuses_its_tokenizer_and_body(tmp_path, toy,
     assert result["best_val_accuracy"] >= 0.75
     model, tokenizer, _ = load_classifier(tmp_path / "clf")
     assert tokenizer.kind == "char" and model.cfg.body == "lm"
+
+    # Only the first block of the body: trained, saved and reloaded with one block.
+    assert len(model.body.blocks) == 2
+    one = dataclasses.replace(cfg, out=str(tmp_path / "clf1"), init_layers=1, epochs=1)
+    assert train_classifier(one, log=lambda _: None)["best_val_accuracy"] > 0
+    small, tokenizer, _ = load_classifier(tmp_path / "clf1")
+    assert len(small.body.blocks) == 1 and small.body.config.n_layer == 1
+    probs = predict(small, tokenizer, ["a fine day", "a grim night"])
+    assert probs.shape == (2, 2) and torch.allclose(probs.sum(-1), torch.ones(2))
+    with pytest.raises(UserError, match="init_layers is 3 but .* has 2 blocks"):
+        train_classifier(
+            dataclasses.replace(cfg, out=str(tmp_path / "clf3"), init_layers=3), log=lambda _: None
+        )
 
 
 def test_packed_sequences_equal_unpadded_single_examples():

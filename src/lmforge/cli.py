@@ -251,6 +251,13 @@ def _parser_train_classifier(sub) -> None:
     p.add_argument("--text-column", default="", help="default: sentence/text/review/...")
     p.add_argument("--label-column", default="", help="default: label/sentiment/class/...")
     p.add_argument("--init", default="", help="language-model checkpoint: reuse its tokenizer and body")
+    p.add_argument(
+        "--init-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep only the first N blocks of the --init body (0 = all): faster per example",
+    )
     p.add_argument("--init-embeddings", default="", metavar="VECTORS",
                    help="word2vec/GloVe vectors (e.g. from `lmforge embeddings train`) for the word embedding; "
                    "their width must equal --n-embd")  # fmt: skip
@@ -712,6 +719,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         label_column=args.label_column,
         out=args.out,
         init=args.init,
+        init_layers=args.init_layers,
         init_embeddings=args.init_embeddings,
         vocab_size=args.vocab_size,
         epochs=args.epochs,
