@@ -283,3 +283,13 @@ def test_classifier_settings_are_checked_before_any_work(tmp_path, toy, change, 
     with pytest.raises(UserError, match=message):
         train_classifier(cfg, log=lambda _: None)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_time_budget_sets_the_schedules_length():
+    from lmforge.training.classify import steps_in_budget
+
+    assert steps_in_budget(50, 10.0, 0.0, 1000) == 1000  # no budget: the epochs' steps
+    assert steps_in_budget(5, 1.0, 60.0, 1000) == 1000  # too early to tell
+    assert steps_in_budget(50, 10.0, 60.0, 1000) == 300  # 5 steps/s for 60 s
+    assert steps_in_budget(50, 10.0, 6000.0, 1000) == 1000  # never beyond the epochs
+    assert steps_in_budget(50, 100.0, 60.0, 1000) == 51  # over budget already: the schedule ends now

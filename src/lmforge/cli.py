@@ -282,7 +282,12 @@ def _parser_train_classifier(sub) -> None:
     p.add_argument("--class-weights", action="store_true", help="weight classes by inverse frequency")
     p.add_argument("--patience", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0 = each epoch)")
-    p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this many minutes")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="stop after this many minutes (the learning rate then decays over them)",
+    )
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--loggers", default="", help="beside metrics.jsonl, comma-separated: csv, tensorboard")
     _privacy_flags(p)

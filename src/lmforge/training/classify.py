@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -363,8 +364,14 @@ def _classifier_trainee(
                         patience=cfg.patience, max_time_s=cfg.max_minutes * 60, monitor="val_accuracy",
                         higher_is_better=True)  # fmt: skip
 
+    started: list[float] = []
+
     def set_step_lr(step: int) -> float:
-        lr = lr_at(step, ocfg, total_steps)
+        # Under a time budget the schedule ends when the budget does (its steps estimated from the
+        # speed so far), so that the learning rate has decayed by the time training stops.
+        started[:] = started or [time.perf_counter()]
+        horizon = steps_in_budget(step, time.perf_counter() - started[0], cfg.max_minutes * 60, total_steps)
+        lr = lr_at(step, ocfg, horizon)
         set_lr(optimizers, lr, ocfg)
         return lr
 
@@ -385,6 +392,14 @@ def _classifier_trainee(
                       source=source, set_lr=set_step_lr, save_best=save_best, save_state=save_state, device=device,
                       report=(lambda p: {"epsilon": privacy.epsilon(p.step)}) if privacy else None)  # fmt: skip
     return trainee, schedule, label_set
+
+
+def steps_in_budget(step: int, spent_s: float, budget_s: float, total_steps: int, warm: int = 20) -> int:
+    """How many steps a time budget will allow, from the speed of the first `step` steps (all of
+    `total_steps` without a budget, or before `warm` steps have given a speed to go by)."""
+    if budget_s <= 0 or step < warm or spent_s <= 0:
+        return total_steps
+    return max(step + 1, min(total_steps, int(step * budget_s / spent_s)))
 
 
 def _scores(model, tokenizer, label_set, texts, gold, device) -> dict[str, float]:
