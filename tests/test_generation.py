@@ -285,6 +285,17 @@ def test_prefill_with_cached_prefixes_equals_computing_everything(pos):
             token, cache=KVCache.joined([(plain_cache, rows)], room=1), positions=positions
         )
     assert torch.allclose(after, plain_after, atol=1e-5)
+    # Rows with padding between their reused prefix and the rest of their prompt ("To": one
+    # token reused, one computed, beside a row that reused five) fit into spare rows of a running
+    # cache as their real length (continuous batching writes newcomers there).
+    assert int(cache.valid[3, : cache.length].sum()) == len(prompts[3]) < cache.length - 1
+    running = KVCache.joined([(plain_cache, rows[:1])], room=1, batch=4)
+    for row in (1, 2, 3):
+        assert running.fits(len(prompts[row]), 1)
+        running.place(row, cache, row)
+    with torch.inference_mode():
+        placed, _ = model(token, cache=running, positions=positions)
+    assert torch.allclose(placed, plain_after, atol=1e-5)
     # The budget keeps the most recently used prompts only.
     small = PrefixCache(max_tokens=len(first) + 3)
     prefill(model, [first], small)

@@ -154,15 +154,18 @@ class KVCache:
         return tokens <= self.length and self.length + room <= self.capacity
 
     def place(self, row: int, source: KVCache, source_row: int) -> None:
-        """Put row `source_row` of `source` (its valid slots) into row `row`, right-aligned."""
-        used = source.valid[source_row, : source.length].nonzero()
-        first = int(used[0]) if len(used) else source.length
-        n = source.length - first
+        """Put the valid slots of row `source_row` of `source` into row `row`, right-aligned.
+        Padding inside the source row (a reused prefix, then the rest of its prompt) is left
+        out: cached keys carry their positions, so only which slots are valid matters."""
+        slots = source.valid[source_row, : source.length].nonzero().squeeze(1)
+        n = len(slots)
+        if n > self.length:
+            raise ValueError(f"a row of {n} cached tokens does not fit beside rows of {self.length}")
         at = self.length - n
-        self.k[:, row, :, at : self.length] = source.k[:, source_row, :, first : source.length]
-        self.v[:, row, :, at : self.length] = source.v[:, source_row, :, first : source.length]
+        self.k[:, row, :, at : self.length] = source.k[:, source_row].index_select(2, slots)
+        self.v[:, row, :, at : self.length] = source.v[:, source_row].index_select(2, slots)
         self.valid[row] = False
-        self.valid[row, at : self.length] = source.valid[source_row, first : source.length]
+        self.valid[row, at : self.length] = True
         self.padded = True
 
     def move_row(self, source_row: int, row: int) -> None:

@@ -310,7 +310,8 @@ class Engine:
             return False
         if buffer.unused_prefix(n) > buffer.length // 2:
             return False  # rebuild instead: half of every row's attention would be over padding
-        if not all(buffer.fits(len(r.history), r.remaining + 1) for r in new_rows):
+        cached = cache.valid[:, : cache.length].sum(1).tolist()  # tokens each newcomer's row holds
+        if not all(buffer.fits(t, r.remaining + 1) for t, r in zip(cached, new_rows, strict=True)):
             return False
         for j in range(len(new_rows)):
             buffer.place(n + j, cache, j)
