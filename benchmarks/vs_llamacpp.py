@@ -3,7 +3,8 @@
 
     speed       128 new tokens after a short chat prompt at batch 1 (and lmforge at batch 8,
                 aggregate tokens/s), median of --repeats runs, for llama.cpp (llama-cpp-python)
-                and for lmforge at float32, bfloat16 and int8 (kernels as measured on this CPU)
+                and for lmforge at float32 (eager and --compile), bfloat16 and int8 (kernels as
+                measured on this CPU)
     quality     perplexity of each on the first --ppl-tokens tokens of tiny Shakespeare's validation
                 split, in windows of 512 tokens, so speed is compared at known quality
 
@@ -71,15 +72,21 @@ def llama_cpp_run(gguf: Path, prompt_ids: list[int], ids: list[int], repeats: in
 
 
 def lmforge_run(gguf: Path, prompt: str, ids: list[int], repeats: int, new: int, dtype: str,
-                quantize: str, batch: int) -> dict:  # fmt: skip
+                quantize: str, batch: int, compile: bool = False) -> dict:  # fmt: skip
     import torch
 
     from lmforge.generation import GenerationConfig, generate
     from lmforge.inference import load_for_inference
 
     notes: list[str] = []
-    model, tokenizer = load_for_inference(str(gguf), dtype=dtype, quantize=quantize, notice=notes.append)
+    model, tokenizer = load_for_inference(str(gguf), dtype=dtype, quantize=quantize, notice=notes.append,
+                                          compile=compile)  # fmt: skip
     config = GenerationConfig(max_new_tokens=new, temperature=0, stop_at_eot=False)
+    compile_s = 0.0
+    if compile:  # the first run compiles the decode step for these shapes: timed apart
+        start = time.perf_counter()
+        generate(model, tokenizer, [prompt] * batch, config)
+        compile_s = time.perf_counter() - start
     speeds = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -93,7 +100,7 @@ def lmforge_run(gguf: Path, prompt: str, ids: list[int], repeats: int, new: int,
             total -= logprobs.gather(1, window[0, 1:, None]).sum().item()
             count += window.shape[1] - 1
     return {"tokens_per_s": statistics.median(speeds), "runs": speeds, "perplexity": math.exp(total / count),
-            "notes": notes}  # fmt: skip
+            "notes": notes, **({"first_run_with_compiling_s": compile_s} if compile else {})}  # fmt: skip
 
 
 def main() -> None:
@@ -121,10 +128,13 @@ def main() -> None:
     llama = llama_cpp_run(gguf, tokenizer.encode(prompt), ids, args.repeats, args.new_tokens)
     rows.append({"engine": "llama.cpp (Q4_1)", "batch": 1, **llama})
     print(f"llama.cpp: {llama['tokens_per_s']:.1f} tok/s, perplexity {llama['perplexity']:.3f}", flush=True)
-    for dtype, quantize, batch in (("float32", "none", 1), ("bfloat16", "none", 1), ("float32", "int8", 1),
-                                   ("float32", "none", 8), ("float32", "int8", 8)):  # fmt: skip
-        run = lmforge_run(gguf, prompt, ids, args.repeats, args.new_tokens, dtype, quantize, batch)
-        name = f"lmforge {'int8' if quantize == 'int8' else dtype}"
+    for dtype, quantize, batch, compile in (
+        ("float32", "none", 1, False), ("float32", "none", 1, True), ("bfloat16", "none", 1, False),
+        ("float32", "int8", 1, False), ("float32", "none", 8, False), ("float32", "none", 8, True),
+        ("float32", "int8", 8, False),
+    ):  # fmt: skip
+        run = lmforge_run(gguf, prompt, ids, args.repeats, args.new_tokens, dtype, quantize, batch, compile)
+        name = f"lmforge {'int8' if quantize == 'int8' else dtype}{' compiled' if compile else ''}"
         rows.append({"engine": name, "batch": batch, **run,
                      "vs_llama_cpp_batch1": run["tokens_per_s"] / llama["tokens_per_s"]})  # fmt: skip
         print(f"{name} batch {batch}: {run['tokens_per_s']:.1f} tok/s ({run['tokens_per_s'] / llama['tokens_per_s']:.2f}x "

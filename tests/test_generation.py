@@ -41,6 +41,31 @@ def steps(model, prompts, cfg, use_cache):
     return torch.stack(list(decode_steps(model, prompts, cfg, (), use_cache=use_cache)), dim=1)
 
 
+def test_compiled_decoding_gives_the_eager_tokens_and_logits():
+    """`--compile`: the compiled one-token step over a static cache (two left-padded prompts,
+    grouped-query attention, RoPE) chooses exactly the eager greedy tokens with logits within
+    fp32 tolerance; a run that outgrows the context falls back to the eager path."""
+    import lmforge.compiled as compiled_module
+    from lmforge.compiled import static_capacity
+
+    compiled_module.compiled_steps = 0
+    model, tok = make_model("rope", block=300, n_kv_head=1, activation="swiglu", norm="rmsnorm")
+    prompts = [tok.encode("To be, or not to be"), tok.encode("Ay")]
+    cfg = GenerationConfig(max_new_tokens=40, temperature=0)
+    seen: dict[bool, list[torch.Tensor]] = {False: [], True: []}
+    runs = {}
+    for compiled in (False, True):
+        model.compile_decoding = compiled
+        observe = seen[compiled].append
+        tokens = decode_steps(model, prompts, cfg, (), observe=lambda logits, _, keep=observe: keep(logits))
+        runs[compiled] = torch.stack(list(tokens), 1)
+    assert torch.equal(runs[True], runs[False])
+    assert compiled_module.compiled_steps == 40  # every step after the prompt ran compiled
+    assert torch.allclose(torch.stack(seen[True]), torch.stack(seen[False]), atol=1e-4)
+    assert static_capacity(model, 60) == 256 and static_capacity(model, 280) == 300
+    assert static_capacity(model, 301) is None  # beyond the context: the eager path (sliding window)
+
+
 @pytest.mark.parametrize("pos", ["rope", "learned", "sinusoidal"])
 def test_kv_cache_greedy_equals_recomputation_beyond_the_context(pos):
     model, tok = make_model(pos, block=16)

@@ -8,6 +8,7 @@ from lmforge.config import ModelConfig
 from lmforge.data.batches import ContiguousStreams
 from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.generation import GenerationConfig, decode_steps, generate
+from lmforge.inference import load_for_inference
 from lmforge.models import build_model
 from lmforge.training.trainer import train
 
@@ -103,6 +104,8 @@ def test_lstm_trains_resumes_exactly_and_generates(tmp_path, shakespeare_excerpt
     assert config.model.arch == "lstm"
     text = generate(model, tokenizer, "ROMEO:", GenerationConfig(max_new_tokens=30, seed=0))[0]
     assert len(text) == 30
+    with pytest.raises(UserError, match="--compile speeds up GPT models only"):
+        load_for_inference(str(tmp_path / "a"), compile=True)
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["val_loss_full"] == pytest.approx(result.full_val_loss, abs=1e-5)
 

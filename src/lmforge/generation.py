@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.compiled import can_compile, decode_one, static_capacity
 from lmforge.errors import UserError
 from lmforge.generation_config import GenerationConfig, generation_settings  # noqa: F401  (re-exported)
 from lmforge.tokenizers import TextTokenizer
@@ -253,6 +254,10 @@ def decode_steps(
     sliding = pos == "rope"
     # Room for the prompt and the new tokens only: a 32k-context model needs no 32k cache here.
     capacity = min(block_size, ids.shape[1] + cfg.max_new_tokens + 1)
+    compiled = use_cache and getattr(model, "compile_decoding", False) and can_compile(model)
+    if compiled:  # a static capacity (rounded up), or the eager path when the run outgrows the context
+        static = static_capacity(model, ids.shape[1] + cfg.max_new_tokens + 1)
+        compiled, capacity = static is not None, static or capacity
     cache = model.new_cache(len(prompts), capacity=capacity) if use_cache else None
     logits, _ = (
         model(ids, cache=cache, positions=positions_of(valid), attention_mask=valid, last_only=True)
@@ -279,7 +284,9 @@ def decode_steps(
         ids = torch.cat([ids, token[:, None]], dim=1)
         valid = torch.cat([valid, torch.ones_like(token[:, None], dtype=torch.bool)], dim=1)
         positions = positions_of(valid)
-        if use_cache and (sliding or ids.shape[1] <= block_size):
+        if compiled:
+            logits = decode_one(model, token, positions[:, -1], cache)[:, None]
+        elif use_cache and (sliding or ids.shape[1] <= block_size):
             logits, _ = model(token[:, None], cache=cache, positions=positions[:, -1:])
         else:
             # Recompute over the last block_size tokens (learned/sinusoidal positions beyond

@@ -173,10 +173,12 @@ def load_for_inference(
     quantize: str | None = None,
     adapter: str | None = None,
     notice: Callable[[str], None] | None = None,
+    compile: bool = False,
 ):
     """A checkpoint's model (eval mode) and tokenizer, at the requested precision; `adapter`:
     a LoRA adapter for this base (from `lmforge finetune`, or a PEFT folder), merged in before anything else.
-    `notice` (default: a warning) hears when the requested precision is slower than float32 here."""
+    `notice` (default: a warning) hears when the requested precision is slower than float32 here.
+    `compile`: generate with a compiled one-token decode step (GPT models; see compiled.py)."""
     from lmforge.checkpoint import load_checkpoint
 
     if dtype not in DTYPES:
@@ -208,4 +210,10 @@ def load_for_inference(
         message = slower_precision_notice(model, precision)
         if message:
             (notice or (lambda m: warnings.warn(m, stacklevel=3)))(message)
+    if compile:
+        from lmforge.compiled import can_compile
+
+        if not can_compile(model):
+            raise UserError("--compile speeds up GPT models only; leave it out for this checkpoint.")
+        model.compile_decoding = True
     return model.eval(), tokenizer

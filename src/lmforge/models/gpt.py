@@ -233,22 +233,7 @@ class CausalSelfAttention(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim],
-            dim=-1,
-        )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if self.qk_norm:
-            # Normalise each head's query and key (no learned gain), with the model's norm kind:
-            # LayerNorm has a fused kernel on every device, RMSNorm is composite on CPUs.
-            if self.qk_norm_kind == "layernorm":
-                q, k = F.layer_norm(q, (self.head_dim,)), F.layer_norm(k, (self.head_dim,))
-            else:
-                q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k, v = self.queries_keys_values(x, rope)
         causal = mask is None
         if cache is not None:
             start = cache.length
@@ -267,6 +252,29 @@ class CausalSelfAttention(nn.Module):
             y = self._attend(q, k.to(q.dtype), v.to(q.dtype), causal, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
+
+    def queries_keys_values(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The new tokens' queries, keys and values (B, heads, T, head_dim), normalised and rotated."""
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim],
+            dim=-1,
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            # Normalise each head's query and key (no learned gain), with the model's norm kind:
+            # LayerNorm has a fused kernel on every device, RMSNorm is composite on CPUs.
+            if self.qk_norm_kind == "layernorm":
+                q, k = F.layer_norm(q, (self.head_dim,)), F.layer_norm(k, (self.head_dim,))
+            else:
+                q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return q, k, v
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None
@@ -419,21 +427,10 @@ class GPT(nn.Module):
         B, T = idx.shape
         if cache is None and T > self.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.block_size})")
-        if positions is None:
+        if positions is None and (cache is not None or attention_mask is not None):
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
-        x = self.wte(idx)
-        rope = None
-        if self.config.pos_encoding == "learned":
-            x = x + self.wpe(positions)
-        elif self.config.pos_encoding == "sinusoidal":
-            x = x + self.pos_table[positions]
-        elif cache is None and attention_mask is None:
-            rope = (self.rope_cos[:T], self.rope_sin[:T])  # training: the precomputed table
-        else:
-            angles = positions[:, None, :, None].float() * self.rope_inv_freq  # (B, 1, T, head_dim/2)
-            rope = (angles.cos(), angles.sin())
-        x = self.drop(x)
+        x, rope = self.embed(idx, positions)
 
         mask = None
         if cache is not None:
@@ -454,6 +451,27 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         return self.ln_f(x)
+
+    def embed(
+        self, idx: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Token embeddings (B, T, n_embd) with their positions, and the rotary cos/sin tables for
+        attention (RoPE models). `positions` (B, T): absolute positions; None means 0..T-1."""
+        T = idx.shape[1]
+        x = self.wte(idx)
+        rope = None
+        if positions is None and self.config.pos_encoding != "rope":
+            positions = torch.arange(T, device=idx.device)[None]
+        if self.config.pos_encoding == "learned":
+            x = x + self.wpe(positions)
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + self.pos_table[positions]
+        elif positions is None:
+            rope = (self.rope_cos[:T], self.rope_sin[:T])  # training: the precomputed table
+        else:
+            angles = positions[:, None, :, None].float() * self.rope_inv_freq  # (B, 1, T, head_dim/2)
+            rope = (angles.cos(), angles.sin())
+        return self.drop(x), rope
 
     def new_cache(self, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `capacity` tokens (default: the context)."""
