@@ -54,8 +54,8 @@ SHARED_FLAGS: dict[str, dict] = {
     "--revision": {"default": None, "help": "for a Hugging Face hub id: the branch, tag or commit to use"},
     "--compile": {
         "action": "store_true",
-        "help": "decode with a compiled one-token step (torch.compile; GPT models): slow to start "
-        "(10-100 s), faster per token (float32 on an AVX2 CPU: 34 vs 42 ms)",
+        "help": "decode one sequence at a time with a compiled one-token step (torch.compile; GPT "
+        "models): slow to start (10-100 s), then faster per token (float32, AVX2 CPU: 34 vs 42 ms)",
     },
 }
 

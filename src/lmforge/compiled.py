@@ -8,8 +8,9 @@ the step writes the new keys and values into a fixed slot of a cache of fixed ca
 slots not yet filled (the cache's `valid` rows are the mask). The step uses the model's own
 modules (`GPT.embed`, `CausalSelfAttention.queries_keys_values`, the blocks' norms and MLPs).
 
-Measured (benchmarks/compiled_decode.py, SmolLM2, batch 1, AVX2 CPU): float32 42 -> 34 ms per
-step; bfloat16 30 ms either way. Compiling takes 10-100 s (Inductor writes C++ and builds it;
+Measured (SmolLM2, AVX2 CPU): at batch 1 float32 42 -> 34 ms per step (compiled_decode.py) and
+17 -> 30 tokens/s (vs_llamacpp.py); bfloat16 30 ms either way; at batch 8 the compiled step was
+0.46x eager, so `decode_steps` uses it for single sequences only. Compiling takes 10-100 s (Inductor writes C++ and builds it;
 its on-disk cache makes later processes faster), so it pays for long generations, not for one
 short answer: it is opt-in (`--compile`, `load_for_inference(compile=True)`). A compiled step
 is specialised to one (batch, capacity) pair; capacities are rounded up to a multiple of

@@ -254,7 +254,10 @@ def decode_steps(
     sliding = pos == "rope"
     # Room for the prompt and the new tokens only: a 32k-context model needs no 32k cache here.
     capacity = min(block_size, ids.shape[1] + cfg.max_new_tokens + 1)
-    compiled = use_cache and getattr(model, "compile_decoding", False) and can_compile(model)
+    # The compiled step pays at batch 1 only (measured on SmolLM2: 1.8x eager at batch 1, 0.46x at 8).
+    compiled = (
+        use_cache and len(prompts) == 1 and getattr(model, "compile_decoding", False) and can_compile(model)
+    )
     if compiled:  # a static capacity (rounded up), or the eager path when the run outgrows the context
         static = static_capacity(model, ids.shape[1] + cfg.max_new_tokens + 1)
         compiled, capacity = static is not None, static or capacity
