@@ -622,15 +622,11 @@ def _recommended(checkpoint: str) -> dict:
     return open_checkpoint(checkpoint).generation.sampling
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from lmforge.generation import generate, stream
+def _load_for_generation(args: argparse.Namespace):
+    """The model and tokenizer of `generate` and `chat`, as their flags ask."""
     from lmforge.inference import load_for_inference
 
-    recommended = _recommended(args.checkpoint)
-    config = _generation_config(args, recommended)  # checked before the model loads
-    if args.num_samples < 1:
-        raise UserError("--num-samples must be at least 1.")
-    model, tokenizer = load_for_inference(
+    return load_for_inference(
         args.checkpoint,
         args.device,
         args.dtype,
@@ -639,6 +635,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         notice=_note,
         compile=args.compile,
     )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lmforge.generation import generate, stream
+
+    recommended = _recommended(args.checkpoint)
+    config = _generation_config(args, recommended)  # checked before the model loads
+    if args.num_samples < 1:
+        raise UserError("--num-samples must be at least 1.")
+    model, tokenizer = _load_for_generation(args)
     prompts = _read_prompts(args)
     warn = lambda message: print(f"lmforge: warning: {message}", file=sys.stderr)  # noqa: E731
     for i in range(args.num_samples):
@@ -886,19 +892,10 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from lmforge.chat import chat_template_of, terminal_chat
-    from lmforge.inference import load_for_inference
 
     recommended = _recommended(args.checkpoint)
     _generation_config(args, recommended, max_new_tokens=args.max_new_tokens or 1)  # checked before loading
-    model, tokenizer = load_for_inference(
-        args.checkpoint,
-        args.device,
-        args.dtype,
-        args.quantize,
-        args.adapter,
-        notice=_note,
-        compile=args.compile,
-    )
+    model, tokenizer = _load_for_generation(args)
     if args.max_new_tokens is None:
         args.max_new_tokens = min(256, model.block_size // 2)
     if args.max_new_tokens >= model.block_size:

@@ -457,11 +457,13 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Token embeddings (B, T, n_embd) with their positions, and the rotary cos/sin tables for
         attention (RoPE models). `positions` (B, T): absolute positions; None means 0..T-1."""
-        T = idx.shape[1]
+        B, T = idx.shape
         x = self.wte(idx)
         rope = None
         if positions is None and self.config.pos_encoding != "rope":
-            positions = torch.arange(T, device=idx.device)[None]
+            # One row per sequence, not a broadcast one: DP-SGD's per-example gradients of the
+            # position table need the batch dimension.
+            positions = torch.arange(T, device=idx.device).expand(B, T)
         if self.config.pos_encoding == "learned":
             x = x + self.wpe(positions)
         elif self.config.pos_encoding == "sinusoidal":
