@@ -171,10 +171,10 @@ def main() -> None:
     parser.add_argument(
         "--sst2-minutes", type=float, default=18.0, help="training budget (within 20 CPU minutes)"
     )
-    parser.add_argument("--sst2-lr", type=float, default=1e-4)
+    parser.add_argument("--sst2-lr", type=float, default=3e-4)
     parser.add_argument("--sst2-pooling", default="mean", choices=["mean", "max", "last"])
     parser.add_argument("--sst2-max-length", type=int, default=48)
-    parser.add_argument("--sst2-layers", type=int, default=8, help="blocks of SmolLM2 kept (0 = all 30)")
+    parser.add_argument("--sst2-layers", type=int, default=6, help="blocks of SmolLM2 kept (0 = all 30)")
     parser.add_argument("--output", default=str(RESULTS / "real_models.json"))
     args = parser.parse_args()
     gguf = smollm2()
