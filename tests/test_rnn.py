@@ -106,6 +106,8 @@ def test_lstm_trains_resumes_exactly_and_generates(tmp_path, shakespeare_excerpt
     assert len(text) == 30
     with pytest.raises(UserError, match="--compile speeds up GPT models only"):
         load_for_inference(str(tmp_path / "a"), compile=True)
+    with pytest.raises(UserError, match="--compile works with float weights"):
+        load_for_inference(str(tmp_path / "a"), quantize="int8", compile=True)
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["val_loss_full"] == pytest.approx(result.full_val_loss, abs=1e-5)
 

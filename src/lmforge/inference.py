@@ -185,6 +185,8 @@ def load_for_inference(
         raise UserError(f"Unknown dtype {dtype!r}; use float32, bfloat16 or float16.")
     if quantize not in (None, "", "none", "int8"):
         raise UserError(f"Unknown quantisation {quantize!r}; use int8 (or none).")
+    if compile and quantize == "int8":  # the int8 kernels are opaque packed objects to torch.compile
+        raise UserError("--compile works with float weights; leave out --quantize int8 or --compile.")
     model, tokenizer, config = load_checkpoint(path, resolve_device(device))
     if adapter:
         from lmforge.interop.peft import is_peft_adapter, load_peft_adapter
