@@ -65,6 +65,15 @@ def test_compiled_decoding_gives_the_eager_tokens_and_logits():
     two = prompt + [tok.encode("Ay")]
     assert torch.equal(steps(model, two, cfg, True)[:1], runs[False])  # a batch: eager, same tokens
     assert compiled_module.compiled_steps == 40
+    # Past torch.compile's limit of specialisations (here 1: a second capacity would need another),
+    # decoding goes on eagerly with the same tokens instead of failing.
+    long_cfg = GenerationConfig(max_new_tokens=250, temperature=0)
+    model.compile_decoding = False
+    eager_long = steps(model, prompt, long_cfg, True)
+    model.compile_decoding = True
+    with torch._dynamo.config.patch(recompile_limit=1), pytest.warns(UserWarning, match="decoding eagerly"):
+        assert torch.equal(steps(model, prompt, long_cfg, True), eager_long)
+    assert model.compile_decoding is False and compiled_module.compiled_steps == 40
     assert static_capacity(model, 60) == 256 and static_capacity(model, 280) == 300
     assert static_capacity(model, 301) is None  # beyond the context: the eager path (sliding window)
 

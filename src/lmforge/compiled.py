@@ -10,15 +10,18 @@ modules (`GPT.embed`, `CausalSelfAttention.queries_keys_values`, the blocks' nor
 
 Measured (SmolLM2, AVX2 CPU): at batch 1 float32 42 -> 34 ms per step (compiled_decode.py) and
 17 -> 30 tokens/s (vs_llamacpp.py); bfloat16 30 ms either way; at batch 8 the compiled step was
-0.46x eager, so `decode_steps` uses it for single sequences only. Compiling takes 10-100 s (Inductor writes C++ and builds it;
-its on-disk cache makes later processes faster), so it pays for long generations, not for one
-short answer: it is opt-in (`--compile`, `load_for_inference(compile=True)`). A compiled step
-is specialised to one (batch, capacity) pair; capacities are rounded up to a multiple of
-`CAPACITY_STEP` so that prompts of similar lengths share one compilation.
+0.46x eager, so `decode_steps` uses it for single sequences only. Compiling takes 10-100 s
+(Inductor writes C++ and builds it; its on-disk cache makes later processes faster), so it pays
+for long generations, not for one short answer: it is opt-in (`--compile`,
+`load_for_inference(compile=True)`). A compiled step is specialised to one (model, capacity)
+pair; capacities are rounded up to a multiple of `CAPACITY_STEP` so that prompts of similar
+lengths share one compilation. When torch.compile's limit of specialisations is reached, the
+model goes on eagerly (same tokens, said once) instead of failing.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -88,7 +91,14 @@ def decode_one(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, cache:
     # Fresh contiguous copies: a compiled step is specialised to its inputs' strides too, and a
     # column of a growing (B, T) tensor has a new stride every step.
     tokens, positions = (t.clone(memory_format=torch.contiguous_format) for t in (tokens, positions))
-    logits = _compiled_one_token(model, tokens, positions, slot, cache.k, cache.v, cache.valid)
+    try:
+        logits = _compiled_one_token(model, tokens, positions, slot, cache.k, cache.v, cache.valid)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:  # raised before the step runs: nothing written
+        warnings.warn(
+            "torch.compile has specialised the decode step too often; decoding eagerly.", stacklevel=2
+        )
+        model.compile_decoding = False
+        return model(tokens[:, None], cache=cache, positions=positions[:, None])[0][:, -1]
     cache.length += 1
     compiled_steps += 1
     return logits

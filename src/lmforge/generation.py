@@ -287,7 +287,7 @@ def decode_steps(
         ids = torch.cat([ids, token[:, None]], dim=1)
         valid = torch.cat([valid, torch.ones_like(token[:, None], dtype=torch.bool)], dim=1)
         positions = positions_of(valid)
-        if compiled:
+        if compiled and getattr(model, "compile_decoding", False):
             logits = decode_one(model, token, positions[:, -1], cache)[:, None]
         elif use_cache and (sliding or ids.shape[1] <= block_size):
             logits, _ = model(token[:, None], cache=cache, positions=positions[:, -1:])
