@@ -125,7 +125,7 @@ def bench_lora(gguf: Path, minutes: float, tmp: Path) -> dict:
 
 
 def bench_sst2(gguf: Path, minutes: float, tmp: Path, lr: float, pooling: str, max_length: int,
-               layers: int) -> dict:  # fmt: skip
+               layers: int, freeze_embeddings: bool, eval_every: int) -> dict:  # fmt: skip
     from lmforge.data.labeled import read_labeled
     from lmforge.models.classifier import ClassifierConfig
     from lmforge.training.classify import (
@@ -143,7 +143,8 @@ def bench_sst2(gguf: Path, minutes: float, tmp: Path, lr: float, pooling: str, m
     start = time.perf_counter()
     result = train_classifier(ClassifierTrainConfig(
         train_path=str(tmp / "train.tsv"), val_path=str(tmp / "heldout.tsv"), out=str(tmp / "clf"), init=str(gguf),
-        init_layers=layers, epochs=1, batch_size=16, lr=lr, warmup_iters=30, eval_every=100, max_minutes=minutes, progress=False,
+        init_layers=layers, freeze_embeddings=freeze_embeddings, epochs=1, batch_size=16, lr=lr, warmup_iters=30,
+        eval_every=eval_every, max_minutes=minutes, progress=False,
         device="cpu", model=ClassifierConfig(pooling=pooling, max_length=max_length, dropout=0.1)),
         overwrite=True)  # fmt: skip
     trained_s = time.perf_counter() - start
@@ -156,7 +157,8 @@ def bench_sst2(gguf: Path, minutes: float, tmp: Path, lr: float, pooling: str, m
            "dev_macro_f1": scores["macro_f1"], "dev_examples": len(texts),
            "eval_seconds": round(time.perf_counter() - start, 1),
            "recipe": f"lr {lr:g}, {pooling} pooling, max_length {max_length}, batch 16, "
-                     f"{'all' if not layers else f'the first {layers} of'} 30 blocks"}  # fmt: skip
+                     f"{'all' if not layers else f'the first {layers} of'} 30 blocks, batches grouped by length"
+                     f"{', token embedding frozen' if freeze_embeddings else ''}"}  # fmt: skip
     print(f"  SST-2 from SmolLM2: dev accuracy {out['dev_accuracy']:.4f} after {out['train_seconds']:.0f}s "
           f"of training ({out['steps']} steps)", flush=True)  # fmt: skip
     return out
@@ -173,8 +175,10 @@ def main() -> None:
     )
     parser.add_argument("--sst2-lr", type=float, default=3e-4)
     parser.add_argument("--sst2-pooling", default="mean", choices=["mean", "max", "last"])
-    parser.add_argument("--sst2-max-length", type=int, default=48)
-    parser.add_argument("--sst2-layers", type=int, default=6, help="blocks of SmolLM2 kept (0 = all 30)")
+    parser.add_argument("--sst2-max-length", type=int, default=64)
+    parser.add_argument("--sst2-layers", type=int, default=8, help="blocks of SmolLM2 kept (0 = all 30)")
+    parser.add_argument("--sst2-freeze-embeddings", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--sst2-eval-every", type=int, default=300, help="steps between held-out evaluations")
     parser.add_argument("--output", default=str(RESULTS / "real_models.json"))
     args = parser.parse_args()
     gguf = smollm2()
@@ -193,7 +197,8 @@ def main() -> None:
                 results["lora"] = bench_lora(gguf, args.lora_minutes, Path(tmp))
             elif name == "sst2":
                 results["sst2"] = bench_sst2(gguf, args.sst2_minutes, Path(tmp), args.sst2_lr, args.sst2_pooling,
-                                             args.sst2_max_length, args.sst2_layers)  # fmt: skip
+                                             args.sst2_max_length, args.sst2_layers, args.sst2_freeze_embeddings,
+                                             args.sst2_eval_every)  # fmt: skip
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(results, indent=2) + "\n")  # after each part: a crash keeps the rest
 

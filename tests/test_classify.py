@@ -122,6 +122,48 @@ def test_init_from_a_language_model_reuses_its_tokenizer_and_body(tmp_path, toy,
         )
 
 
+def test_frozen_embeddings_stay_as_the_language_model_had_them(tmp_path, toy, shakespeare_excerpt):
+    from lmforge.checkpoint import load_checkpoint
+
+    train(tiny_config(tmp_path / "lm", shakespeare_excerpt), log=lambda _: None)
+    lm, _, _ = load_checkpoint(tmp_path / "lm")
+    train_path, dev_path = toy
+    cfg = ClassifierTrainConfig(train_path=str(train_path), val_path=str(dev_path), out=str(tmp_path / "clf"),
+                                init=str(tmp_path / "lm"), freeze_embeddings=True, epochs=2, batch_size=8, lr=3e-3,
+                                progress=False, device="cpu")  # fmt: skip
+    train_classifier(cfg, log=lambda _: None)
+    model, _, _ = load_classifier(tmp_path / "clf")
+    assert torch.equal(model.body.wte.weight, lm.wte.weight)  # the token embedding: untouched
+    assert not torch.equal(
+        model.body.blocks[0].mlp.c_fc.weight, lm.blocks[0].mlp.c_fc.weight
+    )  # the rest: trained
+
+
+def test_batches_grouped_by_length_visit_every_example_once_with_less_padding():
+    from lmforge.training.classify import ExampleSource
+
+    lengths = torch.randint(1, 60, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
+    encoded = [[i] * n for i, n in enumerate(lengths)]  # every token of example i is i: rows are traceable
+    targets = torch.zeros(1000, dtype=torch.long)
+
+    def one_epoch(grouped: bool) -> tuple[list[int], list[int], int]:
+        source = ExampleSource(encoded, targets, 16, 0, torch.device("cpu"), None, dict, grouped)
+        rows, sizes, padded = [], [], 0
+        for _ in range(63):  # 62 batches of 16 and one of 8
+            ids, batch_lengths, _ = source.next_batch()
+            rows += ids[:, 0].tolist()
+            sizes.append(len(ids))
+            padded += ids.numel()
+        return rows, sizes, padded
+
+    grouped_rows, grouped_sizes, grouped_padded = one_epoch(True)
+    random_rows, random_sizes, random_padded = one_epoch(False)
+    assert sorted(grouped_rows) == sorted(random_rows) == list(range(1000))
+    assert grouped_sizes == random_sizes == [16] * 62 + [8]
+    assert grouped_padded < 0.6 * random_padded  # random batches pad to their longest example
+    assert sum(lengths) <= grouped_padded < 1.1 * sum(lengths)
+
+
 def test_packed_sequences_equal_unpadded_single_examples():
     torch.manual_seed(0)
     body = BiLSTMEncoder(ClassifierConfig(vocab_size=20, n_embd=8, hidden_size=6)).eval()
@@ -272,6 +314,7 @@ def test_classifier_training_resumes_exactly_after_an_interruption(tmp_path, toy
         ({"patience": -1}, "patience must be at least 0"),
         ({"weight_decay": -0.1}, "weight_decay must be at least 0"),
         ({"max_minutes": -5.0}, "max_minutes must be at least 0"),
+        ({"freeze_embeddings": True}, "freeze_embeddings keeps pretrained embeddings fixed: give init"),
     ],
 )
 def test_classifier_settings_are_checked_before_any_work(tmp_path, toy, change, message):

@@ -266,6 +266,8 @@ def _parser_train_classifier(sub) -> None:
     p.add_argument("--init-embeddings", default="", metavar="VECTORS",
                    help="word2vec/GloVe vectors (e.g. from `lmforge embeddings train`) for the word embedding; "
                    "their width must equal --n-embd")  # fmt: skip
+    p.add_argument("--freeze-embeddings", action="store_true",
+                   help="keep the pretrained embeddings (--init or --init-embeddings) fixed: faster steps")  # fmt: skip
     p.add_argument(
         "--body",
         choices=["bilstm", "gpt"],
@@ -285,6 +287,8 @@ def _parser_train_classifier(sub) -> None:
     p.add_argument("--pooling", choices=["mean", "max", "last"], default="max")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--class-weights", action="store_true", help="weight classes by inverse frequency")
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+                   help="batches of similar-length texts (less padding); off: batches drawn purely at random")  # fmt: skip
     p.add_argument("--patience", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0 = each epoch)")
     p.add_argument(
@@ -743,6 +747,8 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         init=args.init,
         init_layers=args.init_layers,
         init_embeddings=args.init_embeddings,
+        freeze_embeddings=args.freeze_embeddings,
+        group_by_length=args.group_by_length,
         vocab_size=args.vocab_size,
         epochs=args.epochs,
         batch_size=args.batch_size,
