@@ -259,6 +259,10 @@ def test_cli_train_classify_and_eval(tmp_path, toy, capsys):
     assert "'neutral' that the classifier was not trained on" in capsys.readouterr().err
     assert main(["generate", str(out)]) == 2
     assert "is a text classifier" in capsys.readouterr().err
+    assert main(["train-classifier", "--data", str(train_path), "--out", str(tmp_path / "f"), "--freeze-embeddings",
+                 "--no-group-by-length", "--quiet"]) == 2  # fmt: skip
+    assert "freeze_embeddings keeps pretrained embeddings fixed" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
 
 
 def test_classifier_training_resumes_exactly_after_an_interruption(tmp_path, toy):
