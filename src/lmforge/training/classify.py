@@ -49,7 +49,9 @@ class ClassifierTrainConfig:
     init: str = ""  # a language-model checkpoint whose tokenizer and body to reuse
     init_layers: int = 0  # keep only the first N blocks of the --init body (0 = all): faster per example
     init_embeddings: str = ""  # word2vec/GloVe vectors for the word embedding of a from-scratch body
-    freeze_embeddings: bool = False  # keep the pretrained body's embeddings (token, positions) fixed: faster steps
+    freeze_embeddings: bool = (
+        False  # keep the pretrained body's embeddings (token, positions) fixed: faster steps
+    )
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # DP-SGD (off by default)
     vocab_size: int = 20000  # word vocabulary when training from scratch
