@@ -33,6 +33,7 @@ from lmforge.training import state as saved_state
 from lmforge.training.loop import Progress, Schedule, Trainee, run_loop
 from lmforge.training.metrics import MetricsLog, Reporter, parse_loggers, write_loss_plot
 from lmforge.training.optim import build_optimizers, lr_at, set_lr
+from lmforge.training.sources import length_grouped_batches
 from lmforge.training.state import STATE_DIR
 from lmforge.weights import load_weights, unique_state_dict
 
@@ -70,9 +71,6 @@ class ClassifierTrainConfig:
     device: str = "auto"
     progress: bool = True
     loggers: str = ""  # beside metrics.jsonl: csv, tensorboard (comma-separated)
-
-
-LENGTH_POOL = 50  # batches sorted together by length (group_by_length)
 
 
 def encode_batch(tokenizer: TextTokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -181,9 +179,9 @@ def evaluate_classifier(
 class ExampleSource:
     """Shuffled batches of labeled examples, a new order each epoch, for the shared loop.
 
-    With `group_by_length` each epoch's shuffled order is cut into pools of 50 batches, each pool
-    sorted by length and cut into batches, and the batches shuffled: a batch then holds texts of
-    similar length, so little of it is padding (short SST-2 phrases padded to a long sentence's
+    With `group_by_length` each epoch's shuffled order is grouped into batches of similar length
+    (`length_grouped_batches`, as the encoder–decoder's pairs are) and the batches shuffled: little
+    of a batch is then padding (short SST-2 phrases padded to a long sentence's
     length cost as much as long sentences). The epoch still visits every example once."""
 
     def __init__(
@@ -208,12 +206,7 @@ class ExampleSource:
         order = torch.randperm(len(self.encoded), generator=self.generator)
         if not self.group_by_length:
             return order
-        pool = LENGTH_POOL * self.batch_size
-        batches = []
-        for begin in range(0, len(order), pool):
-            chunk = order[begin : begin + pool]
-            chunk = chunk[torch.argsort(self.lengths[chunk], stable=True)]
-            batches += list(chunk.split(self.batch_size))
+        batches = length_grouped_batches(order, self.lengths, self.batch_size)
         # Shuffle the full batches; a short last batch stays last so that every batch is a
         # `batch_size` slice of the order (the order and a position are all a resume needs).
         full = [b for b in batches if len(b) == self.batch_size]

@@ -1,8 +1,8 @@
 """The batch source of encoder–decoder training: source/target pairs, batched by length.
 
-Each epoch the pairs are shuffled, cut into pools of 50 batches, each pool sorted by source length
-and cut into batches, and the batches shuffled: a batch holds pairs of similar length, so little
-of it is padding, and the order still changes every epoch. A batch is
+Each epoch the pairs are shuffled and grouped into batches of similar source length
+(`length_grouped_batches`), and the batches shuffled: little of a batch is padding, and the order
+still changes every epoch. A batch is
 
     source     (B, S)  token ids, right-padded          source_valid (B, S)  False on padding
     target_in  (B, T)  <|endoftext|> + target, padded   targets      (B, T)  target + <|endoftext|>,
@@ -23,9 +23,7 @@ import torch.nn.functional as F
 from lmforge.data.batches import IGNORE
 from lmforge.device import autocast
 from lmforge.errors import UserError
-from lmforge.training.sources import loss_scores
-
-POOL = 50  # batches sorted together by length
+from lmforge.training.sources import length_grouped_batches, loss_scores
 
 
 def boundary_id(tokenizer) -> int:
@@ -74,21 +72,14 @@ class PairSource:
         self.generator = torch.Generator().manual_seed(seed)
         self.batches: list[list[int]] = []
         self.position = 0
-        self.lengths = np.asarray([len(s) for s in self.sources])
+        self.lengths = torch.tensor([len(s) for s in self.sources])
 
     def _new_epoch(self) -> None:
-        order = torch.randperm(len(self.sources), generator=self.generator).numpy()
+        order = torch.randperm(len(self.sources), generator=self.generator)
         order = order[self.rank :: self.world_size]  # each process its own share of the pairs
-        pool = POOL * self.batch_size
-        batches = []
-        for begin in range(0, len(order), pool):
-            chunk = order[begin : begin + pool]
-            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            batches += [
-                chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)
-            ]
+        batches = length_grouped_batches(order, self.lengths, self.batch_size)
         shuffled = torch.randperm(len(batches), generator=self.generator).tolist()
-        self.batches, self.position = [batches[i] for i in shuffled], 0
+        self.batches, self.position = [batches[i].tolist() for i in shuffled], 0
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
         if self.position >= len(self.batches):

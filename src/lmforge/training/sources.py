@@ -27,6 +27,24 @@ import torch.nn as nn
 from lmforge.data.batches import IGNORE, ContiguousStreams, RandomWindows, fixed_windows, windows_to_tensors
 from lmforge.device import autocast
 
+LENGTH_POOL = 50  # batches sorted together by length
+
+
+def length_grouped_batches(order: torch.Tensor, lengths: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Batches of examples of similar length, from a shuffled `order` of example indices.
+
+    The order is cut into pools of 50 batches, each pool sorted by length (stable) and cut into
+    batches: a batch holds examples of similar length, so little of it is padding, while the
+    pools keep the epoch's randomness (the caller shuffles the batches). Only the very last
+    batch can be shorter than `batch_size`."""
+    pool = LENGTH_POOL * batch_size
+    batches: list[torch.Tensor] = []
+    for begin in range(0, len(order), pool):
+        chunk = order[begin : begin + pool]
+        chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
+        batches += list(chunk.split(batch_size))
+    return batches
+
 
 class BatchSource(Protocol):
     def next_batch(self) -> Any: ...
