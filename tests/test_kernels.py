@@ -30,7 +30,7 @@ def fake_timings(monkeypatch, seconds: dict[str, float]) -> list[str]:
     return measured
 
 
-@pytest.mark.parametrize("fastest", ["pack", "fbgemm", "dequantize"])
+@pytest.mark.parametrize("fastest", ["pack", "fbgemm", "dequantize", "native"])
 def test_the_int8_kernel_is_the_one_measured_fastest(fresh_cache, monkeypatch, fastest):
     if f"int8-{fastest}" not in kernels._candidates_names(64, 96):
         pytest.fail(f"this torch build lacks the {fastest} kernel the test expects")
@@ -65,7 +65,7 @@ def test_a_precision_slower_than_float32_here_says_so(fresh_cache, monkeypatch, 
     tokenizer = train_char_tokenizer(["abcdefghij klmnop"])
     save_checkpoint(tmp_path / "run", build_model(cfg), Config(model=cfg), tokenizer, {})
     slow_int8 = {"float32": 1.0, "float32-blocked": 1.0, "bfloat16": 0.5, "int8-pack": 3.0, "int8-fbgemm": 2.0,
-                 "int8-dequantize": 4.0}  # fmt: skip
+                 "int8-dequantize": 4.0, "int8-native": 2.5}  # fmt: skip
     fake_timings(monkeypatch, slow_int8)
     import lmforge.inference
 
@@ -86,4 +86,5 @@ def test_real_measurements_cover_every_kernel(fresh_cache):
     measured = kernels.timings(64, 256)
     assert set(measured) == set(kernels._candidates_names(64, 256))
     assert all(0 < t < 1 for t in measured.values())
-    assert kernels.fastest_int8_kernel(64, 256) in ("pack", "fbgemm", "dequantize")
+    assert kernels.fastest_int8_kernel(64, 256) in ("pack", "fbgemm", "dequantize", "native")
+    assert kernels.fastest_int8_kernel(64, 256, weight_only=True) in ("pack", "dequantize", "native")

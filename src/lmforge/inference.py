@@ -4,9 +4,10 @@ and matrix-vector products that use every CPU core.
 int8 quantisation stores each linear layer's weight as int8 with one float scale
 per output channel (symmetric, round to nearest). Which kernel multiplies is measured on
 this CPU for each weight shape (kernels.py), among PyTorch's int8 weight-pack kernel
-(weight-only: activations stay float), FBGEMM's dynamically quantised linear kernel (it
-also quantises each input to int8 on the fly) and dequantising on the fly: which one is
-fast depends on the CPU, not on a flag. On GPUs the weight is dequantised on the fly
+(weight-only: activations stay float), lmforge's own weight-only kernel (native/, compiled
+for this CPU on first use), FBGEMM's dynamically quantised linear kernel (it also quantises
+each input to int8 on the fly) and dequantising on the fly: which one is fast depends on the
+CPU, not on a flag. On GPUs the weight is dequantised on the fly
 (saves memory, not time). When the requested precision (int8, bfloat16) measures slower
 than float32 here, loading says so.
 """
@@ -47,6 +48,13 @@ class Int8Linear(nn.Module):
             self._packed = torch.ops.quantized.linear_prepack(quantized, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "native" and x.device.type == "cpu" and x.numel() <= 16 * self.in_features:
+            from lmforge.native import int8_linear
+
+            if not hasattr(self, "_scale32"):  # the C kernel takes float32 scales and bias
+                self._scale32 = self.scale.float().contiguous()
+                self._bias32 = None if self.bias is None else self.bias.detach().float().contiguous()
+            return int8_linear(x.float(), self.weight_int8, self._scale32, self._bias32).to(x.dtype)
         if self.kernel == "fbgemm":
             shape = x.shape
             y = torch.ops.quantized.linear_dynamic(x.float().reshape(-1, shape[-1]), self._packed, True)
@@ -116,8 +124,10 @@ def _keep_int8_faithful(model: nn.Module, probe: tuple[torch.Tensor, torch.Tenso
     changed = (model(idx)[0][0].argmax(-1) != reference).float().mean().item()
     if changed <= 0.10:
         return None
+    from lmforge.kernels import fastest_int8_kernel
+
     for layer in layers:
-        layer.kernel = "pack" if hasattr(torch.ops.aten, "_weight_int8pack_mm") else "dequantize"
+        layer.kernel = fastest_int8_kernel(layer.in_features, layer.out_features, weight_only=True)
     after = (model(idx)[0][0].argmax(-1) != reference).float().mean().item()
     return (f"int8 with quantised activations (FBGEMM, the fastest int8 kernel here) changed {100 * changed:.0f}% "
             f"of this model's next-token choices on a sample text; using weight-only int8 instead "

@@ -155,7 +155,18 @@ def _candidates(in_features: int, out_features: int) -> dict[str, Callable[[], o
         packed = torch.ops.quantized.linear_prepack(quantized, None)
         kernels["int8-fbgemm"] = lambda: torch.ops.quantized.linear_dynamic(x, packed, True)
     kernels["int8-dequantize"] = lambda: F.linear(x, int8.float() * scale[:, None])
+    if native_available():
+        from lmforge.native import int8_linear
+
+        kernels["int8-native"] = lambda: int8_linear(x, int8, scale, None)
     return kernels
+
+
+def native_available() -> bool:
+    """Whether lmforge's own int8 kernel (native/) is built, or can be, on this machine."""
+    from lmforge.native import library
+
+    return library() is not None
 
 
 def timings(in_features: int, out_features: int) -> dict[str, float]:
@@ -179,13 +190,18 @@ def _candidates_names(in_features: int, out_features: int) -> list[str]:
         names.append("int8-pack")
     if "fbgemm" in torch.backends.quantized.supported_engines:
         names.append("int8-fbgemm")
+    if native_available():
+        names.append("int8-native")
     return names
 
 
-def fastest_int8_kernel(in_features: int, out_features: int) -> str:
-    """'pack', 'fbgemm' or 'dequantize': whichever multiplies this shape fastest here."""
+def fastest_int8_kernel(in_features: int, out_features: int, weight_only: bool = False) -> str:
+    """'pack', 'native', 'fbgemm' or 'dequantize': whichever multiplies this shape fastest here
+    (`weight_only`: among those that keep the activations in float, i.e. not FBGEMM)."""
     measured = timings(in_features, out_features)
     int8 = {name: t for name, t in measured.items() if name.startswith("int8-")}
+    if weight_only:
+        int8.pop("int8-fbgemm", None)
     return min(int8, key=int8.get).removeprefix("int8-")
 
 

@@ -1,0 +1,95 @@
+"""lmforge's own compiled kernel: a weight-only int8 linear layer for decoding (int8_linear.c).
+
+The C file is compiled on first use with the system's C compiler (`$CC`, else `cc`) for this very
+CPU (`-march=native`) and kept in the cache, keyed by the source, the compiler and the CPU:
+
+    $LMFORGE_CACHE_DIR/native/int8_linear-<key>.so
+
+Without a compiler (or if the build fails) `library()` returns None, `why_unavailable()` says why,
+and the kernel is simply not among the candidates that kernels.py times: nothing else changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("int8_linear.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def _build(compiler: str) -> Path:
+    from lmforge.io import cache_dir
+    from lmforge.kernels import machine_key
+
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, machine_key(), *FLAGS]).encode())
+    target = cache_dir() / "native" / f"int8_linear-{key.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
+    os.close(handle)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise OSError(f"{compiler} failed: {done.stderr.strip()[:500]}")
+        os.replace(partial, target)  # whole or not at all, even with several processes building at once
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel library, built on first use; None where it cannot be built."""
+    global _library, _failure
+    with _lock:
+        if _library is None and _failure is None:
+            compiler = _compiler()
+            if compiler is None:
+                _failure = "no C compiler found (set CC)"
+            else:
+                try:
+                    lib = ctypes.CDLL(str(_build(compiler)))
+                    lib.int8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+                    lib.int8_linear.restype = None
+                    _library = lib
+                except OSError as e:
+                    _failure = str(e)
+        return _library
+
+
+def why_unavailable() -> str | None:
+    library()
+    return _failure
+
+
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (..., in) float32 on the CPU times the int8 `weight` (out, in) with float32 per-row `scale`."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native int8 kernel is unavailable: {_failure}")
+    out_features, in_features = weight.shape
+    flat = x.reshape(-1, in_features).contiguous()
+    y = torch.empty(flat.shape[0], out_features, dtype=torch.float32)
+    lib.int8_linear(flat.data_ptr(), weight.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                    y.data_ptr(), flat.shape[0], in_features, out_features, torch.get_num_threads())  # fmt: skip
+    return y.view(*x.shape[:-1], out_features)

@@ -1,0 +1,66 @@
+"""lmforge's own weight-only int8 kernel (native/int8_linear.c): built here, equal to the
+dequantised product, and simply absent (never an error) where it cannot be built."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge import kernels, native
+from lmforge.inference import Int8Linear
+
+
+def quantized(out_features: int, in_features: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    scale = weight.abs().amax(dim=1) / 127.0
+    return (weight / scale[:, None]).round().to(torch.int8), scale
+
+
+def test_the_kernel_builds_on_this_machine():
+    assert native.library() is not None, native.why_unavailable()
+    assert "int8-native" in kernels._candidates_names(64, 96)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+@pytest.mark.parametrize(("in_features", "out_features"), [(64, 96), (37, 11), (576, 1536), (1536, 40)])
+def test_equals_the_dequantised_product(rows, in_features, out_features):
+    weight, scale = quantized(out_features, in_features)
+    bias = torch.randn(out_features)
+    x = torch.randn(rows, in_features)
+    reference = F.linear(x, weight.float() * scale[:, None], bias)
+    got = native.int8_linear(x, weight, scale, bias)
+    assert got.shape == (rows, out_features)
+    assert torch.allclose(got, reference, atol=1e-4, rtol=1e-4)
+    no_bias = native.int8_linear(x.view(1, rows, in_features), weight, scale, None)
+    assert no_bias.shape == (1, rows, out_features)
+    assert torch.allclose(no_bias[0], reference - bias, atol=1e-4, rtol=1e-4)
+
+
+def test_a_layer_on_the_native_kernel_takes_any_number_of_rows():
+    layer = Int8Linear(torch.nn.Linear(48, 80))
+    layer.kernel = "native"
+    for shape in [(1, 1, 48), (2, 8, 48), (3, 20, 48)]:  # 60 rows: past the kernel's 16, dequantised instead
+        x = torch.randn(shape)
+        reference = F.linear(x, layer.weight_int8.float() * layer.scale[:, None], layer.bias)
+        assert torch.allclose(layer(x), reference, atol=1e-4)
+
+
+def test_without_a_compiler_the_kernel_is_just_not_a_candidate(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert native.library() is None
+    assert "no C compiler" in native.why_unavailable()
+    assert "int8-native" not in kernels._candidates_names(64, 96)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        native.int8_linear(torch.randn(1, 4), *quantized(3, 4), None)
+
+
+def test_a_failed_build_leaves_no_library_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    with pytest.raises(OSError, match="failed"):
+        native._build(native._compiler())
+    assert list((tmp_path / "native").iterdir()) == []
