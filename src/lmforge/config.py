@@ -120,7 +120,10 @@ class TrainConfig:
     patience: int = option(0, "stop after this many evaluations without improvement (0 = off)", ge=0)
     target_loss: float = option(0.0, "stop once validation loss reaches this (0 = off)", ge=0.0)
     max_time_s: float = option(
-        0.0, "stop (with a final evaluation) after this many seconds (0 = off)", ge=0.0
+        0.0,
+        "stop (with a final evaluation) after this many seconds (0 = off); the learning-rate "
+        "schedule then ends with the budget (single-process runs)",
+        ge=0.0,
     )
     seed: int = option(1337, "seed of every random generator", ge=0, le=2**63 - 1)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -457,8 +458,22 @@ def _trainee(run: _Run) -> Trainee:
         compiled, dp_optimizer = private.make_private(run.model, run.optimizers[0], run.privacy)
         optimizers = [dp_optimizer]
 
+    first_call: list[tuple[int, float]] = []  # (step, time) when this process began stepping
+
     def set_step_lr(step: int) -> float:
-        lr = lr_at(step, config.optim, config.train.max_iters)
+        # Under a time budget (train.max_time_s) the schedule ends when the budget does, its steps
+        # estimated from this process's speed so far (evaluations included), so that the learning
+        # rate has decayed by the time training stops, on a fast machine or a slow one. Under
+        # torchrun every rank must use the same rate, so there the schedule stays max_iters long.
+        horizon, tc = config.train.max_iters, config.train
+        if tc.max_time_s and not dist.active:
+            now = time.perf_counter()
+            first_call[:] = first_call or [(step, now)]
+            begun, since = first_call[0]
+            if step - begun >= 20:
+                steps_left = (tc.max_time_s - run.progress.elapsed()) * (step - begun) / (now - since)
+                horizon = min(tc.max_iters, max(step + 1, int(step + steps_left)))
+        lr = lr_at(step, config.optim, horizon)
         set_lr(run.optimizers, lr, config.optim)
         return lr
 
