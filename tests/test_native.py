@@ -48,6 +48,7 @@ def test_a_layer_on_the_native_kernel_takes_any_number_of_rows():
 def test_without_a_compiler_the_kernel_is_just_not_a_candidate(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_library", None)
     monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr(native, "_function", None)
     monkeypatch.setattr(native, "_compiler", lambda: None)
     assert native.library() is None
     assert "no C compiler" in native.why_unavailable()
@@ -64,3 +65,18 @@ def test_a_failed_build_leaves_no_library_file(monkeypatch, tmp_path):
     with pytest.raises(OSError, match="failed"):
         native._build(native._compiler())
     assert list((tmp_path / "native").iterdir()) == []
+
+
+def test_fused_gate_up_gives_the_same_outputs():
+    from lmforge.config import ModelConfig
+    from lmforge.inference import fuse_projections
+    from lmforge.models import build_model
+
+    cfg = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, activation="swiglu",
+                      norm="rmsnorm", pos_encoding="rope", bias=True)  # fmt: skip
+    model = build_model(cfg).eval()
+    ids = torch.randint(0, 50, (2, 10))
+    before = model(ids)[0]
+    fuse_projections(model)
+    assert all(block.mlp.c_gate_up is not None and not hasattr(block.mlp, "c_gate") for block in model.blocks)
+    assert torch.allclose(model(ids)[0], before, atol=1e-5)

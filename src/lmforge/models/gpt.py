@@ -322,9 +322,29 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.c_proj.is_residual_projection = True
+        self.c_gate_up: nn.Linear | None = None  # set by fuse_gate_up (inference)
+
+    def fuse_gate_up(self) -> None:
+        """For inference: SwiGLU's gate and up projections as one product (rows: gate, then up), so
+        that decoding makes one pass and one kernel call where it made two. The state dict changes
+        (c_gate_up replaces c_gate and c_fc), so a fused model is for inference, not for saving."""
+        if self.activation != "swiglu" or self.c_gate_up is not None:
+            return
+        gate, up = self.c_gate, self.c_fc
+        fused = nn.Linear(gate.in_features, 2 * gate.out_features, bias=gate.bias is not None,
+                          device=gate.weight.device, dtype=gate.weight.dtype)  # fmt: skip
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([gate.weight, up.weight]))
+            if gate.bias is not None:
+                fused.bias.copy_(torch.cat([gate.bias, up.bias]))
+        self.c_gate_up = fused
+        del self.c_gate, self.c_fc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation == "swiglu":
+        if self.c_gate_up is not None:
+            gate, up = self.c_gate_up(x).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.activation == "swiglu":
             h = F.silu(self.c_gate(x)) * self.c_fc(x)
         elif self.activation == "relu2":
             h = F.relu(self.c_fc(x)).square()

@@ -83,13 +83,25 @@ def why_unavailable() -> str | None:
 def int8_linear(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """x (..., in) float32 on the CPU times the int8 `weight` (out, in) with float32 per-row `scale`."""
+    """x (..., in) float32 on the CPU times the int8 `weight` (out, in) with float32 per-row `scale`.
+    Called ~150 times per decoded token, so it does no more than it must in Python."""
+    function = _function or _load_function()
+    out_features, in_features = weight.shape
+    if not x.is_contiguous():
+        x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
+    function(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
+             y.data_ptr(), x.numel() // in_features, in_features, out_features, torch.get_num_threads())  # fmt: skip
+    return y
+
+
+_function = None  # the C function, once loaded
+
+
+def _load_function():
+    global _function
     lib = library()
     if lib is None:
         raise RuntimeError(f"the native int8 kernel is unavailable: {_failure}")
-    out_features, in_features = weight.shape
-    flat = x.reshape(-1, in_features).contiguous()
-    y = torch.empty(flat.shape[0], out_features, dtype=torch.float32)
-    lib.int8_linear(flat.data_ptr(), weight.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                    y.data_ptr(), flat.shape[0], in_features, out_features, torch.get_num_threads())  # fmt: skip
-    return y.view(*x.shape[:-1], out_features)
+    _function = lib.int8_linear
+    return _function
