@@ -160,6 +160,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default=str(RESULTS / "serve_load.json"))
+    parser.add_argument(
+        "--quantize", default="none", choices=["none", "int8"], help="as `lmforge serve --quantize`"
+    )
     args = parser.parse_args()
 
     from lmforge.chat import chat_template_of
@@ -168,7 +171,7 @@ def main() -> None:
 
     set_threads(0)
     gguf = str(smollm2())
-    model, tokenizer = load_for_inference(gguf)  # as `lmforge serve` loads it
+    model, tokenizer = load_for_inference(gguf, quantize=args.quantize)  # as `lmforge serve` loads it
     template = chat_template_of(gguf)
     settings = [
         ("single stream (1 client)", 1),
@@ -192,7 +195,8 @@ def main() -> None:
     result = {
         "benchmark": "serve_load",
         "machine": machine_info(),
-        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised), float32",
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised), "
+        + ("int8 weights" if args.quantize == "int8" else "float32"),
         "clients": args.clients,
         "requests_per_client": args.requests,
         "max_tokens": f"{args.max_tokens // 2}..{args.max_tokens // 2 + args.max_tokens} by request",

@@ -24,6 +24,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("int8_linear.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+LIBRARIES = ["-lm"]  # after the source, where the linker looks for what it needs
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -39,7 +40,9 @@ def _build(compiler: str) -> Path:
     from lmforge.kernels import machine_key
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, machine_key(), *FLAGS]).encode())
+    key = hashlib.sha256(
+        "\n".join([SOURCE.read_text(), compiler, version, machine_key(), *FLAGS, *LIBRARIES]).encode()
+    )
     target = cache_dir() / "native" / f"int8_linear-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
@@ -47,7 +50,8 @@ def _build(compiler: str) -> Path:
     handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
     os.close(handle)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True)
+        command = [compiler, *FLAGS, str(SOURCE), "-o", partial, *LIBRARIES]
+        done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise OSError(f"{compiler} failed: {done.stderr.strip()[:500]}")
         os.replace(partial, target)  # whole or not at all, even with several processes building at once

@@ -5,14 +5,18 @@
  * the weights: int8 reads a quarter of float32's bytes. PyTorch's own weight-only int8 kernel has
  * no fast path on CPUs without AVX-512 (measured 27x slower than float32 on an AVX2 EPYC), hence
  * this one: each thread takes a contiguous band of output channels and streams its weight rows
- * once, converting 32 int8 weights at a time to float and accumulating with FMA into four
- * independent sums (one sum would wait on the FMA latency). With several input rows (a batch of
+ * once. For one input row (decoding one sequence) the input is first rounded to int16 per block
+ * of 32 values (one float scale per block: a relative error below 2e-5 of the block's largest
+ * value, far below int8 weights' own) so that weights multiply with integer `madd`s: 16 weights
+ * a step, half the instructions of widening them to float, 1.7x faster where the weights sit in
+ * the cache. With several input rows (a batch of
  * sequences) each group of 8 weights is converted once and multiplied into up to 8 rows' sums
  * held in registers, so the weights are read once per step whatever the batch.
  *
  * Built on first use with the system C compiler (-O3 -march=native -fopenmp, see __init__.py);
  * OpenMP resolves to the libgomp that PyTorch has already loaded, so both share one thread pool.
  */
+#include <math.h>
 #include <stdint.h>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -47,6 +51,27 @@ static float dot_int8(const int8_t *w, const float *x, int64_t n) {
     return sum;
 }
 
+/* sum over blocks of 32 of (sum_k w[k] * q[k]) * qs[block], q the input rounded to int16 */
+static float dot_int16(const int8_t *w, const int16_t *q, const float *qs, int64_t blocks) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b < blocks; b++) {
+        const int8_t *wb = w + b * 32;
+        const int16_t *qb = q + b * 32;
+        __m256i lo = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb)),
+                                       _mm256_loadu_si256((const __m256i *)qb));
+        __m256i hi = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wb + 16))),
+                                       _mm256_loadu_si256((const __m256i *)(qb + 16)));
+        __m256 block = _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)); /* |sum| < 2^23: exact */
+        if (b & 1)
+            a1 = _mm256_fmadd_ps(block, _mm256_set1_ps(qs[b]), a1);
+        else
+            a0 = _mm256_fmadd_ps(block, _mm256_set1_ps(qs[b]), a0);
+    }
+    return hsum(_mm256_add_ps(a0, a1));
+}
+#define HAVE_INT16_PATH 1
+
 /* out[r] = sum_k w[k] * x[r * in + k] for R (at most 8) rows: each 8 weights converted once */
 static inline void dot_rows(const int8_t *w, const float *x, int64_t in, const int R, float *out) {
     __m256 acc[8];
@@ -76,8 +101,30 @@ static void dot_rows(const int8_t *w, const float *x, int64_t in, const int R, f
 }
 #endif
 
+/* x rounded to int16 per block of 32: q = round(x / s), s = max|x_block| / 32767 */
+static void round_to_int16(const float *x, int64_t in, int16_t *q, float *qs) {
+    for (int64_t b = 0; b < in / 32; b++) {
+        float largest = 0.0f;
+        for (int j = 0; j < 32; j++) largest = fmaxf(largest, fabsf(x[b * 32 + j]));
+        float inverse = largest > 0.0f ? 32767.0f / largest : 0.0f;
+        qs[b] = largest / 32767.0f;
+        for (int j = 0; j < 32; j++) q[b * 32 + j] = (int16_t)lrintf(x[b * 32 + j] * inverse);
+    }
+}
+
 void int8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
                  int64_t rows, int64_t in, int64_t out, int threads) {
+#ifdef HAVE_INT16_PATH
+    if (rows == 1 && in % 32 == 0 && in <= 16384) {
+        int16_t q[16384];
+        float qs[512];
+        round_to_int16(x, in, q, qs);
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t o = 0; o < out; o++)
+            y[o] = dot_int16(w + o * in, q, qs, in / 32) * scale[o] + (bias ? bias[o] : 0.0f);
+        return;
+    }
+#endif
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < out; o++) {
         const int8_t *wo = w + o * in;
