@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -93,3 +94,18 @@ def physical_cores() -> int:
 
 def set_threads(threads: int) -> None:
     torch.set_num_threads(threads if threads > 0 else physical_cores())
+
+
+def machine_key() -> str:
+    """The CPU model, its vector flags and the torch version: timings are valid for this triple."""
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
+    return f"{model} [{' '.join(f for f in wanted if f in flags)}] torch {torch.__version__}"

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.device import machine_key
+
 _lock = threading.Lock()
 _timings: dict[str, float] | None = None  # this machine's entries of the cache file
 
@@ -69,21 +71,6 @@ class BlockedMatvecLinear(nn.Module):
             bias = None if self.bias is None else self.bias[self.blocked_rows :]
             y = torch.cat([y, F.linear(flat, rest, bias)], dim=1)
         return y.reshape(*x.shape[:-1], self.out_features)
-
-
-def machine_key() -> str:
-    """The CPU model, its vector flags and the torch version: timings are valid for this triple."""
-    model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
-    return f"{model} [{' '.join(f for f in wanted if f in flags)}] torch {torch.__version__}"
 
 
 def _cache_file() -> Path:

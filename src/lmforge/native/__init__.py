@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from lmforge.device import machine_key
+
 SOURCE = Path(__file__).with_name("int8_linear.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 LIBRARIES = ["-lm"]  # after the source, where the linker looks for what it needs
@@ -37,7 +39,6 @@ def _compiler() -> str | None:
 
 def _build(compiler: str) -> Path:
     from lmforge.io import cache_dir
-    from lmforge.kernels import machine_key
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
