@@ -333,10 +333,19 @@ def test_classifier_settings_are_checked_before_any_work(tmp_path, toy, change, 
 
 
 def test_a_time_budget_sets_the_schedules_length():
-    from lmforge.training.classify import steps_in_budget
+    from lmforge.training.optim import BudgetHorizon
 
-    assert steps_in_budget(50, 10.0, 0.0, 1000) == 1000  # no budget: the epochs' steps
-    assert steps_in_budget(5, 1.0, 60.0, 1000) == 1000  # too early to tell
-    assert steps_in_budget(50, 10.0, 60.0, 1000) == 300  # 5 steps/s for 60 s
-    assert steps_in_budget(50, 10.0, 6000.0, 1000) == 1000  # never beyond the epochs
-    assert steps_in_budget(50, 100.0, 60.0, 1000) == 51  # over budget already: the schedule ends now
+    def horizon(budget_s, step, spent_s, first_step=0):
+        h = BudgetHorizon(budget_s, 1000)
+        h(first_step, 0.0, now=100.0)  # the clock starts at this process's first step
+        return h(step, spent_s, now=100.0 + spent_s)
+
+    assert horizon(0.0, 50, 10.0) == 1000  # no budget: the epochs' steps
+    assert horizon(60.0, 5, 1.0) == 1000  # too early to tell
+    assert horizon(60.0, 50, 10.0) == 300  # 5 steps/s for 60 s
+    assert horizon(6000.0, 50, 10.0) == 1000  # never beyond the epochs
+    assert horizon(60.0, 50, 100.0) == 51  # over budget already: the schedule ends now
+    # a resumed run: 400 steps done in an earlier process, 50 more in 10 s, 30 s of the 60 left
+    h = BudgetHorizon(60.0, 1000)
+    h(400, 30.0, now=0.0)
+    assert h(450, 40.0, now=10.0) == 450 + 100  # 5 steps/s for the 20 s left

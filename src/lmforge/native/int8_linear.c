@@ -9,9 +9,9 @@
  * of 32 values (one float scale per block: a relative error below 2e-5 of the block's largest
  * value, far below int8 weights' own) so that weights multiply with integer `madd`s: 16 weights
  * a step, half the instructions of widening them to float, 1.7x faster where the weights sit in
- * the cache. With several input rows (a batch of
- * sequences) each group of 8 weights is converted once and multiplied into up to 8 rows' sums
- * held in registers, so the weights are read once per step whatever the batch.
+ * the cache. With several input rows (a batch of sequences) each group of 8 weights is widened
+ * once and multiplied into up to 8 rows' sums held in registers, so the weights are read once per
+ * step whatever the batch.
  *
  * Built on first use with the system C compiler (-O3 -march=native -fopenmp, see __init__.py);
  * OpenMP resolves to the libgomp that PyTorch has already loaded, so both share one thread pool.
@@ -62,7 +62,7 @@ static float dot_int16(const int8_t *w, const int16_t *q, const float *qs, int64
                                        _mm256_loadu_si256((const __m256i *)qb));
         __m256i hi = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wb + 16))),
                                        _mm256_loadu_si256((const __m256i *)(qb + 16)));
-        __m256 block = _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)); /* |sum| < 2^23: exact */
+        __m256 block = _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)); /* |sum| <= 4*127*32768 < 2^24: exact */
         if (b & 1)
             a1 = _mm256_fmadd_ps(block, _mm256_set1_ps(qs[b]), a1);
         else

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from lmforge.training import privacy as private
 from lmforge.training import state as saved_state
 from lmforge.training.loop import Progress, Schedule, Trainee, run_loop
 from lmforge.training.metrics import MetricsLog, Reporter, parse_loggers, write_loss_plot
-from lmforge.training.optim import build_optimizers, lr_at, set_lr
+from lmforge.training.optim import BudgetHorizon, build_optimizers, lr_at, set_lr
 from lmforge.training.sources import length_grouped_batches
 from lmforge.training.state import STATE_DIR
 from lmforge.weights import load_weights, unique_state_dict
@@ -396,14 +395,12 @@ def _classifier_trainee(
                         patience=cfg.patience, max_time_s=cfg.max_minutes * 60, monitor="val_accuracy",
                         higher_is_better=True)  # fmt: skip
 
-    started: list[float] = []
+    # Under a time budget the schedule ends when the budget does (its steps estimated from the
+    # speed so far), so that the learning rate has decayed by the time training stops.
+    horizon = BudgetHorizon(cfg.max_minutes * 60, total_steps)
 
     def set_step_lr(step: int) -> float:
-        # Under a time budget the schedule ends when the budget does (its steps estimated from the
-        # speed so far), so that the learning rate has decayed by the time training stops.
-        started[:] = started or [time.perf_counter()]
-        horizon = steps_in_budget(step, time.perf_counter() - started[0], cfg.max_minutes * 60, total_steps)
-        lr = lr_at(step, ocfg, horizon)
+        lr = lr_at(step, ocfg, horizon(step))
         set_lr(optimizers, lr, ocfg)
         return lr
 
@@ -424,14 +421,6 @@ def _classifier_trainee(
                       source=source, set_lr=set_step_lr, save_best=save_best, save_state=save_state, device=device,
                       report=(lambda p: {"epsilon": privacy.epsilon(p.step)}) if privacy else None)  # fmt: skip
     return trainee, schedule, label_set
-
-
-def steps_in_budget(step: int, spent_s: float, budget_s: float, total_steps: int, warm: int = 20) -> int:
-    """How many steps a time budget will allow, from the speed of the first `step` steps (all of
-    `total_steps` without a budget, or before `warm` steps have given a speed to go by)."""
-    if budget_s <= 0 or step < warm or spent_s <= 0:
-        return total_steps
-    return max(step + 1, min(total_steps, int(step * budget_s / spent_s)))
 
 
 def _scores(model, tokenizer, label_set, texts, gold, device) -> dict[str, float]:

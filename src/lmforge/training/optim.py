@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn as nn
@@ -35,6 +36,28 @@ def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
         return cfg.min_lr
     progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+class BudgetHorizon:
+    """Where a learning-rate schedule should end so that it ends with a time budget: the steps the
+    budget allows, from this process's speed since its first call (evaluations included), at most
+    `total_steps`; `total_steps` itself without a budget or before `warm` steps give a speed."""
+
+    def __init__(self, budget_s: float, total_steps: int, warm: int = 20):
+        self.budget_s, self.total_steps, self.warm = budget_s, total_steps, warm
+        self.first: tuple[int, float] | None = None  # (step, clock) of the first call
+
+    def __call__(self, step: int, elapsed_s: float | None = None, now: float | None = None) -> int:
+        """`elapsed_s`: budget already spent (a resumed run counts its earlier time); by default the
+        time since the first call."""
+        now = time.perf_counter() if now is None else now
+        self.first = self.first or (step, now)
+        begun, since = self.first
+        elapsed_s = now - since if elapsed_s is None else elapsed_s
+        if self.budget_s <= 0 or step - begun < self.warm or now <= since:
+            return self.total_steps
+        steps_left = (self.budget_s - elapsed_s) * (step - begun) / (now - since)
+        return max(step + 1, min(self.total_steps, int(step + steps_left)))
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from lmforge.training import state as saved_state
 from lmforge.training.distributed import Distributed, from_environment
 from lmforge.training.loop import Progress, Schedule, Trainee, run_loop
 from lmforge.training.metrics import MetricsLog, Reporter, write_loss_plot
-from lmforge.training.optim import build_optimizers, lr_at, set_lr
+from lmforge.training.optim import BudgetHorizon, build_optimizers, lr_at, set_lr
 from lmforge.training.privacy import Privacy
 from lmforge.training.sources import BatchSource, MaskedWindowSource, StreamSource, WindowSource
 
@@ -458,22 +457,14 @@ def _trainee(run: _Run) -> Trainee:
         compiled, dp_optimizer = private.make_private(run.model, run.optimizers[0], run.privacy)
         optimizers = [dp_optimizer]
 
-    first_call: list[tuple[int, float]] = []  # (step, time) when this process began stepping
+    # Under a time budget (train.max_time_s) the schedule ends when the budget does, so that the
+    # learning rate has decayed by the time training stops, on a fast machine or a slow one. Under
+    # torchrun every rank must use the same rate, so there the schedule stays max_iters long.
+    budget = 0.0 if dist.active else config.train.max_time_s
+    horizon = BudgetHorizon(budget, config.train.max_iters)
 
     def set_step_lr(step: int) -> float:
-        # Under a time budget (train.max_time_s) the schedule ends when the budget does, its steps
-        # estimated from this process's speed so far (evaluations included), so that the learning
-        # rate has decayed by the time training stops, on a fast machine or a slow one. Under
-        # torchrun every rank must use the same rate, so there the schedule stays max_iters long.
-        horizon, tc = config.train.max_iters, config.train
-        if tc.max_time_s and not dist.active:
-            now = time.perf_counter()
-            first_call[:] = first_call or [(step, now)]
-            begun, since = first_call[0]
-            if step - begun >= 20:
-                steps_left = (tc.max_time_s - run.progress.elapsed()) * (step - begun) / (now - since)
-                horizon = min(tc.max_iters, max(step + 1, int(step + steps_left)))
-        lr = lr_at(step, config.optim, horizon)
+        lr = lr_at(step, config.optim, horizon(step, run.progress.elapsed()))
         set_lr(run.optimizers, lr, config.optim)
         return lr
 
