@@ -74,7 +74,9 @@ def test_a_precision_slower_than_float32_here_says_so(fresh_cache, monkeypatch, 
     )  # (quality: see real_models)
     notes = []
     load_for_inference(str(tmp_path / "run"), quantize="int8", notice=notes.append)
-    assert len(notes) == 1 and "--quantize int8 measures 0.50x float32's decoding speed" in notes[0]
+    # The whole-step native decoder (native/decoding.py) is attached to this GPT: each of its products
+    # is counted at the native kernel's time (2.5 against float32's 1.0), not at FBGEMM's.
+    assert len(notes) == 1 and "--quantize int8 measures 0.40x float32's decoding speed" in notes[0]
     notes.clear()
     load_for_inference(str(tmp_path / "run"), dtype="bfloat16", notice=notes.append)  # faster here: quiet
     assert notes == []

@@ -72,7 +72,7 @@ def test_a_failed_build_leaves_no_library_file(monkeypatch, tmp_path):
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
-    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "SOURCES", [broken])
     with pytest.raises(OSError, match="failed"):
         native._build(native._compiler())
     assert list((tmp_path / "native").iterdir()) == []

@@ -389,5 +389,29 @@ def test_int8_keeps_smollm2_faithful_by_falling_back_to_weight_only(smollm2, loa
     assert not switched or "fbgemm" not in kernels  # an announced fallback happened
     prompt = chat_prompt(open_checkpoint(smollm2).chat_template,
                          [{"role": "user", "content": "What is the capital of France?"}])  # fmt: skip
+    model.native_decoder = None  # PyTorch's path first, on weight-only int8 kernels
+    for layer in model.modules():
+        if isinstance(layer, Int8Linear) and layer.kernel == "fbgemm":
+            layer.kernel = "dequantize"
     reply = generate(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=12, temperature=0))[0]
     assert "Paris" in reply
+    # The whole-step native decoder (attached when it measures faster here) against PyTorch's path on
+    # the same int8 weights: the same logits within the int16 rounding of its inputs, the same answer.
+    from lmforge.native.decoding import NativeDecoder
+
+    decoder = NativeDecoder(model)
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    with torch.inference_mode():
+        reference, native = model.new_cache(1, 64), model.new_cache(1, 64)
+        for cache in (reference, native):
+            model(ids, cache=cache)
+        for token in tokenizer.encode(" The capital of France is Paris."):
+            step, at = torch.tensor([token]), torch.tensor([reference.length])
+            expected = model(step[:, None], cache=reference, positions=at[:, None])[0][:, -1]
+            got = decoder.step(step, at, native)
+            assert (got - expected).abs().max() <= 1e-3 * expected.abs().max()
+            assert got.argmax() == expected.argmax()
+    model.native_decoder = decoder
+    assert (
+        generate(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=12, temperature=0))[0] == reply
+    )

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from lmforge.compiled import can_compile, decode_one, static_capacity
 from lmforge.errors import UserError
 from lmforge.generation_config import GenerationConfig, generation_settings  # noqa: F401  (re-exported)
+from lmforge.native.decoding import step_logits
 from lmforge.tokenizers import TextTokenizer
 
 # ---- logits processing ----------------------------------------------------------------
@@ -290,7 +291,7 @@ def decode_steps(
         if compiled and getattr(model, "compile_decoding", False):
             logits = decode_one(model, token, positions[:, -1], cache)[:, None]
         elif use_cache and (sliding or ids.shape[1] <= block_size):
-            logits, _ = model(token[:, None], cache=cache, positions=positions[:, -1:])
+            logits = step_logits(model, token, positions[:, -1], cache)[:, None]
         else:
             # Recompute over the last block_size tokens (learned/sinusoidal positions beyond
             # the context re-encode the window; positions restart at 0 like in training).

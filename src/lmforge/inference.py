@@ -152,10 +152,11 @@ def slower_precision_notice(model: nn.Module, precision: str) -> str | None:
 
     if precision == "int8":
         chosen = float32 = 0.0
+        native_step = getattr(model, "native_decoder", None) is not None  # every product by the native kernel
         for layer in model.modules():
             if isinstance(layer, Int8Linear):
                 measured = timings(layer.in_features, layer.out_features)
-                chosen += measured.get(f"int8-{layer.kernel}", 0.0)
+                chosen += measured.get("int8-native" if native_step else f"int8-{layer.kernel}", 0.0)
                 float32 += min(t for name, t in measured.items() if name.startswith("float32"))
     else:
         chosen, float32 = precision_report(linear_shapes(model), precision)
@@ -227,6 +228,10 @@ def load_for_inference(
         message = _keep_int8_faithful(model, probe)
         if message:
             (notice or (lambda m: warnings.warn(m, stacklevel=2)))(message)
+        if not compile:  # one native call per decoded token, where it measures faster (native/decoding.py)
+            from lmforge.native.decoding import attach
+
+            attach(model)
     else:
         use_blocked_matvec(model)
     precision = "int8" if quantize == "int8" else "bfloat16" if dtype == "bfloat16" else None

@@ -1,12 +1,14 @@
-"""lmforge's own compiled kernel: a weight-only int8 linear layer for decoding (int8_linear.c).
+"""lmforge's own compiled kernels: a weight-only int8 linear layer for decoding (int8_linear.c) and a
+whole int8 decode step of a GPT model in one call (decode_step.c; Python side in decoding.py).
 
-The C file is compiled on first use with the system's C compiler (`$CC`, else `cc`) for this very
+The C files are compiled on first use with the system's C compiler (`$CC`, else `cc`) for this very
 CPU (`-march=native`) and kept in the cache, keyed by the source, the compiler and the CPU:
 
-    $LMFORGE_CACHE_DIR/native/int8_linear-<key>.so
+    $LMFORGE_CACHE_DIR/native/lmforge-<key>.so
 
 Without a compiler (or if the build fails) `library()` returns None, `why_unavailable()` says why,
-and the kernel is simply not among the candidates that kernels.py times: nothing else changes.
+the kernel is simply not among the candidates that kernels.py times, and decoding takes the PyTorch
+path: nothing else changes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import torch
 
 from lmforge.device import machine_key
 
-SOURCE = Path(__file__).with_name("int8_linear.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "int8_linear.c", HERE / "decode_step.c"]
+HEADERS = [HERE / "int8_dot.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 LIBRARIES = ["-lm"]  # after the source, where the linker looks for what it needs
 
@@ -42,16 +46,25 @@ def _build(compiler: str) -> Path:
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        "\n".join([SOURCE.read_text(), compiler, version, machine_key(), *FLAGS, *LIBRARIES]).encode()
+        "\n".join(
+            [
+                *(f.read_text() for f in SOURCES + HEADERS),
+                compiler,
+                version,
+                machine_key(),
+                *FLAGS,
+                *LIBRARIES,
+            ]
+        ).encode()
     )
-    target = cache_dir() / "native" / f"int8_linear-{key.hexdigest()[:16]}.so"
+    target = cache_dir() / "native" / f"lmforge-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
     os.close(handle)
     try:
-        command = [compiler, *FLAGS, str(SOURCE), "-o", partial, *LIBRARIES]
+        command = [compiler, *FLAGS, *map(str, SOURCES), "-o", partial, *LIBRARIES]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise OSError(f"{compiler} failed: {done.stderr.strip()[:500]}")
@@ -74,6 +87,12 @@ def library() -> ctypes.CDLL | None:
                     lib = ctypes.CDLL(str(_build(compiler)))
                     lib.int8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
                     lib.int8_linear.restype = None
+                    lib.decode_step.argtypes = [ctypes.c_void_p] * 4 + [
+                        ctypes.c_int64,
+                        ctypes.c_void_p,
+                        ctypes.c_int,
+                    ]
+                    lib.decode_step.restype = ctypes.c_int
                     _library = lib
                 except OSError as e:
                     _failure = str(e)

@@ -36,6 +36,7 @@ from lmforge.generation import (
     choose_tokens,
 )
 from lmforge.models.gpt import KVCache
+from lmforge.native.decoding import step_logits
 from lmforge.serving.prefill import PrefixCache, prefill
 from lmforge.structured import GrammarConstraint, mask_logits
 from lmforge.tokenizers import TextTokenizer
@@ -372,10 +373,10 @@ class Engine:
         tokens = torch.tensor([r.history[-1] for r in self.rows], device=self.device)
         positions = torch.tensor([r.length - 1 for r in self.rows], device=self.device)
         cache = self.cache.narrowed(len(self.rows)) if isinstance(self.cache, KVCache) else self.cache
-        logits, _ = self.model(tokens[:, None], cache=cache, positions=positions[:, None])
+        logits = step_logits(self.model, tokens, positions, cache)
         if cache is not self.cache:  # a view of the first rows: keep the whole cache's count
             self.cache.length, self.cache.padded = cache.length, cache.padded
-        self.next_logits = logits[:, -1].float()
+        self.next_logits = logits.float()
 
     def _choose(self) -> list[tuple[int, tuple | None]]:
         """Each row's next token under its own settings, with (log-probability, top alternatives)

@@ -1,0 +1,205 @@
+"""A whole int8 decode step in one native call (decode_step.c), for GPT models on the CPU.
+
+`NativeDecoder.for_model(model)` checks that the model is one the C step computes (a GPT whose
+linear layers are all Int8Linear, float32 elsewhere, on the CPU) and lays out pointers to its
+tensors once; `decoder.step(tokens, positions, cache)` then does what
+`model(tokens[:, None], cache=cache, positions=positions[:, None])` does for one new token per row,
+in one call instead of ~50 operator calls per layer. The tensors stay the model's own: nothing is
+copied, and the decoder keeps the float32 scales and biases it made alive.
+
+Measured (SmolLM2-135M int8, 2-core AVX2 EPYC; benchmarks/vs_llamacpp.py): see docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+
+import torch
+import torch.nn as nn
+
+from lmforge.models.gpt import GPT, KVCache
+from lmforge.native import library
+
+ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu2": 2, "swiglu": 3}
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64)]  # fmt: skip
+
+
+class _Norm(ctypes.Structure):
+    _fields_ = [("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("ln_1", _Norm), ("ln_2", _Norm), ("qkv", _Linear), ("attn_out", _Linear), ("up", _Linear),
+                ("down", _Linear)]  # fmt: skip
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "hidden",
+                                              "vocab", "rms_norm", "activation", "qk_norm", "rotary")),
+        ("norm_eps", ctypes.c_float), ("logit_softcap", ctypes.c_float),
+        ("token_table", ctypes.c_void_p), ("position_table", ctypes.c_void_p), ("rope_inv_freq", ctypes.c_void_p),
+        ("ln_f", _Norm), ("head", _Linear), ("layers", ctypes.POINTER(_Layer)),
+    ]  # fmt: skip
+
+
+class _Cache(ctypes.Structure):
+    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("valid", ctypes.c_void_p),
+                *((name, ctypes.c_int64) for name in ("layer_stride", "row_stride", "valid_stride", "capacity",
+                                                      "slot"))]  # fmt: skip
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def why_not_native(model: nn.Module) -> str | None:
+    """None when the native step computes this model; else what stands in the way."""
+    if not isinstance(model, GPT):
+        return "only GPT models have a native decode step"
+    if model.wte.weight.device.type != "cpu":
+        return "the native decode step runs on the CPU"
+    if library() is None:
+        from lmforge.native import why_unavailable
+
+        return f"lmforge's native code is unavailable: {why_unavailable()}"
+    linears = [model.lm_head]
+    for block in model.blocks:
+        mlp = block.mlp
+        if mlp.activation == "swiglu" and mlp.c_gate_up is None:
+            return "SwiGLU's gate and up projections are not fused (inference.fuse_projections)"
+        linears += [block.attn.c_attn, block.attn.c_proj, mlp.c_gate_up or mlp.c_fc, mlp.c_proj]
+    # Int8Linear layers (inference.py, which imports this module: recognised by their int8 weight)
+    if not all(getattr(layer, "weight_int8", None) is not None for layer in linears):
+        return "the native decode step needs int8 weights (--quantize int8)"
+    floats = [model.wte.weight, *(p for name, p in model.named_parameters() if "ln" in name)]
+    if any(t.dtype != torch.float32 for t in floats):
+        return "the native decode step computes in float32 (leave out --dtype)"
+    return None
+
+
+class NativeDecoder:
+    """The C decode step bound to one model's tensors."""
+
+    def __init__(self, model: GPT):
+        cfg = model.config
+        self._keep: list[torch.Tensor] = []  # float32 copies of scales and biases the C code reads
+        layers = (_Layer * cfg.n_layer)()
+        for layer, block in zip(layers, model.blocks, strict=True):
+            mlp = block.mlp
+            layer.ln_1, layer.ln_2 = self._norm(block.ln_1), self._norm(block.ln_2)
+            layer.qkv, layer.attn_out = self._linear(block.attn.c_attn), self._linear(block.attn.c_proj)
+            layer.up, layer.down = self._linear(mlp.c_gate_up or mlp.c_fc), self._linear(mlp.c_proj)
+        attention = model.blocks[0].attn
+        first_mlp = model.blocks[0].mlp
+        positions = getattr(model, "wpe", None)
+        position_table = positions.weight if positions is not None else getattr(model, "pos_table", None)
+        self._model = _Model(
+            n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=attention.n_head, n_kv_head=attention.n_kv_head,
+            head_dim=attention.head_dim, hidden=first_mlp.c_proj.in_features, vocab=cfg.vocab_size,
+            rms_norm=int(cfg.norm == "rmsnorm"), activation=ACTIVATIONS[cfg.activation], qk_norm=int(cfg.qk_norm),
+            rotary=int(cfg.pos_encoding == "rope"), norm_eps=cfg.norm_eps, logit_softcap=cfg.logit_softcap,
+            token_table=self._float(model.wte.weight).data_ptr(), position_table=_pointer(self._float(position_table)),
+            rope_inv_freq=_pointer(self._float(getattr(model, "rope_inv_freq", None))),
+            ln_f=self._norm(model.ln_f), head=self._linear(model.lm_head), layers=layers,
+        )  # fmt: skip
+        self._layers = layers
+        self.vocab = cfg.vocab_size
+        self._function = library().decode_step
+
+    def _float(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None:
+            return None
+        tensor = tensor.detach().float().contiguous()
+        self._keep.append(tensor)
+        return tensor
+
+    def _norm(self, norm: nn.Module) -> _Norm:
+        return _Norm(_pointer(self._float(norm.weight)), _pointer(self._float(getattr(norm, "bias", None))))
+
+    def _linear(self, layer: nn.Module) -> _Linear:
+        weight = layer.weight_int8.contiguous()
+        self._keep.append(weight)  # alive as long as the decoder, whatever happens to the model
+        return _Linear(weight.data_ptr(), self._float(layer.scale).data_ptr(), _pointer(self._float(layer.bias)),
+                       layer.in_features, layer.out_features)  # fmt: skip
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> NativeDecoder | None:
+        return None if why_not_native(model) is not None else cls(model)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Append one token per row (`tokens`, `positions`: (B,)) to `cache` and return the next-token
+        logits (B, vocab), as the model's forward pass with that cache would."""
+        rows = tokens.shape[0]
+        k, v, valid = cache.k, cache.v, cache.valid
+        if (
+            k.dtype != torch.float32
+            or k.stride(-1) != 1
+            or k.stride(-2) != k.shape[-1]
+            or valid.stride(1) != 1
+        ):
+            raise ValueError("the native decode step needs a float32 cache with contiguous slots")
+        if k.stride(2) != k.shape[3] * k.shape[4]:
+            raise ValueError("the native decode step needs a cache whose heads are contiguous")
+        cache.make_room(1)
+        slot = cache.length
+        valid[:, slot] = True
+        cache_view = _Cache(k.data_ptr(), v.data_ptr(), valid.data_ptr(), k.stride(0), k.stride(1), valid.stride(0),
+                            cache.capacity, slot)  # fmt: skip
+        tokens = tokens.to(torch.int64).contiguous()
+        positions = positions.to(torch.int64).contiguous()
+        logits = torch.empty(rows, self.vocab, dtype=torch.float32)
+        failed = self._function(ctypes.byref(self._model), ctypes.byref(cache_view), tokens.data_ptr(),
+                                positions.data_ptr(), rows, logits.data_ptr(), torch.get_num_threads())  # fmt: skip
+        if failed:
+            raise MemoryError("the native decode step could not allocate its scratch memory")
+        cache.length += 1
+        return logits
+
+
+def step_logits(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    """Append one token per row (`tokens`, `positions`: (B,)) to `cache`; the next-token logits (B, vocab).
+    By the model's native decoder when it has one (see `attach`), else by its forward pass."""
+    decoder = getattr(model, "native_decoder", None)
+    if decoder is not None and isinstance(cache, KVCache):
+        return decoder.step(tokens, positions, cache)
+    return model(tokens[:, None], cache=cache, positions=positions[:, None])[0][:, -1]
+
+
+@torch.inference_mode()
+def _seconds_per_step(step, model: GPT, prompt: int, repeats: int = 3) -> float:
+    """Median time of a batch-1 decode step by `step` after a `prompt`-token prompt."""
+    cache = model.new_cache(1, capacity=prompt + repeats + 1)
+    model(torch.zeros(1, prompt, dtype=torch.long), cache=cache)
+    samples = []
+    for _ in range(repeats + 1):  # the first one warms up
+        start = time.perf_counter()
+        step(torch.zeros(1, dtype=torch.long), torch.tensor([cache.length]), cache)
+        samples.append(time.perf_counter() - start)
+    return sorted(samples[1:])[repeats // 2]
+
+
+def attach(model: nn.Module) -> str | None:
+    """Give `model` a native decoder (`model.native_decoder`, used by `step_logits`) when the C step
+    computes it and measures faster than the forward pass here; else say why not."""
+    reason = why_not_native(model)
+    if reason is not None:
+        return reason
+    repeats = 3
+    prompt = min(16, model.block_size - repeats - 1)
+    if prompt < 1:
+        return "the context is too short to measure the native decode step"
+    decoder = NativeDecoder(model)
+    native = _seconds_per_step(decoder.step, model, prompt, repeats)
+    eager = _seconds_per_step(
+        lambda t, p, c: model(t[:, None], cache=c, positions=p[:, None]), model, prompt, repeats
+    )
+    if native >= eager:
+        return f"the native decode step measured slower than PyTorch here ({1e3 * native:.1f} vs {1e3 * eager:.1f} ms)"
+    model.native_decoder = decoder
+    return None

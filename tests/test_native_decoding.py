@@ -1,0 +1,124 @@
+"""The whole-step native int8 decoder (native/decode_step.c, native/decoding.py): every option of a
+GPT that changes inference, with padding, batches and a sliding window, against the PyTorch forward
+pass on the same int8 weights; attached only where it applies and measures faster."""
+
+import pytest
+import torch
+
+from lmforge.checkpoint import save_checkpoint
+from lmforge.config import Config, ModelConfig
+from lmforge.generation import GenerationConfig, generate
+from lmforge.inference import Int8Linear, fuse_projections, load_for_inference, quantize_int8
+from lmforge.models.gpt import GPT
+from lmforge.native.decoding import NativeDecoder, attach, why_not_native
+from lmforge.tokenizers import train_char_tokenizer
+
+VARIANTS = {
+    "gpt2-like": dict(norm="layernorm", activation="gelu", pos_encoding="learned", bias=True),
+    "llama-like": dict(norm="rmsnorm", activation="swiglu", pos_encoding="rope", n_kv_head=2, bias=False),
+    "qk-norm softcap": dict(norm="rmsnorm", activation="swiglu", pos_encoding="rope", qk_norm=True, logit_softcap=5.0),
+    "sinusoidal gelu-tanh": dict(norm="layernorm", activation="gelu_tanh", pos_encoding="sinusoidal", bias=False),
+    "relu2 mqa qkv-bias": dict(norm="layernorm", activation="relu2", pos_encoding="rope", n_kv_head=1, qkv_bias=True),
+}  # fmt: skip
+
+
+def int8_model(seed: int = 0, **options) -> GPT:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=61, n_layer=2, n_head=4, n_embd=64, block_size=32, **options)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # GPT-2's initialisation leaves biases and gains flat: make them matter
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    fuse_projections(model)
+    quantize_int8(model)
+    for layer in model.modules():
+        if isinstance(layer, Int8Linear):
+            layer.kernel = "dequantize"  # the reference: the same int8 weights, multiplied in float
+    return model
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@torch.inference_mode()
+def test_a_native_step_equals_the_forward_pass_on_the_same_int8_weights(variant, rows):
+    model = int8_model(**VARIANTS[variant])
+    assert why_not_native(model) is None
+    decoder = NativeDecoder(model)
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 61, (rows, 6), generator=generator)
+    mask = torch.ones(rows, 6, dtype=torch.bool)
+    mask[1:, :2] = False  # left padding in the other rows: the native step must skip those slots
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    reference, native = model.new_cache(rows, 12), model.new_cache(rows, 12)
+    for cache in (reference, native):
+        model(prompt, cache=cache, positions=positions, attention_mask=mask)
+    for _ in range(4):
+        tokens = torch.randint(0, 61, (rows,), generator=generator)
+        at = positions[:, -1] + 1 + torch.arange(reference.length - 6, reference.length - 5).expand(rows)
+        expected = model(tokens[:, None], cache=reference, positions=at[:, None])[0][:, -1]
+        got = decoder.step(tokens, at, native)
+        # int8 weights are the same; the native kernel rounds a single input row to int16 per block of
+        # 32 (relative error < 2e-5 of the block's largest value) and sums in another order
+        assert torch.allclose(got, expected, rtol=0, atol=2e-4 * expected.abs().max().item())
+        assert native.length == reference.length
+        for mine, theirs in ((native.k, reference.k), (native.v, reference.v)):
+            assert torch.allclose(mine, theirs, rtol=0, atol=1e-4 * theirs.abs().max().item())
+        assert torch.equal(native.valid, reference.valid)
+
+
+@torch.inference_mode()
+def test_a_rotary_model_slides_its_window_natively_as_it_does_in_pytorch():
+    model = int8_model(**VARIANTS["llama-like"])
+    decoder = NativeDecoder(model)
+    reference, native = model.new_cache(1, 8), model.new_cache(1, 8)
+    prompt = torch.tensor([[5, 9, 12, 40, 2, 33]])
+    for cache in (reference, native):
+        model(prompt, cache=cache)
+    for step in range(6):  # past the cache's 8 slots: the oldest ones are dropped
+        token, at = torch.tensor([step + 7]), torch.tensor([6 + step])
+        expected = model(token[:, None], cache=reference, positions=at[:, None])[0][:, -1]
+        got = decoder.step(token, at, native)
+        assert torch.allclose(got, expected, rtol=0, atol=2e-4 * expected.abs().max().item())
+    assert native.length == reference.length == 8
+
+
+def checkpoint(tmp_path, **options):
+    cfg = ModelConfig(vocab_size=40, block_size=24, n_layer=2, n_head=2, n_embd=32, **options)
+    tokenizer = train_char_tokenizer(["abcdefghij klmnopqrstuvwxyz,.!?"])
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    save_checkpoint(tmp_path / "run", model, Config(model=cfg), tokenizer, {})
+    return str(tmp_path / "run")
+
+
+@pytest.mark.parametrize("options", [{}, VARIANTS["llama-like"]], ids=["gpt2-like", "llama-like"])
+def test_int8_loading_attaches_the_decoder_and_generation_keeps_its_tokens(tmp_path, options):
+    model, tokenizer = load_for_inference(checkpoint(tmp_path, **options), quantize="int8")
+    assert model.native_decoder is not None  # a tiny model is all dispatch: native measures faster
+    for layer in model.modules():  # the PyTorch path below: weight-only too (FBGEMM would round activations)
+        if isinstance(layer, Int8Linear):
+            layer.kernel = "dequantize"
+    prompts = ["abc", "hello, world"]  # different lengths: left padding
+    greedy = GenerationConfig(max_new_tokens=40, temperature=0)  # past the 24-token context
+    sampled = GenerationConfig(max_new_tokens=15, temperature=1.0, top_k=10, seed=3)
+    native = [generate(model, tokenizer, prompts, c) for c in (greedy, sampled)]
+    model.native_decoder = None
+    assert [generate(model, tokenizer, prompts, c) for c in (greedy, sampled)] == native
+    assert all(native[0]) and len(native[0][0]) > 10
+
+
+def test_the_decoder_is_left_out_where_it_does_not_apply(tmp_path):
+    path = checkpoint(tmp_path)
+    float_model, _ = load_for_inference(path)
+    assert getattr(float_model, "native_decoder", None) is None
+    assert "int8 weights" in why_not_native(float_model)
+    bf16_model, _ = load_for_inference(path, dtype="bfloat16", quantize="int8")
+    assert getattr(bf16_model, "native_decoder", None) is None
+    assert "float32" in why_not_native(bf16_model)
+    assert "GPT" in why_not_native(torch.nn.Linear(2, 2))
+    short = int8_model(**VARIANTS["gpt2-like"])
+    short.block_size = 3
+    assert "too short" in attach(short)
