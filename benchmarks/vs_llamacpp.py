@@ -5,6 +5,8 @@
                 aggregate tokens/s), median of --repeats runs, for llama.cpp (llama-cpp-python)
                 and for lmforge at float32 (eager and --compile), bfloat16 and int8 (kernels as
                 measured on this CPU)
+                (llama.cpp runs again right before each lmforge row, which is compared with that
+                adjacent run: the machines drift by tens of percent over minutes)
     quality     perplexity of each on the first --ppl-tokens tokens of tiny Shakespeare's validation
                 split, in windows of 512 tokens, so speed is compared at known quality
 
@@ -42,13 +44,15 @@ def validation_ids(tokenizer, count: int) -> list[int]:
     return encode_long(tokenizer, text[int(len(text) * 0.9) :])[:count]
 
 
-def llama_cpp_run(gguf: Path, prompt_ids: list[int], ids: list[int], repeats: int, new: int) -> dict:
-    import numpy as np
+def llama_cpp_model(gguf: Path):
     from llama_cpp import Llama
 
-    llm = Llama(
+    return Llama(
         model_path=str(gguf), n_ctx=2048, n_threads=2, n_threads_batch=2, logits_all=True, verbose=False
     )
+
+
+def llama_cpp_speeds(llm, prompt_ids: list[int], repeats: int, new: int) -> list[float]:
     speeds = []
     for _ in range(repeats):
         llm.reset()
@@ -58,6 +62,13 @@ def llama_cpp_run(gguf: Path, prompt_ids: list[int], ids: list[int], repeats: in
             if produced == new:
                 break
         speeds.append(produced / (time.perf_counter() - start))
+    return speeds
+
+
+def llama_cpp_run(llm, prompt_ids: list[int], ids: list[int], repeats: int, new: int) -> dict:
+    import numpy as np
+
+    speeds = llama_cpp_speeds(llm, prompt_ids, repeats, new)
     total, count = 0.0, 0
     for begin in range(0, len(ids) - 1, WINDOW):
         window = ids[begin : begin + WINDOW + 1]
@@ -128,7 +139,8 @@ def main() -> None:
     prompt = chat_prompt(checkpoint.chat_template, [{"role": "user", "content": QUESTION}])
     ids = validation_ids(tokenizer, args.ppl_tokens)
     rows = []
-    llama = llama_cpp_run(gguf, tokenizer.encode(prompt), ids, args.repeats, args.new_tokens)
+    llm = llama_cpp_model(gguf)
+    llama = llama_cpp_run(llm, tokenizer.encode(prompt), ids, args.repeats, args.new_tokens)
     rows.append({"engine": "llama.cpp (Q4_1)", "batch": 1, **llama})
     print(f"llama.cpp: {llama['tokens_per_s']:.1f} tok/s, perplexity {llama['perplexity']:.3f}", flush=True)
     for dtype, quantize, batch, compile in (
@@ -138,12 +150,18 @@ def main() -> None:
         label = f"{'int8' if quantize == 'int8' else dtype}{'-compiled' if compile else ''}-{batch}"
         if args.rows and label not in args.rows.split(","):
             continue
+        # This machine's speed drifts by tens of percent over minutes: llama.cpp runs again right
+        # before each row, and the row is compared with that adjacent measurement.
+        adjacent = statistics.median(
+            llama_cpp_speeds(llm, tokenizer.encode(prompt), args.repeats, args.new_tokens)
+        )
         run = lmforge_run(gguf, prompt, ids, args.repeats, args.new_tokens, dtype, quantize, batch, compile)
         name = f"lmforge {'int8' if quantize == 'int8' else dtype}{' compiled' if compile else ''}"
-        rows.append({"engine": name, "batch": batch, **run,
-                     "vs_llama_cpp_batch1": run["tokens_per_s"] / llama["tokens_per_s"]})  # fmt: skip
-        print(f"{name} batch {batch}: {run['tokens_per_s']:.1f} tok/s ({run['tokens_per_s'] / llama['tokens_per_s']:.2f}x "
-              f"llama.cpp), perplexity {run['perplexity']:.3f} {' '.join(run['notes'])}", flush=True)  # fmt: skip
+        ratio = run["tokens_per_s"] / adjacent
+        rows.append({"engine": name, "batch": batch, **run, "llama_cpp_adjacent_tokens_per_s": adjacent,
+                     "vs_llama_cpp_batch1": ratio})  # fmt: skip
+        print(f"{name} batch {batch}: {run['tokens_per_s']:.1f} tok/s ({ratio:.2f}x llama.cpp's {adjacent:.1f} "
+              f"just before), perplexity {run['perplexity']:.3f} {' '.join(run['notes'])}", flush=True)  # fmt: skip
         write_results(args, gguf, ids, rows)  # after every row: a run cut short keeps what it measured
     print(f"wrote {args.output}")
 
