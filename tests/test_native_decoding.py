@@ -122,3 +122,16 @@ def test_the_decoder_is_left_out_where_it_does_not_apply(tmp_path):
     short = int8_model(**VARIANTS["gpt2-like"])
     short.block_size = 3
     assert "too short" in attach(short)
+
+
+@torch.inference_mode()
+def test_out_of_range_tokens_and_positions_are_refused_before_the_c_code_reads_them():
+    model = int8_model(**VARIANTS["gpt2-like"])  # learned positions: a table of 32 rows
+    decoder = NativeDecoder(model)
+    cache = model.new_cache(1, 8)
+    with pytest.raises(ValueError, match="token ids"):
+        decoder.step(torch.tensor([61]), torch.tensor([0]), cache)
+    with pytest.raises(ValueError, match="positions"):
+        decoder.step(torch.tensor([3]), torch.tensor([32]), cache)
+    assert cache.length == 0 and not cache.valid.any()  # nothing written
+    assert decoder.step(torch.tensor([3]), torch.tensor([0]), cache).shape == (1, 61)

@@ -110,6 +110,8 @@ class NativeDecoder:
         )  # fmt: skip
         self._layers = layers
         self.vocab = cfg.vocab_size
+        # Rows of the position table (rotary positions have no table: any position is fine).
+        self.positions = position_table.shape[0] if position_table is not None else 2**62
         self._function = library().decode_step
 
     def _float(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -137,6 +139,13 @@ class NativeDecoder:
         logits (B, vocab), as the model's forward pass with that cache would."""
         rows = tokens.shape[0]
         k, v, valid = cache.k, cache.v, cache.valid
+        # The C code reads memory by address: anything out of range is refused here, not read there.
+        if k.device.type != "cpu" or tokens.device.type != "cpu" or positions.device.type != "cpu":
+            raise ValueError("the native decode step runs on CPU tensors")
+        if rows and not (0 <= int(tokens.min()) and int(tokens.max()) < self.vocab):
+            raise ValueError(f"token ids must lie in [0, {self.vocab})")
+        if rows and not (0 <= int(positions.min()) and int(positions.max()) < self.positions):
+            raise ValueError(f"positions must lie in [0, {self.positions})")
         if (
             k.dtype != torch.float32
             or k.stride(-1) != 1
