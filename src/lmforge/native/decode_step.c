@@ -11,7 +11,7 @@
  * sinusoidal / rotary positions, GELU / GELU-tanh / ReLU^2 / SwiGLU (gate and up fused), grouped-
  * query attention, QK-norm, biases, logit soft-capping. The KV cache is the KVCache's own float32
  * memory: the new keys and values go into slot `slot` of every row, and each row attends to its
- * valid slots up to that one. decode_step.py lays out the structures below and checks the model.
+ * valid slots up to that one. decoding.py lays out the structures below and checks the model.
  */
 #include <math.h>
 #include <stdint.h>
