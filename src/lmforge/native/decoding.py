@@ -1,11 +1,13 @@
 """A whole int8 decode step in one native call (decode_step.c), for GPT models on the CPU.
 
-`NativeDecoder.for_model(model)` checks that the model is one the C step computes (a GPT whose
-linear layers are all Int8Linear, float32 elsewhere, on the CPU) and lays out pointers to its
+`why_not_native(model)` says whether the C step computes the model (a GPT whose linear layers are
+all Int8Linear, float32 elsewhere, on the CPU); `NativeDecoder(model)` lays out pointers to its
 tensors once; `decoder.step(tokens, positions, cache)` then does what
 `model(tokens[:, None], cache=cache, positions=positions[:, None])` does for one new token per row,
-in one call instead of ~50 operator calls per layer. The tensors stay the model's own: nothing is
-copied, and the decoder keeps the float32 scales and biases it made alive.
+in one call instead of ~50 operator calls per layer. `attach(model)` (at int8 load) gives the model
+a decoder where it measures faster, and `step_logits` is what generation and serving call. The
+tensors are the model's own (not copied where already float32 and contiguous); the decoder keeps a
+reference to every tensor it points at, so its memory outlives any change made to the model.
 
 Measured (SmolLM2-135M int8, 2-core AVX2 EPYC; benchmarks/vs_llamacpp.py): see docs/performance.md.
 """
@@ -88,7 +90,7 @@ class NativeDecoder:
 
     def __init__(self, model: GPT):
         cfg = model.config
-        self._keep: list[torch.Tensor] = []  # float32 copies of scales and biases the C code reads
+        self._keep: list[torch.Tensor] = []  # every tensor the C code reads, kept alive
         layers = (_Layer * cfg.n_layer)()
         for layer, block in zip(layers, model.blocks, strict=True):
             mlp = block.mlp
@@ -129,10 +131,6 @@ class NativeDecoder:
         self._keep.append(weight)  # alive as long as the decoder, whatever happens to the model
         return _Linear(weight.data_ptr(), self._float(layer.scale).data_ptr(), _pointer(self._float(layer.bias)),
                        layer.in_features, layer.out_features)  # fmt: skip
-
-    @classmethod
-    def for_model(cls, model: nn.Module) -> NativeDecoder | None:
-        return None if why_not_native(model) is not None else cls(model)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Append one token per row (`tokens`, `positions`: (B,)) to `cache` and return the next-token
