@@ -22,13 +22,14 @@ def test_the_kernel_builds_on_this_machine():
 
 
 def rounding_bound(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The most the kernel's rounding of a single input row may move each output: the row is
-    rounded to int16 per block of 32 (half a step is max|block| / 65534), when the width is a
-    multiple of 32; float accumulation order adds a little on top (the caller's rtol)."""
-    if x.shape[0] != 1 or x.shape[1] % 32:
-        return torch.zeros(x.shape[0], weight.shape[0])
-    half_step = (x.view(-1, 32).abs().amax(dim=1) / 65534).repeat_interleave(32)
-    return ((weight.float() * scale[:, None]).abs() @ half_step)[None, :]
+    """The most the kernel's rounding of the input may move each output: every row is rounded to
+    int16 per block of 64 values, the last block maybe shorter (half a step is max|block| / 65534);
+    float accumulation order adds a little on top (the caller's rtol)."""
+    blocks = x.split(64, dim=1)
+    half_step = torch.cat(
+        [block.abs().amax(dim=1, keepdim=True).expand_as(block) / 65534 for block in blocks], 1
+    )
+    return half_step @ (weight.float() * scale[:, None]).abs().T
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 16])
@@ -47,13 +48,45 @@ def test_equals_the_dequantised_product(rows, in_features, out_features):
     assert ((no_bias[0] - (reference - bias)).abs() <= allowed + 1e-5 * bias.abs().max()).all()
 
 
-def test_a_layer_on_the_native_kernel_takes_any_number_of_rows():
+def test_a_layer_on_the_native_kernel_takes_any_number_of_rows(monkeypatch):
     layer = Int8Linear(torch.nn.Linear(48, 80))
     layer.kernel = "native"
-    for shape in [(1, 1, 48), (2, 8, 48), (3, 20, 48)]:  # 60 rows: past the kernel's 16, dequantised instead
-        x = torch.randn(shape)
-        reference = F.linear(x, layer.weight_int8.float() * layer.scale[:, None], layer.bias)
-        assert torch.allclose(layer(x), reference, atol=1e-4)
+    calls = []
+    monkeypatch.setattr(
+        "lmforge.inference.int8_linear", lambda *a: calls.append(a[0].shape) or native.int8_linear(*a)
+    )
+    for prompts_natively in [False, True]:
+        layer.native_prompts = prompts_natively
+        calls.clear()
+        for shape in [(1, 1, 48), (2, 8, 48), (3, 20, 48)]:  # 60 rows: past 16, a prompt's size
+            x = torch.randn(shape)
+            reference = F.linear(x, layer.weight_int8.float() * layer.scale[:, None], layer.bias)
+            assert torch.allclose(layer(x), reference, atol=1e-4)
+        assert len(calls) == (3 if prompts_natively else 2)  # else the prompt is dequantised
+    x = torch.randn(2, 48, requires_grad=True)  # the C kernel has no backward: training gets a float product
+    layer(x).sum().backward()
+    assert torch.allclose(
+        x.grad, (layer.weight_int8.float() * layer.scale[:, None]).sum(0).expand(2, 48), atol=1e-5
+    )
+    assert len(calls) == 3
+
+
+def test_whether_prompts_go_native_is_measured_once_per_shape(monkeypatch, tmp_path):
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_timings", None)
+    timed = []
+    monkeypatch.setattr(
+        kernels,
+        "measure",
+        lambda name, fn, repeats=15: timed.append(name) or {"int8-native": 1.0}.get(name, 2.0),
+    )
+    assert kernels.native_prompt_pays(64, 32) is True
+    assert kernels.native_prompt_pays(64, 32) is True
+    assert timed == ["int8-native", "int8-dequantize"]  # the second answer came from the cache
+    monkeypatch.setattr(kernels, "_timings", None)
+    monkeypatch.setattr(kernels, "measure", lambda name, fn, repeats=15: {"int8-native": 3.0}.get(name, 2.0))
+    assert kernels.native_prompt_pays(64, 48) is False
+    assert kernels.native_prompt_pays(64, 32) is True  # read back from the file
 
 
 def test_without_a_compiler_the_kernel_is_just_not_a_candidate(monkeypatch, tmp_path):
@@ -91,3 +124,13 @@ def test_fused_gate_up_gives_the_same_outputs():
     fuse_projections(model)
     assert all(block.mlp.c_gate_up is not None and not hasattr(block.mlp, "c_gate") for block in model.blocks)
     assert torch.allclose(model(ids)[0], before, atol=1e-5)
+
+
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
+    """Batched decoding gives each sequence exactly what it would get alone: every row is rounded
+    and summed in the same order whether it comes alone or among 13 others (8 + 5 rows)."""
+    weight, scale = quantized(40, 576)
+    x = torch.randn(13, 576)
+    together = native.int8_linear(x, weight, scale, None)
+    for row in [0, 7, 8, 12]:
+        assert torch.equal(native.int8_linear(x[row : row + 1], weight, scale, None)[0], together[row])

@@ -39,6 +39,8 @@ class Int8Linear(nn.Module):
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.kernel = _choose_kernel(weight.device, self.in_features, self.out_features)
+        # Whether prompts (many rows) go to the native kernel too: measured on first use (None till then).
+        self.native_prompts: bool | None = None
         if self.kernel == "fbgemm":
             with warnings.catch_warnings():  # torch marks its quantized tensors as deprecated
                 warnings.simplefilter("ignore")
@@ -48,8 +50,18 @@ class Int8Linear(nn.Module):
             bias = None if linear.bias is None else linear.bias.detach().float()
             self._packed = torch.ops.quantized.linear_prepack(quantized, bias)
 
+    def _prompts_natively(self) -> bool:
+        if self.native_prompts is None:  # where it measures faster than dequantising for a float product
+            self.native_prompts = _native_prompts_pay(self.in_features, self.out_features)
+        return self.native_prompts
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "native" and x.numel() <= 16 * self.in_features and x.device.type == "cpu":
+        if (
+            self.kernel == "native"
+            and x.device.type == "cpu"
+            and (x.numel() <= 16 * self.in_features or self._prompts_natively())
+            and not (x.requires_grad and torch.is_grad_enabled())  # the C kernel has no backward
+        ):
             if not hasattr(self, "_scale32"):  # the C kernel takes float32 scales and bias
                 self._scale32 = self.scale.float().contiguous()
                 self._bias32 = None if self.bias is None else self.bias.detach().float().contiguous()
@@ -87,6 +99,12 @@ def use_blocked_matvec(model: nn.Module, min_weight: int = 1 << 18) -> nn.Module
         else:
             use_blocked_matvec(child, min_weight)
     return model
+
+
+def _native_prompts_pay(in_features: int, out_features: int) -> bool:
+    from lmforge.kernels import native_prompt_pays
+
+    return native_prompt_pays(in_features, out_features)
 
 
 def _choose_kernel(device: torch.device, in_features: int, out_features: int) -> str:

@@ -86,7 +86,7 @@ def library() -> ctypes.CDLL | None:
                 try:
                     lib = ctypes.CDLL(str(_build(compiler)))
                     lib.int8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-                    lib.int8_linear.restype = None
+                    lib.int8_linear.restype = ctypes.c_int
                     lib.decode_step.argtypes = [ctypes.c_void_p] * 4 + [
                         ctypes.c_int64,
                         ctypes.c_void_p,
@@ -114,8 +114,10 @@ def int8_linear(
     if not x.is_contiguous():
         x = x.contiguous()
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
-    function(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
-             y.data_ptr(), x.numel() // in_features, in_features, out_features, torch.get_num_threads())  # fmt: skip
+    failed = function(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                      y.data_ptr(), x.numel() // in_features, in_features, out_features, torch.get_num_threads())  # fmt: skip
+    if failed:
+        raise MemoryError("the native int8 kernel could not allocate room for its rounded input")
     return y
 
 

@@ -98,6 +98,123 @@ static float activate(float value, int64_t kind) {
     }
 }
 
+/* out = softmax(query . keys[s] * scale over the valid slots s < seen) . values: one query head.
+ * keys/values: (seen, head_dim) rows; score: room for `seen` floats. */
+static void attend_portable(const float *query, const float *keys, const float *values, const uint8_t *valid,
+                            int64_t seen, int64_t hd, float scale, float *score, float *out) {
+    float largest = -INFINITY, total = 0.0f;
+    for (int64_t s = 0; s < seen; s++) {
+        if (!valid[s]) {
+            score[s] = -INFINITY;
+            continue;
+        }
+        const float *key = keys + s * hd;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < hd; i++) dot += query[i] * key[i];
+        score[s] = dot * scale;
+        largest = fmaxf(largest, score[s]);
+    }
+    for (int64_t s = 0; s < seen; s++) {
+        score[s] = valid[s] ? expf(score[s] - largest) : 0.0f;
+        total += score[s];
+    }
+    for (int64_t i = 0; i < hd; i++) out[i] = 0.0f;
+    for (int64_t s = 0; s < seen; s++) {
+        if (score[s] == 0.0f) continue;
+        const float *value = values + s * hd;
+        float p = score[s] / total;
+#pragma omp simd
+        for (int64_t i = 0; i < hd; i++) out[i] += p * value[i];
+    }
+}
+
+#ifdef HAVE_INT16_PATH /* AVX2 and FMA */
+/* e^x for x <= 0, 8 at a time (Cephes' expf: a degree-5 polynomial after taking out the power of
+ * two; relative error ~1e-7). Below -87 it returns ~1e-38 rather than 0. */
+static inline __m256 exp_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 power = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(power, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(power, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i two_to_power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(power), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(two_to_power));
+}
+
+/* attend_portable for head_dim a multiple of 64, in registers: four slots' dot products at once
+ * (one dependency chain each), e^x eight at a time, and the weighted sum of values kept in eight
+ * registers per 64 channels. Measured on SmolLM2 at 8 rows x 200 slots: the portable loops took
+ * a quarter of the step (their sums wait on each other, and expf runs one value at a time). */
+static void attend_avx2(const float *query, const float *keys, const float *values, const uint8_t *valid,
+                        int64_t seen, int64_t hd, float scale, float *score, float *out) {
+    int64_t s = 0;
+    for (; s + 4 <= seen; s += 4) {
+        const float *key = keys + s * hd;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+               a3 = _mm256_setzero_ps();
+        for (int64_t i = 0; i < hd; i += 8) {
+            __m256 q = _mm256_loadu_ps(query + i);
+            a0 = _mm256_fmadd_ps(q, _mm256_loadu_ps(key + i), a0);
+            a1 = _mm256_fmadd_ps(q, _mm256_loadu_ps(key + hd + i), a1);
+            a2 = _mm256_fmadd_ps(q, _mm256_loadu_ps(key + 2 * hd + i), a2);
+            a3 = _mm256_fmadd_ps(q, _mm256_loadu_ps(key + 3 * hd + i), a3);
+        }
+        score[s] = hsum(a0) * scale, score[s + 1] = hsum(a1) * scale;
+        score[s + 2] = hsum(a2) * scale, score[s + 3] = hsum(a3) * scale;
+    }
+    for (; s < seen; s++) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t i = 0; i < hd; i += 8)
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(query + i), _mm256_loadu_ps(keys + s * hd + i), a);
+        score[s] = hsum(a) * scale;
+    }
+    float largest = -INFINITY, total = 0.0f;
+    for (s = 0; s < seen; s++)
+        if (valid[s]) largest = fmaxf(largest, score[s]);
+    for (s = 0; s + 8 <= seen; s += 8)
+        _mm256_storeu_ps(score + s, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(score + s), _mm256_set1_ps(largest))));
+    for (; s < seen; s++) score[s] = expf(score[s] - largest);
+    for (s = 0; s < seen; s++) {
+        if (!valid[s]) score[s] = 0.0f;
+        total += score[s];
+    }
+    const __m256 inverse = _mm256_set1_ps(1.0f / total);
+    for (int64_t c = 0; c < hd; c += 64) {
+        __m256 o[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) o[j] = _mm256_setzero_ps();
+        for (s = 0; s < seen; s++) {
+            if (score[s] == 0.0f) continue;
+            const __m256 p = _mm256_set1_ps(score[s]);
+            const float *value = values + s * hd + c;
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) o[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(value + 8 * j), o[j]);
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + c + 8 * j, _mm256_mul_ps(o[j], inverse));
+    }
+}
+#endif
+
+static void attend(const float *query, const float *keys, const float *values, const uint8_t *valid, int64_t seen,
+                   int64_t hd, float scale, float *score, float *out) {
+#ifdef HAVE_INT16_PATH
+    if (hd % 64 == 0) {
+        attend_avx2(query, keys, values, valid, seen, hd, scale, score, out);
+        return;
+    }
+#endif
+    attend_portable(query, keys, values, valid, seen, hd, scale, score, out);
+}
+
 /* The step; logits: rows x vocab. Returns 0, or -1 when scratch memory could not be had. */
 int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int64_t *positions, int64_t rows,
                 float *logits, int threads) {
@@ -106,13 +223,13 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
     const int64_t seen = c->slot + 1; /* slots attended to: the cached ones and the new one */
     const int64_t widest = F > C ? F : C;
     /* Scratch: residual stream, normed input, q|k|v, attention output, MLP up and its activation,
-     * rotary tables per row, attention scores per (row, head), the rounded int16 input row. */
+     * rotary tables per row, attention scores per (row, head), the rounded int16 input rows. */
     float *x = malloc(sizeof(float) * rows * C), *normed = malloc(sizeof(float) * rows * C),
           *qkv = malloc(sizeof(float) * rows * qkv_width), *attended = malloc(sizeof(float) * rows * C),
           *up = malloc(sizeof(float) * rows * up_width), *act = malloc(sizeof(float) * rows * F),
           *rope = malloc(sizeof(float) * rows * hd), *scores = malloc(sizeof(float) * rows * H * seen),
-          *qs = malloc(sizeof(float) * (widest / 32 + 1));
-    int16_t *q16 = malloc(sizeof(int16_t) * widest);
+          *qs = malloc(sizeof(float) * rounded_scales(rows, widest));
+    int16_t *q16 = malloc(sizeof(int16_t) * rounded_values(rows, widest));
     int failed = !x || !normed || !qkv || !attended || !up || !act || !rope || !scores || !qs || !q16;
     if (failed) goto done;
 
@@ -163,35 +280,10 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
 #pragma omp for collapse(2) schedule(static)
             for (int64_t r = 0; r < rows; r++)
                 for (int64_t h = 0; h < H; h++) {
-                    const float *query = qkv + r * qkv_width + h * hd;
                     int64_t base = r * c->row_stride + (h / (H / KV)) * c->capacity * hd;
-                    const uint8_t *valid = c->valid + r * c->valid_stride;
-                    float *score = scores + (r * H + h) * seen, largest = -INFINITY, total = 0.0f;
-                    for (int64_t s = 0; s < seen; s++) {
-                        if (!valid[s]) {
-                            score[s] = -INFINITY;
-                            continue;
-                        }
-                        const float *key = k_cache + base + s * hd;
-                        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                        for (int64_t i = 0; i < hd; i++) dot += query[i] * key[i];
-                        score[s] = dot * scale;
-                        largest = fmaxf(largest, score[s]);
-                    }
-                    for (int64_t s = 0; s < seen; s++) {
-                        score[s] = valid[s] ? expf(score[s] - largest) : 0.0f;
-                        total += score[s];
-                    }
-                    float *out = attended + r * C + h * hd;
-                    for (int64_t i = 0; i < hd; i++) out[i] = 0.0f;
-                    for (int64_t s = 0; s < seen; s++) {
-                        if (score[s] == 0.0f) continue;
-                        const float *value = v_cache + base + s * hd;
-                        float p = score[s] / total;
-#pragma omp simd
-                        for (int64_t i = 0; i < hd; i++) out[i] += p * value[i];
-                    }
+                    attend(qkv + r * qkv_width + h * hd, k_cache + base, v_cache + base,
+                           c->valid + r * c->valid_stride, seen, hd, scale, scores + (r * H + h) * seen,
+                           attended + r * C + h * hd);
                 }
             linear_rows(attended, layer->attn_out.weight, layer->attn_out.scale, layer->attn_out.bias, normed,
                         rows, C, C, q16, qs);

@@ -5,25 +5,29 @@
  * the weights: int8 reads a quarter of float32's bytes. PyTorch's own weight-only int8 kernel has
  * no fast path on CPUs without AVX-512 (measured 27x slower than float32 on an AVX2 EPYC), hence
  * this one: each thread takes a contiguous band of output channels and streams its weight rows
- * once. For one input row (decoding one sequence) the input is first rounded to int16 per block
- * of 32 values (one float scale per block: a relative error below 2e-5 of the block's largest
- * value, far below int8 weights' own) so that weights multiply with integer `madd`s: 16 weights
- * a step, half the instructions of widening them to float, 1.7x faster where the weights sit in
- * the cache. With several input rows (a batch of sequences) each group of 8 weights is widened
- * once and multiplied into up to 8 rows' sums held in registers, so the weights are read once per
- * step whatever the batch.
+ * once. The input rows are first rounded to int16 per block of 64 values (one float scale per
+ * block: a relative error below 2e-5 of the block's largest value, far below int8 weights' own) so
+ * that weights multiply with integer `madd`s, 16 products an instruction (int8_dot.h); each block's
+ * weights are widened once and multiplied into up to 8 rows' sums held in registers, so the
+ * weights are read once per call whatever the batch.
  *
  * Built on first use with the system C compiler (-O3 -march=native -fopenmp, see __init__.py);
  * OpenMP resolves to the libgomp that PyTorch has already loaded, so both share one thread pool.
  */
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "int8_dot.h"
 
-void int8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
-                 int64_t rows, int64_t in, int64_t out, int threads) {
-    int16_t q[MAX_INT16_IN]; /* shared by the threads below: the rounded input row */
-    float qs[MAX_INT16_IN / 32];
+/* Returns 0, or -1 when memory for the rounded input could not be had (y untouched). */
+int int8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int64_t rows,
+                int64_t in, int64_t out, int threads) {
+    int16_t *q = malloc(sizeof(int16_t) * rounded_values(rows, in)); /* shared by the threads below */
+    float *qs = malloc(sizeof(float) * rounded_scales(rows, in));
+    if (q && qs) {
 #pragma omp parallel num_threads(threads)
-    linear_rows(x, w, scale, bias, y, rows, in, out, q, qs);
+        linear_rows(x, w, scale, bias, y, rows, in, out, q, qs);
+    }
+    free(q), free(qs);
+    return q && qs ? 0 : -1;
 }
