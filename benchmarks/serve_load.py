@@ -159,7 +159,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="requests per client, one after the other")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", default=str(RESULTS / "serve_load.json"))
+    parser.add_argument(
+        "--output", help="default: results/serve_load.json (serve_load_int8.json with --quantize int8)"
+    )
     parser.add_argument(
         "--quantize", default="none", choices=["none", "int8"], help="as `lmforge serve --quantize`"
     )
@@ -190,7 +192,9 @@ def main() -> None:
     single, many = rows
     many["throughput_vs_single_stream"] = round(many["tokens_per_s"] / single["tokens_per_s"], 2)
     print(f"throughput vs single stream (medians of {args.repeats}): {many['throughput_vs_single_stream']}x")
-    out = Path(args.output)
+    out = Path(
+        args.output or RESULTS / ("serve_load_int8.json" if args.quantize == "int8" else "serve_load.json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "serve_load",
