@@ -8,6 +8,7 @@ the CLI can build its flags quickly.
 
 from __future__ import annotations
 
+import functools
 import typing
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -56,9 +57,14 @@ class GenerationConfig:
         """Every setting within its range (the bounds in the field definitions)."""
         check_fields(self, label="Generation setting ")
 
-    def sampling_key(self) -> GenerationConfig:
-        """The settings that must agree for sequences to be decoded in one batch."""
+    @functools.cached_property  # (in the instance's __dict__: not a field, so not in ==, hash or replace)
+    def _sampling_key(self) -> GenerationConfig:
         return replace(self, max_new_tokens=0, stop=(), strict=False)
+
+    def sampling_key(self) -> GenerationConfig:
+        """The settings that must agree for sequences to be decoded in one batch (asked for every row
+        at every step of the server: made once per config)."""
+        return self._sampling_key
 
 
 def generation_settings() -> list[tuple[str, type, Any, str, dict[str, float], bool]]:
