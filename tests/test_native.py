@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge import kernels, native
-from lmforge.inference import Int8Linear
+from lmforge.inference import Int4Linear, Int8Linear, dequantize_4bit, quantize_4bit
 
 
 def quantized(out_features: int, in_features: int, seed: int = 0):
@@ -134,3 +134,54 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
     together = native.int8_linear(x, weight, scale, None)
     for row in [0, 7, 8, 12]:
         assert torch.equal(native.int8_linear(x[row : row + 1], weight, scale, None)[0], together[row])
+
+
+def test_4bit_weights_stay_within_half_a_step_two_to_a_byte():
+    weight = torch.randn(5, 96)
+    weight[2, 32:64] = 0.25  # a constant block: scale 0, every value exact
+    packed, scale, minimum = quantize_4bit(weight)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 48) and scale.shape == minimum.shape == (5, 3)
+    restored = dequantize_4bit(packed, scale, minimum)
+    step = scale.repeat_interleave(32, dim=1)
+    assert ((restored - weight).abs() <= step / 2 + 1e-6).all()
+    assert torch.equal(restored[2, 32:64], weight[2, 32:64]) and scale[2, 1] == 0
+    # byte j of a block: value j in the low four bits, value 16 + j in the high four
+    q = ((weight[0, :32] - minimum[0, 0]) / scale[0, 0]).round()
+    assert torch.equal((packed[0, :16] & 0x0F).float(), q[:16]) and torch.equal(
+        (packed[0, :16] >> 4).float(), q[16:]
+    )
+    # 4-bit weights (SmolLM2's Q4_1) come back as they were, up to float rounding
+    assert torch.allclose(dequantize_4bit(*quantize_4bit(restored)), restored, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+@pytest.mark.parametrize(("in_features", "out_features"), [(64, 96), (96, 11), (576, 40)])
+def test_the_4bit_kernel_equals_the_dequantised_product(rows, in_features, out_features):
+    packed, scale, minimum = quantize_4bit(torch.randn(out_features, in_features))
+    weight = dequantize_4bit(packed, scale, minimum)
+    bias, x = torch.randn(out_features), torch.randn(rows, in_features)
+    reference = F.linear(x.double(), weight.double(), bias.double()).float()
+    # the rounded input meets scale * q (the minimum meets the exact block sums of the input)
+    above_minimum = weight - minimum.repeat_interleave(32, dim=1)
+    allowed = rounding_bound(x, above_minimum, torch.ones(out_features)) + 1e-5 * reference.abs().max() + 1e-5
+    got = native.int4_linear(x, packed, scale, minimum, bias)
+    assert got.shape == (rows, out_features)
+    assert ((got - reference).abs() <= allowed).all()
+    alone = native.int4_linear(x[-1:], packed, scale, minimum, bias)  # a row's result, whatever beside it
+    assert torch.equal(alone[0], got[-1])
+
+
+def test_a_4bit_layer_multiplies_natively_and_keeps_gradients(monkeypatch):
+    layer = Int4Linear(torch.nn.Linear(64, 24))
+    stored = sum(b.numel() * b.element_size() for b in layer.buffers())
+    assert (
+        stored == 64 * 24 * 3 // 4
+    )  # 0.75 bytes a weight: half a byte, and 8 bytes of scale and minimum per 32
+    calls = []
+    monkeypatch.setattr("lmforge.inference.int4_linear", lambda *a: calls.append(1) or native.int4_linear(*a))
+    weight = dequantize_4bit(layer.weight_int4, layer.block_scale, layer.block_min)
+    x = torch.randn(3, 64)
+    assert torch.allclose(layer(x), F.linear(x, weight, layer.bias), atol=1e-4) and calls == [1]
+    x.requires_grad_(True)
+    layer(x).sum().backward()  # no backward in C: the float product
+    assert torch.allclose(x.grad, weight.sum(0).expand(3, 64), atol=1e-5) and calls == [1]

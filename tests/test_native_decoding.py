@@ -1,6 +1,6 @@
-"""The whole-step native int8 decoder (native/decode_step.c, native/decoding.py): every option of a
-GPT that changes inference, with padding, batches and a sliding window, against the PyTorch forward
-pass on the same int8 weights; attached only where it applies and measures faster."""
+"""The whole-step native decoder (native/decode_step.c, native/decoding.py): every option of a GPT
+that changes inference, with padding, batches and a sliding window, against the PyTorch forward pass
+on the same int8 or 4-bit weights; attached only where it applies and measures faster."""
 
 import pytest
 import torch
@@ -8,7 +8,14 @@ import torch
 from lmforge.checkpoint import save_checkpoint
 from lmforge.config import Config, ModelConfig
 from lmforge.generation import GenerationConfig, generate
-from lmforge.inference import Int8Linear, fuse_projections, load_for_inference, quantize_int8
+from lmforge.inference import (
+    Int4Linear,
+    Int8Linear,
+    fuse_projections,
+    load_for_inference,
+    quantize_int4,
+    quantize_int8,
+)
 from lmforge.models.gpt import GPT
 from lmforge.native.decoding import NativeDecoder, attach, why_not_native
 from lmforge.tokenizers import train_char_tokenizer
@@ -22,7 +29,7 @@ VARIANTS = {
 }  # fmt: skip
 
 
-def int8_model(seed: int = 0, **options) -> GPT:
+def int8_model(seed: int = 0, bits: int = 8, **options) -> GPT:
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=61, n_layer=2, n_head=4, n_embd=64, block_size=32, **options)
     model = GPT(cfg).eval()
@@ -30,19 +37,21 @@ def int8_model(seed: int = 0, **options) -> GPT:
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     fuse_projections(model)
-    quantize_int8(model)
+    (quantize_int8 if bits == 8 else quantize_int4)(model)
     for layer in model.modules():
-        if isinstance(layer, Int8Linear):
-            layer.kernel = "dequantize"  # the reference: the same int8 weights, multiplied in float
+        if isinstance(layer, Int8Linear | Int4Linear):
+            layer.kernel = "dequantize"  # the reference: the same quantised weights, multiplied in float
     return model
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @torch.inference_mode()
-def test_a_native_step_equals_the_forward_pass_on_the_same_int8_weights(variant, rows):
-    model = int8_model(**VARIANTS[variant])
+def test_a_native_step_equals_the_forward_pass_on_the_same_quantised_weights(variant, rows, bits):
+    model = int8_model(bits=bits, **VARIANTS[variant])
     assert why_not_native(model) is None
+    assert any(isinstance(layer, Int4Linear if bits == 4 else Int8Linear) for layer in model.modules())
     decoder = NativeDecoder(model)
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, 61, (rows, 6), generator=generator)
@@ -57,12 +66,15 @@ def test_a_native_step_equals_the_forward_pass_on_the_same_int8_weights(variant,
         at = positions[:, -1] + 1 + torch.arange(reference.length - 6, reference.length - 5).expand(rows)
         expected = model(tokens[:, None], cache=reference, positions=at[:, None])[0][:, -1]
         got = decoder.step(tokens, at, native)
-        # int8 weights are the same; the native kernel rounds a single input row to int16 per block of
-        # 32 (relative error < 2e-5 of the block's largest value) and sums in another order
-        assert torch.allclose(got, expected, rtol=0, atol=2e-4 * expected.abs().max().item())
+        # the weights are the same; the native kernel rounds each input row to int16 per block of 64
+        # (relative error < 2e-5 of the block's largest value) and sums in another order. A 4-bit
+        # block multiplies the rounded input by scale * q, which spans max - min of the block: up to
+        # twice an int8 weight's largest, so up to twice the error
+        slack = 1 if bits == 8 else 2
+        assert torch.allclose(got, expected, rtol=0, atol=slack * 2e-4 * expected.abs().max().item())
         assert native.length == reference.length
         for mine, theirs in ((native.k, reference.k), (native.v, reference.v)):
-            assert torch.allclose(mine, theirs, rtol=0, atol=1e-4 * theirs.abs().max().item())
+            assert torch.allclose(mine, theirs, rtol=0, atol=slack * 1e-4 * theirs.abs().max().item())
         assert torch.equal(native.valid, reference.valid)
 
 
@@ -94,16 +106,22 @@ def checkpoint(tmp_path, **options):
     return str(tmp_path / "run")
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
 @pytest.mark.parametrize("options", [{}, VARIANTS["llama-like"]], ids=["gpt2-like", "llama-like"])
-def test_int8_loading_attaches_the_decoder_and_generation_keeps_its_tokens(tmp_path, options):
-    model, tokenizer = load_for_inference(checkpoint(tmp_path, **options), quantize="int8")
+def test_quantised_loading_attaches_the_decoder_and_generation_keeps_its_tokens(tmp_path, options, quantize):
+    model, tokenizer = load_for_inference(checkpoint(tmp_path, **options), quantize=quantize)
     assert model.native_decoder is not None  # a tiny model is all dispatch: native measures faster
+    assert isinstance(model.lm_head, Int8Linear)  # the head int8 either way
+    kind = Int8Linear if quantize == "int8" else Int4Linear
+    assert sum(isinstance(layer, kind) for layer in model.modules()) == 4 * 2 + (
+        quantize == "int8"
+    )  # 4 a block
     for layer in model.modules():  # the PyTorch path below: weight-only too (FBGEMM would round activations)
-        if isinstance(layer, Int8Linear):
+        if isinstance(layer, Int8Linear | Int4Linear):
             layer.kernel = "dequantize"
     prompts = ["abc", "hello, world"]  # different lengths: left padding
-    greedy = GenerationConfig(max_new_tokens=40, temperature=0)  # past the 24-token context
-    sampled = GenerationConfig(max_new_tokens=15, temperature=1.0, top_k=10, seed=3)
+    greedy = GenerationConfig(max_new_tokens=40, temperature=0, stop_at_eot=False)  # past the 24-token context
+    sampled = GenerationConfig(max_new_tokens=15, temperature=1.0, top_k=10, seed=3, stop_at_eot=False)
     native = [generate(model, tokenizer, prompts, c) for c in (greedy, sampled)]
     model.native_decoder = None
     assert [generate(model, tokenizer, prompts, c) for c in (greedy, sampled)] == native
@@ -114,7 +132,7 @@ def test_the_decoder_is_left_out_where_it_does_not_apply(tmp_path):
     path = checkpoint(tmp_path)
     float_model, _ = load_for_inference(path)
     assert getattr(float_model, "native_decoder", None) is None
-    assert "int8 weights" in why_not_native(float_model)
+    assert "int8 or 4-bit weights" in why_not_native(float_model)
     bf16_model, _ = load_for_inference(path, dtype="bfloat16", quantize="int8")
     assert getattr(bf16_model, "native_decoder", None) is None
     assert "float32" in why_not_native(bf16_model)

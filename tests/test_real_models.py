@@ -415,3 +415,29 @@ def test_int8_keeps_smollm2_faithful_by_falling_back_to_weight_only(smollm2, loa
     assert (
         generate(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=12, temperature=0))[0] == reply
     )
+
+
+def test_4bit_smollm2_decodes_natively_with_the_float_models_choices(smollm2, loaded):
+    """SmolLM2 comes from a Q4_1 GGUF: its weights are 4-bit in blocks of 32 already, so 4-bit
+    loading keeps them (up to float rounding) and the float model's next-token choices; the native
+    decoder (attached when it measures faster) answers as the PyTorch path on the same weights."""
+    from lmforge.chat import chat_prompt
+    from lmforge.inference import PROBE_TEXT, Int4Linear, Int8Linear, load_for_inference
+
+    model, tokenizer = load_for_inference(str(smollm2), quantize="int4")
+    layers = [layer for layer in model.modules() if isinstance(layer, Int4Linear)]
+    assert len(layers) == 30 * 4  # every block's four products (gate and up fused); the head int8
+    assert isinstance(model.lm_head, Int8Linear) and model.lm_head.kernel != "fbgemm"
+    ids = torch.tensor([tokenizer.encode(PROBE_TEXT)])
+    with torch.no_grad():
+        float_logits, logits = loaded[0](ids)[0], model(ids)[0]
+    assert (float_logits.argmax(-1) == logits.argmax(-1)).float().mean().item() >= 0.95
+    prompt = chat_prompt(open_checkpoint(smollm2).chat_template,
+                         [{"role": "user", "content": "What is the capital of France?"}])  # fmt: skip
+    config = GenerationConfig(max_new_tokens=12, temperature=0)
+    native = generate(model, tokenizer, [prompt], config)[0]
+    assert "Paris" in native
+    model.native_decoder = None
+    for layer in [*layers, model.lm_head]:
+        layer.kernel = "dequantize"  # PyTorch's float product over the same weights
+    assert generate(model, tokenizer, [prompt], config)[0] == native

@@ -44,8 +44,8 @@ SHARED_FLAGS: dict[str, dict] = {
     },
     "--quantize": {
         "default": "none",
-        "choices": ["none", "int8"],
-        "help": "int8 weight-only quantisation of the linear layers",
+        "choices": ["none", "int8", "int4"],
+        "help": "weight-only quantisation of the linear layers: int8, or int4 (4 bits per weight in blocks of 32)",
     },
     "--adapter": {
         "default": None,

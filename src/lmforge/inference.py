@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lmforge.device import DTYPES, resolve_device
 from lmforge.errors import UserError
 from lmforge.kernels import BlockedMatvecLinear
-from lmforge.native import int8_linear
+from lmforge.native import int4_linear, int8_linear
 
 
 class Int8Linear(nn.Module):
@@ -80,6 +80,89 @@ class Int8Linear(nn.Module):
             return y + self.bias if self.bias is not None else y
         weight = self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None]
         return F.linear(x, weight, self.bias)
+
+
+INT4_BLOCK = 32  # weights along a row that share a 4-bit scale and minimum (native/int8_dot.h)
+
+
+def quantize_4bit(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`weight` (out, in; in a multiple of 32) in 4 bits per block of 32 along each row: (packed
+    uint8 (out, in / 2), scale, minimum (out, in / 32) float32), each value scale * q + minimum with q
+    in 0..15 (llama.cpp's Q4_1 layout, so SmolLM2's Q4_1 weights come back as they were). Byte j of
+    a block holds value j in its low four bits and value 16 + j in its high four."""
+    out_features, in_features = weight.shape
+    blocks = weight.detach().float().reshape(out_features, in_features // INT4_BLOCK, INT4_BLOCK)
+    minimum, maximum = blocks.amin(dim=2), blocks.amax(dim=2)
+    scale = (maximum - minimum) / 15.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant block: every q is 0
+    q = ((blocks - minimum[..., None]) / safe[..., None]).round().clamp(0, 15).to(torch.uint8)
+    half = INT4_BLOCK // 2
+    packed = (q[..., :half] | (q[..., half:] << 4)).reshape(out_features, in_features // 2)
+    return packed.contiguous(), scale.contiguous(), minimum.contiguous()
+
+
+def dequantize_4bit(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """The float32 weight (out, in) that `quantize_4bit`'s three tensors stand for."""
+    out_features = packed.shape[0]
+    pairs = packed.reshape(out_features, -1, INT4_BLOCK // 2)
+    q = torch.cat([pairs & 0x0F, pairs >> 4], dim=2).float()
+    return (q * scale[..., None] + minimum[..., None]).reshape(out_features, -1)
+
+
+class Int4Linear(nn.Module):
+    """A linear layer whose weight is 4-bit in blocks of 32, each with a float scale and minimum
+    (`quantize_4bit`): 0.75 bytes a weight (half a byte, and two float32 per 32) against int8's 1. Multiplied by lmforge's native kernel
+    on the CPU (int4_linear, compiled for this CPU); elsewhere, for gradients or without a
+    compiler, by a float product over the dequantised weight."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        packed, scale, minimum = quantize_4bit(linear.weight)
+        self.register_buffer("weight_int4", packed)
+        self.register_buffer("block_scale", scale)
+        self.register_buffer("block_min", minimum)
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.kernel = "native"  # or "dequantize": the float product always (a reference in tests)
+        self.native_prompts: bool | None = None  # prompts by the native kernel: measured on first use
+
+    def _native(self, x: torch.Tensor) -> bool:
+        if self.kernel != "native" or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+            return False
+        if _native_unavailable():
+            return False
+        if x.numel() <= 16 * self.in_features:
+            return True
+        if self.native_prompts is None:
+            self.native_prompts = _native_prompts_pay_4bit(self)
+        return self.native_prompts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native(x):
+            if not hasattr(self, "_bias32"):
+                self._bias32 = None if self.bias is None else self.bias.detach().float().contiguous()
+            y = int4_linear(x.float(), self.weight_int4, self.block_scale, self.block_min, self._bias32)
+            return y.to(x.dtype)
+        weight = dequantize_4bit(self.weight_int4, self.block_scale, self.block_min).to(x.dtype)
+        return F.linear(x, weight, self.bias)
+
+
+def _native_unavailable() -> bool:
+    from lmforge.kernels import native_available
+
+    return not native_available()
+
+
+def _native_prompts_pay_4bit(layer: Int4Linear) -> bool:
+    from lmforge.kernels import PROMPT_ROWS, fastest_prompt_kernel
+
+    def candidates():
+        x = torch.randn(PROMPT_ROWS, layer.in_features)
+        parts = (layer.weight_int4, layer.block_scale, layer.block_min)
+        return {"native": lambda: int4_linear(x, *parts, None),
+                "dequantize": lambda: F.linear(x, dequantize_4bit(*parts))}  # fmt: skip
+
+    return fastest_prompt_kernel("int4", layer.in_features, layer.out_features, candidates) == "native"
 
 
 def use_blocked_matvec(model: nn.Module, min_weight: int = 1 << 18) -> nn.Module:
@@ -206,6 +289,29 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return model
 
 
+def quantize_int4(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear with Int4Linear (in place); returns the model. The output head, and
+    layers whose input width is not a multiple of 32, become weight-only int8 instead: next-token
+    choices hang on the head's precision (SmolLM2's head, Q8_0 in its GGUF, at 4 bits changed 18% of
+    them on the probe text; llama.cpp keeps heads at 6-8 bits too)."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear):
+            if child.in_features % INT4_BLOCK == 0 and name != "lm_head":
+                setattr(model, name, Int4Linear(child))
+            else:
+                layer = Int8Linear(child)
+                if layer.kernel == "fbgemm":  # it rounds activations too: weight-only, like the rest
+                    from lmforge.kernels import fastest_int8_kernel
+
+                    layer.kernel = fastest_int8_kernel(
+                        layer.in_features, layer.out_features, weight_only=True
+                    )
+                setattr(model, name, layer)
+        else:
+            quantize_int4(child)
+    return model
+
+
 def load_for_inference(
     path: str,
     device: str = "cpu",
@@ -223,10 +329,10 @@ def load_for_inference(
 
     if dtype not in DTYPES:
         raise UserError(f"Unknown dtype {dtype!r}; use float32, bfloat16 or float16.")
-    if quantize not in (None, "", "none", "int8"):
-        raise UserError(f"Unknown quantisation {quantize!r}; use int8 (or none).")
-    if compile and quantize == "int8":  # the int8 kernels are opaque packed objects to torch.compile
-        raise UserError("--compile works with float weights; leave out --quantize int8 or --compile.")
+    if quantize not in (None, "", "none", "int8", "int4"):
+        raise UserError(f"Unknown quantisation {quantize!r}; use int8 or int4 (or none).")
+    if compile and quantize in ("int8", "int4"):  # the quantised kernels are opaque to torch.compile
+        raise UserError(f"--compile works with float weights; leave out --quantize {quantize} or --compile.")
     model, tokenizer, config = load_checkpoint(path, resolve_device(device))
     if adapter:
         from lmforge.interop.peft import is_peft_adapter, load_peft_adapter
@@ -250,6 +356,12 @@ def load_for_inference(
             from lmforge.native.decoding import attach
 
             attach(model)
+    elif quantize == "int4":
+        # 4-bit weights in blocks of 32, the head int8 (a tied embedding table stays float).
+        quantize_int4(model)
+        from lmforge.native.decoding import attach
+
+        attach(model)
     else:
         use_blocked_matvec(model)
     precision = "int8" if quantize == "int8" else "bfloat16" if dtype == "bfloat16" else None

@@ -195,6 +195,29 @@ def fastest_int8_kernel(in_features: int, out_features: int, weight_only: bool =
 PROMPT_ROWS = 64  # a prompt's worth of rows: what native_prompt_pays times
 
 
+def fastest_prompt_kernel(label: str, in_features: int, out_features: int,
+                          candidates: Callable[[], dict[str, Callable[[], object]]]) -> str:  # fmt: skip
+    """The fastest of `candidates()` (name -> one product of PROMPT_ROWS rows of this shape by that
+    kernel), measured once per machine and shape and kept in the cache under `label`."""
+    with _lock:
+        cached = _load()
+        shape = f"{in_features}x{out_features}"
+        names = _prompt_names.get(label)
+        keys = {name: f"prompt{PROMPT_ROWS} {label}-{name} {shape}" for name in names or ()}
+        if names is None or not all(key in cached for key in keys.values()):
+            built = candidates()
+            _prompt_names[label] = list(built)
+            keys = {name: f"prompt{PROMPT_ROWS} {label}-{name} {shape}" for name in built}
+            for name, fn in built.items():
+                if keys[name] not in cached:
+                    cached[keys[name]] = measure(f"{label}-{name}", fn, 5)
+            _save()
+        return min(keys, key=lambda name: cached[keys[name]])
+
+
+_prompt_names: dict[str, list[str]] = {}  # the candidates' names by label, once built
+
+
 def native_prompt_pays(in_features: int, out_features: int) -> bool:
     """Whether lmforge's native int8 kernel multiplies PROMPT_ROWS rows (a prompt, a scored window)
     faster than dequantising the weight for a float32 product here. Measured once per machine and
@@ -203,23 +226,18 @@ def native_prompt_pays(in_features: int, out_features: int) -> bool:
     twice as wide on AVX-512."""
     if not native_available():
         return False
-    with _lock:
-        cached = _load()
-        keys = {kernel: f"prompt{PROMPT_ROWS} {kernel} {in_features}x{out_features}"
-                for kernel in ("int8-native", "int8-dequantize")}  # fmt: skip
-        if not all(key in cached for key in keys.values()):
-            from lmforge.native import int8_linear
 
-            x = torch.randn(PROMPT_ROWS, in_features)
-            weight = torch.randn(out_features, in_features)
-            scale = weight.abs().amax(dim=1) / 127.0
-            int8 = (weight / scale[:, None]).round().to(torch.int8)
-            cached[keys["int8-native"]] = measure("int8-native", lambda: int8_linear(x, int8, scale, None), 5)
-            cached[keys["int8-dequantize"]] = measure(
-                "int8-dequantize", lambda: F.linear(x, int8.float() * scale[:, None]), 5
-            )
-            _save()
-        return cached[keys["int8-native"]] < cached[keys["int8-dequantize"]]
+    def candidates() -> dict[str, Callable[[], object]]:
+        from lmforge.native import int8_linear
+
+        x = torch.randn(PROMPT_ROWS, in_features)
+        weight = torch.randn(out_features, in_features)
+        scale = weight.abs().amax(dim=1) / 127.0
+        int8 = (weight / scale[:, None]).round().to(torch.int8)
+        return {"native": lambda: int8_linear(x, int8, scale, None),
+                "dequantize": lambda: F.linear(x, int8.float() * scale[:, None])}  # fmt: skip
+
+    return fastest_prompt_kernel("int8", in_features, out_features, candidates) == "native"
 
 
 def precision_report(shapes: dict[tuple[int, int], int], precision: str) -> tuple[float, float]:

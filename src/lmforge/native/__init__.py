@@ -87,6 +87,8 @@ def library() -> ctypes.CDLL | None:
                     lib = ctypes.CDLL(str(_build(compiler)))
                     lib.int8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
                     lib.int8_linear.restype = ctypes.c_int
+                    lib.int4_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+                    lib.int4_linear.restype = ctypes.c_int
                     lib.decode_step.argtypes = [ctypes.c_void_p] * 4 + [
                         ctypes.c_int64,
                         ctypes.c_void_p,
@@ -118,6 +120,29 @@ def int8_linear(
                       y.data_ptr(), x.numel() // in_features, in_features, out_features, torch.get_num_threads())  # fmt: skip
     if failed:
         raise MemoryError("the native int8 kernel could not allocate room for its rounded input")
+    return y
+
+
+def int4_linear(
+    x: torch.Tensor,
+    weight4: torch.Tensor,
+    block_scale: torch.Tensor,
+    block_min: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x (..., in) float32 on the CPU times 4-bit weights: `weight4` (out, in / 2) uint8, two values a
+    byte in blocks of 32 (int8_dot.h), float32 `block_scale` and `block_min` (out, in / 32)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native 4-bit kernel is unavailable: {_failure}")
+    out_features, in_features = weight4.shape[0], weight4.shape[1] * 2
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
+    failed = lib.int4_linear(x.data_ptr(), weight4.data_ptr(), block_scale.data_ptr(), block_min.data_ptr(),
+                             None if bias is None else bias.data_ptr(), y.data_ptr(), x.numel() // in_features,
+                             in_features, out_features, torch.get_num_threads())  # fmt: skip
+    if failed:
+        raise MemoryError("the native 4-bit kernel could not allocate room for its rounded input")
     return y
 
 

@@ -20,13 +20,6 @@
 #include "int8_dot.h"
 
 typedef struct {
-    const int8_t *weight; /* out x in */
-    const float *scale;   /* one per output channel */
-    const float *bias;    /* or NULL */
-    int64_t in, out;
-} Linear;
-
-typedef struct {
     const float *weight, *bias; /* bias NULL for RMSNorm (and LayerNorm without bias) */
 } Norm;
 
@@ -228,9 +221,10 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
           *qkv = malloc(sizeof(float) * rows * qkv_width), *attended = malloc(sizeof(float) * rows * C),
           *up = malloc(sizeof(float) * rows * up_width), *act = malloc(sizeof(float) * rows * F),
           *rope = malloc(sizeof(float) * rows * hd), *scores = malloc(sizeof(float) * rows * H * seen),
-          *qs = malloc(sizeof(float) * rounded_scales(rows, widest));
+          *qs = malloc(sizeof(float) * rounded_scales(rows, widest)),
+          *xsum = malloc(sizeof(float) * block_sums(rows, widest));
     int16_t *q16 = malloc(sizeof(int16_t) * rounded_values(rows, widest));
-    int failed = !x || !normed || !qkv || !attended || !up || !act || !rope || !scores || !qs || !q16;
+    int failed = !x || !normed || !qkv || !attended || !up || !act || !rope || !scores || !qs || !q16 || !xsum;
     if (failed) goto done;
 
 #pragma omp parallel num_threads(threads)
@@ -255,8 +249,7 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
             for (int64_t r = 0; r < rows; r++)
                 norm_row(x + r * C, normed + r * C, C, layer->ln_1.weight, layer->ln_1.bias, (int)m->rms_norm,
                          m->norm_eps);
-            linear_rows(normed, layer->qkv.weight, layer->qkv.scale, layer->qkv.bias, qkv, rows, C, qkv_width,
-                        q16, qs);
+            linear_rows(&layer->qkv, normed, qkv, rows, q16, qs, xsum);
             /* Queries and new keys: QK-norm, rotation; the new key and value into the cache. */
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
@@ -285,8 +278,7 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
                            c->valid + r * c->valid_stride, seen, hd, scale, scores + (r * H + h) * seen,
                            attended + r * C + h * hd);
                 }
-            linear_rows(attended, layer->attn_out.weight, layer->attn_out.scale, layer->attn_out.bias, normed,
-                        rows, C, C, q16, qs);
+            linear_rows(&layer->attn_out, attended, normed, rows, q16, qs, xsum);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < rows * C; i++) x[i] += normed[i];
             /* MLP */
@@ -294,7 +286,7 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
             for (int64_t r = 0; r < rows; r++)
                 norm_row(x + r * C, normed + r * C, C, layer->ln_2.weight, layer->ln_2.bias, (int)m->rms_norm,
                          m->norm_eps);
-            linear_rows(normed, layer->up.weight, layer->up.scale, layer->up.bias, up, rows, C, up_width, q16, qs);
+            linear_rows(&layer->up, normed, up, rows, q16, qs, xsum);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < rows * F; i++) {
                 if (m->activation == SWIGLU) {
@@ -305,14 +297,14 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
                     act[i] = activate(up[i], m->activation);
                 }
             }
-            linear_rows(act, layer->down.weight, layer->down.scale, layer->down.bias, normed, rows, F, C, q16, qs);
+            linear_rows(&layer->down, act, normed, rows, q16, qs, xsum);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < rows * C; i++) x[i] += normed[i];
         }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++)
             norm_row(x + r * C, normed + r * C, C, m->ln_f.weight, m->ln_f.bias, (int)m->rms_norm, m->norm_eps);
-        linear_rows(normed, m->head.weight, m->head.scale, m->head.bias, logits, rows, C, m->vocab, q16, qs);
+        linear_rows(&m->head, normed, logits, rows, q16, qs, xsum);
         if (m->logit_softcap > 0.0f) {
             const float cap = m->logit_softcap;
 #pragma omp for schedule(static)
@@ -321,6 +313,6 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
     }
 done:
     free(x), free(normed), free(qkv), free(attended), free(up), free(act), free(rope), free(scores), free(qs);
-    free(q16);
+    free(q16), free(xsum);
     return failed ? -1 : 0;
 }

@@ -27,7 +27,8 @@ ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu2": 2, "swiglu": 3}
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+    _fields_ = [("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("weight4", ctypes.c_void_p),
+                ("block_scale", ctypes.c_void_p), ("block_min", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64)]  # fmt: skip
 
 
@@ -76,13 +77,17 @@ def why_not_native(model: nn.Module) -> str | None:
         if mlp.activation == "swiglu" and mlp.c_gate_up is None:
             return "SwiGLU's gate and up projections are not fused (inference.fuse_projections)"
         linears += [block.attn.c_attn, block.attn.c_proj, mlp.c_gate_up or mlp.c_fc, mlp.c_proj]
-    # Int8Linear layers (inference.py, which imports this module: recognised by their int8 weight)
-    if not all(getattr(layer, "weight_int8", None) is not None for layer in linears):
-        return "the native decode step needs int8 weights (--quantize int8)"
+    # Int8Linear / Int4Linear layers (inference.py, which imports this module: recognised by their weights)
+    if not all(_quantized(layer) for layer in linears):
+        return "the native decode step needs int8 or 4-bit weights (--quantize int8 or int4)"
     floats = [model.wte.weight, *(p for name, p in model.named_parameters() if "ln" in name)]
     if any(t.dtype != torch.float32 for t in floats):
         return "the native decode step computes in float32 (leave out --dtype)"
     return None
+
+
+def _quantized(layer: nn.Module) -> bool:
+    return getattr(layer, "weight_int8", None) is not None or getattr(layer, "weight_int4", None) is not None
 
 
 class NativeDecoder:
@@ -127,9 +132,15 @@ class NativeDecoder:
         return _Norm(_pointer(self._float(norm.weight)), _pointer(self._float(getattr(norm, "bias", None))))
 
     def _linear(self, layer: nn.Module) -> _Linear:
+        bias = _pointer(self._float(layer.bias))
+        if getattr(layer, "weight_int4", None) is not None:
+            weight4 = layer.weight_int4.contiguous()
+            self._keep.append(weight4)  # alive as long as the decoder, whatever happens to the model
+            return _Linear(None, None, weight4.data_ptr(), self._float(layer.block_scale).data_ptr(),
+                           self._float(layer.block_min).data_ptr(), bias, layer.in_features, layer.out_features)  # fmt: skip
         weight = layer.weight_int8.contiguous()
-        self._keep.append(weight)  # alive as long as the decoder, whatever happens to the model
-        return _Linear(weight.data_ptr(), self._float(layer.scale).data_ptr(), _pointer(self._float(layer.bias)),
+        self._keep.append(weight)
+        return _Linear(weight.data_ptr(), self._float(layer.scale).data_ptr(), None, None, None, bias,
                        layer.in_features, layer.out_features)  # fmt: skip
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:

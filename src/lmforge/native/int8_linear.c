@@ -1,5 +1,6 @@
 /* Weight-only int8 linear layer for decoding: y = (x @ W^T) * scale (+ bias), where W is int8
- * (out x in, row-major), scale one float per output channel, x float32 (rows x in, rows small).
+ * (out x in, row-major), scale one float per output channel, x float32 (rows x in, rows small);
+ * and the same for 4-bit weights in blocks of 32 with a scale and minimum each (int4_linear).
  *
  * Decoding multiplies each weight matrix by a handful of vectors, so the time is the time to read
  * the weights: int8 reads a quarter of float32's bytes. PyTorch's own weight-only int8 kernel has
@@ -19,15 +20,30 @@
 
 #include "int8_dot.h"
 
-/* Returns 0, or -1 when memory for the rounded input could not be had (y untouched). */
+/* y = x @ W^T for one layer L (int8 or 4-bit) and `rows` rows of x. Returns 0, or -1 when memory
+ * for the rounded input could not be had (y untouched). */
+static int linear(const Linear *L, const float *x, float *y, int64_t rows, int threads) {
+    int16_t *q = malloc(sizeof(int16_t) * rounded_values(rows, L->in)); /* shared by the threads below */
+    float *qs = malloc(sizeof(float) * rounded_scales(rows, L->in));
+    float *xsum = malloc(sizeof(float) * block_sums(rows, L->in));
+    const int ok = q && qs && xsum;
+    if (ok) {
+#pragma omp parallel num_threads(threads)
+        linear_rows(L, x, y, rows, q, qs, xsum);
+    }
+    free(q), free(qs), free(xsum);
+    return ok ? 0 : -1;
+}
+
 int int8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int64_t rows,
                 int64_t in, int64_t out, int threads) {
-    int16_t *q = malloc(sizeof(int16_t) * rounded_values(rows, in)); /* shared by the threads below */
-    float *qs = malloc(sizeof(float) * rounded_scales(rows, in));
-    if (q && qs) {
-#pragma omp parallel num_threads(threads)
-        linear_rows(x, w, scale, bias, y, rows, in, out, q, qs);
-    }
-    free(q), free(qs);
-    return q && qs ? 0 : -1;
+    const Linear L = {w, scale, NULL, NULL, NULL, bias, in, out};
+    return linear(&L, x, y, rows, threads);
+}
+
+/* 4-bit weights (int8_dot.h's layout); in a multiple of 32. */
+int int4_linear(const float *x, const uint8_t *w4, const float *block_scale, const float *block_min,
+                const float *bias, float *y, int64_t rows, int64_t in, int64_t out, int threads) {
+    const Linear L = {NULL, NULL, w4, block_scale, block_min, bias, in, out};
+    return linear(&L, x, y, rows, threads);
 }
