@@ -3,7 +3,7 @@
 
     speed       128 new tokens after a short chat prompt at batch 1 (and lmforge at batch 8,
                 aggregate tokens/s), median of --repeats runs, for llama.cpp (llama-cpp-python)
-                and for lmforge at float32 (eager and --compile), bfloat16 and int8 (kernels as
+                and for lmforge at float32 (eager and --compile), bfloat16, int8 and int4 (kernels as
                 measured on this CPU)
                 (llama.cpp runs again right before each lmforge row, which is compared with that
                 adjacent run: the machines drift by tens of percent over minutes)
@@ -145,9 +145,11 @@ def main() -> None:
     print(f"llama.cpp: {llama['tokens_per_s']:.1f} tok/s, perplexity {llama['perplexity']:.3f}", flush=True)
     for dtype, quantize, batch, compile in (
         ("float32", "none", 1, False), ("float32", "none", 1, True), ("bfloat16", "none", 1, False),
-        ("float32", "int8", 1, False), ("float32", "none", 8, False), ("float32", "int8", 8, False),
+        ("float32", "int8", 1, False), ("float32", "int4", 1, False), ("float32", "none", 8, False),
+        ("float32", "int8", 8, False), ("float32", "int4", 8, False),
     ):  # fmt: skip
-        label = f"{'int8' if quantize == 'int8' else dtype}{'-compiled' if compile else ''}-{batch}"
+        precision = quantize if quantize != "none" else dtype
+        label = f"{precision}{'-compiled' if compile else ''}-{batch}"
         if args.rows and label not in args.rows.split(","):
             continue
         # This machine's speed drifts by tens of percent over minutes: llama.cpp runs again right
@@ -156,7 +158,7 @@ def main() -> None:
             llama_cpp_speeds(llm, tokenizer.encode(prompt), args.repeats, args.new_tokens)
         )
         run = lmforge_run(gguf, prompt, ids, args.repeats, args.new_tokens, dtype, quantize, batch, compile)
-        name = f"lmforge {'int8' if quantize == 'int8' else dtype}{' compiled' if compile else ''}"
+        name = f"lmforge {precision}{' compiled' if compile else ''}"
         ratio = run["tokens_per_s"] / adjacent
         rows.append({"engine": name, "batch": batch, **run, "llama_cpp_adjacent_tokens_per_s": adjacent,
                      "vs_llama_cpp_batch1": ratio})  # fmt: skip

@@ -153,3 +153,16 @@ def test_out_of_range_tokens_and_positions_are_refused_before_the_c_code_reads_t
         decoder.step(torch.tensor([3]), torch.tensor([32]), cache)
     assert cache.length == 0 and not cache.valid.any()  # nothing written
     assert decoder.step(torch.tensor([3]), torch.tensor([0]), cache).shape == (1, 61)
+
+
+def test_the_cli_generates_with_4bit_weights(tmp_path, capsys):
+    from lmforge.cli import main
+
+    path = checkpoint(tmp_path)
+    args = ["generate", path, "--prompt", "abc", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main([*args, "--quantize", "int4"]) == 0
+    four_bit = capsys.readouterr().out
+    assert four_bit.startswith("abc") and len(four_bit.strip()) > 3
+    with pytest.raises(SystemExit) as exit_info:  # argparse names the choices
+        main([*args, "--quantize", "int3"])
+    assert exit_info.value.code == 2 and "int4" in capsys.readouterr().err

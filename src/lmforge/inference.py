@@ -1,4 +1,4 @@
-"""Loading a checkpoint for inference: device, precision, int8 weight-only quantisation,
+"""Loading a checkpoint for inference: device, precision, int8 and 4-bit weight-only quantisation,
 and matrix-vector products that use every CPU core.
 
 int8 quantisation stores each linear layer's weight as int8 with one float scale
@@ -8,7 +8,8 @@ this CPU for each weight shape (kernels.py), among PyTorch's int8 weight-pack ke
 for this CPU on first use), FBGEMM's dynamically quantised linear kernel (it also quantises
 each input to int8 on the fly) and dequantising on the fly: which one is fast depends on the
 CPU, not on a flag. On GPUs the weight is dequantised on the fly
-(saves memory, not time). When the requested precision (int8, bfloat16) measures slower
+(saves memory, not time). 4-bit quantisation (`Int4Linear`) keeps blocks of 32 weights with a
+scale and minimum each (llama.cpp's Q4_1 layout) and multiplies with lmforge's native kernel. When the requested precision (int8, bfloat16) measures slower
 than float32 here, loading says so.
 """
 

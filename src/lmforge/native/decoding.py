@@ -1,10 +1,10 @@
-"""A whole int8 decode step in one native call (decode_step.c), for GPT models on the CPU.
+"""A whole int8 / 4-bit decode step in one native call (decode_step.c), for GPT models on the CPU.
 
 `why_not_native(model)` says whether the C step computes the model (a GPT whose linear layers are
-all Int8Linear, float32 elsewhere, on the CPU); `NativeDecoder(model)` lays out pointers to its
+all Int8Linear or Int4Linear, float32 elsewhere, on the CPU); `NativeDecoder(model)` lays out pointers to its
 tensors once; `decoder.step(tokens, positions, cache)` then does what
 `model(tokens[:, None], cache=cache, positions=positions[:, None])` does for one new token per row,
-in one call instead of ~50 operator calls per layer. `attach(model)` (at int8 load) gives the model
+in one call instead of ~50 operator calls per layer. `attach(model)` (at int8/int4 load) gives the model
 a decoder where it measures faster, and `step_logits` is what generation and serving call. The
 tensors are the model's own (not copied where already float32 and contiguous); the decoder keeps a
 reference to every tensor it points at, so its memory outlives any change made to the model.
