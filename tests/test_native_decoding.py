@@ -120,7 +120,8 @@ def test_quantised_loading_attaches_the_decoder_and_generation_keeps_its_tokens(
         if isinstance(layer, Int8Linear | Int4Linear):
             layer.kernel = "dequantize"
     prompts = ["abc", "hello, world"]  # different lengths: left padding
-    greedy = GenerationConfig(max_new_tokens=40, temperature=0, stop_at_eot=False)  # past the 24-token context
+    # 40 tokens: past the 24-token context
+    greedy = GenerationConfig(max_new_tokens=40, temperature=0, stop_at_eot=False)
     sampled = GenerationConfig(max_new_tokens=15, temperature=1.0, top_k=10, seed=3, stop_at_eot=False)
     native = [generate(model, tokenizer, prompts, c) for c in (greedy, sampled)]
     model.native_decoder = None
