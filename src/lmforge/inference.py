@@ -7,10 +7,10 @@ this CPU for each weight shape (kernels.py), among PyTorch's int8 weight-pack ke
 (weight-only: activations stay float), lmforge's own weight-only kernel (native/, compiled
 for this CPU on first use), FBGEMM's dynamically quantised linear kernel (it also quantises
 each input to int8 on the fly) and dequantising on the fly: which one is fast depends on the
-CPU, not on a flag. On GPUs the weight is dequantised on the fly
-(saves memory, not time). 4-bit quantisation (`Int4Linear`) keeps blocks of 32 weights with a
-scale and minimum each (llama.cpp's Q4_1 layout) and multiplies with lmforge's native kernel. When the requested precision (int8, bfloat16) measures slower
-than float32 here, loading says so.
+CPU, not on a flag. On GPUs the weight is dequantised on the fly (saves memory, not time).
+4-bit quantisation (`Int4Linear`) keeps blocks of 32 weights with a scale and minimum each
+(llama.cpp's Q4_1 layout) and multiplies with lmforge's native kernel. When the requested
+precision (int8, bfloat16) measures slower than float32 here, loading says so.
 """
 
 from __future__ import annotations
@@ -112,9 +112,9 @@ def dequantize_4bit(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Te
 
 class Int4Linear(nn.Module):
     """A linear layer whose weight is 4-bit in blocks of 32, each with a float scale and minimum
-    (`quantize_4bit`): 0.75 bytes a weight (half a byte, and two float32 per 32) against int8's 1. Multiplied by lmforge's native kernel
-    on the CPU (int4_linear, compiled for this CPU); elsewhere, for gradients or without a
-    compiler, by a float product over the dequantised weight."""
+    (`quantize_4bit`): 0.75 bytes a weight (half a byte, and two float32 per 32) against int8's 1.
+    Multiplied by lmforge's native kernel on the CPU (int4_linear, compiled for this CPU);
+    elsewhere, for gradients or without a compiler, by a float product over the dequantised weight."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -163,7 +163,8 @@ def _native_prompts_pay_4bit(layer: Int4Linear) -> bool:
         return {"native": lambda: int4_linear(x, *parts, None),
                 "dequantize": lambda: F.linear(x, dequantize_4bit(*parts))}  # fmt: skip
 
-    return fastest_prompt_kernel("int4", layer.in_features, layer.out_features, candidates) == "native"
+    names = ("native", "dequantize")
+    return fastest_prompt_kernel("int4", layer.in_features, layer.out_features, names, candidates) == "native"
 
 
 def use_blocked_matvec(model: nn.Module, min_weight: int = 1 << 18) -> nn.Module:

@@ -192,30 +192,22 @@ def fastest_int8_kernel(in_features: int, out_features: int, weight_only: bool =
     return min(int8, key=int8.get).removeprefix("int8-")
 
 
-PROMPT_ROWS = 64  # a prompt's worth of rows: what native_prompt_pays times
+PROMPT_ROWS = 64  # a prompt's worth of rows: what fastest_prompt_kernel times
 
 
-def fastest_prompt_kernel(label: str, in_features: int, out_features: int,
+def fastest_prompt_kernel(label: str, in_features: int, out_features: int, names: tuple[str, ...],
                           candidates: Callable[[], dict[str, Callable[[], object]]]) -> str:  # fmt: skip
-    """The fastest of `candidates()` (name -> one product of PROMPT_ROWS rows of this shape by that
-    kernel), measured once per machine and shape and kept in the cache under `label`."""
+    """The fastest of the kernels `names`; `candidates()` builds them (name -> one product of
+    PROMPT_ROWS rows of this shape by that kernel) when this machine has not timed them yet. The
+    timings are kept in the cache under `label`, once per machine and shape."""
     with _lock:
         cached = _load()
-        shape = f"{in_features}x{out_features}"
-        names = _prompt_names.get(label)
-        keys = {name: f"prompt{PROMPT_ROWS} {label}-{name} {shape}" for name in names or ()}
-        if names is None or not all(key in cached for key in keys.values()):
-            built = candidates()
-            _prompt_names[label] = list(built)
-            keys = {name: f"prompt{PROMPT_ROWS} {label}-{name} {shape}" for name in built}
-            for name, fn in built.items():
-                if keys[name] not in cached:
-                    cached[keys[name]] = measure(f"{label}-{name}", fn, 5)
+        keys = {name: f"prompt{PROMPT_ROWS} {label}-{name} {in_features}x{out_features}" for name in names}
+        if not all(key in cached for key in keys.values()):
+            for name, fn in candidates().items():
+                cached[keys[name]] = measure(f"{label}-{name}", fn, 5)
             _save()
-        return min(keys, key=lambda name: cached[keys[name]])
-
-
-_prompt_names: dict[str, list[str]] = {}  # the candidates' names by label, once built
+        return min(names, key=lambda name: cached[keys[name]])
 
 
 def native_prompt_pays(in_features: int, out_features: int) -> bool:
@@ -237,7 +229,10 @@ def native_prompt_pays(in_features: int, out_features: int) -> bool:
         return {"native": lambda: int8_linear(x, int8, scale, None),
                 "dequantize": lambda: F.linear(x, int8.float() * scale[:, None])}  # fmt: skip
 
-    return fastest_prompt_kernel("int8", in_features, out_features, candidates) == "native"
+    return (
+        fastest_prompt_kernel("int8", in_features, out_features, ("native", "dequantize"), candidates)
+        == "native"
+    )
 
 
 def precision_report(shapes: dict[tuple[int, int], int], precision: str) -> tuple[float, float]:
