@@ -88,15 +88,17 @@ INT4_BLOCK = 32  # weights along a row that share a 4-bit scale and minimum (nat
 
 def quantize_4bit(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`weight` (out, in; in a multiple of 32) in 4 bits per block of 32 along each row: (packed
-    uint8 (out, in / 2), scale, minimum (out, in / 32) float32), each value scale * q + minimum with q
-    in 0..15 (llama.cpp's Q4_1 layout, so SmolLM2's Q4_1 weights come back as they were). Byte j of
-    a block holds value j in its low four bits and value 16 + j in its high four."""
+    uint8 (out, in / 2), scale, minimum (out, in / 32) float16), each value scale * q + minimum with q
+    in 0..15: llama.cpp's Q4_1, 0.625 bytes a weight, so SmolLM2's Q4_1 weights come back as they
+    were. Byte j of a block holds value j in its low four bits and value 16 + j in its high four."""
     out_features, in_features = weight.shape
     blocks = weight.detach().float().reshape(out_features, in_features // INT4_BLOCK, INT4_BLOCK)
-    minimum, maximum = blocks.amin(dim=2), blocks.amax(dim=2)
-    scale = (maximum - minimum) / 15.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant block: every q is 0
-    q = ((blocks - minimum[..., None]) / safe[..., None]).round().clamp(0, 15).to(torch.uint8)
+    low, high = blocks.amin(dim=2), blocks.amax(dim=2)
+    # Half-precision scale and minimum (what the kernel reads); q is rounded against those values.
+    minimum = low.half()
+    scale = ((high - minimum.float()) / 15.0).half()
+    safe = torch.where(scale > 0, scale.float(), torch.ones_like(low))  # a constant block: every q is 0
+    q = ((blocks - minimum.float()[..., None]) / safe[..., None]).round().clamp(0, 15).to(torch.uint8)
     half = INT4_BLOCK // 2
     packed = (q[..., :half] | (q[..., half:] << 4)).reshape(out_features, in_features // 2)
     return packed.contiguous(), scale.contiguous(), minimum.contiguous()
@@ -107,12 +109,12 @@ def dequantize_4bit(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Te
     out_features = packed.shape[0]
     pairs = packed.reshape(out_features, -1, INT4_BLOCK // 2)
     q = torch.cat([pairs & 0x0F, pairs >> 4], dim=2).float()
-    return (q * scale[..., None] + minimum[..., None]).reshape(out_features, -1)
+    return (q * scale.float()[..., None] + minimum.float()[..., None]).reshape(out_features, -1)
 
 
 class Int4Linear(nn.Module):
     """A linear layer whose weight is 4-bit in blocks of 32, each with a float scale and minimum
-    (`quantize_4bit`): 0.75 bytes a weight (half a byte, and two float32 per 32) against int8's 1.
+    (`quantize_4bit`): 0.625 bytes a weight (half a byte, and two float16 per 32) against int8's 1.
     Multiplied by lmforge's native kernel on the CPU (int4_linear, compiled for this CPU);
     elsewhere, for gradients or without a compiler, by a float product over the dequantised weight."""
 

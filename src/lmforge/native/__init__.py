@@ -131,7 +131,9 @@ def int4_linear(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """x (..., in) float32 on the CPU times 4-bit weights: `weight4` (out, in / 2) uint8, two values a
-    byte in blocks of 32 (int8_dot.h), float32 `block_scale` and `block_min` (out, in / 32)."""
+    byte in blocks of 32 (int8_dot.h), float16 `block_scale` and `block_min` (out, in / 32)."""
+    if block_scale.dtype != torch.float16 or block_min.dtype != torch.float16:
+        raise TypeError("the 4-bit kernel takes float16 block scales and minima")
     lib = library()
     if lib is None:
         raise RuntimeError(f"the native 4-bit kernel is unavailable: {_failure}")

@@ -134,10 +134,13 @@ class NativeDecoder:
     def _linear(self, layer: nn.Module) -> _Linear:
         bias = _pointer(self._float(layer.bias))
         if getattr(layer, "weight_int4", None) is not None:
-            weight4 = layer.weight_int4.contiguous()
-            self._keep.append(weight4)  # alive as long as the decoder, whatever happens to the model
-            return _Linear(None, None, weight4.data_ptr(), self._float(layer.block_scale).data_ptr(),
-                           self._float(layer.block_min).data_ptr(), bias, layer.in_features, layer.out_features)  # fmt: skip
+            parts = [
+                t.contiguous() for t in (layer.weight_int4, layer.block_scale.half(), layer.block_min.half())
+            ]
+            self._keep += parts  # alive as long as the decoder, whatever happens to the model
+            return _Linear(
+                None, None, *(t.data_ptr() for t in parts), bias, layer.in_features, layer.out_features
+            )
         weight = layer.weight_int8.contiguous()
         self._keep.append(weight)
         return _Linear(weight.data_ptr(), self._float(layer.scale).data_ptr(), None, None, None, bias,

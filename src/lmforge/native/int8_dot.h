@@ -12,14 +12,14 @@
 #define INT4_BLOCK 32  /* 4-bit weights: values that share one scale and minimum */
 
 /* A weight matrix as the kernels read it (out x in): int8 with one float scale per output channel,
- * or 4-bit in blocks of INT4_BLOCK along a row with a float scale and minimum per block (weight =
- * scale * q + min, q in 0..15; inference.py's Int4Linear). A block's 32 values take 16 bytes: byte j
- * holds value j in its low four bits and value 16 + j in its high four. */
+ * or 4-bit in blocks of INT4_BLOCK along a row with a half-precision scale and minimum per block
+ * (weight = scale * q + min, q in 0..15; inference.py's Int4Linear; llama.cpp's Q4_1). A block's 32
+ * values take 16 bytes: byte j holds value j in its low four bits and value 16 + j in its high four. */
 typedef struct {
     const int8_t *weight;  /* int8: out x in (NULL for 4-bit) */
     const float *scale;    /* int8: out */
     const uint8_t *weight4; /* 4-bit: out x in / 2 (NULL for int8) */
-    const float *block_scale, *block_min; /* 4-bit: out x in / INT4_BLOCK */
+    const uint16_t *block_scale, *block_min; /* 4-bit: out x in / INT4_BLOCK, IEEE half precision */
     const float *bias;     /* out, or NULL */
     int64_t in, out;
 } Linear;
@@ -92,7 +92,7 @@ static inline __m256i widen_nibbles(const uint8_t *block, __m256i *high) {
     return _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F)); /* values 0..15 */
 }
 
-static inline void dot_rows_int4(const uint8_t *w4, const float *block_scale, const float *block_min,
+static inline void dot_rows_int4(const uint8_t *w4, const uint16_t *block_scale, const uint16_t *block_min,
                                  const int16_t *q, const float *qs, const float *xsum, int64_t in, const int R,
                                  float *out) {
     const int64_t blocks = in / INT4_BLOCK, scales = (in + ROUND_BLOCK - 1) / ROUND_BLOCK;
@@ -104,7 +104,8 @@ static inline void dot_rows_int4(const uint8_t *w4, const float *block_scale, co
         __m256i high0, high1;
         const __m256i low0 = widen_nibbles(w4 + b * INT4_BLOCK / 2, &high0);
         const __m256i low1 = widen_nibbles(w4 + (b + 1) * INT4_BLOCK / 2, &high1);
-        const __m256 scale0 = _mm256_set1_ps(block_scale[b]), scale1 = _mm256_set1_ps(block_scale[b + 1]);
+        const __m256 scale0 = _mm256_set1_ps(_cvtsh_ss(block_scale[b])),
+                     scale1 = _mm256_set1_ps(_cvtsh_ss(block_scale[b + 1]));
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const __m256i *qb = (const __m256i *)(q + r * in + b * INT4_BLOCK);
@@ -125,8 +126,8 @@ static inline void dot_rows_int4(const uint8_t *w4, const float *block_scale, co
             const __m256i *qb = (const __m256i *)(q + r * in + b * INT4_BLOCK);
             __m256i sum0 = _mm256_add_epi32(_mm256_madd_epi16(low0, _mm256_loadu_si256(qb)),
                                             _mm256_madd_epi16(high0, _mm256_loadu_si256(qb + 1)));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum0), _mm256_set1_ps(block_scale[b] * qs[r * scales + b / 2]),
-                                     acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum0),
+                                     _mm256_set1_ps(_cvtsh_ss(block_scale[b]) * qs[r * scales + b / 2]), acc[r]);
         }
     }
 #pragma GCC unroll 8
@@ -134,9 +135,11 @@ static inline void dot_rows_int4(const uint8_t *w4, const float *block_scale, co
         const float *sums = xsum + r * blocks;
         __m256 m = _mm256_setzero_ps();
         int64_t j = 0;
-        for (; j + 8 <= blocks; j += 8) m = _mm256_fmadd_ps(_mm256_loadu_ps(block_min + j), _mm256_loadu_ps(sums + j), m);
+        for (; j + 8 <= blocks; j += 8)
+            m = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(block_min + j))),
+                                _mm256_loadu_ps(sums + j), m);
         float minima = hsum(m);
-        for (; j < blocks; j++) minima += block_min[j] * sums[j];
+        for (; j < blocks; j++) minima += _cvtsh_ss(block_min[j]) * sums[j];
         out[r] = hsum(acc[r]) + minima;
     }
 }
@@ -150,7 +153,16 @@ static float dot_int8(const int8_t *w, const float *x, int64_t n) {
 static void dot_rows(const int8_t *w, const float *x, int64_t in, const int R, float *out) {
     for (int r = 0; r < R; r++) out[r] = dot_int8(w, x + r * in, in);
 }
-static void dot_rows_int4_float(const uint8_t *w4, const float *block_scale, const float *block_min,
+/* IEEE half precision to float (no F16C instructions here) */
+static float half_to_float(uint16_t h) {
+    const int exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+    float value = exponent == 0    ? ldexpf((float)mantissa, -24)
+                  : exponent == 31 ? (mantissa ? NAN : INFINITY)
+                                   : ldexpf((float)(mantissa | 0x400), exponent - 25);
+    return h & 0x8000 ? -value : value;
+}
+
+static void dot_rows_int4_float(const uint8_t *w4, const uint16_t *block_scale, const uint16_t *block_min,
                                 const float *x, int64_t in, const int R, float *out) {
     for (int r = 0; r < R; r++) {
         float sum = 0.0f;
@@ -158,7 +170,7 @@ static void dot_rows_int4_float(const uint8_t *w4, const float *block_scale, con
             const int64_t b = k / INT4_BLOCK, j = k % INT4_BLOCK;
             const uint8_t byte = w4[b * INT4_BLOCK / 2 + j % (INT4_BLOCK / 2)];
             const int value = j < INT4_BLOCK / 2 ? byte & 0x0F : byte >> 4;
-            sum += (block_scale[b] * (float)value + block_min[b]) * x[r * in + k];
+            sum += (half_to_float(block_scale[b]) * (float)value + half_to_float(block_min[b])) * x[r * in + k];
         }
         out[r] = sum;
     }

@@ -41,8 +41,8 @@ int int8_linear(const float *x, const int8_t *w, const float *scale, const float
     return linear(&L, x, y, rows, threads);
 }
 
-/* 4-bit weights (int8_dot.h's layout); in a multiple of 32. */
-int int4_linear(const float *x, const uint8_t *w4, const float *block_scale, const float *block_min,
+/* 4-bit weights (int8_dot.h's layout, half-precision scales and minima); in a multiple of 32. */
+int int4_linear(const float *x, const uint8_t *w4, const uint16_t *block_scale, const uint16_t *block_min,
                 const float *bias, float *y, int64_t rows, int64_t in, int64_t out, int threads) {
     const Linear L = {NULL, NULL, w4, block_scale, block_min, bias, in, out};
     return linear(&L, x, y, rows, threads);
