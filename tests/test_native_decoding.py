@@ -167,3 +167,33 @@ def test_the_cli_generates_with_4bit_weights(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse names the choices
         main([*args, "--quantize", "int3"])
     assert exit_info.value.code == 2 and "int4" in capsys.readouterr().err
+
+
+@torch.inference_mode()
+def test_layers_too_narrow_for_4bit_blocks_stay_int8_and_decode_natively_beside_4bit_ones():
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=61, n_layer=2, n_head=4, n_embd=48, block_size=32
+    )  # 48: not a multiple of 32
+    model = GPT(cfg).eval()
+    fuse_projections(model)
+    quantize_int4(model)
+    kinds = {
+        name: type(layer).__name__
+        for name, layer in model.named_modules()
+        if "Linear" in type(layer).__name__
+    }
+    assert (
+        kinds["blocks.0.attn.c_attn"] == "Int8Linear" and kinds["blocks.0.mlp.c_proj"] == "Int4Linear"
+    )  # 192 wide
+    for layer in model.modules():
+        if isinstance(layer, Int8Linear | Int4Linear):
+            layer.kernel = "dequantize"
+    decoder = NativeDecoder(model)
+    reference, native = model.new_cache(1, 8), model.new_cache(1, 8)
+    for cache in (reference, native):
+        model(torch.tensor([[3, 1, 4, 1, 5]]), cache=cache)
+    token, at = torch.tensor([9]), torch.tensor([5])
+    expected = model(token[:, None], cache=reference, positions=at[:, None])[0][:, -1]
+    got = decoder.step(token, at, native)
+    assert torch.allclose(got, expected, rtol=0, atol=4e-4 * expected.abs().max().item())
