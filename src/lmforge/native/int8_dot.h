@@ -178,6 +178,28 @@ static void dot_rows_int4_float(const uint8_t *w4, const uint16_t *block_scale, 
 #endif
 
 #ifdef HAVE_INT16_PATH
+/* One full block of ROUND_BLOCK values rounded to int16 (what round_rows does value by value,
+ * eight at a time: the scalar loop called libm's fmaxf and lrintf for every value, ~10% of an
+ * 8-row decode step). The conversion rounds to nearest even, as lrintf does. */
+static inline float round_block(const float *xb, int16_t *qb) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 largest8 = _mm256_setzero_ps();
+    for (int j = 0; j < ROUND_BLOCK; j += 8)
+        largest8 = _mm256_max_ps(largest8, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + j)));
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(largest8), _mm256_extractf128_ps(largest8, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float largest = _mm_cvtss_f32(m);
+    const __m256 inverse = _mm256_set1_ps(largest > 0.0f ? 32767.0f / largest : 0.0f);
+    for (int j = 0; j < ROUND_BLOCK; j += 16) {
+        __m256i low = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + j), inverse));
+        __m256i high = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + j + 8), inverse));
+        /* packs interleaves the 128-bit halves; the permutation puts the 16 values back in order */
+        _mm256_storeu_si256((__m256i *)(qb + j), _mm256_permute4x64_epi64(_mm256_packs_epi32(low, high), 0xD8));
+    }
+    return largest / 32767.0f;
+}
+
 /* Each of `rows` rows of x rounded to int16 per block of ROUND_BLOCK values (the last may be shorter):
  * q = round(x / s), s = max|x_block| / 32767, a relative error below 2e-5 of the block's largest
  * value, far below that of int8 weights. Shared among the threads of the enclosing region; the
@@ -188,14 +210,19 @@ static void round_rows(const float *x, int64_t rows, int64_t in, int16_t *q, flo
     for (int64_t r = 0; r < rows; r++) {
         if (xsum) /* 4-bit weights: each block's sum of the input meets the block's minimum */
             for (int64_t b = 0; b < in / INT4_BLOCK; b++) {
-                float sum = 0.0f;
-                for (int64_t j = 0; j < INT4_BLOCK; j++) sum += x[r * in + b * INT4_BLOCK + j];
-                xsum[r * (in / INT4_BLOCK) + b] = sum;
+                const float *xb = x + r * in + b * INT4_BLOCK;
+                __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
+                                           _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
+                xsum[r * (in / INT4_BLOCK) + b] = hsum(sum);
             }
         for (int64_t b = 0; b < scales; b++) {
             const float *xb = x + r * in + b * ROUND_BLOCK;
             int16_t *qb = q + r * in + b * ROUND_BLOCK;
             const int64_t n = b * ROUND_BLOCK + ROUND_BLOCK <= in ? ROUND_BLOCK : in - b * ROUND_BLOCK;
+            if (n == ROUND_BLOCK) {
+                qs[r * scales + b] = round_block(xb, qb);
+                continue;
+            }
             float largest = 0.0f;
             for (int64_t j = 0; j < n; j++) largest = fmaxf(largest, fabsf(xb[j]));
             float inverse = largest > 0.0f ? 32767.0f / largest : 0.0f;
