@@ -123,10 +123,10 @@ static void attend_portable(const float *query, const float *keys, const float *
 }
 
 #ifdef HAVE_INT16_PATH /* AVX2 and FMA */
-/* e^x for x <= 0, 8 at a time (Cephes' expf: a degree-5 polynomial after taking out the power of
- * two; relative error ~1e-7). Below -87 it returns ~1e-38 rather than 0. */
-static inline __m256 exp_nonpositive(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+/* e^x, 8 at a time (Cephes' expf: a degree-5 polynomial after taking out the power of two;
+ * relative error ~1e-7), x clamped to [-87, 88]: below -87 it returns ~1e-38 rather than 0. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
     __m256 power = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     x = _mm256_fnmadd_ps(power, _mm256_set1_ps(0.693359375f), x);
@@ -173,7 +173,7 @@ static void attend_avx2(const float *query, const float *keys, const float *valu
     for (s = 0; s < seen; s++)
         if (valid[s]) largest = fmaxf(largest, score[s]);
     for (s = 0; s + 8 <= seen; s += 8)
-        _mm256_storeu_ps(score + s, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(score + s), _mm256_set1_ps(largest))));
+        _mm256_storeu_ps(score + s, exp8(_mm256_sub_ps(_mm256_loadu_ps(score + s), _mm256_set1_ps(largest))));
     for (; s < seen; s++) score[s] = expf(score[s] - largest);
     for (s = 0; s < seen; s++) {
         if (!valid[s]) score[s] = 0.0f;
@@ -287,6 +287,18 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
                 norm_row(x + r * C, normed + r * C, C, layer->ln_2.weight, layer->ln_2.bias, (int)m->rms_norm,
                          m->norm_eps);
             linear_rows(&layer->up, normed, up, rows, q16, qs, xsum);
+#ifdef HAVE_INT16_PATH
+            if (m->activation == SWIGLU && F % 8 == 0) { /* SiLU(gate) * up, eight at a time */
+#pragma omp for schedule(static)
+                for (int64_t c8 = 0; c8 < rows * F / 8; c8++) {
+                    const int64_t r = c8 * 8 / F, j = c8 * 8 % F;
+                    const __m256 gate = _mm256_loadu_ps(up + r * up_width + j);
+                    const __m256 silu = _mm256_div_ps(
+                        gate, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
+                    _mm256_storeu_ps(act + r * F + j, _mm256_mul_ps(silu, _mm256_loadu_ps(up + r * up_width + F + j)));
+                }
+            } else
+#endif
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < rows * F; i++) {
                 if (m->activation == SWIGLU) {
