@@ -142,6 +142,35 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(two_to_power));
 }
 
+/* activate() eight values at a time: GELU through erf (Abramowitz & Stegun 7.1.26, absolute error
+ * < 1.5e-7), GELU-tanh through e^x, ReLU^2. */
+static inline __m256 activate8(__m256 v, int64_t kind) {
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+    if (kind == RELU2) {
+        const __m256 positive = _mm256_max_ps(v, _mm256_setzero_ps());
+        return _mm256_mul_ps(positive, positive);
+    }
+    if (kind == GELU_TANH) { /* tanh(u) = 1 - 2 / (e^(2u) + 1) */
+        const __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608f),
+                                       _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v), _mm256_mul_ps(v, v), v));
+        const __m256 tanh_u = _mm256_sub_ps(
+            one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(exp8(_mm256_add_ps(u, u)), one)));
+        return _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, tanh_u));
+    }
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 z = _mm256_mul_ps(v, _mm256_set1_ps(0.70710678f)), a = _mm256_andnot_ps(sign, z);
+    const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a, one));
+    __m256 poly = _mm256_set1_ps(1.061405429f);
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-1.453152027f));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(1.421413741f));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-0.284496736f));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(0.254829592f));
+    poly = _mm256_mul_ps(poly, t);
+    const __m256 erf_a = _mm256_fnmadd_ps(poly, exp8(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a))), one);
+    const __m256 erf_z = _mm256_or_ps(erf_a, _mm256_and_ps(sign, z)); /* erf(-a) = -erf(a) */
+    return _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, erf_z));
+}
+
 /* attend_portable for head_dim a multiple of 64, in registers: four slots' dot products at once
  * (one dependency chain each), e^x eight at a time, and the weighted sum of values kept in eight
  * registers per 64 channels. Measured on SmolLM2 at 8 rows x 200 slots: the portable loops took
@@ -297,6 +326,10 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
                         gate, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
                     _mm256_storeu_ps(act + r * F + j, _mm256_mul_ps(silu, _mm256_loadu_ps(up + r * up_width + F + j)));
                 }
+            } else if (m->activation != SWIGLU && F % 8 == 0) {
+#pragma omp for schedule(static)
+                for (int64_t i = 0; i < rows * F; i += 8)
+                    _mm256_storeu_ps(act + i, activate8(_mm256_loadu_ps(up + i), m->activation));
             } else
 #endif
 #pragma omp for schedule(static)
