@@ -152,6 +152,8 @@ def test_4bit_weights_stay_within_half_a_step_two_to_a_byte():
     assert torch.equal((packed[0, :16] & 0x0F).float(), q[:16]) and torch.equal(
         (packed[0, :16] >> 4).float(), q[16:]
     )
+    with pytest.raises(ValueError, match="multiple of 32"):  # a width that does not split into blocks
+        quantize_4bit(torch.randn(5, 48))
     # 4-bit weights (SmolLM2's Q4_1) come back as they were, up to float rounding
     assert torch.allclose(dequantize_4bit(*quantize_4bit(restored)), restored, rtol=0, atol=1e-6)
 

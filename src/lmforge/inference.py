@@ -92,6 +92,9 @@ def quantize_4bit(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     in 0..15: llama.cpp's Q4_1, 0.625 bytes a weight, so SmolLM2's Q4_1 weights come back as they
     were. Byte j of a block holds value j in its low four bits and value 16 + j in its high four."""
     out_features, in_features = weight.shape
+    if in_features % INT4_BLOCK:
+        raise ValueError(f"4-bit blocks need an input width that is a multiple of {INT4_BLOCK}, not {in_features} "
+                         "(quantize_int4 keeps such layers int8)")  # fmt: skip
     blocks = weight.detach().float().reshape(out_features, in_features // INT4_BLOCK, INT4_BLOCK)
     low, high = blocks.amin(dim=2), blocks.amax(dim=2)
     # Half-precision scale and minimum (what the kernel reads); q is rounded against those values.
