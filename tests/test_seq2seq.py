@@ -34,26 +34,30 @@ def tiny_seq2seq(pos: str = "learned", **changes) -> torch.nn.Module:
     return build_model(cfg).eval()
 
 
-@pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
-def test_cached_decoding_equals_recomputation(pos):
+@pytest.mark.parametrize(
+    "pos, copy", [("learned", False), ("sinusoidal", False), ("rope", False), ("learned", True)]
+)
+def test_cached_decoding_equals_recomputation(pos, copy):
     """Step by step through the cache (self-attention keys/values appended, cross-attention keys/values
-    of the source computed once) gives the logits of the whole target at once."""
-    model = tiny_seq2seq(pos)
+    of the source computed once, and with copy attention the source's copy keys) gives the logits
+    of the whole target at once."""
+    model = tiny_seq2seq(pos, copy_attention=copy)
     source = torch.randint(2, 40, (3, 10))
     valid = torch.ones(3, 10, dtype=torch.bool)
     valid[1, 6:], valid[2, 3:] = False, False
     target = torch.randint(2, 40, (3, 12))
     with torch.no_grad():
         whole, _ = model(source, valid, target)
-        cache = model.new_cache(model.encode(source, valid), valid)
+        cache = model.new_cache(model.encode(source, valid), valid, source=source)
         stepped = torch.cat([model.decode(target[:, i : i + 1], cache=cache) for i in range(12)], dim=1)
     assert torch.allclose(whole, stepped, atol=1e-5)
     sources = [source[0].tolist(), source[1, :6].tolist(), source[2, :3].tolist()]
     assert greedy(model, sources, 1, 11, use_cache=True) == greedy(model, sources, 1, 11, use_cache=False)
 
 
-def test_padding_masks_make_batched_results_equal_single_examples():
-    model = tiny_seq2seq("rope")
+@pytest.mark.parametrize("copy", [False, True])
+def test_padding_masks_make_batched_results_equal_single_examples(copy):
+    model = tiny_seq2seq("rope", copy_attention=copy)
     sources = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
     targets = [[20, 21, 22], [23, 24, 25, 26, 27], [28]]
     with torch.no_grad():
@@ -69,6 +73,50 @@ def test_padding_masks_make_batched_results_equal_single_examples():
     assert greedy(model, sources, 1, 11) == [o[0] for o in one_by_one]
     assert beam_search(model, sources, 1, 11, beams=3) == [beam_search(model, [s], 1, 11, beams=3)[0]
                                                             for s in sources]  # fmt: skip
+
+
+def test_copy_attention_mixes_generated_and_copied_probabilities():
+    """With copy attention the model returns log p of a mixture: the gate's share of the vocabulary
+    softmax plus the rest scattered onto the source's tokens by the copy attention."""
+    model = tiny_seq2seq("learned", copy_attention=True)
+    source = torch.tensor([[5, 6, 5, 9, 3]])
+    valid = torch.tensor([[True, True, True, True, False]])  # the 3 is padding: never copied
+    target = torch.tensor([[1, 7, 8]])
+    with torch.no_grad():
+        log_p, _ = model(source, valid, target)
+        memory = model.encode(source, valid)
+        y, _ = model._embed(target, 0, "target")
+        pairs = [block.cross.keys_values(memory) for block in model.decoder]
+        for block, (k, v) in zip(model.decoder, pairs, strict=True):
+            y = block(y, k, v, valid[:, None, None, :], None)
+        h = model.ln_f(y)
+        scores = model.copy_query(h) @ model.copy_key(memory).transpose(1, 2) / 4.0  # sqrt(16)
+        where = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1)[0]
+        gate = torch.sigmoid(model.copy_gate(h))[0]
+        vocab = model.lm_head(h).softmax(-1)[0]
+    p = log_p[0].exp()
+    assert torch.allclose(p.sum(-1), torch.ones(3), atol=1e-5)  # a distribution at every step
+    copied = (1 - gate[:, 0]) * (where[:, 0] + where[:, 2])  # both positions holding token 5
+    assert torch.allclose(p[:, 5], gate[:, 0] * vocab[:, 5] + copied, atol=1e-6)
+    assert torch.allclose(p[:, 3], gate[:, 0] * vocab[:, 3], atol=1e-6)  # padding adds nothing
+    assert torch.allclose(p[:, 7], gate[:, 0] * vocab[:, 7], atol=1e-6)  # not in the source
+    # A gate pushed shut copies only: all the probability sits on the source's tokens.
+    with torch.no_grad():
+        model.copy_gate.bias.fill_(-60.0)
+        shut, _ = model(source, valid, target)
+    assert torch.allclose(shut[0].exp()[:, [5, 6, 9]].sum(-1), torch.ones(3), atol=1e-5)
+    with pytest.raises(ValueError, match="needs the source token ids"):
+        model.decode(target, memory, valid)
+
+
+def test_copy_attention_is_refused_outside_encoder_decoders_and_in_mbart_export():
+    from lmforge.config import Config, validate
+    from lmforge.interop.mbart import check_exportable
+
+    with pytest.raises(UserError, match="copy_attention is for encoder–decoder models"):
+        validate(Config(model=ModelConfig(arch="gpt", copy_attention=True)))
+    with pytest.raises(UserError, match="no copy attention"):
+        check_exportable(ModelConfig(arch="seq2seq", embedding_norm=True, copy_attention=True))
 
 
 def test_the_loss_counts_target_tokens_only_and_ends_with_the_boundary():

@@ -66,6 +66,7 @@ class ModelConfig:
     n_encoder_layer: int = option(0, "encoder–decoder: encoder layers (0 = n_layer)", ge=0, le=1024)
     embedding_norm: bool = False  # encoder–decoder: a norm right after the embeddings (BART, mBART)
     scale_embedding: bool = False  # encoder–decoder: token embeddings times sqrt(n_embd) (mBART's option)
+    copy_attention: bool = False  # encoder–decoder: may copy source tokens (pointer-generator; summaries)
     source_block_size: int = option(0, "encoder–decoder: longest source in tokens (0 = block_size)", ge=0,
                                     le=1_048_576)  # fmt: skip
     mlp_ratio: float = option(4.0, "hidden width of the MLP relative to n_embd", gt=0.0, le=64.0)
@@ -307,6 +308,8 @@ def validate(config: Config) -> None:
          "model.pos_encoding must be learned, sinusoidal or rope.", "model.pos_encoding"),
         (not gpt or m.pos_encoding != "rope" or (m.n_embd // m.n_head) % 2 == 0,
          "rope needs an even head size (model.n_embd / model.n_head).", "model.n_head"),
+        (not m.copy_attention or m.arch == "seq2seq",
+         "model.copy_attention is for encoder–decoder models (model.arch seq2seq).", "model.copy_attention"),
         (m.norm in ("layernorm", "rmsnorm"), "model.norm must be layernorm or rmsnorm.", "model.norm"),
         (m.activation in ("gelu", "gelu_tanh", "relu2", "swiglu"),
          "model.activation must be gelu, gelu_tanh, relu2 or swiglu.", "model.activation"),

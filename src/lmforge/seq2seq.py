@@ -53,7 +53,7 @@ def greedy(model: nn.Module, sources: list[list[int]], boundary: int, max_new: i
     device = next(model.parameters()).device
     ids, valid = pad_sources(sources, boundary, device)
     memory = model.encode(ids, valid)
-    cache = model.new_cache(memory, valid, capacity=max_new + 1) if use_cache else None
+    cache = model.new_cache(memory, valid, capacity=max_new + 1, source=ids) if use_cache else None
     prefix = torch.full((len(sources), 1), boundary, dtype=torch.long, device=device)
     done = torch.zeros(len(sources), dtype=torch.bool, device=device)
     step_input = prefix
@@ -61,7 +61,7 @@ def greedy(model: nn.Module, sources: list[list[int]], boundary: int, max_new: i
         if use_cache:
             logits = model.decode(step_input, cache=cache)[:, -1]
         else:
-            logits = model.decode(prefix, memory, valid)[:, -1]
+            logits = model.decode(prefix, memory, valid, source=ids)[:, -1]
         token = logits.argmax(-1).masked_fill(done, boundary)
         prefix = torch.cat([prefix, token[:, None]], dim=1)
         step_input = token[:, None]
@@ -84,7 +84,8 @@ def beam_search(model: nn.Module, sources: list[list[int]], boundary: int, max_n
     ids, valid = pad_sources(sources, boundary, device)
     memory = model.encode(ids, valid)
     rows = torch.arange(B, device=device).repeat_interleave(K)  # every source K times
-    cache = model.new_cache(memory.index_select(0, rows), valid.index_select(0, rows), capacity=max_new + 1)
+    cache = model.new_cache(memory.index_select(0, rows), valid.index_select(0, rows), capacity=max_new + 1,
+                            source=ids.index_select(0, rows))  # fmt: skip
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # at first all K beams are the same: only one may extend
     tokens = torch.full((B * K, 1), boundary, dtype=torch.long, device=device)

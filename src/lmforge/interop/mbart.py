@@ -151,6 +151,7 @@ def check_exportable(m: ModelConfig) -> None:
         (m.activation == "gelu", "the GELU activation (model.activation gelu)"),
         (m.embedding_norm, "a norm after the embeddings (model.embedding_norm true)"),
         ((m.source_block_size or m.block_size) == m.block_size, "one length for sources and targets"),
+        (not m.copy_attention, "no copy attention (model.copy_attention false)"),
     ]
     for ok, what in rules:
         if not ok:

@@ -13,6 +13,16 @@ cross-attention has no order of its own); optionally a norm right after the embe
 embeddings scaled by sqrt(width) (mBART's layout, so that mBART checkpoints import exactly). Pre-norm blocks, LayerNorm or RMSNorm, the MLP
 activations of `gpt.py`, whose parts (norms, MLP, rotary and sinusoidal tables) are reused here.
 
+With `model.copy_attention` the decoder may also copy a source token (a pointer-generator, See et
+al. 2017): one more attention from the final hidden state over the encoded source gives a
+distribution over the source's positions, scattered onto their tokens, and a learned gate g mixes
+
+    p(token) = g * softmax(logits)(token) + (1 - g) * sum of the copy attention on positions holding token
+
+The model then returns log p in place of logits (softmax(log p) = p, so the loss, greedy and beam
+search use it unchanged). Titles and summaries reuse the source's words: copying them is learned
+in far fewer steps than producing them from the vocabulary.
+
 Decoding keeps a `Seq2SeqCache`: each decoder layer's self-attention keys and values (filled one
 token at a time) and its cross-attention keys and values of the encoded source (computed once):
 a step then costs one token's work instead of the whole prefix's.
@@ -36,12 +46,14 @@ class Seq2SeqCache:
     left to right) and cross-attention keys/values of the source, with the source's padding mask."""
 
     def __init__(self, cross_k: list[torch.Tensor], cross_v: list[torch.Tensor], source_mask: torch.Tensor,
-                 capacity: int, n_head: int, head_dim: int):  # fmt: skip
+                 capacity: int, n_head: int, head_dim: int, source: torch.Tensor | None = None,
+                 copy_keys: torch.Tensor | None = None):  # fmt: skip
         batch, dtype, device = source_mask.shape[0], cross_k[0].dtype, cross_k[0].device
         shape = (len(cross_k), batch, n_head, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.cross_k, self.cross_v, self.source_mask = cross_k, cross_v, source_mask
+        self.source, self.copy_keys = source, copy_keys  # copy attention: source ids and their keys
         self.capacity, self.length = capacity, 0
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -50,6 +62,9 @@ class Seq2SeqCache:
         self.cross_k = [k.index_select(0, index) for k in self.cross_k]
         self.cross_v = [v.index_select(0, index) for v in self.cross_v]
         self.source_mask = self.source_mask.index_select(0, index)
+        if self.source is not None:
+            self.source = self.source.index_select(0, index)
+            self.copy_keys = self.copy_keys.index_select(0, index)
 
 
 class Attention(nn.Module):
@@ -162,6 +177,10 @@ class Seq2Seq(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        if cfg.copy_attention:  # the pointer-generator: where to copy from, and how much
+            self.copy_query = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+            self.copy_key = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+            self.copy_gate = nn.Linear(cfg.n_embd, 1)
         # GPT-2's initialisation, residual projections scaled by the depth they add to.
         self.apply(
             lambda module: init_gpt2(module, 0.02 / math.sqrt(2 * (len(self.encoder) + len(self.decoder))))
@@ -192,18 +211,39 @@ class Seq2Seq(nn.Module):
             x = block(x, mask, rope)
         return self.ln_enc(x)
 
-    def new_cache(
-        self, memory: torch.Tensor, source_valid: torch.Tensor, capacity: int | None = None
-    ) -> Seq2SeqCache:
-        """An empty decoder cache for the encoded `memory`: its cross-attention keys and values, once."""
+    def new_cache(self, memory: torch.Tensor, source_valid: torch.Tensor, capacity: int | None = None,
+                  source: torch.Tensor | None = None) -> Seq2SeqCache:  # fmt: skip
+        """An empty decoder cache for the encoded `memory`: its cross-attention keys and values, once
+        (and with copy attention the source ids, which it needs, and their copy keys)."""
         pairs = [block.cross.keys_values(memory) for block in self.decoder]
         cfg = self.config
+        copy_keys = self._copy_keys(memory, source)
         return Seq2SeqCache([k for k, _ in pairs], [v for _, v in pairs], source_valid[:, None, None, :],
-                            capacity or self.block_size, cfg.n_head, cfg.n_embd // cfg.n_head)  # fmt: skip
+                            capacity or self.block_size, cfg.n_head, cfg.n_embd // cfg.n_head,
+                            source if copy_keys is not None else None, copy_keys)  # fmt: skip
+
+    def _copy_keys(self, memory: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.config.copy_attention:
+            return None
+        if source is None:
+            raise ValueError("a model with copy attention needs the source token ids to decode")
+        return self.copy_key(memory)
+
+    def _copy_mix(self, h: torch.Tensor, logits: torch.Tensor, source: torch.Tensor, copy_keys: torch.Tensor,
+                  source_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """log(g * softmax(logits) + (1 - g) * copy attention scattered onto the source's tokens)."""
+        scores = self.copy_query(h).float() @ copy_keys.float().transpose(1, 2) / math.sqrt(h.shape[-1])
+        where = scores.masked_fill(~source_mask[:, 0], float("-inf")).softmax(-1)  # (B, T, S)
+        gate = torch.sigmoid(self.copy_gate(h).float())  # (B, T, 1): the share generated, not copied
+        mixed = gate * logits.float().softmax(-1)
+        mixed = mixed.scatter_add(-1, source[:, None, :].expand(-1, h.shape[1], -1), (1 - gate) * where)
+        # A floor keeps log finite where a probability underflows (label smoothing sums every log p).
+        return mixed.clamp_min(1e-30).log()
 
     def decode(self, target: torch.Tensor, memory: torch.Tensor | None = None, source_valid: torch.Tensor | None = None,
-               cache: Seq2SeqCache | None = None) -> torch.Tensor:  # fmt: skip
-        """Next-token logits (B, T, vocab) for the target tokens, given the memory or a cache."""
+               cache: Seq2SeqCache | None = None, source: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Next-token logits (B, T, vocab) for the target tokens, given the memory or a cache; with
+        copy attention log-probabilities, and `source` (the ids) is needed when there is no cache."""
         start = cache.length if cache is not None else 0
         if start + target.shape[1] > self.block_size:
             raise ValueError(f"target of {start + target.shape[1]} tokens is longer than {self.block_size}")
@@ -218,13 +258,19 @@ class Seq2Seq(nn.Module):
                 y = block(y, *pairs[i], mask, rope)
         if cache is not None:
             cache.length += target.shape[1]
-        return self.lm_head(self.ln_f(y))
+        h = self.ln_f(y)
+        logits = self.lm_head(h)
+        if not self.config.copy_attention:
+            return logits
+        if cache is not None:
+            return self._copy_mix(h, logits, cache.source, cache.copy_keys, cache.source_mask)
+        return self._copy_mix(h, logits, source, self._copy_keys(memory, source), mask)
 
     def forward(self, source: torch.Tensor, source_valid: torch.Tensor, target_in: torch.Tensor,
                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         """Teacher forcing: logits for every target position, and the mean cross-entropy over the
         positions whose target is not -100 (padding) when `targets` are given."""
-        logits = self.decode(target_in, self.encode(source, source_valid), source_valid)
+        logits = self.decode(target_in, self.encode(source, source_valid), source_valid, source=source)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
