@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from lmforge.checkpoint import load_checkpoint
-from lmforge.config import apply_overrides, load_preset, validate
+from lmforge.config import ModelConfig, apply_overrides, load_preset, validate
 from lmforge.errors import TrainingInterrupted, UserError
+from lmforge.models import build_model
 from lmforge.training.optim import lr_at
 from lmforge.training.trainer import train
 
@@ -130,6 +131,33 @@ def test_muon_optimizer_trains(tmp_path, shakespeare_excerpt):
     )
     result = train(cfg, log=lambda _: None)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] - 0.3
+
+
+def test_muon_orthogonalises_a_stack_as_each_matrix_alone():
+    from lmforge.training.optim import newton_schulz
+
+    torch.manual_seed(0)
+    stack = torch.randn(3, 8, 20)
+    together = newton_schulz(stack)
+    for i in range(3):
+        assert torch.allclose(together[i], newton_schulz(stack[i]), atol=1e-5)
+    tall = newton_schulz(torch.randn(20, 8))  # a tall one is iterated transposed: still 20 x 8
+    singular = torch.linalg.svdvals(tall)
+    assert tall.shape == (20, 8) and bool(((singular > 0.5) & (singular < 1.5)).all())
+
+
+def test_muon_leaves_embeddings_head_and_one_row_weights_to_adamw():
+    from lmforge.config import OptimConfig
+    from lmforge.training.optim import Muon, build_optimizers
+
+    model = build_model(ModelConfig(arch="seq2seq", vocab_size=30, block_size=8, n_layer=1, n_head=2, n_embd=8,
+                                    copy_attention=True))  # fmt: skip
+    adam, muon = build_optimizers(model, OptimConfig(optimizer="muon"), torch.device("cpu"))
+    assert isinstance(muon, Muon)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert id(model.wte.weight) not in in_muon and id(model.copy_gate.weight) not in in_muon
+    assert id(model.decoder[0].cross.q.weight) in in_muon
+    assert len(in_muon) + sum(len(g["params"]) for g in adam.param_groups) == len(list(model.parameters()))
 
 
 # ---- bad input ------------------------------------------------------------------------

@@ -105,6 +105,9 @@ class OptimConfig:
     fused: bool = True  # fused AdamW kernel where the device has one
     muon_lr: float = option(0.02, "Muon's learning rate", gt=0.0, le=10.0)
     muon_momentum: float = option(0.95, "Muon's momentum", ge=0.0, lt=1.0)
+    muon_ns_steps: int = option(
+        5, "Muon's Newton-Schulz iterations (fewer: cheaper, less orthogonal)", ge=1, le=10
+    )
 
 
 @dataclass

@@ -230,20 +230,25 @@ class Seq2Seq(nn.Module):
         return self.copy_key(memory)
 
     def _copy_mix(self, h: torch.Tensor, logits: torch.Tensor, source: torch.Tensor, copy_keys: torch.Tensor,
-                  source_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """log(g * softmax(logits) + (1 - g) * copy attention scattered onto the source's tokens)."""
+                  source_mask: torch.Tensor, scored: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """log(g * softmax(logits) + (1 - g) * copy attention scattered onto the source's tokens);
+        `logits` are those of the `scored` positions of `h` only, when they are given."""
         scores = self.copy_query(h).float() @ copy_keys.float().transpose(1, 2) / math.sqrt(h.shape[-1])
         where = scores.masked_fill(~source_mask[:, 0], float("-inf")).softmax(-1)  # (B, T, S)
-        gate = torch.sigmoid(self.copy_gate(h).float())  # (B, T, 1): the share generated, not copied
-        mixed = gate * logits.float().softmax(-1)
-        mixed = mixed.scatter_add(-1, source[:, None, :].expand(-1, h.shape[1], -1), (1 - gate) * where)
+        tokens = source[:, None, :].expand_as(where)
+        if scored is not None:
+            where, tokens, h = where[scored], tokens[scored], h[scored]
+        gate = torch.sigmoid(self.copy_gate(h).float())  # the share generated, not copied
+        mixed = (gate * logits.float().softmax(-1)).scatter_add(-1, tokens, (1 - gate) * where)
         # A floor keeps log finite where a probability underflows (label smoothing sums every log p).
         return mixed.clamp_min(1e-30).log()
 
     def decode(self, target: torch.Tensor, memory: torch.Tensor | None = None, source_valid: torch.Tensor | None = None,
-               cache: Seq2SeqCache | None = None, source: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+               cache: Seq2SeqCache | None = None, source: torch.Tensor | None = None,
+               scored: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Next-token logits (B, T, vocab) for the target tokens, given the memory or a cache; with
-        copy attention log-probabilities, and `source` (the ids) is needed when there is no cache."""
+        copy attention log-probabilities, and `source` (the ids) is needed when there is no cache.
+        `scored` (B, T), when given, keeps the rows of those positions only: (N, vocab)."""
         start = cache.length if cache is not None else 0
         if start + target.shape[1] > self.block_size:
             raise ValueError(f"target of {start + target.shape[1]} tokens is longer than {self.block_size}")
@@ -259,22 +264,25 @@ class Seq2Seq(nn.Module):
         if cache is not None:
             cache.length += target.shape[1]
         h = self.ln_f(y)
-        logits = self.lm_head(h)
+        logits = self.lm_head(h if scored is None else h[scored])  # the head is much of the work
         if not self.config.copy_attention:
             return logits
         if cache is not None:
-            return self._copy_mix(h, logits, cache.source, cache.copy_keys, cache.source_mask)
-        return self._copy_mix(h, logits, source, self._copy_keys(memory, source), mask)
+            return self._copy_mix(h, logits, cache.source, cache.copy_keys, cache.source_mask, scored)
+        return self._copy_mix(h, logits, source, self._copy_keys(memory, source), mask, scored)
 
     def forward(self, source: torch.Tensor, source_valid: torch.Tensor, target_in: torch.Tensor,
-                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-        """Teacher forcing: logits for every target position, and the mean cross-entropy over the
-        positions whose target is not -100 (padding) when `targets` are given."""
-        logits = self.decode(target_in, self.encode(source, source_valid), source_valid, source=source)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
-        return logits, loss
+                targets: torch.Tensor | None = None, label_smoothing: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """Teacher forcing. Without `targets`: logits (B, T, vocab) for every target position. With
+        them: the logits of the scored positions only (target not -100; (N, vocab), so the head
+        skips the padding) and their mean cross-entropy, label-smoothed by `label_smoothing`."""
+        memory = self.encode(source, source_valid)
+        if targets is None:
+            return self.decode(target_in, memory, source_valid, source=source), None
+        scored = targets != -100
+        logits = self.decode(target_in, memory, source_valid, source=source, scored=scored)
+        return logits, F.cross_entropy(logits.float(), targets[scored], label_smoothing=label_smoothing)
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

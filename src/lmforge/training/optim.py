@@ -61,25 +61,30 @@ class BudgetHorizon:
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately orthogonalise a matrix (push its singular values towards 1).
+    """Approximately orthogonalise a matrix, or each of a stack (k, m, n) of matrices at once
+    (push the singular values towards 1).
 
     A quintic iteration whose coefficients are chosen to converge fast from
     singular values in (0, 1]; it does not need to converge exactly.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.float()
-    transposed = x.shape[0] > x.shape[1]
+    transposed = x.shape[-2] > x.shape[-1]  # iterate on the wide side: the Gram matrix is the small one
     if transposed:
-        x = x.T
-    x = x / (x.norm() + 1e-7)
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
+    return x.mT if transposed else x
 
 
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-Schulz, for 2-D hidden weight matrices."""
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D hidden weight matrices.
+
+    Matrices of one shape are orthogonalised together, as one stack: on a CPU the iteration's
+    matrix products over a few dozen small matrices cost as much as the model's own step, and
+    one batched product per shape saves most of the per-call overhead."""
 
     def __init__(
         self,
@@ -98,6 +103,7 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
+            by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -107,12 +113,15 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = newton_schulz(g, group["ns_steps"]).to(p.dtype)
+                by_shape.setdefault(tuple(p.shape), []).append((p, g))
+            for shape, items in by_shape.items():
+                updates = newton_schulz(torch.stack([g for _, g in items]), group["ns_steps"])
                 # Scale so the update's RMS does not depend on the matrix's aspect ratio.
-                scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * scale)
+                scale = max(1.0, shape[0] / shape[1]) ** 0.5
+                for (p, _), update in zip(items, updates, strict=True):
+                    if group["weight_decay"]:
+                        p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
 
 
 def _adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -162,14 +171,16 @@ def build_optimizers(
     matrices = [(n, p) for n, p in params if p.dim() >= 2]
     others = [(n, p) for n, p in params if p.dim() < 2]
     if cfg.optimizer == "muon":
-        hidden = [p for _, p in matrices if id(p) not in embedding_ids]
-        rest = [(n, p) for n, p in matrices if id(p) in embedding_ids]
+        # Muon orthogonalises matrices; embeddings, the head and one-row weights (a gate) stay with AdamW.
+        hidden = [p for _, p in matrices if id(p) not in embedding_ids and min(p.shape) > 1]
+        rest = [(n, p) for n, p in matrices if id(p) in embedding_ids or min(p.shape) == 1]
         adam = _adamw(
             _groups(rest, cfg.weight_decay, cfg.lr, scale_of) + _groups(others, 0.0, cfg.lr, scale_of),
             cfg,
             device,
         )
-        muon = Muon([{"params": hidden, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr, momentum=cfg.muon_momentum)
+        muon = Muon([{"params": hidden, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                    ns_steps=cfg.muon_ns_steps)  # fmt: skip
         return [adam, muon]
     return [
         _adamw(

@@ -18,7 +18,6 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lmforge.data.batches import IGNORE
 from lmforge.device import autocast
@@ -72,7 +71,10 @@ class PairSource:
         self.generator = torch.Generator().manual_seed(seed)
         self.batches: list[list[int]] = []
         self.position = 0
-        self.lengths = torch.tensor([len(s) for s in self.sources])
+        # Batches group pairs by source length, then by target length: little padding on either side.
+        self.lengths = torch.tensor(
+            [len(s) * 4096 + len(t) for s, t in zip(self.sources, self.targets, strict=True)]
+        )
 
     def _new_epoch(self) -> None:
         order = torch.randperm(len(self.sources), generator=self.generator)
@@ -90,10 +92,8 @@ class PairSource:
                           self.device)  # fmt: skip
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        source, source_valid, target_in, targets = batch
-        logits, _ = model(source, source_valid, target_in)
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE, label_smoothing=self.label_smoothing)  # fmt: skip
+        _, loss = model(*batch, label_smoothing=self.label_smoothing)
+        return loss
 
     @torch.no_grad()
     def validation_score(self, model: nn.Module, dtype: torch.dtype) -> dict[str, float]:
