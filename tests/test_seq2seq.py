@@ -109,6 +109,20 @@ def test_copy_attention_mixes_generated_and_copied_probabilities():
         model.decode(target, memory, valid)
 
 
+@pytest.mark.parametrize("copy", [False, True])
+def test_the_loss_scores_only_target_positions_and_equals_the_full_logits_loss(copy):
+    """With targets the head runs on the scored positions only; loss and rows match the whole logits."""
+    model = tiny_seq2seq("learned", copy_attention=copy)
+    batch = make_batch([[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14]], 1, torch.device("cpu"))
+    with torch.no_grad():
+        whole, _ = model(*batch[:3])
+        rows, loss = model(*batch, label_smoothing=0.1)
+    scored = batch[3] != -100
+    assert rows.shape == (int(scored.sum()), 40) and torch.allclose(rows, whole[scored], atol=1e-5)
+    expected = torch.nn.functional.cross_entropy(whole.view(-1, 40), batch[3].view(-1), label_smoothing=0.1)
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
 def test_copy_attention_is_refused_outside_encoder_decoders_and_in_mbart_export():
     from lmforge.config import Config, validate
     from lmforge.interop.mbart import check_exportable

@@ -347,8 +347,10 @@ def estimated_parameters(m: ModelConfig) -> int:
         if m.arch == "seq2seq":  # the encoder's layers, and the decoder's cross-attention
             layers += m.n_encoder_layer or m.n_layer
             per_layer += 2 * m.n_embd * m.n_embd
+        copy = (2 * m.n_embd * m.n_embd + m.n_embd + 1) if m.copy_attention else 0  # query, key, gate
         return (
             embeddings
+            + copy
             + layers * per_layer
             + (m.block_size * m.n_embd * 2 if m.pos_encoding == "learned" else 0)
         )
