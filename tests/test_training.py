@@ -222,3 +222,17 @@ def test_partial_corrupt_and_foreign_checkpoints(tmp_path, shakespeare_excerpt):
     weights.unlink()
     with pytest.raises(UserError, match="incomplete: model.safetensors is missing"):
         load_checkpoint(tmp_path / "run")
+
+
+def test_compiled_training_evaluates_and_matches_eager(tmp_path, shakespeare_excerpt, monkeypatch):
+    """`train.compile`: the compiled model also scores validation (it once crashed there, at the
+    first evaluation). Dynamo's eager backend keeps the test fast; it traces as Inductor does."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    eager = train(tiny_config(tmp_path / "eager", shakespeare_excerpt), log=lambda _: None)
+    compiled = train(
+        tiny_config(tmp_path / "compiled", shakespeare_excerpt, **{"train.compile": True}), log=lambda _: None
+    )
+    assert compiled.best_val_loss == pytest.approx(eager.best_val_loss, abs=1e-4)
+    assert (tmp_path / "compiled" / "model.safetensors").is_file()

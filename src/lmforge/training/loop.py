@@ -127,7 +127,7 @@ def train_step(t: Trainee, grad_accum: int, grad_clip: float, scaler=None) -> to
 
 def evaluate(t: Trainee, s: Schedule, p: Progress) -> dict[str, float]:
     """Score the validation data; keep the checkpoint when the monitored score improves."""
-    scores = t.source.validation_score(t.evaluator or t.forward, t.dtype)
+    scores = t.source.validation_score(t.forward if t.evaluator is None else t.evaluator, t.dtype)
     value = scores[s.monitor]
     if not math.isfinite(value):
         raise UserError(
