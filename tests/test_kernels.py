@@ -90,22 +90,3 @@ def test_real_measurements_cover_every_kernel(fresh_cache):
     assert all(0 < t < 1 for t in measured.values())
     assert kernels.fastest_int8_kernel(64, 256) in ("pack", "fbgemm", "dequantize", "native")
     assert kernels.fastest_int8_kernel(64, 256, weight_only=True) in ("pack", "dequantize", "native")
-
-
-@pytest.mark.parametrize("blocked_faster", [True, False])
-def test_bfloat16_layers_take_the_split_product_only_where_it_measures_faster(fresh_cache, monkeypatch,
-                                                                               blocked_faster):  # fmt: skip
-    from lmforge.inference import BlockedMatvecLinear, use_blocked_matvec
-
-    fake_timings(monkeypatch, {"bfloat16": 1.0, "bfloat16-blocked": 0.5 if blocked_faster else 2.0})
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 8, bias=False)).bfloat16()
-    x = torch.randn(1, 64).bfloat16()
-    reference = model(x)
-    use_blocked_matvec(model, min_weight=2048)
-    blocked = [isinstance(layer, BlockedMatvecLinear) for layer in model]
-    assert blocked == ([True, False] if blocked_faster else [False, False])  # 8 x 96 is under min_weight / 2
-    assert torch.allclose(model(x).float(), reference.float(), atol=2e-2)
-    float32 = torch.nn.Sequential(torch.nn.Linear(64, 96))
-    use_blocked_matvec(float32, min_weight=2048)  # float32 layers go by size alone, as before
-    assert isinstance(float32[0], BlockedMatvecLinear)

@@ -15,7 +15,6 @@ precision (int8, bfloat16) measures slower than float32 here, loading says so.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 
@@ -174,34 +173,22 @@ def _native_prompts_pay_4bit(layer: Int4Linear) -> bool:
 
 
 def use_blocked_matvec(model: nn.Module, min_weight: int = 1 << 18) -> nn.Module:
-    """Replace CPU nn.Linear layers with BlockedMatvecLinear (in place) where that is faster;
-    returns the model. float32: every weight of at least `min_weight` values. Smaller weights (1 MB)
-    stay in the CPU's cache, where the one-core kernel is already fast and splitting only adds work
-    (measured: a 128-wide model decodes 3-20% slower when converted). bfloat16: where this CPU's
-    timings (kernels.py) say the split product beats PyTorch's own for that shape (on an AVX-512
-    BF16 Zen 4, 768 x 3072: 122 against 68 us; on CPUs without bf16 arithmetic it may not)."""
+    """Replace every float32 CPU nn.Linear of at least `min_weight` weights with
+    BlockedMatvecLinear (in place); returns the model. Smaller weights (1 MB by default)
+    stay in the CPU's cache, where the one-core kernel is already fast and splitting only
+    adds work (measured: a 128-wide model decodes 3-20% slower when converted)."""
     for name, child in list(model.named_children()):
         if (
             isinstance(child, nn.Linear)
             and child.weight.device.type == "cpu"
+            and child.weight.dtype == torch.float32
+            and child.weight.numel() >= min_weight
             and child.out_features >= BlockedMatvecLinear.BLOCKS
-            and _blocked_pays(child, min_weight)
         ):
             setattr(model, name, BlockedMatvecLinear(child))
         else:
             use_blocked_matvec(child, min_weight)
     return model
-
-
-def _blocked_pays(linear: nn.Linear, min_weight: int) -> bool:
-    if linear.weight.dtype == torch.float32:
-        return linear.weight.numel() >= min_weight
-    if linear.weight.dtype == torch.bfloat16 and linear.weight.numel() >= min_weight // 2:
-        from lmforge.kernels import timings
-
-        measured = timings(linear.in_features, linear.out_features)
-        return measured.get("bfloat16-blocked", math.inf) < measured["bfloat16"]
-    return False
 
 
 def _native_prompts_pay(in_features: int, out_features: int) -> bool:

@@ -130,8 +130,6 @@ def _candidates(in_features: int, out_features: int) -> dict[str, Callable[[], o
     if out_features >= BlockedMatvecLinear.BLOCKS:
         blocked = BlockedMatvecLinear(torch.nn.Linear(in_features, out_features, bias=False))
         kernels["float32-blocked"] = lambda: blocked(x)
-        blocked16 = BlockedMatvecLinear(torch.nn.Linear(in_features, out_features, bias=False).bfloat16())
-        kernels["bfloat16-blocked"] = lambda: blocked16(x16)
     if hasattr(torch.ops.aten, "_weight_int8pack_mm"):
         kernels["int8-pack"] = lambda: torch.ops.aten._weight_int8pack_mm(x, int8, scale)
     if "fbgemm" in torch.backends.quantized.supported_engines:
@@ -174,7 +172,7 @@ def timings(in_features: int, out_features: int) -> dict[str, float]:
 def _candidates_names(in_features: int, out_features: int) -> list[str]:
     names = ["float32", "bfloat16", "int8-dequantize"]
     if out_features >= BlockedMatvecLinear.BLOCKS:
-        names += ["float32-blocked", "bfloat16-blocked"]
+        names.append("float32-blocked")
     if hasattr(torch.ops.aten, "_weight_int8pack_mm"):
         names.append("int8-pack")
     if "fbgemm" in torch.backends.quantized.supported_engines:
@@ -247,7 +245,7 @@ def precision_report(shapes: dict[tuple[int, int], int], precision: str) -> tupl
         if precision == "int8":
             value = min(t for name, t in measured.items() if name.startswith("int8-"))
         else:
-            value = min(t for name, t in measured.items() if name.startswith("bfloat16"))
+            value = measured["bfloat16"]
         chosen += count * value
         baseline += count * float32
     return chosen, baseline
