@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import machine_info  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {"full": 0, "lora-r8": 8, "lora-r64": 64}
@@ -121,7 +123,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "finetune_memory",
-                "machine": platform.processor() or platform.machine(),
+                "machine": machine_info(),
                 "model": "GPT-2-124M shape, float32",
                 "batch": args.batch,
                 "seq_len": args.seq,

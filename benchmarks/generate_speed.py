@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import machine_info  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 NEW_TOKENS, PROMPT_TOKENS = 128, 16
@@ -205,9 +207,7 @@ def main() -> None:
                 "new_tokens": NEW_TOKENS,
                 "prompt_tokens": PROMPT_TOKENS,
                 "machine": {
-                    "cpu": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(),
-                    "torch": torch.__version__,
+                    **machine_info(),
                     "transformers": transformers.__version__,
                     "bandwidth_gbs": bandwidth,
                     "bf16_native": cpu_has_bf16(),

@@ -22,13 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import platform
 import resource
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import machine_info  # noqa: E402
 
 TARGET = 1.886
 RESULTS = Path(__file__).parent / "results"
@@ -97,8 +99,6 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--output", default=str(RESULTS / "train_speed.json"))
     args = parser.parse_args()
-
-    import torch
 
     from lmforge.device import cpu_has_bf16, set_threads
 
@@ -179,9 +179,7 @@ def main() -> None:
                 "target_val_loss": TARGET,
                 "repeats": args.repeats,
                 "machine": {
-                    "cpu": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(),
-                    "torch": torch.__version__,
+                    **machine_info(),
                     "peak_fp32_gflops": peak_fp32,
                     "peak_bf16_gflops": peak_bf16,
                 },
