@@ -220,7 +220,10 @@ def seq2seq_config(out, train_tsv, dev_tsv, **changes):
 
 def test_a_tiny_model_learns_a_copy_task_and_the_commands_use_it(tmp_path, capsys):
     train_tsv, dev_tsv = copy_task(tmp_path)
-    result = train(seq2seq_config(tmp_path / "run", train_tsv, dev_tsv), log=lambda _: None)
+    # AdamW, not the preset's Muon: with Muon this task reached val loss 6e-4 yet wrote "gfedc" as
+    # "GFEc" on an AVX-512 machine (whose rounding differs); this test is about the commands.
+    config = seq2seq_config(tmp_path / "run", train_tsv, dev_tsv, **{"optim.optimizer": "adamw"})
+    result = train(config, log=lambda _: None)
     assert result.best_val_loss < 0.3  # from about log(vocab) = 2.8
     scored = result.history[-1]
     # The run's own report on the validation sources (chrF: one-word outputs have no 4-grams for BLEU).
