@@ -226,7 +226,8 @@ def test_partial_corrupt_and_foreign_checkpoints(tmp_path, shakespeare_excerpt):
 
 def test_compiled_training_evaluates_and_matches_eager(tmp_path, shakespeare_excerpt, monkeypatch):
     """`train.compile`: the compiled model also scores validation (it once crashed there, at the
-    first evaluation). Dynamo's eager backend keeps the test fast; it traces as Inductor does."""
+    first evaluation). Dynamo's eager backend keeps the test fast: the model is traced and wrapped
+    as with Inductor, only no code is generated."""
     import functools
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))

@@ -14,7 +14,8 @@
  * ahead while they work on this one: the hardware prefetcher alone left an 8-row decode step's
  * products waiting on memory (SmolLM2-shaped set on a Zen 4: 17.7 -> 13.7-14.0 ms at 8 rows,
  * 29.9 -> 26.3 at 16; 2, 4, 8 and 16 channels ahead measured alike). A single row is bound by
- * the memory's bandwidth, not its latency: there it measured no faster (and slower from 8 ahead). */
+ * the memory's bandwidth, not its latency: there it measured no faster (and slower from 8 ahead).
+ * Near a matrix's end the address runs past it: harmless, a prefetch never faults. */
 #define PREFETCH_ROWS 4
 
 /* A weight matrix as the kernels read it (out x in): int8 with one float scale per output channel,
