@@ -113,6 +113,7 @@ def main() -> None:
     from lmforge.config import ModelConfig
     from lmforge.device import cpu_has_bf16, set_threads
     from lmforge.inference import fuse_projections, quantize_int8, use_blocked_matvec
+    from lmforge.kernels import native_available
     from lmforge.models import build_model
     from lmforge.native.decoding import attach
 
@@ -148,13 +149,16 @@ def main() -> None:
             ours = trained.eval()
         else:
             ours = build_model(ModelConfig(**shape, activation="gelu_tanh", bias=True)).eval()
-        # What `lmforge generate` loads: float32 with the all-core matrix-vector products,
-        # or int8 weight-only (with the whole-step native decoder where it measures faster).
+        # What `lmforge generate` loads: float32 / bfloat16 / int8 weight-only, each with the
+        # whole-step native decoder where it measures faster; and float32 decoded by PyTorch's
+        # operators (the all-core matrix-vector products), as before the native float step.
         int8 = quantize_int8(fuse_projections(_copy(ours)))
         attach(int8)
-        variants = [("float32", use_blocked_matvec(_copy(ours))), ("int8", int8)]
-        if cpu_has_bf16():  # emulated bf16 on other CPUs is tens of times slower: not worth timing
-            variants.append(("bfloat16", _copy(ours).to(torch.bfloat16)))
+        pytorch_step = use_blocked_matvec(fuse_projections(_copy(ours)))
+        variants = [("float32 (PyTorch step)", pytorch_step), ("float32", _loaded(ours, torch.float32)),
+                    ("int8", int8)]  # fmt: skip
+        if cpu_has_bf16() or native_available():  # else emulated bf16: tens of times slower
+            variants.append(("bfloat16", _loaded(ours, torch.bfloat16)))
         for batch in (1, 8):
             hf_time = time_it(hf_runner(hf, batch, shape["vocab_size"]), args.repeats)
             hf_tps = batch * NEW_TOKENS / hf_time
@@ -225,6 +229,16 @@ def _copy(model: torch.nn.Module) -> torch.nn.Module:
     import copy
 
     return copy.deepcopy(model).float()
+
+
+def _loaded(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy as `lmforge generate --dtype` loads it: the native decode step where it measures faster."""
+    from lmforge.inference import fuse_projections, use_blocked_matvec
+    from lmforge.native.decoding import attach
+
+    copy = use_blocked_matvec(fuse_projections(_copy(model)).to(dtype))
+    attach(copy)
+    return copy
 
 
 if __name__ == "__main__":

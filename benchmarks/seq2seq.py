@@ -181,6 +181,7 @@ def main() -> None:  # long: one benchmark, phase after phase
     parser.add_argument("--abstract-words", type=int, default=120, help="SmolLM2 reads this many words")
     parser.add_argument("--only-baselines", action="store_true", help="skip the seq2seq scoring")
     parser.add_argument("--beams", type=int, default=4)
+    parser.add_argument("--output", help="results file (default benchmarks/results/seq2seq_<task>.json)")
     parser.add_argument("--length-penalty", type=float, default=1.0)
     args = parser.parse_args()
 
@@ -190,7 +191,7 @@ def main() -> None:  # long: one benchmark, phase after phase
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     run = runs / PRESETS[args.task]
-    path = RESULTS / f"seq2seq_{args.task}.json"
+    path = Path(args.output) if args.output else RESULTS / f"seq2seq_{args.task}.json"
     dev = DATA / DEV[args.task]
     d = {"translation": ("", ""), "summarization": ("abstract", "title")}[args.task]
     pairs = read_pairs(dev, *d)
@@ -245,7 +246,7 @@ def main() -> None:  # long: one benchmark, phase after phase
             "lead15_on_same_sources": lead_words(subset, subset_refs),
             **smollm2_lora_baseline(runs, args.minutes, subset, subset_refs, args.abstract_words),
         }
-    RESULTS.mkdir(exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {path}")
 

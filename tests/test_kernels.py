@@ -24,7 +24,7 @@ def fake_timings(monkeypatch, seconds: dict[str, float]) -> list[str]:
 
     def measure(kernel, fn):
         measured.append(kernel)
-        return seconds.get(kernel, 1.0)
+        return seconds.get(kernel, 1.0) * getattr(fn, "products", 1)  # seconds per product
 
     monkeypatch.setattr(kernels, "measure", measure)
     return measured
@@ -82,6 +82,14 @@ def test_a_precision_slower_than_float32_here_says_so(fresh_cache, monkeypatch, 
     assert notes == []
     model = build_model(cfg)
     assert slower_precision_notice(model, "bfloat16") is None
+    # With the native decode step, bfloat16 is weighed by the native products of both precisions
+    # (their eager timings above would call it faster)
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "another-cache"))
+    monkeypatch.setattr(kernels, "_timings", None)
+    fake_timings(monkeypatch, {**slow_int8, "float32-native": 1.0, "bfloat16-native": 1.6})
+    bf16, _ = load_for_inference(str(tmp_path / "run"), dtype="bfloat16", notice=notes.append)
+    assert bf16.native_decoder is not None
+    assert len(notes) == 1 and "--dtype bfloat16 measures 0.62x float32's decoding speed" in notes[0]
 
 
 def test_real_measurements_cover_every_kernel(fresh_cache):

@@ -188,3 +188,31 @@ def test_a_4bit_layer_multiplies_natively_and_keeps_gradients(monkeypatch):
     x.requires_grad_(True)
     layer(x).sum().backward()  # no backward in C: the float product
     assert torch.allclose(x.grad, weight.sum(0).expand(3, 64), atol=1e-5) and calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+@pytest.mark.parametrize(("in_features", "out_features"), [(64, 96), (37, 11), (576, 40)])
+def test_the_float_kernel_equals_the_float32_product_of_the_same_weights(
+    dtype, rows, in_features, out_features
+):
+    """Float32 or bfloat16 weights times float32 inputs, summed in float32: the bfloat16 weights are
+    widened exactly, so the only difference from a float64 product is float32's summation."""
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+    x, bias = (
+        torch.randn(rows, in_features, generator=generator),
+        torch.randn(out_features, generator=generator),
+    )
+    reference = F.linear(x.double(), weight.double(), bias.double())
+    got = native.float_linear(x, weight, bias)
+    assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+    assert torch.allclose(
+        got.double(), reference, rtol=0, atol=2e-6 * in_features**0.5 * reference.abs().max()
+    )
+    assert torch.allclose(native.float_linear(x, weight, None).double(), reference - bias.double(), rtol=0,
+                          atol=2e-6 * in_features**0.5 * reference.abs().max())  # fmt: skip
+    together = native.float_linear(x, weight, None)  # a row's sums do not depend on the rows beside it
+    assert torch.equal(native.float_linear(x[-1:], weight, None)[0], together[-1])
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        native.float_linear(x, weight.half(), None)

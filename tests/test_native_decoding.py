@@ -1,13 +1,15 @@
 """The whole-step native decoder (native/decode_step.c, native/decoding.py): every option of a GPT
 that changes inference, with padding, batches and a sliding window, against the PyTorch forward pass
-on the same int8 or 4-bit weights; attached only where it applies and measures faster."""
+on the same int8, 4-bit, float32 or bfloat16 weights; attached only where it applies and measures faster."""
+
+import copy
 
 import pytest
 import torch
 
 from lmforge.checkpoint import save_checkpoint
 from lmforge.config import Config, ModelConfig
-from lmforge.generation import GenerationConfig, generate
+from lmforge.generation import GenerationConfig, generate, generate_ids
 from lmforge.inference import (
     Int4Linear,
     Int8Linear,
@@ -17,7 +19,7 @@ from lmforge.inference import (
     quantize_int8,
 )
 from lmforge.models.gpt import GPT
-from lmforge.native.decoding import NativeDecoder, attach, why_not_native
+from lmforge.native.decoding import NativeDecoder, attach, step_logits, why_not_native
 from lmforge.tokenizers import train_char_tokenizer
 
 VARIANTS = {
@@ -78,6 +80,50 @@ def test_a_native_step_equals_the_forward_pass_on_the_same_quantised_weights(var
         assert torch.equal(native.valid, reference.valid)
 
 
+def float_model(dtype: torch.dtype, seed: int = 0, **options) -> GPT:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=61, n_layer=2, n_head=4, n_embd=64, block_size=32, **options)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return fuse_projections(model).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@torch.inference_mode()
+def test_a_native_step_with_float_weights_equals_float32_arithmetic_on_the_same_weights(variant, rows, dtype):
+    """Float32 or bfloat16 weights: the native step computes in float32 throughout, so its reference
+    is the float32 forward pass of the very same weights (bfloat16 ones widened exactly)."""
+    model = float_model(dtype, **VARIANTS[variant])
+    assert why_not_native(model) is None
+    decoder = NativeDecoder(model)
+    reference_model = copy.deepcopy(model).float()
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 61, (rows, 6), generator=generator)
+    mask = torch.ones(rows, 6, dtype=torch.bool)
+    mask[1:, :2] = False
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    reference, native = reference_model.new_cache(rows, 12), reference_model.new_cache(rows, 12)
+    for cache in (reference, native):
+        reference_model(prompt, cache=cache, positions=positions, attention_mask=mask)
+    for step in range(4):
+        tokens = torch.randint(0, 61, (rows,), generator=generator)
+        at = positions[:, -1] + 1 + step
+        expected = reference_model(tokens[:, None], cache=reference, positions=at[:, None])[0][:, -1]
+        got = decoder.step(tokens, at, native)
+        # the same weights and float32 arithmetic: only the order of the sums differs
+        assert torch.allclose(got, expected, rtol=0, atol=2e-5 * expected.abs().max().item())
+        for mine, theirs in ((native.k, reference.k), (native.v, reference.v)):
+            assert torch.allclose(mine, theirs, rtol=0, atol=2e-5 * theirs.abs().max().item())
+    # the model's own memory, not a copy: a bfloat16 model's weights are read as bfloat16
+    assert decoder._layers[0].qkv.weight_bf16 == (
+        model.blocks[0].attn.c_attn.weight.data_ptr() if dtype == torch.bfloat16 else None
+    )
+
+
 @torch.inference_mode()
 def test_a_rotary_model_slides_its_window_natively_as_it_does_in_pytorch():
     model = int8_model(**VARIANTS["llama-like"])
@@ -129,14 +175,46 @@ def test_quantised_loading_attaches_the_decoder_and_generation_keeps_its_tokens(
     assert all(native[0]) and len(native[0][0]) > 10
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("options", [{}, VARIANTS["llama-like"]], ids=["gpt2-like", "llama-like"])
+def test_float_loading_attaches_the_decoder_and_generation_keeps_its_tokens(tmp_path, options, dtype):
+    model, tokenizer = load_for_inference(checkpoint(tmp_path, **options), dtype=dtype)
+    assert model.native_decoder is not None  # a tiny model is all dispatch: native measures faster
+    assert model.new_cache(1).k.dtype == torch.float32  # the native step's cache, whatever the weights
+    assert model.lm_head.weight.dtype == getattr(torch, dtype)
+    prompts = ["abc", "hello, world"]  # left padding; 40 tokens go past the 24-token context
+    greedy = GenerationConfig(max_new_tokens=40, temperature=0, stop_at_eot=False)
+    sampled = GenerationConfig(max_new_tokens=15, temperature=1.0, top_k=10, seed=3, stop_at_eot=False)
+    native = [generate(model, tokenizer, prompts, c) for c in (greedy, sampled)]
+    assert all(native[0]) and len(native[0][0]) > 10
+    reference = copy.deepcopy(model)  # a copy decodes in PyTorch: the decoder is the original's
+    assert reference.native_decoder is None
+    if dtype == "float32":  # the same arithmetic in PyTorch: the same tokens
+        assert [generate(reference, tokenizer, prompts, c) for c in (greedy, sampled)] == native
+        return
+    # bfloat16: the prompt goes through PyTorch in bfloat16 either way; the native steps then compute in
+    # float32 (on the bfloat16 weights) where PyTorch's round every activation to bfloat16
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    first = [
+        generate_ids(m, tokenizer, prompt_ids, greedy)[row][:1] for m in (model, reference) for row in (0, 1)
+    ]
+    assert first[:2] == first[2:]
+    ids = torch.tensor([tokenizer.encode("hello, wor")])
+    steps = []
+    for candidate in (model, reference):
+        cache = candidate.new_cache(1, 16)
+        candidate(ids, cache=cache)
+        steps.append(step_logits(candidate, ids[0, -1:], torch.tensor([ids.shape[1]]), cache).float())
+    assert torch.allclose(steps[0], steps[1], rtol=0, atol=0.03 * steps[1].abs().max().item())
+
+
 def test_the_decoder_is_left_out_where_it_does_not_apply(tmp_path):
     path = checkpoint(tmp_path)
-    float_model, _ = load_for_inference(path)
-    assert getattr(float_model, "native_decoder", None) is None
-    assert "int8 or 4-bit weights" in why_not_native(float_model)
-    bf16_model, _ = load_for_inference(path, dtype="bfloat16", quantize="int8")
-    assert getattr(bf16_model, "native_decoder", None) is None
-    assert "float32" in why_not_native(bf16_model)
+    compiled, _ = load_for_inference(path, compile=True)
+    assert getattr(compiled, "native_decoder", None) is None  # --compile decodes with its own step
+    half, _ = load_for_inference(path, dtype="float16")
+    assert getattr(half, "native_decoder", None) is None
+    assert "float32 or bfloat16 weights" in why_not_native(half)
     assert "GPT" in why_not_native(torch.nn.Linear(2, 2))
     short = int8_model(**VARIANTS["gpt2-like"])
     short.block_size = 3

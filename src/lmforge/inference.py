@@ -265,9 +265,10 @@ def slower_precision_notice(model: nn.Module, precision: str) -> str | None:
             if isinstance(layer, Int8Linear):
                 measured = timings(layer.in_features, layer.out_features)
                 chosen += measured.get("int8-native" if native_step else f"int8-{layer.kernel}", 0.0)
-                float32 += min(t for name, t in measured.items() if name.startswith("float32"))
+                float32 += min(t for name, t in measured.items() if name in ("float32", "float32-blocked"))
     else:
-        chosen, float32 = precision_report(linear_shapes(model), precision)
+        native_step = getattr(model, "native_decoder", None) is not None
+        chosen, float32 = precision_report(linear_shapes(model), precision, native_step)
     if chosen <= 1.05 * float32:
         return None
     option = "--quantize int8" if precision == "int8" else "--dtype bfloat16"
@@ -371,6 +372,10 @@ def load_for_inference(
         attach(model)
     else:
         use_blocked_matvec(model)
+        if not compile:  # float32 / bfloat16 weights: the native step where it measures faster, as above
+            from lmforge.native.decoding import attach
+
+            attach(model)
     precision = "int8" if quantize == "int8" else "bfloat16" if dtype == "bfloat16" else None
     if precision and next(model.buffers(), next(model.parameters())).device.type == "cpu":
         message = slower_precision_notice(model, precision)

@@ -239,7 +239,12 @@ class CausalSelfAttention(nn.Module):
             start = cache.length
             cache.k[layer, :, :, start : start + T] = k
             cache.v[layer, :, :, start : start + T] = v
-            k, v = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
+            # A float32 cache under bfloat16 weights (the native decode step's) gives keys and values back
+            # in the queries' precision, as they went in.
+            k, v = (
+                cache.k[layer, :, :, : start + T].to(q.dtype),
+                cache.v[layer, :, :, : start + T].to(q.dtype),
+            )
             causal = causal and start == 0  # one new token attends to every cached one
             if mask is None and start > 0 and T > 1:
                 raise ValueError("several new tokens after a non-empty cache need an explicit mask")
@@ -506,7 +511,8 @@ class GPT(nn.Module):
             capacity or self.block_size,
             cfg.n_embd // cfg.n_head,
             weight.device,
-            dtype or weight.dtype,
+            # The native decode step (native/decoding.py) keeps keys and values in float32 whatever the weights.
+            dtype or (torch.float32 if getattr(self, "native_decoder", None) is not None else weight.dtype),
         )
 
     def num_params(self, embeddings: bool = True) -> int:

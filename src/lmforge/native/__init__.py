@@ -1,5 +1,6 @@
-"""lmforge's own compiled kernels: a weight-only int8 linear layer for decoding (int8_linear.c) and a
-whole int8 decode step of a GPT model in one call (decode_step.c; Python side in decoding.py).
+"""lmforge's own compiled kernels: weight-only int8 / 4-bit linear layers for decoding and a float32 /
+bfloat16 one (int8_linear.c), and a whole decode step of a GPT model in one call (decode_step.c; Python
+side in decoding.py).
 
 The C files are compiled on first use with the system's C compiler (`$CC`, else `cc`) for this very
 CPU (`-march=native`) and kept in the cache, keyed by the source, the compiler and the CPU:
@@ -89,6 +90,8 @@ def library() -> ctypes.CDLL | None:
                     lib.int8_linear.restype = ctypes.c_int
                     lib.int4_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
                     lib.int4_linear.restype = ctypes.c_int
+                    lib.float_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+                    lib.float_linear.restype = ctypes.c_int
                     lib.decode_step.argtypes = [ctypes.c_void_p] * 4 + [
                         ctypes.c_int64,
                         ctypes.c_void_p,
@@ -145,6 +148,29 @@ def int4_linear(
                              in_features, out_features, torch.get_num_threads())  # fmt: skip
     if failed:
         raise MemoryError("the native 4-bit kernel could not allocate room for its rounded input")
+    return y
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., in) float32 on the CPU times a float32 or bfloat16 `weight` (out, in), summed in float32
+    on every core: the product the native decode step uses for float models."""
+    if weight.dtype not in (torch.float32, torch.bfloat16) or x.dtype != torch.float32:
+        raise TypeError("the native float kernel takes float32 inputs and float32 or bfloat16 weights")
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native float kernel is unavailable: {_failure}")
+    out_features, in_features = weight.shape
+    x, weight = x.contiguous(), weight.contiguous()
+    float32 = weight if weight.dtype == torch.float32 else None
+    bfloat16 = weight if weight.dtype == torch.bfloat16 else None
+    bias = None if bias is None else bias.float().contiguous()  # held here while the C code reads it
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
+    failed = lib.float_linear(x.data_ptr(), None if float32 is None else float32.data_ptr(),
+                              None if bfloat16 is None else bfloat16.data_ptr(),
+                              None if bias is None else bias.data_ptr(), y.data_ptr(),
+                              x.numel() // in_features, in_features, out_features, torch.get_num_threads())  # fmt: skip
+    if failed:
+        raise MemoryError("the native float kernel could not allocate its scratch memory")
     return y
 
 

@@ -1,4 +1,4 @@
-/* One decode step of an int8 GPT model (models/gpt.py) in a single call: every row's next token
+/* One decode step of a GPT model (models/gpt.py) in a single call: every row's next token
  * goes through embedding, n_layer pre-norm blocks, the final norm and the output head.
  *
  * Why: decoding a small model one token at a time from Python pays ~1,500 PyTorch operator calls
@@ -9,7 +9,8 @@
  * It computes what GPT.forward computes for one new token per row with a KV cache, for every
  * option of ModelConfig that changes inference: LayerNorm or RMSNorm (with their eps), learned /
  * sinusoidal / rotary positions, GELU / GELU-tanh / ReLU^2 / SwiGLU (gate and up fused), grouped-
- * query attention, QK-norm, biases, logit soft-capping. The KV cache is the KVCache's own float32
+ * query attention, QK-norm, biases, logit soft-capping; with int8, 4-bit, float32 or bfloat16 weights
+ * (activations in float32 whatever the weights). The KV cache is the KVCache's own float32
  * memory: the new keys and values go into slot `slot` of every row, and each row attends to its
  * valid slots up to that one. decoding.py lays out the structures below and checks the model.
  */
@@ -33,8 +34,9 @@ enum { GELU = 0, GELU_TANH = 1, RELU2 = 2, SWIGLU = 3 };
 typedef struct {
     int64_t n_layer, n_embd, n_head, n_kv_head, head_dim, hidden, vocab;
     int64_t rms_norm, activation, qk_norm, rotary;
+    int64_t token_bf16;          /* the token table in bfloat16 (a bfloat16 model's own), else float32 */
     float norm_eps, logit_softcap;
-    const float *token_table;    /* vocab x n_embd */
+    const void *token_table;     /* vocab x n_embd */
     const float *position_table; /* learned or sinusoidal positions (NULL with rotary) */
     const float *rope_inv_freq;  /* head_dim / 2 (rotary) */
     Norm ln_f;
@@ -261,9 +263,11 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
         /* Embedding (+ positions), and each row's rotary cos|sin table. */
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
-            const float *token = m->token_table + tokens[r] * C;
+            const float *token32 = (const float *)m->token_table + tokens[r] * C;
+            const uint16_t *token16 = (const uint16_t *)m->token_table + tokens[r] * C;
             for (int64_t i = 0; i < C; i++)
-                x[r * C + i] = token[i] + (m->position_table ? m->position_table[positions[r] * C + i] : 0.0f);
+                x[r * C + i] = (m->token_bf16 ? bf16_to_float(token16[i]) : token32[i]) +
+                               (m->position_table ? m->position_table[positions[r] * C + i] : 0.0f);
             if (m->rotary)
                 for (int64_t i = 0; i < hd / 2; i++) {
                     float angle = (float)positions[r] * m->rope_inv_freq[i];

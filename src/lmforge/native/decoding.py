@@ -1,13 +1,15 @@
-"""A whole int8 / 4-bit decode step in one native call (decode_step.c), for GPT models on the CPU.
+"""A whole decode step in one native call (decode_step.c), for GPT models on the CPU.
 
-`why_not_native(model)` says whether the C step computes the model (a GPT whose linear layers are
-all Int8Linear or Int4Linear, float32 elsewhere, on the CPU); `NativeDecoder(model)` lays out pointers to its
+`why_not_native(model)` says whether the C step computes the model (a GPT on the CPU whose linear
+layers are Int8Linear, Int4Linear, or float32 / bfloat16 nn.Linear; float32 or bfloat16 elsewhere); `NativeDecoder(model)` lays out pointers to its
 tensors once; `decoder.step(tokens, positions, cache)` then does what
 `model(tokens[:, None], cache=cache, positions=positions[:, None])` does for one new token per row,
-in one call instead of ~50 operator calls per layer. `attach(model)` (at int8/int4 load) gives the model
+in one call instead of ~50 operator calls per layer. `attach(model)` (at load) gives the model
 a decoder where it measures faster, and `step_logits` is what generation and serving call. The
 tensors are the model's own (not copied where already float32 and contiguous); the decoder keeps a
 reference to every tensor it points at, so its memory outlives any change made to the model.
+Activations and the KV cache are float32 whatever the weights (a model with a native decoder makes
+float32 caches: GPT.new_cache).
 
 Measured (SmolLM2-135M int8, 2-core AVX2 EPYC; benchmarks/vs_llamacpp.py): see docs/performance.md.
 """
@@ -28,7 +30,8 @@ ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu2": 2, "swiglu": 3}
 
 class _Linear(ctypes.Structure):
     _fields_ = [("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("weight4", ctypes.c_void_p),
-                ("block_scale", ctypes.c_void_p), ("block_min", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("block_scale", ctypes.c_void_p), ("block_min", ctypes.c_void_p), ("weight32", ctypes.c_void_p),
+                ("weight_bf16", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64)]  # fmt: skip
 
 
@@ -44,7 +47,8 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [
         *((name, ctypes.c_int64) for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "hidden",
-                                              "vocab", "rms_norm", "activation", "qk_norm", "rotary")),
+                                              "vocab", "rms_norm", "activation", "qk_norm", "rotary",
+                                              "token_bf16")),
         ("norm_eps", ctypes.c_float), ("logit_softcap", ctypes.c_float),
         ("token_table", ctypes.c_void_p), ("position_table", ctypes.c_void_p), ("rope_inv_freq", ctypes.c_void_p),
         ("ln_f", _Norm), ("head", _Linear), ("layers", ctypes.POINTER(_Layer)),
@@ -77,21 +81,40 @@ def why_not_native(model: nn.Module) -> str | None:
         if mlp.activation == "swiglu" and mlp.c_gate_up is None:
             return "SwiGLU's gate and up projections are not fused (inference.fuse_projections)"
         linears += [block.attn.c_attn, block.attn.c_proj, mlp.c_gate_up or mlp.c_fc, mlp.c_proj]
-    # Int8Linear / Int4Linear layers (inference.py, which imports this module: recognised by their weights)
-    if not all(_quantized(layer) for layer in linears):
-        return "the native decode step needs int8 or 4-bit weights (--quantize int8 or int4)"
+    if not all(_quantized(layer) or _float_weight(layer) is not None for layer in linears):
+        return "the native decode step takes linear layers with int8, 4-bit, float32 or bfloat16 weights"
     floats = [model.wte.weight, *(p for name, p in model.named_parameters() if "ln" in name)]
-    if any(t.dtype != torch.float32 for t in floats):
-        return "the native decode step computes in float32 (leave out --dtype)"
+    if any(t.dtype not in (torch.float32, torch.bfloat16) for t in floats):
+        return "the native decode step reads float32 or bfloat16 weights (not float16)"
     return None
 
 
 def _quantized(layer: nn.Module) -> bool:
+    # Int8Linear / Int4Linear (inference.py, which imports this module): recognised by their weights
     return getattr(layer, "weight_int8", None) is not None or getattr(layer, "weight_int4", None) is not None
+
+
+def _float_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The float32 or bfloat16 weight (out, in) of an nn.Linear or BlockedMatvecLinear; else None."""
+    from lmforge.kernels import BlockedMatvecLinear
+
+    if not isinstance(layer, nn.Linear | BlockedMatvecLinear):
+        return None
+    weight = layer.weight
+    return weight if weight.dtype in (torch.float32, torch.bfloat16) else None
+
+
+def _no_decoder() -> None:
+    return None
 
 
 class NativeDecoder:
     """The C decode step bound to one model's tensors."""
+
+    def __reduce__(self):
+        # A copied or pickled model comes back without a decoder (its forward pass decodes; attach()
+        # gives it its own): this one points at the original's memory by address.
+        return _no_decoder, ()
 
     def __init__(self, model: GPT):
         cfg = model.config
@@ -111,7 +134,8 @@ class NativeDecoder:
             head_dim=attention.head_dim, hidden=first_mlp.c_proj.in_features, vocab=cfg.vocab_size,
             rms_norm=int(cfg.norm == "rmsnorm"), activation=ACTIVATIONS[cfg.activation], qk_norm=int(cfg.qk_norm),
             rotary=int(cfg.pos_encoding == "rope"), norm_eps=cfg.norm_eps, logit_softcap=cfg.logit_softcap,
-            token_table=self._float(model.wte.weight).data_ptr(), position_table=_pointer(self._float(position_table)),
+            token_bf16=int(model.wte.weight.dtype == torch.bfloat16), token_table=self._table(model.wte.weight),
+            position_table=_pointer(self._float(position_table)),
             rope_inv_freq=_pointer(self._float(getattr(model, "rope_inv_freq", None))),
             ln_f=self._norm(model.ln_f), head=self._linear(model.lm_head), layers=layers,
         )  # fmt: skip
@@ -128,22 +152,36 @@ class NativeDecoder:
         self._keep.append(tensor)
         return tensor
 
+    def _table(self, table: torch.Tensor) -> int:
+        """The token table as it is when bfloat16 (the C code widens one row a token), else float32."""
+        if table.dtype == torch.bfloat16:
+            table = table.detach().contiguous()
+            self._keep.append(table)
+            return table.data_ptr()
+        return self._float(table).data_ptr()
+
     def _norm(self, norm: nn.Module) -> _Norm:
         return _Norm(_pointer(self._float(norm.weight)), _pointer(self._float(getattr(norm, "bias", None))))
 
     def _linear(self, layer: nn.Module) -> _Linear:
         bias = _pointer(self._float(layer.bias))
+        weight = _float_weight(layer)
+        if weight is not None:  # the model's own memory where already contiguous (no copy)
+            weight = weight.detach().contiguous()
+            self._keep.append(weight)
+            float32, bfloat16 = (weight, None) if weight.dtype == torch.float32 else (None, weight)
+            return _Linear(None, None, None, None, None, _pointer(float32), _pointer(bfloat16), bias,
+                           layer.in_features, layer.out_features)  # fmt: skip
         if getattr(layer, "weight_int4", None) is not None:
             parts = [
                 t.contiguous() for t in (layer.weight_int4, layer.block_scale.half(), layer.block_min.half())
             ]
             self._keep += parts  # alive as long as the decoder, whatever happens to the model
-            return _Linear(
-                None, None, *(t.data_ptr() for t in parts), bias, layer.in_features, layer.out_features
-            )
+            return _Linear(None, None, *(t.data_ptr() for t in parts), None, None, bias, layer.in_features,
+                           layer.out_features)  # fmt: skip
         weight = layer.weight_int8.contiguous()
         self._keep.append(weight)
-        return _Linear(weight.data_ptr(), self._float(layer.scale).data_ptr(), None, None, None, bias,
+        return _Linear(weight.data_ptr(), self._float(layer.scale).data_ptr(), None, None, None, None, None, bias,
                        layer.in_features, layer.out_features)  # fmt: skip
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -193,9 +231,11 @@ def step_logits(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
 
 
 @torch.inference_mode()
-def _seconds_per_step(step, model: GPT, prompt: int, repeats: int = 3) -> float:
-    """Median time of a batch-1 decode step by `step` after a `prompt`-token prompt."""
-    cache = model.new_cache(1, capacity=prompt + repeats + 1)
+def _seconds_per_step(
+    step, model: GPT, prompt: int, repeats: int = 3, dtype: torch.dtype | None = None
+) -> float:
+    """Median time of a batch-1 decode step by `step` after a `prompt`-token prompt (a cache of `dtype`)."""
+    cache = model.new_cache(1, capacity=prompt + repeats + 1, dtype=dtype)
     model(torch.zeros(1, prompt, dtype=torch.long), cache=cache)
     samples = []
     for _ in range(repeats + 1):  # the first one warms up
@@ -216,7 +256,7 @@ def attach(model: nn.Module) -> str | None:
     if prompt < 1:
         return "the context is too short to measure the native decode step"
     decoder = NativeDecoder(model)
-    native = _seconds_per_step(decoder.step, model, prompt, repeats)
+    native = _seconds_per_step(decoder.step, model, prompt, repeats, torch.float32)
     eager = _seconds_per_step(
         lambda t, p, c: model(t[:, None], cache=c, positions=p[:, None]), model, prompt, repeats
     )

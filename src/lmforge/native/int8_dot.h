@@ -23,13 +23,28 @@
  * (weight = scale * q + min, q in 0..15; inference.py's Int4Linear; llama.cpp's Q4_1). A block's 32
  * values take 16 bytes: byte j holds value j in its low four bits and value 16 + j in its high four. */
 typedef struct {
-    const int8_t *weight;  /* int8: out x in (NULL for 4-bit) */
+    const int8_t *weight;  /* int8: out x in (NULL for the other kinds) */
     const float *scale;    /* int8: out */
-    const uint8_t *weight4; /* 4-bit: out x in / 2 (NULL for int8) */
+    const uint8_t *weight4; /* 4-bit: out x in / 2 (NULL for the other kinds) */
     const uint16_t *block_scale, *block_min; /* 4-bit: out x in / INT4_BLOCK, IEEE half precision */
+    const float *weight32;      /* float32: out x in (NULL for the other kinds) */
+    const uint16_t *weight_bf16; /* bfloat16 (the top half of a float32's bits): out x in, or NULL */
     const float *bias;     /* out, or NULL */
     int64_t in, out;
 } Linear;
+
+/* Float weights (float32 or bfloat16) multiply float32 inputs as they are, FLOAT_ROWS input rows at
+ * a time: each row keeps two accumulators (a single one would make one row's product wait on the
+ * FMA's latency), and FLOAT_ROWS rows' accumulators and the weights fit the 16 vector registers. */
+#define FLOAT_ROWS 4
+
+static inline float bf16_to_float(uint16_t bits) {
+    union {
+        uint32_t u;
+        float f;
+    } value = {(uint32_t)bits << 16};
+    return value.f;
+}
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -50,7 +65,7 @@ static inline float hsum(__m256 v) {
 /* out[r] = sum over blocks b of (sum_k w[k] * q[r][k]) * qs[r][b] for R (at most 8) rows: each
  * block's weights are widened once and multiplied into every row. One float accumulator per row,
  * in the same order whatever R is, so a row's result does not depend on the rows beside it. */
-static inline void dot_rows_int16(const int8_t *w, const int16_t *q, const float *qs, int64_t in, const int R,
+static inline __attribute__((always_inline)) void dot_rows_int16(const int8_t *w, const int16_t *q, const float *qs, int64_t in, const int R,
                                   float *out) {
     const int64_t blocks = in / ROUND_BLOCK, scales = (in + ROUND_BLOCK - 1) / ROUND_BLOCK;
     __m256 acc[8];
@@ -100,7 +115,7 @@ static inline __m256i widen_nibbles(const uint8_t *block, __m256i *high) {
     return _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F)); /* values 0..15 */
 }
 
-static inline void dot_rows_int4(const uint8_t *w4, const uint16_t *block_scale, const uint16_t *block_min,
+static inline __attribute__((always_inline)) void dot_rows_int4(const uint8_t *w4, const uint16_t *block_scale, const uint16_t *block_min,
                                  const int16_t *q, const float *qs, const float *xsum, int64_t in, const int R,
                                  float *out) {
     const int64_t blocks = in / INT4_BLOCK, scales = (in + ROUND_BLOCK - 1) / ROUND_BLOCK;
@@ -153,7 +168,56 @@ static inline void dot_rows_int4(const uint8_t *w4, const uint16_t *block_scale,
     }
 }
 
+/* Eight float32 weights, or eight bfloat16 ones widened to float32 (a bfloat16 is a float32's top
+ * 16 bits: widening is a shift). `bf16` is a constant at every call, so each kind has its own loop. */
+static inline __m256 load_weights8(const float *w32, const uint16_t *w16, int64_t k, const int bf16) {
+    if (bf16)
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w16 + k))), 16));
+    return _mm256_loadu_ps(w32 + k);
+}
+
+/* out[r] = sum_k w[k] * x[r][k] for R (at most FLOAT_ROWS) rows of float32 x, the weights float32
+ * (w32) or bfloat16 (w16). Sixteen values a step, even and odd eights in two accumulators, in the
+ * same order whatever R is, so a row's result does not depend on the rows beside it. Reading
+ * bfloat16 weights halves the bytes a one-row product (decoding) waits for. */
+static inline __attribute__((always_inline)) void dot_rows_float(const float *w32, const uint16_t *w16,
+                                                                 const float *x, int64_t in, const int rows,
+                                                                 const int bf16, float *out) {
+    /* linear_rows asks for at most FLOAT_ROWS (its switch has larger cases for the integer kinds) */
+    const int R = rows < FLOAT_ROWS ? rows : FLOAT_ROWS;
+    __m256 even[FLOAT_ROWS], odd[FLOAT_ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= in; k += 16) {
+        if (R > 1)
+            _mm_prefetch(bf16 ? (const char *)(w16 + k + PREFETCH_ROWS * in) : (const char *)(w32 + k + PREFETCH_ROWS * in),
+                         _MM_HINT_T0);
+        const __m256 w0 = load_weights8(w32, w16, k, bf16), w1 = load_weights8(w32, w16, k + 8, bf16);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            even[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * in + k), even[r]);
+            odd[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * in + k + 8), odd[r]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        float total = hsum(_mm256_add_ps(even[r], odd[r]));
+        for (int64_t j = k; j < in; j++) total += (bf16 ? bf16_to_float(w16[j]) : w32[j]) * x[r * in + j];
+        out[r] = total;
+    }
+}
+
 #else /* portable C: the compiler vectorises what it can for this CPU */
+static void dot_rows_float(const float *w32, const uint16_t *w16, const float *x, int64_t in, const int R,
+                           const int bf16, float *out) {
+    for (int r = 0; r < R; r++) {
+        float sum = 0.0f;
+        for (int64_t k = 0; k < in; k++) sum += (bf16 ? bf16_to_float(w16[k]) : w32[k]) * x[r * in + k];
+        out[r] = sum;
+    }
+}
 static float dot_int8(const int8_t *w, const float *x, int64_t n) {
     float sum = 0.0f;
     for (int64_t k = 0; k < n; k++) sum += (float)w[k] * x[k];
@@ -254,11 +318,17 @@ static inline int64_t block_sums(int64_t rows, int64_t in) { return rows * (in /
 static void linear_rows(const Linear *L, const float *x, float *y, int64_t rows, int16_t *q, float *qs,
                         float *xsum) {
     const int64_t in = L->in, out = L->out, int4 = L->weight4 != NULL;
+    const int64_t floats = L->weight32 != NULL || L->weight_bf16 != NULL; /* no rounding, no scales */
+    const int64_t group = floats ? FLOAT_ROWS : 8; /* input rows whose sums stay in registers */
 #ifdef HAVE_INT16_PATH
     const int64_t scales = (in + ROUND_BLOCK - 1) / ROUND_BLOCK, blocks = in / INT4_BLOCK;
-    round_rows(x, rows, in, q, qs, int4 ? xsum : NULL);
+    if (!floats) round_rows(x, rows, in, q, qs, int4 ? xsum : NULL);
 #define PRODUCT(R)                                                                                            \
-    if (int4)                                                                                                 \
+    if (L->weight_bf16)                                                                                       \
+        dot_rows_float(NULL, L->weight_bf16 + o * in, x + r0 * in, in, R, 1, sums);                          \
+    else if (L->weight32)                                                                                     \
+        dot_rows_float(L->weight32 + o * in, NULL, x + r0 * in, in, R, 0, sums);                             \
+    else if (int4)                                                                                            \
         dot_rows_int4(L->weight4 + o * in / 2, L->block_scale + o * blocks, L->block_min + o * blocks,       \
                       q + r0 * in, qs + r0 * scales, xsum + r0 * blocks, in, R, sums);                        \
     else                                                                                                      \
@@ -266,7 +336,11 @@ static void linear_rows(const Linear *L, const float *x, float *y, int64_t rows,
 #else
     (void)q, (void)qs, (void)xsum;
 #define PRODUCT(R)                                                                                            \
-    if (int4)                                                                                                 \
+    if (L->weight_bf16)                                                                                       \
+        dot_rows_float(NULL, L->weight_bf16 + o * in, x + r0 * in, in, R, 1, sums);                          \
+    else if (L->weight32)                                                                                     \
+        dot_rows_float(L->weight32 + o * in, NULL, x + r0 * in, in, R, 0, sums);                             \
+    else if (int4)                                                                                            \
         dot_rows_int4_float(L->weight4 + o * in / 2, L->block_scale + o * (in / INT4_BLOCK),                  \
                             L->block_min + o * (in / INT4_BLOCK), x + r0 * in, in, R, sums);                  \
     else                                                                                                      \
@@ -278,7 +352,7 @@ static void linear_rows(const Linear *L, const float *x, float *y, int64_t rows,
         for (int64_t o = 0; o < out; o++) {
             float sums[1];
             PRODUCT(1);
-            y[o] = sums[0] * (int4 ? 1.0f : L->scale[o]) + (L->bias ? L->bias[o] : 0.0f);
+            y[o] = sums[0] * (int4 || floats ? 1.0f : L->scale[o]) + (L->bias ? L->bias[o] : 0.0f);
         }
         return;
     }
@@ -288,11 +362,11 @@ static void linear_rows(const Linear *L, const float *x, float *y, int64_t rows,
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         const int64_t tile_end = (t + 1) * OUT_TILE < out ? (t + 1) * OUT_TILE : out;
-        for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+        for (int64_t r0 = 0; r0 < rows; r0 += group) {
             const int64_t left = rows - r0;
             for (int64_t o = t * OUT_TILE; o < tile_end; o++) {
                 float b = L->bias ? L->bias[o] : 0.0f, sums[8];
-                switch (left >= 8 ? 8 : (int)left) { /* R a constant: the sums stay in registers */
+                switch (left >= group ? (int)group : (int)left) { /* R a constant: the sums stay in registers */
                 case 8: PRODUCT(8); break;
                 case 7: PRODUCT(7); break;
                 case 6: PRODUCT(6); break;
@@ -302,8 +376,8 @@ static void linear_rows(const Linear *L, const float *x, float *y, int64_t rows,
                 case 2: PRODUCT(2); break;
                 default: PRODUCT(1); break;
                 }
-                const float channel_scale = int4 ? 1.0f : L->scale[o];
-                for (int64_t r = 0; r < 8 && r < left; r++) y[(r0 + r) * out + o] = sums[r] * channel_scale + b;
+                const float channel_scale = int4 || floats ? 1.0f : L->scale[o];
+                for (int64_t r = 0; r < group && r < left; r++) y[(r0 + r) * out + o] = sums[r] * channel_scale + b;
             }
         }
     }

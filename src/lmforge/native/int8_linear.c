@@ -37,13 +37,20 @@ static int linear(const Linear *L, const float *x, float *y, int64_t rows, int t
 
 int int8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int64_t rows,
                 int64_t in, int64_t out, int threads) {
-    const Linear L = {w, scale, NULL, NULL, NULL, bias, in, out};
+    const Linear L = {w, scale, NULL, NULL, NULL, NULL, NULL, bias, in, out};
     return linear(&L, x, y, rows, threads);
 }
 
 /* 4-bit weights (int8_dot.h's layout, half-precision scales and minima); in a multiple of 32. */
 int int4_linear(const float *x, const uint8_t *w4, const uint16_t *block_scale, const uint16_t *block_min,
                 const float *bias, float *y, int64_t rows, int64_t in, int64_t out, int threads) {
-    const Linear L = {NULL, NULL, w4, block_scale, block_min, bias, in, out};
+    const Linear L = {NULL, NULL, w4, block_scale, block_min, NULL, NULL, bias, in, out};
+    return linear(&L, x, y, rows, threads);
+}
+
+/* Float weights: float32 (`w32`) or bfloat16 (`w16`, the other NULL); the product in float32. */
+int float_linear(const float *x, const float *w32, const uint16_t *w16, const float *bias, float *y, int64_t rows,
+                 int64_t in, int64_t out, int threads) {
+    const Linear L = {NULL, NULL, NULL, NULL, NULL, w32, w16, bias, in, out};
     return linear(&L, x, y, rows, threads);
 }
