@@ -165,6 +165,9 @@ def main() -> None:
     parser.add_argument(
         "--quantize", default="none", choices=["none", "int8"], help="as `lmforge serve --quantize`"
     )
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="as `lmforge serve --dtype`"
+    )
     args = parser.parse_args()
 
     from lmforge.chat import chat_template_of
@@ -173,7 +176,9 @@ def main() -> None:
 
     set_threads(0)
     gguf = str(smollm2())
-    model, tokenizer = load_for_inference(gguf, quantize=args.quantize)  # as `lmforge serve` loads it
+    model, tokenizer = load_for_inference(
+        gguf, dtype=args.dtype, quantize=args.quantize
+    )  # as `lmforge serve` does
     template = chat_template_of(gguf)
     settings = [
         ("single stream (1 client)", 1),
@@ -193,14 +198,20 @@ def main() -> None:
     many["throughput_vs_single_stream"] = round(many["tokens_per_s"] / single["tokens_per_s"], 2)
     print(f"throughput vs single stream (medians of {args.repeats}): {many['throughput_vs_single_stream']}x")
     out = Path(
-        args.output or RESULTS / ("serve_load_int8.json" if args.quantize == "int8" else "serve_load.json")
+        args.output
+        or RESULTS
+        / (
+            "serve_load_int8.json"
+            if args.quantize == "int8"
+            else f"serve_load{'_bf16' * (args.dtype == 'bfloat16')}.json"
+        )
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "serve_load",
         "machine": machine_info(),
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised), "
-        + ("int8 weights" if args.quantize == "int8" else "float32"),
+        + ("int8 weights" if args.quantize == "int8" else args.dtype),
         "clients": args.clients,
         "requests_per_client": args.requests,
         "max_tokens": f"{args.max_tokens // 2}..{args.max_tokens // 2 + args.max_tokens} by request",

@@ -126,6 +126,22 @@ def test_filters_never_sample_outside_their_sets():
     assert probs[0, :2].tolist() == pytest.approx([0.4 / 0.65, 0.25 / 0.65])
 
 
+@pytest.mark.parametrize(
+    "scale", [0.3, 2.0, 8.0]
+)  # flat to peaked: nuclei of thousands of tokens down to a few
+@pytest.mark.parametrize("top_p", [0.2, 0.9, 0.99])
+def test_top_p_keeps_the_smallest_set_reaching_p_in_a_large_vocabulary(scale, top_p):
+    """The nucleus is searched among the top k tokens, k growing: the same set as sorting the
+    whole vocabulary (float64 here, so that no sum's rounding sits on the boundary)."""
+    logits = torch.randn(3, 20000, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * scale
+    probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
+    before = probs.cumsum(-1) - probs  # the mass of the tokens more likely than each
+    expected = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before < top_p)
+    kept = filter_logits(logits, top_p=top_p).isfinite()
+    assert torch.equal(kept, expected)
+    assert kept.sum(-1).min() >= 1
+
+
 def test_sampling_follows_the_probabilities_and_never_draws_a_zero(monkeypatch):
     probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
     gen = torch.Generator().manual_seed(1)

@@ -68,13 +68,23 @@ def filter_logits(
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens before it already reach top_p (the first always stays).
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        drop_sorted[..., 0] = False  # the most likely token always stays (a tiny top_p rounds to 0 here)
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        probs = logits.softmax(-1)
+        # The nucleus lies among the most likely tokens: find it in the top k, k growing until their
+        # mass reaches top_p in every row, rather than sorting the whole vocabulary (sorting 49k
+        # logits took 4.6 ms a token on a 2-core CPU, a fifth of SmolLM2's decode step).
+        k = min(64, probs.shape[-1])
+        while True:
+            top, order = probs.topk(k, dim=-1)  # in descending order
+            cumulative = top.cumsum(-1)
+            if k == probs.shape[-1] or bool((cumulative[..., -1] >= top_p).all()):
+                break
+            k = min(8 * k, probs.shape[-1])
+        # Drop a token when the tokens before it already reach top_p (the first always stays); the
+        # tokens past the top k have at least all of the top k's mass before them.
+        keep_sorted = (cumulative - top) < top_p
+        keep_sorted[..., 0] = True  # the most likely token always stays (a tiny top_p rounds to 0 here)
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
+        logits = logits.masked_fill(~keep, float("-inf"))
     return logits
 
 
