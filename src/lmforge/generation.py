@@ -69,16 +69,17 @@ def filter_logits(
         logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     if top_p < 1.0:
         probs = logits.softmax(-1)
-        # The nucleus lies among the most likely tokens: find it in the top k, k growing until their
-        # mass reaches top_p in every row, rather than sorting the whole vocabulary (sorting 49k
-        # logits took 4.6 ms a token on a 2-core CPU, a fifth of SmolLM2's decode step).
-        k = min(64, probs.shape[-1])
-        while True:
-            top, order = probs.topk(k, dim=-1)  # in descending order
+        # The nucleus usually lies among a few dozen tokens: look for it in the top 64, then the top
+        # 4,096, before sorting the whole vocabulary (sorting 49k probabilities takes ~3.5 ms a token
+        # on a 2-core CPU, a fifth of SmolLM2's decode step; a top 64 ~0.1 ms).
+        for k in (64, 4096, probs.shape[-1]):
+            if k < probs.shape[-1]:
+                top, order = probs.topk(k, dim=-1)  # in descending order
+            else:
+                top, order = probs.sort(dim=-1, descending=True)
             cumulative = top.cumsum(-1)
-            if k == probs.shape[-1] or bool((cumulative[..., -1] >= top_p).all()):
+            if k >= probs.shape[-1] or bool((cumulative[..., -1] >= top_p).all()):
                 break
-            k = min(8 * k, probs.shape[-1])
         # Drop a token when the tokens before it already reach top_p (the first always stays); the
         # tokens past the top k have at least all of the top k's mass before them.
         keep_sorted = (cumulative - top) < top_p
