@@ -1,8 +1,9 @@
 """A whole decode step in one native call (decode_step.c), for GPT models on the CPU.
 
 `why_not_native(model)` says whether the C step computes the model (a GPT on the CPU whose linear
-layers are Int8Linear, Int4Linear, or float32 / bfloat16 nn.Linear; float32 or bfloat16 elsewhere); `NativeDecoder(model)` lays out pointers to its
-tensors once; `decoder.step(tokens, positions, cache)` then does what
+layers are Int8Linear, Int4Linear, or float32 / bfloat16 nn.Linear; float32 or bfloat16 elsewhere);
+`NativeDecoder(model)` lays out pointers to its tensors once; `decoder.step(tokens, positions, cache)`
+then does what
 `model(tokens[:, None], cache=cache, positions=positions[:, None])` does for one new token per row,
 in one call instead of ~50 operator calls per layer. `attach(model)` (at load) gives the model
 a decoder where it measures faster, and `step_logits` is what generation and serving call. The

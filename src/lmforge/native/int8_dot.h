@@ -65,8 +65,10 @@ static inline float hsum(__m256 v) {
 /* out[r] = sum over blocks b of (sum_k w[k] * q[r][k]) * qs[r][b] for R (at most 8) rows: each
  * block's weights are widened once and multiplied into every row. One float accumulator per row,
  * in the same order whatever R is, so a row's result does not depend on the rows beside it. */
-static inline __attribute__((always_inline)) void dot_rows_int16(const int8_t *w, const int16_t *q, const float *qs, int64_t in, const int R,
-                                  float *out) {
+/* always_inline: a product not inlined into linear_rows keeps its sums in memory, not in registers
+ * (GCC declined the float one for its stack frame, and it ran at half speed) */
+static inline __attribute__((always_inline)) void dot_rows_int16(const int8_t *w, const int16_t *q, const float *qs,
+                                                                 int64_t in, const int R, float *out) {
     const int64_t blocks = in / ROUND_BLOCK, scales = (in + ROUND_BLOCK - 1) / ROUND_BLOCK;
     __m256 acc[8];
 #pragma GCC unroll 8
@@ -115,9 +117,10 @@ static inline __m256i widen_nibbles(const uint8_t *block, __m256i *high) {
     return _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F)); /* values 0..15 */
 }
 
-static inline __attribute__((always_inline)) void dot_rows_int4(const uint8_t *w4, const uint16_t *block_scale, const uint16_t *block_min,
-                                 const int16_t *q, const float *qs, const float *xsum, int64_t in, const int R,
-                                 float *out) {
+static inline __attribute__((always_inline)) void dot_rows_int4(const uint8_t *w4, const uint16_t *block_scale,
+                                                                const uint16_t *block_min, const int16_t *q,
+                                                                const float *qs, const float *xsum, int64_t in,
+                                                                const int R, float *out) {
     const int64_t blocks = in / INT4_BLOCK, scales = (in + ROUND_BLOCK - 1) / ROUND_BLOCK;
     __m256 acc[8];
 #pragma GCC unroll 8
@@ -192,7 +195,8 @@ static inline __attribute__((always_inline)) void dot_rows_float(const float *w3
     int64_t k = 0;
     for (; k + 16 <= in; k += 16) {
         if (R > 1)
-            _mm_prefetch(bf16 ? (const char *)(w16 + k + PREFETCH_ROWS * in) : (const char *)(w32 + k + PREFETCH_ROWS * in),
+            _mm_prefetch(bf16 ? (const char *)(w16 + k + PREFETCH_ROWS * in)
+                              : (const char *)(w32 + k + PREFETCH_ROWS * in),
                          _MM_HINT_T0);
         const __m256 w0 = load_weights8(w32, w16, k, bf16), w1 = load_weights8(w32, w16, k + 8, bf16);
 #pragma GCC unroll 4

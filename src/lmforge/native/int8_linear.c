@@ -12,6 +12,9 @@
  * weights are widened once and multiplied into up to 8 rows' sums held in registers, so the
  * weights are read once per call whatever the batch.
  *
+ * float_linear multiplies float32 or bfloat16 weights (the latter widened to float32 in registers)
+ * into float32 inputs, summed in float32: the product of the native decode step for float models.
+ *
  * Built on first use with the system C compiler (-O3 -march=native -fopenmp, see __init__.py);
  * OpenMP resolves to the libgomp that PyTorch has already loaded, so both share one thread pool.
  */
