@@ -46,6 +46,19 @@ def int8_model(seed: int = 0, bits: int = 8, **options) -> GPT:
     return model
 
 
+def prefilled_caches(model: GPT, rows: int, generator: torch.Generator):
+    """The last prompt position of each row, and two caches holding the same 6-token prompts (rows
+    after the first left-padded by two: the native step must skip those slots)."""
+    prompt = torch.randint(0, 61, (rows, 6), generator=generator)
+    mask = torch.ones(rows, 6, dtype=torch.bool)
+    mask[1:, :2] = False
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    caches = model.new_cache(rows, 12), model.new_cache(rows, 12)
+    for cache in caches:
+        model(prompt, cache=cache, positions=positions, attention_mask=mask)
+    return positions[:, -1], *caches
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -56,16 +69,10 @@ def test_a_native_step_equals_the_forward_pass_on_the_same_quantised_weights(var
     assert any(isinstance(layer, Int4Linear if bits == 4 else Int8Linear) for layer in model.modules())
     decoder = NativeDecoder(model)
     generator = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, 61, (rows, 6), generator=generator)
-    mask = torch.ones(rows, 6, dtype=torch.bool)
-    mask[1:, :2] = False  # left padding in the other rows: the native step must skip those slots
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    reference, native = model.new_cache(rows, 12), model.new_cache(rows, 12)
-    for cache in (reference, native):
-        model(prompt, cache=cache, positions=positions, attention_mask=mask)
+    last, reference, native = prefilled_caches(model, rows, generator)
     for _ in range(4):
         tokens = torch.randint(0, 61, (rows,), generator=generator)
-        at = positions[:, -1] + 1 + torch.arange(reference.length - 6, reference.length - 5).expand(rows)
+        at = last + 1 + torch.arange(reference.length - 6, reference.length - 5).expand(rows)
         expected = model(tokens[:, None], cache=reference, positions=at[:, None])[0][:, -1]
         got = decoder.step(tokens, at, native)
         # the weights are the same; the native kernel rounds each input row to int16 per block of 64
@@ -102,16 +109,10 @@ def test_a_native_step_with_float_weights_equals_float32_arithmetic_on_the_same_
     decoder = NativeDecoder(model)
     reference_model = copy.deepcopy(model).float()
     generator = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, 61, (rows, 6), generator=generator)
-    mask = torch.ones(rows, 6, dtype=torch.bool)
-    mask[1:, :2] = False
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    reference, native = reference_model.new_cache(rows, 12), reference_model.new_cache(rows, 12)
-    for cache in (reference, native):
-        reference_model(prompt, cache=cache, positions=positions, attention_mask=mask)
+    last, reference, native = prefilled_caches(reference_model, rows, generator)
     for step in range(4):
         tokens = torch.randint(0, 61, (rows,), generator=generator)
-        at = positions[:, -1] + 1 + step
+        at = last + 1 + step
         expected = reference_model(tokens[:, None], cache=reference, positions=at[:, None])[0][:, -1]
         got = decoder.step(tokens, at, native)
         # the same weights and float32 arithmetic: only the order of the sums differs
