@@ -162,12 +162,9 @@ class Streamed:
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor):
         copies = max(1, min(self.MOST, self.BYTES // (weight.numel() * weight.element_size())))
+        self.x, self.products = x, copies
         # the weight itself and copies of it (none for a weight that outgrows the caches alone)
-        self.x, self.weights, self.products = (
-            x,
-            [weight] + [weight.clone() for _ in range(copies - 1)],
-            copies,
-        )
+        self.weights = [weight] + [weight.clone() for _ in range(copies - 1)]
 
     def __call__(self) -> None:
         from lmforge.native import float_linear
