@@ -52,10 +52,14 @@ def _losses(cfg, **kw):
     return losses
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_resume_continues_exactly(tmp_path, shakespeare_excerpt, dropout):
-    """20 steps in one go == 10 steps, Ctrl-C, resume, 10 more (dropout RNG included)."""
-    overrides = {"model.dropout": dropout, "train.eval_interval": 5}
+@pytest.mark.parametrize(
+    "overrides",
+    [{"model.dropout": 0.0}, {"model.dropout": 0.2}, {"optim.optimizer": "muon", "train.dtype": "bfloat16"}],
+    ids=["adamw", "dropout", "muon-bfloat16"],
+)
+def test_resume_continues_exactly(tmp_path, shakespeare_excerpt, overrides):
+    """20 steps in one go == 10 steps, Ctrl-C, resume, 10 more (dropout RNG and Muon's state included)."""
+    overrides = {**overrides, "train.eval_interval": 5}
     straight = _losses(tiny_config(tmp_path / "a", shakespeare_excerpt, **overrides))
 
     def interrupt_at_10(step, loss):
@@ -144,6 +148,37 @@ def test_muon_orthogonalises_a_stack_as_each_matrix_alone():
     tall = newton_schulz(torch.randn(20, 8))  # a tall one is iterated transposed: still 20 x 8
     singular = torch.linalg.svdvals(tall)
     assert tall.shape == (20, 8) and bool(((singular > 0.5) & (singular < 1.5)).all())
+
+
+def test_muon_iterates_in_bfloat16_near_float32_and_stacks_a_tall_matrix_with_wide_ones():
+    from lmforge.training.optim import Muon, newton_schulz
+
+    torch.manual_seed(0)
+    g = torch.randn(4, 16, 48)
+    exact, low = newton_schulz(g), newton_schulz(g, dtype=torch.bfloat16)
+    assert low.dtype == torch.float32 and low.shape == g.shape
+    assert ((low - exact).norm() / exact.norm()).item() < 0.02
+    assert not torch.equal(low, exact)  # it did iterate in bfloat16
+
+    # A 20 x 8 matrix is iterated as its 8 x 20 transpose, in one stack with an 8 x 20 one: each gets
+    # the update it would get alone (momentum 0: the update is the orthogonalised gradient).
+    wide, tall = torch.nn.Parameter(torch.randn(8, 20)), torch.nn.Parameter(torch.randn(20, 8))
+    wide.grad, tall.grad = torch.randn(8, 20), torch.randn(20, 8)
+    before = wide.detach().clone(), tall.detach().clone()
+    Muon([wide, tall], lr=0.1, momentum=0.0, nesterov=False).step()
+    assert torch.allclose(wide, before[0] - 0.1 * newton_schulz(wide.grad), atol=1e-6)
+    assert torch.allclose(tall, before[1] - 0.1 * (20 / 8) ** 0.5 * newton_schulz(tall.grad), atol=1e-6)
+
+
+def test_muon_follows_the_training_precision_and_its_state_is_json():
+    from lmforge.config import OptimConfig
+    from lmforge.training.optim import Muon, build_optimizers
+
+    model = build_model(ModelConfig(vocab_size=30, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    for dtype, name in [(torch.bfloat16, "bfloat16"), (torch.float32, "float32"), (torch.float16, "float32")]:
+        _, muon = build_optimizers(model, OptimConfig(optimizer="muon"), torch.device("cpu"), dtype=dtype)
+        assert isinstance(muon, Muon) and muon.param_groups[0]["ns_dtype"] == name
+        json.dumps(muon.state_dict()["param_groups"])  # the training state keeps param groups as JSON
 
 
 def test_muon_leaves_embeddings_head_and_one_row_weights_to_adamw():

@@ -60,31 +60,38 @@ class BudgetHorizon:
         return max(step + 1, min(self.total_steps, int(step + steps_left)))
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+def newton_schulz(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Approximately orthogonalise a matrix, or each of a stack (k, m, n) of matrices at once
-    (push the singular values towards 1).
+    (push the singular values towards 1), iterating in `dtype`; the result is float32.
 
     A quintic iteration whose coefficients are chosen to converge fast from
-    singular values in (0, 1]; it does not need to converge exactly.
+    singular values in (0, 1]; it does not need to converge exactly, which is why bfloat16
+    iterations (Muon's usual precision on GPUs) are good enough.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.float()
     transposed = x.shape[-2] > x.shape[-1]  # iterate on the wide side: the Gram matrix is the small one
     if transposed:
         x = x.mT
-    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
+    x = (x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)).to(dtype)
+    stack = x if x.dim() == 3 else x.unsqueeze(0)
     for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        gram = stack @ stack.mT
+        # a x + (b gram + c gram²) x, as two fused multiply-adds (baddbmm): fewer passes over memory
+        stack = torch.baddbmm(stack, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), stack, beta=a)
+    x = (stack if x.dim() == 3 else stack[0]).float()
     return x.mT if transposed else x
 
 
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz, for 2-D hidden weight matrices.
 
-    Matrices of one shape are orthogonalised together, as one stack: on a CPU the iteration's
-    products over a few dozen small matrices can cost as much as the model's own step, and one
-    batched product per shape took a quarter off them (36 matrices of a 256-wide encoder–decoder)."""
+    Matrices of one shape, or of one shape transposed, are orthogonalised together, as one stack: on
+    a CPU the iteration's products over a few dozen small matrices can cost as much as the model's
+    own step, and one batched product per shape took a quarter off them (36 matrices of a 256-wide
+    encoder–decoder). `ns_dtype` is the iteration's precision: bfloat16 where the model trains in
+    bfloat16 (the 16 matrices of the 4 x 128 Shakespeare model: 24.6 -> 10.2 ms a step on an
+    AVX-512 BF16 CPU, float32 19.0 ms with the fused products alone)."""
 
     def __init__(
         self,
@@ -94,9 +101,11 @@ class Muon(torch.optim.Optimizer):
         nesterov: bool = True,
         ns_steps: int = 5,
         weight_decay: float = 0.0,
+        ns_dtype: str = "float32",  # a name, not a torch.dtype: param groups are saved as JSON
     ):
         defaults = dict(
-            lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay
+            lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
+            ns_dtype=ns_dtype,
         )
         super().__init__(params, defaults)
 
@@ -113,12 +122,17 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                by_shape.setdefault(tuple(p.shape), []).append((p, g))
-            for shape, items in by_shape.items():
-                updates = newton_schulz(torch.stack([g for _, g in items]), group["ns_steps"])
-                # Scale so the update's RMS does not depend on the matrix's aspect ratio.
-                scale = max(1.0, shape[0] / shape[1]) ** 0.5
+                tall = p.shape[0] > p.shape[1]  # iterated as its transpose (the wide side), with the wide ones
+                by_shape.setdefault(tuple(sorted(p.shape)), []).append((p, g.mT if tall else g))
+            ns_dtype = getattr(torch, group["ns_dtype"])
+            for items in by_shape.values():
+                updates = newton_schulz(torch.stack([g for _, g in items]), group["ns_steps"], ns_dtype)
                 for (p, _), update in zip(items, updates, strict=True):
+                    tall = p.shape[0] > p.shape[1]
+                    if tall:
+                        update = update.mT
+                    # Scale so the update's RMS does not depend on the matrix's aspect ratio.
+                    scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
                     if group["weight_decay"]:
                         p.mul_(1 - group["lr"] * group["weight_decay"])
                     p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
@@ -150,11 +164,17 @@ def _groups(params: list[tuple[str, nn.Parameter]], weight_decay: float, lr: flo
 
 
 def build_optimizers(
-    model: nn.Module, cfg: OptimConfig, device: torch.device, layer_lr_decay: float = 1.0
+    model: nn.Module,
+    cfg: OptimConfig,
+    device: torch.device,
+    layer_lr_decay: float = 1.0,
+    dtype: torch.dtype = torch.float32,
 ) -> list[torch.optim.Optimizer]:
     """The optimizers for the trainable parameters; each param group carries `base_lr` for the schedule.
 
     `layer_lr_decay` < 1 gives block i of n the rate lr × decay^(n - i), embeddings the lowest.
+    `dtype`: the training's compute precision; Muon's iterations run in it (bfloat16 under bfloat16
+    autocast; float16 iterations would overflow, so they run in float32).
     """
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
@@ -180,7 +200,7 @@ def build_optimizers(
             device,
         )
         muon = Muon([{"params": hidden, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                    ns_steps=cfg.muon_ns_steps)  # fmt: skip
+                    ns_steps=cfg.muon_ns_steps, ns_dtype="bfloat16" if dtype == torch.bfloat16 else "float32")  # fmt: skip
         return [adam, muon]
     return [
         _adamw(

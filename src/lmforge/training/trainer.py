@@ -265,7 +265,7 @@ def _build_model(run: _Run, base: tuple[nn.Module, str | None] | None) -> None:
         here = sum(p.to_local().numel() for p in run.model.parameters())
         run.log(f"FSDP: parameters split over {run.dist.world_size} processes "
                 f"({here:,} of {sum(p.numel() for p in run.model.parameters()):,} values in each).")  # fmt: skip
-    run.optimizers = build_optimizers(run.model, config.optim, run.device, ft.layer_lr_decay)
+    run.optimizers = build_optimizers(run.model, config.optim, run.device, ft.layer_lr_decay, run.dtype)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if trainable < total:
