@@ -104,7 +104,11 @@ class Muon(torch.optim.Optimizer):
         ns_dtype: str = "float32",  # a name, not a torch.dtype: param groups are saved as JSON
     ):
         defaults = dict(
-            lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            weight_decay=weight_decay,
             ns_dtype=ns_dtype,
         )
         super().__init__(params, defaults)
@@ -122,14 +126,14 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                tall = p.shape[0] > p.shape[1]  # iterated as its transpose (the wide side), with the wide ones
+                # A tall matrix is iterated as its transpose (the wide side), in one stack with wide ones.
+                tall = p.shape[0] > p.shape[1]
                 by_shape.setdefault(tuple(sorted(p.shape)), []).append((p, g.mT if tall else g))
             ns_dtype = getattr(torch, group["ns_dtype"])
             for items in by_shape.values():
                 updates = newton_schulz(torch.stack([g for _, g in items]), group["ns_steps"], ns_dtype)
                 for (p, _), update in zip(items, updates, strict=True):
-                    tall = p.shape[0] > p.shape[1]
-                    if tall:
+                    if p.shape[0] > p.shape[1]:  # back from the transpose it was iterated as
                         update = update.mT
                     # Scale so the update's RMS does not depend on the matrix's aspect ratio.
                     scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
