@@ -179,6 +179,19 @@ def test_muon_follows_the_training_precision_and_its_state_is_json():
         _, muon = build_optimizers(model, OptimConfig(optimizer="muon"), torch.device("cpu"), dtype=dtype)
         assert isinstance(muon, Muon) and muon.param_groups[0]["ns_dtype"] == name
         json.dumps(muon.state_dict()["param_groups"])  # the training state keeps param groups as JSON
+    # A state saved before the iteration's precision was kept resumes in float32, and steps.
+    saved = muon.state_dict()
+    del saved["param_groups"][0]["ns_dtype"]
+    _, muon = build_optimizers(
+        model, OptimConfig(optimizer="muon"), torch.device("cpu"), dtype=torch.bfloat16
+    )
+    muon.load_state_dict(saved)
+    assert muon.param_groups[0]["ns_dtype"] == "float32"
+    for p in muon.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in muon.param_groups[0]["params"]]
+    muon.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, muon.param_groups[0]["params"], strict=True))
 
 
 def test_muon_leaves_embeddings_head_and_one_row_weights_to_adamw():

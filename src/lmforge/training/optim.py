@@ -113,6 +113,13 @@ class Muon(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict) -> None:
+        # load_state_dict ends here with the saved groups: a run saved before ns_dtype existed
+        # iterated in float32, and resumes so.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("ns_dtype", "float32")
+
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
