@@ -276,3 +276,39 @@ def test_layers_too_narrow_for_4bit_blocks_stay_int8_and_decode_natively_beside_
     expected = model(token[:, None], cache=reference, positions=at[:, None])[0][:, -1]
     got = decoder.step(token, at, native)
     assert torch.allclose(got, expected, rtol=0, atol=4e-4 * expected.abs().max().item())
+
+
+@torch.inference_mode()
+def test_a_native_step_on_another_thread_equals_the_same_step_on_the_main_thread():
+    """The server decodes on its engine thread, where libgomp's own barriers would sleep (a second
+    OpenMP team): the step's threads meet at its spinning barrier instead (int8_dot.h, team_wait).
+    Same arithmetic whichever thread calls it, with every core and with one."""
+    import threading
+
+    model = int8_model(**VARIANTS["llama-like"])
+    decoder = NativeDecoder(model)
+
+    def run(threads: int) -> list[torch.Tensor]:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():  # (each thread has its own mode)
+                generator = torch.Generator().manual_seed(3)
+                last, _, cache = prefilled_caches(model, 3, generator)
+                out = []
+                for step in range(4):
+                    tokens = torch.randint(0, 61, (3,), generator=generator)
+                    out.append(decoder.step(tokens, last + 1 + step, cache))
+                return out
+        finally:
+            torch.set_num_threads(previous)
+
+    for threads in (2, 1):
+        on_main = run(threads)
+        on_worker: list[list[torch.Tensor]] = []
+        worker = threading.Thread(target=lambda: on_worker.append(run(threads)))  # noqa: B023
+        worker.start()
+        worker.join(timeout=60)
+        assert not worker.is_alive() and len(on_worker) == 1  # it returned: no thread left waiting
+        for mine, theirs in zip(on_worker[0], on_main, strict=True):
+            assert torch.equal(mine, theirs)

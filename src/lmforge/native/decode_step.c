@@ -4,7 +4,8 @@
  * Why: decoding a small model one token at a time from Python pays ~1,500 PyTorch operator calls
  * per token (SmolLM2: 30 layers of a dozen small operations), about as long as the arithmetic
  * itself. Here the whole step is one OpenMP parallel region: the threads share each matrix
- * product (linear_rows, int8_dot.h) and the attention, and meet at a barrier between operations.
+ * product (linear_rows, int8_dot.h) and the attention, and meet at a spinning barrier between
+ * operations (team_wait, int8_dot.h; every `omp for` is `nowait`).
  *
  * It computes what GPT.forward computes for one new token per row with a KV cache, for every
  * option of ModelConfig that changes inference: LayerNorm or RMSNorm (with their eps), learned /
@@ -258,10 +259,11 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
     int failed = !x || !normed || !qkv || !attended || !up || !act || !rope || !scores || !qs || !q16 || !xsum;
     if (failed) goto done;
 
+    Team team = {0, 0}; /* where the threads meet between operations (int8_dot.h) */
 #pragma omp parallel num_threads(threads)
     {
         /* Embedding (+ positions), and each row's rotary cos|sin table. */
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int64_t r = 0; r < rows; r++) {
             const float *token32 = (const float *)m->token_table + tokens[r] * C;
             const uint16_t *token16 = (const uint16_t *)m->token_table + tokens[r] * C;
@@ -275,16 +277,18 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
                     rope[r * hd + hd / 2 + i] = sinf(angle);
                 }
         }
+        team_wait(&team);
         for (int64_t l = 0; l < m->n_layer; l++) {
             const Layer *layer = &m->layers[l];
             float *k_cache = c->k + l * c->layer_stride, *v_cache = c->v + l * c->layer_stride;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int64_t r = 0; r < rows; r++)
                 norm_row(x + r * C, normed + r * C, C, layer->ln_1.weight, layer->ln_1.bias, (int)m->rms_norm,
                          m->norm_eps);
-            linear_rows(&layer->qkv, normed, qkv, rows, q16, qs, xsum);
+            team_wait(&team);
+            linear_rows(&layer->qkv, normed, qkv, rows, q16, qs, xsum, &team);
             /* Queries and new keys: QK-norm, rotation; the new key and value into the cache. */
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int64_t r = 0; r < rows; r++) {
                 float *row = qkv + r * qkv_width;
                 for (int64_t h = 0; h < H + KV; h++) { /* query heads, then key heads */
@@ -301,9 +305,10 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
                     }
                 }
             }
+            team_wait(&team);
             /* Attention of each (row, query head) over the row's valid slots. */
             const float scale = 1.0f / sqrtf((float)hd);
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(static) nowait
             for (int64_t r = 0; r < rows; r++)
                 for (int64_t h = 0; h < H; h++) {
                     int64_t base = r * c->row_stride + (h / (H / KV)) * c->capacity * hd;
@@ -311,18 +316,21 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
                            c->valid + r * c->valid_stride, seen, hd, scale, scores + (r * H + h) * seen,
                            attended + r * C + h * hd);
                 }
-            linear_rows(&layer->attn_out, attended, normed, rows, q16, qs, xsum);
-#pragma omp for schedule(static)
+            team_wait(&team);
+            linear_rows(&layer->attn_out, attended, normed, rows, q16, qs, xsum, &team);
+#pragma omp for schedule(static) nowait
             for (int64_t i = 0; i < rows * C; i++) x[i] += normed[i];
+            team_wait(&team);
             /* MLP */
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int64_t r = 0; r < rows; r++)
                 norm_row(x + r * C, normed + r * C, C, layer->ln_2.weight, layer->ln_2.bias, (int)m->rms_norm,
                          m->norm_eps);
-            linear_rows(&layer->up, normed, up, rows, q16, qs, xsum);
+            team_wait(&team);
+            linear_rows(&layer->up, normed, up, rows, q16, qs, xsum, &team);
 #ifdef HAVE_INT16_PATH
             if (m->activation == SWIGLU && F % 8 == 0) { /* SiLU(gate) * up, eight at a time */
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
                 for (int64_t c8 = 0; c8 < rows * F / 8; c8++) {
                     const int64_t r = c8 * 8 / F, j = c8 * 8 % F;
                     const __m256 gate = _mm256_loadu_ps(up + r * up_width + j);
@@ -331,12 +339,12 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
                     _mm256_storeu_ps(act + r * F + j, _mm256_mul_ps(silu, _mm256_loadu_ps(up + r * up_width + F + j)));
                 }
             } else if (m->activation != SWIGLU && F % 8 == 0) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
                 for (int64_t i = 0; i < rows * F; i += 8)
                     _mm256_storeu_ps(act + i, activate8(_mm256_loadu_ps(up + i), m->activation));
             } else
 #endif
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int64_t i = 0; i < rows * F; i++) {
                 if (m->activation == SWIGLU) {
                     int64_t r = i / F, j = i % F;
@@ -346,20 +354,23 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
                     act[i] = activate(up[i], m->activation);
                 }
             }
-            linear_rows(&layer->down, act, normed, rows, q16, qs, xsum);
-#pragma omp for schedule(static)
+            team_wait(&team); /* after whichever loop computed the activation */
+            linear_rows(&layer->down, act, normed, rows, q16, qs, xsum, &team);
+#pragma omp for schedule(static) nowait
             for (int64_t i = 0; i < rows * C; i++) x[i] += normed[i];
+            team_wait(&team);
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int64_t r = 0; r < rows; r++)
             norm_row(x + r * C, normed + r * C, C, m->ln_f.weight, m->ln_f.bias, (int)m->rms_norm, m->norm_eps);
-        linear_rows(&m->head, normed, logits, rows, q16, qs, xsum);
+        team_wait(&team);
+        linear_rows(&m->head, normed, logits, rows, q16, qs, xsum, &team);
         if (m->logit_softcap > 0.0f) {
             const float cap = m->logit_softcap;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int64_t i = 0; i < rows * m->vocab; i++) logits[i] = cap * tanhf(logits[i] / cap);
         }
-    }
+    } /* the region's own barrier ends the step */
 done:
     free(x), free(normed), free(qkv), free(attended), free(up), free(act), free(rope), free(scores), free(qs);
     free(q16), free(xsum);

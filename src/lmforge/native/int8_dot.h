@@ -1,11 +1,54 @@
 /* Int8 and 4-bit dot products shared by int8_linear.c (one linear layer) and decode_step.c (a whole
  * decode step): see int8_linear.c for why they look the way they do. `linear_rows` is an orphaned
- * OpenMP loop: it must be called from inside a parallel region, whose threads share its output rows.
+ * OpenMP loop: it must be called from inside a parallel region, whose threads share its output rows
+ * and meet at the region's Team (team_wait) when it is done.
  */
 #ifndef LMFORGE_INT8_DOT_H
 #define LMFORGE_INT8_DOT_H
 #include <math.h>
+#include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
+
+/* Where the threads of a parallel region meet between operations (team_wait), in place of the
+ * barrier that ends an `omp for`. Why: libgomp's own barrier spins only briefly, then sleeps in the
+ * kernel, whenever it manages more threads than there are CPUs, which it does as soon as a second
+ * thread runs OpenMP code (PyTorch's main thread has a team, the server's engine thread another).
+ * Each of a decode step's ~300 barriers then costs a sleep and a wake-up: SmolLM2's one-row int8 step
+ * measured 15.3 ms on the engine thread against 5.1 on the main thread (2-core Zen 4). Spinning here,
+ * it takes the same time on either. A thread that waits long (its partner descheduled) yields the CPU
+ * rather than spin through the other's time slice. */
+typedef struct {
+    atomic_int arrived; /* threads at the barrier in this phase */
+    atomic_int phase;   /* barriers passed */
+} Team;
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+#define SPINS_BEFORE_YIELD 20000 /* ~0.3 ms of pause instructions */
+
+/* Every thread of the enclosing parallel region calls it; it returns once all of them have, with
+ * what each wrote before it visible to all (release by the last to arrive, acquire by the others). */
+static void team_wait(Team *team) {
+    const int threads = omp_get_num_threads();
+    if (threads == 1) return;
+    const int phase = atomic_load_explicit(&team->phase, memory_order_relaxed);
+    if (atomic_fetch_add_explicit(&team->arrived, 1, memory_order_acq_rel) == threads - 1) {
+        atomic_store_explicit(&team->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&team->phase, phase + 1, memory_order_release);
+        return;
+    }
+    for (long spins = 0; atomic_load_explicit(&team->phase, memory_order_acquire) == phase; spins++) {
+        if (spins < SPINS_BEFORE_YIELD)
+            CPU_RELAX();
+        else
+            sched_yield();
+    }
+}
 
 #define ROUND_BLOCK 64 /* values that share one int16 scale (see dot_rows_int16) */
 #define OUT_TILE 16    /* output channels whose weights a thread keeps in the L1 cache (linear_rows) */
@@ -280,10 +323,10 @@ static inline float round_block(const float *xb, int16_t *qb) {
 /* Each of `rows` rows of x rounded to int16 per block of ROUND_BLOCK values (the last may be shorter):
  * q = round(x / s), s = max|x_block| / 32767, a relative error below 2e-5 of the block's largest
  * value, far below that of int8 weights. Shared among the threads of the enclosing region; the
- * barrier that ends the loop publishes q and qs to all of them. */
+ * team_wait after it (linear_rows) publishes q and qs to all of them. */
 static void round_rows(const float *x, int64_t rows, int64_t in, int16_t *q, float *qs, float *xsum) {
     const int64_t scales = (in + ROUND_BLOCK - 1) / ROUND_BLOCK;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t r = 0; r < rows; r++) {
         if (xsum) /* 4-bit weights: each block's sum of the input meets the block's minimum */
             for (int64_t b = 0; b < in / INT4_BLOCK; b++) {
@@ -320,13 +363,16 @@ static inline int64_t block_sums(int64_t rows, int64_t in) { return rows * (in /
  * all rows, 8 rows at a time. q/qs/xsum: room for the rounded input (rounded_values, rounded_scales,
  * block_sums; unused by the portable build, whose products are in float). */
 static void linear_rows(const Linear *L, const float *x, float *y, int64_t rows, int16_t *q, float *qs,
-                        float *xsum) {
+                        float *xsum, Team *team) {
     const int64_t in = L->in, out = L->out, int4 = L->weight4 != NULL;
     const int64_t floats = L->weight32 != NULL || L->weight_bf16 != NULL; /* no rounding, no scales */
     const int64_t group = floats ? FLOAT_ROWS : 8; /* input rows whose sums stay in registers */
 #ifdef HAVE_INT16_PATH
     const int64_t scales = (in + ROUND_BLOCK - 1) / ROUND_BLOCK, blocks = in / INT4_BLOCK;
-    if (!floats) round_rows(x, rows, in, q, qs, int4 ? xsum : NULL);
+    if (!floats) {
+        round_rows(x, rows, in, q, qs, int4 ? xsum : NULL);
+        team_wait(team);
+    }
 #define PRODUCT(R)                                                                                            \
     if (L->weight_bf16)                                                                                       \
         dot_rows_float(NULL, L->weight_bf16 + o * in, x + r0 * in, in, R, 1, sums);                          \
@@ -352,18 +398,19 @@ static void linear_rows(const Linear *L, const float *x, float *y, int64_t rows,
 #endif
     if (rows == 1) { /* the plain loop: measured 5% faster than the tiled one for one row (decoding) */
         const int64_t r0 = 0;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int64_t o = 0; o < out; o++) {
             float sums[1];
             PRODUCT(1);
             y[o] = sums[0] * (int4 || floats ? 1.0f : L->scale[o]) + (L->bias ? L->bias[o] : 0.0f);
         }
+        team_wait(team);
         return;
     }
     /* Output channels in tiles of OUT_TILE: a tile's weights and a group of 8 input rows both stay in
      * the L1 cache while every pair meets (for a long prompt, the rows would not fit it whole). */
     const int64_t tiles = (out + OUT_TILE - 1) / OUT_TILE;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t t = 0; t < tiles; t++) {
         const int64_t tile_end = (t + 1) * OUT_TILE < out ? (t + 1) * OUT_TILE : out;
         for (int64_t r0 = 0; r0 < rows; r0 += group) {
@@ -385,6 +432,7 @@ static void linear_rows(const Linear *L, const float *x, float *y, int64_t rows,
             }
         }
     }
+    team_wait(team);
 #undef PRODUCT
 }
 

@@ -31,8 +31,9 @@ static int linear(const Linear *L, const float *x, float *y, int64_t rows, int t
     float *xsum = malloc(sizeof(float) * block_sums(rows, L->in));
     const int ok = q && qs && xsum;
     if (ok) {
+        Team team = {0, 0};
 #pragma omp parallel num_threads(threads)
-        linear_rows(L, x, y, rows, q, qs, xsum);
+        linear_rows(L, x, y, rows, q, qs, xsum, &team);
     }
     free(q), free(qs), free(xsum);
     return ok ? 0 : -1;
