@@ -18,7 +18,15 @@ from lmforge.config import ModelConfig, apply_overrides, load_preset
 from lmforge.data.pairs import read_pairs
 from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.models import build_model
-from lmforge.seq2seq import Seq2SeqConfig, beam_search, greedy, references_by_source, transduce
+from lmforge.seq2seq import (
+    DECODE_ROWS,
+    Seq2SeqConfig,
+    beam_search,
+    greedy,
+    references_by_source,
+    sources_per_batch,
+    transduce,
+)
 from lmforge.serving.server import ServerSettings, create_app
 from lmforge.training.pairs import PairSource, make_batch
 from lmforge.training.trainer import train
@@ -73,6 +81,13 @@ def test_padding_masks_make_batched_results_equal_single_examples(copy):
     assert greedy(model, sources, 1, 11) == [o[0] for o in one_by_one]
     assert beam_search(model, sources, 1, 11, beams=3) == [beam_search(model, [s], 1, 11, beams=3)[0]
                                                             for s in sources]  # fmt: skip
+
+
+def test_decoding_batches_hold_about_decode_rows_hypotheses_unless_told():
+    assert sources_per_batch(Seq2SeqConfig(beams=1)) == DECODE_ROWS == 64
+    assert sources_per_batch(Seq2SeqConfig(beams=4)) == 16
+    assert sources_per_batch(Seq2SeqConfig(beams=100)) == 1
+    assert sources_per_batch(Seq2SeqConfig(beams=4, batch_size=3)) == 3
 
 
 def test_copy_attention_mixes_generated_and_copied_probabilities():

@@ -333,7 +333,8 @@ def _transduce_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="a finished hypothesis scores log-probability / length**this (> 1 favours longer)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=0, help="0 = the model's target length")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="texts decoded together (0 = about 64 hypotheses: 64 greedy, 16 with 4 beams)")  # fmt: skip
     _shared(p, "--device")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -828,8 +829,8 @@ def cmd_transduce(args: argparse.Namespace) -> int:
         texts += [line for line in content.split("\n") if line.strip()]
     if not texts:
         raise UserError(f"Give texts to {args.command} with --text or --file.")
-    if args.beams < 1 or args.batch_size < 1 or args.max_new_tokens < 0:
-        raise UserError("--beams and --batch-size must be at least 1, --max-new-tokens at least 0.")
+    if args.beams < 1 or args.batch_size < 0 or args.max_new_tokens < 0:
+        raise UserError("--beams must be at least 1, --batch-size and --max-new-tokens at least 0.")
     model, tokenizer = load_for_inference(args.checkpoint, args.device)
     cfg = Seq2SeqConfig(beams=args.beams, length_penalty=args.length_penalty, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size)  # fmt: skip
