@@ -88,6 +88,14 @@ def test_decoding_batches_hold_about_decode_rows_hypotheses_unless_told():
     assert sources_per_batch(Seq2SeqConfig(beams=4)) == 16
     assert sources_per_batch(Seq2SeqConfig(beams=100)) == 1
     assert sources_per_batch(Seq2SeqConfig(beams=4, batch_size=3)) == 3
+    with pytest.raises(UserError, match="batch_size must be at least 0"):
+        sources_per_batch(Seq2SeqConfig(batch_size=-1))  # rather than decode nothing and return ""s
+
+
+def test_a_negative_batch_size_for_translate_is_one_sentence(capsys):
+    code = main(["translate", "no-such-checkpoint", "--text", "Hello.", "--batch-size", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--batch-size and --max-new-tokens at least 0" in err and "Traceback" not in err
 
 
 def test_copy_attention_mixes_generated_and_copied_probabilities():

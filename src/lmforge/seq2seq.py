@@ -29,14 +29,17 @@ from lmforge.training.pairs import boundary_id, pad_sources
 # Hypotheses a decoding batch advances together when Seq2SeqConfig.batch_size is 0. Fewer rows
 # make each step's matrix products small (32 rows ran at ~50 GMAC/s where the recomputation's larger
 # ones ran at ~80); more rows keep rows that have finished computing until the batch's longest one
-# ends. Measured on 300 Tatoeba dev sentences (eng-fra-translation, 2-core Zen 4, medians of 3):
-# greedy 0.97 s at 32 sources, 0.65 at 64, 0.67 at 128; beam 4 5.28 s at 4 sources, 4.13 at 8,
-# 3.63-3.72 at 16 (64 rows), 4.86 at 32, 6.48 at 64.
+# ends. Measured on 300 Tatoeba dev sentences (the 20-minute eng-fra-translation model, 2-core Zen 4,
+# medians of 3): greedy 0.82 s at 32 sources, 0.74 at 64; beam 4 3.92 s at 32, 3.25 at 16 (64 rows);
+# a 4-minute model: greedy 0.65 s at 64, 0.67 at 128; beam 4 4.13 s at 8, 6.48 at 64 (docs/performance.md).
 DECODE_ROWS = 64
 
 
 def sources_per_batch(cfg: Seq2SeqConfig) -> int:
     """How many sources `transduce` decodes together under `cfg`."""
+    if cfg.batch_size < 0:
+        raise UserError(f"batch_size must be at least 0 (0 = about {DECODE_ROWS} hypotheses a batch), "
+                        f"not {cfg.batch_size}.")  # fmt: skip
     return cfg.batch_size or max(1, DECODE_ROWS // max(1, cfg.beams))
 
 
