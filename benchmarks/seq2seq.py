@@ -190,10 +190,11 @@ def main() -> None:  # long: one benchmark, phase after phase
     parser.add_argument("--beams", type=int, default=4)
     parser.add_argument("--output", help="results file (default benchmarks/results/seq2seq_<task>.json)")
     parser.add_argument("--length-penalty", type=float, default=1.0)
+    parser.add_argument("--no-repeat-ngram-size", type=int, help="default: the task's (3 for summarization)")
     args = parser.parse_args()
 
     from lmforge.data.pairs import read_pairs
-    from lmforge.seq2seq import Seq2SeqConfig, evaluate_pairs, references_by_source
+    from lmforge.seq2seq import Seq2SeqConfig, evaluate_pairs, references_by_source, task_defaults
 
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
@@ -202,6 +203,9 @@ def main() -> None:  # long: one benchmark, phase after phase
     dev = DATA / DEV[args.task]
     d = {"translation": ("", ""), "summarization": ("abstract", "title")}[args.task]
     pairs = read_pairs(dev, *d)
+    settings = task_defaults(args.task)
+    if args.no_repeat_ngram_size is not None:
+        settings["no_repeat_ngram_size"] = args.no_repeat_ngram_size
     sources, references = references_by_source(pairs.sources, pairs.targets)
     if args.only_baselines:  # add to the results of an earlier run
         result = json.loads(path.read_text("utf-8"))
@@ -211,11 +215,14 @@ def main() -> None:  # long: one benchmark, phase after phase
         if not args.skip_train:
             result["train_s"] = round(train(PRESETS[args.task], run, args.minutes, []), 1)
         history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        result.setdefault("train_s", history[-1].get("elapsed_s"))  # (--skip-train: the run's own clock)
+        result["decoding_settings"] = {"length_penalty": args.length_penalty, **settings}
         result["steps"] = history[-1]["step"]
         result["best_val_loss"] = min(r["val_loss"] for r in history if "val_loss" in r)
         for name, beams in (("greedy", 1), (f"beam{args.beams}", args.beams)):
             start = time.perf_counter()
-            scores = evaluate_pairs(run, dev, Seq2SeqConfig(beams=beams, length_penalty=args.length_penalty))
+            cfg = Seq2SeqConfig(beams=beams, length_penalty=args.length_penalty, **settings)
+            scores = evaluate_pairs(run, dev, cfg)
             keep = (
                 "bleu",
                 "chrf",
@@ -246,7 +253,7 @@ def main() -> None:  # long: one benchmark, phase after phase
         subset, subset_refs = sources[:n], [refs[:n] for refs in references]
         model, tokenizer, _ = load_checkpoint(run)
         model.eval()
-        outputs = transduce(model, tokenizer, subset, Seq2SeqConfig(beams=args.beams))
+        outputs = transduce(model, tokenizer, subset, Seq2SeqConfig(beams=args.beams, **settings))
         result["smollm2_baseline"] = {
             "sources": n,
             "seq2seq_beam_on_same_sources": {k: round(v, 2) for k, v in rouge(outputs, subset_refs).items()},

@@ -21,6 +21,7 @@ from lmforge.models import build_model
 from lmforge.seq2seq import (
     DECODE_ROWS,
     Seq2SeqConfig,
+    ban_repeated_ngrams,
     beam_search,
     greedy,
     references_by_source,
@@ -92,10 +93,48 @@ def test_decoding_batches_hold_about_decode_rows_hypotheses_unless_told():
         sources_per_batch(Seq2SeqConfig(batch_size=-1))  # rather than decode nothing and return ""s
 
 
+def test_banned_tokens_are_those_that_would_repeat_an_ngram_of_their_row():
+    generated = torch.tensor([[5, 6, 7, 5, 6], [5, 6, 7, 5, 8], [9, 9, 9, 9, 9]])
+
+    def banned(n):
+        scores = ban_repeated_ngrams(torch.zeros(3, 12), generated, n)
+        return [torch.nonzero(row == float("-inf")).flatten().tolist() for row in scores]
+
+    assert banned(3) == [[7], [], [9]]  # "5 6" was followed by 7 once: "5 6 7" may not come again
+    assert banned(2) == [[7], [], [9]]  # after 6 only 7 has followed
+    assert banned(1) == [[5, 6, 7], [5, 6, 7, 8], [9]]  # every token so far
+    assert banned(0) == banned(6) == [[], [], []]  # off, or no n-gram complete yet
+    assert banned(5) == [[], [], [9]]
+
+
+def test_no_repeat_ngram_size_keeps_every_ngram_of_an_output_unique():
+    """A random tiny model repeats itself; with no_repeat_ngram_size 2 neither greedy nor beam search
+    writes a bigram twice, and the cached and recomputed greedy paths still agree."""
+    model = tiny_seq2seq("learned", copy_attention=True)
+    sources = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]
+
+    def repeats(output, n=2):
+        grams = [tuple(output[i : i + n]) for i in range(len(output) - n + 1)]
+        return len(grams) - len(set(grams))
+
+    free = greedy(model, sources, 1, 11) + beam_search(model, sources, 1, 11, beams=3)
+    assert sum(repeats(o) for o in free) > 0  # otherwise this test would prove nothing
+    for output in greedy(model, sources, 1, 11, no_repeat_ngram_size=2) + beam_search(
+        model, sources, 1, 11, beams=3, no_repeat_ngram_size=2
+    ):
+        assert repeats(output) == 0 and len(output) > 2
+    assert greedy(model, sources, 1, 11, use_cache=False, no_repeat_ngram_size=2) == greedy(
+        model, sources, 1, 11, no_repeat_ngram_size=2
+    )
+    with pytest.raises(UserError, match="no_repeat_ngram_size must be at least 0"):
+        transduce(model, None, ["abc"], Seq2SeqConfig(no_repeat_ngram_size=-1))
+
+
 def test_a_negative_batch_size_for_translate_is_one_sentence(capsys):
     code = main(["translate", "no-such-checkpoint", "--text", "Hello.", "--batch-size", "-1"])
     err = capsys.readouterr().err
-    assert code == 2 and "--batch-size and --max-new-tokens at least 0" in err and "Traceback" not in err
+    assert code == 2 and "--batch-size, --max-new-tokens and --no-repeat-ngram-size at least 0" in err
+    assert "Traceback" not in err
 
 
 def test_copy_attention_mixes_generated_and_copied_probabilities():
@@ -257,6 +296,15 @@ def test_a_tiny_model_learns_a_copy_task_and_the_commands_use_it(tmp_path, capsy
     assert main(["translate", str(tmp_path / "run"), "--text", "cab", "--text", "dd", "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines == [{"text": "cab", "translation": "CAB"}, {"text": "dd", "translation": "DD"}]
+    # Summaries may not repeat a trigram (the task's default), translations may, unless told.
+    commands = (["translate"], ["summarize"], ["summarize", "--no-repeat-ngram-size", "0"],
+                ["translate", "--no-repeat-ngram-size", "3"])  # fmt: skip
+    for command in commands:
+        assert main([*command, str(tmp_path / "run"), "--text", "abcabc"]) == 0
+    translated, summarized, summarized_freely, translated_strictly = capsys.readouterr().out.splitlines()
+    assert translated == summarized_freely == "ABCABC"
+    trigrams = [summarized[i : i + 3] for i in range(len(summarized) - 2)]  # (one character a token)
+    assert summarized == translated_strictly != "ABCABC" and len(set(trigrams)) == len(trigrams)
     assert main(["eval", str(tmp_path / "run"), "--data", str(dev_tsv), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["examples"] == len({line.split("\t")[0] for line in dev_tsv.read_text().splitlines()})
@@ -276,6 +324,14 @@ def test_a_tiny_model_learns_a_copy_task_and_the_commands_use_it(tmp_path, capsy
         streamed = client.chat.completions.create(model="copy", messages=[{"role": "user", "content": "cafe"}],
                                                   stream=True)  # fmt: skip
         assert "".join(c.choices[0].delta.content or "" for c in streamed) == "CAFE"
+        assert client.completions.create(model="copy", prompt="abcabc").choices[0].text == "ABCABC"
+    finally:
+        server.stop()
+    # A summarizer's server decodes with the summarization defaults (the task of its checkpoint).
+    settings = ServerSettings(model_name="copy", task="summarization")
+    server = RunningServer(create_app(model, tokenizer, settings, ""))
+    try:
+        assert server.client().completions.create(model="copy", prompt="abcabc").choices[0].text == summarized
     finally:
         server.stop()
 

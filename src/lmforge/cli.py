@@ -239,6 +239,8 @@ def _parser_eval(sub) -> None:
     p.add_argument(
         "--beams", type=int, default=4, help="encoder–decoder checkpoints: beam width (1 = greedy)"
     )
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None,
+                   help="encoder–decoder checkpoints: no n-gram twice in an output (default: the task's)")  # fmt: skip
     _shared(p, "--device", "--dtype", "--quantize", "--adapter", "--revision")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--output", help="also write the JSON result to this file")
@@ -333,6 +335,8 @@ def _transduce_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="a finished hypothesis scores log-probability / length**this (> 1 favours longer)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=0, help="0 = the model's target length")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None,
+                   help="no n-gram twice in an output (0 = off; default 3 for summarize, 0 for translate)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=0,
                    help="texts decoded together (0 = about 64 hypotheses: 64 greedy, 16 with 4 beams)")  # fmt: skip
     _shared(p, "--device")
@@ -694,9 +698,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
         result = score_lines(hyps, [_read_lines(r) for r in args.ref], metrics)
     elif args.checkpoint and _is_seq2seq(args.checkpoint):
-        from lmforge.seq2seq import Seq2SeqConfig, evaluate_pairs
+        from lmforge.checkpoint import open_checkpoint
+        from lmforge.seq2seq import Seq2SeqConfig, evaluate_pairs, task_defaults
 
-        result = evaluate_pairs(args.checkpoint, args.data, Seq2SeqConfig(beams=args.beams), args.device)
+        settings = task_defaults(open_checkpoint(args.checkpoint).config.data.task)
+        if args.no_repeat_ngram_size is not None:
+            settings["no_repeat_ngram_size"] = args.no_repeat_ngram_size
+        cfg = Seq2SeqConfig(beams=args.beams, **settings)
+        result = evaluate_pairs(args.checkpoint, args.data, cfg, args.device)
     elif args.checkpoint and _is_classifier(args.checkpoint):
         if not args.data:
             raise UserError("Evaluating a classifier needs labeled examples: pass --data FILE.tsv.")
@@ -821,7 +830,7 @@ def cmd_transduce(args: argparse.Namespace) -> int:
     import json
 
     from lmforge.inference import load_for_inference
-    from lmforge.seq2seq import Seq2SeqConfig, transduce
+    from lmforge.seq2seq import Seq2SeqConfig, task_defaults, transduce
 
     texts = list(args.text or [])
     if args.file:
@@ -829,11 +838,16 @@ def cmd_transduce(args: argparse.Namespace) -> int:
         texts += [line for line in content.split("\n") if line.strip()]
     if not texts:
         raise UserError(f"Give texts to {args.command} with --text or --file.")
-    if args.beams < 1 or args.batch_size < 0 or args.max_new_tokens < 0:
-        raise UserError("--beams must be at least 1, --batch-size and --max-new-tokens at least 0.")
+    settings = task_defaults("translation" if args.command == "translate" else "summarization")
+    if args.no_repeat_ngram_size is not None:
+        settings["no_repeat_ngram_size"] = args.no_repeat_ngram_size
+    negative = min(args.batch_size, args.max_new_tokens, settings["no_repeat_ngram_size"]) < 0
+    if args.beams < 1 or negative:
+        raise UserError("--beams must be at least 1, --batch-size, --max-new-tokens and --no-repeat-ngram-size "
+                        "at least 0.")  # fmt: skip
     model, tokenizer = load_for_inference(args.checkpoint, args.device)
     cfg = Seq2SeqConfig(beams=args.beams, length_penalty=args.length_penalty, max_new_tokens=args.max_new_tokens,
-                        batch_size=args.batch_size)  # fmt: skip
+                        batch_size=args.batch_size, **settings)  # fmt: skip
     key = "translation" if args.command == "translate" else "summary"
     for text, output in zip(texts, transduce(model, tokenizer, texts, cfg), strict=True):
         print(json.dumps({"text": text, key: output}, ensure_ascii=False) if args.json else output)

@@ -11,6 +11,11 @@ Beam search keeps `beams` hypotheses per source; a hypothesis that ends is score
 log-probability divided by length**length_penalty (Hugging Face's convention: above 1 favours
 longer outputs), and a source is done once `beams` hypotheses have ended (early stopping, as
 fairseq and Hugging Face's `early_stopping=True` do).
+
+`no_repeat_ngram_size` n > 0 forbids a token that would repeat an n-gram the output already holds
+(Hugging Face's setting of that name). Small models trained for minutes fall into loops ("the double
+layer and the double layer and ...") that cost summaries their precision; summarization uses 3 by
+default (`task_defaults`), as BART's summarization checkpoints do, translation 0.
 """
 
 from __future__ import annotations
@@ -47,11 +52,37 @@ def sources_per_batch(cfg: Seq2SeqConfig) -> int:
 class Seq2SeqConfig:
     beams: int = 4  # 1 = greedy
     length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0  # n > 0: no n-gram twice in an output
     max_new_tokens: int = 0  # 0 = the model's block_size - 1
     batch_size: int = 0  # sources decoded together; 0 = DECODE_ROWS rows of hypotheses (DECODE_ROWS // beams)
     use_cache: bool = (
         True  # greedy only: False recomputes the decoder over the prefix each step (a reference)
     )
+
+
+# Decoding settings each task uses unless told otherwise (the CLI, pipelines, `lmforge eval`, serving).
+TASK_DEFAULTS: dict[str, dict[str, int]] = {
+    "translation": {"no_repeat_ngram_size": 0},  # sentences repeat words legitimately ("vous, vous")
+    "summarization": {"no_repeat_ngram_size": 3},  # measured on arxiv-titles: docs/performance.md
+}
+
+
+def task_defaults(task: str) -> dict[str, int]:
+    """The decoding settings `task` uses by default (Seq2SeqConfig fields)."""
+    return dict(TASK_DEFAULTS.get(task, TASK_DEFAULTS["translation"]))
+
+
+def ban_repeated_ngrams(scores: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
+    """`scores` (rows, vocab) with -inf on every token that would complete an n-gram already in that
+    row of `generated` (rows, length): the n-grams whose first n-1 tokens equal the row's last n-1."""
+    if n <= 0 or generated.shape[1] < n:
+        return scores
+    windows = generated.unfold(1, n, 1)  # (rows, length - n + 1, n): every n-gram so far
+    last = generated[:, generated.shape[1] - n + 1 :]  # what the next token would extend
+    hits = (windows[:, :, : n - 1] == last[:, None, :]).all(-1)  # (n = 1: every token so far)
+    rows, where = hits.nonzero(as_tuple=True)
+    banned = windows[rows, where, n - 1]
+    return scores.index_put((rows, banned), torch.tensor(float("-inf"), dtype=scores.dtype))
 
 
 def _encode_sources(model: nn.Module, tokenizer: TextTokenizer, sources: list[str]) -> list[list[int]]:
@@ -64,7 +95,8 @@ def _encode_sources(model: nn.Module, tokenizer: TextTokenizer, sources: list[st
 
 
 @torch.inference_mode()
-def greedy(model: nn.Module, sources: list[list[int]], boundary: int, max_new: int, use_cache: bool = True) -> list[list[int]]:  # fmt: skip
+def greedy(model: nn.Module, sources: list[list[int]], boundary: int, max_new: int, use_cache: bool = True,
+           no_repeat_ngram_size: int = 0) -> list[list[int]]:  # fmt: skip
     """The most likely next token at each step, for every source at once."""
     device = next(model.parameters()).device
     ids, valid = pad_sources(sources, boundary, device)
@@ -78,6 +110,7 @@ def greedy(model: nn.Module, sources: list[list[int]], boundary: int, max_new: i
             logits = model.decode(step_input, cache=cache)[:, -1]
         else:
             logits = model.decode(prefix, memory, valid, source=ids)[:, -1]
+        logits = ban_repeated_ngrams(logits, prefix[:, 1:], no_repeat_ngram_size)
         token = logits.argmax(-1).masked_fill(done, boundary)
         prefix = torch.cat([prefix, token[:, None]], dim=1)
         step_input = token[:, None]
@@ -93,7 +126,7 @@ def _until(tokens: list[int], boundary: int) -> list[int]:
 
 @torch.inference_mode()
 def beam_search(model: nn.Module, sources: list[list[int]], boundary: int, max_new: int, beams: int,  # long:
-                length_penalty: float = 1.0) -> list[list[int]]:  # fmt: skip
+                length_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> list[list[int]]:  # fmt: skip
     """The best of `beams` hypotheses per source (see the module's docstring for the scoring)."""
     device = next(model.parameters()).device
     B, K = len(sources), beams
@@ -109,6 +142,7 @@ def beam_search(model: nn.Module, sources: list[list[int]], boundary: int, max_n
     done = [False] * B
     for _ in range(max_new):
         logprobs = torch.log_softmax(model.decode(tokens[:, -1:], cache=cache)[:, -1].float(), dim=-1)
+        logprobs = ban_repeated_ngrams(logprobs, tokens[:, 1:], no_repeat_ngram_size)
         vocab = logprobs.shape[-1]
         candidates = (scores.view(B * K, 1) + logprobs).view(B, K * vocab)
         top_scores, top_index = candidates.topk(2 * K, dim=-1)  # enough to find K that go on
@@ -151,6 +185,8 @@ def transduce(model: nn.Module, tokenizer: TextTokenizer, sources: list[str], cf
               progress: Callable[[int], None] | None = None) -> list[str]:  # fmt: skip
     """The outputs (translations or summaries) of `sources`, batched, in the order given."""
     cfg = cfg or Seq2SeqConfig()
+    if cfg.no_repeat_ngram_size < 0:
+        raise UserError(f"no_repeat_ngram_size must be at least 0 (0 = off), not {cfg.no_repeat_ngram_size}.")
     if not getattr(model, "is_encoder_decoder", False):
         raise UserError("This is a decoder-only model; translate and summarize need an encoder–decoder "
                         "checkpoint (model.arch seq2seq), e.g. lmforge train --preset eng-fra-translation.")  # fmt: skip
@@ -164,9 +200,10 @@ def transduce(model: nn.Module, tokenizer: TextTokenizer, sources: list[str], cf
         chunk = order[begin : begin + per_batch]
         batch = [encoded[i] for i in chunk]
         if cfg.beams > 1:
-            new = beam_search(model, batch, boundary, max_new, cfg.beams, cfg.length_penalty)
+            new = beam_search(model, batch, boundary, max_new, cfg.beams, cfg.length_penalty,
+                              cfg.no_repeat_ngram_size)  # fmt: skip
         else:
-            new = greedy(model, batch, boundary, max_new, cfg.use_cache)
+            new = greedy(model, batch, boundary, max_new, cfg.use_cache, cfg.no_repeat_ngram_size)
         for i, ids in zip(chunk, new, strict=True):
             outputs[i] = tokenizer.decode(ids).strip()
         if progress:
@@ -185,9 +222,13 @@ class Seq2SeqPipeline:
         self.key = "translation_text" if task == "translation" else "summary_text"
 
     def __call__(self, texts: str | list[str], num_beams: int = 4, length_penalty: float = 1.0,
-                 max_new_tokens: int = 0) -> list[dict[str, str]]:  # fmt: skip
+                 max_new_tokens: int = 0, no_repeat_ngram_size: int | None = None) -> list[dict[str, str]]:  # fmt: skip
+        """`no_repeat_ngram_size` None = the task's default (`task_defaults`)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        cfg = Seq2SeqConfig(beams=num_beams, length_penalty=length_penalty, max_new_tokens=max_new_tokens)
+        if no_repeat_ngram_size is None:
+            no_repeat_ngram_size = task_defaults(self.task)["no_repeat_ngram_size"]
+        cfg = Seq2SeqConfig(beams=num_beams, length_penalty=length_penalty, max_new_tokens=max_new_tokens,
+                            no_repeat_ngram_size=no_repeat_ngram_size)  # fmt: skip
         return [{self.key: out} for out in transduce(self.model, self.tokenizer, texts, cfg)]
 
 
@@ -213,7 +254,7 @@ def score_outputs(task: str, outputs: list[str], references: list[list[str | Non
 def evaluate_pairs(checkpoint: str | Path, data: str | Path | None = None, cfg: Seq2SeqConfig | None = None,
                    device: str = "cpu", limit: int = 0, log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """Decode the sources of a pairs file (default: the validation pairs the model was trained with)
-    and score the outputs against the targets."""
+    and score the outputs against the targets (`cfg` None: 4 beams and the task's defaults)."""
     from lmforge.checkpoint import open_checkpoint
     from lmforge.data.pairs import prepare_pairs, read_pairs
     from lmforge.inference import load_for_inference
@@ -231,8 +272,8 @@ def evaluate_pairs(checkpoint: str | Path, data: str | Path | None = None, cfg: 
     sources, references = references_by_source(pairs.sources, pairs.targets)
     if limit:
         sources, references = sources[:limit], [refs[:limit] for refs in references]
-    outputs = transduce(model, tokenizer, sources, cfg)
     task = config.data.task
+    outputs = transduce(model, tokenizer, sources, cfg or Seq2SeqConfig(**task_defaults(task)))
     return {"checkpoint": str(checkpoint), "data": where, "task": task, "examples": len(sources),
             "references": sum(r is not None for refs in references for r in refs),
             **score_outputs(task, outputs, references), "samples": list(zip(sources[:3], outputs[:3], strict=True))}  # fmt: skip

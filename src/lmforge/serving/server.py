@@ -69,6 +69,7 @@ class ServerSettings:
     sampling_defaults: dict | None = (
         None  # the checkpoint's recommended sampling (the web chat starts from it)
     )
+    task: str = "translation"  # an encoder–decoder's task: its decoding defaults (seq2seq.task_defaults)
 
 
 def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -> FastAPI:
@@ -613,12 +614,13 @@ class _Requests:
     async def transduced(self, body: RequestBase, sources: list[str], kind: str):
         """An encoder–decoder model (translation, summarization): each prompt, or the chat's last user
         message, is a source; its output (beam search, 4 beams) is the reply. Streamed as one piece."""
-        from lmforge.seq2seq import Seq2SeqConfig, transduce
+        from lmforge.seq2seq import Seq2SeqConfig, task_defaults, transduce
 
         model, tokenizer = self.engine.model, self.tokenizer
         if not sources or any(not s.strip() for s in sources):
             raise APIError(400, "Give a non-empty text to translate or summarize.", param="prompt")
-        cfg = Seq2SeqConfig(beams=4, max_new_tokens=min(body.max_tokens or 0, model.block_size - 1))
+        cfg = Seq2SeqConfig(beams=4, max_new_tokens=min(body.max_tokens or 0, model.block_size - 1),
+                            **task_defaults(self.settings.task))  # fmt: skip
         try:
             outputs = await self.engine.run_in_worker(lambda: transduce(model, tokenizer, sources, cfg))
         except QueueFull as e:
@@ -800,8 +802,10 @@ def serve(
                                           notice=lambda m: print(f"Note: {m}", flush=True))  # fmt: skip
     from lmforge.checkpoint import open_checkpoint
 
+    opened = open_checkpoint(checkpoint)
     settings = ServerSettings(
-        sampling_defaults=open_checkpoint(checkpoint).generation.sampling,
+        sampling_defaults=opened.generation.sampling,
+        task=opened.config.data.task if opened.config is not None else "translation",
         model_name=Path(checkpoint).resolve().name,
         api_key=api_key,
         max_batch=max_batch,

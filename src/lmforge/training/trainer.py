@@ -604,13 +604,13 @@ def _seq2seq_report(run: _Run, metrics: MetricsLog) -> str:
     """An encoder–decoder run ends with its task's score on (up to 200 of) the validation sources,
     decoded greedily by the best weights, and one example as the sample."""
     from lmforge.checkpoint import load_checkpoint
-    from lmforge.seq2seq import Seq2SeqConfig, references_by_source, score_outputs, transduce
+    from lmforge.seq2seq import Seq2SeqConfig, references_by_source, score_outputs, task_defaults, transduce
 
     best, _, _ = load_checkpoint(run.out, run.device)
     texts, task = run.data.val_texts, run.config.data.task
     sources, references = references_by_source(texts.sources, texts.targets)
     sources, references = sources[:200], [refs[:200] for refs in references]
-    outputs = transduce(best, run.tokenizer, sources, Seq2SeqConfig(beams=1))
+    outputs = transduce(best, run.tokenizer, sources, Seq2SeqConfig(beams=1, **task_defaults(task)))
     scores = score_outputs(task, outputs, references)
     keys = ("bleu", "chrf") if task == "translation" else ("rouge1", "rouge2", "rougeL")
     metrics.history[-1].update({f"val_{k}_greedy": round(scores[k], 3) for k in keys})
