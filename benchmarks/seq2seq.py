@@ -203,9 +203,7 @@ def main() -> None:  # long: one benchmark, phase after phase
     dev = DATA / DEV[args.task]
     d = {"translation": ("", ""), "summarization": ("abstract", "title")}[args.task]
     pairs = read_pairs(dev, *d)
-    settings = task_defaults(args.task)
-    if args.no_repeat_ngram_size is not None:
-        settings["no_repeat_ngram_size"] = args.no_repeat_ngram_size
+    settings = task_defaults(args.task, no_repeat_ngram_size=args.no_repeat_ngram_size)
     sources, references = references_by_source(pairs.sources, pairs.targets)
     if args.only_baselines:  # add to the results of an earlier run
         result = json.loads(path.read_text("utf-8"))

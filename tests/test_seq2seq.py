@@ -26,6 +26,7 @@ from lmforge.seq2seq import (
     greedy,
     references_by_source,
     sources_per_batch,
+    task_defaults,
     transduce,
 )
 from lmforge.serving.server import ServerSettings, create_app
@@ -105,6 +106,13 @@ def test_banned_tokens_are_those_that_would_repeat_an_ngram_of_their_row():
     assert banned(1) == [[5, 6, 7], [5, 6, 7, 8], [9]]  # every token so far
     assert banned(0) == banned(6) == [[], [], []]  # off, or no n-gram complete yet
     assert banned(5) == [[], [], [9]]
+
+
+def test_task_defaults_give_summaries_no_trigram_twice_unless_told():
+    assert task_defaults("summarization") == {"no_repeat_ngram_size": 3}
+    assert task_defaults("translation") == task_defaults("anything else") == {"no_repeat_ngram_size": 0}
+    assert task_defaults("summarization", no_repeat_ngram_size=0) == {"no_repeat_ngram_size": 0}
+    assert task_defaults("summarization", no_repeat_ngram_size=None) == {"no_repeat_ngram_size": 3}
 
 
 def test_no_repeat_ngram_size_keeps_every_ngram_of_an_output_unique():

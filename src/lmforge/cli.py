@@ -701,9 +701,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from lmforge.checkpoint import open_checkpoint
         from lmforge.seq2seq import Seq2SeqConfig, evaluate_pairs, task_defaults
 
-        settings = task_defaults(open_checkpoint(args.checkpoint).config.data.task)
-        if args.no_repeat_ngram_size is not None:
-            settings["no_repeat_ngram_size"] = args.no_repeat_ngram_size
+        task = open_checkpoint(args.checkpoint).config.data.task
+        settings = task_defaults(task, no_repeat_ngram_size=args.no_repeat_ngram_size)
         cfg = Seq2SeqConfig(beams=args.beams, **settings)
         result = evaluate_pairs(args.checkpoint, args.data, cfg, args.device)
     elif args.checkpoint and _is_classifier(args.checkpoint):
@@ -838,9 +837,8 @@ def cmd_transduce(args: argparse.Namespace) -> int:
         texts += [line for line in content.split("\n") if line.strip()]
     if not texts:
         raise UserError(f"Give texts to {args.command} with --text or --file.")
-    settings = task_defaults("translation" if args.command == "translate" else "summarization")
-    if args.no_repeat_ngram_size is not None:
-        settings["no_repeat_ngram_size"] = args.no_repeat_ngram_size
+    task = "translation" if args.command == "translate" else "summarization"
+    settings = task_defaults(task, no_repeat_ngram_size=args.no_repeat_ngram_size)
     negative = min(args.batch_size, args.max_new_tokens, settings["no_repeat_ngram_size"]) < 0
     if args.beams < 1 or negative:
         raise UserError("--beams must be at least 1, --batch-size, --max-new-tokens and --no-repeat-ngram-size "

@@ -67,9 +67,11 @@ TASK_DEFAULTS: dict[str, dict[str, int]] = {
 }
 
 
-def task_defaults(task: str) -> dict[str, int]:
-    """The decoding settings `task` uses by default (Seq2SeqConfig fields)."""
-    return dict(TASK_DEFAULTS.get(task, TASK_DEFAULTS["translation"]))
+def task_defaults(task: str, **given: int | None) -> dict[str, int]:
+    """The decoding settings `task` uses (Seq2SeqConfig fields), with those `given` (not None) in
+    place of its defaults: `task_defaults("summarization", no_repeat_ngram_size=args.flag)`."""
+    settings = dict(TASK_DEFAULTS.get(task, TASK_DEFAULTS["translation"]))
+    return settings | {name: value for name, value in given.items() if value is not None}
 
 
 def ban_repeated_ngrams(scores: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
@@ -225,10 +227,9 @@ class Seq2SeqPipeline:
                  max_new_tokens: int = 0, no_repeat_ngram_size: int | None = None) -> list[dict[str, str]]:  # fmt: skip
         """`no_repeat_ngram_size` None = the task's default (`task_defaults`)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        if no_repeat_ngram_size is None:
-            no_repeat_ngram_size = task_defaults(self.task)["no_repeat_ngram_size"]
+        settings = task_defaults(self.task, no_repeat_ngram_size=no_repeat_ngram_size)
         cfg = Seq2SeqConfig(beams=num_beams, length_penalty=length_penalty, max_new_tokens=max_new_tokens,
-                            no_repeat_ngram_size=no_repeat_ngram_size)  # fmt: skip
+                            **settings)  # fmt: skip
         return [{self.key: out} for out in transduce(self.model, self.tokenizer, texts, cfg)]
 
 
