@@ -8,6 +8,10 @@ own process so that its peak resident memory is its own. Reported: trainable
 parameters, optimizer-state bytes, peak memory (CPU: peak RSS; CUDA: peak
 allocated), median seconds per step. Results: benchmarks/results/finetune_memory.json.
 
+Instruction data scores only the replies (the prompt's targets are -100). Two more LoRA
+rows train on such batches, 90% of the targets unscored: the model's head on the scored
+positions only (what lmforge does), and, as their baseline, on every position.
+
     pip install -e . && python benchmarks/finetune_memory.py
 """
 
@@ -25,7 +29,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import machine_info  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-VARIANTS = {"full": 0, "lora-r8": 8, "lora-r64": 64}
+# variant: (LoRA rank, 0 for full fine-tuning; fraction of unscored targets; head on scored positions only)
+VARIANTS = {
+    "full": (0, 0.0, True),
+    "lora-r8": (8, 0.0, True),
+    "lora-r64": (64, 0.0, True),
+    "lora-r8-replies": (8, 0.9, True),
+    "lora-r8-replies-head-everywhere": (8, 0.9, False),
+}
 
 
 def child(variant: str, steps: int, batch: int, seq: int) -> dict:
@@ -45,7 +56,8 @@ def child(variant: str, steps: int, batch: int, seq: int) -> dict:
         vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, activation="gelu_tanh"
     )
     model = build_model(m)
-    rank = VARIANTS[variant]
+    rank, unscored, head_on_scored_only = VARIANTS[variant]
+    model.head_on_scored_only = head_on_scored_only
     if rank:
         apply_lora(model, rank=rank, alpha=2 * rank, dropout=0.0, targets="all-linear")
     model.to(device).train()
@@ -53,8 +65,10 @@ def child(variant: str, steps: int, batch: int, seq: int) -> dict:
     times = []
     for _ in range(steps):
         x = torch.randint(0, m.vocab_size, (batch, seq + 1), device=device)
+        targets = x[:, 1:].clone()
+        targets[:, : int(unscored * seq)] = -100  # the prompt comes first, the reply after it
         start = time.perf_counter()
-        _, loss = model(x[:, :-1], x[:, 1:])
+        _, loss = model(x[:, :-1], targets)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -107,7 +121,7 @@ def main() -> None:
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(
-            f"{variant:>9}: trainable {row['trainable_params']:>12,} of {row['params']:,}  optimizer state "
+            f"{variant:>31}: trainable {row['trainable_params']:>12,} of {row['params']:,}  optimizer state "
             f"{row['optimizer_state_mib']:8.1f} MiB  peak memory {row['peak_memory_mib']:8.1f} MiB  "
             f"{row['s_per_step']:.2f} s/step",
             flush=True,
@@ -117,6 +131,14 @@ def main() -> None:
         row["optimizer_state_vs_full"] = round(row["optimizer_state_mib"] / full["optimizer_state_mib"], 4)
         row["peak_memory_vs_full"] = round(row["peak_memory_mib"] / full["peak_memory_mib"], 3)
         row["speed_vs_full"] = round(full["s_per_step"] / row["s_per_step"], 2)
+    by_name = {row["variant"]: row for row in rows}
+    scored_only, everywhere = by_name["lora-r8-replies"], by_name["lora-r8-replies-head-everywhere"]
+    scored_only["speed_vs_head_everywhere"] = round(everywhere["s_per_step"] / scored_only["s_per_step"], 2)
+    scored_only["peak_memory_vs_head_everywhere"] = round(
+        scored_only["peak_memory_mib"] / everywhere["peak_memory_mib"], 3
+    )
+    print(f"head on the scored positions only: {scored_only['speed_vs_head_everywhere']}x the steps/s, "
+          f"{scored_only['peak_memory_vs_head_everywhere']}x the peak memory", flush=True)  # fmt: skip
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

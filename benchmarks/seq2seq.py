@@ -103,10 +103,11 @@ def _clip_words(text: str, n: int) -> str:
 
 
 def smollm2_lora_baseline(
-    runs: Path, minutes: float, sources: list[str], references, abstract_words: int
+    runs: Path, minutes: float, sources: list[str], references, abstract_words: int, beams: int, train: bool
 ) -> dict:
     """SmolLM2-135M-Instruct, LoRA-fine-tuned on the training abstracts → titles (as chat turns) for
-    the same minutes; scored before and after fine-tuning on `sources` (greedy, one line)."""
+    the same minutes; scored before and after fine-tuning on `sources` (one line; greedy, and with
+    `beams` beams after fine-tuning). `train=False` scores the fine-tuned run already in `runs`."""
     import importlib.util
     import random
 
@@ -129,12 +130,14 @@ def smollm2_lora_baseline(
     data.write_text("".join(json.dumps({"prompt": TITLE_REQUEST + _clip_words(a, abstract_words), "response": t})
                             + "\n" for a, t in rows), encoding="utf-8")  # fmt: skip
 
-    def score(checkpoint: Path) -> dict:
+    def score(checkpoint: Path, beams: int = 1) -> dict:
         model, tokenizer = load_for_inference(str(checkpoint))
         template = open_checkpoint(checkpoint).chat_template
         prompts = [chat_prompt(template, [{"role": "user", "content": TITLE_REQUEST + _clip_words(a, abstract_words)}])
                    for a in sources]  # fmt: skip
-        config = GenerationConfig(max_new_tokens=40, temperature=0.0, stop=("\n", "<|im_end|>"))
+        config = GenerationConfig(
+            max_new_tokens=40, temperature=0.0, stop=("\n", "<|im_end|>"), num_beams=beams
+        )
         start, outputs = time.perf_counter(), []
         for begin in range(0, len(prompts), 16):
             outputs += [o.strip() for o in generate(model, tokenizer, prompts[begin : begin + 16], config)]
@@ -142,25 +145,31 @@ def smollm2_lora_baseline(
         return {**scores, "decode_s": round(time.perf_counter() - start, 1),
                 "samples": list(zip(sources[:3], outputs[:3], strict=True))}  # fmt: skip
 
-    result = {"as_shipped": score(gguf)}
-    print(
-        "SmolLM2 without fine-tuning",
-        {k: v for k, v in result["as_shipped"].items() if k != "samples"},
-        flush=True,
-    )
-    shutil.rmtree(runs / "smollm2-titles", ignore_errors=True)
-    start = time.perf_counter()
-    trained = lmforge.finetune(str(gguf), str(data), str(runs / "smollm2-titles"), finetune__lora_rank=16,
-                               finetune__lora_targets="all-linear", finetune__seq_len=256, train__max_iters=100_000,
-                               train__max_time_s=minutes * 60, train__eval_interval=100, train__batch_size=8,
-                               optim__lr=1e-3, optim__warmup_iters=20, train__progress=False,
-                               train__sample_tokens=0)  # fmt: skip
-    result["lora"] = {"train_s": round(time.perf_counter() - start, 1), "steps": trained.step,
-                      "examples_seen_approx": trained.step * 8 * 256 // 230,
-                      **score(runs / "smollm2-titles")}  # fmt: skip
-    result["recipe"] = (f"LoRA rank 16 on every linear layer, lr 1e-3, batch 8 windows of 256 tokens, abstracts cut "
-                        f"to {abstract_words} words, chat template, loss on titles only; greedy, one line")  # fmt: skip
+    result, train_s = {}, None
+    run = runs / "smollm2-titles"
+    if train:
+        result["as_shipped"] = score(gguf)
+        print("SmolLM2 without fine-tuning", {k: v for k, v in result["as_shipped"].items() if k != "samples"},
+              flush=True)  # fmt: skip
+        shutil.rmtree(run, ignore_errors=True)
+        start = time.perf_counter()
+        lmforge.finetune(str(gguf), str(data), str(run), finetune__lora_rank=16, finetune__lora_targets="all-linear",
+                         finetune__seq_len=256, train__max_iters=100_000, train__max_time_s=minutes * 60,
+                         train__eval_interval=100, train__batch_size=8, optim__lr=1e-3, optim__warmup_iters=20,
+                         train__progress=False, train__sample_tokens=0)  # fmt: skip
+        train_s = round(time.perf_counter() - start, 1)
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = history[-1]["step"]
+    result["lora"] = {"train_s": train_s or history[-1].get("elapsed_s"), "steps": steps,
+                      "best_val_loss": min(r["val_loss"] for r in history if "val_loss" in r),
+                      "examples_seen_approx": steps * 8 * 256 // 230, **score(run)}  # fmt: skip
     print("SmolLM2 + LoRA", {k: v for k, v in result["lora"].items() if k != "samples"}, flush=True)
+    if beams > 1:
+        result[f"lora_beam{beams}"] = score(run, beams)
+        print(f"SmolLM2 + LoRA, beam {beams}",
+              {k: v for k, v in result[f"lora_beam{beams}"].items() if k != "samples"}, flush=True)  # fmt: skip
+    result["recipe"] = (f"LoRA rank 16 on every linear layer, lr 1e-3, batch 8 windows of 256 tokens, abstracts cut "
+                        f"to {abstract_words} words, chat template, loss on titles only; greedy and beam {beams}, one line")  # fmt: skip
     return result
 
 
@@ -256,7 +265,15 @@ def main() -> None:  # long: one benchmark, phase after phase
             "sources": n,
             "seq2seq_beam_on_same_sources": {k: round(v, 2) for k, v in rouge(outputs, subset_refs).items()},
             "lead15_on_same_sources": lead_words(subset, subset_refs),
-            **smollm2_lora_baseline(runs, args.minutes, subset, subset_refs, args.abstract_words),
+            **smollm2_lora_baseline(
+                runs,
+                args.minutes,
+                subset,
+                subset_refs,
+                args.abstract_words,
+                args.beams,
+                train=not args.skip_train,
+            ),  # fmt: skip
         }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

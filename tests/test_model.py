@@ -35,6 +35,30 @@ def test_output_shapes_and_loss(options):
     assert logits_short.shape == (3, 5, 50) and none is None
 
 
+@pytest.mark.parametrize("options", [{}, {"logit_softcap": 15.0, "tie_embeddings": False}])
+def test_unscored_targets_skip_the_head_and_leave_the_loss_unchanged(options):
+    """Targets of -100 (a prompt, padding): the head runs on the scored positions only; the loss is
+    the one of the whole logits with those positions ignored, and so are its gradients."""
+    torch.manual_seed(0)
+    model = build_model(small(**options))
+    idx, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    targets[0, :10], targets[2, 3:7] = -100, -100
+    scored = targets != -100
+    rows, loss = model(idx, targets)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    model.head_on_scored_only = False  # (what differentially private training asks for)
+    whole, whole_loss = model(idx, targets)
+    whole_loss.backward()
+    assert rows.shape == (int(scored.sum()), 50) and whole.shape == (3, 16, 50)
+    assert torch.allclose(rows, whole[scored], atol=1e-6)
+    expected = torch.nn.functional.cross_entropy(whole.view(-1, 50), targets.view(-1))
+    assert torch.allclose(loss, expected, atol=1e-6) and torch.allclose(whole_loss, expected, atol=1e-6)
+    for name, p in model.named_parameters():
+        assert torch.allclose(grads[name], p.grad, atol=1e-6), name
+
+
 @pytest.mark.parametrize("options", VARIANTS)
 def test_no_position_sees_the_future(options):
     torch.manual_seed(0)

@@ -88,6 +88,31 @@ def test_per_example_gradients_are_exact_for_a_bias_free_gpt():
             assert torch.allclose(per_example[name][i], p.grad, atol=1e-6), name
 
 
+def test_per_example_gradients_stay_exact_when_some_targets_are_unscored():
+    """Instruction data scores the replies only; a GPT's head then skips the other positions, which
+    would lose the batch axis Opacus needs: make_private keeps the head on every position."""
+    from lmforge.config import Config, apply_overrides
+    from lmforge.models import build_model
+    from lmforge.training.privacy import Privacy, make_private
+
+    torch.manual_seed(0)
+    cfg = apply_overrides(Config(), {**BIAS_FREE, "model.vocab_size": 30, "model.block_size": 8,
+                                     "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16}).model  # fmt: skip
+    model = build_model(cfg)
+    privacy = Privacy(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, delta=1e-5, batch_size=3)
+    private, _ = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), privacy)
+    x, y = torch.randint(0, 30, (3, 8)), torch.randint(0, 30, (3, 8))
+    y[:, :5] = -100  # the prompt part
+    private(x, y)[1].backward()
+    per_example = {name: p.grad_sample.clone() for name, p in model.named_parameters()}
+    private.remove_hooks()
+    for i in range(3):
+        model.zero_grad()
+        model(x[i : i + 1], y[i : i + 1])[1].backward()
+        for name, p in model.named_parameters():
+            assert torch.allclose(per_example[name][i], p.grad, atol=1e-6), name
+
+
 @pytest.mark.parametrize("arch, lr, extra", [("gpt", 3e-3, {}), ("gpt", 3e-3, BIAS_FREE), ("lstm", 2e-2, {})])
 def test_private_language_model_learns_and_records_epsilon(tmp_path, shakespeare_excerpt, arch, lr, extra):
     config = tiny_config(tmp_path / "lm", shakespeare_excerpt, **extra, **{"model.arch": arch, "optim.min_lr": 1e-4,

@@ -407,6 +407,9 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         residual_std = 0.0 if cfg.zero_init_proj else 0.02 / math.sqrt(2 * cfg.n_layer)
         self.apply(lambda module: init_gpt2(module, residual_std))
+        # Training with targets of -100 (unscored) runs the head on the scored positions only (forward);
+        # differentially private training turns that off: its per-example gradients need the batch axis.
+        self.head_on_scored_only = True
 
     def forward(
         self,
@@ -419,6 +422,10 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position, and the mean cross-entropy when `targets` are given.
 
+        Targets of -100 are not scored (the prompt of an instruction, the padding): when some are,
+        the head runs on the scored positions only and the logits are theirs, (N, vocab). The head
+        is a fifth of a small model's work, and fine-tuning data scores only the replies.
+
         Generation passes a `cache` (new keys and values are appended to it), the
         absolute `positions` of the new tokens (B, T), an `attention_mask` (B, T)
         that is False for left padding, and `last_only` (logits of the last position
@@ -428,6 +435,9 @@ class GPT(nn.Module):
         hidden = self.hidden_states(idx, cache, positions, attention_mask)
         if last_only:
             hidden = hidden[:, -1:]
+        if self.head_on_scored_only and targets is not None and not bool((targets != -100).all()):
+            scored = targets != -100
+            hidden, targets = hidden[scored], targets[scored]
         logits = self.lm_head(hidden)
         if self.config.logit_softcap > 0:
             cap = self.config.logit_softcap

@@ -188,6 +188,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, privacy: Pr
     # Opacus' hooks fire on modules whose inputs need no gradient (the embedding's): expected, not a problem.
     warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     _layer_norm_without_bias_grad_sample()
+    if hasattr(model, "head_on_scored_only"):  # a GPT: keep its head's batch axis for per-example gradients
+        model.head_on_scored_only = False
     private = GradSampleModule(model)
     dp_optimizer = DPOptimizer(optimizer, noise_multiplier=privacy.noise_multiplier,
                                max_grad_norm=privacy.max_grad_norm, expected_batch_size=privacy.batch_size,
