@@ -103,7 +103,14 @@ def _clip_words(text: str, n: int) -> str:
 
 
 def smollm2_lora_baseline(
-    runs: Path, minutes: float, sources: list[str], references, abstract_words: int, beams: int, train: bool
+    runs: Path,
+    minutes: float,
+    sources: list[str],
+    references,
+    abstract_words: int,
+    window: int,
+    beams: int,
+    train: bool,
 ) -> dict:
     """SmolLM2-135M-Instruct, LoRA-fine-tuned on the training abstracts → titles (as chat turns) for
     the same minutes; scored before and after fine-tuning on `sources` (one line; greedy, and with
@@ -114,6 +121,7 @@ def smollm2_lora_baseline(
     import lmforge
     from lmforge.chat import chat_prompt
     from lmforge.checkpoint import open_checkpoint
+    from lmforge.data.instructions import render_chat
     from lmforge.data.pairs import read_pairs
     from lmforge.evaluation.metrics import rouge
     from lmforge.generation import GenerationConfig, generate
@@ -145,6 +153,14 @@ def smollm2_lora_baseline(
         return {**scores, "decode_s": round(time.perf_counter() - start, 1),
                 "samples": list(zip(sources[:3], outputs[:3], strict=True))}  # fmt: skip
 
+    def turn_tokens(checkpoint: Path) -> float:
+        """Mean tokens of one training turn (prompt and title in the chat template), first 500."""
+        _, tokenizer = load_for_inference(str(checkpoint))
+        template = open_checkpoint(checkpoint).chat_template
+        turns = [render_chat(template, [{"role": "user", "content": TITLE_REQUEST + _clip_words(a, abstract_words)},
+                                        {"role": "assistant", "content": t}], False) for a, t in rows[:500]]  # fmt: skip
+        return sum(len(tokenizer.encode(turn)) for turn in turns) / len(turns)
+
     result, train_s = {}, None
     run = runs / "smollm2-titles"
     if train:
@@ -154,7 +170,7 @@ def smollm2_lora_baseline(
         shutil.rmtree(run, ignore_errors=True)
         start = time.perf_counter()
         lmforge.finetune(str(gguf), str(data), str(run), finetune__lora_rank=16, finetune__lora_targets="all-linear",
-                         finetune__seq_len=256, train__max_iters=100_000, train__max_time_s=minutes * 60,
+                         finetune__seq_len=window, train__max_iters=100_000, train__max_time_s=minutes * 60,
                          train__eval_interval=100, train__batch_size=8, optim__lr=1e-3, optim__warmup_iters=20,
                          train__progress=False, train__sample_tokens=0)  # fmt: skip
         train_s = round(time.perf_counter() - start, 1)
@@ -162,13 +178,13 @@ def smollm2_lora_baseline(
     steps = history[-1]["step"]
     result["lora"] = {"train_s": train_s or history[-1].get("elapsed_s"), "steps": steps,
                       "best_val_loss": min(r["val_loss"] for r in history if "val_loss" in r),
-                      "examples_seen_approx": steps * 8 * 256 // 230, **score(run)}  # fmt: skip
+                      "examples_seen_approx": round(steps * 8 * window / turn_tokens(run)), **score(run)}  # fmt: skip
     print("SmolLM2 + LoRA", {k: v for k, v in result["lora"].items() if k != "samples"}, flush=True)
     if beams > 1:
         result[f"lora_beam{beams}"] = score(run, beams)
         print(f"SmolLM2 + LoRA, beam {beams}",
               {k: v for k, v in result[f"lora_beam{beams}"].items() if k != "samples"}, flush=True)  # fmt: skip
-    result["recipe"] = (f"LoRA rank 16 on every linear layer, lr 1e-3, batch 8 windows of 256 tokens, abstracts cut "
+    result["recipe"] = (f"LoRA rank 16 on every linear layer, lr 1e-3, batch 8 windows of {window} tokens, abstracts cut "
                         f"to {abstract_words} words, chat template, loss on titles only; greedy and beam {beams}, one line")  # fmt: skip
     return result
 
@@ -195,6 +211,7 @@ def main() -> None:  # long: one benchmark, phase after phase
     )
     parser.add_argument("--smollm2-sources", type=int, default=300, help="dev abstracts SmolLM2 is scored on")
     parser.add_argument("--abstract-words", type=int, default=120, help="SmolLM2 reads this many words")
+    parser.add_argument("--smollm2-window", type=int, default=256, help="SmolLM2's training windows (tokens)")
     parser.add_argument("--only-baselines", action="store_true", help="skip the seq2seq scoring")
     parser.add_argument("--beams", type=int, default=4)
     parser.add_argument("--output", help="results file (default benchmarks/results/seq2seq_<task>.json)")
@@ -271,6 +288,7 @@ def main() -> None:  # long: one benchmark, phase after phase
                 subset,
                 subset_refs,
                 args.abstract_words,
+                args.smollm2_window,
                 args.beams,
                 train=not args.skip_train,
             ),  # fmt: skip
