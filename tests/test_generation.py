@@ -190,6 +190,53 @@ def test_beam_search_with_one_beam_is_greedy_and_more_beams_score_higher():
     assert score(best) >= score(greedy) - 1e-6
 
 
+def reference_beam_search(model, prompt, beams, max_new, ends, length_penalty):
+    """Beam search as the docstrings define it, written plainly: no cache, one hypothesis at a time."""
+    live, finished = [(0.0, [])], []
+    for _ in range(max_new):
+        candidates = []
+        for score, seq in live:
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([prompt + seq]))
+            logprobs = torch.log_softmax(logits[0, -1].float(), -1)
+            candidates += [(score + float(lp), seq, token) for token, lp in enumerate(logprobs)]
+        candidates.sort(key=lambda c: -c[0])
+        extended = []
+        for score, seq, token in candidates[: 2 * beams]:
+            if token in ends:
+                finished.append((score / (len(seq) + 1) ** length_penalty, seq))
+                continue
+            extended.append((score, seq + [token]))
+            if len(extended) == beams:
+                break
+        if not extended or len(finished) >= beams:
+            break
+        live = extended
+    else:  # out of tokens: live hypotheses compete too
+        finished += [(score / len(seq) ** length_penalty, seq) for score, seq in live]
+    return max(finished, key=lambda f: f[0])[1]
+
+
+@pytest.mark.parametrize("arch,pos", [("gpt", "rope"), ("gpt", "learned"), ("lstm", "learned")])
+def test_batched_beam_search_equals_each_prompt_alone_and_a_plain_reference(arch, pos):
+    """Prompts of different lengths beam-searched in one left-padded batch (prompts leave the batch
+    as their searches end) give each prompt's own result, and the one a cache-free reference gives."""
+    model, tok = make_model(pos, block=40, seed=5, arch=arch)
+    end = tok.encode("e")[0]
+    tok.extra_end_ids = (end,)  # a frequent character ends hypotheses: searches end at different steps
+    prompts = ["To", "To be, or not", "that is the q", "ü", "日本"]
+    lengths = set()
+    for length_penalty in (1.0, 0.0):
+        cfg = GenerationConfig(max_new_tokens=12, num_beams=3, length_penalty=length_penalty)
+        batched = generate(model, tok, prompts, cfg)
+        alone = ["".join(beam_search(model, tok, tok.encode(p), cfg)) for p in prompts]
+        reference = [tok.decode(reference_beam_search(model, tok.encode(p), 3, 12, tok.end_ids, length_penalty))
+                     for p in prompts]  # fmt: skip
+        assert batched == alone == reference
+        lengths |= {len(text) for text in batched}
+    assert len(lengths) > 1  # searches ended at different steps (not all at 12 tokens)
+
+
 def test_stop_strings_cut_at_the_right_character_across_tokens():
     tok = train_char_tokenizer([TEXT])
     tracker = TextTracker(tok, ["not to"])

@@ -20,8 +20,9 @@ most recent tokens (with a warning), or are refused with `strict=True`.
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -355,10 +356,9 @@ def generate(
     cfg = config or GenerationConfig()
     texts = _check_prompts(prompts)
     encoded = [encode_prompt(tokenizer, p, model.block_size, cfg.strict, warn) for p in texts]
-    if cfg.num_beams > 1:
-        return ["".join(beam_search(model, tokenizer, ids, cfg)) for ids in encoded]
+    batched = beam_search_ids if cfg.num_beams > 1 else generate_ids
     results = []
-    for new_ids in generate_ids(model, tokenizer, encoded, cfg):
+    for new_ids in batched(model, tokenizer, encoded, cfg):
         tracker = TextTracker(tokenizer, cfg.stop)
         for t in new_ids:
             tracker.add(t)
@@ -400,100 +400,157 @@ def stream(
 
 # ---- beam search -----------------------------------------------------------------------
 
+# Hypotheses one batch of beam search advances together (prompts × beams): several prompts share
+# each step's matrix products instead of one prompt's few rows paying a whole step each.
+BEAM_ROWS = 64
 
-def _extend_beams(
-    sequences: list[list[int]],
-    scores: torch.Tensor,
-    logprobs: torch.Tensor,
-    ends: tuple[int, ...],
-    cfg: GenerationConfig,
-    finished: list[tuple[float, list[int]]],
-):
-    """The best `num_beams` one-token extensions of the live beams; hypotheses that end with
-    the end-of-text token go to `finished` with their length-penalised score."""
-    vocab = logprobs.shape[-1]
-    top_scores, top_index = (scores[:, None] + logprobs).view(-1).topk(2 * cfg.num_beams)
-    new_sequences, new_scores, rows = [], [], []
-    for score, index in zip(top_scores.tolist(), top_index.tolist(), strict=True):
-        row, token = divmod(index, vocab)
-        if score == float("-inf"):
-            continue
-        if token in ends:
-            finished.append((score / (len(sequences[row]) + 1) ** cfg.length_penalty, sequences[row]))
-            continue
-        new_sequences.append(sequences[row] + [token])
-        new_scores.append(score)
-        rows.append(row)
-        if len(new_sequences) == cfg.num_beams:
-            break
-    return new_sequences, new_scores, rows
+
+@dataclass
+class BeamState:
+    """One prompt's beam search: its live hypotheses (`num_beams` of them, dead copies scored -inf
+    when fewer can go on), the finished ones with their length-penalised scores, and whether it is
+    over (no live hypothesis can do better than what is finished)."""
+
+    sequences: list[list[int]]
+    scores: list[float]
+    finished: list[tuple[float, list[int]]] = field(default_factory=list)
+    over: bool = False
+
+    def advance(self, top: list[tuple[float, int]], vocab: int, ends: tuple[int, ...], cfg: GenerationConfig):
+        """Extend by the best candidates `top` ((score, beam * vocab + token), best first): those
+        ending with an end-of-text token are finished, the first `num_beams` others live on. The
+        live beams each new one extends, or None when the search is over."""
+        beams, sequences, scores, rows = cfg.num_beams, [], [], []
+        for score, index in top:
+            row, token = divmod(index, vocab)
+            if score == float("-inf"):
+                continue
+            if token in ends:
+                self.finished.append((score / (len(self.sequences[row]) + 1) ** cfg.length_penalty,
+                                      self.sequences[row]))  # fmt: skip
+                continue
+            sequences.append(self.sequences[row] + [token])
+            scores.append(score)
+            rows.append(row)
+            if len(sequences) == beams:
+                break
+        if (
+            not sequences
+            or (cfg.early_stopping and len(self.finished) >= beams)
+            or (not cfg.early_stopping and self._hopeless(sequences, scores, cfg))
+        ):
+            self.over = True
+            return None
+        while len(sequences) < beams:  # fewer live candidates than beams: pad with dead copies
+            sequences.append(list(sequences[0]))
+            scores.append(float("-inf"))
+            rows.append(rows[0])
+        self.sequences, self.scores = sequences, scores
+        return rows
+
+    def _hopeless(self, sequences: list[list[int]], scores: list[float], cfg: GenerationConfig) -> bool:
+        """Without early stopping the search goes on until no live beam can beat the best finished
+        one: judged as Hugging Face does, by the best live score at its current length (exact for
+        length_penalty <= 0, where scores only fall as tokens are added; a heuristic above)."""
+        if not self.finished or cfg.length_penalty > 1:
+            return False
+        return max(scores) / len(sequences[0]) ** cfg.length_penalty < max(s for s, _ in self.finished)
+
+    def live(self) -> list[list[int]]:
+        return [s for s, score in zip(self.sequences, self.scores, strict=True) if score > float("-inf")]
+
+    def best(self, length_penalty: float) -> list[int]:
+        """The best finished hypothesis; live ones count too when the search ran out of tokens
+        before it was over (or nothing finished)."""
+        candidates = list(self.finished)
+        if not self.over or not candidates:
+            candidates += [(score / max(1, len(seq)) ** length_penalty, seq)
+                           for seq, score in zip(self.sequences, self.scores, strict=True) if score > float("-inf")]  # fmt: skip
+        return max(candidates, key=lambda item: item[0])[1] if candidates else []
 
 
 @torch.inference_mode()
-def beam_search(
-    model: nn.Module, tokenizer: TextTokenizer, prompt_ids: list[int], cfg: GenerationConfig
-) -> Iterator[str]:
-    """Beam search for one prompt, yielding the best beam's text as it settles.
+def beam_steps(
+    model: nn.Module, prompts: list[list[int]], cfg: GenerationConfig, ends: tuple[int, ...]
+) -> Iterator[list[BeamState]]:
+    """Beam search for every prompt at once, yielding their states (one list, updated in place) at
+    the start and after each step; once the iterator ends, each state's `best()` is final.
 
-    A prefix is settled once every live beam shares it (no later step can change it).
-    Finished hypotheses are scored by log-probability / length ** length_penalty.
+    The prompts are left-padded into one batch and every prompt keeps `num_beams` rows of one KV
+    cache; a prompt whose search is over leaves the batch (its rows are dropped from the cache).
     """
     device, block_size, pos = _model_info(model)
     beams = cfg.num_beams
-    ends = tokenizer.end_ids if cfg.stop_at_eot else ()
-    if len(prompt_ids) + cfg.max_new_tokens > block_size and pos != "rope":
+    if max(len(p) for p in prompts) + cfg.max_new_tokens > block_size and pos != "rope":
         raise UserError(
             f"Beam search needs prompt + max_new_tokens within the context ({block_size}) "
             f"for this model; lower max_new_tokens."
         )
-    cache = model.new_cache(1, capacity=min(block_size, len(prompt_ids) + cfg.max_new_tokens + 1))
-    logits, _ = model(torch.tensor([prompt_ids], device=device), cache=cache)
-    logprobs = F.log_softmax(logits[:, -1].float(), -1)  # (1, V)
-    cache.reorder(torch.zeros(beams, dtype=torch.long, device=device))
-    logprobs = logprobs.expand(beams, -1)
-    scores = torch.zeros(beams, device=device)
-    scores[1:] = float("-inf")  # all beams start identical: let only the first expand
-    sequences: list[list[int]] = [[] for _ in range(beams)]
-    finished: list[tuple[float, list[int]]] = []
-    streamed = ""
-    for _ in range(cfg.max_new_tokens):
-        new_sequences, new_scores, rows = _extend_beams(sequences, scores, logprobs, ends, cfg, finished)
-        best_finished = max((s for s, _ in finished), default=float("-inf"))
-        if not new_sequences:
-            break
-        if cfg.early_stopping and len(finished) >= beams:
-            break
-        # Without early stopping, continue until no live beam can beat the best finished one
-        # (scores only fall as tokens are added when length_penalty <= 1).
-        if (
-            finished
-            and cfg.length_penalty <= 1
-            and max(new_scores) / (len(new_sequences[0])) ** cfg.length_penalty < best_finished
+    ids, valid = left_pad(prompts, device)
+    cache = model.new_cache(len(prompts), capacity=min(block_size, ids.shape[1] + cfg.max_new_tokens + 1))
+    logits, _ = model(ids, cache=cache, positions=positions_of(valid), attention_mask=valid, last_only=True)
+    states = [BeamState([[] for _ in range(beams)], [0.0] + [float("-inf")] * (beams - 1)) for _ in prompts]
+    searching = list(range(len(prompts)))  # prompts still searching, `beams` cache rows each, in order
+    cache.reorder(torch.arange(len(prompts), device=device).repeat_interleave(beams))
+    logprobs = F.log_softmax(logits[:, -1].float(), -1).repeat_interleave(beams, 0)  # (rows, vocab)
+    yield states
+    for step in range(cfg.max_new_tokens):
+        vocab = logprobs.shape[-1]
+        scores = torch.tensor([states[b].scores for b in searching], device=device)  # (prompts, beams)
+        candidates = (scores[:, :, None] + logprobs.view(len(searching), beams, vocab)).view(
+            len(searching), -1
+        )
+        top_scores, top_index = candidates.topk(2 * beams, dim=-1)  # enough to find `beams` that go on
+        rows, still = [], []
+        for i, (b, values, indices) in enumerate(
+            zip(searching, top_scores.tolist(), top_index.tolist(), strict=True)
         ):
+            extended = states[b].advance(list(zip(values, indices, strict=True)), vocab, ends, cfg)
+            if extended is not None:
+                rows += [i * beams + row for row in extended]
+                still.append(b)
+        yield states
+        searching = still
+        if not searching or step == cfg.max_new_tokens - 1:
             break
-        sequences, rows_t = new_sequences, torch.tensor(rows, device=device)
-        while len(sequences) < beams:  # fewer live candidates than beams: pad with dead copies
-            sequences.append(list(sequences[0]))
-            new_scores.append(float("-inf"))
-            rows_t = torch.cat([rows_t, rows_t[:1]])
-        scores = torch.tensor(new_scores, device=device)
-        cache.reorder(rows_t)
-        tokens = torch.tensor([s[-1] for s in sequences], device=device)[:, None]
-        logits, _ = model(tokens, cache=cache)
-        logprobs = F.log_softmax(logits[:, -1].float(), -1)
-        # Stream what all live beams agree on.
-        live = [s for s, sc in zip(sequences, new_scores, strict=True) if sc > float("-inf")]
-        common = _common_prefix(live)
-        text = tokenizer.decode(common).rstrip("\ufffd")
+        cache.reorder(torch.tensor(rows, device=device))
+        tokens = torch.tensor([seq[-1] for b in searching for seq in states[b].sequences], device=device)
+        positions = torch.tensor(
+            [len(prompts[b]) + step for b in searching for _ in range(beams)], device=device
+        )
+        logprobs = F.log_softmax(step_logits(model, tokens, positions, cache).float(), -1)
+
+
+def beam_search_ids(
+    model: nn.Module, tokenizer: TextTokenizer, prompts: list[list[int]], cfg: GenerationConfig
+) -> list[list[int]]:
+    """The best hypothesis of each prompt (scored by log-probability / length ** length_penalty),
+    `BEAM_ROWS` hypotheses a batch."""
+    ends = tokenizer.end_ids if cfg.stop_at_eot else ()
+    per_batch = max(1, BEAM_ROWS // cfg.num_beams)
+    results: list[list[int]] = []
+    for begin in range(0, len(prompts), per_batch):
+        states = deque(beam_steps(model, prompts[begin : begin + per_batch], cfg, ends), maxlen=1)[0]
+        results += [state.best(cfg.length_penalty) for state in states]
+    return results
+
+
+def beam_search(
+    model: nn.Module, tokenizer: TextTokenizer, prompt_ids: list[int], cfg: GenerationConfig
+) -> Iterator[str]:
+    """Beam search for one prompt, yielding the best hypothesis's text as it settles: a prefix is
+    settled once every live beam and every finished hypothesis shares it (the winner is one of
+    them or extends one of them, so no later step can change it)."""
+    ends = tokenizer.end_ids if cfg.stop_at_eot else ()
+    streamed = ""
+    for (state,) in beam_steps(model, [prompt_ids], cfg, ends):
+        contenders = state.live() + [seq for _, seq in state.finished]
+        text = tokenizer.decode(_common_prefix(contenders)).rstrip("\ufffd")
         if len(text) > len(streamed) and text.startswith(streamed) and not cfg.stop:
             yield text[len(streamed) :]
             streamed = text
-    for seq, sc in zip(sequences, scores.tolist(), strict=True):
-        if sc > float("-inf"):
-            finished.append((sc / max(1, len(seq)) ** cfg.length_penalty, seq))
-    best = max(finished, key=lambda f: f[0])[1] if finished else []
     tracker = TextTracker(tokenizer, cfg.stop)
-    for t in best:
+    for t in state.best(cfg.length_penalty):
         tracker.add(t)
     final = tracker.settled(final=True)
     if final.startswith(streamed):
