@@ -209,6 +209,55 @@ def test_float_loading_attaches_the_decoder_and_generation_keeps_its_tokens(tmp_
     assert torch.allclose(steps[0], steps[1], rtol=0, atol=0.03 * steps[1].abs().max().item())
 
 
+def test_batches_beyond_the_row_limit_take_the_forward_pass_on_a_cache_of_the_weights_dtype(tmp_path):
+    model, tokenizer = load_for_inference(checkpoint(tmp_path, **VARIANTS["llama-like"]), dtype="bfloat16")
+    model.native_decoder.max_rows = 1
+    ids = torch.tensor([tokenizer.encode("hello, wor")] * 2)
+    for rows, native in ((1, True), (2, False)):
+        cache = model.new_cache(rows, 16)
+        model(ids[:rows], cache=cache)
+        assert cache.k.dtype == torch.float32  # the native step's cache, until a step has too many rows
+        step_logits(model, ids[:rows, -1], torch.full((rows,), ids.shape[1]), cache)
+        assert cache.k.dtype == (torch.float32 if native else torch.bfloat16)
+    reference = copy.deepcopy(model)  # a copy has no decoder: the forward pass throughout
+    prompts = ["abc", "hello, world"]  # two rows: over the limit, so the same arithmetic as the copy
+    greedy = GenerationConfig(max_new_tokens=20, temperature=0, stop_at_eot=False)
+    assert generate(model, tokenizer, prompts, greedy) == generate(reference, tokenizer, prompts, greedy)
+    assert len(generate(model, tokenizer, prompts, greedy)[1]) > 10
+
+
+def test_the_row_limit_is_half_the_first_batch_size_where_the_c_step_measured_slower(tmp_path, monkeypatch):
+    import lmforge.kernels as kernels
+    import lmforge.native.decoding as decoding
+
+    model, tokenizer = load_for_inference(checkpoint(tmp_path))
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))  # a fresh timings cache
+    monkeypatch.setattr(kernels, "_timings", None)
+    measured = []
+
+    def timed(step, model, prompt, repeats=3, dtype=None, rows=1):  # the C step slower from 32 rows
+        measured.append(rows)
+        native = isinstance(getattr(step, "__self__", None), NativeDecoder)
+        return (1.0 if rows < 32 else 3.0) if native else 2.0
+
+    monkeypatch.setattr(decoding, "_seconds_per_step", timed)
+    decoder = model.native_decoder
+    assert decoding.row_limit(model, decoder) == 16 and measured == [16, 16, 32, 32]
+    assert decoding.row_limit(model, decoder) == 16 and len(measured) == 4  # remembered, not measured again
+    assert (tmp_path / "cache" / "kernel-timings.json").is_file()
+    monkeypatch.setattr(decoding, "MEASURED_ROWS", (64,))
+    assert decoding.row_limit(model, decoder) == 32
+    # A first step with more rows than the C step always takes asks for the limit, once.
+    monkeypatch.setattr(decoding, "MEASURED_ROWS", (16,))
+    monkeypatch.setattr(kernels, "_timings", None)
+    (tmp_path / "cache" / "kernel-timings.json").unlink()
+    cache = model.new_cache(12, 8)
+    model(torch.zeros(12, 3, dtype=torch.long), cache=cache)
+    step_logits(model, torch.zeros(12, dtype=torch.long), torch.full((12,), 3), cache)
+    assert decoder.rows_measured and decoder.max_rows is None  # faster at 16 rows: no limit
+    assert cache.k.dtype == torch.float32  # the C step took the 12 rows
+
+
 def test_the_decoder_is_left_out_where_it_does_not_apply(tmp_path):
     path = checkpoint(tmp_path)
     compiled, _ = load_for_inference(path, compile=True)

@@ -104,6 +104,19 @@ def _save() -> None:
         pass
 
 
+def remembered(key: str, seconds: Callable[[], float]) -> float:
+    """This machine's cached timing `key`, measured by `seconds()` (and saved) the first time."""
+    with _lock:
+        cached = _load().get(key)
+    if cached is not None:
+        return cached
+    value = seconds()
+    with _lock:
+        _load()[key] = value
+        _save()
+    return value
+
+
 def measure(kernel: str, fn: Callable[[], object], repeats: int = 15) -> float:
     """Median seconds of one call of `fn` (the product by `kernel`), after a warm-up."""
     for _ in range(3):

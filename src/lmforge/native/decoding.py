@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -119,6 +120,10 @@ class NativeDecoder:
 
     def __init__(self, model: GPT):
         cfg = model.config
+        # Most rows a step takes natively (None: any number); larger batches take the forward
+        # pass. Measured the first time a step has more than ALWAYS_NATIVE_ROWS rows (`row_limit`).
+        self.max_rows: int | None = None
+        self.rows_measured = False
         self._keep: list[torch.Tensor] = []  # every tensor the C code reads, kept alive
         layers = (_Layer * cfg.n_layer)()
         for layer, block in zip(layers, model.blocks, strict=True):
@@ -227,23 +232,69 @@ def step_logits(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
     By the model's native decoder when it has one (see `attach`), else by its forward pass."""
     decoder = getattr(model, "native_decoder", None)
     if decoder is not None and isinstance(cache, KVCache):
-        return decoder.step(tokens, positions, cache)
+        rows = tokens.shape[0]
+        if rows > ALWAYS_NATIVE_ROWS and not decoder.rows_measured:
+            decoder.max_rows, decoder.rows_measured = row_limit(model, decoder), True
+        if decoder.max_rows is None or rows <= decoder.max_rows:
+            if cache.k.dtype == torch.float32:
+                return decoder.step(tokens, positions, cache)
+        else:  # too many rows for the C step: the forward pass, on a cache of the weights' own dtype
+            weight_dtype = model.wte.weight.dtype
+            if cache.k.dtype != weight_dtype:  # (converted once: later steps find it converted)
+                cache.k, cache.v = cache.k.to(weight_dtype), cache.v.to(weight_dtype)
     return model(tokens[:, None], cache=cache, positions=positions[:, None])[0][:, -1]
 
 
 @torch.inference_mode()
 def _seconds_per_step(
-    step, model: GPT, prompt: int, repeats: int = 3, dtype: torch.dtype | None = None
+    step, model: GPT, prompt: int, repeats: int = 3, dtype: torch.dtype | None = None, rows: int = 1
 ) -> float:
-    """Median time of a batch-1 decode step by `step` after a `prompt`-token prompt (a cache of `dtype`)."""
-    cache = model.new_cache(1, capacity=prompt + repeats + 1, dtype=dtype)
-    model(torch.zeros(1, prompt, dtype=torch.long), cache=cache)
+    """Median time of a decode step of `rows` rows by `step` after a `prompt`-token prompt (a cache of `dtype`)."""
+    cache = model.new_cache(rows, capacity=prompt + repeats + 1, dtype=dtype)
+    model(torch.zeros(rows, prompt, dtype=torch.long), cache=cache)
     samples = []
     for _ in range(repeats + 1):  # the first one warms up
         start = time.perf_counter()
-        step(torch.zeros(1, dtype=torch.long), torch.tensor([cache.length]), cache)
+        step(torch.zeros(rows, dtype=torch.long), torch.full((rows,), cache.length), cache)
         samples.append(time.perf_counter() - start)
     return sorted(samples[1:])[repeats // 2]
+
+
+def _forward_step(
+    model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache
+) -> torch.Tensor:
+    return model(tokens[:, None], cache=cache, positions=positions[:, None])[0]
+
+
+# The C step wins where a step is dispatch and reading weights; with many rows a step is
+# arithmetic, where PyTorch's matrix products can win (SmolLM2 in bfloat16 on a Zen 4: 94 against
+# 65 ms a step at 32 rows, 162 against 111 at 64; in float32 the C step stayed faster up to 64).
+ALWAYS_NATIVE_ROWS = 8  # up to here the C step is taken without asking (what attach measured, at 1 row)
+MEASURED_ROWS = (16, 32)  # then the batch sizes at which it is compared with the forward pass
+
+
+def row_limit(model: nn.Module, decoder: NativeDecoder) -> int | None:
+    """Half the first of MEASURED_ROWS at which the C step measures slower than the forward pass
+    (None: faster at all of them). Measured once per machine and model shape (a few seconds for a
+    135M model) and kept in the kernel-timings cache (kernels.py)."""
+    from lmforge.kernels import remembered
+
+    cfg, prompt = model.config, min(16, model.block_size - 2)
+    kinds = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "in_features")})
+    shape = (
+        f"{cfg.n_layer}x{cfg.n_embd}x{cfg.n_head}x{cfg.vocab_size} {model.wte.weight.dtype} {'+'.join(kinds)}"
+    )
+    weights = model.wte.weight.dtype
+    for rows in MEASURED_ROWS:
+        native_step = partial(_seconds_per_step, decoder.step, model, prompt, 1, torch.float32, rows)
+        forward_step = partial(
+            _seconds_per_step, partial(_forward_step, model), model, prompt, 1, weights, rows
+        )
+        native = remembered(f"native-step {shape} rows={rows}", native_step)
+        eager = remembered(f"forward-step {shape} rows={rows}", forward_step)
+        if native >= eager:
+            return rows // 2
+    return None
 
 
 def attach(model: nn.Module) -> str | None:
@@ -257,10 +308,13 @@ def attach(model: nn.Module) -> str | None:
     if prompt < 1:
         return "the context is too short to measure the native decode step"
     decoder = NativeDecoder(model)
+
+    def forward_step(tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return model(tokens[:, None], cache=cache, positions=positions[:, None])[0]
+
     native = _seconds_per_step(decoder.step, model, prompt, repeats, torch.float32)
-    eager = _seconds_per_step(
-        lambda t, p, c: model(t[:, None], cache=c, positions=p[:, None]), model, prompt, repeats
-    )
+    weights = model.wte.weight.dtype  # the forward pass keeps its cache in the weights' dtype
+    eager = _seconds_per_step(forward_step, model, prompt, repeats, weights)
     if native >= eager:
         return f"the native decode step measured slower than PyTorch here ({1e3 * native:.1f} vs {1e3 * eager:.1f} ms)"
     model.native_decoder = decoder
