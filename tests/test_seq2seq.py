@@ -66,6 +66,35 @@ def test_cached_decoding_equals_recomputation(pos, copy):
 
 
 @pytest.mark.parametrize("copy", [False, True])
+def test_a_reordered_cache_continues_as_a_cache_of_those_rows_alone(copy):
+    """Rows that leave (or beams that move) take their filled slots along: decoding on from the
+    reordered cache gives the logits a cache of just those rows gives."""
+    model = tiny_seq2seq("rope", copy_attention=copy)
+    source, target = torch.randint(2, 40, (3, 10)), torch.randint(2, 40, (3, 6))
+    valid = torch.ones(3, 10, dtype=torch.bool)
+    valid[1, 4:] = False
+    keep = torch.tensor([2, 1, 1])
+    with torch.no_grad():
+        cache = model.new_cache(model.encode(source, valid), valid, source=source)
+        model.decode(target[:, :3], cache=cache)
+        cache.reorder(keep)
+        after = torch.cat([model.decode(target[keep, i : i + 1], cache=cache) for i in range(3, 6)], dim=1)
+        alone = model.new_cache(model.encode(source[keep], valid[keep]), valid[keep], source=source[keep])
+        expected = model.decode(target[keep], cache=alone)[:, 3:]
+        assert torch.allclose(after, expected, atol=1e-5)
+        # Beams moving among the rows of one source keep the cross-attention keys where they are.
+        twice = torch.tensor([0, 0, 1, 1])
+        cache = model.new_cache(model.encode(source[twice], valid[twice]), valid[twice], source=source[twice])
+        model.decode(target[twice, :3], cache=cache)
+        cross_keys = cache.cross_k[0]
+        cache.reorder(torch.tensor([1, 1, 3, 2]), same_sources=True)
+        assert cache.cross_k[0] is cross_keys
+        moved = model.decode(target[twice, 3:4], cache=cache)
+        fresh = model.new_cache(model.encode(source[twice], valid[twice]), valid[twice], source=source[twice])
+        assert torch.allclose(moved, model.decode(target[twice, :4], cache=fresh)[:, 3:4], atol=1e-5)
+
+
+@pytest.mark.parametrize("copy", [False, True])
 def test_padding_masks_make_batched_results_equal_single_examples(copy):
     model = tiny_seq2seq("rope", copy_attention=copy)
     sources = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
@@ -300,7 +329,10 @@ def test_a_tiny_model_learns_a_copy_task_and_the_commands_use_it(tmp_path, capsy
     assert scored["val_chrf_greedy"] > 80 and "val_bleu_greedy" in scored
     model, tokenizer, config = load_checkpoint(tmp_path / "run")
     sources = ["abc", "gfedc", "ba"]
-    assert transduce(model, tokenizer, sources, Seq2SeqConfig(beams=3)) == ["ABC", "GFEDC", "BA"]
+    # Outputs that end at different steps: each row leaves the batch as it ends (greedy, with and
+    # without the caches, and beam search) and every source still gets its own output.
+    for decoding in (Seq2SeqConfig(beams=3), Seq2SeqConfig(beams=1), Seq2SeqConfig(beams=1, use_cache=False)):
+        assert transduce(model, tokenizer, sources, decoding) == ["ABC", "GFEDC", "BA"]
     assert main(["translate", str(tmp_path / "run"), "--text", "cab", "--text", "dd", "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines == [{"text": "cab", "translation": "CAB"}, {"text": "dd", "translation": "DD"}]

@@ -10,7 +10,9 @@ the decoder's keys and values and the cross-attention keys and values of the enc
 Beam search keeps `beams` hypotheses per source; a hypothesis that ends is scored by its
 log-probability divided by length**length_penalty (Hugging Face's convention: above 1 favours
 longer outputs), and a source is done once `beams` hypotheses have ended (early stopping, as
-fairseq and Hugging Face's `early_stopping=True` do).
+fairseq and Hugging Face's `early_stopping=True` do). Greedy rows whose output has ended, and
+sources whose search is over, leave the batch and its cache at once: the rest of the batch no
+longer computes them until its longest output ends.
 
 `no_repeat_ngram_size` n > 0 forbids a token that would repeat an n-gram the output already holds
 (Hugging Face's setting of that name). Small models trained for minutes fall into loops ("the double
@@ -99,37 +101,48 @@ def _encode_sources(model: nn.Module, tokenizer: TextTokenizer, sources: list[st
 @torch.inference_mode()
 def greedy(model: nn.Module, sources: list[list[int]], boundary: int, max_new: int, use_cache: bool = True,
            no_repeat_ngram_size: int = 0) -> list[list[int]]:  # fmt: skip
-    """The most likely next token at each step, for every source at once."""
+    """The most likely next token at each step, for every source at once; a row that ends leaves the
+    batch (its cache rows with it), so the batch's longest output no longer pays for the others."""
     device = next(model.parameters()).device
     ids, valid = pad_sources(sources, boundary, device)
     memory = model.encode(ids, valid)
     cache = model.new_cache(memory, valid, capacity=max_new + 1, source=ids) if use_cache else None
     prefix = torch.full((len(sources), 1), boundary, dtype=torch.long, device=device)
-    done = torch.zeros(len(sources), dtype=torch.bool, device=device)
-    step_input = prefix
+    outputs: list[list[int]] = [[] for _ in sources]
+    alive = list(range(len(sources)))  # the source of each row still decoding
     for _ in range(max_new):
         if use_cache:
-            logits = model.decode(step_input, cache=cache)[:, -1]
+            logits = model.decode(prefix[:, -1:], cache=cache)[:, -1]
         else:
             logits = model.decode(prefix, memory, valid, source=ids)[:, -1]
         logits = ban_repeated_ngrams(logits, prefix[:, 1:], no_repeat_ngram_size)
-        token = logits.argmax(-1).masked_fill(done, boundary)
+        token = logits.argmax(-1)
         prefix = torch.cat([prefix, token[:, None]], dim=1)
-        step_input = token[:, None]
-        done |= token == boundary
-        if bool(done.all()):
-            break
-    return [_until(row[1:].tolist(), boundary) for row in prefix]
-
-
-def _until(tokens: list[int], boundary: int) -> list[int]:
-    return tokens[: tokens.index(boundary)] if boundary in tokens else tokens
+        ended = (token == boundary).tolist()
+        if not any(ended):
+            continue
+        for row in (row for row, end in enumerate(ended) if end):
+            outputs[alive[row]] = prefix[row, 1:-1].tolist()
+        going = [row for row, end in enumerate(ended) if not end]
+        if not going:
+            return outputs
+        alive = [alive[row] for row in going]
+        rows = torch.tensor(going, device=device)
+        prefix = prefix.index_select(0, rows)
+        if use_cache:
+            cache.reorder(rows)
+        else:
+            ids, valid, memory = (tensor.index_select(0, rows) for tensor in (ids, valid, memory))
+    for row, source in enumerate(alive):  # ran out of tokens before ending
+        outputs[source] = prefix[row, 1:].tolist()
+    return outputs
 
 
 @torch.inference_mode()
 def beam_search(model: nn.Module, sources: list[list[int]], boundary: int, max_new: int, beams: int,  # long:
                 length_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> list[list[int]]:  # fmt: skip
-    """The best of `beams` hypotheses per source (see the module's docstring for the scoring)."""
+    """The best of `beams` hypotheses per source (see the module's docstring for the scoring). A
+    source whose search is over leaves the batch with its rows."""
     device = next(model.parameters()).device
     B, K = len(sources), beams
     ids, valid = pad_sources(sources, boundary, device)
@@ -141,46 +154,50 @@ def beam_search(model: nn.Module, sources: list[list[int]], boundary: int, max_n
     scores[:, 0] = 0.0  # at first all K beams are the same: only one may extend
     tokens = torch.full((B * K, 1), boundary, dtype=torch.long, device=device)
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
-    done = [False] * B
+    active = list(range(B))  # the sources still searched; slot s holds rows s*K .. s*K+K-1
     for _ in range(max_new):
         logprobs = torch.log_softmax(model.decode(tokens[:, -1:], cache=cache)[:, -1].float(), dim=-1)
         logprobs = ban_repeated_ngrams(logprobs, tokens[:, 1:], no_repeat_ngram_size)
-        vocab = logprobs.shape[-1]
-        candidates = (scores.view(B * K, 1) + logprobs).view(B, K * vocab)
+        n, vocab = len(active), logprobs.shape[-1]
+        candidates = (scores.view(n * K, 1) + logprobs).view(n, K * vocab)
         top_scores, top_index = candidates.topk(2 * K, dim=-1)  # enough to find K that go on
-        next_scores = torch.full((B, K), float("-inf"), device=device)
-        next_rows = torch.arange(B * K, device=device)  # finished sources keep their rows
-        next_tokens = torch.full((B * K,), boundary, dtype=torch.long, device=device)
-        for b in range(B):
-            if done[b]:
-                continue
+        next_scores = torch.full((n, K), float("-inf"), device=device)
+        next_rows = torch.arange(n * K, device=device)
+        next_tokens = torch.full((n * K,), boundary, dtype=torch.long, device=device)
+        going = []  # slots whose search goes on
+        for slot, b in enumerate(active):
             kept = 0
-            for value, index in zip(top_scores[b].tolist(), top_index[b].tolist(), strict=True):
+            for value, index in zip(top_scores[slot].tolist(), top_index[slot].tolist(), strict=True):
                 beam, token = divmod(index, vocab)
                 if value == float("-inf"):
                     break
                 if token == boundary:  # this hypothesis ends here
-                    hypothesis = tokens[b * K + beam, 1:].tolist()
+                    hypothesis = tokens[slot * K + beam, 1:].tolist()
                     finished[b].append((value / max(1, len(hypothesis) + 1) ** length_penalty, hypothesis))
                     continue
-                next_scores[b, kept] = value
-                next_rows[b * K + kept], next_tokens[b * K + kept] = b * K + beam, token
+                next_scores[slot, kept] = value
+                next_rows[slot * K + kept], next_tokens[slot * K + kept] = slot * K + beam, token
                 kept += 1
                 if kept == K:
                     break
-            done[b] = len(finished[b]) >= K
-        if all(done):
+            if len(finished[b]) < K:
+                going.append(slot)
+        if not going:
             break
-        cache.reorder(next_rows)
+        if len(going) < n:  # searches that are over leave the batch
+            slots = torch.tensor(going, device=device)
+            keep = (slots[:, None] * K + torch.arange(K, device=device)).flatten()
+            next_rows, next_tokens, next_scores = next_rows[keep], next_tokens[keep], next_scores[slots]
+            active = [active[slot] for slot in going]
+        cache.reorder(next_rows, same_sources=len(going) == n)
         tokens = torch.cat([tokens.index_select(0, next_rows), next_tokens[:, None]], dim=1)
         scores = next_scores
-    results = []
-    for b in range(B):
-        if not finished[b]:  # nothing ended within max_new: the best live hypothesis
-            best = int(scores[b].argmax())
-            finished[b].append((0.0, tokens[b * K + best, 1:].tolist()))
-        results.append(max(finished[b], key=lambda item: item[0])[1])
-    return results
+    else:  # ran out of tokens: a source with nothing ended takes its best live hypothesis
+        for slot, b in enumerate(active):
+            if not finished[b]:
+                best = int(scores[slot].argmax())
+                finished[b].append((0.0, tokens[slot * K + best, 1:].tolist()))
+    return [max(hypotheses, key=lambda item: item[0])[1] for hypotheses in finished]
 
 
 def transduce(model: nn.Module, tokenizer: TextTokenizer, sources: list[str], cfg: Seq2SeqConfig | None = None,

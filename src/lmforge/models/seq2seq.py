@@ -50,15 +50,25 @@ class Seq2SeqCache:
                  copy_keys: torch.Tensor | None = None):  # fmt: skip
         batch, dtype, device = source_mask.shape[0], cross_k[0].dtype, cross_k[0].device
         shape = (len(cross_k), batch, n_head, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Slots past `length` are never read (attention sees the first `length` only): no zeroing.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.cross_k, self.cross_v, self.source_mask = cross_k, cross_v, source_mask
         self.source, self.copy_keys = source, copy_keys  # copy attention: source ids and their keys
         self.capacity, self.length = capacity, 0
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep the rows `index` (beam search)."""
-        self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
+    def _filled_rows(self, cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        kept = cache.new_empty((cache.shape[0], len(index), *cache.shape[2:]))
+        kept[:, :, :, : self.length] = cache[:, :, :, : self.length].index_select(1, index)
+        return kept  # only the filled slots copied: a short output in a long capacity costs little
+
+    def reorder(self, index: torch.Tensor, same_sources: bool = False) -> None:
+        """Keep the rows `index` (finished rows leaving, beam search's survivors). `same_sources`:
+        every row keeps a row of its own source (beams moving among the beams of one source), so
+        the cross-attention keys and values, the same for all of them, stay where they are."""
+        self.k, self.v = self._filled_rows(self.k, index), self._filled_rows(self.v, index)
+        if same_sources:
+            return
         self.cross_k = [k.index_select(0, index) for k in self.cross_k]
         self.cross_v = [v.index_select(0, index) for v in self.cross_v]
         self.source_mask = self.source_mask.index_select(0, index)
