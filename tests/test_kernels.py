@@ -98,3 +98,25 @@ def test_real_measurements_cover_every_kernel(fresh_cache):
     assert all(0 < t < 1 for t in measured.values())
     assert kernels.fastest_int8_kernel(64, 256) in ("pack", "fbgemm", "dequantize", "native")
     assert kernels.fastest_int8_kernel(64, 256, weight_only=True) in ("pack", "dequantize", "native")
+
+
+def test_an_encoder_decoder_weighs_bfloat16_at_the_rows_it_decodes_together(fresh_cache, monkeypatch):
+    """transduce multiplies about DECODE_ROWS hypotheses a step: bfloat16 is judged by products of
+    that many rows, not by the one-row timings a decoder-only model is judged by."""
+    from lmforge.seq2seq import DECODE_ROWS
+
+    cfg = ModelConfig(arch="seq2seq", vocab_size=40, block_size=12, source_block_size=10, n_layer=1,
+                      n_encoder_layer=1, n_head=2, n_embd=16)  # fmt: skip
+    model = build_model(cfg)
+    rows = f"rows{DECODE_ROWS}"
+    measured = fake_timings(monkeypatch, {"bfloat16": 2.0, f"bfloat16-{rows}": 0.5, f"float32-{rows}": 1.0})
+    assert slower_precision_notice(model, "bfloat16") is None  # slower at one row, faster at DECODE_ROWS
+    assert set(measured) == {f"bfloat16-{rows}", f"float32-{rows}"}
+    saved = json.loads(fresh_cache.read_text())[kernels.machine_key()]
+    assert saved[f"{rows} bfloat16 16x16"] == 0.5 and saved[f"{rows} float32 16x40"] == 1.0
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(fresh_cache.parent.parent / "another-cache"))
+    monkeypatch.setattr(kernels, "_timings", None)
+    fake_timings(monkeypatch, {"bfloat16": 0.5, f"bfloat16-{rows}": 2.0, f"float32-{rows}": 1.0})
+    notice = slower_precision_notice(model, "bfloat16")
+    assert "--dtype bfloat16 measures 0.50x float32's decoding speed" in notice
+    assert f"per step of {DECODE_ROWS} hypotheses" in notice

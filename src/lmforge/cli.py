@@ -339,7 +339,7 @@ def _transduce_flags(p: argparse.ArgumentParser) -> None:
                    help="no n-gram twice in an output (0 = off; default 3 for summarize, 0 for translate)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=0,
                    help="texts decoded together (0 = about 64 hypotheses: 64 greedy, 16 with 4 beams)")  # fmt: skip
-    _shared(p, "--device")
+    _shared(p, "--device", "--dtype")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
@@ -843,7 +843,7 @@ def cmd_transduce(args: argparse.Namespace) -> int:
     if args.beams < 1 or negative:
         raise UserError("--beams must be at least 1, --batch-size, --max-new-tokens and --no-repeat-ngram-size "
                         "at least 0.")  # fmt: skip
-    model, tokenizer = load_for_inference(args.checkpoint, args.device)
+    model, tokenizer = load_for_inference(args.checkpoint, args.device, args.dtype)
     cfg = Seq2SeqConfig(beams=args.beams, length_penalty=args.length_penalty, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, **settings)  # fmt: skip
     key = "translation" if args.command == "translate" else "summary"

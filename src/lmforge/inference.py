@@ -255,9 +255,13 @@ def linear_shapes(model: nn.Module) -> dict[tuple[int, int], int]:
 
 def slower_precision_notice(model: nn.Module, precision: str) -> str | None:
     """A sentence when `precision` (int8 or bfloat16) decodes slower than float32 on this CPU,
-    counting each int8 layer at the kernel it actually uses."""
-    from lmforge.kernels import precision_report, timings
+    counting each int8 layer at the kernel it actually uses; an encoder–decoder at the rows it decodes
+    together."""
+    from lmforge.kernels import batched_precision_report, precision_report, timings
+    from lmforge.models.seq2seq import Seq2Seq
+    from lmforge.seq2seq import DECODE_ROWS
 
+    unit = "per token"
     if precision == "int8":
         chosen = float32 = 0.0
         native_step = getattr(model, "native_decoder", None) is not None  # every product by the native kernel
@@ -266,6 +270,9 @@ def slower_precision_notice(model: nn.Module, precision: str) -> str | None:
                 measured = timings(layer.in_features, layer.out_features)
                 chosen += measured.get("int8-native" if native_step else f"int8-{layer.kernel}", 0.0)
                 float32 += min(t for name, t in measured.items() if name in ("float32", "float32-blocked"))
+    elif isinstance(model, Seq2Seq):  # decodes about DECODE_ROWS hypotheses a step, not one
+        chosen, float32 = batched_precision_report(linear_shapes(model), DECODE_ROWS)
+        unit = f"per step of {DECODE_ROWS} hypotheses"
     else:
         native_step = getattr(model, "native_decoder", None) is not None
         chosen, float32 = precision_report(linear_shapes(model), precision, native_step)
@@ -273,7 +280,7 @@ def slower_precision_notice(model: nn.Module, precision: str) -> str | None:
         return None
     option = "--quantize int8" if precision == "int8" else "--dtype bfloat16"
     return (f"{option} measures {float32 / chosen:.2f}x float32's decoding speed on this CPU "
-            f"({1e3 * chosen:.2f} vs {1e3 * float32:.2f} ms of matrix products per token): it saves memory, "
+            f"({1e3 * chosen:.2f} vs {1e3 * float32:.2f} ms of matrix products {unit}): it saves memory, "
             f"not time; leave it out for speed.")  # fmt: skip
 
 

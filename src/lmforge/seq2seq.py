@@ -270,16 +270,18 @@ def score_outputs(task: str, outputs: list[str], references: list[list[str | Non
 
 
 def evaluate_pairs(checkpoint: str | Path, data: str | Path | None = None, cfg: Seq2SeqConfig | None = None,
-                   device: str = "cpu", limit: int = 0, log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+                   device: str = "cpu", limit: int = 0, log: Callable[[str], None] | None = None,
+                   dtype: str = "float32") -> dict:  # fmt: skip
     """Decode the sources of a pairs file (default: the validation pairs the model was trained with)
-    and score the outputs against the targets (`cfg` None: 4 beams and the task's defaults)."""
+    and score the outputs against the targets (`cfg` None: 4 beams and the task's defaults), with
+    the weights in `dtype`."""
     from lmforge.checkpoint import open_checkpoint
     from lmforge.data.pairs import prepare_pairs, read_pairs
     from lmforge.inference import load_for_inference
 
     opened = open_checkpoint(checkpoint)
     config = opened.config
-    model, tokenizer = load_for_inference(str(checkpoint), device)
+    model, tokenizer = load_for_inference(str(checkpoint), device, dtype)
     if data is None:
         pairs = prepare_pairs(config, log=lambda _: None).val_texts
         where = f"validation pairs of {config.data.val_path or config.data.path}"
