@@ -72,7 +72,8 @@ def decoding_speed(run: Path, sources: list[str], repeats: int = 3) -> dict:
             timings[way].append(time.perf_counter() - start)
     seconds = {way: statistics.median(timings[way]) for way in ways}
     same_in_bfloat16 = sum(a == b for a, b in zip(outputs["cached"], outputs["cached_bfloat16"], strict=True))
-    return {"sources": len(sources), "batch": sources_per_batch(Seq2SeqConfig(beams=1)), "repeats": repeats,
+    longest = max(len(tokenizer.encode(source)) for source in sources)
+    return {"sources": len(sources), "batch": sources_per_batch(Seq2SeqConfig(beams=1), longest), "repeats": repeats,
             **{f"{way}_s": round(value, 2) for way, value in seconds.items()},
             "speedup": round(seconds["uncached"] / seconds["cached"], 2),
             "same_outputs": outputs["cached"] == outputs["uncached"],

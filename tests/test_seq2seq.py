@@ -20,6 +20,7 @@ from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.models import build_model
 from lmforge.seq2seq import (
     DECODE_ROWS,
+    MAX_DECODE_ROWS,
     Seq2SeqConfig,
     ban_repeated_ngrams,
     beam_search,
@@ -114,11 +115,14 @@ def test_padding_masks_make_batched_results_equal_single_examples(copy):
                                                             for s in sources]  # fmt: skip
 
 
-def test_decoding_batches_hold_about_decode_rows_hypotheses_unless_told():
+def test_decoding_batches_hold_64_to_256_hypotheses_by_source_length_unless_told():
     assert sources_per_batch(Seq2SeqConfig(beams=1)) == DECODE_ROWS == 64
     assert sources_per_batch(Seq2SeqConfig(beams=4)) == 16
+    assert sources_per_batch(Seq2SeqConfig(beams=1), source_tokens=12) == MAX_DECODE_ROWS == 256  # sentences
+    assert sources_per_batch(Seq2SeqConfig(beams=4), source_tokens=64) == 32  # 128 rows of 64 tokens
+    assert sources_per_batch(Seq2SeqConfig(beams=1), source_tokens=300) == 64  # abstracts: the fewest rows
     assert sources_per_batch(Seq2SeqConfig(beams=100)) == 1
-    assert sources_per_batch(Seq2SeqConfig(beams=4, batch_size=3)) == 3
+    assert sources_per_batch(Seq2SeqConfig(beams=4, batch_size=3), source_tokens=12) == 3
     with pytest.raises(UserError, match="batch_size must be at least 0"):
         sources_per_batch(Seq2SeqConfig(batch_size=-1))  # rather than decode nothing and return ""s
 

@@ -33,21 +33,29 @@ from lmforge.errors import UserError
 from lmforge.tokenizers import TextTokenizer
 from lmforge.training.pairs import boundary_id, pad_sources
 
-# Hypotheses a decoding batch advances together when Seq2SeqConfig.batch_size is 0. Fewer rows
-# make each step's matrix products small (32 rows ran at ~50 GMAC/s where the recomputation's larger
-# ones ran at ~80); more rows keep rows that have finished computing until the batch's longest one
-# ends. Measured on 300 Tatoeba dev sentences (the 20-minute eng-fra-translation model, 2-core Zen 4,
-# medians of 3): greedy 0.82 s at 32 sources, 0.74 at 64; beam 4 3.92 s at 32, 3.25 at 16 (64 rows);
-# a 4-minute model: greedy 0.65 s at 64, 0.67 at 128; beam 4 4.13 s at 8, 6.48 at 64 (docs/performance.md).
+# Hypotheses a decoding batch advances together when Seq2SeqConfig.batch_size is 0: as many as
+# fit DECODE_SOURCE_TOKENS tokens of source (the longest source times the rows: what cross-attention
+# and its cache cost), at least DECODE_ROWS, at most MAX_DECODE_ROWS. Few rows make each step's
+# products small and slow per row (32 rows ran at ~50 GMAC/s where 128-256 ran at ~80); since
+# finished rows leave the batch, more rows no longer cost steps for rows that are done. Measured
+# (2-core Zen 4, medians of 3, docs/performance.md): 1,000 Tatoeba sentences, greedy 1.65 s at 64
+# rows, 1.32 at 128, 1.17 at 256, 1.23 at 512; beam 4 8.4 / 5.6 / 5.2 / 4.7 s. 300 arXiv abstracts
+# (160 tokens): greedy 3.2 s at 32 rows, 3.3 at 64, 3.4 at 128, 4.2 at 256.
 DECODE_ROWS = 64
+MAX_DECODE_ROWS = 256
+DECODE_SOURCE_TOKENS = 8192
 
 
-def sources_per_batch(cfg: Seq2SeqConfig) -> int:
-    """How many sources `transduce` decodes together under `cfg`."""
+def sources_per_batch(cfg: Seq2SeqConfig, source_tokens: int = 0) -> int:
+    """How many sources `transduce` decodes together under `cfg` when the longest of them has
+    `source_tokens` tokens (0: not known, DECODE_ROWS hypotheses)."""
     if cfg.batch_size < 0:
-        raise UserError(f"batch_size must be at least 0 (0 = about {DECODE_ROWS} hypotheses a batch), "
-                        f"not {cfg.batch_size}.")  # fmt: skip
-    return cfg.batch_size or max(1, DECODE_ROWS // max(1, cfg.beams))
+        raise UserError(f"batch_size must be at least 0 (0 = {DECODE_ROWS}-{MAX_DECODE_ROWS} hypotheses a batch, "
+                        f"by source length), not {cfg.batch_size}.")  # fmt: skip
+    if cfg.batch_size:
+        return cfg.batch_size
+    rows = DECODE_SOURCE_TOKENS // source_tokens if source_tokens else DECODE_ROWS
+    return max(1, min(MAX_DECODE_ROWS, max(DECODE_ROWS, rows)) // max(1, cfg.beams))
 
 
 @dataclass
@@ -56,7 +64,9 @@ class Seq2SeqConfig:
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0  # n > 0: no n-gram twice in an output
     max_new_tokens: int = 0  # 0 = the model's block_size - 1
-    batch_size: int = 0  # sources decoded together; 0 = DECODE_ROWS rows of hypotheses (DECODE_ROWS // beams)
+    batch_size: int = (
+        0  # sources decoded together; 0 = 64-256 hypotheses by source length (sources_per_batch)
+    )
     use_cache: bool = (
         True  # greedy only: False recomputes the decoder over the prefix each step (a reference)
     )
@@ -214,9 +224,12 @@ def transduce(model: nn.Module, tokenizer: TextTokenizer, sources: list[str], cf
     encoded = _encode_sources(model, tokenizer, sources)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch together
     outputs: list[str] = [""] * len(encoded)
-    per_batch = sources_per_batch(cfg)
-    for begin in range(0, len(order), per_batch):
-        chunk = order[begin : begin + per_batch]
+    most = sources_per_batch(cfg, source_tokens=1)  # the most sources a batch may hold
+    begin = 0
+    while begin < len(order):
+        longest = len(encoded[order[min(begin + most, len(order)) - 1]])  # (sorted: the last is the longest)
+        chunk = order[begin : begin + sources_per_batch(cfg, longest)]
+        begin += len(chunk)
         batch = [encoded[i] for i in chunk]
         if cfg.beams > 1:
             new = beam_search(model, batch, boundary, max_new, cfg.beams, cfg.length_penalty,
