@@ -108,6 +108,9 @@ def test_an_encoder_decoder_weighs_bfloat16_at_the_rows_it_decodes_together(fres
     cfg = ModelConfig(arch="seq2seq", vocab_size=40, block_size=12, source_block_size=10, n_layer=1,
                       n_encoder_layer=1, n_head=2, n_embd=16)  # fmt: skip
     model = build_model(cfg)
+    assert (
+        kernels.PROMPT_ROWS == DECODE_ROWS
+    )  # (inference.py may not import seq2seq.py: it imports inference)
     rows = f"rows{DECODE_ROWS}"
     measured = fake_timings(monkeypatch, {"bfloat16": 2.0, f"bfloat16-{rows}": 0.5, f"float32-{rows}": 1.0})
     assert slower_precision_notice(model, "bfloat16") is None  # slower at one row, faster at DECODE_ROWS

@@ -257,9 +257,8 @@ def slower_precision_notice(model: nn.Module, precision: str) -> str | None:
     """A sentence when `precision` (int8 or bfloat16) decodes slower than float32 on this CPU,
     counting each int8 layer at the kernel it actually uses; an encoder–decoder at the rows it decodes
     together."""
-    from lmforge.kernels import batched_precision_report, precision_report, timings
+    from lmforge.kernels import PROMPT_ROWS, batched_precision_report, precision_report, timings
     from lmforge.models.seq2seq import Seq2Seq
-    from lmforge.seq2seq import DECODE_ROWS
 
     unit = "per token"
     if precision == "int8":
@@ -270,9 +269,11 @@ def slower_precision_notice(model: nn.Module, precision: str) -> str | None:
                 measured = timings(layer.in_features, layer.out_features)
                 chosen += measured.get("int8-native" if native_step else f"int8-{layer.kernel}", 0.0)
                 float32 += min(t for name, t in measured.items() if name in ("float32", "float32-blocked"))
-    elif isinstance(model, Seq2Seq):  # decodes about DECODE_ROWS hypotheses a step, not one
-        chosen, float32 = batched_precision_report(linear_shapes(model), DECODE_ROWS)
-        unit = f"per step of {DECODE_ROWS} hypotheses"
+    elif isinstance(
+        model, Seq2Seq
+    ):  # transduce steps at least DECODE_ROWS (= PROMPT_ROWS) hypotheses, not one
+        chosen, float32 = batched_precision_report(linear_shapes(model), PROMPT_ROWS)
+        unit = f"per step of {PROMPT_ROWS} hypotheses"
     else:
         native_step = getattr(model, "native_decoder", None) is not None
         chosen, float32 = precision_report(linear_shapes(model), precision, native_step)
