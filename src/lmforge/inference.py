@@ -269,9 +269,8 @@ def slower_precision_notice(model: nn.Module, precision: str) -> str | None:
                 measured = timings(layer.in_features, layer.out_features)
                 chosen += measured.get("int8-native" if native_step else f"int8-{layer.kernel}", 0.0)
                 float32 += min(t for name, t in measured.items() if name in ("float32", "float32-blocked"))
-    elif isinstance(
-        model, Seq2Seq
-    ):  # transduce steps at least DECODE_ROWS (= PROMPT_ROWS) hypotheses, not one
+    elif isinstance(model, Seq2Seq):
+        # transduce steps at least seq2seq.DECODE_ROWS (= PROMPT_ROWS) hypotheses together, not one
         chosen, float32 = batched_precision_report(linear_shapes(model), PROMPT_ROWS)
         unit = f"per step of {PROMPT_ROWS} hypotheses"
     else:
