@@ -338,7 +338,7 @@ def _transduce_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-repeat-ngram-size", type=int, default=None,
                    help="no n-gram twice in an output (0 = off; default 3 for summarize, 0 for translate)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=0,
-                   help="texts decoded together (0 = about 64 hypotheses: 64 greedy, 16 with 4 beams)")  # fmt: skip
+                   help="texts decoded together (0 = 64-256 hypotheses, fewer for longer texts)")  # fmt: skip
     _shared(p, "--device", "--dtype")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
