@@ -64,9 +64,8 @@ class Seq2SeqConfig:
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0  # n > 0: no n-gram twice in an output
     max_new_tokens: int = 0  # 0 = the model's block_size - 1
-    batch_size: int = (
-        0  # sources decoded together; 0 = 64-256 hypotheses by source length (sources_per_batch)
-    )
+    # Sources decoded together; 0 = 64-256 hypotheses by source length (sources_per_batch).
+    batch_size: int = 0
     use_cache: bool = (
         True  # greedy only: False recomputes the decoder over the prefix each step (a reference)
     )
