@@ -278,8 +278,8 @@ def batched_precision_report(
     """Seconds per decoding step of `rows` rows spent in the linear layers (`shapes`: (in, out) -> how
     many) with bfloat16 weights and with float32 ones: what an encoder–decoder, which decodes about
     that many hypotheses a step, pays. At 64 rows the products are arithmetic, not reading weights,
-    so the answer can differ from the one-row `precision_report` (on a Zen 4: bfloat16 0.5x float32
-    at one row, 1.6x at 64). Measured once per machine and shape."""
+    so the answer can differ from the one-row `precision_report` (on a Zen 5: bfloat16 0.5x float32
+    at one row, 1.8-3.3x at 64). Measured once per machine and shape."""
 
     def seconds(name: str, in_features: int, out_features: int) -> Callable[[], float]:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
