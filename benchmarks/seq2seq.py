@@ -243,8 +243,9 @@ def main() -> None:  # long: one benchmark, phase after phase
     pairs = read_pairs(dev, *d)
     settings = task_defaults(args.task, no_repeat_ngram_size=args.no_repeat_ngram_size)
     sources, references = references_by_source(pairs.sources, pairs.targets)
-    if args.only_baselines:  # add to the results of an earlier run
-        result = json.loads(path.read_text("utf-8"))
+    if args.only_baselines:  # add to the results of an earlier run, when there is one
+        result = json.loads(path.read_text("utf-8")) if path.exists() else {
+            "benchmark": f"seq2seq_{args.task}", "machine": machine_info(), "minutes": args.minutes}  # fmt: skip
     else:
         result = {"benchmark": f"seq2seq_{args.task}", "machine": machine_info(), "minutes": args.minutes,
                   "preset": PRESETS[args.task]}  # fmt: skip
@@ -288,12 +289,15 @@ def main() -> None:  # long: one benchmark, phase after phase
 
         n = args.smollm2_sources
         subset, subset_refs = sources[:n], [refs[:n] for refs in references]
-        model, tokenizer, _ = load_checkpoint(run)
-        model.eval()
-        outputs = transduce(model, tokenizer, subset, Seq2SeqConfig(beams=args.beams, **settings))
+        beside = {}
+        if (run / "model.safetensors").exists():  # the encoder–decoder of this run, on the same sources
+            model, tokenizer, _ = load_checkpoint(run)
+            model.eval()
+            outputs = transduce(model, tokenizer, subset, Seq2SeqConfig(beams=args.beams, **settings))
+            beside["seq2seq_beam_on_same_sources"] = {k: round(v, 2) for k, v in rouge(outputs, subset_refs).items()}
         result["smollm2_baseline"] = {
             "sources": n,
-            "seq2seq_beam_on_same_sources": {k: round(v, 2) for k, v in rouge(outputs, subset_refs).items()},
+            **beside,
             "lead15_on_same_sources": lead_words(subset, subset_refs),
             **smollm2_lora_baseline(
                 runs,

@@ -1,6 +1,9 @@
 """lmforge's own weight-only int8 kernel (native/int8_linear.c): built here, equal to the
 dequantised product, and simply absent (never an error) where it cannot be built."""
 
+import contextlib
+import subprocess
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,58 @@ def test_the_kernel_builds_on_this_machine():
     assert "int8-native" in kernels._candidates_names(64, 96)
 
 
+def avx512_vnni_targeted() -> bool:
+    """Whether the compiler, told -march=native, targets AVX-512 with VNNI on this CPU."""
+    macros = subprocess.run([native._compiler(), "-march=native", "-dM", "-E", "-"], input="",
+                            capture_output=True, text=True).stdout  # fmt: skip
+    return all(f"__{name}__" in macros for name in ("AVX512F", "AVX512BW", "AVX512VNNI"))
+
+
+# The int8 product loops this build has: the 256-bit one everywhere, the 512-bit one with AVX-512 VNNI.
+PRODUCT_LOOPS = [False, True] if avx512_vnni_targeted() else [False]
+
+
+@contextlib.contextmanager
+def product_loops(wide: bool):
+    """Products by the 512-bit loops (wide) or the 256-bit ones, then back to what was chosen."""
+    lib = native.library()
+    lib.set_wide_products(int(wide), int(wide))
+    try:
+        yield
+    finally:
+        lib.set_wide_products(*map(int, native.wide_products() or (0, 0)))
+
+
+def test_the_512_bit_products_are_built_exactly_where_the_compiler_targets_avx512_vnni():
+    lib = native.library()
+    assert bool(lib.set_wide_products(0, 0)) == avx512_vnni_targeted()
+    lib.set_wide_products(*map(int, native.wide_products() or (0, 0)))
+    assert (native.wide_products() is not None) == avx512_vnni_targeted()
+
+
+def test_the_512_bit_products_are_taken_only_where_they_time_faster(monkeypatch, tmp_path):
+    """Faster for eight rows and no slower for one: taken (int8 here); slower for one row: not
+    (float32 here). Timings faked; each product still runs once."""
+    lib = native.library()
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_timings", None)
+    chosen = native.wide_products()
+    fake = {"int8 256-bit rows=1": 1.0, "int8 512-bit rows=1": 1.04, "int8 256-bit rows=8": 3.0,
+            "int8 512-bit rows=8": 2.0, "float32 256-bit rows=1": 1.0, "float32 512-bit rows=1": 1.2,
+            "float32 256-bit rows=8": 3.0, "float32 512-bit rows=8": 2.0}  # fmt: skip
+    measured = []
+    monkeypatch.setattr(kernels, "measure", lambda kernel, fn: measured.append(fn()) or fake[kernel])
+    try:
+        native._choose_wide_products(lib)
+        if avx512_vnni_targeted():
+            assert native.wide_products() == (True, False) and measured == [0] * 8
+        else:
+            assert native.wide_products() is None and measured == []
+    finally:
+        monkeypatch.setattr(native, "_wide", chosen)
+        lib.set_wide_products(*map(int, chosen or (0, 0)))
+
+
 def rounding_bound(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The most the kernel's rounding of the input may move each output: every row is rounded to
     int16 per block of 64 values, the last block maybe shorter (half a step is max|block| / 65534);
@@ -32,18 +87,20 @@ def rounding_bound(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
     return half_step @ (weight.float() * scale[:, None]).abs().T
 
 
+@pytest.mark.parametrize("wide", PRODUCT_LOOPS)
 @pytest.mark.parametrize("rows", [1, 2, 5, 16])
 @pytest.mark.parametrize(("in_features", "out_features"), [(64, 96), (37, 11), (576, 1536), (1536, 40)])
-def test_equals_the_dequantised_product(rows, in_features, out_features):
+def test_equals_the_dequantised_product(rows, in_features, out_features, wide):
     weight, scale = quantized(out_features, in_features)
     bias = torch.randn(out_features)
     x = torch.randn(rows, in_features)
     reference = F.linear(x.double(), weight.double() * scale.double()[:, None], bias.double()).float()
     allowed = rounding_bound(x, weight, scale) + 1e-5 * reference.abs().max() + 1e-5
-    got = native.int8_linear(x, weight, scale, bias)
+    with product_loops(wide):
+        got = native.int8_linear(x, weight, scale, bias)
+        no_bias = native.int8_linear(x.view(1, rows, in_features), weight, scale, None)
     assert got.shape == (rows, out_features)
     assert ((got - reference).abs() <= allowed).all()
-    no_bias = native.int8_linear(x.view(1, rows, in_features), weight, scale, None)
     assert no_bias.shape == (1, rows, out_features)
     assert ((no_bias[0] - (reference - bias)).abs() <= allowed + 1e-5 * bias.abs().max()).all()
 
@@ -126,14 +183,16 @@ def test_fused_gate_up_gives_the_same_outputs():
     assert torch.allclose(model(ids)[0], before, atol=1e-5)
 
 
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
+@pytest.mark.parametrize("wide", PRODUCT_LOOPS)
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(wide):
     """Batched decoding gives each sequence exactly what it would get alone: every row is rounded
     and summed in the same order whether it comes alone or among 13 others (8 + 5 rows)."""
     weight, scale = quantized(40, 576)
     x = torch.randn(13, 576)
-    together = native.int8_linear(x, weight, scale, None)
-    for row in [0, 7, 8, 12]:
-        assert torch.equal(native.int8_linear(x[row : row + 1], weight, scale, None)[0], together[row])
+    with product_loops(wide):
+        together = native.int8_linear(x, weight, scale, None)
+        for row in [0, 7, 8, 12]:
+            assert torch.equal(native.int8_linear(x[row : row + 1], weight, scale, None)[0], together[row])
 
 
 def test_4bit_weights_stay_within_half_a_step_two_to_a_byte():
@@ -193,8 +252,9 @@ def test_a_4bit_layer_multiplies_natively_and_keeps_gradients(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 4, 9])
 @pytest.mark.parametrize(("in_features", "out_features"), [(64, 96), (37, 11), (576, 40)])
+@pytest.mark.parametrize("wide", PRODUCT_LOOPS)
 def test_the_float_kernel_equals_the_float32_product_of_the_same_weights(
-    dtype, rows, in_features, out_features
+    dtype, rows, in_features, out_features, wide
 ):
     """Float32 or bfloat16 weights times float32 inputs, summed in float32: the bfloat16 weights are
     widened exactly, so the only difference from a float64 product is float32's summation."""
@@ -205,14 +265,16 @@ def test_the_float_kernel_equals_the_float32_product_of_the_same_weights(
         torch.randn(out_features, generator=generator),
     )
     reference = F.linear(x.double(), weight.double(), bias.double())
-    got = native.float_linear(x, weight, bias)
+    with product_loops(wide):
+        got = native.float_linear(x, weight, bias)
+        no_bias = native.float_linear(x, weight, None)
+        alone = native.float_linear(x[-1:], weight, None)
     assert got.dtype == torch.float32 and got.shape == (rows, out_features)
     assert torch.allclose(
         got.double(), reference, rtol=0, atol=2e-6 * in_features**0.5 * reference.abs().max()
     )
-    assert torch.allclose(native.float_linear(x, weight, None).double(), reference - bias.double(), rtol=0,
+    assert torch.allclose(no_bias.double(), reference - bias.double(), rtol=0,
                           atol=2e-6 * in_features**0.5 * reference.abs().max())  # fmt: skip
-    together = native.float_linear(x, weight, None)  # a row's sums do not depend on the rows beside it
-    assert torch.equal(native.float_linear(x[-1:], weight, None)[0], together[-1])
+    assert torch.equal(alone[0], no_bias[-1])  # a row's sums do not depend on the rows beside it
     with pytest.raises(TypeError, match="float32 or bfloat16"):
         native.float_linear(x, weight.half(), None)

@@ -36,6 +36,7 @@ LIBRARIES = ["-lm"]  # after the source, where the linker looks for what it need
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
+_wide: tuple[bool, bool] | None = None  # see wide_products()
 
 
 def _compiler() -> str | None:
@@ -98,10 +99,71 @@ def library() -> ctypes.CDLL | None:
                         ctypes.c_int,
                     ]
                     lib.decode_step.restype = ctypes.c_int
+                    lib.set_wide_products.argtypes = [ctypes.c_int, ctypes.c_int]
+                    lib.set_wide_products.restype = ctypes.c_int
+                    _choose_wide_products(lib)
                     _library = lib
                 except OSError as e:
                     _failure = str(e)
         return _library
+
+
+# The products the choices below are timed on, larger than the caches as a decode step's weights
+# are (so one row waits on memory as in decoding, eight rows on arithmetic): SmolLM2's vocabulary
+# head in int8 (28 MB), a third of it in float32 (38 MB).
+WIDE_TIMING_SHAPES = {"int8": (576, 49152), "float32": (576, 16384)}
+NOISE = 1.05  # timings within 5% of each other are the same (the machines drift more than that)
+
+
+def _choose_wide_products(lib: ctypes.CDLL) -> None:
+    """Where this build has 512-bit products (AVX-512 with VNNI), time them against the 256-bit ones,
+    for int8 and for float32 weights, one input row and eight (timings cached per machine,
+    kernels.py); each kind takes them if they are faster for eight rows and no slower for one: a CPU
+    that runs 512-bit vectors in two halves may gain nothing. One choice for every row count, so a
+    row's result stays the same beside others."""
+    global _wide
+    if not lib.set_wide_products(0, 0):
+        return
+    from lmforge.kernels import measure, remembered
+
+    generator = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    chosen = {}
+    for kind, (in_features, out_features) in WIDE_TIMING_SHAPES.items():
+        if kind == "int8":
+            weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+            scale = torch.full((out_features,), 1e-3)
+        else:
+            weight = torch.randn(out_features, in_features, generator=generator)
+        seconds: dict[tuple[int, int], float] = {}
+        for rows in (1, 8):
+            x = torch.randn(rows, in_features, generator=generator)
+            y = torch.empty(rows, out_features)
+            if kind == "int8":
+                arguments = (x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None, y.data_ptr())
+                function = lib.int8_linear
+            else:
+                arguments = (x.data_ptr(), weight.data_ptr(), None, None, y.data_ptr())
+                function = lib.float_linear
+            for wide in (0, 1):
+
+                def timed(wide=wide, rows=rows, function=function, arguments=arguments, kind=kind) -> float:
+                    lib.set_wide_products(wide, wide)
+                    return measure(f"{kind} {256 << wide}-bit rows={rows}",
+                                   lambda: function(*arguments, rows, in_features, out_features, threads))  # fmt: skip
+
+                shape = f"{in_features}x{out_features} rows={rows} threads={threads}"
+                seconds[wide, rows] = remembered(f"{kind}-products {256 << wide}-bit {shape}", timed)
+        chosen[kind] = seconds[1, 8] < seconds[0, 8] and seconds[1, 1] <= NOISE * seconds[0, 1]
+    _wide = (chosen["int8"], chosen["float32"])
+    lib.set_wide_products(*map(int, _wide))
+
+
+def wide_products() -> tuple[bool, bool] | None:
+    """Whether (int8, float) products take the 512-bit loops, as timed when the library was loaded;
+    None where this build has no such loops (no AVX-512 VNNI) or there is no native library."""
+    library()
+    return _wide
 
 
 def why_unavailable() -> str | None:

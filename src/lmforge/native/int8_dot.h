@@ -50,6 +50,12 @@ static void team_wait(Team *team) {
     }
 }
 
+/* Whether products take the 512-bit loops (dot_rows_int16_wide for int8 weights, dot_rows_float_wide
+ * for float ones), whatever the number of rows (a row's result must not depend on the rows beside
+ * it): set by set_wide_products (int8_linear.c, which holds them) from the timings
+ * native/__init__.py takes. */
+extern int wide_products, wide_floats;
+
 #define ROUND_BLOCK 64 /* values that share one int16 scale (see dot_rows_int16) */
 #define OUT_TILE 16    /* output channels whose weights a thread keeps in the L1 cache (linear_rows) */
 #define INT4_BLOCK 32  /* 4-bit weights: values that share one scale and minimum */
@@ -147,6 +153,96 @@ static inline __attribute__((always_inline)) void dot_rows_int16(const int8_t *w
     }
 }
 #define HAVE_INT16_PATH 1
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+/* dot_rows_int16 in 512-bit vectors: VNNI's `dpwssd` multiplies 32 int16 pairs and adds them into
+ * 16 int32 sums in one instruction (the AVX2 loop needs a `madd` and an add for 16). Each lane sums
+ * 4 products of a block, |sum| <= 4 * 128 * 32767 < 2^24: exact in float. Whether it is faster
+ * depends on the CPU (a core that splits 512-bit work in two may gain nothing), so it is used only
+ * where set_wide_products says so, which kernels.py decides by timing both. */
+static inline __attribute__((always_inline)) void dot_rows_int16_wide(const int8_t *w, const int16_t *q,
+                                                                      const float *qs, int64_t in, const int R,
+                                                                      float *out) {
+    const int64_t blocks = in / ROUND_BLOCK, scales = (in + ROUND_BLOCK - 1) / ROUND_BLOCK;
+    __m512 acc[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const int8_t *wb = w + b * ROUND_BLOCK;
+        if (R > 1) _mm_prefetch((const char *)(wb + PREFETCH_ROWS * in), _MM_HINT_T0);
+        const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)wb));
+        const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wb + 32)));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const int16_t *qb = q + r * in + b * ROUND_BLOCK;
+            __m512i sum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(qb));
+            sum = _mm512_dpwssd_epi32(sum, w1, _mm512_loadu_si512(qb + 32));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(qs[r * scales + b]), acc[r]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        float total = _mm512_reduce_add_ps(acc[r]);
+        if (blocks < scales) {
+            int32_t tail = 0;
+            for (int64_t k = blocks * ROUND_BLOCK; k < in; k++) tail += (int32_t)w[k] * q[r * in + k];
+            total += (float)tail * qs[r * scales + blocks];
+        }
+        out[r] = total;
+    }
+}
+#define HAVE_WIDE_PRODUCTS 1
+#endif
+#ifdef HAVE_WIDE_PRODUCTS
+/* Sixteen float32 weights, or sixteen bfloat16 ones widened (see load_weights8). */
+static inline __m512 load_weights16(const float *w32, const uint16_t *w16, int64_t k, const int bf16) {
+    if (bf16)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w16 + k))), 16));
+    return _mm512_loadu_ps(w32 + k);
+}
+
+/* dot_rows_float in 512-bit vectors for up to 8 rows (32 vector registers hold their 16 sums and
+ * the weights): 32 values a step, two accumulators a row, the same order whatever R is. */
+static inline __attribute__((always_inline)) void dot_rows_float_wide(const float *w32, const uint16_t *w16,
+                                                                      const float *x, int64_t in, const int R,
+                                                                      const int bf16, float *out) {
+    __m512 even[8], odd[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) even[r] = odd[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= in; k += 32) {
+        if (R > 1) { /* the weights of the channel PREFETCH_ROWS ahead: 64 bytes of bfloat16, 128 of float32 */
+            const char *ahead = bf16 ? (const char *)(w16 + k + PREFETCH_ROWS * in)
+                                     : (const char *)(w32 + k + PREFETCH_ROWS * in);
+            _mm_prefetch(ahead, _MM_HINT_T0);
+            if (!bf16) _mm_prefetch(ahead + 64, _MM_HINT_T0);
+        }
+        const __m512 w0 = load_weights16(w32, w16, k, bf16), w1 = load_weights16(w32, w16, k + 16, bf16);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            even[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * in + k), even[r]);
+            odd[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * in + k + 16), odd[r]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        float total = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r]));
+        for (int64_t j = k; j < in; j++) total += (bf16 ? bf16_to_float(w16[j]) : w32[j]) * x[r * in + j];
+        out[r] = total;
+    }
+}
+#endif
+
+#ifdef HAVE_WIDE_PRODUCTS
+#define WIDE() wide_products
+#define WIDE_FLOATS() wide_floats
+#else /* never called: WIDE and WIDE_FLOATS are 0 */
+#define dot_rows_int16_wide dot_rows_int16
+#define dot_rows_float_wide dot_rows_float
+#define WIDE() 0
+#define WIDE_FLOATS() 0
+#endif
 
 /* The same for 4-bit weights: out[r] = sum over blocks b of 32 of (scale_b * sum_k q_w[k] * q[r][k] *
  * qs[r][b / 2] + min_b * xsum[r][b]), xsum the block's sum of the (unrounded) input; in a multiple
@@ -366,24 +462,32 @@ static void linear_rows(const Linear *L, const float *x, float *y, int64_t rows,
                         float *xsum, Team *team) {
     const int64_t in = L->in, out = L->out, int4 = L->weight4 != NULL;
     const int64_t floats = L->weight32 != NULL || L->weight_bf16 != NULL; /* no rounding, no scales */
-    const int64_t group = floats ? FLOAT_ROWS : 8; /* input rows whose sums stay in registers */
 #ifdef HAVE_INT16_PATH
+    const int wide = floats ? WIDE_FLOATS() : WIDE(); /* the 512-bit loops (set_wide_products) */
+    const int64_t group = floats && !wide ? FLOAT_ROWS : 8; /* input rows whose sums stay in registers */
     const int64_t scales = (in + ROUND_BLOCK - 1) / ROUND_BLOCK, blocks = in / INT4_BLOCK;
     if (!floats) {
         round_rows(x, rows, in, q, qs, int4 ? xsum : NULL);
         team_wait(team);
     }
 #define PRODUCT(R)                                                                                            \
-    if (L->weight_bf16)                                                                                       \
+    if (L->weight_bf16 && wide)                                                                               \
+        dot_rows_float_wide(NULL, L->weight_bf16 + o * in, x + r0 * in, in, R, 1, sums);                     \
+    else if (L->weight32 && wide)                                                                             \
+        dot_rows_float_wide(L->weight32 + o * in, NULL, x + r0 * in, in, R, 0, sums);                        \
+    else if (L->weight_bf16)                                                                                  \
         dot_rows_float(NULL, L->weight_bf16 + o * in, x + r0 * in, in, R, 1, sums);                          \
     else if (L->weight32)                                                                                     \
         dot_rows_float(L->weight32 + o * in, NULL, x + r0 * in, in, R, 0, sums);                             \
     else if (int4)                                                                                            \
         dot_rows_int4(L->weight4 + o * in / 2, L->block_scale + o * blocks, L->block_min + o * blocks,       \
                       q + r0 * in, qs + r0 * scales, xsum + r0 * blocks, in, R, sums);                        \
+    else if (wide)                                                                                            \
+        dot_rows_int16_wide(L->weight + o * in, q + r0 * in, qs + r0 * scales, in, R, sums);                 \
     else                                                                                                      \
         dot_rows_int16(L->weight + o * in, q + r0 * in, qs + r0 * scales, in, R, sums)
 #else
+    const int64_t group = floats ? FLOAT_ROWS : 8;
     (void)q, (void)qs, (void)xsum;
 #define PRODUCT(R)                                                                                            \
     if (L->weight_bf16)                                                                                       \

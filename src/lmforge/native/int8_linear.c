@@ -23,6 +23,8 @@
 
 #include "int8_dot.h"
 
+int wide_products = 0, wide_floats = 0; /* off until both loops have been timed (set_wide_products) */
+
 /* y = x @ W^T for one layer L (int8 or 4-bit) and `rows` rows of x. Returns 0, or -1 when memory
  * for the rounded input could not be had (y untouched). */
 static int linear(const Linear *L, const float *x, float *y, int64_t rows, int threads) {
@@ -57,4 +59,17 @@ int float_linear(const float *x, const float *w32, const uint16_t *w16, const fl
                  int64_t in, int64_t out, int threads) {
     const Linear L = {NULL, NULL, NULL, NULL, NULL, w32, w16, bias, in, out};
     return linear(&L, x, y, rows, threads);
+}
+
+/* Let int8 products take the 512-bit VNNI loop (int8 != 0) and float ones the 512-bit FMA loop
+ * (floats != 0), or each its 256-bit one (native/__init__.py times both). Returns 1 where this build
+ * has the 512-bit loops, else 0 (and the settings are ignored). */
+int set_wide_products(int int8, int floats) {
+#ifdef HAVE_WIDE_PRODUCTS
+    wide_products = int8 != 0, wide_floats = floats != 0;
+    return 1;
+#else
+    (void)int8, (void)floats;
+    return 0;
+#endif
 }
