@@ -294,7 +294,9 @@ def main() -> None:  # long: one benchmark, phase after phase
             model, tokenizer, _ = load_checkpoint(run)
             model.eval()
             outputs = transduce(model, tokenizer, subset, Seq2SeqConfig(beams=args.beams, **settings))
-            beside["seq2seq_beam_on_same_sources"] = {k: round(v, 2) for k, v in rouge(outputs, subset_refs).items()}
+            beside["seq2seq_beam_on_same_sources"] = {
+                k: round(v, 2) for k, v in rouge(outputs, subset_refs).items()
+            }
         result["smollm2_baseline"] = {
             "sources": n,
             **beside,

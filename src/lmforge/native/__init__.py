@@ -124,39 +124,40 @@ def _choose_wide_products(lib: ctypes.CDLL) -> None:
     global _wide
     if not lib.set_wide_products(0, 0):
         return
-    from lmforge.kernels import measure, remembered
+    from lmforge.kernels import remembered
 
-    generator = torch.Generator().manual_seed(0)
     threads = torch.get_num_threads()
     chosen = {}
     for kind, (in_features, out_features) in WIDE_TIMING_SHAPES.items():
-        if kind == "int8":
-            weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
-            scale = torch.full((out_features,), 1e-3)
-        else:
-            weight = torch.randn(out_features, in_features, generator=generator)
-        seconds: dict[tuple[int, int], float] = {}
+        seconds = {}
         for rows in (1, 8):
-            x = torch.randn(rows, in_features, generator=generator)
-            y = torch.empty(rows, out_features)
-            if kind == "int8":
-                arguments = (x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None, y.data_ptr())
-                function = lib.int8_linear
-            else:
-                arguments = (x.data_ptr(), weight.data_ptr(), None, None, y.data_ptr())
-                function = lib.float_linear
             for wide in (0, 1):
-
-                def timed(wide=wide, rows=rows, function=function, arguments=arguments, kind=kind) -> float:
-                    lib.set_wide_products(wide, wide)
-                    return measure(f"{kind} {256 << wide}-bit rows={rows}",
-                                   lambda: function(*arguments, rows, in_features, out_features, threads))  # fmt: skip
-
-                shape = f"{in_features}x{out_features} rows={rows} threads={threads}"
-                seconds[wide, rows] = remembered(f"{kind}-products {256 << wide}-bit {shape}", timed)
+                key = f"{kind}-products {256 << wide}-bit {in_features}x{out_features} rows={rows} threads={threads}"
+                # (remembered calls the lambda at once, in this iteration: the loop variables are current)
+                seconds[wide, rows] = remembered(key, lambda: _time_products(lib, kind, wide, rows, threads))  # noqa: B023
         chosen[kind] = seconds[1, 8] < seconds[0, 8] and seconds[1, 1] <= NOISE * seconds[0, 1]
     _wide = (chosen["int8"], chosen["float32"])
     lib.set_wide_products(*map(int, _wide))
+
+
+def _time_products(lib: ctypes.CDLL, kind: str, wide: int, rows: int, threads: int) -> float:
+    """Seconds of one product of WIDE_TIMING_SHAPES[kind] for `rows` rows by the 512-bit loops
+    (`wide`) or the 256-bit ones (kernels.measure: the median after a warm-up)."""
+    from lmforge.kernels import measure
+
+    in_features, out_features = WIDE_TIMING_SHAPES[kind]
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(rows, in_features, generator=generator), torch.empty(rows, out_features)
+    if kind == "int8":
+        weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+        scale = torch.full((out_features,), 1e-3)
+        function, pointers = lib.int8_linear, (x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None)
+    else:
+        weight = torch.randn(out_features, in_features, generator=generator)
+        function, pointers = lib.float_linear, (x.data_ptr(), weight.data_ptr(), None, None)
+    lib.set_wide_products(wide, wide)
+    return measure(f"{kind} {256 << wide}-bit rows={rows}",
+                   lambda: function(*pointers, y.data_ptr(), rows, in_features, out_features, threads))  # fmt: skip
 
 
 def wide_products() -> tuple[bool, bool] | None:
