@@ -1,15 +1,13 @@
 """lmforge's own weight-only int8 kernel (native/int8_linear.c): built here, equal to the
 dequantised product, and simply absent (never an error) where it cannot be built."""
 
-import contextlib
-import subprocess
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lmforge import kernels, native
 from lmforge.inference import Int4Linear, Int8Linear, dequantize_4bit, quantize_4bit
+from tests.native_loops import PRODUCT_LOOPS, avx512_vnni_targeted, product_loops
 
 
 def quantized(out_features: int, in_features: int, seed: int = 0):
@@ -22,28 +20,6 @@ def quantized(out_features: int, in_features: int, seed: int = 0):
 def test_the_kernel_builds_on_this_machine():
     assert native.library() is not None, native.why_unavailable()
     assert "int8-native" in kernels._candidates_names(64, 96)
-
-
-def avx512_vnni_targeted() -> bool:
-    """Whether the compiler, told -march=native, targets AVX-512 with VNNI on this CPU."""
-    macros = subprocess.run([native._compiler(), "-march=native", "-dM", "-E", "-"], input="",
-                            capture_output=True, text=True).stdout  # fmt: skip
-    return all(f"__{name}__" in macros for name in ("AVX512F", "AVX512BW", "AVX512VNNI"))
-
-
-# The int8 product loops this build has: the 256-bit one everywhere, the 512-bit one with AVX-512 VNNI.
-PRODUCT_LOOPS = [False, True] if avx512_vnni_targeted() else [False]
-
-
-@contextlib.contextmanager
-def product_loops(wide: bool):
-    """Products by the 512-bit loops (wide) or the 256-bit ones, then back to what was chosen."""
-    lib = native.library()
-    lib.set_wide_products(int(wide), int(wide))
-    try:
-        yield
-    finally:
-        lib.set_wide_products(*map(int, native.wide_products() or (0, 0)))
 
 
 def test_the_512_bit_products_are_built_exactly_where_the_compiler_targets_avx512_vnni():

@@ -21,6 +21,7 @@ from lmforge.inference import (
 from lmforge.models.gpt import GPT
 from lmforge.native.decoding import NativeDecoder, attach, step_logits, why_not_native
 from lmforge.tokenizers import train_char_tokenizer
+from tests.native_loops import PRODUCT_LOOPS, product_loops
 
 VARIANTS = {
     "gpt2-like": dict(norm="layernorm", activation="gelu", pos_encoding="learned", bias=True),
@@ -59,11 +60,12 @@ def prefilled_caches(model: GPT, rows: int, generator: torch.Generator):
     return positions[:, -1], *caches
 
 
+@pytest.mark.parametrize("wide", PRODUCT_LOOPS)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @torch.inference_mode()
-def test_a_native_step_equals_the_forward_pass_on_the_same_quantised_weights(variant, rows, bits):
+def test_a_native_step_equals_the_forward_pass_on_the_same_quantised_weights(variant, rows, bits, wide):
     model = int8_model(bits=bits, **VARIANTS[variant])
     assert why_not_native(model) is None
     assert any(isinstance(layer, Int4Linear if bits == 4 else Int8Linear) for layer in model.modules())
@@ -74,7 +76,8 @@ def test_a_native_step_equals_the_forward_pass_on_the_same_quantised_weights(var
         tokens = torch.randint(0, 61, (rows,), generator=generator)
         at = last + 1 + torch.arange(reference.length - 6, reference.length - 5).expand(rows)
         expected = model(tokens[:, None], cache=reference, positions=at[:, None])[0][:, -1]
-        got = decoder.step(tokens, at, native)
+        with product_loops(wide):
+            got = decoder.step(tokens, at, native)
         # the weights are the same; the native kernel rounds each input row to int16 per block of 64
         # (relative error < 2e-5 of the block's largest value) and sums in another order. A 4-bit
         # block multiplies the rounded input by scale * q, which spans max - min of the block: up to
@@ -97,11 +100,14 @@ def float_model(dtype: torch.dtype, seed: int = 0, **options) -> GPT:
     return fuse_projections(model).to(dtype)
 
 
+@pytest.mark.parametrize("wide", PRODUCT_LOOPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @torch.inference_mode()
-def test_a_native_step_with_float_weights_equals_float32_arithmetic_on_the_same_weights(variant, rows, dtype):
+def test_a_native_step_with_float_weights_equals_float32_arithmetic_on_the_same_weights(
+    variant, rows, dtype, wide
+):
     """Float32 or bfloat16 weights: the native step computes in float32 throughout, so its reference
     is the float32 forward pass of the very same weights (bfloat16 ones widened exactly)."""
     model = float_model(dtype, **VARIANTS[variant])
@@ -114,7 +120,8 @@ def test_a_native_step_with_float_weights_equals_float32_arithmetic_on_the_same_
         tokens = torch.randint(0, 61, (rows,), generator=generator)
         at = last + 1 + step
         expected = reference_model(tokens[:, None], cache=reference, positions=at[:, None])[0][:, -1]
-        got = decoder.step(tokens, at, native)
+        with product_loops(wide):
+            got = decoder.step(tokens, at, native)
         # the same weights and float32 arithmetic: only the order of the sums differs
         assert torch.allclose(got, expected, rtol=0, atol=2e-5 * expected.abs().max().item())
         for mine, theirs in ((native.k, reference.k), (native.v, reference.v)):
