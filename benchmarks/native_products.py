@@ -44,7 +44,7 @@ def both_loops(lib, fn, repeats: int) -> dict:
     samples: dict[int, list[float]] = {0: [], 1: []}
     for _ in range(repeats):
         for wide in (0, 1):
-            lib.set_wide_products(wide, wide)
+            lib.set_wide_products(wide, wide, wide)
             samples[wide].append(median_ms(fn, 3))
     ms256, ms512 = statistics.median(samples[0]), statistics.median(samples[1])
     return {"ms_256bit": ms256, "ms_512bit": ms512, "speedup": round(ms256 / ms512, 2)}
@@ -120,13 +120,13 @@ def main() -> None:
 
     torch.set_num_threads(2)
     lib = native.library()
-    if lib is None or not lib.set_wide_products(0, 0):
+    if lib is None or not lib.set_wide_products(0, 0, 0):
         sys.exit("this build has no 512-bit product loops (they need AVX-512 with VNNI)")
     chosen = native.wide_products()
     result = {"benchmark": "native_products", "machine": machine_info(), "repeats": args.repeats,
-              "chosen_at_load": {"int8": chosen[0], "float": chosen[1]},
+              "chosen_at_load": chosen,
               "products": products(lib, args.repeats), "decode_steps": decode_steps(lib, args.repeats)}  # fmt: skip
-    lib.set_wide_products(*map(int, chosen))
+    native.use_wide_products(chosen["int8"], chosen["float32"][0])
     path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -20,10 +20,10 @@ PRODUCT_LOOPS = [False, True] if avx512_vnni_targeted() else [False]
 
 @contextlib.contextmanager
 def product_loops(wide: bool):
-    """Products by the 512-bit loops (wide) or the 256-bit ones, then back to what was chosen."""
-    lib = native.library()
-    lib.set_wide_products(int(wide), int(wide))
+    """Every product by the 512-bit loops (wide) or the 256-bit ones, then back to what was chosen."""
+    native.use_wide_products((wide, wide), wide)
     try:
         yield
     finally:
-        lib.set_wide_products(*map(int, native.wide_products() or (0, 0)))
+        chosen = native.wide_products() or {"int8": (False, False), "float32": (False, False)}
+        native.use_wide_products(chosen["int8"], chosen["float32"][0])

@@ -24,32 +24,54 @@ def test_the_kernel_builds_on_this_machine():
 
 def test_the_512_bit_products_are_built_exactly_where_the_compiler_targets_avx512_vnni():
     lib = native.library()
-    assert bool(lib.set_wide_products(0, 0)) == avx512_vnni_targeted()
-    lib.set_wide_products(*map(int, native.wide_products() or (0, 0)))
+    assert bool(lib.set_wide_products(0, 0, 0)) == avx512_vnni_targeted()
+    with product_loops(False):  # (restores the choice the line above undid)
+        pass
     assert (native.wide_products() is not None) == avx512_vnni_targeted()
 
 
-def test_the_512_bit_products_are_taken_only_where_they_time_faster(monkeypatch, tmp_path):
-    """Faster for eight rows and no slower for one: taken (int8 here); slower for one row: not
-    (float32 here). Timings faked; each product still runs once."""
-    lib = native.library()
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+@pytest.mark.parametrize(("in_features", "out_features"), [(64, 96), (37, 11), (576, 40), (1536, 24)])
+def test_the_512_bit_int8_products_give_the_256_bit_ones_bit_for_bit(rows, in_features, out_features):
+    """So an int8 product may take either loop by its rows, as timed, and no output changes (on a CPU
+    without AVX-512 VNNI both calls take the 256-bit loop: the check still runs, trivially)."""
+    weight, scale = quantized(out_features, in_features)
+    x = torch.randn(rows, in_features)
+    results = []
+    for wide in [False, PRODUCT_LOOPS[-1]]:
+        with product_loops(wide):
+            results.append(native.int8_linear(x, weight, scale, None))
+    assert torch.equal(*results)
+
+
+@pytest.mark.parametrize(
+    ("float_timings", "floats_taken"),
+    [((1.04, 2.0), True), ((0.9, 3.5), False), ((1.2, 2.0), False)],  # (1 row, 8 rows); 256-bit: (1, 3)
+)
+def test_the_512_bit_products_are_taken_where_they_time_faster(
+    monkeypatch, tmp_path, float_timings, floats_taken
+):
+    """int8: for one row and for several, each by its timings; float32: for all rows where faster for
+    eight and no slower for one, within 5% (timings faked here; each product still runs once)."""
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(kernels, "_timings", None)
     chosen = native.wide_products()
-    fake = {"int8 256-bit rows=1": 1.0, "int8 512-bit rows=1": 1.04, "int8 256-bit rows=8": 3.0,
-            "int8 512-bit rows=8": 2.0, "float32 256-bit rows=1": 1.0, "float32 512-bit rows=1": 1.2,
-            "float32 256-bit rows=8": 3.0, "float32 512-bit rows=8": 2.0}  # fmt: skip
+    fake = {"int8 256-bit rows=1": 1.0, "int8 512-bit rows=1": 1.1, "int8 256-bit rows=8": 3.0,
+            "int8 512-bit rows=8": 2.0, "float32 256-bit rows=1": 1.0, "float32 512-bit rows=1": float_timings[0],
+            "float32 256-bit rows=8": 3.0, "float32 512-bit rows=8": float_timings[1]}  # fmt: skip
     measured = []
     monkeypatch.setattr(kernels, "measure", lambda kernel, fn: measured.append(fn()) or fake[kernel])
     try:
-        native._choose_wide_products(lib)
+        native._choose_wide_products(native.library())
         if avx512_vnni_targeted():
-            assert native.wide_products() == (True, False) and measured == [0] * 8
+            assert native.wide_products() == {"int8": (False, True), "float32": (floats_taken, floats_taken)}
+            assert measured == [0] * 8
         else:
             assert native.wide_products() is None and measured == []
     finally:
         monkeypatch.setattr(native, "_wide", chosen)
-        lib.set_wide_products(*map(int, chosen or (0, 0)))
+        with product_loops(False):
+            pass
 
 
 def rounding_bound(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ LIBRARIES = ["-lm"]  # after the source, where the linker looks for what it need
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
-_wide: tuple[bool, bool] | None = None  # see wide_products()
+_wide: dict[str, tuple[bool, bool]] | None = None  # see wide_products()
 
 
 def _compiler() -> str | None:
@@ -99,7 +99,7 @@ def library() -> ctypes.CDLL | None:
                         ctypes.c_int,
                     ]
                     lib.decode_step.restype = ctypes.c_int
-                    lib.set_wide_products.argtypes = [ctypes.c_int, ctypes.c_int]
+                    lib.set_wide_products.argtypes = [ctypes.c_int] * 3
                     lib.set_wide_products.restype = ctypes.c_int
                     _choose_wide_products(lib)
                     _library = lib
@@ -116,31 +116,38 @@ NOISE = 1.05  # timings within 5% of each other are the same (the machines drift
 
 
 def _choose_wide_products(lib: ctypes.CDLL) -> None:
-    """Where this build has 512-bit products (AVX-512 with VNNI), time them against the 256-bit ones,
+    """Where this build has 512-bit products (AVX-512 with VNNI), time them against the 256-bit ones
     for int8 and for float32 weights, one input row and eight (timings cached per machine,
-    kernels.py); each kind takes them if they are faster for eight rows and no slower for one: a CPU
-    that runs 512-bit vectors in two halves may gain nothing. One choice for every row count, so a
-    row's result stays the same beside others."""
+    kernels.py): a CPU that runs 512-bit vectors in two halves may gain nothing. The int8 loops give
+    the same results bit for bit, so each row count takes the faster; the float ones do not, so a
+    row's result would depend on the rows beside it: they are taken for every row count if faster
+    for eight rows and no slower for one (within NOISE), or for none."""
     global _wide
-    if not lib.set_wide_products(0, 0):
+    if not lib.set_wide_products(0, 0, 0):
         return
     from lmforge.kernels import remembered
 
     threads = torch.get_num_threads()
-    chosen = {}
+    seconds: dict[tuple[str, int, bool], float] = {}
     for kind, (in_features, out_features) in WIDE_TIMING_SHAPES.items():
-        seconds = {}
         for rows in (1, 8):
-            for wide in (0, 1):
+            for wide in (False, True):
                 key = f"{kind}-products {256 << wide}-bit {in_features}x{out_features} rows={rows} threads={threads}"
                 # (remembered calls the lambda at once, in this iteration: the loop variables are current)
-                seconds[wide, rows] = remembered(key, lambda: _time_products(lib, kind, wide, rows, threads))  # noqa: B023
-        chosen[kind] = seconds[1, 8] < seconds[0, 8] and seconds[1, 1] <= NOISE * seconds[0, 1]
-    _wide = (chosen["int8"], chosen["float32"])
-    lib.set_wide_products(*map(int, _wide))
+                seconds[kind, rows, wide] = remembered(
+                    key, lambda: _time_products(lib, kind, wide, rows, threads)
+                )  # noqa: B023
+    int8 = (
+        seconds["int8", 1, True] < seconds["int8", 1, False],
+        seconds["int8", 8, True] < seconds["int8", 8, False],
+    )
+    floats = (seconds["float32", 8, True] < seconds["float32", 8, False]
+              and seconds["float32", 1, True] <= NOISE * seconds["float32", 1, False])  # fmt: skip
+    _wide = {"int8": int8, "float32": (floats, floats)}
+    lib.set_wide_products(*int8, floats)
 
 
-def _time_products(lib: ctypes.CDLL, kind: str, wide: int, rows: int, threads: int) -> float:
+def _time_products(lib: ctypes.CDLL, kind: str, wide: bool, rows: int, threads: int) -> float:
     """Seconds of one product of WIDE_TIMING_SHAPES[kind] for `rows` rows by the 512-bit loops
     (`wide`) or the 256-bit ones (kernels.measure: the median after a warm-up)."""
     from lmforge.kernels import measure
@@ -155,16 +162,25 @@ def _time_products(lib: ctypes.CDLL, kind: str, wide: int, rows: int, threads: i
     else:
         weight = torch.randn(out_features, in_features, generator=generator)
         function, pointers = lib.float_linear, (x.data_ptr(), weight.data_ptr(), None, None)
-    lib.set_wide_products(wide, wide)
+    lib.set_wide_products(wide, wide, wide)
     return measure(f"{kind} {256 << wide}-bit rows={rows}",
                    lambda: function(*pointers, y.data_ptr(), rows, in_features, out_features, threads))  # fmt: skip
 
 
-def wide_products() -> tuple[bool, bool] | None:
-    """Whether (int8, float) products take the 512-bit loops, as timed when the library was loaded;
-    None where this build has no such loops (no AVX-512 VNNI) or there is no native library."""
+def wide_products() -> dict[str, tuple[bool, bool]] | None:
+    """Which products take the 512-bit loops, as timed when the library was loaded: for "int8" and
+    "float32" weights, (one input row, several rows; the same for float32). None where this build has no such loops (no
+    AVX-512 VNNI) or there is no native library."""
     library()
     return _wide
+
+
+def use_wide_products(int8: tuple[bool, bool], floats: bool) -> None:
+    """Set which products take the 512-bit loops: int8 ones for (one row, several rows), float ones
+    for all; for tests and benchmarks. Where the build has no such loops, nothing changes."""
+    lib = library()
+    if lib is not None:
+        lib.set_wide_products(*map(int, int8), int(floats))
 
 
 def why_unavailable() -> str | None:

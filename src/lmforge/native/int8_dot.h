@@ -50,11 +50,10 @@ static void team_wait(Team *team) {
     }
 }
 
-/* Whether products take the 512-bit loops (dot_rows_int16_wide for int8 weights, dot_rows_float_wide
- * for float ones), whatever the number of rows (a row's result must not depend on the rows beside
- * it): set by set_wide_products (int8_linear.c, which holds them) from the timings
- * native/__init__.py takes. */
-extern int wide_products, wide_floats;
+/* Whether products take the 512-bit loops: int8 weights (dot_rows_int16_wide) [0] for one input row
+ * and [1] for several; float weights (dot_rows_float_wide) for any number of rows. Set by
+ * set_wide_products (int8_linear.c, which holds them) from the timings native/__init__.py takes. */
+extern int wide_int8[2], wide_float;
 
 #define ROUND_BLOCK 64 /* values that share one int16 scale (see dot_rows_int16) */
 #define OUT_TILE 16    /* output channels whose weights a thread keeps in the L1 cache (linear_rows) */
@@ -155,18 +154,22 @@ static inline __attribute__((always_inline)) void dot_rows_int16(const int8_t *w
 #define HAVE_INT16_PATH 1
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-/* dot_rows_int16 in 512-bit vectors: VNNI's `dpwssd` multiplies 32 int16 pairs and adds them into
- * 16 int32 sums in one instruction (the AVX2 loop needs a `madd` and an add for 16). Each lane sums
- * 4 products of a block, |sum| <= 4 * 128 * 32767 < 2^24: exact in float. Whether it is faster
- * depends on the CPU (a core that splits 512-bit work in two may gain nothing), so it is used only
- * where set_wide_products says so, which kernels.py decides by timing both. */
+/* The 512-bit loops (AVX-512; VNNI for the integer one), taken where measured faster (set_wide_products). */
+
+/* dot_rows_int16 with 512-bit integer products: a `madd` and VNNI's `dpwssd` multiply a block's 64
+ * int16 pairs into 16 int32 sums, where the 256-bit loop needs four `madd`s and three adds. They
+ * leave in lane j + 8 the sums the 256-bit loop adds to lane j (values 16..31 and 48..63 of the
+ * block beside 0..15 and 32..47), so adding the upper half to the lower gives its eight int32 sums
+ * exactly, and from there the float arithmetic is the same: the results are the 256-bit loop's bit
+ * for bit, so a product may take either loop by its number of rows, and a row's result still never
+ * depends on the rows beside it. */
 static inline __attribute__((always_inline)) void dot_rows_int16_wide(const int8_t *w, const int16_t *q,
                                                                       const float *qs, int64_t in, const int R,
                                                                       float *out) {
     const int64_t blocks = in / ROUND_BLOCK, scales = (in + ROUND_BLOCK - 1) / ROUND_BLOCK;
-    __m512 acc[8];
+    __m256 acc[8];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
         const int8_t *wb = w + b * ROUND_BLOCK;
         if (R > 1) _mm_prefetch((const char *)(wb + PREFETCH_ROWS * in), _MM_HINT_T0);
@@ -175,15 +178,16 @@ static inline __attribute__((always_inline)) void dot_rows_int16_wide(const int8
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const int16_t *qb = q + r * in + b * ROUND_BLOCK;
-            __m512i sum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(qb));
-            sum = _mm512_dpwssd_epi32(sum, w1, _mm512_loadu_si512(qb + 32));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(qs[r * scales + b]), acc[r]);
+            const __m512i sums16 = _mm512_dpwssd_epi32(
+                _mm512_madd_epi16(w0, _mm512_loadu_si512(qb)), w1, _mm512_loadu_si512(qb + 32));
+            const __m256i sum = _mm256_add_epi32(_mm512_castsi512_si256(sums16), _mm512_extracti64x4_epi64(sums16, 1));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(qs[r * scales + b]), acc[r]);
         }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
-        float total = _mm512_reduce_add_ps(acc[r]);
-        if (blocks < scales) {
+        float total = hsum(acc[r]);
+        if (blocks < scales) { /* the last, shorter block */
             int32_t tail = 0;
             for (int64_t k = blocks * ROUND_BLOCK; k < in; k++) tail += (int32_t)w[k] * q[r * in + k];
             total += (float)tail * qs[r * scales + blocks];
@@ -192,8 +196,7 @@ static inline __attribute__((always_inline)) void dot_rows_int16_wide(const int8
     }
 }
 #define HAVE_WIDE_PRODUCTS 1
-#endif
-#ifdef HAVE_WIDE_PRODUCTS
+
 /* Sixteen float32 weights, or sixteen bfloat16 ones widened (see load_weights8). */
 static inline __m512 load_weights16(const float *w32, const uint16_t *w16, int64_t k, const int bf16) {
     if (bf16)
@@ -202,8 +205,12 @@ static inline __m512 load_weights16(const float *w32, const uint16_t *w16, int64
     return _mm512_loadu_ps(w32 + k);
 }
 
-/* dot_rows_float in 512-bit vectors for up to 8 rows (32 vector registers hold their 16 sums and
- * the weights): 32 values a step, two accumulators a row, the same order whatever R is. */
+/* dot_rows_float in 512-bit vectors for up to 8 rows (their 16 sums and the weights fit the 32 vector
+ * registers): 32 values a step, two accumulators a row. Unlike the integer loop it does not give the
+ * 256-bit loop's results bit for bit (its sums are grouped otherwise: two accumulators of 16 lanes
+ * keep a row's FMAs from waiting on each other, where one accumulator mirroring the 256-bit loop's
+ * even and odd ones measured 1.38x faster than it at 8 rows on a Zen 5 and this 1.77x), so a
+ * machine takes it for every row count or for none. */
 static inline __attribute__((always_inline)) void dot_rows_float_wide(const float *w32, const uint16_t *w16,
                                                                       const float *x, int64_t in, const int R,
                                                                       const int bf16, float *out) {
@@ -233,15 +240,9 @@ static inline __attribute__((always_inline)) void dot_rows_float_wide(const floa
     }
 }
 #endif
-
-#ifdef HAVE_WIDE_PRODUCTS
-#define WIDE() wide_products
-#define WIDE_FLOATS() wide_floats
-#else /* never called: WIDE and WIDE_FLOATS are 0 */
+#ifndef HAVE_WIDE_PRODUCTS /* never called: `wide` is 0 in linear_rows */
 #define dot_rows_int16_wide dot_rows_int16
 #define dot_rows_float_wide dot_rows_float
-#define WIDE() 0
-#define WIDE_FLOATS() 0
 #endif
 
 /* The same for 4-bit weights: out[r] = sum over blocks b of 32 of (scale_b * sum_k q_w[k] * q[r][k] *
@@ -463,7 +464,11 @@ static void linear_rows(const Linear *L, const float *x, float *y, int64_t rows,
     const int64_t in = L->in, out = L->out, int4 = L->weight4 != NULL;
     const int64_t floats = L->weight32 != NULL || L->weight_bf16 != NULL; /* no rounding, no scales */
 #ifdef HAVE_INT16_PATH
-    const int wide = floats ? WIDE_FLOATS() : WIDE(); /* the 512-bit loops (set_wide_products) */
+#ifdef HAVE_WIDE_PRODUCTS
+    const int wide = floats ? wide_float : wide_int8[rows > 1]; /* the 512-bit loops, where measured faster */
+#else
+    const int wide = 0;
+#endif
     const int64_t group = floats && !wide ? FLOAT_ROWS : 8; /* input rows whose sums stay in registers */
     const int64_t scales = (in + ROUND_BLOCK - 1) / ROUND_BLOCK, blocks = in / INT4_BLOCK;
     if (!floats) {

@@ -23,7 +23,8 @@
 
 #include "int8_dot.h"
 
-int wide_products = 0, wide_floats = 0; /* off until both loops have been timed (set_wide_products) */
+/* The 256-bit loops until both kinds have been timed (set_wide_products); see int8_dot.h. */
+int wide_int8[2] = {0, 0}, wide_float = 0;
 
 /* y = x @ W^T for one layer L (int8 or 4-bit) and `rows` rows of x. Returns 0, or -1 when memory
  * for the rounded input could not be had (y untouched). */
@@ -61,15 +62,16 @@ int float_linear(const float *x, const float *w32, const uint16_t *w16, const fl
     return linear(&L, x, y, rows, threads);
 }
 
-/* Let int8 products take the 512-bit VNNI loop (int8 != 0) and float ones the 512-bit FMA loop
- * (floats != 0), or each its 256-bit one (native/__init__.py times both). Returns 1 where this build
- * has the 512-bit loops, else 0 (and the settings are ignored). */
-int set_wide_products(int int8, int floats) {
+/* Which products take the 512-bit loops (nonzero) or the 256-bit ones: int8 weights for one input
+ * row and for several (the two loops give the same results), float weights for any number of rows
+ * (they do not). native/__init__.py times both. Returns 1 where this build has the 512-bit loops,
+ * else 0 (and the settings are ignored). */
+int set_wide_products(int int8_one, int int8_several, int floats) {
 #ifdef HAVE_WIDE_PRODUCTS
-    wide_products = int8 != 0, wide_floats = floats != 0;
+    wide_int8[0] = int8_one != 0, wide_int8[1] = int8_several != 0, wide_float = floats != 0;
     return 1;
 #else
-    (void)int8, (void)floats;
+    (void)int8_one, (void)int8_several, (void)floats;
     return 0;
 #endif
 }
