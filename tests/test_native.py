@@ -74,6 +74,28 @@ def test_the_512_bit_products_are_taken_where_they_time_faster(
             pass
 
 
+def test_the_first_kernel_timing_may_load_the_library_which_times_its_loops(monkeypatch, tmp_path):
+    """kernels.timings() holds the timings' lock when it first asks for the native library, whose
+    loading times the product loops through the same lock: it must not wait on itself."""
+    import shutil
+    import threading
+
+    built = native._build(native._compiler())  # the library as built here, copied: no new build
+    (tmp_path / "native").mkdir()
+    shutil.copy(built, tmp_path / "native" / built.name)
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
+    for name, value in (("_library", None), ("_failure", None), ("_wide", None)):
+        monkeypatch.setattr(native, name, value)
+    monkeypatch.setattr(kernels, "_timings", None)
+    monkeypatch.setattr(kernels, "measure", lambda kernel, fn: 1e-3)
+    finished = []
+    worker = threading.Thread(target=lambda: finished.append(kernels.timings(64, 96)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert finished and "int8-native" in finished[0]
+    assert (native.wide_products() is not None) == avx512_vnni_targeted()
+
+
 def rounding_bound(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The most the kernel's rounding of the input may move each output: every row is rounded to
     int16 per block of 64 values, the last block maybe shorter (half a step is max|block| / 65534);

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 from lmforge.device import machine_key
 
-_lock = threading.Lock()
+# Re-entrant: timings() holds it while asking whether the native library exists, and loading that
+# library times its product loops through remembered() on the same thread.
+_lock = threading.RLock()
 _timings: dict[str, float] | None = None  # this machine's entries of the cache file
 
 

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -133,10 +134,8 @@ def _choose_wide_products(lib: ctypes.CDLL) -> None:
         for rows in (1, 8):
             for wide in (False, True):
                 key = f"{kind}-products {256 << wide}-bit {in_features}x{out_features} rows={rows} threads={threads}"
-                # (remembered calls the lambda at once, in this iteration: the loop variables are current)
-                seconds[kind, rows, wide] = remembered(
-                    key, lambda: _time_products(lib, kind, wide, rows, threads)
-                )  # noqa: B023
+                timed = partial(_time_products, lib, kind, wide, rows, threads)
+                seconds[kind, rows, wide] = remembered(key, timed)
     int8 = (
         seconds["int8", 1, True] < seconds["int8", 1, False],
         seconds["int8", 8, True] < seconds["int8", 8, False],
