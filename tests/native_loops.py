@@ -1,5 +1,5 @@
-"""The product loops of the native kernels a test can run on this machine (int8_dot.h): the 256-bit
-ones everywhere, the 512-bit ones where the compiler targets AVX-512 with VNNI."""
+"""The int8 product loops of the native kernels a test can run on this machine (int8_dot.h): the
+256-bit one everywhere, the 512-bit one where the compiler targets AVX-512 with VNNI."""
 
 import contextlib
 import subprocess
@@ -14,16 +14,20 @@ def avx512_vnni_targeted() -> bool:
     return all(f"__{name}__" in macros for name in ("AVX512F", "AVX512BW", "AVX512VNNI"))
 
 
-# The product loops this build has: the 256-bit ones everywhere, the 512-bit ones with AVX-512 VNNI.
+# The int8 product loops this build has.
 PRODUCT_LOOPS = [False, True] if avx512_vnni_targeted() else [False]
 
 
 @contextlib.contextmanager
 def product_loops(wide: bool):
-    """Every product by the 512-bit loops (wide) or the 256-bit ones, then back to what was chosen."""
-    native.use_wide_products((wide, wide), wide)
+    """Every int8 product by the 512-bit loop (wide) or the 256-bit one, then back to the choice."""
+    native.use_wide_products(wide, wide)
     try:
         yield
     finally:
-        chosen = native.wide_products() or {"int8": (False, False), "float32": (False, False)}
-        native.use_wide_products(chosen["int8"], chosen["float32"][0])
+        restore_chosen_loops()
+
+
+def restore_chosen_loops() -> None:
+    """The loops as chosen when the library was loaded (or none, where there is no choice)."""
+    native.use_wide_products(*(native.wide_products() or (False, False)))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from lmforge import kernels, native
 from lmforge.inference import Int4Linear, Int8Linear, dequantize_4bit, quantize_4bit
-from tests.native_loops import PRODUCT_LOOPS, avx512_vnni_targeted, product_loops
+from tests.native_loops import PRODUCT_LOOPS, avx512_vnni_targeted, product_loops, restore_chosen_loops
 
 
 def quantized(out_features: int, in_features: int, seed: int = 0):
@@ -24,9 +24,8 @@ def test_the_kernel_builds_on_this_machine():
 
 def test_the_512_bit_products_are_built_exactly_where_the_compiler_targets_avx512_vnni():
     lib = native.library()
-    assert bool(lib.set_wide_products(0, 0, 0)) == avx512_vnni_targeted()
-    with product_loops(False):  # (restores the choice the line above undid)
-        pass
+    assert bool(lib.set_wide_products(0, 0)) == avx512_vnni_targeted()
+    restore_chosen_loops()  # (which the line above undid)
     assert (native.wide_products() is not None) == avx512_vnni_targeted()
 
 
@@ -44,34 +43,28 @@ def test_the_512_bit_int8_products_give_the_256_bit_ones_bit_for_bit(rows, in_fe
     assert torch.equal(*results)
 
 
-@pytest.mark.parametrize(
-    ("float_timings", "floats_taken"),
-    [((1.04, 2.0), True), ((0.9, 3.5), False), ((1.2, 2.0), False)],  # (1 row, 8 rows); 256-bit: (1, 3)
-)
+@pytest.mark.parametrize(("one_row_512", "eight_rows_512"), [(1.1, 2.0), (0.9, 3.5), (0.9, 2.0), (1.2, 3.5)])
 def test_the_512_bit_products_are_taken_where_they_time_faster(
-    monkeypatch, tmp_path, float_timings, floats_taken
+    monkeypatch, tmp_path, one_row_512, eight_rows_512
 ):
-    """int8: for one row and for several, each by its timings; float32: for all rows where faster for
-    eight and no slower for one, within 5% (timings faked here; each product still runs once)."""
+    """For one row and for several, each by its own timings (faked here against 1.0 and 3.0 for the
+    256-bit loop; each product still runs once)."""
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(kernels, "_timings", None)
     chosen = native.wide_products()
-    fake = {"int8 256-bit rows=1": 1.0, "int8 512-bit rows=1": 1.1, "int8 256-bit rows=8": 3.0,
-            "int8 512-bit rows=8": 2.0, "float32 256-bit rows=1": 1.0, "float32 512-bit rows=1": float_timings[0],
-            "float32 256-bit rows=8": 3.0, "float32 512-bit rows=8": float_timings[1]}  # fmt: skip
+    fake = {"int8 256-bit rows=1": 1.0, "int8 512-bit rows=1": one_row_512,
+            "int8 256-bit rows=8": 3.0, "int8 512-bit rows=8": eight_rows_512}  # fmt: skip
     measured = []
     monkeypatch.setattr(kernels, "measure", lambda kernel, fn: measured.append(fn()) or fake[kernel])
     try:
         native._choose_wide_products(native.library())
         if avx512_vnni_targeted():
-            assert native.wide_products() == {"int8": (False, True), "float32": (floats_taken, floats_taken)}
-            assert measured == [0] * 8
+            assert native.wide_products() == (one_row_512 < 1.0, eight_rows_512 < 3.0) and measured == [0] * 4
         else:
             assert native.wide_products() is None and measured == []
     finally:
         monkeypatch.setattr(native, "_wide", chosen)
-        with product_loops(False):
-            pass
+        restore_chosen_loops()
 
 
 def test_the_first_kernel_timing_may_load_the_library_which_times_its_loops(monkeypatch, tmp_path):
@@ -272,9 +265,8 @@ def test_a_4bit_layer_multiplies_natively_and_keeps_gradients(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 4, 9])
 @pytest.mark.parametrize(("in_features", "out_features"), [(64, 96), (37, 11), (576, 40)])
-@pytest.mark.parametrize("wide", PRODUCT_LOOPS)
 def test_the_float_kernel_equals_the_float32_product_of_the_same_weights(
-    dtype, rows, in_features, out_features, wide
+    dtype, rows, in_features, out_features
 ):
     """Float32 or bfloat16 weights times float32 inputs, summed in float32: the bfloat16 weights are
     widened exactly, so the only difference from a float64 product is float32's summation."""
@@ -285,10 +277,9 @@ def test_the_float_kernel_equals_the_float32_product_of_the_same_weights(
         torch.randn(out_features, generator=generator),
     )
     reference = F.linear(x.double(), weight.double(), bias.double())
-    with product_loops(wide):
-        got = native.float_linear(x, weight, bias)
-        no_bias = native.float_linear(x, weight, None)
-        alone = native.float_linear(x[-1:], weight, None)
+    got = native.float_linear(x, weight, bias)
+    no_bias = native.float_linear(x, weight, None)
+    alone = native.float_linear(x[-1:], weight, None)
     assert got.dtype == torch.float32 and got.shape == (rows, out_features)
     assert torch.allclose(
         got.double(), reference, rtol=0, atol=2e-6 * in_features**0.5 * reference.abs().max()

@@ -37,7 +37,7 @@ LIBRARIES = ["-lm"]  # after the source, where the linker looks for what it need
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
-_wide: dict[str, tuple[bool, bool]] | None = None  # see wide_products()
+_wide: tuple[bool, bool] | None = None  # see wide_products()
 
 
 def _compiler() -> str | None:
@@ -100,7 +100,7 @@ def library() -> ctypes.CDLL | None:
                         ctypes.c_int,
                     ]
                     lib.decode_step.restype = ctypes.c_int
-                    lib.set_wide_products.argtypes = [ctypes.c_int] * 3
+                    lib.set_wide_products.argtypes = [ctypes.c_int] * 2
                     lib.set_wide_products.restype = ctypes.c_int
                     _choose_wide_products(lib)
                     _library = lib
@@ -109,77 +109,67 @@ def library() -> ctypes.CDLL | None:
         return _library
 
 
-# The products the choices below are timed on, larger than the caches as a decode step's weights
-# are (so one row waits on memory as in decoding, eight rows on arithmetic): SmolLM2's vocabulary
-# head in int8 (28 MB), a third of it in float32 (38 MB).
-WIDE_TIMING_SHAPES = {"int8": (576, 49152), "float32": (576, 16384)}
-NOISE = 1.05  # timings within 5% of each other are the same (the machines drift more than that)
+# The product the choice below is timed on: SmolLM2's vocabulary head in int8 (28 MB), larger than
+# most caches as a decode step's weights are, so one row waits on memory as in decoding, eight rows
+# on arithmetic.
+WIDE_TIMING_SHAPE = (576, 49152)
 
 
 def _choose_wide_products(lib: ctypes.CDLL) -> None:
-    """Where this build has 512-bit products (AVX-512 with VNNI), time them against the 256-bit ones
-    for int8 and for float32 weights, one input row and eight (timings cached per machine,
-    kernels.py): a CPU that runs 512-bit vectors in two halves may gain nothing. The int8 loops give
-    the same results bit for bit, so each row count takes the faster; the float ones do not, so a
-    row's result would depend on the rows beside it: they are taken for every row count if faster
-    for eight rows and no slower for one (within NOISE), or for none."""
+    """Where this build has the 512-bit int8 products (AVX-512 VNNI), time them against the 256-bit
+    ones for one input row and for eight (timings cached per machine, kernels.py) and take each
+    where it is faster: a CPU that runs 512-bit vectors in two halves may gain nothing, and on a
+    Zen 5 one row measured no faster. The two loops give the same results bit for bit, so choosing
+    by rows changes no output."""
     global _wide
-    if not lib.set_wide_products(0, 0, 0):
+    if not lib.set_wide_products(0, 0):
         return
     from lmforge.kernels import remembered
 
     threads = torch.get_num_threads()
-    seconds: dict[tuple[str, int, bool], float] = {}
-    for kind, (in_features, out_features) in WIDE_TIMING_SHAPES.items():
-        for rows in (1, 8):
-            for wide in (False, True):
-                key = f"{kind}-products {256 << wide}-bit {in_features}x{out_features} rows={rows} threads={threads}"
-                timed = partial(_time_products, lib, kind, wide, rows, threads)
-                seconds[kind, rows, wide] = remembered(key, timed)
-    int8 = (
-        seconds["int8", 1, True] < seconds["int8", 1, False],
-        seconds["int8", 8, True] < seconds["int8", 8, False],
-    )
-    floats = (seconds["float32", 8, True] < seconds["float32", 8, False]
-              and seconds["float32", 1, True] <= NOISE * seconds["float32", 1, False])  # fmt: skip
-    _wide = {"int8": int8, "float32": (floats, floats)}
-    lib.set_wide_products(*int8, floats)
+    in_features, out_features = WIDE_TIMING_SHAPE
+    faster = []
+    for rows in (1, 8):
+        shape = f"{in_features}x{out_features} rows={rows} threads={threads}"
+        narrow = remembered(
+            f"int8-products 256-bit {shape}", partial(_time_products, lib, False, rows, threads)
+        )
+        wide = remembered(f"int8-products 512-bit {shape}", partial(_time_products, lib, True, rows, threads))
+        faster.append(wide < narrow)
+    _wide = (faster[0], faster[1])
+    lib.set_wide_products(*map(int, _wide))
 
 
-def _time_products(lib: ctypes.CDLL, kind: str, wide: bool, rows: int, threads: int) -> float:
-    """Seconds of one product of WIDE_TIMING_SHAPES[kind] for `rows` rows by the 512-bit loops
-    (`wide`) or the 256-bit ones (kernels.measure: the median after a warm-up)."""
+def _time_products(lib: ctypes.CDLL, wide: bool, rows: int, threads: int) -> float:
+    """Seconds of one int8 product of WIDE_TIMING_SHAPE for `rows` rows by the 512-bit loop (`wide`)
+    or the 256-bit one (kernels.measure: the median after a warm-up)."""
     from lmforge.kernels import measure
 
-    in_features, out_features = WIDE_TIMING_SHAPES[kind]
+    in_features, out_features = WIDE_TIMING_SHAPE
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(rows, in_features, generator=generator), torch.empty(rows, out_features)
-    if kind == "int8":
-        weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
-        scale = torch.full((out_features,), 1e-3)
-        function, pointers = lib.int8_linear, (x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None)
-    else:
-        weight = torch.randn(out_features, in_features, generator=generator)
-        function, pointers = lib.float_linear, (x.data_ptr(), weight.data_ptr(), None, None)
-    lib.set_wide_products(wide, wide, wide)
-    return measure(f"{kind} {256 << wide}-bit rows={rows}",
-                   lambda: function(*pointers, y.data_ptr(), rows, in_features, out_features, threads))  # fmt: skip
+    weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+    scale = torch.full((out_features,), 1e-3)
+    lib.set_wide_products(wide, wide)
+    return measure(f"int8 {256 << wide}-bit rows={rows}",
+                   lambda: lib.int8_linear(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None, y.data_ptr(),
+                                           rows, in_features, out_features, threads))  # fmt: skip
 
 
-def wide_products() -> dict[str, tuple[bool, bool]] | None:
-    """Which products take the 512-bit loops, as timed when the library was loaded: for "int8" and
-    "float32" weights, (one input row, several rows; the same for float32). None where this build has no such loops (no
-    AVX-512 VNNI) or there is no native library."""
+def wide_products() -> tuple[bool, bool] | None:
+    """Whether int8 products take the 512-bit loop for (one input row, several rows), as timed when
+    the library was loaded; None where this build has no such loop (no AVX-512 VNNI) or there is
+    no native library."""
     library()
     return _wide
 
 
-def use_wide_products(int8: tuple[bool, bool], floats: bool) -> None:
-    """Set which products take the 512-bit loops: int8 ones for (one row, several rows), float ones
-    for all; for tests and benchmarks. Where the build has no such loops, nothing changes."""
+def use_wide_products(one_row: bool, several_rows: bool) -> None:
+    """Set which int8 products take the 512-bit loop (for tests and benchmarks); where the build has
+    no such loop, nothing changes."""
     lib = library()
     if lib is not None:
-        lib.set_wide_products(*map(int, int8), int(floats))
+        lib.set_wide_products(int(one_row), int(several_rows))
 
 
 def why_unavailable() -> str | None:

@@ -50,10 +50,11 @@ static void team_wait(Team *team) {
     }
 }
 
-/* Whether products take the 512-bit loops: int8 weights (dot_rows_int16_wide) [0] for one input row
- * and [1] for several; float weights (dot_rows_float_wide) for any number of rows. Set by
- * set_wide_products (int8_linear.c, which holds them) from the timings native/__init__.py takes. */
-extern int wide_int8[2], wide_float;
+/* Whether int8 products take the 512-bit loop (dot_rows_int16_wide), [0] for one input row and [1]
+ * for several: set by set_wide_products (int8_linear.c, which holds it) from the timings
+ * native/__init__.py takes. (A 512-bit loop for float weights measured faster on its own but slower
+ * inside a SmolLM2 decode step on a Zen 5, 25 against 17.5 ms at 8 rows: there is none.) */
+extern int wide_int8[2];
 
 #define ROUND_BLOCK 64 /* values that share one int16 scale (see dot_rows_int16) */
 #define OUT_TILE 16    /* output channels whose weights a thread keeps in the L1 cache (linear_rows) */
@@ -154,7 +155,6 @@ static inline __attribute__((always_inline)) void dot_rows_int16(const int8_t *w
 #define HAVE_INT16_PATH 1
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-/* The 512-bit loops (AVX-512; VNNI for the integer one), taken where measured faster (set_wide_products). */
 
 /* dot_rows_int16 with 512-bit integer products: a `madd` and VNNI's `dpwssd` multiply a block's 64
  * int16 pairs into 16 int32 sums, where the 256-bit loop needs four `madd`s and three adds. They
@@ -196,53 +196,9 @@ static inline __attribute__((always_inline)) void dot_rows_int16_wide(const int8
     }
 }
 #define HAVE_WIDE_PRODUCTS 1
-
-/* Sixteen float32 weights, or sixteen bfloat16 ones widened (see load_weights8). */
-static inline __m512 load_weights16(const float *w32, const uint16_t *w16, int64_t k, const int bf16) {
-    if (bf16)
-        return _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w16 + k))), 16));
-    return _mm512_loadu_ps(w32 + k);
-}
-
-/* dot_rows_float in 512-bit vectors for up to 8 rows (their 16 sums and the weights fit the 32 vector
- * registers): 32 values a step, two accumulators a row. Unlike the integer loop it does not give the
- * 256-bit loop's results bit for bit (its sums are grouped otherwise: two accumulators of 16 lanes
- * keep a row's FMAs from waiting on each other, where one accumulator mirroring the 256-bit loop's
- * even and odd ones measured 1.38x faster than it at 8 rows on a Zen 5 and this 1.77x), so a
- * machine takes it for every row count or for none. */
-static inline __attribute__((always_inline)) void dot_rows_float_wide(const float *w32, const uint16_t *w16,
-                                                                      const float *x, int64_t in, const int R,
-                                                                      const int bf16, float *out) {
-    __m512 even[8], odd[8];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; r++) even[r] = odd[r] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= in; k += 32) {
-        if (R > 1) { /* the weights of the channel PREFETCH_ROWS ahead: 64 bytes of bfloat16, 128 of float32 */
-            const char *ahead = bf16 ? (const char *)(w16 + k + PREFETCH_ROWS * in)
-                                     : (const char *)(w32 + k + PREFETCH_ROWS * in);
-            _mm_prefetch(ahead, _MM_HINT_T0);
-            if (!bf16) _mm_prefetch(ahead + 64, _MM_HINT_T0);
-        }
-        const __m512 w0 = load_weights16(w32, w16, k, bf16), w1 = load_weights16(w32, w16, k + 16, bf16);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; r++) {
-            even[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * in + k), even[r]);
-            odd[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * in + k + 16), odd[r]);
-        }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; r++) {
-        float total = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r]));
-        for (int64_t j = k; j < in; j++) total += (bf16 ? bf16_to_float(w16[j]) : w32[j]) * x[r * in + j];
-        out[r] = total;
-    }
-}
 #endif
 #ifndef HAVE_WIDE_PRODUCTS /* never called: `wide` is 0 in linear_rows */
 #define dot_rows_int16_wide dot_rows_int16
-#define dot_rows_float_wide dot_rows_float
 #endif
 
 /* The same for 4-bit weights: out[r] = sum over blocks b of 32 of (scale_b * sum_k q_w[k] * q[r][k] *
@@ -465,22 +421,18 @@ static void linear_rows(const Linear *L, const float *x, float *y, int64_t rows,
     const int64_t floats = L->weight32 != NULL || L->weight_bf16 != NULL; /* no rounding, no scales */
 #ifdef HAVE_INT16_PATH
 #ifdef HAVE_WIDE_PRODUCTS
-    const int wide = floats ? wide_float : wide_int8[rows > 1]; /* the 512-bit loops, where measured faster */
+    const int wide = !floats && !int4 && wide_int8[rows > 1]; /* the 512-bit loop, where measured faster */
 #else
     const int wide = 0;
 #endif
-    const int64_t group = floats && !wide ? FLOAT_ROWS : 8; /* input rows whose sums stay in registers */
+    const int64_t group = floats ? FLOAT_ROWS : 8; /* input rows whose sums stay in registers */
     const int64_t scales = (in + ROUND_BLOCK - 1) / ROUND_BLOCK, blocks = in / INT4_BLOCK;
     if (!floats) {
         round_rows(x, rows, in, q, qs, int4 ? xsum : NULL);
         team_wait(team);
     }
 #define PRODUCT(R)                                                                                            \
-    if (L->weight_bf16 && wide)                                                                               \
-        dot_rows_float_wide(NULL, L->weight_bf16 + o * in, x + r0 * in, in, R, 1, sums);                     \
-    else if (L->weight32 && wide)                                                                             \
-        dot_rows_float_wide(L->weight32 + o * in, NULL, x + r0 * in, in, R, 0, sums);                        \
-    else if (L->weight_bf16)                                                                                  \
+    if (L->weight_bf16)                                                                                  \
         dot_rows_float(NULL, L->weight_bf16 + o * in, x + r0 * in, in, R, 1, sums);                          \
     else if (L->weight32)                                                                                     \
         dot_rows_float(L->weight32 + o * in, NULL, x + r0 * in, in, R, 0, sums);                             \

@@ -23,8 +23,7 @@
 
 #include "int8_dot.h"
 
-/* The 256-bit loops until both kinds have been timed (set_wide_products); see int8_dot.h. */
-int wide_int8[2] = {0, 0}, wide_float = 0;
+int wide_int8[2] = {0, 0}; /* the 256-bit loop until both have been timed (set_wide_products) */
 
 /* y = x @ W^T for one layer L (int8 or 4-bit) and `rows` rows of x. Returns 0, or -1 when memory
  * for the rounded input could not be had (y untouched). */
@@ -62,16 +61,15 @@ int float_linear(const float *x, const float *w32, const uint16_t *w16, const fl
     return linear(&L, x, y, rows, threads);
 }
 
-/* Which products take the 512-bit loops (nonzero) or the 256-bit ones: int8 weights for one input
- * row and for several (the two loops give the same results), float weights for any number of rows
- * (they do not). native/__init__.py times both. Returns 1 where this build has the 512-bit loops,
- * else 0 (and the settings are ignored). */
-int set_wide_products(int int8_one, int int8_several, int floats) {
+/* Which int8 products take the 512-bit VNNI loop (nonzero) or the 256-bit one, for one input row and
+ * for several (native/__init__.py times both; they give the same results). Returns 1 where this
+ * build has the 512-bit loop, else 0 (and the settings are ignored). */
+int set_wide_products(int one_row, int several_rows) {
 #ifdef HAVE_WIDE_PRODUCTS
-    wide_int8[0] = int8_one != 0, wide_int8[1] = int8_several != 0, wide_float = floats != 0;
+    wide_int8[0] = one_row != 0, wide_int8[1] = several_rows != 0;
     return 1;
 #else
-    (void)int8_one, (void)int8_several, (void)floats;
+    (void)one_row, (void)several_rows;
     return 0;
 #endif
 }
