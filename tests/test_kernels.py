@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from lmforge import kernels
+from lmforge import kernels, timing_cache
 from lmforge.config import ModelConfig
 from lmforge.inference import Int8Linear, load_for_inference, slower_precision_notice
 from lmforge.models import build_model
@@ -14,7 +14,7 @@ from lmforge.models import build_model
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(kernels, "_timings", None)
+    monkeypatch.setattr(timing_cache, "_timings", None)
     return tmp_path / "cache" / "kernel-timings.json"
 
 
@@ -48,12 +48,15 @@ def test_timings_are_measured_once_per_machine_and_kept(fresh_cache, monkeypatch
     first = len(measured)
     assert first == len(kernels._candidates_names(32, 48))
     kernels.fastest_int8_kernel(32, 48)
-    monkeypatch.setattr(kernels, "_timings", None)  # a new process: read back from the cache file
+    monkeypatch.setattr(timing_cache, "_timings", None)  # a new process: read back from the cache file
     kernels.fastest_int8_kernel(32, 48)
     assert len(measured) == first
     saved = json.loads(fresh_cache.read_text())
-    assert list(saved) == [kernels.machine_key()] and saved[kernels.machine_key()]["int8-fbgemm 32x48"] == 0.5
-    assert "torch " + torch.__version__ in kernels.machine_key()
+    assert (
+        list(saved) == [timing_cache.machine_key()]
+        and saved[timing_cache.machine_key()]["int8-fbgemm 32x48"] == 0.5
+    )
+    assert "torch " + torch.__version__ in timing_cache.machine_key()
 
 
 def test_a_precision_slower_than_float32_here_says_so(fresh_cache, monkeypatch, tmp_path):
@@ -85,7 +88,7 @@ def test_a_precision_slower_than_float32_here_says_so(fresh_cache, monkeypatch, 
     # With the native decode step, bfloat16 is weighed by the native products of both precisions
     # (their eager timings above would call it faster)
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "another-cache"))
-    monkeypatch.setattr(kernels, "_timings", None)
+    monkeypatch.setattr(timing_cache, "_timings", None)
     fake_timings(monkeypatch, {**slow_int8, "float32-native": 1.0, "bfloat16-native": 1.6})
     bf16, _ = load_for_inference(str(tmp_path / "run"), dtype="bfloat16", notice=notes.append)
     assert bf16.native_decoder is not None
@@ -115,10 +118,10 @@ def test_an_encoder_decoder_weighs_bfloat16_at_the_rows_it_decodes_together(fres
     measured = fake_timings(monkeypatch, {"bfloat16": 2.0, f"bfloat16-{rows}": 0.5, f"float32-{rows}": 1.0})
     assert slower_precision_notice(model, "bfloat16") is None  # slower at one row, faster at DECODE_ROWS
     assert set(measured) == {f"bfloat16-{rows}", f"float32-{rows}"}
-    saved = json.loads(fresh_cache.read_text())[kernels.machine_key()]
+    saved = json.loads(fresh_cache.read_text())[timing_cache.machine_key()]
     assert saved[f"{rows} bfloat16 16x16"] == 0.5 and saved[f"{rows} float32 16x40"] == 1.0
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(fresh_cache.parent.parent / "another-cache"))
-    monkeypatch.setattr(kernels, "_timings", None)
+    monkeypatch.setattr(timing_cache, "_timings", None)
     fake_timings(monkeypatch, {"bfloat16": 0.5, f"bfloat16-{rows}": 2.0, f"float32-{rows}": 1.0})
     notice = slower_precision_notice(model, "bfloat16")
     assert "--dtype bfloat16 measures 0.50x float32's decoding speed" in notice

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge import kernels, native
+from lmforge import kernels, native, timing_cache
 from lmforge.inference import Int4Linear, Int8Linear, dequantize_4bit, quantize_4bit
 from tests.native_loops import PRODUCT_LOOPS, avx512_vnni_targeted, product_loops, restore_chosen_loops
 
@@ -50,12 +50,12 @@ def test_the_512_bit_products_are_taken_where_they_time_faster(
     """For one row and for several, each by its own timings (faked here against 1.0 and 3.0 for the
     256-bit loop; each product still runs once)."""
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(kernels, "_timings", None)
+    monkeypatch.setattr(timing_cache, "_timings", None)
     chosen = native.wide_products()
     fake = {"int8 256-bit rows=1": 1.0, "int8 512-bit rows=1": one_row_512,
             "int8 256-bit rows=8": 3.0, "int8 512-bit rows=8": eight_rows_512}  # fmt: skip
     measured = []
-    monkeypatch.setattr(kernels, "measure", lambda kernel, fn: measured.append(fn()) or fake[kernel])
+    monkeypatch.setattr(timing_cache, "measure", lambda kernel, fn: measured.append(fn()) or fake[kernel])
     try:
         native._choose_wide_products(native.library())
         if avx512_vnni_targeted():
@@ -79,8 +79,9 @@ def test_the_first_kernel_timing_may_load_the_library_which_times_its_loops(monk
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
     for name, value in (("_library", None), ("_failure", None), ("_wide", None)):
         monkeypatch.setattr(native, name, value)
-    monkeypatch.setattr(kernels, "_timings", None)
-    monkeypatch.setattr(kernels, "measure", lambda kernel, fn: 1e-3)
+    monkeypatch.setattr(timing_cache, "_timings", None)
+    for module in (kernels, timing_cache):  # kernels.py's timings, and the library's own at loading
+        monkeypatch.setattr(module, "measure", lambda kernel, fn: 1e-3)
     finished = []
     worker = threading.Thread(target=lambda: finished.append(kernels.timings(64, 96)), daemon=True)
     worker.start()
@@ -143,7 +144,7 @@ def test_a_layer_on_the_native_kernel_takes_any_number_of_rows(monkeypatch):
 
 def test_whether_prompts_go_native_is_measured_once_per_shape(monkeypatch, tmp_path):
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(kernels, "_timings", None)
+    monkeypatch.setattr(timing_cache, "_timings", None)
     timed = []
     monkeypatch.setattr(
         kernels,
@@ -153,7 +154,7 @@ def test_whether_prompts_go_native_is_measured_once_per_shape(monkeypatch, tmp_p
     assert kernels.native_prompt_pays(64, 32) is True
     assert kernels.native_prompt_pays(64, 32) is True
     assert timed == ["int8-native", "int8-dequantize"]  # the second answer came from the cache
-    monkeypatch.setattr(kernels, "_timings", None)
+    monkeypatch.setattr(timing_cache, "_timings", None)
     monkeypatch.setattr(kernels, "measure", lambda name, fn, repeats=15: {"int8-native": 3.0}.get(name, 2.0))
     assert kernels.native_prompt_pays(64, 48) is False
     assert kernels.native_prompt_pays(64, 32) is True  # read back from the file

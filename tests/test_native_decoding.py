@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from lmforge import timing_cache
 from lmforge.checkpoint import save_checkpoint
 from lmforge.config import Config, ModelConfig
 from lmforge.generation import GenerationConfig, generate, generate_ids
@@ -230,12 +231,11 @@ def test_batches_beyond_the_row_limit_take_the_forward_pass_on_a_cache_of_the_we
 
 
 def test_the_row_limit_is_half_the_first_batch_size_where_the_c_step_measured_slower(tmp_path, monkeypatch):
-    import lmforge.kernels as kernels
     import lmforge.native.decoding as decoding
 
     model, tokenizer = load_for_inference(checkpoint(tmp_path))
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))  # a fresh timings cache
-    monkeypatch.setattr(kernels, "_timings", None)
+    monkeypatch.setattr(timing_cache, "_timings", None)
     measured = []
 
     def timed(step, model, prompt, repeats=3, dtype=None, rows=1):  # the C step slower from 32 rows
@@ -252,7 +252,7 @@ def test_the_row_limit_is_half_the_first_batch_size_where_the_c_step_measured_sl
     assert decoding.row_limit(model, decoder) == 32
     # A first step with more rows than the C step always takes asks for the limit, once.
     monkeypatch.setattr(decoding, "MEASURED_ROWS", (16,))
-    monkeypatch.setattr(kernels, "_timings", None)
+    monkeypatch.setattr(timing_cache, "_timings", None)
     (tmp_path / "cache" / "kernel-timings.json").unlink()
     cache = model.new_cache(12, 8)
     model(torch.zeros(12, 3, dtype=torch.long), cache=cache)

@@ -6,30 +6,21 @@ that depends on the machine: PyTorch's int8 weight-pack kernel is fast on some A
 and four times slower than float32 on others; bfloat16 reads half the bytes yet can be
 slower than float32 where the CPU converts it in software. So for each weight shape the
 candidate kernels are timed once (a few milliseconds) and the result is kept in the cache,
-keyed by the CPU model, its flags and the torch version:
+keyed by the CPU model, its flags and the torch version (timing_cache.py):
 
     $LMFORGE_CACHE_DIR/kernel-timings.json   {"<cpu>|<torch>": {"int8-pack 576x1536": 1.2e-5, ...}}
 """
 
 from __future__ import annotations
 
-import json
-import statistics
-import threading
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.device import machine_key
-
-# Re-entrant: timings() holds it while asking whether the native library exists, and loading that
-# library times its product loops through remembered() on the same thread.
-_lock = threading.RLock()
-_timings: dict[str, float] | None = None  # this machine's entries of the cache file
+from lmforge import timing_cache
+from lmforge.timing_cache import measure, remembered
 
 
 class BlockedMatvecLinear(nn.Module):
@@ -73,62 +64,6 @@ class BlockedMatvecLinear(nn.Module):
             bias = None if self.bias is None else self.bias[self.blocked_rows :]
             y = torch.cat([y, F.linear(flat, rest, bias)], dim=1)
         return y.reshape(*x.shape[:-1], self.out_features)
-
-
-def _cache_file() -> Path:
-    from lmforge.io import cache_dir
-
-    return cache_dir() / "kernel-timings.json"
-
-
-def _load() -> dict[str, float]:
-    global _timings
-    if _timings is None:
-        try:
-            _timings = dict(json.loads(_cache_file().read_text("utf-8")).get(machine_key(), {}))
-        except (OSError, ValueError, AttributeError):
-            _timings = {}
-    return _timings
-
-
-def _save() -> None:
-    from lmforge.io import atomic_write_json
-
-    path = _cache_file()
-    try:
-        everything = json.loads(path.read_text("utf-8")) if path.is_file() else {}
-    except (OSError, ValueError):
-        everything = {}
-    everything[machine_key()] = _timings
-    try:
-        atomic_write_json(path, everything)
-    except OSError:  # a read-only cache: the timings are measured again next time
-        pass
-
-
-def remembered(key: str, seconds: Callable[[], float]) -> float:
-    """This machine's cached timing `key`, measured by `seconds()` (and saved) the first time."""
-    with _lock:
-        cached = _load().get(key)
-    if cached is not None:
-        return cached
-    value = seconds()
-    with _lock:
-        _load()[key] = value
-        _save()
-    return value
-
-
-def measure(kernel: str, fn: Callable[[], object], repeats: int = 15) -> float:
-    """Median seconds of one call of `fn` (the product by `kernel`), after a warm-up."""
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def _candidates(in_features: int, out_features: int) -> dict[str, Callable[[], object]]:
@@ -197,14 +132,14 @@ def native_available() -> bool:
 
 def timings(in_features: int, out_features: int) -> dict[str, float]:
     """Seconds per matrix-vector product of this shape for every kernel (measured once per machine)."""
-    with _lock:
-        cached = _load()
+    with timing_cache.lock:
+        cached = timing_cache.load()
         shape = f"{in_features}x{out_features}"
         wanted = {name: f"{name} {shape}" for name in _candidates_names(in_features, out_features)}
         if not all(key in cached for key in wanted.values()):
             for name, fn in _candidates(in_features, out_features).items():
                 cached[f"{name} {shape}"] = measure(name, fn) / getattr(fn, "products", 1)
-            _save()
+            timing_cache.save()
         return {name: cached[key] for name, key in wanted.items() if key in cached}
 
 
@@ -239,13 +174,13 @@ def fastest_prompt_kernel(label: str, in_features: int, out_features: int, names
     """The fastest of the kernels `names`; `candidates()` builds them (name -> one product of
     PROMPT_ROWS rows of this shape by that kernel) when this machine has not timed them yet. The
     timings are kept in the cache under `label`, once per machine and shape."""
-    with _lock:
-        cached = _load()
+    with timing_cache.lock:
+        cached = timing_cache.load()
         keys = {name: f"prompt{PROMPT_ROWS} {label}-{name} {in_features}x{out_features}" for name in names}
         if not all(key in cached for key in keys.values()):
             for name, fn in candidates().items():
                 cached[keys[name]] = measure(f"{label}-{name}", fn, 5)
-            _save()
+            timing_cache.save()
         return min(names, key=lambda name: cached[keys[name]])
 
 

@@ -117,14 +117,14 @@ WIDE_TIMING_SHAPE = (576, 49152)
 
 def _choose_wide_products(lib: ctypes.CDLL) -> None:
     """Where this build has the 512-bit int8 products (AVX-512 VNNI), time them against the 256-bit
-    ones for one input row and for eight (timings cached per machine, kernels.py) and take each
+    ones for one input row and for eight (timings cached per machine, timing_cache.py) and take each
     where it is faster: a CPU that runs 512-bit vectors in two halves may gain nothing, and on a
     Zen 5 one row measured no faster. The two loops give the same results bit for bit, so choosing
     by rows changes no output."""
     global _wide
     if not lib.set_wide_products(0, 0):
         return
-    from lmforge.kernels import remembered
+    from lmforge.timing_cache import remembered
 
     threads = torch.get_num_threads()
     in_features, out_features = WIDE_TIMING_SHAPE
@@ -142,8 +142,8 @@ def _choose_wide_products(lib: ctypes.CDLL) -> None:
 
 def _time_products(lib: ctypes.CDLL, wide: bool, rows: int, threads: int) -> float:
     """Seconds of one int8 product of WIDE_TIMING_SHAPE for `rows` rows by the 512-bit loop (`wide`)
-    or the 256-bit one (kernels.measure: the median after a warm-up)."""
-    from lmforge.kernels import measure
+    or the 256-bit one (timing_cache.measure: the median after a warm-up)."""
+    from lmforge.timing_cache import measure
 
     in_features, out_features = WIDE_TIMING_SHAPE
     generator = torch.Generator().manual_seed(0)

@@ -276,8 +276,8 @@ MEASURED_ROWS = (16, 32)  # then the batch sizes at which it is compared with th
 def row_limit(model: nn.Module, decoder: NativeDecoder) -> int | None:
     """Half the first of MEASURED_ROWS at which the C step measures slower than the forward pass
     (None: faster at all of them). Measured once per machine and model shape (a few seconds for a
-    135M model) and kept in the kernel-timings cache (kernels.py)."""
-    from lmforge.kernels import remembered
+    135M model) and kept in the kernel-timings cache (timing_cache.py)."""
+    from lmforge.timing_cache import remembered
 
     cfg, prompt = model.config, min(16, model.block_size - 2)
     kinds = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "in_features")})
