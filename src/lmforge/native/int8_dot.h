@@ -105,6 +105,24 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* out[r]: the sum of row r's accumulator and its last, shorter block when `in` is not a multiple of
+ * ROUND_BLOCK (dot_rows_int16 and dot_rows_int16_wide end alike). */
+static inline __attribute__((always_inline)) void finish_int16_rows(const __m256 *acc, const int8_t *w,
+                                                                    const int16_t *q, const float *qs, int64_t in,
+                                                                    const int R, float *out) {
+    const int64_t blocks = in / ROUND_BLOCK, scales = (in + ROUND_BLOCK - 1) / ROUND_BLOCK;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        float total = hsum(acc[r]);
+        if (blocks < scales) {
+            int32_t tail = 0;
+            for (int64_t k = blocks * ROUND_BLOCK; k < in; k++) tail += (int32_t)w[k] * q[r * in + k];
+            total += (float)tail * qs[r * scales + blocks];
+        }
+        out[r] = total;
+    }
+}
+
 /* Inputs rounded to int16 per block of ROUND_BLOCK values (round_rows below): weights then multiply
  * with integer `madd`s, 16 products an instruction with the sums in int32, where widening them to
  * float does 8 an FMA. Measured on a Zen 3 core (576 x 1536 int8 matrix, 8 rows, weights in the
@@ -141,16 +159,7 @@ static inline __attribute__((always_inline)) void dot_rows_int16(const int8_t *w
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(qs[r * scales + b]), acc[r]);
         }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; r++) {
-        float total = hsum(acc[r]);
-        if (blocks < scales) { /* the last, shorter block */
-            int32_t tail = 0;
-            for (int64_t k = blocks * ROUND_BLOCK; k < in; k++) tail += (int32_t)w[k] * q[r * in + k];
-            total += (float)tail * qs[r * scales + blocks];
-        }
-        out[r] = total;
-    }
+    finish_int16_rows(acc, w, q, qs, in, R, out);
 }
 #define HAVE_INT16_PATH 1
 
@@ -184,16 +193,7 @@ static inline __attribute__((always_inline)) void dot_rows_int16_wide(const int8
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(qs[r * scales + b]), acc[r]);
         }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; r++) {
-        float total = hsum(acc[r]);
-        if (blocks < scales) { /* the last, shorter block */
-            int32_t tail = 0;
-            for (int64_t k = blocks * ROUND_BLOCK; k < in; k++) tail += (int32_t)w[k] * q[r * in + k];
-            total += (float)tail * qs[r * scales + blocks];
-        }
-        out[r] = total;
-    }
+    finish_int16_rows(acc, w, q, qs, in, R, out);
 }
 #define HAVE_WIDE_PRODUCTS 1
 #endif
