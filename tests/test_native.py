@@ -88,6 +88,8 @@ def test_the_first_kernel_timing_may_load_the_library_which_times_its_loops(monk
     worker.join(timeout=60)
     assert finished and "int8-native" in finished[0]
     assert (native.wide_products() is not None) == avx512_vnni_targeted()
+    monkeypatch.undo()  # the library, choice and timings of before,
+    restore_chosen_loops()  # and the loops they chose (the faked timings chose others)
 
 
 def rounding_bound(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
