@@ -432,7 +432,7 @@ static void linear_rows(const Linear *L, const float *x, float *y, int64_t rows,
         team_wait(team);
     }
 #define PRODUCT(R)                                                                                            \
-    if (L->weight_bf16)                                                                                  \
+    if (L->weight_bf16)                                                                                       \
         dot_rows_float(NULL, L->weight_bf16 + o * in, x + r0 * in, in, R, 1, sums);                          \
     else if (L->weight32)                                                                                     \
         dot_rows_float(L->weight32 + o * in, NULL, x + r0 * in, in, R, 0, sums);                             \
