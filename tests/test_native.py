@@ -29,18 +29,25 @@ def test_the_512_bit_products_are_built_exactly_where_the_compiler_targets_avx51
     assert (native.wide_products() is not None) == avx512_vnni_targeted()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+@pytest.mark.parametrize("one_row", PRODUCT_LOOPS)
+@pytest.mark.parametrize("several_rows", PRODUCT_LOOPS)
 @pytest.mark.parametrize(("in_features", "out_features"), [(64, 96), (37, 11), (576, 40), (1536, 24)])
-def test_the_512_bit_int8_products_give_the_256_bit_ones_bit_for_bit(rows, in_features, out_features):
-    """So an int8 product may take either loop by its rows, as timed, and no output changes (on a CPU
-    without AVX-512 VNNI both calls take the 256-bit loop: the check still runs, trivially)."""
+def test_a_row_alone_gets_bit_for_bit_what_it_gets_in_a_batch_whichever_loops_each_takes(
+    in_features, out_features, one_row, several_rows
+):
+    """Batched decoding gives each sequence exactly what it would get alone, and the loop a call takes
+    depends on its rows (timed choice): a row alone (the one-row path) and the same row among 12
+    others (the tiled path, groups of 8 + 5) must agree exactly, with the
+    512-bit loop on either side, both, or neither (the only case where the CPU has no such loop)."""
     weight, scale = quantized(out_features, in_features)
-    x = torch.randn(rows, in_features)
-    results = []
-    for wide in [False, PRODUCT_LOOPS[-1]]:
-        with product_loops(wide):
-            results.append(native.int8_linear(x, weight, scale, None))
-    assert torch.equal(*results)
+    x = torch.randn(13, in_features)
+    native.use_wide_products(one_row, several_rows)
+    try:
+        together = native.int8_linear(x, weight, scale, None)
+        alone = torch.cat([native.int8_linear(x[row : row + 1], weight, scale, None) for row in range(13)])
+    finally:
+        restore_chosen_loops()
+    assert torch.equal(alone, together)
 
 
 @pytest.mark.parametrize(("one_row_512", "eight_rows_512"), [(1.1, 2.0), (0.9, 3.5), (0.9, 2.0), (1.2, 3.5)])
@@ -197,18 +204,6 @@ def test_fused_gate_up_gives_the_same_outputs():
     fuse_projections(model)
     assert all(block.mlp.c_gate_up is not None and not hasattr(block.mlp, "c_gate") for block in model.blocks)
     assert torch.allclose(model(ids)[0], before, atol=1e-5)
-
-
-@pytest.mark.parametrize("wide", PRODUCT_LOOPS)
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it(wide):
-    """Batched decoding gives each sequence exactly what it would get alone: every row is rounded
-    and summed in the same order whether it comes alone or among 13 others (8 + 5 rows)."""
-    weight, scale = quantized(40, 576)
-    x = torch.randn(13, 576)
-    with product_loops(wide):
-        together = native.int8_linear(x, weight, scale, None)
-        for row in [0, 7, 8, 12]:
-            assert torch.equal(native.int8_linear(x[row : row + 1], weight, scale, None)[0], together[row])
 
 
 def test_4bit_weights_stay_within_half_a_step_two_to_a_byte():
