@@ -42,10 +42,10 @@ VARIANTS = {
 def child(variant: str, steps: int, batch: int, seq: int) -> dict:
     import torch
 
+    from lmforge.adapters.lora import apply_lora
     from lmforge.config import ModelConfig, OptimConfig
     from lmforge.device import set_threads
     from lmforge.models import build_model
-    from lmforge.training.lora import apply_lora
     from lmforge.training.optim import build_optimizers
     from lmforge.training.trainer import optimizer_state_bytes, peak_memory
 

@@ -10,12 +10,12 @@ import torch
 import transformers  # the [dev] extra installs it
 from safetensors.torch import load_file
 
+from lmforge.adapters.lora import LoRALinear, apply_lora, merged_state_dict
 from lmforge.checkpoint import load_checkpoint
 from lmforge.cli import main
 from lmforge.config import apply_overrides, load_preset
 from lmforge.data.instructions import DEFAULT_CHAT_TEMPLATE, encode_conversation, render_chat
 from lmforge.errors import UserError
-from lmforge.training.lora import LoRALinear, apply_lora, merged_state_dict
 from lmforge.training.optim import build_optimizers
 from lmforge.training.trainer import train
 

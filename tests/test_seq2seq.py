@@ -230,7 +230,9 @@ def test_copy_attention_is_refused_outside_encoder_decoders_and_in_mbart_export(
     from lmforge.config import Config, validate
     from lmforge.interop.mbart import check_exportable
 
-    with pytest.raises(UserError, match="copy_attention is for encoder–decoder models"):
+    with pytest.raises(
+        UserError, match="model.copy_attention does not apply to a GPT decoder .*encoder–decoder"
+    ):
         validate(Config(model=ModelConfig(arch="gpt", copy_attention=True)))
     with pytest.raises(UserError, match="no copy attention"):
         check_exportable(ModelConfig(arch="seq2seq", embedding_norm=True, copy_attention=True))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,46 @@ def test_no_import_cycles_even_through_imports_inside_functions():
     assert "lmforge.training.trainer" in graph["lmforge.cli"] or graph["lmforge.cli"]  # the graph is real
     assert "lmforge.interop.hf" in graph["lmforge.checkpoint"]  # foreign formats sit below the owner
     assert "lmforge.checkpoint" not in graph["lmforge.interop.hf"]
+
+
+# The families' own code: their model files, their declarations (lmforge/families), and the modules
+# that hold one family's data, training, decoding or Hugging Face mapping.
+FAMILY_CODE = ("lmforge.models", "lmforge.families", "lmforge.seq2seq", "lmforge.data.pairs",
+               "lmforge.training.pairs", "lmforge.interop.mbart", "lmforge.interop.bert", "lmforge.interop.hf",
+               "lmforge.interop.gguf", "lmforge.training.classify")  # fmt: skip
+FAMILY_CHECK = re.compile(
+    r"""\.arch\s*(==|!=)|\.arch\s+(not\s+)?in\s|\bis_seq2seq\b|[=!]=\s*"(gpt|lstm|gru|rnn|seq2seq|encoder)"|"""
+    r"""["']stateful["']"""
+)
+
+
+def test_no_family_check_outside_the_families_code():
+    """The stages ask a model's family (lmforge.families.family_of) and never test its name."""
+    offenders = []
+    for name, path in _modules().items():
+        if name.startswith(FAMILY_CODE):
+            continue
+        for number, line in enumerate(path.read_text("utf-8").splitlines(), 1):
+            if FAMILY_CHECK.search(line):
+                offenders.append(f"{name}:{number}: {line.strip()}")
+    assert not offenders
+    # The pattern is real: it finds the checks the stages used to make.
+    for line in ('if config.model.arch == "seq2seq":', 'language_model = m.arch not in ("seq2seq",)',
+                 'getattr(run.model, "stateful", False)', 'if is_seq2seq(config):'):  # fmt: skip
+        assert FAMILY_CHECK.search(line), line
+
+
+def test_lower_layers_never_import_upper_ones():
+    """The checkpoint, inference, interop and family code never import training (nor the CLI), and the
+    families import no stage at all: they name their stages' functions (`lazy`)."""
+    graph = _import_graph()
+    lower = ("lmforge.checkpoint", "lmforge.inference", "lmforge.interop", "lmforge.families")
+    for module, imports in graph.items():
+        if module.startswith(lower):
+            upward = {t for t in imports if t.startswith(("lmforge.training", "lmforge.cli"))}
+            assert not upward, (module, upward)
+    for module in (m for m in graph if m.startswith("lmforge.families")):
+        assert all(t.startswith(("lmforge.families", "lmforge.errors")) for t in graph[module]), module
 
 
 def test_functions_stay_readable():

@@ -104,6 +104,9 @@ def terminal_chat(
         except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line
             write("")
             continue
+        except UnicodeDecodeError as e:
+            raise UserError(f"Standard input is not valid utf-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                            f"{e.start} of the line); type or pipe UTF-8 text.") from None  # fmt: skip
         text = line.strip()
         if not text:
             continue

@@ -2,7 +2,7 @@
 
 An lmforge checkpoint is a directory of safetensors and JSON, never pickle:
 
-    DIR/config.json          {"format": "lmforge-checkpoint", "version": 1, "config": {...},
+    DIR/config.json          {"format": "lmforge-checkpoint", "version": 2, "config": {...},
                               "step": .., "val_loss": .., "chat_template": .., "task": ..}
     DIR/model.safetensors    the best weights so far (what `lmforge generate DIR` uses)
     DIR/tokenizer.json       the tokenizer
@@ -28,13 +28,14 @@ import torch.nn as nn
 
 from lmforge.config import Config, check_size, config_from_dict
 from lmforge.errors import UserError
+from lmforge.families import family_of
 from lmforge.io import atomic_write_json
 from lmforge.settings import check_fields
 from lmforge.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.weights import load_weights, save_tensors, unique_state_dict, without_tied
 
 FORMAT = "lmforge-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the config holds only the settings that apply (1: every field; still read)
 LANGUAGE_MODEL, CLASSIFIER, HUGGING_FACE, GGUF = "lmforge", "classifier", "huggingface", "gguf"
 
 
@@ -61,6 +62,13 @@ class Checkpoint:
     @property
     def is_classifier(self) -> bool:
         return self.kind == CLASSIFIER
+
+    def require(self, command: str) -> Checkpoint:
+        """This checkpoint, or one sentence naming the commands that take it when its model's family
+        does not serve `command` (an encoder–decoder given to `generate`, say)."""
+        if self.config is not None:
+            family_of(self.config.model.arch).require(command, str(self.path))
+        return self
 
     def load(self, device: torch.device | str = "cpu") -> tuple[nn.Module, TextTokenizer]:
         """The language model (eval mode, float32) and its tokenizer."""
@@ -156,7 +164,11 @@ def _open_lmforge(path: Path) -> Checkpoint:
         raise UserError(f"{config_file} is not valid JSON ({e}); the checkpoint is corrupt.") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"{path} is not an lmforge checkpoint ({config_file} was written by another tool).")
-    if data.get("version", 0) > FORMAT_VERSION:
+    version = data.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise UserError(f"{config_file}: its version must be a whole number, not {version!r}; the checkpoint is "
+                        f"damaged.")  # fmt: skip
+    if version > FORMAT_VERSION:
         raise UserError(f"{path} was written by a newer lmforge; upgrade lmforge to read it.")
     for name in ("model.safetensors", "tokenizer.json"):
         if not (path / name).is_file():
@@ -172,10 +184,11 @@ def _open_lmforge(path: Path) -> Checkpoint:
 
 
 def load_checkpoint(
-    path: str | Path, device: torch.device | str = "cpu"
+    path: str | Path | Checkpoint, device: torch.device | str = "cpu"
 ) -> tuple[nn.Module, TextTokenizer, Config]:
-    """Open a language-model checkpoint: the model (in eval mode), its tokenizer and its config."""
-    checkpoint = open_checkpoint(path)
+    """Open a language-model checkpoint (or load one already opened): the model (in eval mode), its
+    tokenizer and its config."""
+    checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path)
     model, tokenizer = checkpoint.load(device)
     return model, tokenizer, checkpoint.config
 
@@ -205,7 +218,7 @@ def save_checkpoint(
     to PEFT's adapter_config.json + adapter_model.safetensors. `whole`: the model's tensors
     gathered from a sharded (fsdp) model, written instead of the model's own.
     """
-    from lmforge.training.lora import adapter_state_dict, base_fingerprint, has_lora, merged_state_dict
+    from lmforge.adapters.lora import adapter_state_dict, base_fingerprint, has_lora, merged_state_dict
 
     tensors = unique_state_dict(model) if whole is None else without_tied(model, whole)
     if has_lora(model):
@@ -221,7 +234,7 @@ def save_checkpoint(
             "base_fingerprint": base_fingerprint(model),
         }
         save_tensors(out / "adapter.safetensors", adapters, adapter_info)
-        from lmforge.interop.peft import llama_shaped, save_peft_adapter
+        from lmforge.adapters.peft import llama_shaped, save_peft_adapter
 
         if llama_shaped(config.model):  # the same adapters for peft.PeftModel on the transformers model
             save_peft_adapter(

@@ -605,14 +605,34 @@ def _note(message: str) -> None:
     print(f"lmforge: note: {message}", file=sys.stderr)
 
 
+def _read_stdin() -> str:
+    """Standard input as text: the one reader of every command that takes it (UTF-8, or one error)."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"Standard input is not valid utf-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        f"convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None  # fmt: skip
+
+
+def _read_lines_of(path: str, what: str) -> list[str]:
+    """The non-empty lines of a file, or of standard input for "-"; an empty source is one error."""
+    text = _read_stdin() if path == "-" else _read_text(path)
+    lines = [line for line in text.split("\n") if line.strip()]
+    if not lines:
+        raise UserError(
+            f"{'Standard input' if path == '-' else path} holds no {what}; give at least one line."
+        )
+    return lines
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        text = sys.stdin.read() if args.prompt_file == "-" else _read_text(args.prompt_file)
-        prompts += [line for line in text.split("\n") if line.strip()]
+        prompts += _read_lines_of(args.prompt_file, "prompts")
     elif not prompts and not sys.stdin.isatty():
         try:  # piped prompts: `echo "ROMEO:" | lmforge generate out/run`
-            prompts += [line for line in sys.stdin.read().split("\n") if line.strip()]
+            prompts += [line for line in _read_stdin().split("\n") if line.strip()]
         except (OSError, ValueError):  # no readable standard input
             pass
     return prompts or [""]
@@ -624,19 +644,19 @@ def _read_text(path: str) -> str:
     return read_text_file(Path(path))
 
 
-def _recommended(checkpoint: str) -> dict:
-    """The sampling settings a checkpoint recommends (its generation_config.json)."""
+def _open(path: str, command: str):
+    """The checkpoint, opened once for the whole command, if its model's family serves `command`."""
     from lmforge.checkpoint import open_checkpoint
 
-    return open_checkpoint(checkpoint).generation.sampling
+    return open_checkpoint(path).require(command)
 
 
-def _load_for_generation(args: argparse.Namespace):
+def _load_for_generation(args: argparse.Namespace, opened):
     """The model and tokenizer of `generate` and `chat`, as their flags ask."""
     from lmforge.inference import load_for_inference
 
     return load_for_inference(
-        args.checkpoint,
+        opened,
         args.device,
         args.dtype,
         args.quantize,
@@ -649,11 +669,11 @@ def _load_for_generation(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.generation import generate, stream
 
-    recommended = _recommended(args.checkpoint)
-    config = _generation_config(args, recommended)  # checked before the model loads
+    opened = _open(args.checkpoint, "generate")
+    config = _generation_config(args, opened.generation.sampling)  # checked before the model loads
     if args.num_samples < 1:
         raise UserError("--num-samples must be at least 1.")
-    model, tokenizer = _load_for_generation(args)
+    model, tokenizer = _load_for_generation(args, opened)
     prompts = _read_prompts(args)
     warn = lambda message: print(f"lmforge: warning: {message}", file=sys.stderr)  # noqa: E731
     for i in range(args.num_samples):
@@ -697,14 +717,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             args.checkpoint, args.prompts, args.max_new_tokens, args.device, args.adapter
         )
         result = score_lines(hyps, [_read_lines(r) for r in args.ref], metrics)
-    elif args.checkpoint and _is_seq2seq(args.checkpoint):
+    elif args.checkpoint and (family := _family(args.checkpoint)) and family.evaluate:
         from lmforge.checkpoint import open_checkpoint
-        from lmforge.seq2seq import Seq2SeqConfig, evaluate_pairs, task_defaults
 
-        task = open_checkpoint(args.checkpoint).config.data.task
-        settings = task_defaults(task, no_repeat_ngram_size=args.no_repeat_ngram_size)
-        cfg = Seq2SeqConfig(beams=args.beams, **settings)
-        result = evaluate_pairs(args.checkpoint, args.data, cfg, args.device)
+        opened = open_checkpoint(args.checkpoint)
+        result = family.evaluate(opened, args.data, args.beams, args.no_repeat_ngram_size, args.device)
     elif args.checkpoint and _is_classifier(args.checkpoint):
         if not args.data:
             raise UserError("Evaluating a classifier needs labeled examples: pass --data FILE.tsv.")
@@ -801,8 +818,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
     texts = list(args.text or [])
     if args.file:
-        content = sys.stdin.read() if args.file == "-" else _read_text(args.file)
-        texts += [line for line in content.split("\n") if line.strip()]
+        texts += _read_lines_of(args.file, "texts")
     if not texts:
         raise UserError("Give texts to classify with --text or --file.")
     model, tokenizer, labels = load_classifier(args.checkpoint, args.device)
@@ -833,8 +849,7 @@ def cmd_transduce(args: argparse.Namespace) -> int:
 
     texts = list(args.text or [])
     if args.file:
-        content = sys.stdin.read() if args.file == "-" else _read_text(args.file)
-        texts += [line for line in content.split("\n") if line.strip()]
+        texts += _read_lines_of(args.file, "texts")
     if not texts:
         raise UserError(f"Give texts to {args.command} with --text or --file.")
     task = "translation" if args.command == "translate" else "summarization"
@@ -852,14 +867,16 @@ def cmd_transduce(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_seq2seq(path: str) -> bool:
+def _family(path: str):
+    """The family of the checkpoint's model (None: a classifier, or not a checkpoint)."""
     from lmforge.checkpoint import open_checkpoint
+    from lmforge.families import family_of
 
     try:
         config = open_checkpoint(path).config  # (a classifier has no language-model config)
     except UserError:
-        return False
-    return config is not None and config.model.arch == "seq2seq"
+        return None
+    return config and family_of(config.model.arch)
 
 
 def _is_classifier(path: str) -> bool:
@@ -912,9 +929,10 @@ def _api_key(args: argparse.Namespace) -> str | None:
 def cmd_chat(args: argparse.Namespace) -> int:
     from lmforge.chat import chat_template_of, terminal_chat
 
-    recommended = _recommended(args.checkpoint)
+    opened = _open(args.checkpoint, "chat")
+    recommended = opened.generation.sampling
     _generation_config(args, recommended, max_new_tokens=args.max_new_tokens or 1)  # checked before loading
-    model, tokenizer = _load_for_generation(args)
+    model, tokenizer = _load_for_generation(args, opened)
     if args.max_new_tokens is None:
         args.max_new_tokens = min(256, model.block_size // 2)
     if args.max_new_tokens >= model.block_size:

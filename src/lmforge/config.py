@@ -3,8 +3,8 @@
 A run is described by one `Config` with four sections (data, model, optim,
 train). Presets are TOML files in `lmforge/presets/` that set some fields;
 command-line overrides (`--train.max_iters 200`) are applied on top. The
-resolved config is printed at the start of training and saved as
-`config.json` in the run directory.
+resolved config (the settings that apply to its model's family, `Config.to_dict`) is printed at the
+start of training and saved in `config.json` in the run directory.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import tomllib
 
 from lmforge.errors import UserError
+from lmforge.families import FAMILIES, family_of, family_of_field
 from lmforge.settings import check_fields, option
 
 
@@ -190,7 +191,21 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings that apply to this run, as printed at its start and saved in its checkpoints
+        (format 2): the model and data fields of its model's family, the train fields but another
+        family's own, and the finetune and privacy sections only when used. `config_from_dict`
+        reads it back (what is left out is at its default)."""
+        family = family_of(self.model.arch)
+        others = {name for f in FAMILIES if f is not family for name in f.train_fields} - family.train_fields
+        out = dataclasses.asdict(self)
+        out["model"] = {k: v for k, v in out["model"].items() if k in family.model_fields}
+        out["data"] = {k: v for k, v in out["data"].items() if k in family.data_fields}
+        out["train"] = {k: v for k, v in out["train"].items() if k not in others}
+        if not self.finetune.init_from:
+            del out["finetune"]
+        if not (self.privacy.target_epsilon > 0 or self.privacy.noise_multiplier > 0):
+            del out["privacy"]
+        return out
 
 
 SECTIONS = ("data", "model", "optim", "train", "finetune", "privacy")
@@ -232,8 +247,10 @@ def parse_value(key: str, raw: Any, kind: type) -> Any:
     return raw
 
 
-def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
-    """Set 'section.field' keys on a copy of `config`; unknown keys list the valid ones."""
+def apply_overrides(config: Config, overrides: dict[str, Any], check_family: bool = True) -> Config:
+    """Set 'section.field' keys on a copy of `config`; unknown keys list the valid ones, and (with
+    `check_family`) a key of another model family than the resulting model.arch's is refused; the
+    settings of other families left from the base config go back to their defaults."""
     config = dataclasses.replace(config, **{s: dataclasses.replace(getattr(config, s)) for s in SECTIONS})
     types = field_types()
     for key, raw in overrides.items():
@@ -246,6 +263,9 @@ def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
             raise UserError(f"Unknown config key {key!r}; valid keys: {', '.join(valid)}.")
         section, name = key.split(".", 1)
         setattr(getattr(config, section), name, parse_value(key, raw, types[key]))
+    if check_family:
+        check_family_fields(config, list(overrides))
+    keep_what_applies(config)
     return config
 
 
@@ -263,7 +283,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
         else:
             raise UserError(f"{source}: unknown section {key!r}; valid sections: {', '.join(SECTIONS)}.")
     try:
-        return apply_overrides(Config(), flat)
+        return apply_overrides(Config(), flat, check_family=False)  # (a saved v1 config holds every field)
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
 
@@ -301,7 +321,7 @@ def validate(config: Config) -> None:
     (settings.py), then the rules that tie settings together, then the model's size."""
     check_fields(config)
     m, t, o = config.model, config.train, config.optim
-    gpt = m.arch in ("gpt", "seq2seq", "encoder")  # the Transformers
+    gpt = family_of(m.arch).heads  # the Transformers
     checks = [
         (not gpt or m.n_embd % m.n_head == 0,
          f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}).", "model.n_embd"),
@@ -311,8 +331,6 @@ def validate(config: Config) -> None:
          "model.pos_encoding must be learned, sinusoidal or rope.", "model.pos_encoding"),
         (not gpt or m.pos_encoding != "rope" or (m.n_embd // m.n_head) % 2 == 0,
          "rope needs an even head size (model.n_embd / model.n_head).", "model.n_head"),
-        (not m.copy_attention or m.arch == "seq2seq",
-         "model.copy_attention is for encoder–decoder models (model.arch seq2seq).", "model.copy_attention"),
         (m.norm in ("layernorm", "rmsnorm"), "model.norm must be layernorm or rmsnorm.", "model.norm"),
         (m.activation in ("gelu", "gelu_tanh", "relu2", "swiglu"),
          "model.activation must be gelu, gelu_tanh, relu2 or swiglu.", "model.activation"),
@@ -329,6 +347,7 @@ def validate(config: Config) -> None:
     for ok, message, setting in checks:
         if not ok:
             raise UserError(message, settings=(setting,))
+    check_family_fields(config)  # (a config built in Python, not through overrides)
     from lmforge.training.metrics import parse_loggers
 
     parse_loggers(t.loggers)
@@ -338,23 +357,50 @@ def validate(config: Config) -> None:
 def estimated_parameters(m: ModelConfig) -> int:
     """About how many parameters the model section describes (the tokenizer's vocabulary,
     when vocab_size is 0, is not known yet and counted as 0)."""
-    width = m.hidden_size or m.n_embd
-    embeddings = m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2)
-    if m.arch in ("gpt", "seq2seq", "encoder"):
-        hidden = m.mlp_hidden or int(m.mlp_ratio * m.n_embd)
-        per_layer = 4 * m.n_embd * m.n_embd + (3 if m.activation == "swiglu" else 2) * m.n_embd * hidden
-        layers = m.n_layer
-        if m.arch == "seq2seq":  # the encoder's layers, and the decoder's cross-attention
-            layers += m.n_encoder_layer or m.n_layer
-            per_layer += 2 * m.n_embd * m.n_embd
-        copy = (2 * m.n_embd * m.n_embd + m.n_embd + 1) if m.copy_attention else 0  # query, key, gate
-        return (
-            embeddings
-            + copy
-            + layers * per_layer
-            + (m.block_size * m.n_embd * 2 if m.pos_encoding == "learned" else 0)
-        )
-    return embeddings + m.n_layer * 4 * width * (m.n_embd + width) * 2
+    return family_of(m.arch).parameters(m)
+
+
+def _foreign_fields(config: Config) -> list[tuple[str, str, str]]:
+    """(section, field, where it belongs) of every model, data and train setting that does not apply
+    to the run's model family (a GPT has no model.hidden_size; a text has no data.target_path)."""
+    family = family_of(config.model.arch)
+    only_others = {name for other in FAMILIES if other is not family for name in other.train_fields}
+    out = []
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in family.model_fields:
+            owners = " or ".join(
+                f"{o.summary} (model.arch {'/'.join(o.archs)})" for o in family_of_field(f.name)
+            )
+            out.append(("model", f.name, f"it is a setting of {owners}"))
+    for f in dataclasses.fields(DataConfig):
+        if f.name not in family.data_fields:
+            kind = "source/target pairs" if family.data_kind == "text" else "text data"
+            out.append(("data", f.name, f"it is a setting of {kind}"))
+    for name in sorted(only_others - family.train_fields):
+        out.append(("train", name, "it is a setting of " + " or ".join(o.summary for o in FAMILIES
+                                                                       if name in o.train_fields)))  # fmt: skip
+    return out
+
+
+def keep_what_applies(config: Config) -> None:
+    """Put back at their defaults the settings that do not apply to the run's model family (a GPT
+    preset's head count after `--model.arch lstm`, the every-field config of a version-1 checkpoint):
+    they have no effect, and are neither shown nor saved."""
+    for section, name, _ in _foreign_fields(config):
+        setattr(getattr(config, section), name, getattr(type(getattr(config, section))(), name))
+
+
+def check_family_fields(config: Config, keys: list[str] | None = None) -> None:
+    """A setting of another model family, or of another kind of data, is refused in one sentence
+    naming where it belongs: each of `keys` (overrides) that names one, or (None) each one whose
+    value is not its default."""
+    family = family_of(config.model.arch)
+    for section, name, where in _foreign_fields(config):
+        key, values = f"{section}.{name}", getattr(config, section)
+        named = key in keys if keys is not None else getattr(values, name) != getattr(type(values)(), name)
+        if named:
+            raise UserError(f"{key} does not apply to {family.summary} (model.arch {config.model.arch}): {where}; "
+                            f"leave it out.", settings=(key,))  # fmt: skip
 
 
 def check_size(m: ModelConfig, bytes_per_parameter: int = 4) -> None:

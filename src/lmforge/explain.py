@@ -57,7 +57,7 @@ def load_for_explaining(path: str, device: str = "cpu") -> tuple[nn.Module, obje
 
         model, tokenizer, labels = load_classifier(path, device)
         return model.float().eval(), tokenizer, labels
-    model, tokenizer = checkpoint.load()
+    model, tokenizer = checkpoint.require("explain").load()
     return model.float().to(resolve_device(device)).eval(), tokenizer, None
 
 

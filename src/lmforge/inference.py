@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,9 @@ from lmforge.device import DTYPES, resolve_device
 from lmforge.errors import UserError
 from lmforge.kernels import BlockedMatvecLinear
 from lmforge.native import int4_linear, int8_linear
+
+if TYPE_CHECKING:
+    from lmforge.checkpoint import Checkpoint
 
 
 class Int8Linear(nn.Module):
@@ -328,7 +332,7 @@ def quantize_int4(model: nn.Module) -> nn.Module:
 
 
 def load_for_inference(
-    path: str,
+    path: str | Checkpoint,
     device: str = "cpu",
     dtype: str = "float32",
     quantize: str | None = None,
@@ -336,7 +340,8 @@ def load_for_inference(
     notice: Callable[[str], None] | None = None,
     compile: bool = False,
 ):
-    """A checkpoint's model (eval mode) and tokenizer, at the requested precision; `adapter`:
+    """A checkpoint's model (eval mode) and tokenizer (`path`: a folder, file or hub id, or a checkpoint
+    already opened), at the requested precision; `adapter`:
     a LoRA adapter for this base (from `lmforge finetune`, or a PEFT folder), merged in before anything else.
     `notice` (default: a warning) hears when the requested precision is slower than float32 here.
     `compile`: generate with a compiled one-token decode step (GPT models; see compiled.py)."""
@@ -350,8 +355,8 @@ def load_for_inference(
         raise UserError(f"--compile works with float weights; leave out --quantize {quantize} or --compile.")
     model, tokenizer, config = load_checkpoint(path, resolve_device(device))
     if adapter:
-        from lmforge.interop.peft import is_peft_adapter, load_peft_adapter
-        from lmforge.training.lora import load_adapter
+        from lmforge.adapters.lora import load_adapter
+        from lmforge.adapters.peft import is_peft_adapter, load_peft_adapter
 
         if is_peft_adapter(adapter):  # a folder written by peft (or by finetune, beside adapter.safetensors)
             load_peft_adapter(model, config.model, adapter)

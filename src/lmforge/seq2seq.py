@@ -309,3 +309,33 @@ def evaluate_pairs(checkpoint: str | Path, data: str | Path | None = None, cfg: 
     return {"checkpoint": str(checkpoint), "data": where, "task": task, "examples": len(sources),
             "references": sum(r is not None for refs in references for r in refs),
             **score_outputs(task, outputs, references), "samples": list(zip(sources[:3], outputs[:3], strict=True))}  # fmt: skip
+
+
+# ---- what the encoder–decoder family offers the trainer and `lmforge eval` (lmforge/families) ------
+
+
+def training_report(run, metrics) -> str:
+    """An encoder–decoder run ends with its task's score on (up to 200 of) the validation sources,
+    decoded greedily by the best weights, and one example as the sample."""
+    from lmforge.checkpoint import load_checkpoint
+
+    best, _, _ = load_checkpoint(run.out, run.device)
+    texts, task = run.data.val_texts, run.config.data.task
+    sources, references = references_by_source(texts.sources, texts.targets)
+    sources, references = sources[:200], [refs[:200] for refs in references]
+    outputs = transduce(best, run.tokenizer, sources, Seq2SeqConfig(beams=1, **task_defaults(task)))
+    scores = score_outputs(task, outputs, references)
+    keys = ("bleu", "chrf") if task == "translation" else ("rouge1", "rouge2", "rougeL")
+    metrics.history[-1].update({f"val_{k}_greedy": round(scores[k], 3) for k in keys})
+    metrics.rewrite()
+    shown = ", ".join(f"{k} {scores[k]:.2f}" for k in keys)
+    run.log(f"On {len(sources)} validation sources (greedy, best weights): {shown}")
+    return f"{sources[0]}\n→ {outputs[0]}"
+
+
+def evaluate_checkpoint(checkpoint, data: str | None, beams: int, no_repeat_ngram_size: int | None,
+                        device: str) -> dict:  # fmt: skip
+    """`lmforge eval` on an encoder–decoder: its task's scores on a pairs file (default: its
+    validation pairs), with the task's decoding defaults."""
+    settings = task_defaults(checkpoint.config.data.task, no_repeat_ngram_size=no_repeat_ngram_size)
+    return evaluate_pairs(checkpoint.path, data, Seq2SeqConfig(beams=beams, **settings), device)

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from lmforge.config import Config, ModelConfig
 from lmforge.errors import UserError
+from lmforge.families import GPT, family_of
 from lmforge.tokenizers import EOT, TextTokenizer, load_tokenizer
 from lmforge.weights import load_state
 
@@ -120,9 +121,18 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> Mod
     )
 
 
+def gpt_to_hf(
+    m: ModelConfig, tensors: dict[str, torch.Tensor], eot_id: int | None = None
+) -> tuple[dict, dict]:
+    """The GPT family's Hugging Face export: the config and tensors of the layout that fits it."""
+    hf_config = hf_config_from_model(m)
+    kind = hf_config["model_type"] if hf_config["model_type"] in ("gpt2", "persimmon") else "llama"
+    return hf_config, lmforge_to_hf(tensors, m, kind)
+
+
 def hf_config_from_model(m: ModelConfig) -> dict[str, Any]:
     """The Hugging Face config of an lmforge GPT, or a clear refusal naming what does not fit."""
-    if m.arch != "gpt":
+    if family_of(m.arch) is not GPT:  # (this module is the GPT family's Hugging Face mapping)
         raise UserError(f"This model cannot be exported to Hugging Face: transformers has no architecture for "
                         f"{m.arch} language models; export takes Transformer (gpt) models.")  # fmt: skip
     # A model without biases fits a family with biases exactly: its biases are written as zeros.
@@ -470,15 +480,11 @@ def export_hf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out: s
 
     out = Path(out)
     sd = {k: v.float() for k, v in model.state_dict().items()}
-    if config.model.arch == "seq2seq":
-        from lmforge.interop.mbart import lmforge_to_mbart, mbart_config_from_model
-
-        hf_config = mbart_config_from_model(config.model, tokenizer.eot_id)
-        tensors = lmforge_to_mbart(sd, config.model)
-    else:
-        hf_config = hf_config_from_model(config.model)
-        kind = hf_config["model_type"] if hf_config["model_type"] in ("gpt2", "persimmon") else "llama"
-        tensors = lmforge_to_hf(sd, config.model, kind)
+    family = family_of(config.model.arch)
+    if family.hf_export is None:
+        raise UserError(f"This model cannot be exported to Hugging Face: transformers has no architecture for "
+                        f"{config.model.arch} language models; export takes Transformer (gpt) models.")  # fmt: skip
+    hf_config, tensors = family.hf_export(config.model, sd, tokenizer.eot_id)
     # A tied head is not written: transformers re-ties lm_head to the embedding itself.
     out.mkdir(parents=True, exist_ok=True)
     ends = list(eos_ids) or ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])

@@ -172,3 +172,8 @@ def mbart_config_from_model(m: ModelConfig, boundary: int | None) -> dict[str, A
         "pad_token_id": boundary, "bos_token_id": boundary, "eos_token_id": boundary,
         "decoder_start_token_id": boundary, "forced_eos_token_id": boundary, "is_encoder_decoder": True,
     }  # fmt: skip
+
+
+def to_mbart(m: ModelConfig, tensors: dict, eot_id: int | None) -> tuple[dict, dict]:
+    """The encoder–decoder family's Hugging Face export: mBART's config and tensors."""
+    return mbart_config_from_model(m, eot_id), lmforge_to_mbart(tensors, m)

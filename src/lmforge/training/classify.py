@@ -23,6 +23,7 @@ from lmforge.data.labeled import read_labeled
 from lmforge.device import resolve_device, set_threads
 from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.evaluation.metrics import classification_metrics
+from lmforge.families import family_of
 from lmforge.models import build_model
 from lmforge.models.classifier import BiLSTMEncoder, ClassifierConfig, TextClassifier, body_width
 from lmforge.settings import check_fields
@@ -90,12 +91,12 @@ def _build(cfg: ClassifierTrainConfig, train_texts: list[str], n_classes: int):
     if cfg.init:
         from lmforge.checkpoint import load_checkpoint
 
-        lm, tokenizer, lm_config = load_checkpoint(cfg.init)
+        lm, tokenizer, lm_config = load_checkpoint(open_checkpoint(cfg.init).require("train-classifier"))
         body_config = lm_config.model
         if cfg.init_layers:
             lm, body_config = _first_blocks(lm, body_config, cfg.init_layers, cfg.init)
         mcfg = dataclasses.replace(cfg.model, body="lm", vocab_size=tokenizer.vocab_size)
-        if body_config.arch in ("gpt", "encoder"):
+        if not family_of(body_config.arch).carries_state:  # a Transformer's context bounds the text
             mcfg.max_length = min(mcfg.max_length, body_config.block_size)
         return tokenizer, TextClassifier(lm, body_width(lm), n_classes, mcfg), body_config
     tokenizer = train_word_tokenizer(train_texts, vocab_size=cfg.vocab_size)

@@ -126,3 +126,22 @@ class PairSource:
             self.batches.append(rows[begin : begin + size])
             begin += size
         self.position = int(state["position"][0])
+
+
+# ---- what the encoder–decoder family trains on (named by lmforge/families/seq2seq.py) -----------
+
+
+def pair_data(run) -> object:
+    """The source/target pairs, tokenized (a new run only: an encoder–decoder is not fine-tuned yet)."""
+    from lmforge.data.pairs import prepare_pairs
+
+    if run.config.finetune.init_from:
+        raise UserError("Fine-tuning an encoder–decoder checkpoint is not supported yet; train it from "
+                        "scratch.", settings=("finetune.init_from",))  # fmt: skip
+    return prepare_pairs(run.config, log=run.log)
+
+
+def pair_source(run) -> PairSource:
+    tc, dist = run.config.train, run.dist
+    return PairSource(run.data, tc.batch_size, tc.eval_batches, tc.seed + dist.rank, run.device,
+                      tc.label_smoothing, dist.rank, dist.world_size)  # fmt: skip

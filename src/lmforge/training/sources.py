@@ -239,3 +239,68 @@ def stream_loss(
         total += loss.float()
     model.train(was_training)
     return total.item() / windows
+
+
+# ---- what each family trains on (named by lmforge/families; `run` is the trainer's run) ----------
+
+
+def text_data(run: Any) -> Any:
+    """The text's token splits, prepared into the cache (or read from it)."""
+    from lmforge.data.prepare import resolve_data
+
+    return resolve_data(run.config.data, log=run.log)
+
+
+def masked_text_data(run: Any) -> Any:
+    """The text's token splits, with the [MASK] token that masked-LM training needs in the vocabulary."""
+    from lmforge.models.encoder import MASK_TOKEN
+
+    data = text_data(run)
+    data.tokenizer.hf.add_special_tokens([MASK_TOKEN])
+    return data
+
+
+def window_source(run: Any) -> WindowSource:
+    """Random windows of the token stream (with the loss mask of instruction data)."""
+    tc, data, dist = run.config.train, run.data, run.dist
+    return WindowSource(data.tokens("train"), data.tokens("val"), run.window, tc.batch_size, tc.eval_batches,
+                        tc.seed + dist.rank, run.device, data.mask("train"), data.mask("val"))  # fmt: skip
+
+
+def masked_source(run: Any) -> MaskedWindowSource:
+    """Random windows with 15% of the tokens masked (BERT's objective)."""
+    from lmforge.models.encoder import MASK_TOKEN
+
+    tc, data, dist = run.config.train, run.data, run.dist
+    tokenizer = data.tokenizer
+    special = [i for i in (tokenizer.eot_id, tokenizer.hf.token_to_id("<unk>")) if i is not None]
+    return MaskedWindowSource(data.tokens("train"), data.tokens("val"), run.window, tc.batch_size,
+                              tc.eval_batches, tc.seed + dist.rank, run.device, tokenizer.hf.token_to_id(MASK_TOKEN),
+                              tokenizer.vocab_size, special)  # fmt: skip
+
+
+def stream_source(run: Any) -> WindowSource | StreamSource:
+    """Contiguous streams with the recurrent state carried from batch to batch; under differential
+    privacy independent windows instead, each from a zero state (a carried state would tie
+    examples together)."""
+    from lmforge.errors import UserError
+    from lmforge.training import privacy
+
+    if privacy.enabled(run.config.privacy):
+        return window_source(run)
+    tc, data, dist = run.config.train, run.data, run.dist
+    train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
+    if data.mask("train") is not None:
+        raise UserError(
+            "Instruction (prompt/response) data needs a Transformer; recurrent models train on "
+            "plain text only."
+        )
+    if (len(train_tokens) - 1) // tc.batch_size < run.window:
+        raise UserError(
+            f"The training split has {len(train_tokens)} tokens: too few for {tc.batch_size} streams of at "
+            f"least one window ({run.window} tokens); use a longer text or a smaller batch or block size."
+        )
+    if dist.active:  # each rank reads its own slice of the text as its streams
+        share = len(train_tokens) // dist.world_size
+        train_tokens = train_tokens[dist.rank * share : (dist.rank + 1) * share]
+    return StreamSource(train_tokens, val_tokens, run.window, tc.batch_size, run.device)

@@ -7,9 +7,10 @@
       ├─ loop:    lmforge.training.loop.run_loop (steps, evaluation, early stop, signals)
       └─ finish:  whole-split validation loss, loss.png, a sample from the best weights
 
-It knows nothing of a particular architecture: it needs a model whose
-`forward(inputs, targets)` returns `(logits, loss)` (recurrent models also take and
-return a carried state; their batch source handles that) and that has a `block_size`.
+It knows nothing of a particular architecture: it asks the model's family
+(`lmforge.families.family_of`) for the data, the batch source and the report at the end, and
+needs a model whose `forward(inputs, targets)` returns `(logits, loss)` (recurrent models also
+take and return a carried state; their batch source handles that) and that has a `block_size`.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ import torch
 import torch.nn as nn
 
 from lmforge.checkpoint import open_checkpoint, save_checkpoint
-from lmforge.config import Config, validate
-from lmforge.data.prepare import PreparedData, resolve_data
+from lmforge.config import Config, config_from_dict, validate
+from lmforge.data.prepare import PreparedData
 from lmforge.device import physical_cores, resolve_device, resolve_dtype, set_threads
 from lmforge.errors import TrainingInterrupted, UserError
+from lmforge.families import Family, family_of
 from lmforge.io import remove_stale_temporaries
 from lmforge.models import build_model
 from lmforge.training import privacy as private
@@ -40,7 +42,7 @@ from lmforge.training.loop import Progress, Schedule, Trainee, run_loop
 from lmforge.training.metrics import MetricsLog, Reporter, write_loss_plot
 from lmforge.training.optim import BudgetHorizon, build_optimizers, lr_at, set_lr
 from lmforge.training.privacy import Privacy
-from lmforge.training.sources import BatchSource, MaskedWindowSource, StreamSource, WindowSource
+from lmforge.training.sources import BatchSource
 
 STATE_DIR = saved_state.STATE_DIR
 RUN_FILES = (
@@ -98,6 +100,10 @@ class _Run:
     @property
     def tokenizer(self):
         return self.data.tokenizer
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.config.model.arch)
 
 
 def train(
@@ -185,7 +191,7 @@ def _setup(
         _check_resume_config(run.out, config)
     torch.manual_seed(config.train.seed)
     _build_model(run, base)
-    run.source = _make_source(run)
+    run.source = run.family.batch_source(run)
     if private.enabled(config.privacy):
         run.privacy = _plan_privacy(run)
     if resume:
@@ -197,29 +203,12 @@ def _setup(
     return run
 
 
-def is_seq2seq(config: Config) -> bool:
-    """An encoder–decoder model: it trains on source/target pairs (training/pairs.py), not on a text."""
-    return config.model.arch == "seq2seq"
-
-
 def _prepare_data(run: _Run) -> None:
     """Tokenized splits (rank 0 prepares them into the cache first), checked against the model."""
     config, dist = run.config, run.dist
     if not dist.main:
         dist.barrier()
-    if is_seq2seq(config):
-        from lmforge.data.pairs import prepare_pairs
-
-        if config.finetune.init_from:
-            raise UserError("Fine-tuning an encoder–decoder checkpoint is not supported yet; train it from "
-                            "scratch.", settings=("finetune.init_from",))  # fmt: skip
-        run.data = prepare_pairs(config, log=run.log)
-    else:
-        run.data = resolve_data(config.data, log=run.log)
-        if config.model.arch == "encoder":  # masked-LM training needs a [MASK] token in the vocabulary
-            from lmforge.models.encoder import MASK_TOKEN
-
-            run.data.tokenizer.hf.add_special_tokens([MASK_TOKEN])
+    run.data = run.family.prepare_data(run)
     if dist.main:
         dist.barrier()
     m, tokenizer = config.model, run.data.tokenizer
@@ -233,7 +222,7 @@ def _prepare_data(run: _Run) -> None:
         )
     ft = config.finetune
     run.window = min(ft.seq_len, m.block_size) if ft.init_from else m.block_size
-    if is_seq2seq(config):
+    if run.family.data_kind != "text":
         return
     _check_lengths(run.data, len(run.data.tokens("train")), len(run.data.tokens("val")), run.window)
 
@@ -249,7 +238,7 @@ def _build_model(run: _Run, base: tuple[nn.Module, str | None] | None) -> None:
                             "its own.", settings=("train.init_embeddings",))  # fmt: skip
         run.log(describe_coverage(init_embedding(model.wte, run.tokenizer, config.train.init_embeddings)))
     if ft.lora_rank:
-        from lmforge.training.lora import apply_lora
+        from lmforge.adapters.lora import apply_lora
 
         adapted = apply_lora(model, ft.lora_rank, ft.lora_alpha, ft.lora_dropout, ft.lora_targets)
         run.log(f"LoRA rank {ft.lora_rank} (alpha {ft.lora_alpha:g}) on {adapted} layers.")
@@ -275,8 +264,8 @@ def _build_model(run: _Run, base: tuple[nn.Module, str | None] | None) -> None:
 def _plan_privacy(run: _Run) -> Privacy:
     """DP-SGD: each training window is one example of the guarantee."""
     tc = run.config.train
-    if is_seq2seq(run.config):
-        raise UserError("Differentially private training of encoder–decoder models is not supported; "
+    if not run.family.private:
+        raise UserError(f"Differentially private training of {run.family.summary} is not supported; "
                         "leave the privacy settings out.", settings=("privacy.target_epsilon",))  # fmt: skip
     private.check_supported(run.optimizers, tc.grad_accum, run.dist.active, tc.compile)
     examples = len(run.data.tokens("train")) // run.window
@@ -284,54 +273,6 @@ def _plan_privacy(run: _Run) -> Privacy:
     run.log(plan.describe(tc.max_iters) + f" (an example is a window of {run.window} tokens; "
             f"{examples:,} of them)")  # fmt: skip
     return plan
-
-
-def _make_source(run: _Run) -> BatchSource:
-    """Random windows for a Transformer; contiguous streams with carried state for a recurrent model."""
-    tc, data, dist = run.config.train, run.data, run.dist
-    if is_seq2seq(run.config):
-        from lmforge.training.pairs import PairSource
-
-        return PairSource(data, tc.batch_size, tc.eval_batches, tc.seed + dist.rank, run.device,
-                          tc.label_smoothing, dist.rank, dist.world_size)  # fmt: skip
-    train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
-    if run.config.model.arch == "encoder":
-        from lmforge.models.encoder import MASK_TOKEN
-
-        tokenizer = data.tokenizer
-        special = [i for i in (tokenizer.eot_id, tokenizer.hf.token_to_id("<unk>")) if i is not None]
-        return MaskedWindowSource(train_tokens, val_tokens, run.window, tc.batch_size, tc.eval_batches,
-                                  tc.seed + dist.rank, run.device, tokenizer.hf.token_to_id(MASK_TOKEN),
-                                  tokenizer.vocab_size, special)  # fmt: skip
-    train_mask = data.mask("train")  # instruction data: loss on the replies only
-    # (Under differential privacy a recurrent model also reads independent windows, each from a zero
-    # state: a state carried from batch to batch would tie examples together.)
-    if not getattr(run.model, "stateful", False) or private.enabled(run.config.privacy):
-        return WindowSource(
-            train_tokens,
-            val_tokens,
-            run.window,
-            tc.batch_size,
-            tc.eval_batches,
-            tc.seed + dist.rank,
-            run.device,
-            train_mask,
-            data.mask("val"),
-        )
-    if train_mask is not None:
-        raise UserError(
-            "Instruction (prompt/response) data needs a Transformer; recurrent models train on "
-            "plain text only."
-        )
-    if (len(train_tokens) - 1) // tc.batch_size < run.window:
-        raise UserError(
-            f"The training split has {len(train_tokens)} tokens: too few for {tc.batch_size} streams of at "
-            f"least one window ({run.window} tokens); use a longer text or a smaller batch or block size."
-        )
-    if dist.active:  # each rank reads its own slice of the text as its streams
-        share = len(train_tokens) // dist.world_size
-        train_tokens = train_tokens[dist.rank * share : (dist.rank + 1) * share]
-    return StreamSource(train_tokens, val_tokens, run.window, tc.batch_size, run.device)
 
 
 def _load_base(config: Config, log: Callable[[str], None]) -> tuple[nn.Module, str | None]:
@@ -406,6 +347,7 @@ def _check_resume_config(out: Path, config: Config) -> None:
             f"{out} has no readable training state to resume; overwrite it to start again."
         ) from None
     now = config.to_dict()
+    saved = config_from_dict(saved).to_dict()  # (a version-1 state holds every field: compare what applies)
     for section in ("model", "data"):
         if saved[section] != now[section]:
             diffs = [k for k in now[section] if saved[section].get(k) != now[section][k]]
@@ -540,7 +482,7 @@ def _restore(run: _Run) -> None:
 def _finish(run: _Run, progress: Progress, metrics: MetricsLog) -> TrainResult:
     dist, tc = run.dist, run.config.train
     full_val = math.nan
-    language_model = run.config.model.arch not in ("seq2seq", "encoder")  # (perplexity and samples apply)
+    language_model = run.family.language_model  # (perplexity and samples apply)
     val_tokens = run.data.tokens("val") if language_model else []
     if (
         language_model
@@ -553,12 +495,11 @@ def _finish(run: _Run, progress: Progress, metrics: MetricsLog) -> TrainResult:
         # The whole validation split, scored exactly as `lmforge eval DIR` scores it.
         from lmforge.evaluation.perplexity import evaluate_ids
 
-        stateful = getattr(run.model, "stateful", False)
         full_val = evaluate_ids(
             run.model.eval(),
             run.tokenizer,
             val_tokens.tolist(),
-            context=None if stateful else run.window,
+            context=None if run.family.carries_state else run.window,
             batch_size=32,
             device=run.device,
         ).loss
@@ -571,8 +512,8 @@ def _finish(run: _Run, progress: Progress, metrics: MetricsLog) -> TrainResult:
     if progress.stopped_because != "max_iters":
         run.log(f"Stopped at step {progress.step}: {progress.stopped_because}.")
     sample = ""
-    if is_seq2seq(run.config) and dist.main:
-        sample = _seq2seq_report(run, metrics)
+    if run.family.after_training and dist.main:
+        sample = run.family.after_training(run, metrics)
     elif tc.sample_tokens > 0 and dist.main and language_model:
         from lmforge.checkpoint import load_checkpoint
         from lmforge.generation import sample_text
@@ -598,26 +539,6 @@ def _finish(run: _Run, progress: Progress, metrics: MetricsLog) -> TrainResult:
     )
     dist.barrier()  # nobody leaves (and ends the process group) while rank 0 still writes
     return result
-
-
-def _seq2seq_report(run: _Run, metrics: MetricsLog) -> str:
-    """An encoder–decoder run ends with its task's score on (up to 200 of) the validation sources,
-    decoded greedily by the best weights, and one example as the sample."""
-    from lmforge.checkpoint import load_checkpoint
-    from lmforge.seq2seq import Seq2SeqConfig, references_by_source, score_outputs, task_defaults, transduce
-
-    best, _, _ = load_checkpoint(run.out, run.device)
-    texts, task = run.data.val_texts, run.config.data.task
-    sources, references = references_by_source(texts.sources, texts.targets)
-    sources, references = sources[:200], [refs[:200] for refs in references]
-    outputs = transduce(best, run.tokenizer, sources, Seq2SeqConfig(beams=1, **task_defaults(task)))
-    scores = score_outputs(task, outputs, references)
-    keys = ("bleu", "chrf") if task == "translation" else ("rouge1", "rouge2", "rougeL")
-    metrics.history[-1].update({f"val_{k}_greedy": round(scores[k], 3) for k in keys})
-    metrics.rewrite()
-    shown = ", ".join(f"{k} {scores[k]:.2f}" for k in keys)
-    run.log(f"On {len(sources)} validation sources (greedy, best weights): {shown}")
-    return f"{sources[0]}\n→ {outputs[0]}"
 
 
 def peak_memory(device: torch.device) -> int:

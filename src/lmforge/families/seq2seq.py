@@ -1,0 +1,59 @@
+"""The encoder–decoder family (`model.arch = "seq2seq"`, lmforge/models/seq2seq.py): translation and
+summarization, trained on source/target pairs (lmforge/data/pairs.py, lmforge/training/pairs.py),
+decoded and scored by lmforge/seq2seq.py (BLEU/chrF or ROUGE); mBART checkpoints map onto it
+(lmforge/interop/mbart.py)."""
+
+from __future__ import annotations
+
+from lmforge.families.base import (
+    COMMON_MODEL_FIELDS,
+    PAIR_DATA_FIELDS,
+    TRAINED,
+    TRANSFORMER_FIELDS,
+    Family,
+    lazy,
+)
+
+
+def _parameters(m) -> int:
+    """The decoder's and the encoder's layers, each decoder layer with cross-attention, and the
+    copy mechanism's query, key and gate."""
+    embeddings = m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2)
+    hidden = m.mlp_hidden or int(m.mlp_ratio * m.n_embd)
+    per_layer = 4 * m.n_embd * m.n_embd + (3 if m.activation == "swiglu" else 2) * m.n_embd * hidden
+    layers = m.n_layer + (m.n_encoder_layer or m.n_layer)
+    copy = (2 * m.n_embd * m.n_embd + m.n_embd + 1) if m.copy_attention else 0
+    positions = m.block_size * m.n_embd * 2 if m.pos_encoding == "learned" else 0
+    return embeddings + copy + layers * (per_layer + 2 * m.n_embd * m.n_embd) + positions
+
+
+FAMILY = Family(
+    name="seq2seq",
+    summary="an encoder–decoder (translation, summaries)",
+    archs=("seq2seq",),
+    model_fields=COMMON_MODEL_FIELDS
+    | TRANSFORMER_FIELDS
+    | {
+        "pos_encoding",
+        "rope_theta",
+        "norm",
+        "n_encoder_layer",
+        "embedding_norm",
+        "scale_embedding",
+        "copy_attention",
+        "source_block_size",
+    },  # fmt: skip
+    data_fields=PAIR_DATA_FIELDS,
+    data_kind="pairs",
+    commands=TRAINED | {"translate", "summarize", "serve"},
+    parameters=_parameters,
+    prepare_data=lazy("lmforge.training.pairs:pair_data"),
+    batch_source=lazy("lmforge.training.pairs:pair_source"),
+    train_fields=frozenset({"label_smoothing"}),
+    language_model=False,
+    after_training=lazy("lmforge.seq2seq:training_report"),
+    evaluate=lazy("lmforge.seq2seq:evaluate_checkpoint"),
+    hf_export=lazy("lmforge.interop.mbart:to_mbart"),
+    finetune_from=False,
+    private=False,
+)

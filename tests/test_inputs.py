@@ -1,0 +1,53 @@
+"""Standard input and text files given to commands: one reader, one clear error for bytes that are not
+UTF-8 and for a source with no text, and nothing written."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+
+V1 = Path(__file__).resolve().parent / "data" / "v1"
+
+
+def _stdin(monkeypatch, data: bytes) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+
+@pytest.mark.parametrize(
+    ("run", "argv"),
+    [
+        ("gpt", ["generate", "{run}", "--prompt-file", "-", "--max-new-tokens", "2"]),
+        ("gpt", ["generate", "{run}", "--max-new-tokens", "2"]),  # piped prompts
+        ("seq2seq", ["translate", "{run}", "--file", "-"]),
+        ("classifier", ["classify", "{run}", "--file", "-"]),
+    ],
+)
+def test_standard_input_that_is_not_utf8_is_one_error(tmp_path, monkeypatch, capsys, run, argv):
+    folder = shutil.copytree(V1 / run, tmp_path / run)
+    _stdin(monkeypatch, b"caf\xe9\n")
+    assert main([a.replace("{run}", str(folder)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "Standard input is not valid utf-8 text (byte 0xe9 at offset 3)" in err and "Traceback" not in err
+
+
+def test_chat_input_that_is_not_utf8_is_one_error(tmp_path, monkeypatch, capsys):
+    folder = shutil.copytree(V1 / "gpt", tmp_path / "gpt")
+    _stdin(monkeypatch, b"hello\n\xff\xfe\n")
+    assert main(["chat", str(folder), "--max-new-tokens", "2"]) == 2
+    assert "Standard input is not valid utf-8 text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("run", "command"), [("seq2seq", "translate"), ("classifier", "classify")])
+def test_an_empty_file_of_texts_is_named_as_such(tmp_path, capsys, run, command):
+    folder = shutil.copytree(V1 / run, tmp_path / run)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    assert main([command, str(folder), "--file", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert f"{empty} holds no texts; give at least one line." in err and "--text or --file" not in err
