@@ -615,18 +615,19 @@ def test_only_loopback_host_names_are_answered_by_a_loopback_server(served):
 
 
 def test_the_api_key_comes_from_the_environment_or_a_file(tmp_path, monkeypatch):
-    from lmforge.cli import _api_key, build_parser
+    from lmforge.cli import build_parser
+    from lmforge.cli.serve import api_key
 
     parser = build_parser()
     monkeypatch.setenv("LMFORGE_API_KEY", "from-env")
-    assert _api_key(parser.parse_args(["serve", "x"])) == "from-env"
+    assert api_key(parser.parse_args(["serve", "x"])) == "from-env"
     (tmp_path / "key").write_text("from-file\n")
-    assert _api_key(parser.parse_args(["serve", "x", "--api-key-file", str(tmp_path / "key")])) == "from-file"
+    assert api_key(parser.parse_args(["serve", "x", "--api-key-file", str(tmp_path / "key")])) == "from-file"
     monkeypatch.delenv("LMFORGE_API_KEY")
-    assert _api_key(parser.parse_args(["serve", "x"])) is None
+    assert api_key(parser.parse_args(["serve", "x"])) is None
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(UserError, match="is empty"):
-        _api_key(parser.parse_args(["serve", "x", "--api-key-file", str(tmp_path / "empty")]))
+        api_key(parser.parse_args(["serve", "x", "--api-key-file", str(tmp_path / "empty")]))
 
 
 def test_tokenize_detokenize_and_favicon(served):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.cli import _generation_config, build_parser, flags_for
+from lmforge.cli import build_parser, flags_for
+from lmforge.cli.common import generation_config
 from lmforge.errors import UserError
 from lmforge.generation_config import GenerationConfig, generation_settings
 
@@ -196,15 +197,15 @@ def test_cli_escapes_in_stop_strings_and_generated_defaults():
     )
     assert args.stop == ["\n\n", "END"] and args.top_k == 3 and args.stop_at_eot is False
     assert args.device == "auto"
-    config = _generation_config(args)  # the command's defaults under the flags given
+    config = generation_config(args)  # the command's defaults under the flags given
     assert config == GenerationConfig(max_new_tokens=200, temperature=0.8, top_k=3, stop=("\n\n", "END"),
                                       stop_at_eot=False)  # fmt: skip
     # A checkpoint's recommended settings (generation_config.json) beat the command's defaults,
     # and flags beat both.
-    assert _generation_config(args, {"temperature": 0.2, "top_k": 50}).temperature == 0.2
-    assert _generation_config(args, {"temperature": 0.2, "top_k": 50}).top_k == 3
+    assert generation_config(args, {"temperature": 0.2, "top_k": 50}).temperature == 0.2
+    assert generation_config(args, {"temperature": 0.2, "top_k": 50}).top_k == 3
     chat = parser.parse_args(["chat", "ckpt", "--temperature", "0"])
-    assert _generation_config(chat, {"temperature": 0.6}, max_new_tokens=10) == GenerationConfig(
+    assert generation_config(chat, {"temperature": 0.6}, max_new_tokens=10) == GenerationConfig(
         max_new_tokens=10, temperature=0.0, top_p=0.95
     )
     assert chat.dtype == "float32"

@@ -1,0 +1,88 @@
+"""`lmforge convert` and `lmforge export`: checkpoints in and out of Hugging Face and GGUF formats."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lmforge.cli.common import add_shared, check_target
+from lmforge.errors import UserError
+
+
+def add_convert_parser(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="import a Hugging Face model directory or a GGUF file as an lmforge checkpoint"
+    )
+    p.add_argument("hf_dir", metavar="MODEL", help="Hugging Face folder or hub id, or a .gguf file")
+    add_shared(p, "--revision")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory or a GGUF file")
+    p.add_argument("checkpoint")
+    add_shared(p, "--revision")
+    p.add_argument("--out", required=True, help="directory that transformers loads, or a .gguf file")
+    p.add_argument(
+        "--format",
+        choices=["hf", "gguf"],
+        default=None,
+        help="hf (a transformers directory) or gguf (llama.cpp, Ollama); default: from --out",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        default="f32",
+        help="GGUF: how the matrices are stored (norms stay f32)",
+    )
+    p.add_argument("--overwrite", action="store_true")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from lmforge.checkpoint import GGUF, HUGGING_FACE, open_checkpoint, save_checkpoint
+
+    source, out = Path(args.hf_dir), Path(args.out)
+    opened = open_checkpoint(source)
+    if opened.kind not in (HUGGING_FACE, GGUF):
+        raise UserError(f"{source} is neither a Hugging Face model directory (config.json with a model_type) "
+                        f"nor a GGUF file; it is already an lmforge checkpoint.")  # fmt: skip
+    check_target(out, args.overwrite)
+    model, tokenizer = opened.load()
+    config = opened.config
+    info = {"imported_from": str(source.resolve()), "chat_template": opened.chat_template,
+            "eos_token_ids": list(opened.generation.eos_token_ids),
+            "sampling_defaults": opened.generation.sampling, "bos_token_id": opened.generation.bos_token_id}  # fmt: skip
+    save_checkpoint(out, model, config, tokenizer, info)
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"Wrote {out}: {config.description}, {params / 1e6:.2f}M parameters, "
+        f"{config.model.n_layer} layers, vocabulary {tokenizer.vocab_size}."
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lmforge.checkpoint import open_checkpoint
+
+    out = Path(args.out)
+    fmt = args.format or ("gguf" if out.suffix == ".gguf" else "hf")
+    if fmt == "gguf" and out.exists() and not args.overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite or choose another --out.")
+    if fmt == "hf":
+        check_target(out, args.overwrite)
+    opened = open_checkpoint(args.checkpoint)
+    model, tokenizer = opened.load()
+    if fmt == "gguf":
+        from lmforge.interop.gguf import export_gguf
+
+        export_gguf(model, tokenizer, opened.config, out, args.quantize, opened.chat_template,
+                    opened.generation.eos_token_ids)  # fmt: skip
+        print(f"Wrote {out} ({args.quantize}): run it with llama.cpp (llama-cli -m {out}) or Ollama.")
+        return 0
+    from lmforge.interop.hf import export_hf
+
+    export_hf(model, tokenizer, opened.config, out, opened.chat_template, opened.generation.eos_token_ids,
+              opened.generation.sampling)  # fmt: skip
+    print(f"Wrote {out}: load it with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r}).")
+    return 0
