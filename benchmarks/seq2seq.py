@@ -55,25 +55,28 @@ def decoding_speed(run: Path, sources: list[str], repeats: int = 3) -> dict:
     import torch
 
     from lmforge.checkpoint import load_checkpoint
-    from lmforge.seq2seq import Seq2SeqConfig, sources_per_batch, transduce
+    from lmforge.generation_config import GenerationConfig
+    from lmforge.seq2seq import sources_per_batch, transduce
 
     model, tokenizer, _ = load_checkpoint(run)
     model.eval()
     bfloat16 = load_checkpoint(run)[0].eval().to(torch.bfloat16)
     ways = {"cached": (model, True), "uncached": (model, False), "cached_bfloat16": (bfloat16, True)}
     for chosen, _ in ways.values():  # first calls pay one-time costs
-        transduce(chosen, tokenizer, sources[:32], Seq2SeqConfig(beams=1))
+        transduce(chosen, tokenizer, sources[:32], GenerationConfig(num_beams=1, max_new_tokens=0))
     timings: dict[str, list[float]] = {way: [] for way in ways}
     outputs = {}
     for _ in range(repeats):
         for way, (chosen, cached) in ways.items():
             start = time.perf_counter()
-            outputs[way] = transduce(chosen, tokenizer, sources, Seq2SeqConfig(beams=1, use_cache=cached))
+            outputs[way] = transduce(
+                chosen, tokenizer, sources, GenerationConfig(max_new_tokens=0), use_cache=cached
+            )
             timings[way].append(time.perf_counter() - start)
     seconds = {way: statistics.median(timings[way]) for way in ways}
     same_in_bfloat16 = sum(a == b for a, b in zip(outputs["cached"], outputs["cached_bfloat16"], strict=True))
     longest = max(len(tokenizer.encode(source)) for source in sources)
-    return {"sources": len(sources), "batch": sources_per_batch(Seq2SeqConfig(beams=1), longest), "repeats": repeats,
+    return {"sources": len(sources), "batch": sources_per_batch(0, 1, longest), "repeats": repeats,
             **{f"{way}_s": round(value, 2) for way, value in seconds.items()},
             "speedup": round(seconds["uncached"] / seconds["cached"], 2),
             "same_outputs": outputs["cached"] == outputs["uncached"],
@@ -232,7 +235,8 @@ def main() -> None:  # long: one benchmark, phase after phase
     args = parser.parse_args()
 
     from lmforge.data.pairs import read_pairs
-    from lmforge.seq2seq import Seq2SeqConfig, evaluate_pairs, references_by_source, task_defaults
+    from lmforge.generation_config import GenerationConfig
+    from lmforge.seq2seq import evaluate_pairs, references_by_source, task_defaults
 
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
@@ -259,7 +263,9 @@ def main() -> None:  # long: one benchmark, phase after phase
         for name, beams, dtype in (("greedy", 1, "float32"), (f"beam{args.beams}", args.beams, "float32"),
                                    ("greedy_bfloat16", 1, "bfloat16"), (f"beam{args.beams}_bfloat16", args.beams, "bfloat16")):  # fmt: skip
             start = time.perf_counter()
-            cfg = Seq2SeqConfig(beams=beams, length_penalty=args.length_penalty, **settings)
+            cfg = GenerationConfig(
+                length_penalty=args.length_penalty, num_beams=beams, max_new_tokens=0, **settings
+            )
             scores = evaluate_pairs(run, dev, cfg, dtype=dtype)
             keep = (
                 "bleu",
@@ -293,7 +299,9 @@ def main() -> None:  # long: one benchmark, phase after phase
         if (run / "model.safetensors").exists():  # the encoder–decoder of this run, on the same sources
             model, tokenizer, _ = load_checkpoint(run)
             model.eval()
-            outputs = transduce(model, tokenizer, subset, Seq2SeqConfig(beams=args.beams, **settings))
+            outputs = transduce(
+                model, tokenizer, subset, GenerationConfig(num_beams=args.beams, max_new_tokens=0, **settings)
+            )
             beside["seq2seq_beam_on_same_sources"] = {
                 k: round(v, 2) for k, v in rouge(outputs, subset_refs).items()
             }

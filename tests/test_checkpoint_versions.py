@@ -47,11 +47,11 @@ def test_v1_language_models_load_and_generate(name):
 
 
 def test_v1_encoder_decoder_translates_and_encoder_fills_masks():
-    from lmforge.seq2seq import Seq2SeqConfig, transduce
+    from lmforge.seq2seq import transduce
 
     model, tokenizer, config = load_checkpoint(V1 / "seq2seq")
     assert config.data.task == "translation" and config.model.n_encoder_layer == 1
-    outputs = transduce(model, tokenizer, ["abc", "gfe"], Seq2SeqConfig(beams=1, max_new_tokens=6))
+    outputs = transduce(model, tokenizer, ["abc", "gfe"], GenerationConfig(max_new_tokens=6, num_beams=1))
     assert len(outputs) == 2 and all(isinstance(o, str) and len(o) <= 6 for o in outputs)
     encoder, bpe, saved = load_checkpoint(V1 / "encoder")
     ids = torch.tensor([bpe.encode("To be, or not to be")])

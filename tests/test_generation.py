@@ -10,13 +10,13 @@ from lmforge.generation import (
     decode_steps,
     filter_logits,
     generate,
-    pipeline,
     sample,
     sequence_logprob,
     stream,
 )
 from lmforge.inference import BlockedMatvecLinear, Int8Linear, quantize_int8, use_blocked_matvec
 from lmforge.models import build_model
+from lmforge.pipelines import pipeline
 from lmforge.tokenizers import train_bpe_tokenizer, train_char_tokenizer
 
 TEXT = "To be, or not to be, that is the question: ünïcödé ✓ — 日本語\n" * 20
@@ -402,3 +402,40 @@ def test_prefill_with_cached_prefixes_equals_computing_everything(pos):
     prefill(model, [tok.encode("abc")], small)
     prefill(model, [tok.encode("Whether")], small)
     assert small.tokens <= len(first) + 3 and tuple(first) not in small.entries
+
+
+def test_no_repeat_ngram_size_holds_for_decoders_greedy_sampled_and_beam():
+    """The one decoding setting of encoder–decoders works for decoders too: no n-gram twice in the
+    generated text, whatever the decoding."""
+    from pathlib import Path
+
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.generation import generate
+
+    model, tokenizer, _ = load_checkpoint(Path(__file__).resolve().parent / "data" / "v1" / "gpt")
+
+    def repeated_bigrams(text: str) -> int:
+        ids = tokenizer.encode(text)
+        grams = list(zip(ids, ids[1:], strict=False))
+        return len(grams) - len(set(grams))
+
+    plain = generate(model, tokenizer, "ROMEO:", GenerationConfig(max_new_tokens=40, temperature=0.0))[0]
+    assert repeated_bigrams(plain) > 0  # a 10-step model loops: the setting has something to do
+    assert (
+        repeated_bigrams(
+            generate(model, tokenizer, "RO", GenerationConfig(max_new_tokens=14, num_beams=3))[0]
+        )
+        > 0
+    )
+    # (Beam search keeps prompt and output within the context: 16 tokens.)
+    for settings in (
+        {"temperature": 0.0},
+        {"temperature": 1.0, "seed": 3},
+        {"num_beams": 3, "max_new_tokens": 14},
+    ):
+        cfg = GenerationConfig(**{"max_new_tokens": 40, "no_repeat_ngram_size": 2, **settings})
+        text = generate(model, tokenizer, "RO" if "num_beams" in settings else "ROMEO:", cfg)[0]
+        assert repeated_bigrams(text) == 0, settings
+        assert (
+            settings.get("seed") or len(tokenizer.encode(text)) == cfg.max_new_tokens
+        )  # (sampling may end early)

@@ -17,11 +17,11 @@ from lmforge.cli import main
 from lmforge.config import ModelConfig, apply_overrides, load_preset
 from lmforge.data.pairs import read_pairs
 from lmforge.errors import TrainingInterrupted, UserError
+from lmforge.generation_config import GenerationConfig
 from lmforge.models import build_model
 from lmforge.seq2seq import (
     DECODE_ROWS,
     MAX_DECODE_ROWS,
-    Seq2SeqConfig,
     ban_repeated_ngrams,
     beam_search,
     greedy,
@@ -116,15 +116,15 @@ def test_padding_masks_make_batched_results_equal_single_examples(copy):
 
 
 def test_decoding_batches_hold_64_to_256_hypotheses_by_source_length_unless_told():
-    assert sources_per_batch(Seq2SeqConfig(beams=1)) == DECODE_ROWS == 64
-    assert sources_per_batch(Seq2SeqConfig(beams=4)) == 16
-    assert sources_per_batch(Seq2SeqConfig(beams=1), source_tokens=12) == MAX_DECODE_ROWS == 256  # sentences
-    assert sources_per_batch(Seq2SeqConfig(beams=4), source_tokens=64) == 32  # 128 rows of 64 tokens
-    assert sources_per_batch(Seq2SeqConfig(beams=1), source_tokens=300) == 64  # abstracts: the fewest rows
-    assert sources_per_batch(Seq2SeqConfig(beams=100)) == 1
-    assert sources_per_batch(Seq2SeqConfig(beams=4, batch_size=3), source_tokens=12) == 3
+    assert sources_per_batch(0, 1) == DECODE_ROWS == 64
+    assert sources_per_batch(0, 4) == 16
+    assert sources_per_batch(0, 1, source_tokens=12) == MAX_DECODE_ROWS == 256  # sentences
+    assert sources_per_batch(0, 4, source_tokens=64) == 32  # 128 rows of 64 tokens
+    assert sources_per_batch(0, 1, source_tokens=300) == 64  # abstracts: the fewest rows
+    assert sources_per_batch(0, 100) == 1
+    assert sources_per_batch(3, 4, source_tokens=12) == 3
     with pytest.raises(UserError, match="batch_size must be at least 0"):
-        sources_per_batch(Seq2SeqConfig(batch_size=-1))  # rather than decode nothing and return ""s
+        sources_per_batch(-1, 1)  # rather than decode nothing and return ""s
 
 
 def test_banned_tokens_are_those_that_would_repeat_an_ngram_of_their_row():
@@ -168,7 +168,7 @@ def test_no_repeat_ngram_size_keeps_every_ngram_of_an_output_unique():
         model, sources, 1, 11, no_repeat_ngram_size=2
     )
     with pytest.raises(UserError, match="no_repeat_ngram_size must be at least 0"):
-        transduce(model, None, ["abc"], Seq2SeqConfig(no_repeat_ngram_size=-1))
+        transduce(model, None, ["abc"], GenerationConfig(no_repeat_ngram_size=-1, max_new_tokens=0))
 
 
 def test_a_negative_batch_size_for_translate_is_one_sentence(capsys):
@@ -337,8 +337,9 @@ def test_a_tiny_model_learns_a_copy_task_and_the_commands_use_it(tmp_path, capsy
     sources = ["abc", "gfedc", "ba"]
     # Outputs that end at different steps: each row leaves the batch as it ends (greedy, with and
     # without the caches, and beam search) and every source still gets its own output.
-    for decoding in (Seq2SeqConfig(beams=3), Seq2SeqConfig(beams=1), Seq2SeqConfig(beams=1, use_cache=False)):
-        assert transduce(model, tokenizer, sources, decoding) == ["ABC", "GFEDC", "BA"]
+    for beams, use_cache in ((3, True), (1, True), (1, False)):
+        decoding = GenerationConfig(num_beams=beams, max_new_tokens=0)
+        assert transduce(model, tokenizer, sources, decoding, use_cache=use_cache) == ["ABC", "GFEDC", "BA"]
     assert main(["translate", str(tmp_path / "run"), "--text", "cab", "--text", "dd", "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines == [{"text": "cab", "translation": "CAB"}, {"text": "dd", "translation": "DD"}]
@@ -408,7 +409,7 @@ def test_copy_attention_learns_to_copy_sooner_and_survives_the_checkpoint(tmp_pa
     model, tokenizer, config = load_checkpoint(tmp_path / "True")
     assert config.model.copy_attention and model.copy_gate.weight.abs().sum() > 0
     sources = ["hello", "street"]
-    assert transduce(model, tokenizer, sources, Seq2SeqConfig(beams=1)) == sources
+    assert transduce(model, tokenizer, sources, GenerationConfig(num_beams=1, max_new_tokens=0)) == sources
 
 
 def test_resume_continues_exactly(tmp_path):

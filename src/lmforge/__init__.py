@@ -56,7 +56,7 @@ def load(path: str, device: str = "cpu"):
 
 def pipeline(task: str, model: str, **options):
     """`lmforge.pipeline("text-generation", model=DIR)(prompt, max_new_tokens=...)`."""
-    from lmforge.generation import pipeline as make_pipeline
+    from lmforge.pipelines import pipeline as make_pipeline
 
     return make_pipeline(task, model, **options)
 

@@ -58,6 +58,19 @@ def apply_penalties(
     return logits
 
 
+def ban_repeated_ngrams(scores: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
+    """`scores` (rows, vocab) with -inf on every token that would complete an n-gram already in that
+    row of `generated` (rows, length): the n-grams whose first n-1 tokens equal the row's last n-1."""
+    if n <= 0 or generated.shape[1] < n:
+        return scores
+    windows = generated.unfold(1, n, 1)  # (rows, length - n + 1, n): every n-gram so far
+    last = generated[:, generated.shape[1] - n + 1 :]  # what the next token would extend
+    hits = (windows[:, :, : n - 1] == last[:, None, :]).all(-1)  # (n = 1: every token so far)
+    rows, where = hits.nonzero(as_tuple=True)
+    banned = windows[rows, where, n - 1]
+    return scores.index_put((rows, banned), torch.tensor(float("-inf"), dtype=scores.dtype))
+
+
 def filter_logits(
     logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
 ) -> torch.Tensor:
@@ -282,8 +295,11 @@ def decode_steps(
     )
     next_logits = logits[:, -1].float()
     counts = torch.zeros_like(next_logits)  # how often each token was generated, per row
+    prompt_length = ids.shape[1]
     for _ in range(cfg.max_new_tokens):
         vocab_logits = apply_penalties(next_logits, ids, valid, counts, cfg)
+        if cfg.no_repeat_ngram_size:
+            vocab_logits = ban_repeated_ngrams(vocab_logits, ids[:, prompt_length:], cfg.no_repeat_ngram_size)
         if banned:
             vocab_logits[:, banned] = float("-inf")
         if constrain is not None:
@@ -496,6 +512,9 @@ def beam_steps(
     yield states
     for step in range(cfg.max_new_tokens):
         vocab = logprobs.shape[-1]
+        if cfg.no_repeat_ngram_size and step:
+            so_far = torch.tensor([seq for b in searching for seq in states[b].sequences], device=device)
+            logprobs = ban_repeated_ngrams(logprobs, so_far, cfg.no_repeat_ngram_size)
         scores = torch.tensor([states[b].scores for b in searching], device=device)  # (prompts, beams)
         candidates = (scores[:, :, None] + logprobs.view(len(searching), beams, vocab)).view(
             len(searching), -1
@@ -649,23 +668,16 @@ class TextGenerationPipeline:
         return results[0] if single else results
 
 
-PIPELINE_TASKS = ("text-generation", "translation", "summarization")
+def text_generation_pipeline(task: str, model: nn.Module, tokenizer: TextTokenizer) -> TextGenerationPipeline:
+    """The "text-generation" pipeline of a language model (named by its family, lmforge/families)."""
+    return TextGenerationPipeline(model, tokenizer)
 
 
 def pipeline(task: str, model: str, device: str = "cpu", dtype: str = "float32", quantize: str | None = None):
-    """Hugging Face-style entry point: "text-generation" (a language model), "translation" or
-    "summarization" (an encoder–decoder model)."""
-    if task not in PIPELINE_TASKS and not task.startswith("translation_"):  # (HF's translation_en_to_fr)
-        raise UserError(f"Unknown pipeline task {task!r}; available: {', '.join(PIPELINE_TASKS)}.")
-    from lmforge.inference import load_for_inference
+    """Moved to `lmforge.pipelines.pipeline` (also `lmforge.pipeline`); this name keeps working for now."""
+    import importlib
 
-    loaded, tokenizer = load_for_inference(model, device, dtype, quantize)
-    encoder_decoder = getattr(loaded, "is_encoder_decoder", False)
-    if (task == "text-generation") == encoder_decoder:
-        wanted = "an encoder–decoder" if not encoder_decoder else "a decoder-only language"
-        raise UserError(f"The {task} pipeline needs {wanted} model; {model} is not one.")
-    if encoder_decoder:
-        from lmforge.seq2seq import Seq2SeqPipeline
-
-        return Seq2SeqPipeline("translation" if task.startswith("translation") else task, loaded, tokenizer)
-    return TextGenerationPipeline(loaded, tokenizer)
+    warnings.warn(
+        "lmforge.generation.pipeline moved to lmforge.pipelines.pipeline.", DeprecationWarning, stacklevel=2
+    )
+    return importlib.import_module("lmforge.pipelines").pipeline(task, model, device, dtype, quantize)

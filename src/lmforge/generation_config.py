@@ -20,7 +20,9 @@ from lmforge.settings import check_fields, option
 class GenerationConfig:
     """How to generate: the one definition of every sampling and decoding setting."""
 
-    max_new_tokens: int = option(128, "tokens to generate", ge=0, api=False)
+    max_new_tokens: int = option(
+        128, "tokens to generate (translate and summarize: 0 = up to the model's length)", ge=0, api=False
+    )
     temperature: float = option(1.0, "0 = greedy; higher = more random", ge=0.0, le=5.0)
     top_k: int = option(0, "keep the k most likely tokens (0 = all)", ge=0)
     top_p: float = option(1.0, "keep the smallest set of tokens whose probability reaches p", gt=0.0, le=1.0)
@@ -43,6 +45,9 @@ class GenerationConfig:
         1.0, "beam score = log-probability / length ** length_penalty", ge=-10.0, le=10.0, api=False
     )
     early_stopping: bool = option(True, "beam search ends once num_beams hypotheses are finished", api=False)
+    no_repeat_ngram_size: int = option(
+        0, "no n-gram of this many tokens twice in the generated text (0 = off)", ge=0, le=1024, api=False
+    )
     seed: int | None = option(None, "seed of the sampler (same seed, same text)", ge=0, le=2**63 - 1)
     strict: bool = option(False, "refuse prompts longer than the context instead of cropping them", api=False)
 

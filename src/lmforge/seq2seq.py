@@ -1,7 +1,7 @@
 """Using encoder–decoder models: batched greedy and beam-search decoding, translate/summarize, the
 Hugging Face-style pipelines, and BLEU/chrF/ROUGE evaluation on pairs.
 
-    transduce(model, tokenizer, sources, beams=4, length_penalty=1.0)  -> list of outputs
+    transduce(model, tokenizer, sources, GenerationConfig(num_beams=4))  -> list of outputs
     pipeline("translation", model=DIR)("How are you?")                 -> [{"translation_text": ...}]
     evaluate_pairs(DIR, "pairs.tsv")                                   -> BLEU and chrF, or ROUGE
 
@@ -22,6 +22,7 @@ default (`task_defaults`), as BART's summarization checkpoints do, translation 0
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +31,12 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import UserError
+from lmforge.generation import ban_repeated_ngrams
+from lmforge.generation_config import GenerationConfig
 from lmforge.tokenizers import TextTokenizer
 from lmforge.training.pairs import boundary_id, pad_sources
 
-# Hypotheses a decoding batch advances together when Seq2SeqConfig.batch_size is 0: as many as
+# Hypotheses a decoding batch advances together when transduce's batch_size is 0: as many as
 # fit DECODE_SOURCE_TOKENS tokens of source (the longest source times the rows: what cross-attention
 # and its cache cost), at least DECODE_ROWS, at most MAX_DECODE_ROWS. Few rows make each step's
 # products small and slow per row (32 rows ran at ~50 GMAC/s where 128-256 ran at ~80); since
@@ -46,29 +49,38 @@ MAX_DECODE_ROWS = 256
 DECODE_SOURCE_TOKENS = 8192
 
 
-def sources_per_batch(cfg: Seq2SeqConfig, source_tokens: int = 0) -> int:
-    """How many sources `transduce` decodes together under `cfg` when the longest of them has
-    `source_tokens` tokens (0: not known, DECODE_ROWS hypotheses)."""
-    if cfg.batch_size < 0:
+def sources_per_batch(batch_size: int, beams: int, source_tokens: int = 0) -> int:
+    """How many sources `transduce` decodes together (`batch_size`, or when 0: by DECODE_ROWS and
+    the longest source's `source_tokens`; 0 when not known: DECODE_ROWS hypotheses)."""
+    if batch_size < 0:
         raise UserError(f"batch_size must be at least 0 (0 = {DECODE_ROWS}-{MAX_DECODE_ROWS} hypotheses a batch, "
-                        f"by source length), not {cfg.batch_size}.")  # fmt: skip
-    if cfg.batch_size:
-        return cfg.batch_size
+                        f"by source length), not {batch_size}.")  # fmt: skip
+    if batch_size:
+        return batch_size
     rows = DECODE_SOURCE_TOKENS // source_tokens if source_tokens else DECODE_ROWS
-    return max(1, min(MAX_DECODE_ROWS, max(DECODE_ROWS, rows)) // max(1, cfg.beams))
+    return max(1, min(MAX_DECODE_ROWS, max(DECODE_ROWS, rows)) // max(1, beams))
+
+
+# What `transduce` uses when given no settings: 4 beams, outputs up to the model's length.
+DEFAULT_DECODING = GenerationConfig(num_beams=4, max_new_tokens=0)
 
 
 @dataclass
 class Seq2SeqConfig:
+    """Deprecated: the decoding settings are GenerationConfig's (`num_beams`, `length_penalty`,
+    `no_repeat_ngram_size`, `max_new_tokens`), and `transduce` takes `batch_size` and `use_cache`.
+    `transduce` still takes this, with a deprecation notice."""
+
     beams: int = 4  # 1 = greedy
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0  # n > 0: no n-gram twice in an output
     max_new_tokens: int = 0  # 0 = the model's block_size - 1
-    # Sources decoded together; 0 = 64-256 hypotheses by source length (sources_per_batch).
-    batch_size: int = 0
-    use_cache: bool = (
-        True  # greedy only: False recomputes the decoder over the prefix each step (a reference)
-    )
+    batch_size: int = 0  # sources decoded together; 0 = 64-256 hypotheses by source length
+    use_cache: bool = True  # greedy only: False recomputes the decoder over the prefix each step
+
+    def generation_config(self) -> GenerationConfig:
+        return GenerationConfig(num_beams=self.beams, length_penalty=self.length_penalty,
+                                no_repeat_ngram_size=self.no_repeat_ngram_size, max_new_tokens=self.max_new_tokens)  # fmt: skip
 
 
 # Decoding settings each task uses unless told otherwise (the CLI, pipelines, `lmforge eval`, serving).
@@ -79,23 +91,10 @@ TASK_DEFAULTS: dict[str, dict[str, int]] = {
 
 
 def task_defaults(task: str, **given: int | None) -> dict[str, int]:
-    """The decoding settings `task` uses (Seq2SeqConfig fields), with those `given` (not None) in
+    """The decoding settings `task` uses (GenerationConfig fields), with those `given` (not None) in
     place of its defaults: `task_defaults("summarization", no_repeat_ngram_size=args.flag)`."""
     settings = dict(TASK_DEFAULTS.get(task, TASK_DEFAULTS["translation"]))
     return settings | {name: value for name, value in given.items() if value is not None}
-
-
-def ban_repeated_ngrams(scores: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
-    """`scores` (rows, vocab) with -inf on every token that would complete an n-gram already in that
-    row of `generated` (rows, length): the n-grams whose first n-1 tokens equal the row's last n-1."""
-    if n <= 0 or generated.shape[1] < n:
-        return scores
-    windows = generated.unfold(1, n, 1)  # (rows, length - n + 1, n): every n-gram so far
-    last = generated[:, generated.shape[1] - n + 1 :]  # what the next token would extend
-    hits = (windows[:, :, : n - 1] == last[:, None, :]).all(-1)  # (n = 1: every token so far)
-    rows, where = hits.nonzero(as_tuple=True)
-    banned = windows[rows, where, n - 1]
-    return scores.index_put((rows, banned), torch.tensor(float("-inf"), dtype=scores.dtype))
 
 
 def _encode_sources(model: nn.Module, tokenizer: TextTokenizer, sources: list[str]) -> list[list[int]]:
@@ -209,12 +208,18 @@ def beam_search(model: nn.Module, sources: list[list[int]], boundary: int, max_n
     return [max(hypotheses, key=lambda item: item[0])[1] for hypotheses in finished]
 
 
-def transduce(model: nn.Module, tokenizer: TextTokenizer, sources: list[str], cfg: Seq2SeqConfig | None = None,
-              progress: Callable[[int], None] | None = None) -> list[str]:  # fmt: skip
-    """The outputs (translations or summaries) of `sources`, batched, in the order given."""
-    cfg = cfg or Seq2SeqConfig()
-    if cfg.no_repeat_ngram_size < 0:
-        raise UserError(f"no_repeat_ngram_size must be at least 0 (0 = off), not {cfg.no_repeat_ngram_size}.")
+def transduce(model: nn.Module, tokenizer: TextTokenizer, sources: list[str],
+              cfg: GenerationConfig | Seq2SeqConfig | None = None, progress: Callable[[int], None] | None = None,
+              batch_size: int = 0, use_cache: bool = True) -> list[str]:  # fmt: skip
+    """The outputs (translations or summaries) of `sources`, batched, in the order given: greedy when
+    `cfg.num_beams` is 1, else beam search (`cfg` None: DEFAULT_DECODING); `cfg.max_new_tokens` 0 =
+    up to the model's length. `batch_size`: sources decoded together (0 = by their length);
+    `use_cache` False (greedy) recomputes the decoder over the prefix each step, a reference."""
+    if isinstance(cfg, Seq2SeqConfig):
+        warnings.warn("Seq2SeqConfig is deprecated: give transduce a GenerationConfig (num_beams, ...) and "
+                      "batch_size / use_cache.", DeprecationWarning, stacklevel=2)  # fmt: skip
+        cfg, batch_size, use_cache = cfg.generation_config(), cfg.batch_size, cfg.use_cache
+    cfg = cfg or DEFAULT_DECODING
     if not getattr(model, "is_encoder_decoder", False):
         raise UserError("This is a decoder-only model; translate and summarize need an encoder–decoder "
                         "checkpoint (model.arch seq2seq), e.g. lmforge train --preset eng-fra-translation.")  # fmt: skip
@@ -223,18 +228,18 @@ def transduce(model: nn.Module, tokenizer: TextTokenizer, sources: list[str], cf
     encoded = _encode_sources(model, tokenizer, sources)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch together
     outputs: list[str] = [""] * len(encoded)
-    most = sources_per_batch(cfg, source_tokens=1)  # the most sources a batch may hold
+    most = sources_per_batch(batch_size, cfg.num_beams, source_tokens=1)  # the most sources a batch may hold
     begin = 0
     while begin < len(order):
         longest = len(encoded[order[min(begin + most, len(order)) - 1]])  # (sorted: the last is the longest)
-        chunk = order[begin : begin + sources_per_batch(cfg, longest)]
+        chunk = order[begin : begin + sources_per_batch(batch_size, cfg.num_beams, longest)]
         begin += len(chunk)
         batch = [encoded[i] for i in chunk]
-        if cfg.beams > 1:
-            new = beam_search(model, batch, boundary, max_new, cfg.beams, cfg.length_penalty,
+        if cfg.num_beams > 1:
+            new = beam_search(model, batch, boundary, max_new, cfg.num_beams, cfg.length_penalty,
                               cfg.no_repeat_ngram_size)  # fmt: skip
         else:
-            new = greedy(model, batch, boundary, max_new, cfg.use_cache, cfg.no_repeat_ngram_size)
+            new = greedy(model, batch, boundary, max_new, use_cache, cfg.no_repeat_ngram_size)
         for i, ids in zip(chunk, new, strict=True):
             outputs[i] = tokenizer.decode(ids).strip()
         if progress:
@@ -257,8 +262,8 @@ class Seq2SeqPipeline:
         """`no_repeat_ngram_size` None = the task's default (`task_defaults`)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         settings = task_defaults(self.task, no_repeat_ngram_size=no_repeat_ngram_size)
-        cfg = Seq2SeqConfig(beams=num_beams, length_penalty=length_penalty, max_new_tokens=max_new_tokens,
-                            **settings)  # fmt: skip
+        cfg = GenerationConfig(num_beams=num_beams, length_penalty=length_penalty, max_new_tokens=max_new_tokens,
+                               **settings)  # fmt: skip
         return [{self.key: out} for out in transduce(self.model, self.tokenizer, texts, cfg)]
 
 
@@ -281,7 +286,7 @@ def score_outputs(task: str, outputs: list[str], references: list[list[str | Non
     return bleu_chrf(outputs, references) if task == "translation" else rouge(outputs, references)
 
 
-def evaluate_pairs(checkpoint: str | Path, data: str | Path | None = None, cfg: Seq2SeqConfig | None = None,
+def evaluate_pairs(checkpoint: str | Path, data: str | Path | None = None, cfg: GenerationConfig | None = None,
                    device: str = "cpu", limit: int = 0, log: Callable[[str], None] | None = None,
                    dtype: str = "float32") -> dict:  # fmt: skip
     """Decode the sources of a pairs file (default: the validation pairs the model was trained with)
@@ -305,7 +310,12 @@ def evaluate_pairs(checkpoint: str | Path, data: str | Path | None = None, cfg: 
     if limit:
         sources, references = sources[:limit], [refs[:limit] for refs in references]
     task = config.data.task
-    outputs = transduce(model, tokenizer, sources, cfg or Seq2SeqConfig(**task_defaults(task)))
+    outputs = transduce(
+        model,
+        tokenizer,
+        sources,
+        cfg or GenerationConfig(num_beams=4, max_new_tokens=0, **task_defaults(task)),
+    )
     return {"checkpoint": str(checkpoint), "data": where, "task": task, "examples": len(sources),
             "references": sum(r is not None for refs in references for r in refs),
             **score_outputs(task, outputs, references), "samples": list(zip(sources[:3], outputs[:3], strict=True))}  # fmt: skip
@@ -323,7 +333,9 @@ def training_report(run, metrics) -> str:
     texts, task = run.data.val_texts, run.config.data.task
     sources, references = references_by_source(texts.sources, texts.targets)
     sources, references = sources[:200], [refs[:200] for refs in references]
-    outputs = transduce(best, run.tokenizer, sources, Seq2SeqConfig(beams=1, **task_defaults(task)))
+    outputs = transduce(
+        best, run.tokenizer, sources, GenerationConfig(max_new_tokens=0, **task_defaults(task))
+    )
     scores = score_outputs(task, outputs, references)
     keys = ("bleu", "chrf") if task == "translation" else ("rouge1", "rouge2", "rougeL")
     metrics.history[-1].update({f"val_{k}_greedy": round(scores[k], 3) for k in keys})
@@ -338,4 +350,6 @@ def evaluate_checkpoint(checkpoint, data: str | None, beams: int, no_repeat_ngra
     """`lmforge eval` on an encoder–decoder: its task's scores on a pairs file (default: its
     validation pairs), with the task's decoding defaults."""
     settings = task_defaults(checkpoint.config.data.task, no_repeat_ngram_size=no_repeat_ngram_size)
-    return evaluate_pairs(checkpoint.path, data, Seq2SeqConfig(beams=beams, **settings), device)
+    return evaluate_pairs(
+        checkpoint.path, data, GenerationConfig(num_beams=beams, max_new_tokens=0, **settings), device
+    )

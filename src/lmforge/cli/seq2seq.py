@@ -39,8 +39,9 @@ def add_transduce_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_transduce(args: argparse.Namespace) -> int:
 
+    from lmforge.generation_config import GenerationConfig
     from lmforge.inference import load_for_inference
-    from lmforge.seq2seq import Seq2SeqConfig, task_defaults, transduce
+    from lmforge.seq2seq import task_defaults, transduce
 
     texts = list(args.text or [])
     if args.file:
@@ -54,9 +55,11 @@ def cmd_transduce(args: argparse.Namespace) -> int:
         raise UserError("--beams must be at least 1, --batch-size, --max-new-tokens and --no-repeat-ngram-size "
                         "at least 0.")  # fmt: skip
     model, tokenizer = load_for_inference(args.checkpoint, args.device, args.dtype)
-    cfg = Seq2SeqConfig(beams=args.beams, length_penalty=args.length_penalty, max_new_tokens=args.max_new_tokens,
-                        batch_size=args.batch_size, **settings)  # fmt: skip
+    cfg = GenerationConfig(num_beams=args.beams, length_penalty=args.length_penalty,
+                           max_new_tokens=args.max_new_tokens, **settings)  # fmt: skip
     key = "translation" if args.command == "translate" else "summary"
-    for text, output in zip(texts, transduce(model, tokenizer, texts, cfg), strict=True):
+    for text, output in zip(
+        texts, transduce(model, tokenizer, texts, cfg, batch_size=args.batch_size), strict=True
+    ):
         print(json.dumps({"text": text, key: output}, ensure_ascii=False) if args.json else output)
     return 0

@@ -614,13 +614,14 @@ class _Requests:
     async def transduced(self, body: RequestBase, sources: list[str], kind: str):
         """An encoder–decoder model (translation, summarization): each prompt, or the chat's last user
         message, is a source; its output (beam search, 4 beams) is the reply. Streamed as one piece."""
-        from lmforge.seq2seq import Seq2SeqConfig, task_defaults, transduce
+        from lmforge.generation_config import GenerationConfig
+        from lmforge.seq2seq import task_defaults, transduce
 
         model, tokenizer = self.engine.model, self.tokenizer
         if not sources or any(not s.strip() for s in sources):
             raise APIError(400, "Give a non-empty text to translate or summarize.", param="prompt")
-        cfg = Seq2SeqConfig(beams=4, max_new_tokens=min(body.max_tokens or 0, model.block_size - 1),
-                            **task_defaults(self.settings.task))  # fmt: skip
+        cfg = GenerationConfig(num_beams=4, max_new_tokens=min(body.max_tokens or 0, model.block_size - 1),
+                               **task_defaults(self.settings.task))  # fmt: skip
         try:
             outputs = await self.engine.run_in_worker(lambda: transduce(model, tokenizer, sources, cfg))
         except QueueFull as e:
