@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lmforge.errors import UserError
+
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` and move the result to `path` atomically."""
@@ -77,7 +79,7 @@ def cache_dir() -> Path:
     return Path(base) / "lmforge"
 
 
-TEMPORARY = (".train_state-", ".prep-")  # folders being filled (new_temp_dir prefixes)
+TEMPORARY = (".train_state-", ".prep-", ".write-", ".old-")  # folders being filled (new_temp_dir prefixes)
 
 
 def remove_stale_temporaries(folder: Path, older_than_s: float = 0.0) -> int:
@@ -118,6 +120,53 @@ def build_directory(target: Path, build: Callable[[Path], None]) -> None:
             tmp.rename(target)
         except OSError:  # another process built the same entry meanwhile
             shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_output(path: str | Path, kind: str, setting: str) -> Path:
+    """The output path `path`, or one sentence saying why it cannot become a `kind` ("folder" or
+    "file"): an entry of the other kind is there, it lies under a file, or its folder cannot be
+    written. Commands check before any work, so that a mistake costs nothing."""
+    path = Path(path)
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file; choose another {setting}.", settings=(setting,))
+    if kind == "file" and path.is_dir():
+        raise UserError(f"{path} is a folder, and a file is written there; give a file name (such as "
+                        f"{path / 'result.json'}) as {setting}.", settings=(setting,))  # fmt: skip
+    nearest = path if path.is_dir() else path.parent
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if nearest.exists() and not nearest.is_dir():
+        raise UserError(f"{path} lies under {nearest}, which is a file; choose another {setting}.",
+                        settings=(setting,))  # fmt: skip
+    if not os.access(nearest, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"Cannot write {path}: {nearest} is not writable here; choose another {setting}.",
+                        settings=(setting,))  # fmt: skip
+    return path
+
+
+def write_folder(target: Path, write: Callable[[Path], None], overwrite: bool = False) -> None:
+    """Make the folder `target` by `write(tmp)` into a temporary sibling, then put it in place: a
+    failure leaves `target` as it was, and an overwritten folder holds what was written now and
+    nothing of before (an export over a training run keeps none of the run's files)."""
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = new_temp_dir(target.parent, ".write-")
+    try:
+        write(tmp)
+        if target.exists():
+            if not overwrite:
+                raise UserError(f"{target} already exists; pass --overwrite or choose another --out.")
+            old = new_temp_dir(target.parent, ".old-")
+            old.rmdir()
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

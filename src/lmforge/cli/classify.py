@@ -7,6 +7,7 @@ import json
 
 from lmforge.cli.common import add_privacy_flags, add_run_flags, add_shared, read_lines_of
 from lmforge.errors import UserError
+from lmforge.io import check_output
 
 
 def add_train_classifier_parser(sub) -> None:
@@ -105,6 +106,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     from lmforge.models.classifier import ClassifierConfig
     from lmforge.training.classify import ClassifierTrainConfig, train_classifier
 
+    check_output(args.out, "folder", "out")
     cfg = ClassifierTrainConfig(
         train_path=args.data,
         val_path=args.val,
@@ -184,9 +186,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from lmforge.explain import explain, load_for_explaining, write_report
 
+    check_output(args.out, "folder", "out")
     model, tokenizer, labels = load_for_explaining(args.checkpoint, args.device)
     e = explain(model, tokenizer, args.text, labels, args.target, args.steps)
-    written = write_report(e, args.out)
+    written = write_report(e, args.out)  # (checked before the model loaded)
     ranked = sorted(zip(e.tokens, e.attributions, strict=True), key=lambda pair: -abs(pair[1]))[:5]
     print(f"{e.kind}: {e.decision!r} (p = {e.probability:.3f})")
     print("most influential tokens: " + ", ".join(f"{t!r} {a:+.3f}" for t, a in ranked))

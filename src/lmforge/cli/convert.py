@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lmforge.cli.common import add_shared, check_target
 from lmforge.errors import UserError
+from lmforge.io import check_output, write_folder
 
 
 def add_convert_parser(sub) -> None:
@@ -42,7 +43,7 @@ def add_export_parser(sub) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     from lmforge.checkpoint import GGUF, HUGGING_FACE, open_checkpoint, save_checkpoint
 
-    source, out = Path(args.hf_dir), Path(args.out)
+    source, out = Path(args.hf_dir), check_output(args.out, "folder", "out")
     opened = open_checkpoint(source)
     if opened.kind not in (HUGGING_FACE, GGUF):
         raise UserError(f"{source} is neither a Hugging Face model directory (config.json with a model_type) "
@@ -53,7 +54,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     info = {"imported_from": str(source.resolve()), "chat_template": opened.chat_template,
             "eos_token_ids": list(opened.generation.eos_token_ids),
             "sampling_defaults": opened.generation.sampling, "bos_token_id": opened.generation.bos_token_id}  # fmt: skip
-    save_checkpoint(out, model, config, tokenizer, info)
+    write_folder(out, lambda tmp: save_checkpoint(tmp, model, config, tokenizer, info), args.overwrite)
     params = sum(p.numel() for p in model.parameters())
     print(
         f"Wrote {out}: {config.description}, {params / 1e6:.2f}M parameters, "
@@ -67,6 +68,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     fmt = args.format or ("gguf" if out.suffix == ".gguf" else "hf")
+    check_output(out, "file" if fmt == "gguf" else "folder", "out")
     if fmt == "gguf" and out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists; pass --overwrite or choose another --out.")
     if fmt == "hf":
@@ -82,7 +84,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     from lmforge.interop.hf import export_hf
 
-    export_hf(model, tokenizer, opened.config, out, opened.chat_template, opened.generation.eos_token_ids,
-              opened.generation.sampling)  # fmt: skip
+    def write(folder: Path) -> None:
+        export_hf(model, tokenizer, opened.config, folder, opened.chat_template, opened.generation.eos_token_ids,
+                  opened.generation.sampling)  # fmt: skip
+
+    write_folder(out, write, args.overwrite)  # (over a training run: none of the run's files stay)
     print(f"Wrote {out}: load it with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r}).")
     return 0

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from lmforge.errors import UserError
+from lmforge.io import check_output
 
 
 def add_embeddings_parser(sub) -> None:
@@ -52,6 +53,7 @@ def cmd_embeddings(args: argparse.Namespace) -> int:
     from lmforge import embeddings
 
     if args.action == "train":
+        check_output(args.out, "file", "out")
         if Path(args.out).exists() and not args.overwrite:
             raise UserError(f"{args.out} already exists; pass --overwrite or choose another --out.")
         cfg = embeddings.EmbeddingsConfig(method=args.method, dim=args.dim, window=args.window,

@@ -8,6 +8,7 @@ import sys
 
 from lmforge.cli.common import add_shared, checkpoint_family, is_classifier_checkpoint
 from lmforge.errors import UserError
+from lmforge.io import check_output
 
 
 def add_eval_parser(sub) -> None:
@@ -53,6 +54,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         score_lines,
     )
 
+    if args.output:
+        check_output(args.output, "file", "output")  # (before the evaluation's work)
     metrics = [m.strip() for m in args.metric.split(",") if m.strip()]
     if args.hyp:
         result = score_files(args.hyp, args.ref, metrics)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lmforge.cli.common import add_config_flags, add_run_flags, add_shared, config_overrides
 from lmforge.errors import UserError
+from lmforge.io import check_output
 
 
 def add_train_parser(sub) -> None:
@@ -153,7 +154,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from lmforge.config import DataConfig
     from lmforge.data.prepare import prepare
 
-    out = Path(args.out)
+    out = check_output(args.out, "folder", "out")
     if (out / "meta.json").exists() and not args.overwrite:
         raise UserError(f"{out} already holds prepared data; pass --overwrite to replace it.")
     cfg = DataConfig(

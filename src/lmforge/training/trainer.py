@@ -33,7 +33,7 @@ from lmforge.data.prepare import PreparedData
 from lmforge.device import physical_cores, resolve_device, resolve_dtype, set_threads
 from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.families import Family, family_of
-from lmforge.io import remove_stale_temporaries
+from lmforge.io import check_output, remove_stale_temporaries
 from lmforge.models import build_model
 from lmforge.training import privacy as private
 from lmforge.training import state as saved_state
@@ -309,10 +309,7 @@ def _load_base(config: Config, log: Callable[[str], None]) -> tuple[nn.Module, s
 
 
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(
-            f"The output folder {out} is a file; choose another train.out.", settings=("train.out",)
-        )
+    check_output(out, "folder", "train.out")
     holds_run = (out / "config.json").exists() or (out / STATE_DIR).exists()
     if resume:
         if not holds_run:
