@@ -79,6 +79,35 @@ def test_resume_continues_exactly(tmp_path, shakespeare_excerpt, overrides):
     assert steps == [5, 10, 15, 20]
 
 
+@pytest.mark.parametrize("stop_at", [7, 12])
+def test_a_run_interrupted_between_records_logs_the_uninterrupted_records(
+    tmp_path, shakespeare_excerpt, stop_at
+):
+    """Stopped at a step that has no record (records every 5, evaluations every 10), the resumed run
+    continues the training-loss window: every train_loss equals the uninterrupted run's."""
+    overrides = {"train.eval_interval": 10, "train.log_interval": 5}
+    train(tiny_config(tmp_path / "a", shakespeare_excerpt, **overrides), log=lambda _: None)
+
+    def interrupt(step, loss):
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    cfg = tiny_config(tmp_path / "b", shakespeare_excerpt, **overrides)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, log=lambda _: None, on_step=interrupt)
+    train(cfg, resume=True, log=lambda _: None)
+    records = [
+        [
+            (r["step"], r["train_loss"])
+            for r in map(json.loads, (tmp_path / run / "metrics.jsonl").open())
+            if "train_loss" in r
+        ]
+        for run in ("a", "b")
+    ]
+    assert [step for step, _ in records[1]] == [step for step, _ in records[0]] == [5, 10, 15, 20]
+    assert [loss for _, loss in records[1]] == pytest.approx([loss for _, loss in records[0]], abs=1e-6)
+
+
 def test_early_stopping_and_target_loss(tmp_path, shakespeare_excerpt):
     cfg = tiny_config(
         tmp_path / "a",

@@ -60,6 +60,10 @@ class Progress:
     stopped_because: str = "max_iters"
     scores: dict[str, float] = field(default_factory=dict)  # the last evaluation's
     started: float = field(default_factory=time.perf_counter)
+    # The steps since the last metrics record, and their summed loss: a run interrupted between
+    # records resumes its window, so that its next train_loss is the uninterrupted run's.
+    window_steps: int = 0
+    window_loss: float = 0.0
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -70,6 +74,8 @@ class Progress:
             "best_val_loss": self.best,
             "bad_evals": self.bad_evals,
             "elapsed_s": self.elapsed(),
+            "window_steps": self.window_steps,
+            "window_loss": self.window_loss,
         }
 
     @classmethod
@@ -79,6 +85,8 @@ class Progress:
             best=saved["best_val_loss"],
             bad_evals=saved["bad_evals"],
             elapsed_before=saved["elapsed_s"],
+            window_steps=saved.get("window_steps", 0),  # (states saved before 2026-12-07 have none)
+            window_loss=saved.get("window_loss", 0.0),
         )
 
 
@@ -161,9 +169,9 @@ def stop_reason(s: Schedule, p: Progress, out_of_time: bool) -> str | None:
 class _Window:
     """The training loss and speed since the last record."""
 
-    def __init__(self, device: torch.device):
-        self.loss = torch.zeros((), device=device)
-        self.steps, self.start = 0, time.perf_counter()
+    def __init__(self, device: torch.device, steps: int = 0, loss: float = 0.0):
+        self.loss = torch.full((), loss, device=device)
+        self.steps, self.start = steps, time.perf_counter()
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss += loss
@@ -205,7 +213,8 @@ def run_loop(
     TrainingInterrupted.
     """
     scaler = torch.amp.GradScaler(t.device.type) if t.dtype == torch.float16 else None
-    window = _Window(t.device)
+    window = _Window(t.device, p.window_steps, p.window_loss)  # (a resumed run continues its window)
+    p.window_steps, p.window_loss = 0, 0.0
     t.model.train()
     with deferred_interrupts() as interrupted:
         try:
@@ -252,6 +261,7 @@ def run_loop(
                 )
             resumable = t.save_state is not None and not t.dist.active
             if resumable:  # (several processes cannot agree on a save here: the last evaluation's stands)
+                p.window_steps, p.window_loss = window.steps, window.loss.item()
                 t.save_state(p)
             raise TrainingInterrupted(None, p.step, resumable) from None
     reporter.close()
