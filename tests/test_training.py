@@ -95,7 +95,11 @@ def test_a_run_interrupted_between_records_logs_the_uninterrupted_records(
     cfg = tiny_config(tmp_path / "b", shakespeare_excerpt, **overrides)
     with pytest.raises(TrainingInterrupted):
         train(cfg, log=lambda _: None, on_step=interrupt)
-    train(cfg, resume=True, log=lambda _: None)
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as cut:  # a record cut by a kill while written
+        cut.write('{"step": 4, "train_lo')
+    said: list[str] = []
+    train(cfg, resume=True, log=said.append)
+    assert any("was cut short" in line and "that record is lost" in line for line in said)
     records = [
         [
             (r["step"], r["train_loss"])

@@ -94,6 +94,7 @@ class MetricsLog:
         self.file = None
         self.loggers: list[CSVLogger | TensorBoardLogger] = []
         self.write = write
+        self.cut: str = ""  # a cut line found on resume (an interruption while it was written), dropped
         if not write:  # another process writes the file (distributed training)
             return
         if keep_until_step is not None and path.exists():
@@ -101,6 +102,7 @@ class MetricsLog:
                 try:
                     record = json.loads(line)
                 except ValueError:
+                    self.cut = line
                     break  # a truncated line ends what can be trusted
                 if isinstance(record, dict) and record.get("step", math.inf) <= keep_until_step:
                     self.history.append(record)

@@ -126,6 +126,9 @@ def train(
         tc = config.train
         metrics = MetricsLog(run.out / "metrics.jsonl", keep_until_step=run.progress.step if resume else None,
                              write=dist.main, loggers=tc.loggers)  # fmt: skip
+        if metrics.cut:
+            run.log(f"Note: the last line of {run.out / 'metrics.jsonl'} was cut short ({metrics.cut[:40]!r}...), "
+                    f"by an interruption while it was written; that record is lost, the others are kept.")  # fmt: skip
         try:
             progress = run_loop(
                 _trainee(run),
