@@ -51,3 +51,21 @@ def test_an_empty_file_of_texts_is_named_as_such(tmp_path, capsys, run, command)
     assert main([command, str(folder), "--file", str(empty)]) == 2
     err = capsys.readouterr().err
     assert f"{empty} holds no texts; give at least one line." in err and "--text or --file" not in err
+
+
+def test_eval_of_a_checkpoint_with_nan_weights_is_an_error_not_a_nan_report(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(V1 / "gpt", tmp_path / "gpt")
+    text = tmp_path / "text.txt"
+    text.write_text((V1 / "data" / "text.txt").read_text("utf-8")[:3000], encoding="utf-8")
+    assert main(["eval", str(folder), "--data", str(text)]) == 0
+    tensors = load_file(folder / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("weight") and tensors[k].dim() == 2)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, folder / "model.safetensors")
+    capsys.readouterr()
+    assert main(["eval", str(folder), "--data", str(text), "--output", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "on this data is nan: its weights hold NaN or infinite values" in err
+    assert not (tmp_path / "r.json").exists()

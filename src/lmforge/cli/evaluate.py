@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from lmforge.cli.common import add_shared, checkpoint_family, is_classifier_checkpoint
@@ -102,6 +103,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     else:
         raise UserError("Give a CHECKPOINT to evaluate, or --hyp and --ref files to score.")
+    loss = result.get("loss")
+    if isinstance(loss, float) and not math.isfinite(loss):
+        raise UserError(f"The loss of {args.checkpoint} on this data is {loss}: its weights hold NaN or infinite "
+                        f"values (a diverged or damaged checkpoint); evaluate an earlier or a repaired one.")  # fmt: skip
     if args.output:
         from lmforge.io import atomic_write_json
 
