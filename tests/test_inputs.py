@@ -69,3 +69,10 @@ def test_eval_of_a_checkpoint_with_nan_weights_is_an_error_not_a_nan_report(tmp_
     err = capsys.readouterr().err
     assert "on this data is nan: its weights hold NaN or infinite values" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_translate_warns_when_it_cuts_a_long_source(tmp_path, capsys):
+    folder = shutil.copytree(V1 / "seq2seq", tmp_path / "seq2seq")  # reads sources of 10 tokens
+    assert main(["translate", str(folder), "--text", "abcdefgabcdefg", "--text", "abc", "--beams", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 of 2 source(s) have more tokens than the model reads (10); only their first 10" in err

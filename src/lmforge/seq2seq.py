@@ -97,12 +97,20 @@ def task_defaults(task: str, **given: int | None) -> dict[str, int]:
     return settings | {name: value for name, value in given.items() if value is not None}
 
 
-def _encode_sources(model: nn.Module, tokenizer: TextTokenizer, sources: list[str]) -> list[list[int]]:
-    out = []
+def _encode_sources(model: nn.Module, tokenizer: TextTokenizer, sources: list[str],
+                    warn: Callable[[str], None] | None = None) -> list[list[int]]:  # fmt: skip
+    """The sources' tokens, each cut to the model's longest source (with one warning for them all)."""
+    out, cut = [], 0
     for text in sources:
         if not text.strip():
             raise UserError("An empty source cannot be translated or summarized; give some text.")
-        out.append(tokenizer.encode(text)[: model.source_block_size])
+        ids = tokenizer.encode(text)
+        cut += len(ids) > model.source_block_size
+        out.append(ids[: model.source_block_size])
+    if cut:
+        message = (f"{cut} of {len(sources)} source(s) have more tokens than the model reads "
+                   f"({model.source_block_size}); only their first {model.source_block_size} tokens are used.")  # fmt: skip
+        (warn or (lambda m: warnings.warn(m, stacklevel=3)))(message)
     return out
 
 
@@ -210,11 +218,13 @@ def beam_search(model: nn.Module, sources: list[list[int]], boundary: int, max_n
 
 def transduce(model: nn.Module, tokenizer: TextTokenizer, sources: list[str],
               cfg: GenerationConfig | Seq2SeqConfig | None = None, progress: Callable[[int], None] | None = None,
-              batch_size: int = 0, use_cache: bool = True) -> list[str]:  # fmt: skip
+              batch_size: int = 0, use_cache: bool = True, warn: Callable[[str], None] | None = None,
+              ) -> list[str]:  # fmt: skip
     """The outputs (translations or summaries) of `sources`, batched, in the order given: greedy when
     `cfg.num_beams` is 1, else beam search (`cfg` None: DEFAULT_DECODING); `cfg.max_new_tokens` 0 =
     up to the model's length. `batch_size`: sources decoded together (0 = by their length);
-    `use_cache` False (greedy) recomputes the decoder over the prefix each step, a reference."""
+    `use_cache` False (greedy) recomputes the decoder over the prefix each step, a reference. A source
+    longer than the model reads is cut, with a warning (`warn`, default: Python's warnings)."""
     if isinstance(cfg, Seq2SeqConfig):
         warnings.warn("Seq2SeqConfig is deprecated: give transduce a GenerationConfig (num_beams, ...) and "
                       "batch_size / use_cache.", DeprecationWarning, stacklevel=2)  # fmt: skip
@@ -225,7 +235,7 @@ def transduce(model: nn.Module, tokenizer: TextTokenizer, sources: list[str],
                         "checkpoint (model.arch seq2seq), e.g. lmforge train --preset eng-fra-translation.")  # fmt: skip
     boundary = boundary_id(tokenizer)
     max_new = min(cfg.max_new_tokens or model.block_size - 1, model.block_size - 1)
-    encoded = _encode_sources(model, tokenizer, sources)
+    encoded = _encode_sources(model, tokenizer, sources, warn)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch together
     outputs: list[str] = [""] * len(encoded)
     most = sources_per_batch(batch_size, cfg.num_beams, source_tokens=1)  # the most sources a batch may hold

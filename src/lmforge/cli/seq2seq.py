@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from lmforge.cli.common import add_shared, read_lines_of
 from lmforge.errors import UserError
@@ -58,8 +59,9 @@ def cmd_transduce(args: argparse.Namespace) -> int:
     cfg = GenerationConfig(num_beams=args.beams, length_penalty=args.length_penalty,
                            max_new_tokens=args.max_new_tokens, **settings)  # fmt: skip
     key = "translation" if args.command == "translate" else "summary"
+    warn = lambda message: print(f"lmforge: warning: {message}", file=sys.stderr)  # noqa: E731
     for text, output in zip(
-        texts, transduce(model, tokenizer, texts, cfg, batch_size=args.batch_size), strict=True
+        texts, transduce(model, tokenizer, texts, cfg, batch_size=args.batch_size, warn=warn), strict=True
     ):
         print(json.dumps({"text": text, key: output}, ensure_ascii=False) if args.json else output)
     return 0
