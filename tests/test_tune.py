@@ -119,6 +119,8 @@ def test_a_trial_started_after_the_last_needed_one_is_not_run(tmp_path, shakespe
         ("[model.activation]\nlow = 1\nhigh = 2\n", "give it choices"),
         ("[optim]\nlr = 0.1\n", "must be a table with low/high"),
         ("title = [\n", "is not valid TOML"),
+        ("[model.n_layer]\nlow = 2.2\nhigh = 2.8\n", "is a whole number, and none lies between 2.2 and 2.8"),
+        ("[model.n_layer]\nlow = 1\nhigh = 4\nstep = 1.5\n", "its step must be one too, not 1.5"),
     ],
 )
 def test_bad_search_spaces_are_named(tmp_path, space, message):
@@ -193,3 +195,33 @@ def test_a_data_problem_is_reported_before_any_trial(tmp_path, capsys):
     )
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "s" / "study.db").exists()
+
+
+def test_whole_number_settings_stay_within_fractional_bounds(tmp_path):
+    path = tmp_path / "space.toml"
+    path.write_text("[model.n_layer]\nlow = 1.5\nhigh = 3.7\n")
+    (param,) = read_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    assert {param.suggest(study.ask()) for _ in range(40)} == {2, 3}
+
+
+def test_a_study_whose_every_trial_is_refused_says_why(tmp_path, shakespeare_excerpt):
+    space = tmp_path / "space.toml"
+    space.write_text("[model.n_head]\nchoices = [5, 7]\n")  # neither divides the width (32)
+    base = tiny_config(
+        tmp_path / "unused", shakespeare_excerpt, **{"train.max_iters": 2, "train.eval_interval": 2}
+    )
+    with pytest.raises(
+        UserError, match=r"could train: 2 of 2 stopped on: model.n_embd \(32\) must be divisible"
+    ):
+        tune(base, space, TuneSettings(out=str(tmp_path / "study"), trials=2, seed=7), log=lambda _: None)
+
+
+def test_a_damaged_study_file_is_one_clear_error(tmp_path, capsys):
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "study.db").write_bytes(b"this is not a database" * 100)
+    assert main(["tune", "--space", str(space), "--out", str(tmp_path / "s"), "--trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "study.db is not a readable study" in err and "Traceback" not in err

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,9 @@ class Param:
     def suggest(self, trial) -> Any:
         if self.choices is not None:
             return trial.suggest_categorical(self.key, self.choices)
-        if self.kind is int:
-            return trial.suggest_int(
-                self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
-            )
+        if self.kind is int:  # (whole numbers within the bounds: _param checked that there are some)
+            return trial.suggest_int(self.key, math.ceil(self.low), math.floor(self.high),
+                                     step=int(self.step or 1), log=self.log)  # fmt: skip
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
 
 
@@ -106,6 +106,12 @@ def _param(path: Path, key: str, kind: type, spec: dict) -> Param:
         raise UserError(f"{path}: {key} needs numbers low < high (or choices).")
     if spec.get("log") and low <= 0:
         raise UserError(f"{path}: {key} is searched on a log scale, so low must be above 0.")
+    if kind is int and math.ceil(low) > math.floor(high):
+        raise UserError(
+            f"{path}: {key} is a whole number, and none lies between {low} and {high}; widen the bounds."
+        )
+    if kind is int and spec.get("step") is not None and spec["step"] != int(spec["step"]):
+        raise UserError(f"{path}: {key} is a whole number, so its step must be one too, not {spec['step']}.")
     return Param(key, kind, low, high, bool(spec.get("log", False)), spec.get("step"))
 
 
@@ -152,14 +158,20 @@ def _study(out: Path, settings: TuneSettings, worker: int):
         if settings.pruning
         else optuna.pruners.NopPruner()
     )
-    return optuna.create_study(
-        study_name="lmforge",
-        storage=_storage(out),
-        load_if_exists=True,
-        direction="minimize",
-        sampler=optuna.samplers.TPESampler(seed=settings.seed + worker),
-        pruner=pruner,
-    )
+    try:
+        return optuna.create_study(
+            study_name="lmforge",
+            storage=_storage(out),
+            load_if_exists=True,
+            direction="minimize",
+            sampler=optuna.samplers.TPESampler(seed=settings.seed + worker),
+            pruner=pruner,
+        )
+    except Exception as e:  # sqlalchemy's errors: not a database, a damaged one, another program's tables
+        if not (out / "study.db").exists():
+            raise
+        raise UserError(f"{out / 'study.db'} is not a readable study ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        f"move it away to start a new study, or choose another --out.") from None  # fmt: skip
 
 
 class _Surplus(Exception):
@@ -330,6 +342,11 @@ def summarize(base: Config, study, out: Path, log: Callable[[str], None] = print
     atomic_write_json(out / "trials.json", rows)
     write_search_plot(trials, out / "search.png")
     if not complete:
+        refused = Counter(t.user_attrs["invalid"] for t in trials if t.user_attrs.get("invalid"))
+        if refused and sum(refused.values()) == len(trials):  # every trial failed for a reason lmforge knows
+            reason, count = refused.most_common(1)[0]
+            raise UserError(f"No trial of the study in {out} could train: {count} of {len(trials)} stopped on: "
+                            f"{reason.rstrip('.')}. Fix that in the base settings or the search space.")  # fmt: skip
         raise UserError(f"No trial of the study in {out} completed (all pruned or failed); widen the search "
                         f"space or raise --trials.")  # fmt: skip
     best = study.best_trial
