@@ -4,6 +4,7 @@ UTF-8 and for a source with no text, and nothing written."""
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -76,3 +77,34 @@ def test_translate_warns_when_it_cuts_a_long_source(tmp_path, capsys):
     assert main(["translate", str(folder), "--text", "abcdefgabcdefg", "--text", "abc", "--beams", "1"]) == 0
     err = capsys.readouterr().err
     assert "warning: 1 of 2 source(s) have more tokens than the model reads (10); only their first 10" in err
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda c: c.pop(next(k for k in ("num_hidden_layers", "n_layer") if k in c)),
+            "which a .* model needs",
+        ),
+        (
+            lambda c: c.update(vocab_size=str(c["vocab_size"])),
+            "model.vocab_size must be a whole number, not '",
+        ),
+        (
+            lambda c: c.update(hidden_size=[32]) if "hidden_size" in c else c.update(n_embd=[32]),
+            "wrong kind|must be",
+        ),
+    ],
+)
+def test_a_damaged_hugging_face_config_is_one_clear_error(tmp_path, capsys, damage, message):
+    import re
+
+    folder = tmp_path / "hf"
+    assert main(["export", str(V1 / "gpt"), "--out", str(folder)]) == 0
+    config = json.loads((folder / "config.json").read_text("utf-8"))
+    damage(config)
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["generate", str(folder), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "config.json" in err and "Traceback" not in err, err

@@ -56,6 +56,14 @@ def check_fields(obj: Any, prefix: str = "", label: str = "") -> None:
             check_fields(value, name + ".", label)
             continue
         kind = hints[f.name]
+        wrong_type = {
+            bool: not isinstance(value, bool), str: not isinstance(value, str),
+            int: isinstance(value, bool) or not isinstance(value, int | float),
+            float: isinstance(value, bool) or not isinstance(value, int | float),
+        }.get(kind, False)  # fmt: skip
+        if wrong_type:  # (a foreign or damaged config: "true" for a switch, "512" for a width)
+            kind_name = {bool: "true or false", str: "text", int: "a whole number", float: "a number"}[kind]
+            raise UserError(f"{label}{name} must be {kind_name}, not {value!r}.", settings=(name,))
         if value is None or isinstance(value, bool | str | tuple | list | dict):
             continue
         if kind is int and not isinstance(value, int):

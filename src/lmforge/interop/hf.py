@@ -53,6 +53,26 @@ def _rope_theta(hf: dict[str, Any]) -> float:
 
 
 def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """The model section of a Hugging Face config.json, or one sentence naming what is missing or
+    wrong in it (a damaged or hand-written file)."""
+    from lmforge.settings import check_fields
+
+    try:
+        m = _model_config_from_hf(hf, source)
+    except KeyError as e:
+        raise UserError(f"{source} has no {e.args[0]!r}, which a {hf.get('model_type')} model needs; the folder is "
+                        f"not a complete Hugging Face model.") from None  # fmt: skip
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise UserError(f"{source} holds a value of the wrong kind ({e}); the folder is not a complete Hugging "
+                        f"Face model.") from None  # fmt: skip
+    try:
+        check_fields(m, "model.")
+    except UserError as e:
+        raise UserError(f"{source}: {e} The folder is not a complete Hugging Face model.") from None
+    return m
+
+
+def _model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
         raise UserError(f"{source}: model_type {kind!r} is not supported; supported: {', '.join(SUPPORTED)}.")
