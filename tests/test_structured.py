@@ -158,6 +158,10 @@ def test_bad_schemas_and_tool_choices_get_clear_400s(served):  # noqa: F811
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
          "'nope', which is not among the tools"),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+        # This character vocabulary has no '{': JSON cannot even begin (a 400, never a 500).
+        ({"response_format": {"type": "json_object"}}, "no token that can begin text of this format"),
+        ({"tool_choice": "required"}, "tool_choice required needs tools"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "a named function needs tools"),
     ]  # fmt: skip
     for extra, message in cases:
         with pytest.raises(openai.BadRequestError) as refused:

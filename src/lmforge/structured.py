@@ -84,7 +84,7 @@ def check_grammar(tokenizer: TextTokenizer, grammar: str) -> None:
     error = _llguidance().LLMatcher.validate_grammar(grammar, _grammar_tokenizer(tokenizer))
     if error:
         raise UserError(f"The grammar cannot be used: {error}")
-    if not GrammarConstraint(tokenizer, grammar).allowed().any():
+    if not GrammarConstraint(tokenizer, grammar).allowed(fallback=False).any():
         raise UserError("This model's vocabulary has no token that can begin text of this format (e.g. a "
                         "character vocabulary without '{'); use a model with a byte-level tokenizer.")  # fmt: skip
 
@@ -97,19 +97,23 @@ class GrammarConstraint:
         self.vocab = _grammar_tokenizer(tokenizer)
         self.matcher = llguidance.LLMatcher(self.vocab, grammar, log_level=0)
         self.end_ids = tokenizer.end_ids
+        # Special tokens (<unk>, ...) are never text of the grammar, whatever its bitmask says.
+        self.special = [i for i in _Vocabulary(tokenizer).special_token_ids if i not in self.end_ids]
         if self.matcher.is_error():
             raise UserError(f"The grammar cannot be used: {self.matcher.get_error()}")
 
-    def allowed(self) -> torch.Tensor:
+    def allowed(self, fallback: bool = True) -> torch.Tensor:
         """A boolean mask over the tokenizer's vocabulary: the tokens the grammar accepts next.
         Once the text is complete, every end-of-sequence token is allowed (the checkpoint's
-        end-of-turn token too, not only the one llguidance knows)."""
+        end-of-turn token too, not only the one llguidance knows); with `fallback`, also when the
+        vocabulary has no token for what the grammar needs next."""
         words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
         bits = (words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
         mask = bits.flatten()[: self.vocab.vocab_size].bool()
+        mask[self.special] = False
         if self.matcher.is_accepting():
             mask[list(self.end_ids)] = True
-        if not mask.any():  # the vocabulary cannot write what the grammar needs next
+        if fallback and not mask.any():  # the vocabulary cannot write what the grammar needs next
             mask[list(self.end_ids)] = True  # (the reply ends there; its text shows how far it got)
         return mask
 

@@ -591,6 +591,10 @@ class _Requests:
         function), JSON (response_format), or none. (Runs in a worker thread: the first use builds
         the grammar library's view of the vocabulary.)"""
         param = "tool_choice"
+        if not body.tools and body.tool_choice not in (None, "auto", "none"):  # (OpenAI answers 400 too)
+            wanted = "required" if body.tool_choice == "required" else "a named function"
+            raise APIError(400, f"tool_choice {wanted} needs tools: give the functions the model may call in "
+                                f"`tools`, or leave tool_choice out.", param=param)  # fmt: skip
         try:
             if tools and body.tool_choice not in (None, "auto"):
                 name = (
