@@ -396,3 +396,25 @@ def test_lora_adapters_are_peft_compatible_both_ways(tmp_path, hf_tokenizer_dir,
     )
     with pytest.raises(UserError, match=r"does not fit this model: it was made for wide-llama"):
         load_for_inference(str(base), adapter=str(tmp_path / "peft-wide"))
+
+
+def test_a_finetuned_run_keeps_the_bases_end_of_sequence_ids_and_sampling(tmp_path, shakespeare_excerpt):
+    """A base that ends its replies on a token of its own (SmolLM2's <|im_end|>, kept from an import in
+    config.json) hands it on: the fine-tuned run stops there too, and its exports record it."""
+    import shutil
+    from pathlib import Path
+
+    from lmforge.checkpoint import open_checkpoint
+
+    base = shutil.copytree(Path(__file__).resolve().parent / "data" / "v1" / "gpt", tmp_path / "base")
+    data = json.loads((base / "config.json").read_text("utf-8"))
+    newline = 2  # "\\n" in this character vocabulary: the end of a reply, as <|im_end|> is for SmolLM2
+    data |= {"eos_token_ids": [newline], "sampling_defaults": {"temperature": 0.3}, "bos_token_id": 1}
+    (base / "config.json").write_text(json.dumps(data), encoding="utf-8")
+    config = finetune_config(base, shakespeare_excerpt, tmp_path / "ft", **{"train.max_iters": 2,
+                             "train.eval_interval": 2, "finetune.seq_len": 16})  # fmt: skip
+    train(config, log=lambda _: None)
+    tuned = open_checkpoint(tmp_path / "ft")
+    assert tuned.generation.eos_token_ids == (newline,) and tuned.generation.bos_token_id == 1
+    assert tuned.generation.sampling == {"temperature": 0.3}
+    assert newline in tuned.tokenizer().end_ids

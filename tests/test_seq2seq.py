@@ -515,3 +515,31 @@ def test_exporting_a_model_mbart_cannot_run_is_refused(tmp_path):
     model = tiny_seq2seq("rope")
     with pytest.raises(UserError, match="Export to mBART needs learned positions"):
         export_hf(model, train_char_tokenizer(["abc"]), Config(model=model.config), tmp_path / "x")
+
+
+def test_a_bias_free_model_exports_to_mbart_that_transformers_loads(tmp_path, capsys):
+    """The translation preset has no biases: its mBART export writes zero biases of the right shape, and
+    transformers runs it with lmforge's logits; the CLI names the class that loads it."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.config import Config
+    from lmforge.tokenizers import train_char_tokenizer
+
+    tokenizer = train_char_tokenizer(["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ"])
+    cfg = ModelConfig(arch="seq2seq", vocab_size=tokenizer.vocab_size, block_size=12, n_layer=2, n_head=2, n_embd=16,
+                      bias=False, embedding_norm=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    save_checkpoint(tmp_path / "run", model, Config(model=model.config), tokenizer, {})
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert "AutoModelForSeq2SeqLM.from_pretrained" in capsys.readouterr().out
+    theirs = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf").eval()
+    source, target = (
+        torch.randint(2, tokenizer.vocab_size, (2, 8)),
+        torch.randint(2, tokenizer.vocab_size, (2, 6)),
+    )
+    with torch.no_grad():
+        expected, _ = model(source, torch.ones_like(source, dtype=torch.bool), target)
+        got = theirs(input_ids=source, decoder_input_ids=target).logits
+    assert (expected - got).abs().max() < 1e-4

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lmforge.cli.common import add_shared, check_target
 from lmforge.errors import UserError
+from lmforge.families import family_of
 from lmforge.io import check_output, write_folder
 
 
@@ -89,5 +90,6 @@ def cmd_export(args: argparse.Namespace) -> int:
                   opened.generation.sampling)  # fmt: skip
 
     write_folder(out, write, args.overwrite)  # (over a training run: none of the run's files stay)
-    print(f"Wrote {out}: load it with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r}).")
+    auto = family_of(opened.config.model.arch).hf_auto_class
+    print(f"Wrote {out}: load it with transformers' {auto}.from_pretrained({str(out)!r}).")
     return 0

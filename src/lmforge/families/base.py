@@ -65,6 +65,7 @@ class Family:
     after_training: Callable[[Any, Any], str] | None = None  # (run, metrics) -> the sample shown
     evaluate: Callable[..., dict[str, Any]] | None = None  # (checkpoint, data, beams, ...) -> scores
     hf_export: Callable[[ModelConfig, dict, int | None], tuple[dict, dict]] | None = None
+    hf_auto_class: str = "AutoModelForCausalLM"  # what loads its Hugging Face export in transformers
     pipelines: frozenset[str] = frozenset()  # the `lmforge.pipeline` tasks it serves
     pipeline: Callable[[str, Any, Any], Any] | None = None  # (task, model, tokenizer) -> the pipeline
     finetune_from: bool = True  # a checkpoint of it can be fine-tuned (finetune.init_from)

@@ -54,6 +54,7 @@ FAMILY = Family(
     after_training=lazy("lmforge.seq2seq:training_report"),
     evaluate=lazy("lmforge.seq2seq:evaluate_checkpoint"),
     hf_export=lazy("lmforge.interop.mbart:to_mbart"),
+    hf_auto_class="AutoModelForSeq2SeqLM",
     pipelines=frozenset({"translation", "summarization"}),
     pipeline=lazy("lmforge.seq2seq:Seq2SeqPipeline"),
     finetune_from=False,

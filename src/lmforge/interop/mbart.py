@@ -117,8 +117,8 @@ def lmforge_to_mbart(sd: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, t
     """The inverse mapping; missing biases (a model trained with bias false) are written as zeros,
     and a missing embedding norm as none (export refuses such a model: see check_exportable)."""
 
-    def get(name: str, like: str) -> torch.Tensor:
-        return sd[name] if name in sd else torch.zeros_like(sd[like])
+    def get(name: str, like: str) -> torch.Tensor:  # a missing bias: zeros, one per output of its weight
+        return sd[name] if name in sd else torch.zeros(sd[like].shape[0], dtype=sd[like].dtype)
 
     out = {}
     for theirs, ours in _global_names():

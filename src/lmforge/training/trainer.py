@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lmforge.checkpoint import open_checkpoint, save_checkpoint
+from lmforge.checkpoint import Checkpoint, open_checkpoint, save_checkpoint
 from lmforge.config import Config, config_from_dict, validate
 from lmforge.data.prepare import PreparedData
 from lmforge.device import physical_cores, resolve_device, resolve_dtype, set_threads
@@ -188,8 +188,12 @@ def _setup(
         # Chat and serving format prompts the way the replies were trained.
         instructions = run.data.mask("train") is not None
         run.info["chat_template"] = (
-            (config.data.chat_template or DEFAULT_CHAT_TEMPLATE) if instructions else base[1]
+            (config.data.chat_template or DEFAULT_CHAT_TEMPLATE) if instructions else base[1].chat_template
         )
+        # Generation ends where the base's ends (SmolLM2's <|im_end|>), as it recommends.
+        defaults = base[1].generation
+        run.info |= {"eos_token_ids": list(defaults.eos_token_ids), "bos_token_id": defaults.bos_token_id,
+                     "sampling_defaults": defaults.sampling}  # fmt: skip
     if resume:
         _check_resume_config(run.out, config)
     torch.manual_seed(config.train.seed)
@@ -230,7 +234,7 @@ def _prepare_data(run: _Run) -> None:
     _check_lengths(run.data, len(run.data.tokens("train")), len(run.data.tokens("val")), run.window)
 
 
-def _build_model(run: _Run, base: tuple[nn.Module, str | None] | None) -> None:
+def _build_model(run: _Run, base: tuple[nn.Module, Checkpoint] | None) -> None:
     config, ft = run.config, run.config.finetune
     model = base[0] if base else build_model(config.model)
     if config.train.init_embeddings:
@@ -278,7 +282,7 @@ def _plan_privacy(run: _Run) -> Privacy:
     return plan
 
 
-def _load_base(config: Config, log: Callable[[str], None]) -> tuple[nn.Module, str | None]:
+def _load_base(config: Config, log: Callable[[str], None]) -> tuple[nn.Module, Checkpoint]:
     """Fine-tuning: open the starting checkpoint and make the config follow it.
 
     The model section becomes the checkpoint's (dropout aside), the data is encoded with
@@ -308,7 +312,7 @@ def _load_base(config: Config, log: Callable[[str], None]) -> tuple[nn.Module, s
     if base.chat_template and not config.data.chat_template:
         config.data.chat_template = base.chat_template
     log(f"Fine-tuning {source} ({base.config.description or base.config.name}).")
-    return model.float(), base.chat_template
+    return model.float(), base
 
 
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
