@@ -347,6 +347,20 @@ def test_pipeline_api(tmp_path, shakespeare_excerpt):
     )
     with pytest.raises(UserError, match="Unknown generation setting"):
         pipe("x", max_tokens=3)
+    # transformers' do_sample=False is greedy decoding.
+    assert pipe("A", max_new_tokens=4, do_sample=False) == pipe("A", max_new_tokens=4, temperature=0)
+    # A conversation is formatted with the chat template and answered, as transformers' pipeline does.
+    from lmforge.data.instructions import DEFAULT_CHAT_TEMPLATE, render_chat
+
+    messages = [{"role": "user", "content": "Who art thou?"}]
+    (chat,) = pipe(messages, max_new_tokens=8, do_sample=False)
+    prompt = render_chat(DEFAULT_CHAT_TEMPLATE, messages, add_generation_prompt=True)
+    reply = generate(pipe.model, pipe.tokenizer, prompt, GenerationConfig(max_new_tokens=8, temperature=0,
+                                                                          stop=("\n### User:", "\n### Assistant:")))[0]  # fmt: skip
+    assert chat == {"generated_text": [*messages, {"role": "assistant", "content": reply.strip()}]}
+    assert len(pipe([messages, messages], max_new_tokens=2)) == 2
+    with pytest.raises(UserError, match="A conversation is a list of messages"):
+        pipe([{"role": "user", "content": 5}])
     with pytest.raises(UserError, match="Unknown pipeline task"):
         pipeline("image-classification", model=str(tmp_path / "run"))
     with pytest.raises(UserError, match="The summarization pipeline needs an encoder–decoder model"):

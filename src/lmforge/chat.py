@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lmforge.data.instructions import DEFAULT_CHAT_TEMPLATE, Conversation, render_chat
+from lmforge.data.instructions import DEFAULT_CHAT_TEMPLATE, Conversation, chat_stop_strings, render_chat  # noqa: F401  (chat_stop_strings re-exported)
 from lmforge.errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -34,19 +34,6 @@ def chat_prompt(template: str, messages: Conversation, tools: list[dict] | None 
     """The prompt that asks the model for the assistant's next reply (`tools`: the functions it may
     call, for templates that list them)."""
     return render_chat(template, messages, add_generation_prompt=True, tools=tools)
-
-
-def chat_stop_strings(template: str) -> list[str]:
-    """Text that marks the end of a reply besides the end-of-text token."""
-    if template == DEFAULT_CHAT_TEMPLATE:
-        return ["\n### User:", "\n### Assistant:"]
-    if "<|im_end|>" in template:  # ChatML (Qwen2, SmolLM)
-        return ["<|im_end|>"]
-    if "<|eot_id|>" in template:  # Llama 3
-        return ["<|eot_id|>"]
-    if "</s>" in template:  # Llama 2, Mistral
-        return ["</s>"]
-    return []
 
 
 HELP = (

@@ -23,6 +23,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -639,22 +640,32 @@ def sample_tokens(
 
 
 class TextGenerationPipeline:
-    """`pipeline("text-generation", model=DIR)(prompt, max_new_tokens=50)` → [{"generated_text": ...}]."""
+    """`pipeline("text-generation", model=DIR)(prompt, max_new_tokens=50)` → [{"generated_text": ...}].
 
-    def __init__(self, model: nn.Module, tokenizer: TextTokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    As transformers' pipeline: a conversation (a list of {"role", "content"} messages, or a list of
+    them) is formatted with the checkpoint's chat template and answered, and `generated_text` is
+    the conversation with the reply appended; `do_sample=False` decodes greedily."""
+
+    def __init__(self, model: nn.Module, tokenizer: TextTokenizer, chat_template: str | None = None):
+        self.model, self.tokenizer, self.chat_template = model, tokenizer, chat_template
 
     def __call__(
         self,
-        prompts: str | list[str],
+        prompts: str | list[str] | list[dict] | list[list[dict]],
         return_full_text: bool = True,
         num_return_sequences: int = 1,
         **settings,
     ) -> list[dict] | list[list[dict]]:
+        do_sample = settings.pop("do_sample", None)  # (transformers' switch: False = greedy)
         unknown = set(settings) - set(GenerationConfig.__dataclass_fields__)
         if unknown:
             raise UserError(f"Unknown generation setting(s): {', '.join(sorted(unknown))}.")
+        if do_sample is False:
+            settings["temperature"] = 0.0
         cfg = GenerationConfig(**settings)
+        conversations = _conversations(prompts)
+        if conversations is not None:
+            return self._chat(conversations, cfg, num_return_sequences, single=isinstance(prompts[0], dict))
         single = isinstance(prompts, str)
         texts = _check_prompts(prompts)
         results = []
@@ -667,10 +678,42 @@ class TextGenerationPipeline:
             results.append(outs)
         return results[0] if single else results
 
+    def _chat(self, conversations: list[list[dict]], cfg: GenerationConfig, count: int, single: bool) -> list:
+        from lmforge.data.instructions import DEFAULT_CHAT_TEMPLATE, chat_stop_strings, render_chat
 
-def text_generation_pipeline(task: str, model: nn.Module, tokenizer: TextTokenizer) -> TextGenerationPipeline:
+        template = self.chat_template or DEFAULT_CHAT_TEMPLATE
+        cfg = replace(cfg, stop=(*cfg.stop, *chat_stop_strings(template)))
+        results = []
+        for messages in conversations:
+            prompt = render_chat(template, messages, add_generation_prompt=True)
+            outs = []
+            for i in range(count):
+                run_cfg = replace(cfg, seed=None if cfg.seed is None else cfg.seed + i)
+                reply = generate(self.model, self.tokenizer, prompt, run_cfg)[0].strip()
+                outs.append({"generated_text": [*messages, {"role": "assistant", "content": reply}]})
+            results.append(outs)
+        return results[0] if single else results
+
+
+def _conversations(prompts: Any) -> list[list[dict]] | None:
+    """The conversations in `prompts` (one: a list of messages; several: a list of such lists), or None
+    for text prompts; messages that are not {"role": ..., "content": text} are one clear error."""
+    if not isinstance(prompts, list) or not prompts or isinstance(prompts[0], str):
+        return None
+    conversations = [prompts] if isinstance(prompts[0], dict) else prompts
+    for messages in conversations:
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise UserError('A conversation is a list of messages such as {"role": "user", "content": "Hi"}.')
+    return conversations
+
+
+def text_generation_pipeline(task: str, model: nn.Module, tokenizer: TextTokenizer,
+                             chat_template: str | None = None) -> TextGenerationPipeline:  # fmt: skip
     """The "text-generation" pipeline of a language model (named by its family, lmforge/families)."""
-    return TextGenerationPipeline(model, tokenizer)
+    return TextGenerationPipeline(model, tokenizer, chat_template)
 
 
 def pipeline(task: str, model: str, device: str = "cpu", dtype: str = "float32", quantize: str | None = None):

@@ -32,4 +32,4 @@ def pipeline(
     if family is None or task not in family.pipelines:
         raise UserError(f"The {task} pipeline needs {PIPELINE_TASKS[task]}; {model} is not one.")
     loaded, tokenizer = load_for_inference(opened, device, dtype, quantize)
-    return family.pipeline(task, loaded, tokenizer)
+    return family.pipeline(task, loaded, tokenizer, opened.chat_template)

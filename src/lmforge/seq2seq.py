@@ -296,6 +296,11 @@ def score_outputs(task: str, outputs: list[str], references: list[list[str | Non
     return bleu_chrf(outputs, references) if task == "translation" else rouge(outputs, references)
 
 
+def seq2seq_pipeline(task: str, model: nn.Module, tokenizer: TextTokenizer, chat_template: str | None = None):
+    """The "translation" or "summarization" pipeline of an encoder–decoder (named by its family)."""
+    return Seq2SeqPipeline(task, model, tokenizer)
+
+
 def evaluate_pairs(checkpoint: str | Path, data: str | Path | None = None, cfg: GenerationConfig | None = None,
                    device: str = "cpu", limit: int = 0, log: Callable[[str], None] | None = None,
                    dtype: str = "float32") -> dict:  # fmt: skip

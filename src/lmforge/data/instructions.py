@@ -149,3 +149,16 @@ def encode_conversation(
         mask += [0] * len(given) + [1] * len(reply)
         done = after
     return ids, mask
+
+
+def chat_stop_strings(template: str) -> list[str]:
+    """Text that marks the end of a reply besides the end-of-text token."""
+    if template == DEFAULT_CHAT_TEMPLATE:
+        return ["\n### User:", "\n### Assistant:"]
+    if "<|im_end|>" in template:  # ChatML (Qwen2, SmolLM)
+        return ["<|im_end|>"]
+    if "<|eot_id|>" in template:  # Llama 3
+        return ["<|eot_id|>"]
+    if "</s>" in template:  # Llama 2, Mistral
+        return ["</s>"]
+    return []

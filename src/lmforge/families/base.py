@@ -67,7 +67,7 @@ class Family:
     hf_export: Callable[[ModelConfig, dict, int | None], tuple[dict, dict]] | None = None
     hf_auto_class: str = "AutoModelForCausalLM"  # what loads its Hugging Face export in transformers
     pipelines: frozenset[str] = frozenset()  # the `lmforge.pipeline` tasks it serves
-    pipeline: Callable[[str, Any, Any], Any] | None = None  # (task, model, tokenizer) -> the pipeline
+    pipeline: Callable[..., Any] | None = None  # (task, model, tokenizer, chat_template) -> the pipeline
     finetune_from: bool = True  # a checkpoint of it can be fine-tuned (finetune.init_from)
     private: bool = True  # trains under differential privacy
 

@@ -56,7 +56,7 @@ FAMILY = Family(
     hf_export=lazy("lmforge.interop.mbart:to_mbart"),
     hf_auto_class="AutoModelForSeq2SeqLM",
     pipelines=frozenset({"translation", "summarization"}),
-    pipeline=lazy("lmforge.seq2seq:Seq2SeqPipeline"),
+    pipeline=lazy("lmforge.seq2seq:seq2seq_pipeline"),
     finetune_from=False,
     private=False,
 )
