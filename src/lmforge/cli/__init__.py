@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import signal
 import sys
 import threading
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         print("lmforge: interrupted.", file=sys.stderr)
         return 130
     except OSError as e:
+        if e.errno == errno.EPIPE:  # the reader went away (`lmforge presets --show x | head`): nothing to say
+            sys.stderr = open(os.devnull, "w")  # (and nothing to flush at exit)
+            return 0
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
             traceback.print_exc()
             return 1
