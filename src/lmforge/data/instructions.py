@@ -36,6 +36,9 @@ DEFAULT_CHAT_TEMPLATE = (
 Conversation = list[dict[str, str]]
 
 
+ROLES = {"system", "user", "assistant", "tool"}  # the roles chat templates know
+
+
 def _as_conversation(record: Any, where: str) -> Conversation:
     if not isinstance(record, dict):
         raise UserError(f"{where} is not a JSON object.")
@@ -49,6 +52,11 @@ def _as_conversation(record: Any, where: str) -> Conversation:
             raise UserError(
                 f"{where}: 'messages' must be a list of {{role, content}} objects with at least "
                 f"one assistant reply."
+            )
+        unknown = sorted({m["role"] for m in messages} - ROLES)
+        if unknown:  # (a template would drop or mangle it, and the model learn from that)
+            raise UserError(
+                f"{where}: the role {unknown[0]!r} is not one of {', '.join(sorted(ROLES))}; rename it."
             )
         return [{"role": m["role"], "content": m["content"]} for m in messages]
     if "instruction" in record and "output" in record:

@@ -27,7 +27,7 @@ import numpy as np
 
 from lmforge.config import Config
 from lmforge.data.corpus import read_text_file
-from lmforge.data.labeled import _records
+from lmforge.data.labeled import _records, field_text
 from lmforge.errors import UserError
 from lmforge.io import atomic_write_json, build_directory, cache_dir, sha256_file
 from lmforge.tokenizers import TextTokenizer, build_tokenizer, load_tokenizer
@@ -83,8 +83,9 @@ def _tab_rows(path: Path) -> list[tuple[int, str, str]]:
         if not line.strip():
             continue
         fields = line.split("\t")
-        if len(fields) < 2:
-            raise UserError(f"{path}:{lineno} has no tab; each line needs source<TAB>target (or name the "
+        if len(fields) != 2:
+            problem = "no tab" if len(fields) < 2 else f"{len(fields)} tab-separated fields"
+            raise UserError(f"{path}:{lineno} has {problem}; each line needs source<TAB>target (or name the "
                             f"columns of a file with a header with data.source_field and data.target_field).")  # fmt: skip
         rows.append((lineno, fields[0], fields[1]))
     return rows
@@ -96,7 +97,8 @@ def _named_rows(path: Path, source_field: str, target_field: str) -> list[tuple[
         if name not in columns:
             raise UserError(f"{path} has no column {name!r} for the {setting.split('_')[0]}; its columns are: "
                             f"{', '.join(columns) or 'none'}. Set data.{setting}.")  # fmt: skip
-    return [(n, str(r.get(source_field) or ""), str(r.get(target_field) or "")) for n, r in records]
+    return [(n, field_text(path, n, r, source_field, "source"), field_text(path, n, r, target_field, "target"))
+            for n, r in records]  # fmt: skip
 
 
 # ---- prepared (tokenized) pairs ---------------------------------------------------------------
@@ -136,7 +138,12 @@ def _split_out(pairs: Pairs, fraction: float) -> tuple[Pairs, Pairs]:
 def _cache_key(config: Config) -> str:
     d = config.data
     digest = hashlib.sha256(f"pairs:{FORMAT_VERSION}".encode())
-    for name in (d.path, d.target_path, d.val_path, d.val_target_path):
+    for setting in ("path", "target_path", "val_path", "val_target_path"):
+        name = getattr(d, setting)
+        if name and not Path(name).is_file():
+            raise UserError(
+                f"Data file {name} (data.{setting}) does not exist.", settings=(f"data.{setting}",)
+            )
         if name:
             digest.update(f"{Path(name).resolve()}:{sha256_file(name)}".encode())
     settings = dataclasses.asdict(d)
