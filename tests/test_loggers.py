@@ -37,6 +37,9 @@ def test_csv_and_tensorboard_hold_the_same_records_as_metrics_jsonl(tmp_path, sh
         (r["step"], pytest.approx(r["val_loss"])) for r in records if "val_loss" in r
     ]
     assert {"lr", "tokens_per_s"} <= set(scalars)
+    # The whole validation split's loss, computed after training, reaches every log.
+    full = records[-1]["val_loss_full"]
+    assert rows[-1]["val_loss_full"] == str(full) and scalars["val_loss_full"] == [(20, pytest.approx(full))]
 
 
 def test_a_resumed_run_logs_each_step_once(tmp_path, shakespeare_excerpt):

@@ -353,8 +353,7 @@ def training_report(run, metrics) -> str:
     )
     scores = score_outputs(task, outputs, references)
     keys = ("bleu", "chrf") if task == "translation" else ("rouge1", "rouge2", "rougeL")
-    metrics.history[-1].update({f"val_{k}_greedy": round(scores[k], 3) for k in keys})
-    metrics.rewrite()
+    metrics.update_last({f"val_{k}_greedy": round(scores[k], 3) for k in keys})
     shown = ", ".join(f"{k} {scores[k]:.2f}" for k in keys)
     run.log(f"On {len(sources)} validation sources (greedy, best weights): {shown}")
     return f"{sources[0]}\n→ {outputs[0]}"

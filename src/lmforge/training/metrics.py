@@ -108,7 +108,8 @@ class MetricsLog:
                     self.history.append(record)
         self.rewrite()
         self.file = open(path, "a", encoding="utf-8")
-        for name in parse_loggers(loggers):
+        self.logger_names = parse_loggers(loggers)
+        for name in self.logger_names:
             if name == "csv":
                 self.loggers.append(CSVLogger(path.with_name("metrics.csv"), self.history))
             else:
@@ -126,6 +127,24 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
         if reopen:
             self.file = open(self.path, "a", encoding="utf-8")
+
+    def update_last(self, values: dict[str, Any]) -> None:
+        """Add `values` to the last record (scores computed after training, such as the whole
+        validation split's loss) in metrics.jsonl and in every logger, open or already closed."""
+        self.history[-1].update(values)
+        self.rewrite()
+        if not self.write:
+            return
+        if "csv" in self.logger_names:
+            CSVLogger(self.path.with_name("metrics.csv"), self.history).close()
+        if "tensorboard" in self.logger_names:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.path.with_name("tensorboard")))
+            for key, value in values.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    writer.add_scalar(key, value, self.history[-1]["step"])
+            writer.close()
 
     def log(self, record: dict[str, Any]) -> None:
         self.history.append(record)

@@ -508,8 +508,7 @@ def _finish(run: _Run, progress: Progress, metrics: MetricsLog) -> TrainResult:
             device=run.device,
         ).loss
         run.model.train()
-        metrics.history[-1]["val_loss_full"] = round(full_val, 5)
-        metrics.rewrite()
+        metrics.update_last({"val_loss_full": round(full_val, 5)})
         run.log(f"Validation loss on the whole validation split (last weights): {full_val:.4f}")
     if dist.main:
         write_loss_plot(metrics.history, run.out / "loss.png")
