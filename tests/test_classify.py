@@ -349,3 +349,18 @@ def test_a_time_budget_sets_the_schedules_length():
     h = BudgetHorizon(60.0, 1000)
     h(400, 30.0, now=0.0)
     assert h(450, 40.0, now=10.0) == 450 + 100  # 5 steps/s for the 20 s left
+
+
+def test_the_automatic_validation_split_keeps_every_label_in_training(tmp_path):
+    """Held out per label (about 10% each): a rare label keeps examples to learn from, and the
+    validation examples never hold a label that training lacks."""
+    from lmforge.training.classify import _held_out
+
+    labels = ["common"] * 50 + ["rare"] * 3 + ["once"]
+    held = _held_out(labels, seed=0)
+    kept = [labels[i] for i in range(len(labels)) if i not in held]
+    assert {labels[i] for i in held} <= set(kept) and set(kept) == {"common", "rare", "once"}
+    assert sum(labels[i] == "common" for i in held) == 5 and len(held) == 5
+    assert _held_out(["a", "b", "b"], seed=0) == {1} or _held_out(["a", "b", "b"], seed=0) == {2}
+    with pytest.raises(UserError, match="Too few examples to hold any out"):
+        _held_out(["a", "b"], seed=0)

@@ -260,15 +260,30 @@ def _read_splits(cfg: ClassifierTrainConfig) -> tuple[list[str], list[str], list
                 f"{cfg.train_path} (labels there: {', '.join(label_set)})."
             )
         return texts, labels, val_texts, val_labels
-    cut = max(1, len(texts) // 10)
-    g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(texts), generator=g).tolist()
-    return (
-        [texts[i] for i in order[cut:]],
-        [labels[i] for i in order[cut:]],
-        [texts[i] for i in order[:cut]],
-        [labels[i] for i in order[:cut]],
-    )
+    held = _held_out(labels, cfg.seed)
+    kept = [i for i in range(len(texts)) if i not in held]
+    return ([texts[i] for i in kept], [labels[i] for i in kept], [texts[i] for i in sorted(held)],
+            [labels[i] for i in sorted(held)])  # fmt: skip
+
+
+def _held_out(labels: list[str], seed: int) -> set[int]:
+    """The examples held out for validation when no validation file is given: about 10% of each label
+    (stratified), never every example of a label (a label too rare to spare one stays in training)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=g).tolist()
+    by_label: dict[str, list[int]] = {}
+    for i in order:
+        by_label.setdefault(labels[i], []).append(i)
+    held = {
+        i for members in by_label.values() for i in members[: min(len(members) - 1, round(len(members) / 10))]
+    }
+    if not held:  # a tiny set: one example of the commonest label that can spare one
+        members = max(by_label.values(), key=len)
+        held = {members[0]} if len(members) > 1 else set()
+    if not held:
+        raise UserError("Too few examples to hold any out for validation (each label has one); give a "
+                        "validation file (--val) or more examples.")  # fmt: skip
+    return held
 
 
 def _check_classifier_out(out: Path, resume: bool, overwrite: bool) -> None:
