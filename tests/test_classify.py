@@ -308,6 +308,12 @@ def test_classifier_training_resumes_exactly_after_an_interruption(tmp_path, toy
     assert steps == list(range(4, 37, 4))  # no record lost or doubled by the interruption
     with pytest.raises(UserError, match="There is no classifier training to resume"):
         train_classifier(config(tmp_path / "c"), log=lambda _: None, resume=True)
+    # Other data (or another model) is named, not a mismatch of the saved tensors' shapes.
+    other = dataclasses.replace(config(tmp_path / "b"), train_path=str(dev_path), vocab_size=77)
+    with pytest.raises(
+        UserError, match="Cannot resume .*: train_path, vocab_size differ from the saved run's"
+    ):
+        train_classifier(other, log=lambda _: None, resume=True)
 
 
 @pytest.mark.parametrize(

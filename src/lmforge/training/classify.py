@@ -6,6 +6,7 @@ model.safetensors, tokenizer.json, metrics.jsonl and loss.png.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 from collections import Counter
@@ -286,6 +287,30 @@ def _held_out(labels: list[str], seed: int) -> set[int]:
     return held
 
 
+# What a resumed classifier run must share with the run it continues (the rest, such as epochs or the
+# learning rate, may change).
+SAME_ON_RESUME = ("train_path", "val_path", "text_column", "label_column", "vocab_size", "init", "init_layers",
+                  "model")  # fmt: skip
+
+
+def _check_same_run(out: Path, cfg: ClassifierTrainConfig) -> None:
+    """A resumed run trains the same model on the same data as the run it continues: refuse other
+    settings by name (rather than fail later on the saved tensors' shapes)."""
+    for folder in (out / STATE_DIR, out / f"{STATE_DIR}.old"):
+        try:
+            saved = json.loads((folder / "state.json").read_text("utf-8"))["config"]
+            break
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    else:
+        raise UserError(f"{out} has no readable training state to resume; overwrite it to start again.")
+    now = dataclasses.asdict(cfg)
+    differ = [key for key in SAME_ON_RESUME if saved.get(key) != now.get(key)]
+    if differ:
+        raise UserError(f"Cannot resume {out}: {', '.join(differ)} differ from the saved run's; give the same "
+                        f"data and model settings, or overwrite the run.", settings=("resume", "overwrite"))  # fmt: skip
+
+
 def _check_classifier_out(out: Path, resume: bool, overwrite: bool) -> None:
     has_state = (out / STATE_DIR).is_dir() or (out / f"{STATE_DIR}.old").is_dir()
     if resume and not has_state:
@@ -324,6 +349,7 @@ def train_classifier(
     trainee, schedule, label_set = _classifier_trainee(cfg, resolve_device(cfg.device), out, log)
     progress = Progress()
     if resume:
+        _check_same_run(out, cfg)
         rng, saved = saved_state.load_train_state(out, trainee.model, trainee.optimizers)
         saved_state.set_rng_state(rng, trainee.source, trainee.device)
         progress = Progress.from_dict(saved)
