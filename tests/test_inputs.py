@@ -108,3 +108,22 @@ def test_a_damaged_hugging_face_config_is_one_clear_error(tmp_path, capsys, dama
     assert main(["generate", str(folder), "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and "config.json" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda c: c.pop("labels"), "has no list of labels"),
+        (lambda c: c["classifier"].update(colour="blue"), "unknown classifier setting(s) colour"),
+        (lambda c: c["classifier"].update(n_embd="16"), "classifier.n_embd must be a whole number, not '16'"),
+        (lambda c: c.update(classifier=None), "has no 'classifier' settings"),
+    ],
+)
+def test_a_damaged_classifier_config_is_one_clear_error(tmp_path, capsys, damage, message):
+    folder = shutil.copytree(V1 / "classifier", tmp_path / "classifier")
+    config = json.loads((folder / "config.json").read_text("utf-8"))
+    damage(config)
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert main(["classify", str(folder), "--text", "a fine film"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err

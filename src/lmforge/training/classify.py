@@ -533,6 +533,29 @@ def is_classifier(path: str | Path) -> bool:
         return False
 
 
+def _classifier_metadata(data: dict, source: Path) -> tuple[ClassifierConfig, list[str]]:
+    """The classifier's settings and labels from its config.json, or one sentence saying what is
+    missing or wrong there (a damaged or hand-edited file)."""
+    labels, settings = data.get("labels"), data.get("classifier")
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise UserError(
+            f"{source} has no list of labels (at least two texts); the classifier checkpoint is damaged."
+        )
+    if not isinstance(settings, dict):
+        raise UserError(f"{source} has no 'classifier' settings; the classifier checkpoint is damaged.")
+    known = {f.name for f in dataclasses.fields(ClassifierConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise UserError(f"{source}: unknown classifier setting(s) {', '.join(unknown)}; the checkpoint was written "
+                        f"by another version or edited by hand.")  # fmt: skip
+    mcfg = ClassifierConfig(**settings)
+    try:
+        check_fields(mcfg, "classifier.")
+    except UserError as e:
+        raise UserError(f"{source}: {e} The classifier checkpoint is damaged.") from None
+    return mcfg, labels
+
+
 def load_classifier(path: str | Path, device: str = "cpu") -> tuple[TextClassifier, TextTokenizer, list[str]]:
     checkpoint = open_checkpoint(path)
     if not checkpoint.is_classifier:
@@ -540,8 +563,7 @@ def load_classifier(path: str | Path, device: str = "cpu") -> tuple[TextClassifi
             f"{path} is a language model, not a classifier; train one with `lmforge train-classifier`."
         )
     data = checkpoint.metadata
-    mcfg = ClassifierConfig(**data["classifier"])
-    labels = data["labels"]
+    mcfg, labels = _classifier_metadata(data, checkpoint.path / "config.json")
     if data.get("body"):
         body = build_model(config_from_dict({"model": data["body"]}).model)
     else:
