@@ -127,3 +127,17 @@ def test_a_damaged_classifier_config_is_one_clear_error(tmp_path, capsys, damage
     assert main(["classify", str(folder), "--text", "a fine film"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("content", [{"weight": [1.0, 2.0]}, [1, 2, 3], {"x": "text"}])
+def test_a_pytorch_model_bin_of_other_values_is_one_clear_error(tmp_path, capsys, content):
+    import torch
+
+    folder = tmp_path / "hf"
+    assert main(["export", str(V1 / "gpt"), "--out", str(folder)]) == 0
+    (folder / "model.safetensors").unlink()
+    torch.save(content, folder / "pytorch_model.bin")
+    capsys.readouterr()
+    assert main(["generate", str(folder), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "pytorch_model.bin is not a table of named tensors" in err and "Traceback" not in err, err

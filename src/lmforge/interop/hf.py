@@ -246,8 +246,14 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         import pickle
 
         try:
-            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, AttributeError) as e:
+            loaded = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            if not isinstance(loaded, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+            ):  # (weights_only admits lists, numbers and strings too)
+                raise UserError(f"{path / 'pytorch_model.bin'} is not a table of named tensors (a state dict); "
+                                f"it is not a model's weights.")  # fmt: skip
+            return loaded
+        except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as e:
             raise UserError(
                 f"{path / 'pytorch_model.bin'} holds more than plain tensors, and loading it would run "
                 f"arbitrary pickled code, so lmforge refuses ({str(e).splitlines()[0][:120]}). Convert it "
