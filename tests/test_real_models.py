@@ -275,6 +275,11 @@ def test_cli_convert_generate_and_export_a_gguf(tmp_path, bpe):
     assert main(["export", str(tmp_path / "converted"), "--out", str(tmp_path / "back.gguf"), "--quantize",
                  "q8_0"]) == 0  # fmt: skip
     assert open_checkpoint(tmp_path / "back.gguf").kind == GGUF
+    for kind in ("q4_0", "q4_1"):  # (the README's promise: the 4-bit types llama.cpp users want)
+        assert main(["export", str(tmp_path / "converted"), "--out", str(tmp_path / f"{kind}.gguf"), "--quantize",
+                     kind]) == 0  # fmt: skip
+        back, _ = open_checkpoint(tmp_path / f"{kind}.gguf").load()
+        assert back.config.n_layer == config.model.n_layer
     assert main(["export", str(tmp_path / "converted"), "--out", str(tmp_path / "back.gguf")]) == 2  # exists
 
 

@@ -34,9 +34,9 @@ def add_export_parser(sub) -> None:
     )
     p.add_argument(
         "--quantize",
-        choices=["f32", "f16", "bf16", "q8_0"],
+        choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"],
         default="f32",
-        help="GGUF: how the matrices are stored (norms stay f32)",
+        help="GGUF: how the matrices are stored (norms stay f32); q4_0/q4_1: 4 bits a weight, rows a multiple of 32",
     )
     p.add_argument("--overwrite", action="store_true")
 

@@ -284,7 +284,7 @@ def export_gguf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out:
                 quantize: str = "f32", chat_template: str | None = None, eos_ids: tuple[int, ...] = ()) -> Path:  # fmt: skip
     """Write a Llama-shaped model as one GGUF file that llama.cpp, Ollama and transformers load.
 
-    Norm weights stay float32; matrices are stored as `quantize` (f32, f16, bf16 or q8_0).
+    Norm weights stay float32; matrices are stored as `quantize` (f32, f16, bf16, q8_0, q4_0 or q4_1).
     """
     import gguf
 
