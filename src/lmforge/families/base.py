@@ -59,6 +59,7 @@ class Family:
     batch_source: Callable[[Any], Any]  # (run) -> the trainer's BatchSource
     data_kind: str = "text"  # "text" (a token stream) or "pairs" (source/target)
     language_model: bool = True  # next-token perplexity and samples apply
+    transduces: bool = False  # its prompts are sources to translate or summarize (serving, pipelines)
     heads: bool = True  # attention heads split the width (n_embd % n_head == 0)
     carries_state: bool = False  # a recurrent state: scored over the whole stream, not in windows
     train_fields: frozenset[str] = field(default_factory=frozenset)  # train fields of this family alone

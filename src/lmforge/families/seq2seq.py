@@ -51,6 +51,7 @@ FAMILY = Family(
     batch_source=lazy("lmforge.training.pairs:pair_source"),
     train_fields=frozenset({"label_smoothing"}),
     language_model=False,
+    transduces=True,
     after_training=lazy("lmforge.seq2seq:training_report"),
     evaluate=lazy("lmforge.seq2seq:evaluate_checkpoint"),
     hf_export=lazy("lmforge.interop.mbart:to_mbart"),

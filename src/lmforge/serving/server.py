@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException
 
 from lmforge.chat import chat_prompt, chat_stop_strings
 from lmforge.errors import UserError
+from lmforge.families import family_of
 from lmforge.generation import start_ids
 from lmforge.serving.engine import Done, Engine, Failed, QueueFull, Sequence, Token, prompt_logprobs
 from lmforge.serving.protocol import (
@@ -349,6 +350,8 @@ class _Requests:
 
     def __init__(self, engine: Engine, tokenizer, settings: ServerSettings, block_size: int):
         self.engine, self.tokenizer, self.settings, self.block_size = engine, tokenizer, settings, block_size
+        # An encoder–decoder's prompts (and a chat's last user message) are sources to transduce.
+        self.transduces = family_of(engine.model.config.arch).transduces
 
     # ---- checks ----
 
@@ -508,7 +511,7 @@ class _Requests:
     # ---- endpoints ----
 
     async def completion(self, body: CompletionRequest):
-        if getattr(self.engine.model, "is_encoder_decoder", False):
+        if self.transduces:
             prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             if not all(isinstance(p, str) for p in prompts):
                 raise APIError(
@@ -643,7 +646,7 @@ class _Requests:
         return {**shape.envelope(choices, False), "usage": used}
 
     async def chat(self, body: ChatRequest, chat_template: str):
-        if getattr(self.engine.model, "is_encoder_decoder", False):
+        if self.transduces:
             users = [m.text() for m in body.messages if m.role == "user"]
             return await self.transduced(body, users[-1:], "chat.completion")
         tools = body.offered_tools()
