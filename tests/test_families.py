@@ -115,3 +115,9 @@ def test_a_damaged_version_is_one_clear_error(tmp_path, capsys):
     (run / "config.json").write_text(json.dumps({**data, "version": "1"}), encoding="utf-8")
     assert main(["generate", str(run), "--max-new-tokens", "3"]) == 2
     assert "its version must be a whole number, not '1'" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_family_it_cannot_serve(capsys):
+    assert main(["serve", str(V1 / "encoder"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "`lmforge serve` does not work on" in err and "a masked-language-model encoder" in err

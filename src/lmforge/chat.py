@@ -17,17 +17,18 @@ from lmforge.errors import UserError
 ROLES = ("system", "user", "assistant")
 
 
-def chat_template_of(checkpoint: str | Path, adapter: str | Path | None = None) -> str:
-    """The chat template stored with a checkpoint (lmforge or Hugging Face), else the default.
-    With a LoRA `adapter`, the template of the fine-tuning run that wrote it comes first:
-    its replies were trained in that format."""
-    from lmforge.checkpoint import open_checkpoint
+def chat_template_of(checkpoint, adapter: str | Path | None = None) -> str:
+    """The chat template stored with a checkpoint (a path, or a Checkpoint already opened; lmforge or
+    Hugging Face), else the default. With a LoRA `adapter`, the template of the fine-tuning run that
+    wrote it comes first: its replies were trained in that format."""
+    from lmforge.checkpoint import Checkpoint, open_checkpoint
 
     if adapter is not None:
         run = Path(adapter) if Path(adapter).is_dir() else Path(adapter).parent
         if (run / "config.json").is_file():
             return chat_template_of(run)
-    return open_checkpoint(checkpoint).chat_template or DEFAULT_CHAT_TEMPLATE
+    opened = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    return opened.chat_template or DEFAULT_CHAT_TEMPLATE
 
 
 def chat_prompt(template: str, messages: Conversation, tools: list[dict] | None = None) -> str:

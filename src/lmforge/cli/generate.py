@@ -102,7 +102,5 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     interactive = sys.stdin.isatty()  # line editing and history for a person typing, not for piped input
     with line_editing(cache_dir() / "chat_history") if interactive else nullcontext():
-        terminal_chat(
-            model, tokenizer, chat_template_of(args.checkpoint, args.adapter), config, system=args.system
-        )
+        terminal_chat(model, tokenizer, chat_template_of(opened, args.adapter), config, system=args.system)
     return 0

@@ -804,13 +804,12 @@ def serve(
     import uvicorn
 
     from lmforge.chat import chat_template_of
+    from lmforge.checkpoint import open_checkpoint
     from lmforge.inference import load_for_inference
 
-    model, tokenizer = load_for_inference(checkpoint, device, dtype, quantize, adapter,
+    opened = open_checkpoint(checkpoint).require("serve")  # (opened once for the whole command)
+    model, tokenizer = load_for_inference(opened, device, dtype, quantize, adapter,
                                           notice=lambda m: print(f"Note: {m}", flush=True))  # fmt: skip
-    from lmforge.checkpoint import open_checkpoint
-
-    opened = open_checkpoint(checkpoint)
     settings = ServerSettings(
         sampling_defaults=opened.generation.sampling,
         task=opened.config.data.task if opened.config is not None else "translation",
@@ -821,6 +820,6 @@ def serve(
         max_tokens_cap=max_tokens_cap,
         allowed_hosts=tuple(allowed_hosts or _default_hosts(host)),
     )
-    app = create_app(model, tokenizer, settings, chat_template_of(checkpoint, adapter))
+    app = create_app(model, tokenizer, settings, chat_template_of(opened, adapter))
     print(f"Serving {settings.model_name} on http://{host}:{port} (OpenAI API under /v1, chat page at /).")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
