@@ -48,3 +48,27 @@ def test_no_server_errors_and_only_declared_status_codes(app):
             case.call_and_validate(checks=[not_a_server_error, status_code_conformance])
 
         check()
+
+
+def test_every_reference_in_the_openapi_document_resolves(app):
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as client:
+        document = client.get("/openapi.json").json()
+
+    def refs(node):
+        if isinstance(node, dict):
+            yield from ([node["$ref"]] if isinstance(node.get("$ref"), str) else [])
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    found = set(refs(document))
+    assert "#/components/schemas/ErrorResponse" in found and "#/components/schemas/ErrorDetail" in found
+    for ref in found:
+        target = document
+        for part in ref.removeprefix("#/").split("/"):
+            assert part in target, f"{ref} does not resolve"
+            target = target[part]

@@ -200,7 +200,9 @@ def _openapi(app: FastAPI, settings: ServerSettings) -> dict:
 
     schema = get_openapi(title=app.title, version="1", routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    components["ErrorResponse"] = ErrorResponse.model_json_schema()
+    error = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(error.pop("$defs", {}))  # (ErrorDetail beside it, where its reference points)
+    components["ErrorResponse"] = error
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
     for path in schema["paths"].values():
