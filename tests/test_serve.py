@@ -686,3 +686,27 @@ def test_terminal_chat_has_line_editing_and_keeps_history(checkpoint, tmp_path):
     assert text.count("you> hello") == 2 and "^[[A" not in text
     # (readline keeps a repeated line once)
     assert (tmp_path / "cache" / "chat_history").read_text().split() == ["hello", "/quit"]
+
+
+def test_served_name_context_length_and_threads(checkpoint, capsys):
+    """--served-model-name names the model in the API, --context-length caps prompt + reply below the
+    model's context, and the flags refuse nonsense in one sentence."""
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    settings = ServerSettings(model_name="shakespeare-small", context_length=40, max_tokens_cap=50)
+    server = RunningServer(create_app(model, tokenizer, settings, chat_template_of(checkpoint)))
+    try:
+        client = server.client()
+        assert [m.id for m in client.models.list().data] == ["shakespeare-small"]
+        assert httpx.get(server.url + "/health").json()["context_length"] == 40 < model.block_size
+        reply = client.completions.create(model="shakespeare-small", prompt="ROMEO:", max_tokens=20)
+        assert reply.model == "shakespeare-small"
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 40 tokens"):
+            client.completions.create(model="shakespeare-small", prompt="ROMEO: " * 5, max_tokens=20)
+    finally:
+        server.stop()
+    from lmforge.cli import main
+
+    for flags, message in ((["--context-length", "-1"], "--context-length and --threads must be at least 0"),
+                           (["--served-model-name", " "], "--served-model-name must not be empty")):  # fmt: skip
+        assert main(["serve", str(checkpoint), *flags]) == 2
+        assert message in capsys.readouterr().err

@@ -31,6 +31,18 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (1 = no batching)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting sequences before answering 503")
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="the most tokens one request may ask for")
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model's name in the API (/v1/models, responses; default: the checkpoint's folder name)",
+    )
+    p.add_argument(
+        "--context-length",
+        type=int,
+        default=0,
+        help="the longest prompt + reply served, in tokens (default 0: the model's context)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: the physical cores)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -44,6 +56,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError("--max-batch, --max-queue and --max-tokens-cap must be at least 1.")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, not {args.port}.")
+    if args.context_length < 0 or args.threads < 0:
+        raise UserError(
+            "--context-length and --threads must be at least 0 (0: the model's context, the cores)."
+        )
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise UserError("--served-model-name must not be empty.")
     serve(
         args.checkpoint,
         args.host,
@@ -57,6 +75,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.max_tokens_cap,
         adapter=args.adapter,
         allowed_hosts=args.allowed_host,
+        served_model_name=args.served_model_name,
+        context_length=args.context_length,
+        threads=args.threads,
     )
     return 0
 

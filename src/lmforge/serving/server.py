@@ -71,11 +71,13 @@ class ServerSettings:
         None  # the checkpoint's recommended sampling (the web chat starts from it)
     )
     task: str = "translation"  # an encoder–decoder's task: its decoding defaults (seq2seq.task_defaults)
+    context_length: int = 0  # the longest prompt + reply served (0 = the model's context)
 
 
 def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -> FastAPI:
     """The FastAPI application serving `model`; its engine starts with the app."""
     engine = Engine(model, tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue)
+    context = min(model.block_size, settings.context_length or model.block_size)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -87,14 +89,14 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
     _add_error_handlers(app)
     _add_limits_and_auth(app, settings)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # outermost: counts every byte received
-    requests = _Requests(engine, tokenizer, settings, model.block_size)
+    requests = _Requests(engine, tokenizer, settings, context)
     created = int(time.time())
 
     @app.get("/health")
     async def health() -> dict:
         """Liveness, and what the web chat needs to start: the context and the recommended sampling."""
         return {"status": "ok", "model": settings.model_name, "queued": engine.queued(),
-                "context_length": model.block_size, "sampling": settings.sampling_defaults or {}}  # fmt: skip
+                "context_length": context, "sampling": settings.sampling_defaults or {}}  # fmt: skip
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -106,12 +108,12 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
                     "object": "model",
                     "created": created,
                     "owned_by": "lmforge",
-                    "context_length": model.block_size,
+                    "context_length": context,
                 }
             ],
         }
 
-    _add_tokenizer_routes(app, model, tokenizer, chat_template)
+    _add_tokenizer_routes(app, context, tokenizer, chat_template)
 
     @app.post("/v1/attention", responses=ERROR_RESPONSES)
     async def attention(body: AttentionRequest) -> dict:
@@ -135,7 +137,7 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
     return app
 
 
-def _add_tokenizer_routes(app: FastAPI, model, tokenizer, chat_template: str) -> None:
+def _add_tokenizer_routes(app: FastAPI, context: int, tokenizer, chat_template: str) -> None:
     """The small routes around the model: tokenizer access (vLLM's shapes, which lm-evaluation-harness
     uses), Markdown rendering for the web chat, and the page's icon."""
 
@@ -153,7 +155,7 @@ def _add_tokenizer_routes(app: FastAPI, model, tokenizer, chat_template: str) ->
     async def tokenize(body: TokenizeRequest) -> dict:
         """Token ids of a text, as the served model sees it (vLLM's shape; lm-eval probes for it)."""
         ids = await asyncio.to_thread(tokenizer.encode, valid_text(body.prompt, "prompt"))
-        return {"tokens": ids, "count": len(ids), "max_model_len": model.block_size}
+        return {"tokens": ids, "count": len(ids), "max_model_len": context}
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
@@ -166,7 +168,7 @@ def _add_tokenizer_routes(app: FastAPI, model, tokenizer, chat_template: str) ->
         start = tokenizer.eot_id if start is None else start
         bos = tokenizer.hf.id_to_token(start) if start is not None else None
         return {"eos_token": eos, "bos_token": bos, "pad_token": eos, "chat_template": chat_template,
-                "model_max_length": model.block_size, "tokenizer_class": "lmforge"}  # fmt: skip
+                "model_max_length": context, "tokenizer_class": "lmforge"}  # fmt: skip
 
     @app.post("/detokenize", responses=ERROR_RESPONSES)
     async def detokenize(body: DetokenizeRequest) -> dict:
@@ -799,23 +801,31 @@ def serve(
     log_level: str = "info",
     adapter: str | None = None,
     allowed_hosts: list[str] | None = None,
+    served_model_name: str | None = None,
+    context_length: int = 0,
+    threads: int = 0,
 ) -> None:
-    """Load `checkpoint` (with a LoRA `adapter` merged in, if given) and serve it until interrupted."""
+    """Load `checkpoint` (with a LoRA `adapter` merged in, if given) and serve it until interrupted:
+    under `served_model_name` (default: the checkpoint's folder name), with prompt + reply at most
+    `context_length` tokens (0: the model's context), on `threads` CPU threads (0: the physical cores)."""
     from pathlib import Path
 
     import uvicorn
 
     from lmforge.chat import chat_template_of
     from lmforge.checkpoint import open_checkpoint
+    from lmforge.device import set_threads
     from lmforge.inference import load_for_inference
 
+    set_threads(threads)
     opened = open_checkpoint(checkpoint).require("serve")  # (opened once for the whole command)
     model, tokenizer = load_for_inference(opened, device, dtype, quantize, adapter,
                                           notice=lambda m: print(f"Note: {m}", flush=True))  # fmt: skip
     settings = ServerSettings(
         sampling_defaults=opened.generation.sampling,
         task=opened.config.data.task if opened.config is not None else "translation",
-        model_name=Path(checkpoint).resolve().name,
+        model_name=served_model_name or Path(checkpoint).resolve().name,
+        context_length=context_length,
         api_key=api_key,
         max_batch=max_batch,
         max_queue=max_queue,
