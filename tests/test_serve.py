@@ -710,3 +710,30 @@ def test_served_name_context_length_and_threads(checkpoint, capsys):
                            (["--served-model-name", " "], "--served-model-name must not be empty")):  # fmt: skip
         assert main(["serve", str(checkpoint), *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_metrics_in_prometheus_text_format(served):
+    """/metrics parses with prometheus_client's own parser and counts what was served."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        text = httpx.get(served.url + "/metrics").text
+        return {s.name + str(sorted(s.labels.items())): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+
+    before = scrape()
+    client = served.client()
+    client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=5, temperature=0)
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    after = scrape()
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew("lmforge_requests_total[('route', '/v1/completions')]") == 1
+    assert grew("lmforge_requests_total[('route', '/v1/chat/completions')]") == 1
+    assert 2 <= grew("lmforge_generated_tokens_total[]") <= 8 and grew("lmforge_prompt_tokens_total[]") > 0
+    assert grew("lmforge_time_to_first_token_seconds_count[]") == 2  # one per sequence
+    assert grew("lmforge_inter_token_latency_seconds_count[]") == grew("lmforge_generated_tokens_total[]") - 2
+    assert after["lmforge_queue_length[]"] == 0 and after["lmforge_running_sequences[]"] == 0
+    assert "lmforge_batch_occupancy[]" in after and "lmforge_prefix_cache_reused_tokens_total[]" in after

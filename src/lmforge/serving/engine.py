@@ -88,6 +88,7 @@ class Sequence:
     grammar: str | None = None  # the text must follow this grammar (JSON output, tool calls)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    last_token_at: float | None = None  # (for the latency metrics)
 
     def emit(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -172,6 +173,7 @@ class Engine:
         self.banned = banned_ids(tokenizer)
         self.generators: dict[int, torch.Generator] = {}  # a seeded request's sampler, by group
         self.rows: list[_Row] = []
+        self.metrics = None  # a serving.metrics.ServingMetrics, set by the server (None: not counted)
         self.cache: Any = None
         self.next_logits: torch.Tensor | None = None
         self.thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
@@ -188,6 +190,8 @@ class Engine:
                 raise QueueFull(f"{len(self.pending)} sequences are waiting")
             self.pending.extend(sequences)
             self.condition.notify()
+        if self.metrics is not None:
+            self.metrics.submitted(sum(len(s.prompt_ids) for s in sequences))
 
     async def run_in_worker(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the worker thread between decode steps (the model is never used by two threads)."""
@@ -202,6 +206,10 @@ class Engine:
 
     def queued(self) -> int:
         return len(self.pending)
+
+    def running(self) -> int:
+        """Sequences in the running batch."""
+        return sum(not r.done for r in list(self.rows))
 
     def close(self) -> None:
         with self.condition:
@@ -440,6 +448,8 @@ class Engine:
             row.constraint.advance(token)
         logprob, top = scores if scores is not None else (None, None)
         seq.emit(Token(seq.index, row.tracker.take_new(), token, logprob, top))
+        if self.metrics is not None:
+            self.metrics.token(seq)
         if row.tracker.stopped or (row.constraint is not None and row.constraint.complete):
             self._finish(row, "stop")
         elif row.produced >= seq.config.max_new_tokens:

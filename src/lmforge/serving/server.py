@@ -34,6 +34,7 @@ from lmforge.errors import UserError
 from lmforge.families import family_of
 from lmforge.generation import start_ids
 from lmforge.serving.engine import Done, Engine, Failed, QueueFull, Sequence, Token, prompt_logprobs
+from lmforge.serving.metrics import ServingMetrics
 from lmforge.serving.protocol import (
     APIError,
     AttentionRequest,
@@ -77,6 +78,7 @@ class ServerSettings:
 def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -> FastAPI:
     """The FastAPI application serving `model`; its engine starts with the app."""
     engine = Engine(model, tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue)
+    engine.metrics = metrics = ServingMetrics(engine)
     context = min(model.block_size, settings.context_length or model.block_size)
 
     @asynccontextmanager
@@ -91,6 +93,11 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # outermost: counts every byte received
     requests = _Requests(engine, tokenizer, settings, context)
     created = int(time.time())
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        """Requests, tokens, queue, batch occupancy, latencies and prefix-cache reuse for Prometheus."""
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/health")
     async def health() -> dict:
@@ -127,10 +134,12 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
 
     @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest):
+        metrics.requests.labels("/v1/completions").inc()
         return await requests.completion(body)
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatRequest):
+        metrics.requests.labels("/v1/chat/completions").inc()
         return await requests.chat(body, chat_template)
 
     app.openapi = lambda: _openapi(app, settings)
