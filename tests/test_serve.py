@@ -737,3 +737,33 @@ def test_metrics_in_prometheus_text_format(served):
     assert grew("lmforge_inter_token_latency_seconds_count[]") == grew("lmforge_generated_tokens_total[]") - 2
     assert after["lmforge_queue_length[]"] == 0 and after["lmforge_running_sequences[]"] == 0
     assert "lmforge_batch_occupancy[]" in after and "lmforge_prefix_cache_reused_tokens_total[]" in after
+
+
+def test_seeded_requests_batch_like_the_others_and_keep_their_text(checkpoint):
+    """A seeded request samples with its own generator inside the shared batch: its text is the same
+    alone and among 15 other requests (seeded or not) that run in the same batches, and 16 seeded
+    clients share batches instead of running one after another."""
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    settings = ServerSettings(model_name="tiny", max_tokens_cap=50, max_batch=16)
+    server = RunningServer(create_app(model, tokenizer, settings, chat_template_of(checkpoint)))
+    engine = server.app.state.engine
+    try:
+
+        def ask(i: int, seed: int | None, n: int = 1) -> list[str]:
+            reply = server.client().completions.create(model="tiny", prompt=f"KING {i}:", max_tokens=24,
+                                                       temperature=1.0, seed=seed, n=n)  # fmt: skip
+            return [c.text for c in reply.choices]
+
+        alone = ask(0, seed=11, n=2)
+        before = dict(engine.stats)
+        with ThreadPoolExecutor(
+            16
+        ) as pool:  # every request seeded: before, each ran alone (16 batches of 1-2)
+            together = list(pool.map(lambda i: ask(i, seed=11 if i == 0 else 100 + i, n=2 if i == 0 else 1),
+                                     range(16)))  # fmt: skip
+        assert together[0] == alone and alone[0] != alone[1]
+        assert engine.stats["max_batch_seen"] >= 4 and engine.stats["batches"] - before["batches"] <= 8
+        # The seeded ones among them are reproducible too.
+        assert ask(3, seed=103) == together[3]
+    finally:
+        server.stop()

@@ -6,8 +6,8 @@ sequences join the running batch (up to `max_batch` rows) after one prefill pass
 over their prompts, and a sequence leaves as soon as it ends (end-of-text, stop
 string, its max_tokens, a complete grammar, or its client going away), without
 waiting for the others. Each row keeps its own KV cache rows, positions and
-sampling settings. A sequence with a seed runs only beside the other choices of
-its own request, so a seeded request gives the same text whatever else is running.
+sampling settings. A sequence with a seed samples from a generator of its own request's (in the shared batch),
+so a seeded request gives the same text whatever else is running.
 
 Events go back to the asyncio side through `loop.call_soon_threadsafe`, as small
 dataclasses: `Token` (a settled piece of text), `Done` (finish reason and count) and
@@ -136,8 +136,9 @@ class Engine:
     and no step computes a row that has ended. Every row has its own sampling settings,
     stop strings, grammar and length.
 
-    A seeded request runs in a batch of its own choices only (it waits for the running
-    batch to drain, and nothing joins it), so its text does not depend on other traffic.
+    A seeded request has a sampler of its own, which draws for its choices alone (in choice order),
+    and its choices join the batch together; since a row's products give the same result alone or
+    in a batch, its text does not depend on other traffic, and it batches like any request.
     """
 
     def __init__(
@@ -252,7 +253,6 @@ class Engine:
         jobs: list[_Job] = []
         newcomers: list[Sequence] = []
         running = [r for r in self.rows if not r.done]
-        group = running[0].seq.group if running else None
         with self.condition:
             rest: deque[Sequence | _Job] = deque()
             blocked = False
@@ -261,12 +261,10 @@ class Engine:
                 if isinstance(item, _Job):
                     jobs.append(item)
                     continue
-                if blocked or len(running) + len(newcomers) >= self.max_batch:
-                    rest.append(item)
-                    continue
-                if group is None:
-                    group = item.group
-                if item.group != group:
+                # A seeded request's choices join together (its sampler draws for all of them at once).
+                together = 1 + (sum(isinstance(p, Sequence) and p.group == item.group for p in self.pending)
+                                if item.group and not any(n.group == item.group for n in newcomers) else 0)  # fmt: skip
+                if blocked or len(running) + len(newcomers) + min(together, self.max_batch) > self.max_batch:
                     blocked = True  # first come, first served: later arrivals do not overtake
                     rest.append(item)
                     continue
@@ -399,6 +397,11 @@ class Engine:
         for i, row in enumerate(self.rows):
             if not row.done:
                 groups.setdefault((row.seq.config.sampling_key(), row.seq.group), []).append(i)
+        for members in groups.values():  # a seeded request's rows in choice order, wherever they sit now
+            members.sort(key=lambda i: self.rows[i].seq.index)
+        active = {group for _, group in groups}
+        for group in [g for g in self.generators if g not in active]:  # (its request has ended)
+            del self.generators[group]
         tokens = torch.zeros(len(self.rows), dtype=torch.long, device=logits.device)
         for (cfg, group), members in groups.items():
             index = torch.tensor(members, device=logits.device)
