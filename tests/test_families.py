@@ -121,3 +121,22 @@ def test_serve_refuses_a_family_it_cannot_serve(capsys):
     assert main(["serve", str(V1 / "encoder"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "`lmforge serve` does not work on" in err and "a masked-language-model encoder" in err
+
+
+def test_finetune_takes_the_families_that_serve_it(tmp_path, shakespeare_excerpt, capsys):
+    """A recurrent or masked-LM base fine-tunes (training continues from its weights); an
+    encoder–decoder base is refused in one sentence before any work."""
+    common = {"data.path": str(shakespeare_excerpt), "train.max_iters": 2, "train.eval_interval": 2,
+              "finetune.seq_len": 16, "train.device": "cpu", "train.sample_tokens": 0, "train.progress": False}  # fmt: skip
+    for name in ("lstm", "encoder"):
+        config = apply_overrides(load_preset("finetune"), {**common, "finetune.init_from": str(V1 / name),
+                                                           "train.out": str(tmp_path / name)})  # fmt: skip
+        result = train(config, log=lambda _: None)
+        assert result.step == 2 and load_checkpoint(tmp_path / name)[2].model.arch == name
+    config = apply_overrides(load_preset("finetune"), {**common, "finetune.init_from": str(V1 / "seq2seq"),
+                                                       "train.out": str(tmp_path / "s")})  # fmt: skip
+    with pytest.raises(
+        UserError, match="`lmforge finetune` does not work on .*an encoder–decoder.*`lmforge train`"
+    ):
+        train(config, log=lambda _: None)
+    assert not (tmp_path / "s").exists()

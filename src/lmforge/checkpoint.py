@@ -63,11 +63,11 @@ class Checkpoint:
     def is_classifier(self) -> bool:
         return self.kind == CLASSIFIER
 
-    def require(self, command: str) -> Checkpoint:
-        """This checkpoint, or one sentence naming the commands that take it when its model's family
-        does not serve `command` (an encoder–decoder given to `generate`, say)."""
+    def require(self, command: str, instead: str = "") -> Checkpoint:
+        """This checkpoint, or one sentence naming the commands that take it (or `instead`) when its
+        model's family does not serve `command` (an encoder–decoder given to `generate`, say)."""
         if self.config is not None:
-            family_of(self.config.model.arch).require(command, str(self.path))
+            family_of(self.config.model.arch).require(command, str(self.path), instead)
         return self
 
     def load(self, device: torch.device | str = "cpu") -> tuple[nn.Module, TextTokenizer]:

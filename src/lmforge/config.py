@@ -195,12 +195,9 @@ class Config:
         (format 2): the model and data fields of its model's family, the train fields but another
         family's own, and the finetune and privacy sections only when used. `config_from_dict`
         reads it back (what is left out is at its default)."""
-        family = family_of(self.model.arch)
-        others = {name for f in FAMILIES if f is not family for name in f.train_fields} - family.train_fields
         out = dataclasses.asdict(self)
-        out["model"] = {k: v for k, v in out["model"].items() if k in family.model_fields}
-        out["data"] = {k: v for k, v in out["data"].items() if k in family.data_fields}
-        out["train"] = {k: v for k, v in out["train"].items() if k not in others}
+        for section, name, _ in _foreign_fields(self):
+            del out[section][name]
         if not self.finetune.init_from:
             del out["finetune"]
         if not (self.privacy.target_epsilon > 0 or self.privacy.noise_multiplier > 0):

@@ -69,7 +69,6 @@ class Family:
     hf_auto_class: str = "AutoModelForCausalLM"  # what loads its Hugging Face export in transformers
     pipelines: frozenset[str] = frozenset()  # the `lmforge.pipeline` tasks it serves
     pipeline: Callable[..., Any] | None = None  # (task, model, tokenizer, chat_template) -> the pipeline
-    finetune_from: bool = True  # a checkpoint of it can be fine-tuned (finetune.init_from)
     private: bool = True  # trains under differential privacy
 
     def supports(self, command: str) -> bool:

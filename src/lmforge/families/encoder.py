@@ -20,10 +20,9 @@ FAMILY = Family(
     archs=("encoder",),
     model_fields=COMMON_MODEL_FIELDS | TRANSFORMER_FIELDS,
     data_fields=TEXT_DATA_FIELDS - {"chat_template"},
-    commands=(TRAINED - {"export"}) | {"train-classifier"},  # (serving embeddings: not yet)
+    commands=(TRAINED - {"export"}) | {"train-classifier", "finetune"},  # (serving embeddings: not yet)
     parameters=lambda m: transformer_parameters(m, m.n_layer),
     prepare_data=lazy("lmforge.training.sources:masked_text_data"),
     batch_source=lazy("lmforge.training.sources:masked_source"),
     language_model=False,
-    finetune_from=False,
 )

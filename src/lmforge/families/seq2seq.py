@@ -12,19 +12,18 @@ from lmforge.families.base import (
     TRANSFORMER_FIELDS,
     Family,
     lazy,
+    transformer_parameters,
 )
 
 
 def _parameters(m) -> int:
-    """The decoder's and the encoder's layers, each decoder layer with cross-attention, and the
-    copy mechanism's query, key and gate."""
-    embeddings = m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2)
-    hidden = m.mlp_hidden or int(m.mlp_ratio * m.n_embd)
-    per_layer = 4 * m.n_embd * m.n_embd + (3 if m.activation == "swiglu" else 2) * m.n_embd * hidden
-    layers = m.n_layer + (m.n_encoder_layer or m.n_layer)
+    """The decoder's and the encoder's layers (counted with a cross-attention each, as before), and
+    the copy mechanism's query, key and gate."""
     copy = (2 * m.n_embd * m.n_embd + m.n_embd + 1) if m.copy_attention else 0
-    positions = m.block_size * m.n_embd * 2 if m.pos_encoding == "learned" else 0
-    return embeddings + copy + layers * (per_layer + 2 * m.n_embd * m.n_embd) + positions
+    return (
+        transformer_parameters(m, m.n_layer + (m.n_encoder_layer or m.n_layer), 2 * m.n_embd * m.n_embd)
+        + copy
+    )
 
 
 FAMILY = Family(
@@ -58,6 +57,5 @@ FAMILY = Family(
     hf_auto_class="AutoModelForSeq2SeqLM",
     pipelines=frozenset({"translation", "summarization"}),
     pipeline=lazy("lmforge.seq2seq:seq2seq_pipeline"),
-    finetune_from=False,
     private=False,
 )

@@ -132,12 +132,10 @@ class PairSource:
 
 
 def pair_data(run) -> object:
-    """The source/target pairs, tokenized (a new run only: an encoder–decoder is not fine-tuned yet)."""
+    """The source/target pairs, tokenized (a new run: an encoder–decoder base is refused by the
+    trainer, whose family does not serve `finetune`)."""
     from lmforge.data.pairs import prepare_pairs
 
-    if run.config.finetune.init_from:
-        raise UserError("Fine-tuning an encoder–decoder checkpoint is not supported yet; train it from "
-                        "scratch.", settings=("finetune.init_from",))  # fmt: skip
     return prepare_pairs(run.config, log=run.log)
 
 

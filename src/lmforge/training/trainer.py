@@ -292,7 +292,10 @@ def _load_base(config: Config, log: Callable[[str], None]) -> tuple[nn.Module, C
 
     from lmforge.io import cache_dir
 
-    base = open_checkpoint(config.finetune.init_from)  # a folder, a .gguf file or a hub id
+    # A folder, a .gguf file or a hub id, of a family that can be fine-tuned (not yet an encoder–decoder).
+    base = open_checkpoint(config.finetune.init_from).require(
+        "finetune", instead="`lmforge train` from scratch"
+    )
     source = base.path
     model, tokenizer = base.load()
     config.model = dataclasses.replace(base.config.model, dropout=config.model.dropout)
