@@ -767,3 +767,16 @@ def test_seeded_requests_batch_like_the_others_and_keep_their_text(checkpoint):
         assert ask(3, seed=103) == together[3]
     finally:
         server.stop()
+
+
+def test_serve_without_the_serve_extra_names_what_is_missing(checkpoint, monkeypatch, capsys):
+    import sys
+
+    from lmforge.cli import main
+
+    for name in [m for m in sys.modules if m.startswith("lmforge.serving")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # (an import of it fails)
+    assert main(["serve", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert "prometheus_client is missing" in err and "pip install 'lmforge[serve]'" in err

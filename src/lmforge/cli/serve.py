@@ -50,7 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from lmforge.serving.server import serve
     except ImportError as e:
         raise UserError(
-            f"Serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'lmforge[serve]'."
+            f"Serving needs the [serve] extra (FastAPI, uvicorn, prometheus-client, ...; {e.name} is missing): "
+            f"pip install 'lmforge[serve]'."
         ) from None
     if args.max_batch < 1 or args.max_queue < 1 or args.max_tokens_cap < 1:
         raise UserError("--max-batch, --max-queue and --max-tokens-cap must be at least 1.")
