@@ -65,3 +65,10 @@ def test_an_export_over_a_training_run_holds_the_export_alone(places, capsys):
                      "tokenizer_config.json"}  # fmt: skip
     assert json.loads((out / "config.json").read_text("utf-8"))["model_type"]
     assert not [p for p in run.parent.iterdir() if p.name.startswith((".write-", ".old-"))]
+
+
+def test_an_export_into_an_empty_folder_needs_no_overwrite(places):
+    run, _, adir = places
+    assert not any(adir.iterdir())
+    assert main(["export", str(run), "--out", str(adir)]) == 0
+    assert (adir / "config.json").is_file() and (adir / "model.safetensors").is_file()

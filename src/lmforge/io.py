@@ -158,7 +158,7 @@ def write_folder(target: Path, write: Callable[[Path], None], overwrite: bool = 
     try:
         write(tmp)
         if target.exists():
-            if not overwrite:
+            if not overwrite and any(target.iterdir()):  # (an empty folder is taken as it is)
                 raise UserError(f"{target} already exists; pass --overwrite or choose another --out.")
             old = new_temp_dir(target.parent, ".old-")
             old.rmdir()
