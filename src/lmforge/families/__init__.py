@@ -5,8 +5,8 @@
                            report, evaluation of a checkpoint, Hugging Face export)
 
 The families are the GPT decoder (`gpt`), the recurrent models (`rnn`: arch lstm, gru, rnn), the
-encoder–decoder (`seq2seq`) and the BERT-style masked-LM encoder (`encoder`). Each one lives in its
-own module here, beside the model file it builds (`lmforge/models/<family>.py`). The trainer, CLI,
+encoder–decoder (`seq2seq`) and the BERT-style masked-LM encoder (`encoder`). Each one is declared in
+its own module here; its model is `lmforge/models/<family>.py`. The trainer, CLI,
 evaluation, serving and export ask `family_of(arch)`; tests/test_structure.py fails on a family check
 anywhere else.
 
