@@ -228,7 +228,7 @@ def test_the_loss_scores_only_target_positions_and_equals_the_full_logits_loss(c
 
 def test_copy_attention_is_refused_outside_encoder_decoders_and_in_mbart_export():
     from lmforge.config import Config, validate
-    from lmforge.interop.mbart import check_exportable
+    from lmforge.interop.bart import check_exportable
 
     with pytest.raises(
         UserError, match="model.copy_attention does not apply to a GPT decoder .*encoder–decoder"

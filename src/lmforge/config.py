@@ -68,6 +68,19 @@ class ModelConfig:
     embedding_norm: bool = False  # encoder–decoder: a norm right after the embeddings (BART, mBART)
     scale_embedding: bool = False  # encoder–decoder: token embeddings times sqrt(n_embd) (mBART's option)
     copy_attention: bool = False  # encoder–decoder: may copy source tokens (pointer-generator; summaries)
+    post_norm: bool = False  # encoder–decoder: the norm after each residual sum, no final norm (BART, Marian)
+    logits_bias: bool = (
+        False  # encoder–decoder: a bias on the output head (final_logits_bias of BART, Marian)
+    )
+    # The encoder–decoder's token protocol; -1 = lmforge's own (<|endoftext|> starts and ends an output,
+    # sources go in as they are). Pretrained models bring theirs (Marian: sources end with </s>; the
+    # decoder starts from <pad>).
+    decoder_start_id: int = option(-1, "encoder–decoder: the token an output starts from (-1 = <|endoftext|>)",
+                                   ge=-1)  # fmt: skip
+    eos_id: int = option(-1, "encoder–decoder: the token that ends an output (-1 = <|endoftext|>)", ge=-1)
+    source_bos_id: int = option(-1, "encoder–decoder: a token put before every source (-1 = none)", ge=-1)
+    source_eos_id: int = option(-1, "encoder–decoder: a token put after every source (-1 = none)", ge=-1)
+    forced_bos_id: int = option(-1, "encoder–decoder: the first token of every output (-1 = none)", ge=-1)
     source_block_size: int = option(0, "encoder–decoder: longest source in tokens (0 = block_size)", ge=0,
                                     le=1_048_576)  # fmt: skip
     mlp_ratio: float = option(4.0, "hidden width of the MLP relative to n_embd", gt=0.0, le=64.0)
@@ -77,11 +90,11 @@ class ModelConfig:
     dropout: float = option(0.0, "dropout probability", ge=0.0, lt=1.0)
     bias: bool = True  # biases in linear layers and LayerNorm
     qkv_bias: bool = False  # biases on the query/key/value projection even when bias is false (Qwen2)
-    pos_encoding: str = "learned"  # learned | sinusoidal | rope
+    pos_encoding: str = "learned"  # learned | sinusoidal | sinusoidal_halves (Marian's layout) | rope
     rope_theta: float = option(10000.0, "rotary base frequency", gt=0.0)
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = option(1e-5, "epsilon of the norms", gt=0.0, lt=1.0)
-    activation: str = "gelu"  # gelu | gelu_tanh | relu2 | swiglu
+    activation: str = "gelu"  # gelu | gelu_tanh | relu2 | swiglu | silu (Marian's "swish")
     tie_embeddings: bool = True
     qk_norm: bool = False  # normalise queries and keys before attention
     logit_softcap: float = option(0.0, "0 = off; else logits = cap * tanh(logits / cap)", ge=0.0)
@@ -324,13 +337,13 @@ def validate(config: Config) -> None:
          f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}).", "model.n_embd"),
         (not gpt or m.n_kv_head == 0 or m.n_head % m.n_kv_head == 0,
          "model.n_head must be a multiple of model.n_kv_head.", "model.n_kv_head"),
-        (m.pos_encoding in ("learned", "sinusoidal", "rope"),
-         "model.pos_encoding must be learned, sinusoidal or rope.", "model.pos_encoding"),
+        (m.pos_encoding in ("learned", "sinusoidal", "sinusoidal_halves", "rope"),
+         "model.pos_encoding must be learned, sinusoidal, sinusoidal_halves or rope.", "model.pos_encoding"),
         (not gpt or m.pos_encoding != "rope" or (m.n_embd // m.n_head) % 2 == 0,
          "rope needs an even head size (model.n_embd / model.n_head).", "model.n_head"),
         (m.norm in ("layernorm", "rmsnorm"), "model.norm must be layernorm or rmsnorm.", "model.norm"),
-        (m.activation in ("gelu", "gelu_tanh", "relu2", "swiglu"),
-         "model.activation must be gelu, gelu_tanh, relu2 or swiglu.", "model.activation"),
+        (m.activation in ("gelu", "gelu_tanh", "relu2", "swiglu", "silu"),
+         "model.activation must be gelu, gelu_tanh, relu2, swiglu or silu.", "model.activation"),
         (t.dtype in ("auto", "float32", "bfloat16", "float16"),
          "train.dtype must be auto, float32, bfloat16 or float16.", "train.dtype"),
         (t.strategy in ("ddp", "fsdp"), "train.strategy must be ddp or fsdp.", "train.strategy"),

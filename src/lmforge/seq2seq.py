@@ -34,7 +34,7 @@ from lmforge.errors import UserError
 from lmforge.generation import ban_repeated_ngrams
 from lmforge.generation_config import GenerationConfig
 from lmforge.tokenizers import TextTokenizer
-from lmforge.training.pairs import boundary_id, pad_sources
+from lmforge.training.pairs import PairTokens, pad_sources, pair_tokens
 
 # Hypotheses a decoding batch advances together when transduce's batch_size is 0: as many as
 # fit DECODE_SOURCE_TOKENS tokens of source (the longest source times the rows: what cross-attention
@@ -97,44 +97,61 @@ def task_defaults(task: str, **given: int | None) -> dict[str, int]:
     return settings | {name: value for name, value in given.items() if value is not None}
 
 
-def _encode_sources(model: nn.Module, tokenizer: TextTokenizer, sources: list[str],
+def _encode_sources(model: nn.Module, tokenizer: TextTokenizer, sources: list[str], tokens: PairTokens,
                     warn: Callable[[str], None] | None = None) -> list[list[int]]:  # fmt: skip
-    """The sources' tokens, each cut to the model's longest source (with one warning for them all)."""
-    out, cut = [], 0
+    """The sources' tokens with the model's special tokens around them, each cut to the model's
+    longest source (with one warning for them all)."""
+    out, cut, room = [], 0, model.source_block_size - tokens.extra
     for text in sources:
         if not text.strip():
             raise UserError("An empty source cannot be translated or summarized; give some text.")
         ids = tokenizer.encode(text)
-        cut += len(ids) > model.source_block_size
-        out.append(ids[: model.source_block_size])
+        cut += len(ids) > room
+        out.append(tokens.around(ids, model.source_block_size))
     if cut:
         message = (f"{cut} of {len(sources)} source(s) have more tokens than the model reads "
-                   f"({model.source_block_size}); only their first {model.source_block_size} tokens are used.")  # fmt: skip
+                   f"({room}); only their first {room} tokens are used.")  # fmt: skip
         (warn or (lambda m: warnings.warn(m, stacklevel=3)))(message)
     return out
 
 
+def _as_tokens(tokens: PairTokens | int) -> PairTokens:
+    return tokens if isinstance(tokens, PairTokens) else PairTokens(start=tokens, end=tokens)
+
+
+def _force_first(logits: torch.Tensor, tokens: PairTokens, step: int) -> torch.Tensor:
+    """At the first step of a model that forces its first token (BART), only that token may come
+    (with log-probability 0, as transformers' ForcedBOSTokenLogitsProcessor gives it)."""
+    if step > 0 or tokens.forced_first is None:
+        return logits
+    forced = torch.full_like(logits, float("-inf"))
+    forced[:, tokens.forced_first] = 0.0
+    return forced
+
+
 @torch.inference_mode()
-def greedy(model: nn.Module, sources: list[list[int]], boundary: int, max_new: int, use_cache: bool = True,
-           no_repeat_ngram_size: int = 0) -> list[list[int]]:  # fmt: skip
+def greedy(model: nn.Module, sources: list[list[int]], tokens: PairTokens | int, max_new: int,
+           use_cache: bool = True, no_repeat_ngram_size: int = 0) -> list[list[int]]:  # fmt: skip
     """The most likely next token at each step, for every source at once; a row that ends leaves the
-    batch (its cache rows with it), so the batch's longest output no longer pays for the others."""
+    batch (its cache rows with it), so the batch's longest output no longer pays for the others.
+    `tokens`: the model's PairTokens (or lmforge's one boundary id, which starts and ends outputs)."""
+    tokens = _as_tokens(tokens)
     device = next(model.parameters()).device
-    ids, valid = pad_sources(sources, boundary, device)
+    ids, valid = pad_sources(sources, tokens.end, device)
     memory = model.encode(ids, valid)
     cache = model.new_cache(memory, valid, capacity=max_new + 1, source=ids) if use_cache else None
-    prefix = torch.full((len(sources), 1), boundary, dtype=torch.long, device=device)
+    prefix = torch.full((len(sources), 1), tokens.start, dtype=torch.long, device=device)
     outputs: list[list[int]] = [[] for _ in sources]
     alive = list(range(len(sources)))  # the source of each row still decoding
-    for _ in range(max_new):
+    for step in range(max_new):
         if use_cache:
             logits = model.decode(prefix[:, -1:], cache=cache)[:, -1]
         else:
             logits = model.decode(prefix, memory, valid, source=ids)[:, -1]
-        logits = ban_repeated_ngrams(logits, prefix[:, 1:], no_repeat_ngram_size)
+        logits = ban_repeated_ngrams(_force_first(logits, tokens, step), prefix[:, 1:], no_repeat_ngram_size)
         token = logits.argmax(-1)
         prefix = torch.cat([prefix, token[:, None]], dim=1)
-        ended = (token == boundary).tolist()
+        ended = (token == tokens.end).tolist()
         if not any(ended):
             continue
         for row in (row for row, end in enumerate(ended) if end):
@@ -155,10 +172,12 @@ def greedy(model: nn.Module, sources: list[list[int]], boundary: int, max_new: i
 
 
 @torch.inference_mode()
-def beam_search(model: nn.Module, sources: list[list[int]], boundary: int, max_new: int, beams: int,  # long:
-                length_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> list[list[int]]:  # fmt: skip
+def beam_search(model: nn.Module, sources: list[list[int]], tokens: PairTokens | int, max_new: int,
+                beams: int, length_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> list[list[int]]:  # fmt: skip
     """The best of `beams` hypotheses per source (see the module's docstring for the scoring). A
     source whose search is over leaves the batch with its rows."""
+    tokens = _as_tokens(tokens)
+    boundary = tokens.end
     device = next(model.parameters()).device
     B, K = len(sources), beams
     ids, valid = pad_sources(sources, boundary, device)
@@ -168,11 +187,12 @@ def beam_search(model: nn.Module, sources: list[list[int]], boundary: int, max_n
                             source=ids.index_select(0, rows))  # fmt: skip
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # at first all K beams are the same: only one may extend
-    tokens = torch.full((B * K, 1), boundary, dtype=torch.long, device=device)
+    protocol, tokens = tokens, torch.full((B * K, 1), tokens.start, dtype=torch.long, device=device)
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     active = list(range(B))  # the sources still searched; slot s holds rows s*K .. s*K+K-1
-    for _ in range(max_new):
+    for step in range(max_new):
         logprobs = torch.log_softmax(model.decode(tokens[:, -1:], cache=cache)[:, -1].float(), dim=-1)
+        logprobs = _force_first(logprobs, protocol, step)
         logprobs = ban_repeated_ngrams(logprobs, tokens[:, 1:], no_repeat_ngram_size)
         n, vocab = len(active), logprobs.shape[-1]
         candidates = (scores.view(n * K, 1) + logprobs).view(n, K * vocab)
@@ -233,9 +253,9 @@ def transduce(model: nn.Module, tokenizer: TextTokenizer, sources: list[str],
     if not getattr(model, "is_encoder_decoder", False):
         raise UserError("This is a decoder-only model; translate and summarize need an encoder–decoder "
                         "checkpoint (model.arch seq2seq), e.g. lmforge train --preset eng-fra-translation.")  # fmt: skip
-    boundary = boundary_id(tokenizer)
+    tokens = pair_tokens(model.config, tokenizer)
     max_new = min(cfg.max_new_tokens or model.block_size - 1, model.block_size - 1)
-    encoded = _encode_sources(model, tokenizer, sources, warn)
+    encoded = _encode_sources(model, tokenizer, sources, tokens, warn)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch together
     outputs: list[str] = [""] * len(encoded)
     most = sources_per_batch(batch_size, cfg.num_beams, source_tokens=1)  # the most sources a batch may hold
@@ -246,10 +266,10 @@ def transduce(model: nn.Module, tokenizer: TextTokenizer, sources: list[str],
         begin += len(chunk)
         batch = [encoded[i] for i in chunk]
         if cfg.num_beams > 1:
-            new = beam_search(model, batch, boundary, max_new, cfg.num_beams, cfg.length_penalty,
+            new = beam_search(model, batch, tokens, max_new, cfg.num_beams, cfg.length_penalty,
                               cfg.no_repeat_ngram_size)  # fmt: skip
         else:
-            new = greedy(model, batch, boundary, max_new, use_cache, cfg.no_repeat_ngram_size)
+            new = greedy(model, batch, tokens, max_new, use_cache, cfg.no_repeat_ngram_size)
         for i, ids in zip(chunk, new, strict=True):
             outputs[i] = tokenizer.decode(ids).strip()
         if progress:

@@ -1,7 +1,7 @@
 """The encoder–decoder family (`model.arch = "seq2seq"`, lmforge/models/seq2seq.py): translation and
 summarization, trained on source/target pairs (lmforge/data/pairs.py, lmforge/training/pairs.py),
-decoded and scored by lmforge/seq2seq.py (BLEU/chrF or ROUGE); mBART checkpoints map onto it
-(lmforge/interop/mbart.py)."""
+decoded and scored by lmforge/seq2seq.py (BLEU/chrF or ROUGE); BART, Marian and mBART checkpoints
+map onto it (lmforge/interop/bart.py)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,13 @@ FAMILY = Family(
         "scale_embedding",
         "copy_attention",
         "source_block_size",
+        "post_norm",
+        "logits_bias",
+        "decoder_start_id",
+        "eos_id",
+        "source_bos_id",
+        "source_eos_id",
+        "forced_bos_id",
     },  # fmt: skip
     data_fields=PAIR_DATA_FIELDS,
     data_kind="pairs",
@@ -53,7 +60,7 @@ FAMILY = Family(
     transduces=True,
     after_training=lazy("lmforge.seq2seq:training_report"),
     evaluate=lazy("lmforge.seq2seq:evaluate_checkpoint"),
-    hf_export=lazy("lmforge.interop.mbart:to_mbart"),
+    hf_export=lazy("lmforge.interop.bart:to_bart"),
     hf_auto_class="AutoModelForSeq2SeqLM",
     pipelines=frozenset({"translation", "summarization"}),
     pipeline=lazy("lmforge.seq2seq:seq2seq_pipeline"),

@@ -28,7 +28,8 @@ from lmforge.tokenizers import EOT, TextTokenizer, load_tokenizer
 from lmforge.weights import load_state
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
-SUPPORTED = ("gpt2", *LLAMA_LIKE, "mbart", "bert")
+SUPPORTED = ("gpt2", *LLAMA_LIKE, "bart", "marian", "mbart", "bert")
+BART_LIKE = ("bart", "marian", "mbart")
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -76,10 +77,10 @@ def _model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
         raise UserError(f"{source}: model_type {kind!r} is not supported; supported: {', '.join(SUPPORTED)}.")
-    if kind == "mbart":  # the encoder–decoder family (interop/mbart.py)
-        from lmforge.interop.mbart import model_config_from_mbart
+    if kind in BART_LIKE:  # the encoder–decoder family (interop/bart.py)
+        from lmforge.interop.bart import model_config_from_bart
 
-        return model_config_from_mbart(hf, source)
+        return model_config_from_bart(hf, source)
     if kind == "bert":  # the encoder-only family (interop/bert.py)
         from lmforge.interop.bert import model_config_from_bert
 
@@ -398,8 +399,13 @@ def load_hf_tokenizer(path: Path) -> TextTokenizer:
         if tok.token_to_id(EOT) is not None:
             tok.add_special_tokens([EOT])
         return TextTokenizer(tok, kind="bpe")
+    if (path / "source.spm").is_file() and (path / "vocab.json").is_file():  # Marian's SentencePiece
+        from lmforge.interop.spm import marian_tokenizer
+
+        return marian_tokenizer(path)
     raise UserError(
-        f"{path} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); copy the "
+        f"{path} has no tokenizer (tokenizer.json, vocab.json + merges.txt, or Marian's source.spm + "
+        f"vocab.json); copy the "
         f"tokenizer files from the model's source next to its weights."
     )
 
@@ -430,6 +436,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+DECODING_TOKENS = ("decoder_start_token_id", "forced_bos_token_id")
 
 
 def read_hf_metadata(path: str | Path) -> tuple[Config, str | None, list[int], dict[str, Any], int | None]:
@@ -439,11 +446,13 @@ def read_hf_metadata(path: str | Path) -> tuple[Config, str | None, list[int], d
     beginning-of-text id."""
     path = Path(path)
     hf_config = _read_json(path / "config.json")
-    m = model_config_from_hf(hf_config, str(path / "config.json"))
+    generation = _read_json(path / "generation_config.json")
+    # The decoding tokens of an encoder–decoder: generation_config.json's, where transformers keeps them.
+    tokens = {k: generation[k] for k in DECODING_TOKENS if isinstance(generation.get(k), int)}
+    m = model_config_from_hf({**hf_config, **tokens}, str(path / "config.json"))
     config = Config(
         name=path.name, description=f"imported from Hugging Face ({hf_config['model_type']})", model=m
     )
-    generation = _read_json(path / "generation_config.json")
     eos: list[int] = []
     for source in (hf_config, generation):
         value = source.get("eos_token_id")
@@ -470,10 +479,10 @@ def import_hf(
     tokenizer = load_hf_tokenizer(path)
     tensors = read_hf_weights(path)
     try:
-        if hf_config["model_type"] == "mbart":
-            from lmforge.interop.mbart import mbart_to_lmforge
+        if hf_config["model_type"] in BART_LIKE:
+            from lmforge.interop.bart import bart_to_lmforge
 
-            converted = mbart_to_lmforge(tensors, m)
+            converted = bart_to_lmforge(tensors, m)
         elif hf_config["model_type"] == "bert":
             from lmforge.interop.bert import bert_to_lmforge
 
@@ -516,7 +525,12 @@ def export_hf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out: s
     ends = list(eos_ids) or ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
     bos = tokenizer.eot_id if tokenizer.eot_id is not None else (ends[0] if ends else None)
     eos = ends[0] if len(ends) == 1 else (ends or None)
-    hf_config.update({"torch_dtype": "float32", "bos_token_id": bos, "eos_token_id": eos})
+    hf_config["torch_dtype"] = "float32"
+    # A family that knows its special tokens (a pretrained encoder–decoder's) has set them already.
+    hf_config.setdefault("bos_token_id", bos)
+    hf_config.setdefault("eos_token_id", eos)
+    if "pad_token_id" in hf_config and tokenizer.hf.token_to_id("<pad>") is not None:
+        hf_config["pad_token_id"] = tokenizer.hf.token_to_id("<pad>")
     save_tensors(out / "model.safetensors", tensors)
     tokenizer.save(out / "tokenizer.json")
     special = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 from lmforge.errors import UserError
 
 # what a model needs; never pickled weights (*.bin, *.pt), which lmforge would not open anyway
-MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
+MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.spm", "*.tiktoken"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
 
 

@@ -47,13 +47,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
-    """The fixed positional encoding of 'Attention Is All You Need'."""
+SINUSOIDAL = ("sinusoidal", "sinusoidal_halves")
+
+
+def sinusoidal_table(length: int, dim: int, halves: bool = False) -> torch.Tensor:
+    """The fixed positional encoding of 'Attention Is All You Need': sines and cosines interleaved,
+    or (`halves`) the sines in the first half of the width and the cosines in the second (the layout
+    of tensor2tensor, fairseq and Marian)."""
     position = torch.arange(length, dtype=torch.float32)[:, None]
     div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
     table = torch.zeros(length, dim)
-    table[:, 0::2] = torch.sin(position * div)
-    table[:, 1::2] = torch.cos(position * div)[:, : dim // 2]
+    sines, cosines = (
+        (slice(0, (dim + 1) // 2), slice((dim + 1) // 2, dim))
+        if halves
+        else (slice(0, None, 2), slice(1, None, 2))
+    )
+    table[:, sines] = torch.sin(position * div)
+    table[:, cosines] = torch.cos(position * div)[:, : dim // 2]
     return table
 
 
@@ -355,6 +365,8 @@ class MLP(nn.Module):
             h = F.relu(self.c_fc(x)).square()
         elif self.activation == "gelu_tanh":
             h = F.gelu(self.c_fc(x), approximate="tanh")
+        elif self.activation == "silu":
+            h = F.silu(self.c_fc(x))
         else:
             h = F.gelu(self.c_fc(x))
         return self.c_proj(h)
@@ -390,8 +402,9 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         if cfg.pos_encoding == "learned":
             self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        elif cfg.pos_encoding == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
+        elif cfg.pos_encoding in SINUSOIDAL:
+            table = sinusoidal_table(cfg.block_size, cfg.n_embd, cfg.pos_encoding == "sinusoidal_halves")
+            self.register_buffer("pos_table", table, persistent=False)
         else:
             head_dim = cfg.n_embd // cfg.n_head
             cos, sin = rotary_tables(head_dim, cfg.block_size, cfg.rope_theta)
@@ -501,7 +514,7 @@ class GPT(nn.Module):
             positions = torch.arange(T, device=idx.device).expand(B, T)
         if self.config.pos_encoding == "learned":
             x = x + self.wpe(positions)
-        elif self.config.pos_encoding == "sinusoidal":
+        elif self.config.pos_encoding in SINUSOIDAL:
             x = x + self.pos_table[positions]
         elif positions is None:
             rope = (self.rope_cos[:T], self.rope_sin[:T])  # training: the precomputed table

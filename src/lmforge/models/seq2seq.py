@@ -10,8 +10,11 @@
 One vocabulary serves both sides (a joint BPE), so the source and target embeddings are one
 matrix. Positions are learned, sinusoidal, or rotary (RoPE, in the self-attention of both sides;
 cross-attention has no order of its own); optionally a norm right after the embeddings and
-embeddings scaled by sqrt(width) (mBART's layout, so that mBART checkpoints import exactly). Pre-norm blocks, LayerNorm or RMSNorm, the MLP
-activations of `gpt.py`, whose parts (norms, MLP, rotary and sinusoidal tables) are reused here.
+embeddings scaled by sqrt(width) (mBART's layout, so that mBART checkpoints import exactly).
+Pre-norm blocks (drawn above), or with `model.post_norm` the norm after each residual sum and no
+final norm (`x = norm(x + attn(x))`: BART's and Marian's layout); `model.logits_bias` adds a bias to
+the head (their final_logits_bias). LayerNorm or RMSNorm, the MLP activations of `gpt.py`, whose
+parts (norms, MLP, rotary and sinusoidal tables) are reused here.
 
 With `model.copy_attention` the decoder may also copy a source token (a pointer-generator, See et
 al. 2017): one more attention from the final hidden state over the encoded source gives a
@@ -37,7 +40,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
-from lmforge.models.gpt import MLP, apply_rotary, init_gpt2, make_norm, rotary_tables, sinusoidal_table
+from lmforge.models.gpt import (
+    MLP,
+    SINUSOIDAL,
+    apply_rotary,
+    init_gpt2,
+    make_norm,
+    rotary_tables,
+    sinusoidal_table,
+)
 from lmforge.models.registry import register
 
 
@@ -116,13 +127,17 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.ln_1, self.attn, self.ln_2, self.mlp = make_norm(cfg), Attention(cfg), make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.post_norm = cfg.post_norm
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, rope) -> torch.Tensor:
-        h = self.ln_1(x)
+        h = x if self.post_norm else self.ln_1(x)
         k, v = self.attn.keys_values(h)
         if rope is not None:
             k = apply_rotary(k, *rope)
         x = x + self.drop(self.attn(h, k, v, mask, rope=rope))
+        if self.post_norm:  # BART's and Marian's order: the norm after each residual sum
+            x = self.ln_1(x)
+            return self.ln_2(x + self.drop(self.mlp(x)))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -133,24 +148,33 @@ class DecoderBlock(nn.Module):
         self.ln_2, self.cross = make_norm(cfg), Attention(cfg)
         self.ln_3, self.mlp = make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.post_norm = cfg.post_norm
+
+    def _sublayer(self, y: torch.Tensor, norm: nn.Module, layer) -> torch.Tensor:
+        """y + layer(norm(y)) (pre-norm), or norm(y + layer(y)) (post-norm)."""
+        if self.post_norm:
+            return norm(y + self.drop(layer(y)))
+        return y + self.drop(layer(norm(y)))
 
     def forward(self, y: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, source_mask: torch.Tensor,
                 rope, cache: Seq2SeqCache | None = None, layer: int = 0) -> torch.Tensor:  # fmt: skip
-        h = self.ln_1(y)
-        k, v = self.attn.keys_values(h)
-        if rope is not None:
-            k = apply_rotary(k, *rope)
-        causal = True
-        if cache is not None:  # append this step's keys/values, attend to all so far
-            start, T = cache.length, y.shape[1]
-            cache.k[layer, :, :, start : start + T], cache.v[layer, :, :, start : start + T] = k, v
-            k, v = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
-            causal = start == 0  # one new token after cached ones sees them all
-            if start > 0 and T > 1:
-                raise ValueError("several new tokens after a non-empty cache are not supported")
-        y = y + self.drop(self.attn(h, k, v, causal=causal and y.shape[1] > 1, rope=rope))
-        y = y + self.drop(self.cross(self.ln_2(y), cross_k, cross_v, source_mask))
-        return y + self.drop(self.mlp(self.ln_3(y)))
+        def self_attention(h: torch.Tensor) -> torch.Tensor:
+            k, v = self.attn.keys_values(h)
+            if rope is not None:
+                k = apply_rotary(k, *rope)
+            causal = True
+            if cache is not None:  # append this step's keys/values, attend to all so far
+                start, T = cache.length, h.shape[1]
+                cache.k[layer, :, :, start : start + T], cache.v[layer, :, :, start : start + T] = k, v
+                k, v = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
+                causal = start == 0  # one new token after cached ones sees them all
+                if start > 0 and T > 1:
+                    raise ValueError("several new tokens after a non-empty cache are not supported")
+            return self.attn(h, k, v, causal=causal and h.shape[1] > 1, rope=rope)
+
+        y = self._sublayer(y, self.ln_1, self_attention)
+        y = self._sublayer(y, self.ln_2, lambda h: self.cross(h, cross_k, cross_v, source_mask))
+        return self._sublayer(y, self.ln_3, self.mlp)
 
 
 @register("seq2seq")
@@ -170,8 +194,9 @@ class Seq2Seq(nn.Module):
         if cfg.pos_encoding == "learned":
             self.source_wpe = nn.Embedding(self.source_block_size, cfg.n_embd)
             self.target_wpe = nn.Embedding(self.block_size, cfg.n_embd)
-        elif cfg.pos_encoding == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(longest, cfg.n_embd), persistent=False)
+        elif cfg.pos_encoding in SINUSOIDAL:
+            table = sinusoidal_table(longest, cfg.n_embd, cfg.pos_encoding == "sinusoidal_halves")
+            self.register_buffer("pos_table", table, persistent=False)
         else:
             cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, longest, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -181,10 +206,11 @@ class Seq2Seq(nn.Module):
         self.embed_scale = math.sqrt(cfg.n_embd) if cfg.scale_embedding else 1.0
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_encoder_layer or cfg.n_layer))
-        self.ln_enc = make_norm(cfg)
+        # Post-norm blocks end normalised: no final norm (BART, Marian).
+        self.ln_enc = nn.Identity() if cfg.post_norm else make_norm(cfg)
         self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.ln_f = nn.Identity() if cfg.post_norm else make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.logits_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if cfg.copy_attention:  # the pointer-generator: where to copy from, and how much
@@ -203,7 +229,7 @@ class Seq2Seq(nn.Module):
         positions = torch.arange(start, start + T, device=ids.device)
         if self.config.pos_encoding == "learned":
             x = x + (self.source_wpe if side == "source" else self.target_wpe)(positions)
-        elif self.config.pos_encoding == "sinusoidal":
+        elif self.config.pos_encoding in SINUSOIDAL:
             x = x + self.pos_table[positions]
         else:
             rope = (self.rope_cos[positions], self.rope_sin[positions])

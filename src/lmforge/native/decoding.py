@@ -73,6 +73,8 @@ def why_not_native(model: nn.Module) -> str | None:
         return "only GPT models have a native decode step"
     if model.wte.weight.device.type != "cpu":
         return "the native decode step runs on the CPU"
+    if model.config.activation not in ACTIVATIONS:
+        return f"the native decode step has no {model.config.activation} activation"
     if library() is None:
         from lmforge.native import why_unavailable
 

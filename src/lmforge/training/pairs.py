@@ -9,11 +9,14 @@ still changes every epoch. A batch is
                                                                              -100 on padding (not scored)
 
 The same token begins the decoder's input and ends the target (the model learns to stop there).
+A pretrained model brings its own tokens for these (`PairTokens`: Marian starts from <pad> and ends
+with </s>, and its sources end with </s>).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,6 +34,43 @@ def boundary_id(tokenizer) -> int:
         raise UserError("An encoder–decoder model needs a tokenizer with <|endoftext|> (lmforge's char, word and "
                         "bpe tokenizers have it); this tokenizer.json does not.")  # fmt: skip
     return tokenizer.eot_id
+
+
+@dataclass(frozen=True)
+class PairTokens:
+    """An encoder–decoder's token protocol: the token an output starts from, the one that ends it,
+    the tokens put around every source, and a token forced first in every output (BART's)."""
+
+    start: int
+    end: int
+    source_prefix: tuple[int, ...] = ()
+    source_suffix: tuple[int, ...] = ()
+    forced_first: int | None = None
+
+    def around(self, source: list[int], longest: int) -> list[int]:
+        """`source` with its special tokens, its text cut to fit `longest` tokens in all."""
+        room = max(1, longest - len(self.source_prefix) - len(self.source_suffix))
+        return [*self.source_prefix, *source[:room], *self.source_suffix]
+
+    @property
+    def extra(self) -> int:
+        """Tokens a source takes besides its text."""
+        return len(self.source_prefix) + len(self.source_suffix)
+
+
+def pair_tokens(m, tokenizer) -> PairTokens:
+    """The token protocol of the model config `m`: its own ids (a pretrained model's), and
+    <|endoftext|> where it gives none (-1: lmforge's models, which start and end with it)."""
+
+    def given(value: int) -> int:
+        return value if value >= 0 else boundary_id(tokenizer)
+
+    return PairTokens(
+        start=given(m.decoder_start_id), end=given(m.eos_id),
+        source_prefix=(m.source_bos_id,) if m.source_bos_id >= 0 else (),
+        source_suffix=(m.source_eos_id,) if m.source_eos_id >= 0 else (),
+        forced_first=m.forced_bos_id if m.forced_bos_id >= 0 else None,
+    )  # fmt: skip
 
 
 def pad_sources(sources: list, pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

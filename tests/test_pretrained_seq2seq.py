@@ -1,0 +1,220 @@
+"""Pretrained encoder–decoders (BART, Marian) open as lmforge checkpoints: the logits, greedy and
+beam outputs of tiny random models that transformers builds, their token protocol, the commands,
+and the export back to a folder transformers loads."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import pytest
+import torch
+
+from lmforge.checkpoint import open_checkpoint
+from lmforge.cli import main
+from lmforge.errors import UserError
+from lmforge.seq2seq import beam_search, greedy
+from lmforge.tokenizers import train_bpe_tokenizer
+from lmforge.training.pairs import pair_tokens
+
+from .conftest import ENG_FRA_SAMPLE, saved_with_random_norms
+
+# Special ids of the tiny models: any ids of the vocabulary do, as long as the two sides agree.
+PAD, BOS, EOS = 1, 2, 3
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe_tokenizer([ENG_FRA_SAMPLE.read_text("utf-8")], vocab_size=300)
+
+
+def tiny_bart(tokenizer, forced_bos: bool):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(vocab_size=tokenizer.vocab_size, d_model=32, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+                        decoder_ffn_dim=48, max_position_embeddings=40, pad_token_id=PAD, bos_token_id=BOS,
+                        eos_token_id=EOS, decoder_start_token_id=EOS, forced_eos_token_id=None)  # fmt: skip
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(config).eval()
+    model.generation_config.forced_bos_token_id = BOS if forced_bos else None  # (generation_config.json)
+    return model
+
+
+def tiny_marian(tokenizer):
+    from transformers import MarianConfig, MarianMTModel
+
+    config = MarianConfig(vocab_size=tokenizer.vocab_size, d_model=32, encoder_layers=2, decoder_layers=2,
+                          encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+                          decoder_ffn_dim=48, max_position_embeddings=40, pad_token_id=PAD, eos_token_id=EOS,
+                          decoder_start_token_id=PAD, forced_eos_token_id=None)  # fmt: skip
+    torch.manual_seed(0)
+    return MarianMTModel(config).eval()
+
+
+def final_bias(model) -> None:
+    """A non-zero final_logits_bias (transformers starts it at zero), so that a lost one shows."""
+    model.final_logits_bias.copy_(torch.randn_like(model.final_logits_bias))
+
+
+def opened(theirs, folder, tokenizer):
+    final_bias(theirs)
+    saved_with_random_norms(theirs, folder, tokenizer)
+    ours, _ = open_checkpoint(folder).load()
+    return ours.eval()
+
+
+BUILDERS = {"bart": lambda tok: tiny_bart(tok, forced_bos=True), "marian": tiny_marian}
+
+
+@pytest.mark.parametrize("kind", ["bart", "marian"])
+def test_logits_greedy_and_beams_equal_transformers(kind, tokenizer, tmp_path):
+    theirs = BUILDERS[kind](tokenizer)
+    ours = opened(theirs, tmp_path / kind, tokenizer)
+    assert ours.config.post_norm and ours.config.logits_bias
+    tokens = pair_tokens(ours.config, tokenizer)
+    text = ["The cat sits on the mat.", "Where is the station?"]
+    sources = [tokens.around(tokenizer.encode(t), 40) for t in text]
+    assert sources[0][-1] == EOS and (sources[0][0] == BOS) == (kind == "bart")
+    width = max(map(len, sources))
+    ids = torch.tensor([s + [PAD] * (width - len(s)) for s in sources])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources])
+    target = torch.randint(4, tokenizer.vocab_size, (2, 6))
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits
+        got, _ = ours(ids, mask.bool(), target)
+    assert (expected - got).abs().max() < 1e-4
+    for beams in (1, 4):
+        with torch.no_grad():
+            generated = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, num_beams=beams,
+                                        do_sample=False, early_stopping=True, length_penalty=1.0,
+                                        min_length=0, no_repeat_ngram_size=0)  # fmt: skip
+        decode = greedy if beams == 1 else partial(beam_search, beams=beams)
+        mine = decode(ours, sources, tokens, 12)
+        for row, output in enumerate(mine):
+            expected_ids = [t for t in generated[row, 1:].tolist() if t != PAD]
+            assert expected_ids == output + ([EOS] if len(output) < 12 else []), (kind, beams, row)
+    if kind == "bart":  # the forced first token
+        assert all(output[0] == BOS for output in greedy(ours, sources, tokens, 12))
+
+
+@pytest.mark.parametrize("kind", ["bart", "marian"])
+def test_export_gives_back_the_same_folder_that_transformers_loads(kind, tokenizer, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    theirs = BUILDERS[kind](tokenizer)
+    opened(theirs, tmp_path / "in", tokenizer)
+    assert main(["export", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 0
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["model_type"] == kind
+    for key in ("decoder_start_token_id", "eos_token_id", "bos_token_id"):
+        assert written[key] == theirs.config.to_dict()[key], key
+    assert written.get("forced_bos_token_id") == theirs.generation_config.forced_bos_token_id
+    again = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out").eval()
+    assert type(again) is type(theirs)
+    from safetensors.torch import load_file
+
+    before, after = (
+        load_file(tmp_path / "in" / "model.safetensors"),
+        load_file(tmp_path / "out" / "model.safetensors"),
+    )
+    assert set(before) <= set(after) | {"lm_head.weight"}  # (a tied head is not written)
+    for name, tensor in after.items():
+        if name.endswith("embed_positions.weight") and kind == "bart":  # the 2 rows BART never reads
+            before[name], tensor = before[name][2:], tensor[2:]
+        if name in before:
+            assert torch.equal(before[name], tensor), name
+    ids = torch.tensor([[BOS, 40, 41, 42, EOS]])
+    target = torch.tensor([[EOS, 50, 51]])
+    with torch.no_grad():
+        assert torch.allclose(
+            theirs(input_ids=ids, decoder_input_ids=target).logits,
+            again(input_ids=ids, decoder_input_ids=target).logits, atol=1e-5,
+        )  # fmt: skip
+
+
+def test_translate_on_an_opus_mt_folder_gives_transformers_translation(tmp_path, capsys):
+    """A Marian folder as OPUS-MT ships it (SentencePiece files and vocab.json, no tokenizer.json):
+    `lmforge translate` gives the text of transformers' greedy output, decoded by MarianTokenizer."""
+    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+
+    vocab = marian_folder(tmp_path / "m", ENG_FRA_SAMPLE)
+    config = MarianConfig(vocab_size=len(vocab), d_model=32, encoder_layers=2, decoder_layers=2,
+                          encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+                          decoder_ffn_dim=48, max_position_embeddings=64, pad_token_id=vocab["<pad>"],
+                          eos_token_id=0, decoder_start_token_id=vocab["<pad>"], scale_embedding=True,
+                          forced_eos_token_id=None)  # fmt: skip
+    torch.manual_seed(1)
+    theirs = MarianMTModel(config).eval()
+    final_bias(theirs)
+    theirs.save_pretrained(tmp_path / "m")
+    reference = MarianTokenizer(
+        *(str(tmp_path / "m" / n) for n in ("source.spm", "target.spm", "vocab.json"))
+    )
+    text = "Where is the station?"
+    with torch.no_grad():
+        ids = theirs.generate(**reference([text], return_tensors="pt"), max_new_tokens=10, num_beams=1,
+                              do_sample=False)  # fmt: skip
+    expected = reference.decode(ids[0], skip_special_tokens=True)
+    code = main(["translate", str(tmp_path / "m"), "--text", text, "--max-new-tokens", "10", "--beams", "1"])
+    assert code == 0
+    assert capsys.readouterr().out.strip() == expected.strip()
+
+
+def test_separate_marian_vocabularies_are_refused(tokenizer, tmp_path, capsys):
+    theirs = tiny_marian(tokenizer)
+    saved_with_random_norms(theirs, tmp_path / "m", tokenizer)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config.update(share_encoder_decoder_embeddings=False, decoder_vocab_size=tokenizer.vocab_size + 5)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    code = main(["translate", str(tmp_path / "m"), "--text", "hello"])
+    assert code == 2
+    assert "separate source and target vocabularies" in capsys.readouterr().err
+
+
+def marian_folder(folder, text_file) -> dict[str, int]:
+    """A Marian tokenizer's files (SentencePiece trained here on the test pairs), as OPUS-MT lays them
+    out: source.spm, target.spm and one vocab.json (</s> 0, <unk> 1, the pieces, language codes, <pad>)."""
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [part for line in text_file.read_text("utf-8").splitlines() for part in line.split("\t")[:2]]
+    for side in ("source", "target"):
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / side),
+                                       vocab_size=220 if side == "source" else 240, model_type="unigram",
+                                       bos_id=-1, eos_id=-1, unk_id=0, minloglevel=2)  # fmt: skip
+        (folder / f"{side}.model").rename(folder / f"{side}.spm")
+    pieces = []
+    for side in ("source", "target"):
+        processor = spm.SentencePieceProcessor(model_file=str(folder / f"{side}.spm"))
+        pieces += [processor.id_to_piece(i) for i in range(1, processor.get_piece_size())]
+    vocab = {"</s>": 0, "<unk>": 1}
+    for piece in [*pieces, ">>fra<<", ">>deu<<", "<pad>"]:
+        vocab.setdefault(piece, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    return vocab
+
+
+def test_a_marian_tokenizer_gives_transformers_token_ids(tmp_path):
+    from transformers import MarianTokenizer
+
+    from lmforge.interop.hf import load_hf_tokenizer
+
+    marian_folder(tmp_path, ENG_FRA_SAMPLE)
+    theirs = MarianTokenizer(*(str(tmp_path / name) for name in ("source.spm", "target.spm", "vocab.json")))
+    ours = load_hf_tokenizer(tmp_path)
+    texts = ["The cat sits on the mat.", "Où est la gare ?  Très   loin!", "Größe: 3,5 km — naïve façade.",
+             ">>fra<< I love Paris.", "東京は日本の首都です。", "  leading and trailing  ", "tab\there"]  # fmt: skip
+    for text in texts:
+        expected = theirs(text).input_ids  # (with the </s> it adds)
+        assert ours.encode(text) + [theirs.eos_token_id] == expected, text
+        assert ours.decode(expected) == theirs.decode(expected, skip_special_tokens=True), text
+
+
+def test_a_damaged_spm_file_is_one_clear_error(tmp_path, capsys):
+    marian_folder(tmp_path / "m", ENG_FRA_SAMPLE)
+    (tmp_path / "m" / "source.spm").write_bytes(b"not a protobuf at all \x00\xff")
+    from lmforge.interop.hf import load_hf_tokenizer
+
+    with pytest.raises(UserError, match="source.spm is not a SentencePiece model"):
+        load_hf_tokenizer(tmp_path / "m")
