@@ -95,7 +95,7 @@ class Checkpoint:
         return model, self._checked(tokenizer)
 
     def tokenizer(self) -> TextTokenizer:
-        if self.kind == HUGGING_FACE:
+        if self.kind == HUGGING_FACE or self.metadata.get("hf_classifier"):
             from lmforge.interop.hf import load_hf_tokenizer
 
             tokenizer = load_hf_tokenizer(self.path)
@@ -131,6 +131,8 @@ def open_checkpoint(path: str | Path, revision: str | None = None) -> Checkpoint
     if not path.exists():
         raise UserError(f"Checkpoint {path} does not exist.")
     foreign = None
+    if hf.is_hf_dir(path) and (classifier := hf.read_hf_classifier(path)) is not None:
+        return Checkpoint(path, CLASSIFIER, None, classifier)
     if hf.is_hf_dir(path):
         foreign = HUGGING_FACE, hf.read_hf_metadata(path)
     elif path.suffix == ".gguf" or gguf.is_gguf(path):

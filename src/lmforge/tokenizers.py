@@ -72,6 +72,16 @@ class TextTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_framed(self, texts: list[str], max_length: int) -> list[list[int]]:
+        """The texts with the special tokens the tokenizer's post-processor puts around one text
+        ([CLS] ... [SEP] for BERT), each text cut so that all of it fits `max_length` tokens."""
+        room = max(1, max_length - self.hf.num_special_tokens_to_add(False))
+        out = []
+        for encoding in self.hf.encode_batch(texts, add_special_tokens=False):
+            encoding.truncate(room)
+            out.append(self.hf.post_process(encoding).ids)
+        return out
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

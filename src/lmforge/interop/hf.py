@@ -28,7 +28,8 @@ from lmforge.tokenizers import EOT, TextTokenizer, load_tokenizer
 from lmforge.weights import load_state
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
-SUPPORTED = ("gpt2", *LLAMA_LIKE, "bart", "marian", "mbart", "bert")
+SUPPORTED = ("gpt2", *LLAMA_LIKE, "bart", "marian", "mbart", "bert", "distilbert", "roberta")
+BERT_LIKE = ("bert", "distilbert", "roberta")
 BART_LIKE = ("bart", "marian", "mbart")
 
 
@@ -81,7 +82,7 @@ def _model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
         from lmforge.interop.bart import model_config_from_bart
 
         return model_config_from_bart(hf, source)
-    if kind == "bert":  # the encoder-only family (interop/bert.py)
+    if kind in BERT_LIKE:  # the encoder-only family (interop/bert.py)
         from lmforge.interop.bert import model_config_from_bert
 
         return model_config_from_bert(hf, source)
@@ -399,13 +400,19 @@ def load_hf_tokenizer(path: Path) -> TextTokenizer:
         if tok.token_to_id(EOT) is not None:
             tok.add_special_tokens([EOT])
         return TextTokenizer(tok, kind="bpe")
+    if (path / "vocab.txt").is_file():  # BERT's WordPiece vocabulary
+        from tokenizers.implementations import BertWordPieceTokenizer
+
+        lowercase = _read_json(path / "tokenizer_config.json").get("do_lower_case", True)
+        return TextTokenizer(BertWordPieceTokenizer(str(path / "vocab.txt"), lowercase=bool(lowercase))._tokenizer,
+                             kind="wordpiece")  # fmt: skip
     if (path / "source.spm").is_file() and (path / "vocab.json").is_file():  # Marian's SentencePiece
         from lmforge.interop.spm import marian_tokenizer
 
         return marian_tokenizer(path)
     raise UserError(
-        f"{path} has no tokenizer (tokenizer.json, vocab.json + merges.txt, or Marian's source.spm + "
-        f"vocab.json); copy the "
+        f"{path} has no tokenizer (tokenizer.json, vocab.json + merges.txt, BERT's vocab.txt, or Marian's "
+        f"source.spm + vocab.json); copy the "
         f"tokenizer files from the model's source next to its weights."
     )
 
@@ -466,6 +473,15 @@ def read_hf_metadata(path: str | Path) -> tuple[Config, str | None, list[int], d
     return config, chat_template(path), eos, sampling, bos if isinstance(bos, int) else None
 
 
+def read_hf_classifier(path: str | Path) -> dict[str, Any] | None:
+    """What lmforge's classifier checkpoints hold, for a Hugging Face sequence classifier folder
+    (BERT, DistilBERT, RoBERTa ...ForSequenceClassification); None for any other model."""
+    from lmforge.interop.bert import classifier_metadata, is_sequence_classifier
+
+    hf_config = _read_json(Path(path) / "config.json")
+    return classifier_metadata(hf_config, Path(path)) if is_sequence_classifier(hf_config) else None
+
+
 def import_hf(
     path: str | Path, device: torch.device | str = "cpu"
 ) -> tuple[nn.Module, TextTokenizer, Config]:
@@ -483,10 +499,10 @@ def import_hf(
             from lmforge.interop.bart import bart_to_lmforge
 
             converted = bart_to_lmforge(tensors, m)
-        elif hf_config["model_type"] == "bert":
-            from lmforge.interop.bert import bert_to_lmforge
+        elif hf_config["model_type"] in BERT_LIKE:
+            from lmforge.interop.bert import bert_to_lmforge, position_offset
 
-            converted = bert_to_lmforge(tensors, m)
+            converted = bert_to_lmforge(tensors, m, hf_config["model_type"], position_offset(hf_config))
         else:
             converted = (_gpt2_to_lmforge if hf_config["model_type"] == "gpt2" else llama_to_lmforge)(
                 tensors, m
@@ -496,7 +512,7 @@ def import_hf(
             f"{path}: weight {e.args[0]} is missing; the files do not match config.json."
         ) from None
     model = build_model(m)
-    if hf_config["model_type"] == "bert":  # a BertModel has no MLM head: the head keeps its fresh init
+    if hf_config["model_type"] in BERT_LIKE:  # a bare body has no MLM head: the head keeps its fresh init
         fresh = model.state_dict()
         head = ("head_", "lm_head.bias", *(() if m.tie_embeddings else ("lm_head.weight",)))
         converted = {**{k: v for k, v in fresh.items() if k.startswith(head)}, **converted}

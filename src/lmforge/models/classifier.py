@@ -3,8 +3,14 @@
     tokens ─▶ body.features(tokens, lengths) ─▶ (B, T, H) ─▶ pool over real tokens ─▶ linear ─▶ class logits
 
 Bodies: a bidirectional LSTM over packed variable-length sequences (from
-scratch), or the body of any lmforge language model (GPT or recurrent), built
-from scratch or initialised from a trained checkpoint. Inputs are right-padded.
+scratch), or the body of any lmforge language model (GPT, recurrent or BERT-style
+encoder), built from scratch or initialised from a trained checkpoint. Inputs are
+right-padded.
+
+Pretrained sequence classifiers (BERT, DistilBERT, RoBERTa; lmforge/interop/bert.py) pool their
+first token ([CLS] or <s>) and pass it through one more dense layer before the head:
+
+    pooled ─▶ dropout ─▶ dense ─▶ tanh (BERT's pooler, RoBERTa's head) or ReLU (DistilBERT) ─▶ dropout ─▶ linear
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ class ClassifierConfig:
     hidden_size: int = 128  # bilstm: hidden size per direction
     n_layer: int = 1  # bilstm: layers
     dropout: float = 0.3
-    pooling: str = "max"  # mean | max | last
+    pooling: str = "max"  # mean | max | last | first
     max_length: int = 128  # longer texts keep their first max_length tokens
+    pre_head: str = ""  # "" | tanh | relu: a dense layer and this activation before the head
+    special_tokens: bool = False  # frame texts with the tokenizer's special tokens ([CLS] ... [SEP])
 
 
 class BiLSTMEncoder(nn.Module):
@@ -58,6 +66,8 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
         return (hidden * valid[:, :, None]).sum(1) / lengths[:, None].to(hidden.device)
     if how == "max":
         return hidden.masked_fill(~valid[:, :, None], float("-inf")).max(1).values
+    if how == "first":
+        return hidden[:, 0]
     last = (lengths - 1).to(hidden.device)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
@@ -68,6 +78,7 @@ class TextClassifier(nn.Module):
         self.body = body
         self.cfg = cfg
         self.drop = nn.Dropout(cfg.dropout)
+        self.pre = nn.Linear(width, width) if cfg.pre_head else None
         self.head = nn.Linear(width, n_classes)
 
     def forward(
@@ -78,7 +89,11 @@ class TextClassifier(nn.Module):
         class_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden = self.body.features(idx, lengths)
-        logits = self.head(self.drop(pool(hidden.float(), lengths, self.cfg.pooling)))
+        pooled = self.drop(pool(hidden.float(), lengths, self.cfg.pooling))
+        if self.pre is not None:
+            pooled = self.pre(pooled)
+            pooled = self.drop(torch.tanh(pooled) if self.cfg.pre_head == "tanh" else F.relu(pooled))
+        logits = self.head(pooled)
         loss = None if labels is None else F.cross_entropy(logits, labels, weight=class_weights)
         return logits, loss
 

@@ -36,7 +36,7 @@ from lmforge.training.metrics import MetricsLog, Reporter, parse_loggers, write_
 from lmforge.training.optim import BudgetHorizon, build_optimizers, lr_at, set_lr
 from lmforge.training.sources import length_grouped_batches
 from lmforge.training.state import STATE_DIR
-from lmforge.weights import load_weights, unique_state_dict
+from lmforge.weights import load_state, load_weights, unique_state_dict
 
 TASK = "classification"
 
@@ -74,7 +74,12 @@ class ClassifierTrainConfig:
     loggers: str = ""  # beside metrics.jsonl: csv, tensorboard (comma-separated)
 
 
-def encode_batch(tokenizer: TextTokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+def encode_batch(tokenizer: TextTokenizer, texts: list[str], max_length: int, special_tokens: bool = False
+                 ) -> list[list[int]]:  # fmt: skip
+    """Each text's first `max_length` tokens (with `special_tokens`: framed by the tokenizer's own,
+    [CLS] ... [SEP] or <s> ... </s>, the text cut so that the frame fits)."""
+    if special_tokens:
+        return tokenizer.encode_framed(texts, max_length)
     fallback = tokenizer.eot_id if tokenizer.eot_id is not None else 0
     return [ids[:max_length] or [fallback] for ids in tokenizer.encode_batch(texts)]
 
@@ -154,7 +159,7 @@ def predict(
     """Class probabilities (N, classes) for the texts."""
     model.eval()
     device = resolve_device(device)
-    encoded = encode_batch(tokenizer, texts, model.cfg.max_length)
+    encoded = encode_batch(tokenizer, texts, model.cfg.max_length, model.cfg.special_tokens)
     out = []
     for i in range(0, len(encoded), batch_size):
         ids, lengths = pad_right(encoded[i : i + batch_size], device)
@@ -409,7 +414,7 @@ def _classifier_trainee(
     if private.enabled(cfg.privacy):
         private.prepare_model(model)  # Opacus' recurrent layers, same weights
     model.to(device)
-    encoded = encode_batch(tokenizer, texts, model.cfg.max_length)
+    encoded = encode_batch(tokenizer, texts, model.cfg.max_length, model.cfg.special_tokens)
     weights = None
     if cfg.class_weights:  # inverse class frequency
         counts = Counter(labels)
@@ -569,5 +574,18 @@ def load_classifier(path: str | Path, device: str = "cpu") -> tuple[TextClassifi
     else:
         body = BiLSTMEncoder(mcfg)
     model = TextClassifier(body, body_width(body), len(labels), mcfg)
-    load_weights(checkpoint.path / "model.safetensors", model)
+    if data.get("hf_classifier"):  # a Hugging Face sequence classifier (BERT, DistilBERT, RoBERTa)
+        from lmforge.interop.bert import classifier_tensors
+        from lmforge.interop.hf import read_hf_weights
+
+        try:
+            tensors = classifier_tensors(read_hf_weights(checkpoint.path), data, body.config)
+        except KeyError as e:
+            raise UserError(f"{checkpoint.path}: weight {e.args[0]} is missing; the files do not match "
+                            f"config.json.") from None  # fmt: skip
+        unused = ("body.head_", "body.lm_head.")  # the body's masked-LM head: no part of a classifier
+        tensors |= {k: v for k, v in model.state_dict().items() if k.startswith(unused)}
+        load_state(tensors, model, str(checkpoint.path))
+    else:
+        load_weights(checkpoint.path / "model.safetensors", model)
     return model.to(resolve_device(device)).eval(), checkpoint.tokenizer(), labels
