@@ -64,6 +64,13 @@ def opened(theirs, folder, tokenizer):
     return ours.eval()
 
 
+def generated_text(row: torch.Tensor) -> list[int]:
+    """The tokens transformers generated in `row`: after the start token, up to the first end (the
+    padding after it is no output)."""
+    tokens = row[1:].tolist()
+    return tokens[: tokens.index(EOS)] if EOS in tokens else tokens
+
+
 BUILDERS = {"bart": lambda tok: tiny_bart(tok, forced_bos=True), "marian": tiny_marian}
 
 
@@ -92,8 +99,7 @@ def test_logits_greedy_and_beams_equal_transformers(kind, tokenizer, tmp_path):
         decode = greedy if beams == 1 else partial(beam_search, beams=beams)
         mine = decode(ours, sources, tokens, 12)
         for row, output in enumerate(mine):
-            expected_ids = [t for t in generated[row, 1:].tolist() if t != PAD]
-            assert expected_ids == output + ([EOS] if len(output) < 12 else []), (kind, beams, row)
+            assert generated_text(generated[row]) == output, (kind, beams, row)
     if kind == "bart":  # the forced first token
         assert all(output[0] == BOS for output in greedy(ours, sources, tokens, 12))
 
@@ -218,3 +224,92 @@ def test_a_damaged_spm_file_is_one_clear_error(tmp_path, capsys):
 
     with pytest.raises(UserError, match="source.spm is not a SentencePiece model"):
         load_hf_tokenizer(tmp_path / "m")
+
+
+def tiny_t5(tokenizer, flan: bool):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=tokenizer.vocab_size, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                      num_decoder_layers=3, num_heads=4, relative_attention_num_buckets=8,
+                      relative_attention_max_distance=20, feed_forward_proj="gated-gelu" if flan else "relu",
+                      tie_word_embeddings=not flan, pad_token_id=PAD, eos_token_id=EOS,
+                      decoder_start_token_id=PAD)  # fmt: skip
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("flan", [False, True], ids=["t5", "flan-t5"])
+def test_t5_logits_greedy_beams_and_export_equal_transformers(flan, tokenizer, tmp_path):
+    """T5 (ReLU, tied and scaled head) and T5 v1.1 / Flan-T5 (gated GELU, untied head): relative
+    position buckets, long enough sources and outputs to reach the logarithmic buckets."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    theirs = tiny_t5(tokenizer, flan)
+    saved_with_random_norms(theirs, tmp_path / "t5", tokenizer)
+    ours, _ = open_checkpoint(tmp_path / "t5").load()
+    ours.eval()
+    tokens = pair_tokens(ours.config, tokenizer)
+    assert (tokens.start, tokens.end, tokens.source_suffix) == (PAD, EOS, (EOS,))
+    text = ["The cat sits on the mat, and the dog sleeps under the old wooden table.", "Where is it?"]
+    sources = [tokens.around(tokenizer.encode(t), 512) for t in text]
+    width = max(map(len, sources))
+    ids = torch.tensor([s + [PAD] * (width - len(s)) for s in sources])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources])
+    target = torch.randint(4, tokenizer.vocab_size, (2, 25))
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits
+        got, _ = ours(ids, mask.bool(), target)
+    assert (expected - got).abs().max() < 1e-4
+    for beams in (1, 4):
+        with torch.no_grad():
+            # (use_cache False: transformers' cache assumes as many decoder layers as encoder layers)
+            generated = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, num_beams=beams,
+                                        do_sample=False, early_stopping=True, length_penalty=1.0,
+                                        min_length=0, no_repeat_ngram_size=0, use_cache=False)  # fmt: skip
+        decode = greedy if beams == 1 else partial(beam_search, beams=beams)
+        for row, output in enumerate(decode(ours, sources, tokens, 24)):
+            assert generated_text(generated[row]) == output, (beams, row)
+    assert main(["export", str(tmp_path / "t5"), "--out", str(tmp_path / "out")]) == 0
+    again = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (
+            again(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits - expected
+        ).abs().max() < 1e-5
+
+
+def test_t5_task_prefixes_go_before_the_sources(tokenizer, tmp_path, capsys, monkeypatch):
+    """T5's task_specific_params: summarize puts "summarize: " first; a model that translates several
+    ways asks for --prefix; the prefix given is the one used."""
+    import lmforge.seq2seq as seq2seq
+
+    theirs = tiny_t5(tokenizer, flan=False)
+    theirs.config.task_specific_params = {
+        "summarization": {"prefix": "summarize: "},
+        "translation_en_to_de": {"prefix": "translate English to German: "},
+        "translation_en_to_fr": {"prefix": "translate English to French: "},
+    }
+    saved_with_random_norms(theirs, tmp_path / "t5", tokenizer)
+    seen = []
+    encode = seq2seq._encode_sources
+    monkeypatch.setattr(
+        seq2seq,
+        "_encode_sources",
+        lambda m, t, sources, *a: seen.append(sources) or encode(m, t, sources, *a),
+    )
+
+    def run(*command) -> list[str]:
+        assert (
+            main(
+                [*command, str(tmp_path / "t5"), "--text", "the cat", "--beams", "1", "--max-new-tokens", "3"]
+            )
+            == 0
+        )
+        return seen.pop()
+
+    assert run("summarize") == ["summarize: the cat"]
+    assert run("summarize", "--prefix", "") == ["the cat"]
+    assert run("translate", "--prefix", "translate English to French: ") == [
+        "translate English to French: the cat"
+    ]
+    assert main(["translate", str(tmp_path / "t5"), "--text", "the cat"]) == 2
+    assert "translates several ways" in capsys.readouterr().err

@@ -21,6 +21,8 @@ from lmforge.errors import UserError
 from lmforge.families import FAMILIES, family_of, family_of_field
 from lmforge.settings import check_fields, option
 
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu")
+
 
 @dataclass
 class DataConfig:
@@ -68,6 +70,15 @@ class ModelConfig:
     embedding_norm: bool = False  # encoder–decoder: a norm right after the embeddings (BART, mBART)
     scale_embedding: bool = False  # encoder–decoder: token embeddings times sqrt(n_embd) (mBART's option)
     copy_attention: bool = False  # encoder–decoder: may copy source tokens (pointer-generator; summaries)
+    relative_buckets: int = option(
+        32, "encoder–decoder, relative positions: buckets of distances", ge=2, le=1024
+    )
+    relative_max_distance: int = option(128, "encoder–decoder, relative positions: the farthest bucket starts "
+                                        "here", ge=2, le=1_048_576)  # fmt: skip
+    attn_scale: float = option(0.0, "attention scores times this (0 = 1/sqrt(head size); T5: 1)", ge=0.0)
+    scale_decoder_output: bool = (
+        False  # encoder–decoder: the decoder's output × 1/sqrt(n_embd) before the head (T5)
+    )
     post_norm: bool = False  # encoder–decoder: the norm after each residual sum, no final norm (BART, Marian)
     logits_bias: bool = (
         False  # encoder–decoder: a bias on the output head (final_logits_bias of BART, Marian)
@@ -90,11 +101,13 @@ class ModelConfig:
     dropout: float = option(0.0, "dropout probability", ge=0.0, lt=1.0)
     bias: bool = True  # biases in linear layers and LayerNorm
     qkv_bias: bool = False  # biases on the query/key/value projection even when bias is false (Qwen2)
-    pos_encoding: str = "learned"  # learned | sinusoidal | sinusoidal_halves (Marian's layout) | rope
+    # learned | sinusoidal | sinusoidal_halves (Marian's layout) | rope | relative (T5's, encoder–decoders)
+    pos_encoding: str = "learned"
     rope_theta: float = option(10000.0, "rotary base frequency", gt=0.0)
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = option(1e-5, "epsilon of the norms", gt=0.0, lt=1.0)
-    activation: str = "gelu"  # gelu | gelu_tanh | relu2 | swiglu | silu (Marian's "swish")
+    # gelu | gelu_tanh | relu | relu2 | silu (Marian's "swish") | swiglu | geglu (T5 v1.1's gated GELU)
+    activation: str = "gelu"
     tie_embeddings: bool = True
     qk_norm: bool = False  # normalise queries and keys before attention
     logit_softcap: float = option(0.0, "0 = off; else logits = cap * tanh(logits / cap)", ge=0.0)
@@ -337,13 +350,15 @@ def validate(config: Config) -> None:
          f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}).", "model.n_embd"),
         (not gpt or m.n_kv_head == 0 or m.n_head % m.n_kv_head == 0,
          "model.n_head must be a multiple of model.n_kv_head.", "model.n_kv_head"),
-        (m.pos_encoding in ("learned", "sinusoidal", "sinusoidal_halves", "rope"),
-         "model.pos_encoding must be learned, sinusoidal, sinusoidal_halves or rope.", "model.pos_encoding"),
+        (m.pos_encoding in ("learned", "sinusoidal", "sinusoidal_halves", "rope", "relative"),
+         "model.pos_encoding must be learned, sinusoidal, sinusoidal_halves, rope or relative.", "model.pos_encoding"),
         (not gpt or m.pos_encoding != "rope" or (m.n_embd // m.n_head) % 2 == 0,
          "rope needs an even head size (model.n_embd / model.n_head).", "model.n_head"),
         (m.norm in ("layernorm", "rmsnorm"), "model.norm must be layernorm or rmsnorm.", "model.norm"),
-        (m.activation in ("gelu", "gelu_tanh", "relu2", "swiglu", "silu"),
-         "model.activation must be gelu, gelu_tanh, relu2, swiglu or silu.", "model.activation"),
+        (m.activation in ACTIVATIONS, f"model.activation must be one of {', '.join(ACTIVATIONS)}.", "model.activation"),
+        (m.pos_encoding != "relative" or "relative_buckets" in family_of(m.arch).model_fields,
+         "model.pos_encoding relative (T5's buckets of distances) is for encoder–decoders (model.arch seq2seq).",
+         "model.pos_encoding"),
         (t.dtype in ("auto", "float32", "bfloat16", "float16"),
          "train.dtype must be auto, float32, bfloat16 or float16.", "train.dtype"),
         (t.strategy in ("ddp", "fsdp"), "train.strategy must be ddp or fsdp.", "train.strategy"),

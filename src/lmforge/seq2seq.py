@@ -90,6 +90,27 @@ TASK_DEFAULTS: dict[str, dict[str, int]] = {
 }
 
 
+def source_prefix(checkpoint: str | Path, task: str, given: str | None = None, strict: bool = True) -> str:
+    """The text put before every source: `given`, else the checkpoint's own prefix for `task` (T5's
+    "summarize: "; for translation its one translation prefix). A model with several translation
+    prefixes needs one chosen (`strict`), or gets none."""
+    if given is not None:
+        return given
+    from lmforge.checkpoint import open_checkpoint
+    from lmforge.interop.hf import task_prefixes
+
+    prefixes = task_prefixes(open_checkpoint(checkpoint).path)  # (a hub id: its local folder)
+    if task == "summarization":
+        return prefixes.get("summarization", "")
+    ways = {name: prefix for name, prefix in prefixes.items() if name.startswith("translation")}
+    if len(ways) > 1 and strict:
+        shown = ", ".join(repr(p) for p in ways.values())
+        raise UserError(
+            f"{checkpoint} translates several ways (its prefixes: {shown}); choose one with --prefix."
+        )
+    return next(iter(ways.values())) if len(ways) == 1 else ""
+
+
 def task_defaults(task: str, **given: int | None) -> dict[str, int]:
     """The decoding settings `task` uses (GenerationConfig fields), with those `given` (not None) in
     place of its defaults: `task_defaults("summarization", no_repeat_ngram_size=args.flag)`."""
@@ -239,12 +260,13 @@ def beam_search(model: nn.Module, sources: list[list[int]], tokens: PairTokens |
 def transduce(model: nn.Module, tokenizer: TextTokenizer, sources: list[str],
               cfg: GenerationConfig | Seq2SeqConfig | None = None, progress: Callable[[int], None] | None = None,
               batch_size: int = 0, use_cache: bool = True, warn: Callable[[str], None] | None = None,
-              ) -> list[str]:  # fmt: skip
+              prefix: str = "") -> list[str]:  # fmt: skip
     """The outputs (translations or summaries) of `sources`, batched, in the order given: greedy when
     `cfg.num_beams` is 1, else beam search (`cfg` None: DEFAULT_DECODING); `cfg.max_new_tokens` 0 =
     up to the model's length. `batch_size`: sources decoded together (0 = by their length);
     `use_cache` False (greedy) recomputes the decoder over the prefix each step, a reference. A source
-    longer than the model reads is cut, with a warning (`warn`, default: Python's warnings)."""
+    longer than the model reads is cut, with a warning (`warn`, default: Python's warnings). `prefix`
+    goes before every source (T5's task prefixes: `source_prefix`)."""
     if isinstance(cfg, Seq2SeqConfig):
         warnings.warn("Seq2SeqConfig is deprecated: give transduce a GenerationConfig (num_beams, ...) and "
                       "batch_size / use_cache.", DeprecationWarning, stacklevel=2)  # fmt: skip
@@ -255,7 +277,9 @@ def transduce(model: nn.Module, tokenizer: TextTokenizer, sources: list[str],
                         "checkpoint (model.arch seq2seq), e.g. lmforge train --preset eng-fra-translation.")  # fmt: skip
     tokens = pair_tokens(model.config, tokenizer)
     max_new = min(cfg.max_new_tokens or model.block_size - 1, model.block_size - 1)
-    encoded = _encode_sources(model, tokenizer, sources, tokens, warn)
+    encoded = _encode_sources(
+        model, tokenizer, [prefix + s if s.strip() else s for s in sources], tokens, warn
+    )
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch together
     outputs: list[str] = [""] * len(encoded)
     most = sources_per_batch(batch_size, cfg.num_beams, source_tokens=1)  # the most sources a batch may hold
@@ -350,6 +374,7 @@ def evaluate_pairs(checkpoint: str | Path, data: str | Path | None = None, cfg: 
         tokenizer,
         sources,
         cfg or GenerationConfig(num_beams=4, max_new_tokens=0, **task_defaults(task)),
+        prefix=source_prefix(checkpoint, task, strict=False),
     )
     return {"checkpoint": str(checkpoint), "data": where, "task": task, "examples": len(sources),
             "references": sum(r is not None for refs in references for r in refs),

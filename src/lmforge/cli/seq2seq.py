@@ -32,6 +32,8 @@ def add_transduce_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=0, help="0 = the model's target length")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None,
                    help="no n-gram twice in an output (0 = off; default 3 for summarize, 0 for translate)")  # fmt: skip
+    p.add_argument("--prefix", default=None,
+                   help="text put before every source (default: the model's own for the task, as T5's 'summarize: ')")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=0,
                    help="texts decoded together (0 = 64-256 hypotheses, fewer for longer texts)")  # fmt: skip
     add_shared(p, "--device", "--dtype")
@@ -42,7 +44,7 @@ def cmd_transduce(args: argparse.Namespace) -> int:
 
     from lmforge.generation_config import GenerationConfig
     from lmforge.inference import load_for_inference
-    from lmforge.seq2seq import task_defaults, transduce
+    from lmforge.seq2seq import source_prefix, task_defaults, transduce
 
     texts = list(args.text or [])
     if args.file:
@@ -55,13 +57,16 @@ def cmd_transduce(args: argparse.Namespace) -> int:
     if args.beams < 1 or negative:
         raise UserError("--beams must be at least 1, --batch-size, --max-new-tokens and --no-repeat-ngram-size "
                         "at least 0.")  # fmt: skip
+    prefix = source_prefix(args.checkpoint, task, args.prefix)
     model, tokenizer = load_for_inference(args.checkpoint, args.device, args.dtype)
     cfg = GenerationConfig(num_beams=args.beams, length_penalty=args.length_penalty,
                            max_new_tokens=args.max_new_tokens, **settings)  # fmt: skip
     key = "translation" if args.command == "translate" else "summary"
     warn = lambda message: print(f"lmforge: warning: {message}", file=sys.stderr)  # noqa: E731
     for text, output in zip(
-        texts, transduce(model, tokenizer, texts, cfg, batch_size=args.batch_size, warn=warn), strict=True
+        texts,
+        transduce(model, tokenizer, texts, cfg, batch_size=args.batch_size, warn=warn, prefix=prefix),
+        strict=True,
     ):
         print(json.dumps({"text": text, key: output}, ensure_ascii=False) if args.json else output)
     return 0

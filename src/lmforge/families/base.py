@@ -103,6 +103,8 @@ def transformer_parameters(m: ModelConfig, layers: int, per_layer_extra: int = 0
     learned positions."""
     embeddings = m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2)
     hidden = m.mlp_hidden or int(m.mlp_ratio * m.n_embd)
-    per_layer = 4 * m.n_embd * m.n_embd + (3 if m.activation == "swiglu" else 2) * m.n_embd * hidden
+    per_layer = (
+        4 * m.n_embd * m.n_embd + (3 if m.activation in ("swiglu", "geglu") else 2) * m.n_embd * hidden
+    )
     positions = m.block_size * m.n_embd * 2 if m.pos_encoding == "learned" else 0
     return embeddings + layers * (per_layer + per_layer_extra) + positions

@@ -1,7 +1,7 @@
 """The encoder–decoder family (`model.arch = "seq2seq"`, lmforge/models/seq2seq.py): translation and
 summarization, trained on source/target pairs (lmforge/data/pairs.py, lmforge/training/pairs.py),
 decoded and scored by lmforge/seq2seq.py (BLEU/chrF or ROUGE); BART, Marian and mBART checkpoints
-map onto it (lmforge/interop/bart.py)."""
+map onto it (lmforge/interop/bart.py), and T5 / Flan-T5 ones (lmforge/interop/t5.py)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ FAMILY = Family(
         "copy_attention",
         "source_block_size",
         "post_norm",
+        "relative_buckets",
+        "relative_max_distance",
+        "attn_scale",
+        "scale_decoder_output",
         "logits_bias",
         "decoder_start_id",
         "eos_id",
@@ -60,7 +64,7 @@ FAMILY = Family(
     transduces=True,
     after_training=lazy("lmforge.seq2seq:training_report"),
     evaluate=lazy("lmforge.seq2seq:evaluate_checkpoint"),
-    hf_export=lazy("lmforge.interop.bart:to_bart"),
+    hf_export=lazy("lmforge.interop.hf:encoder_decoder_export"),
     hf_auto_class="AutoModelForSeq2SeqLM",
     pipelines=frozenset({"translation", "summarization"}),
     pipeline=lazy("lmforge.seq2seq:seq2seq_pipeline"),

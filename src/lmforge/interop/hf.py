@@ -28,7 +28,7 @@ from lmforge.tokenizers import EOT, TextTokenizer, load_tokenizer
 from lmforge.weights import load_state
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
-SUPPORTED = ("gpt2", *LLAMA_LIKE, "bart", "marian", "mbart", "bert", "distilbert", "roberta")
+SUPPORTED = ("gpt2", *LLAMA_LIKE, "bart", "marian", "mbart", "t5", "bert", "distilbert", "roberta")
 BERT_LIKE = ("bert", "distilbert", "roberta")
 BART_LIKE = ("bart", "marian", "mbart")
 
@@ -82,6 +82,10 @@ def _model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
         from lmforge.interop.bart import model_config_from_bart
 
         return model_config_from_bart(hf, source)
+    if kind == "t5":  # the encoder–decoder family (interop/t5.py)
+        from lmforge.interop.t5 import model_config_from_t5
+
+        return model_config_from_t5(hf, source)
     if kind in BERT_LIKE:  # the encoder-only family (interop/bert.py)
         from lmforge.interop.bert import model_config_from_bert
 
@@ -473,6 +477,28 @@ def read_hf_metadata(path: str | Path) -> tuple[Config, str | None, list[int], d
     return config, chat_template(path), eos, sampling, bos if isinstance(bos, int) else None
 
 
+def task_prefixes(path: str | Path) -> dict[str, str]:
+    """The texts a Hugging Face model wants before its sources, by task (T5's task_specific_params:
+    {"summarization": "summarize: ", "translation_en_to_fr": "translate English to French: "})."""
+    params = _read_json(Path(path) / "config.json").get("task_specific_params") if is_hf_dir(path) else None
+    if not isinstance(params, dict):
+        return {}
+    return {task: p["prefix"] for task, p in params.items()
+            if isinstance(p, dict) and isinstance(p.get("prefix"), str) and p["prefix"]}  # fmt: skip
+
+
+def encoder_decoder_export(m: ModelConfig, tensors: dict, eot_id: int | None) -> tuple[dict, dict]:
+    """The encoder–decoder family's Hugging Face export: T5 for a model with T5's relative positions,
+    else the BART type its layout matches (BART, Marian or mBART)."""
+    if m.pos_encoding == "relative":
+        from lmforge.interop.t5 import to_t5
+
+        return to_t5(m, tensors)
+    from lmforge.interop.bart import to_bart
+
+    return to_bart(m, tensors, eot_id)
+
+
 def read_hf_classifier(path: str | Path) -> dict[str, Any] | None:
     """What lmforge's classifier checkpoints hold, for a Hugging Face sequence classifier folder
     (BERT, DistilBERT, RoBERTa ...ForSequenceClassification); None for any other model."""
@@ -499,6 +525,10 @@ def import_hf(
             from lmforge.interop.bart import bart_to_lmforge
 
             converted = bart_to_lmforge(tensors, m)
+        elif hf_config["model_type"] == "t5":
+            from lmforge.interop.t5 import t5_to_lmforge
+
+            converted = t5_to_lmforge(tensors, m)
         elif hf_config["model_type"] in BERT_LIKE:
             from lmforge.interop.bert import bert_to_lmforge, position_offset
 

@@ -327,12 +327,15 @@ class CausalSelfAttention(nn.Module):
         return probabilities @ v, probabilities
 
 
+GATED = ("swiglu", "geglu")  # the gated MLPs: activation(gate(x)) * up(x)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = cfg.mlp_hidden or int(cfg.mlp_ratio * cfg.n_embd)
         self.activation = cfg.activation
-        if cfg.activation == "swiglu":
+        if cfg.activation in GATED:
             self.c_gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
@@ -340,10 +343,10 @@ class MLP(nn.Module):
         self.c_gate_up: nn.Linear | None = None  # set by fuse_gate_up (inference)
 
     def fuse_gate_up(self) -> None:
-        """For inference: SwiGLU's gate and up projections as one product (rows: gate, then up), so
+        """For inference: a gated MLP's (SwiGLU's) gate and up projections as one product (rows: gate, then up), so
         that decoding makes one pass and one kernel call where it made two. The state dict changes
         (c_gate_up replaces c_gate and c_fc), so a fused model is for inference, not for saving."""
-        if self.activation != "swiglu" or self.c_gate_up is not None:
+        if self.activation not in GATED or self.c_gate_up is not None:
             return
         gate, up = self.c_gate, self.c_fc
         fused = nn.Linear(gate.in_features, 2 * gate.out_features, bias=gate.bias is not None,
@@ -355,12 +358,17 @@ class MLP(nn.Module):
         self.c_gate_up = fused
         del self.c_gate, self.c_fc
 
+    def _gate(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x) if self.activation == "swiglu" else F.gelu(x, approximate="tanh")  # geglu: T5 v1.1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.c_gate_up is not None:
             gate, up = self.c_gate_up(x).chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        elif self.activation == "swiglu":
-            h = F.silu(self.c_gate(x)) * self.c_fc(x)
+            h = self._gate(gate) * up
+        elif self.activation in GATED:
+            h = self._gate(self.c_gate(x)) * self.c_fc(x)
+        elif self.activation == "relu":
+            h = F.relu(self.c_fc(x))
         elif self.activation == "relu2":
             h = F.relu(self.c_fc(x)).square()
         elif self.activation == "gelu_tanh":

@@ -52,6 +52,29 @@ from lmforge.models.gpt import (
 from lmforge.models.registry import register
 
 
+def relative_buckets(
+    distance: torch.Tensor, bidirectional: bool, buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's bucket of each key-minus-query distance: exact buckets for short distances, logarithmic
+    ones up to `max_distance` (farther shares the last); with `bidirectional` (the encoder) half the
+    buckets are for keys after the query, else (the decoder) only keys before it count."""
+    bucket = torch.zeros_like(distance)
+    if bidirectional:
+        buckets //= 2
+        bucket += (distance > 0).long() * buckets
+        n = distance.abs()
+    else:
+        n = (-distance).clamp_min(0)
+    exact = buckets // 2
+    far = (
+        exact
+        + (
+            torch.log(n.float().clamp_min(1) / exact) / math.log(max_distance / exact) * (buckets - exact)
+        ).long()
+    )
+    return bucket + torch.where(n < exact, n, far.clamp_max(buckets - 1))
+
+
 class Seq2SeqCache:
     """Decoder state for generation: self-attention keys/values of the target so far (slots filled
     left to right) and cross-attention keys/values of the source, with the source's padding mask."""
@@ -95,6 +118,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.dropout
+        self.scale = cfg.attn_scale or None  # None: SDPA's 1/sqrt(head_dim)
         self.q = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
@@ -116,7 +140,7 @@ class Attention(nn.Module):
             q = apply_rotary(q, *rope)
         y = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal and mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
         )  # fmt: skip
         B, _, T, _ = y.shape
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -157,7 +181,10 @@ class DecoderBlock(nn.Module):
         return y + self.drop(layer(norm(y)))
 
     def forward(self, y: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, source_mask: torch.Tensor,
-                rope, cache: Seq2SeqCache | None = None, layer: int = 0) -> torch.Tensor:  # fmt: skip
+                rope, cache: Seq2SeqCache | None = None, layer: int = 0,
+                self_bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """`self_bias`: relative positions' bias (causal mask included) added to self-attention's scores."""
+
         def self_attention(h: torch.Tensor) -> torch.Tensor:
             k, v = self.attn.keys_values(h)
             if rope is not None:
@@ -170,6 +197,8 @@ class DecoderBlock(nn.Module):
                 causal = start == 0  # one new token after cached ones sees them all
                 if start > 0 and T > 1:
                     raise ValueError("several new tokens after a non-empty cache are not supported")
+            if self_bias is not None:
+                return self.attn(h, k, v, mask=self_bias.to(h.dtype))
             return self.attn(h, k, v, causal=causal and h.shape[1] > 1, rope=rope)
 
         y = self._sublayer(y, self.ln_1, self_attention)
@@ -197,6 +226,9 @@ class Seq2Seq(nn.Module):
         elif cfg.pos_encoding in SINUSOIDAL:
             table = sinusoidal_table(longest, cfg.n_embd, cfg.pos_encoding == "sinusoidal_halves")
             self.register_buffer("pos_table", table, persistent=False)
+        elif cfg.pos_encoding == "relative":  # T5: a learned bias per head for each bucket of distances
+            self.source_bias = nn.Embedding(cfg.relative_buckets, cfg.n_head)
+            self.target_bias = nn.Embedding(cfg.relative_buckets, cfg.n_head)
         else:
             cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, longest, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -231,11 +263,23 @@ class Seq2Seq(nn.Module):
             x = x + (self.source_wpe if side == "source" else self.target_wpe)(positions)
         elif self.config.pos_encoding in SINUSOIDAL:
             x = x + self.pos_table[positions]
-        else:
+        elif self.config.pos_encoding == "rope":
             rope = (self.rope_cos[positions], self.rope_sin[positions])
         if self.config.embedding_norm:
             x = (self.source_norm if side == "source" else self.target_norm)(x)
         return self.drop(x), rope
+
+    def _relative_bias(
+        self, table: nn.Embedding, start: int, T: int, S: int, bidirectional: bool
+    ) -> torch.Tensor:
+        """T5's position bias (1, heads, T, S) of queries at start .. start+T-1 over keys 0 .. S-1."""
+        device = table.weight.device
+        distance = (
+            torch.arange(S, device=device)[None, :] - torch.arange(start, start + T, device=device)[:, None]
+        )
+        buckets = relative_buckets(distance, bidirectional, self.config.relative_buckets,
+                                   self.config.relative_max_distance)  # fmt: skip
+        return table(buckets).permute(2, 0, 1)[None]
 
     def encode(self, source: torch.Tensor, source_valid: torch.Tensor) -> torch.Tensor:
         """The encoded source (B, S, n_embd); `source_valid` (B, S) is False on padding."""
@@ -243,6 +287,9 @@ class Seq2Seq(nn.Module):
             raise ValueError(f"source of {source.shape[1]} tokens is longer than {self.source_block_size}")
         x, rope = self._embed(source, 0, "source")
         mask = source_valid[:, None, None, :]
+        if self.config.pos_encoding == "relative":  # the bias, with -inf on padding
+            S = source.shape[1]
+            mask = self._relative_bias(self.source_bias, 0, S, S, True).masked_fill(~mask, float("-inf"))
         for block in self.encoder:
             x = block(x, mask, rope)
         return self.ln_enc(x)
@@ -292,14 +339,22 @@ class Seq2Seq(nn.Module):
         if cache is None:
             pairs = [block.cross.keys_values(memory) for block in self.decoder]
             mask = source_valid[:, None, None, :]
+        bias = None
+        if self.config.pos_encoding == "relative":
+            T = target.shape[1]
+            bias = self._relative_bias(self.target_bias, start, T, start + T, False)
+            future = torch.ones(T, start + T, dtype=torch.bool, device=y.device).tril(start).logical_not()
+            bias = bias.masked_fill(future, float("-inf"))
         for i, block in enumerate(self.decoder):
             if cache is not None:
-                y = block(y, cache.cross_k[i], cache.cross_v[i], cache.source_mask, rope, cache, i)
+                y = block(y, cache.cross_k[i], cache.cross_v[i], cache.source_mask, rope, cache, i, bias)
             else:
-                y = block(y, *pairs[i], mask, rope)
+                y = block(y, *pairs[i], mask, rope, self_bias=bias)
         if cache is not None:
             cache.length += target.shape[1]
         h = self.ln_f(y)
+        if self.config.scale_decoder_output:  # T5 v1.0 scales what meets its (tied) head
+            h = h * self.config.n_embd**-0.5
         logits = self.lm_head(h if scored is None else h[scored])  # the head is much of the work
         if not self.config.copy_attention:
             return logits
