@@ -117,10 +117,18 @@ def test_a_damaged_version_is_one_clear_error(tmp_path, capsys):
     assert "its version must be a whole number, not '1'" in capsys.readouterr().err
 
 
-def test_serve_refuses_a_family_it_cannot_serve(capsys):
-    assert main(["serve", str(V1 / "encoder"), "--port", "0"]) == 2
-    err = capsys.readouterr().err
-    assert "`lmforge serve` does not work on" in err and "a masked-language-model encoder" in err
+@pytest.mark.parametrize("family, route", [("encoder", "/v1/embeddings"), ("classifier", "/v1/classify"),
+                                           ("gpt", "/v1/chat/completions")])  # fmt: skip
+def test_serve_gives_each_family_its_routes(family, route, monkeypatch, capsys):
+    """An encoder serves embeddings, a classifier its labels, a language model the OpenAI API and chat."""
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **_: served.setdefault("app", app))
+    assert main(["serve", str(V1 / family), "--port", "0"]) == 0
+    paths = {route.path for route in served["app"].routes}
+    assert route in paths and ("/" in paths) == (family == "gpt")
+    assert route.split(" ")[0] in capsys.readouterr().out or family == "gpt"
 
 
 def test_finetune_takes_the_families_that_serve_it(tmp_path, shakespeare_excerpt, capsys):

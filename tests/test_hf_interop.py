@@ -158,8 +158,8 @@ def test_bad_hf_directories_get_clear_errors(tmp_path, hf_tokenizer_dir):
     folder = save_tiny_hf_model("llama", tmp_path / "llama", hf_tokenizer_dir)
     config = json.loads((folder / "config.json").read_text())
 
-    (folder / "config.json").write_text(json.dumps({**config, "model_type": "t5"}))
-    with pytest.raises(UserError, match="'t5' is not supported; supported: gpt2, llama"):
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    with pytest.raises(UserError, match="'gpt_neox' is not supported; supported: gpt2, llama"):
         import_hf(folder)
 
     (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))

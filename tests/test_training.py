@@ -289,8 +289,8 @@ def test_partial_corrupt_and_foreign_checkpoints(tmp_path, shakespeare_excerpt):
         load_checkpoint(tmp_path / "nowhere")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    (foreign / "config.json").write_text('{"model_type": "t5"}')
-    with pytest.raises(UserError, match="model_type 't5' is not supported"):
+    (foreign / "config.json").write_text('{"model_type": "gpt_neox"}')
+    with pytest.raises(UserError, match="model_type 'gpt_neox' is not supported"):
         load_checkpoint(foreign)
     (foreign / "config.json").write_text('{"name": "something else"}')
     with pytest.raises(UserError, match="not an lmforge checkpoint"):

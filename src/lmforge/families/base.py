@@ -60,6 +60,7 @@ class Family:
     data_kind: str = "text"  # "text" (a token stream) or "pairs" (source/target)
     language_model: bool = True  # next-token perplexity and samples apply
     transduces: bool = False  # its prompts are sources to translate or summarize (serving, pipelines)
+    embeds: bool = False  # `serve` answers embeddings of texts (an encoder), not generated text
     heads: bool = True  # attention heads split the width (n_embd % n_head == 0)
     carries_state: bool = False  # a recurrent state: scored over the whole stream, not in windows
     train_fields: frozenset[str] = field(default_factory=frozenset)  # train fields of this family alone

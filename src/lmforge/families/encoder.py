@@ -20,9 +20,10 @@ FAMILY = Family(
     archs=("encoder",),
     model_fields=COMMON_MODEL_FIELDS | TRANSFORMER_FIELDS,
     data_fields=TEXT_DATA_FIELDS - {"chat_template"},
-    commands=(TRAINED - {"export"}) | {"train-classifier", "finetune"},  # (serving embeddings: not yet)
+    commands=(TRAINED - {"export"}) | {"train-classifier", "finetune", "serve"},  # serve: /v1/embeddings
     parameters=lambda m: transformer_parameters(m, m.n_layer),
     prepare_data=lazy("lmforge.training.sources:masked_text_data"),
     batch_source=lazy("lmforge.training.sources:masked_source"),
     language_model=False,
+    embeds=True,
 )

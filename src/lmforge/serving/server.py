@@ -827,9 +827,7 @@ def serve(
     from lmforge.inference import load_for_inference
 
     set_threads(threads)
-    opened = open_checkpoint(checkpoint).require("serve")  # (opened once for the whole command)
-    model, tokenizer = load_for_inference(opened, device, dtype, quantize, adapter,
-                                          notice=lambda m: print(f"Note: {m}", flush=True))  # fmt: skip
+    opened = open_checkpoint(checkpoint)
     settings = ServerSettings(
         sampling_defaults=opened.generation.sampling,
         task=opened.config.data.task if opened.config is not None else "translation",
@@ -841,6 +839,23 @@ def serve(
         max_tokens_cap=max_tokens_cap,
         allowed_hosts=tuple(allowed_hosts or _default_hosts(host)),
     )
-    app = create_app(model, tokenizer, settings, chat_template_of(opened, adapter))
-    print(f"Serving {settings.model_name} on http://{host}:{port} (OpenAI API under /v1, chat page at /).")
+    notice = lambda m: print(f"Note: {m}", flush=True)  # noqa: E731
+    if opened.is_classifier:  # a text classifier: its labels (serving/encoders.py)
+        from lmforge.serving.encoders import create_classifier_app
+        from lmforge.training.classify import load_classifier
+
+        model, tokenizer, labels = load_classifier(opened.path, device)
+        app = create_classifier_app(model, tokenizer, labels, settings)
+        routes = "POST /v1/classify"
+    elif family_of(opened.require("serve").config.model.arch).embeds:  # an encoder: embeddings
+        from lmforge.serving.encoders import create_embeddings_app
+
+        model, tokenizer = load_for_inference(opened, device, dtype, quantize, adapter, notice=notice)
+        app = create_embeddings_app(model, tokenizer, settings)
+        routes = "POST /v1/embeddings"
+    else:
+        model, tokenizer = load_for_inference(opened, device, dtype, quantize, adapter, notice=notice)
+        app = create_app(model, tokenizer, settings, chat_template_of(opened, adapter))
+        routes = "OpenAI API under /v1, chat page at /"
+    print(f"Serving {settings.model_name} on http://{host}:{port} ({routes}).")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
