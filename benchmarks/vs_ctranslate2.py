@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -117,7 +118,9 @@ def lmforge_engine(run: Path, precision: str, tokenizer, sources: list[str]):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--run", default="runs/ct2-eng-fra")
     parser.add_argument("--skip-train", action="store_true")
@@ -148,7 +151,7 @@ def main() -> None:
         for beams in (1, 4):
             for name, make in engines.items():
                 decode = make(chosen)
-                seconds, outputs = timed(lambda d=decode: d(batch, beams), args.repeats)
+                seconds, outputs = timed(partial(decode, batch, beams), args.repeats)
                 texts = [tokenizer.decode(ids).strip() for ids in outputs]
                 tokens = sum(len(ids) + 1 for ids in outputs)  # (+ the end of each output)
                 scores = bleu_chrf(texts, refs)
@@ -162,7 +165,9 @@ def main() -> None:
                     and c["beams"] == cell["beams"])  # fmt: skip
         cell["vs_ctranslate2_int8"] = round(cell["tokens_per_s"] / base["tokens_per_s"], 2)
     info = machine_info()
-    kind = "amx" if "amx_int8" in info["cpu_flags"] else "avx512" if "avx512f" in info["cpu_flags"] else "avx2"
+    kind = (
+        "amx" if "amx_int8" in info["cpu_flags"] else "avx512" if "avx512f" in info["cpu_flags"] else "avx2"
+    )
     import ctranslate2
 
     result = {"benchmark": "vs_ctranslate2", "machine": info, "ctranslate2": ctranslate2.__version__,
