@@ -54,6 +54,11 @@ def prepare(run: Path, minutes: float, skip_train: bool) -> tuple[Path, dict[str
         out = run.with_name(f"{run.name}-ct2-{kind}")
         ctranslate2.converters.TransformersConverter(str(exported)).convert(str(out), quantization=quantization,
                                                                           force=True)  # fmt: skip
+        # Its mBART loader needs an unknown token's name (lmforge's byte-level BPE has none) and leaves
+        # the start token to the target prefix (mBART starts from a language code): ctranslate2_engine.
+        config = json.loads((out / "config.json").read_text())
+        config["unk_token"] = config["unk_token"] or config["eos_token"]
+        (out / "config.json").write_text(json.dumps(config, indent=1))
         converted[kind] = out
     return exported, converted
 
@@ -84,10 +89,11 @@ def ctranslate2_engine(folder: Path, compute_type: str, tokenizer, sources: list
     translator = ctranslate2.Translator(str(folder), device="cpu", compute_type=compute_type, intra_threads=2,
                                         inter_threads=1)  # fmt: skip
     pieces = [[tokenizer.hf.id_to_token(i) for i in tokenizer.encode(s)] for s in sources]
+    start = [[tokenizer.hf.id_to_token(tokenizer.eot_id)] for _ in sources]  # lmforge's start token
 
     def decode(batch: int, beams: int) -> list[list[int]]:
         results = translator.translate_batch(pieces, max_batch_size=batch, beam_size=beams,
-                                             max_decoding_length=MAX_NEW, target_prefix=None,
+                                             max_decoding_length=MAX_NEW + 1, target_prefix=start,
                                              return_scores=False)  # fmt: skip
         out = []
         for result in results:

@@ -313,3 +313,20 @@ def test_t5_task_prefixes_go_before_the_sources(tokenizer, tmp_path, capsys, mon
     ]
     assert main(["translate", str(tmp_path / "t5"), "--text", "the cat"]) == 2
     assert "translates several ways" in capsys.readouterr().err
+
+
+def test_an_encoder_decoder_loads_in_int8_close_to_float(tokenizer, tmp_path):
+    """--quantize int8 on an encoder–decoder: every linear layer in int8 (the faithfulness probe reads
+    the model as source and target), logits close to float32's."""
+    from lmforge.inference import Int8Linear, load_for_inference
+
+    opened(tiny_marian(tokenizer), tmp_path / "m", tokenizer)
+    exact, _ = load_for_inference(str(tmp_path / "m"))
+    model, _ = load_for_inference(str(tmp_path / "m"), quantize="int8", notice=lambda _: None)
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 2 * 5 + 2 * 8 + 1  # (and the head)
+    source = torch.tensor([tokenizer.encode("The cat sits on the mat.") + [EOS]])
+    valid = torch.ones_like(source, dtype=torch.bool)
+    target = torch.tensor([[PAD, 40, 41, 42]])
+    with torch.no_grad():
+        a, b = exact(source, valid, target)[0], model(source, valid, target)[0]
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99

@@ -215,33 +215,44 @@ PROBE_TEXT = ("The capital of France is Paris, and the river that runs through i
 
 
 @torch.no_grad()
-def _probe(model: nn.Module, tokenizer) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The probe text's ids and the float model's next-token choices on it (CPU models only)."""
+def _probe(model: nn.Module, tokenizer) -> tuple[Callable[[], torch.Tensor], torch.Tensor] | None:
+    """A function giving the model's next-token choices on the probe text, and the float model's
+    choices (CPU models only). An encoder–decoder reads the text as its source and as its target."""
+    from lmforge.models.seq2seq import Seq2Seq
+
     device = next(model.parameters()).device
-    ids = tokenizer.encode(PROBE_TEXT)[: getattr(model, "block_size", 64)]
+    longest = min(getattr(model, "block_size", 64), getattr(model, "source_block_size", 1 << 30))
+    ids = tokenizer.encode(PROBE_TEXT)[:longest]
     if device.type != "cpu" or len(ids) < 8:
         return None
     idx = torch.tensor([ids], device=device)
-    return idx, model(idx)[0][0].argmax(-1)
+    if isinstance(model, Seq2Seq):
+        valid = torch.ones_like(idx, dtype=torch.bool)
+        choices = lambda: model(idx, valid, idx)[0][0].argmax(-1)  # noqa: E731
+    else:
+        choices = lambda: model(idx)[0][0].argmax(-1)  # noqa: E731
+    return choices, choices()
 
 
 @torch.no_grad()
-def _keep_int8_faithful(model: nn.Module, probe: tuple[torch.Tensor, torch.Tensor] | None) -> str | None:
+def _keep_int8_faithful(
+    model: nn.Module, probe: tuple[Callable[[], torch.Tensor], torch.Tensor] | None
+) -> str | None:
     """FBGEMM's int8 kernel quantises the activations too; models with activation outliers lose
     their predictions to it (SmolLM2: perplexity 31.8 -> 82.4). When more than 10% of the probe's
     next-token choices change, switch to weight-only int8 and say so."""
     layers = [m for m in model.modules() if isinstance(m, Int8Linear) and m.kernel == "fbgemm"]
     if probe is None or not layers:
         return None
-    idx, reference = probe
-    changed = (model(idx)[0][0].argmax(-1) != reference).float().mean().item()
+    choices, reference = probe
+    changed = (choices() != reference).float().mean().item()
     if changed <= 0.10:
         return None
     from lmforge.kernels import fastest_int8_kernel
 
     for layer in layers:
         layer.kernel = fastest_int8_kernel(layer.in_features, layer.out_features, weight_only=True)
-    after = (model(idx)[0][0].argmax(-1) != reference).float().mean().item()
+    after = (choices() != reference).float().mean().item()
     return (f"int8 with quantised activations (FBGEMM, the fastest int8 kernel here) changed {100 * changed:.0f}% "
             f"of this model's next-token choices on a sample text; using weight-only int8 instead "
             f"({100 * after:.0f}% changed), which keeps quality.")  # fmt: skip

@@ -47,7 +47,7 @@ def add_serve_parser(sub) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from lmforge.serving.server import serve
+        from lmforge.serving.launch import serve
     except ImportError as e:
         raise UserError(
             f"Serving needs the [serve] extra (FastAPI, uvicorn, prometheus-client, ...; {e.name} is missing): "

@@ -223,6 +223,8 @@ def bart_config_from_model(m: ModelConfig, boundary: int | None) -> dict[str, An
         "eos_token_id": eos,
         "decoder_start_token_id": token(m.decoder_start_id), "forced_eos_token_id": eos, "is_encoder_decoder": True,
     }  # fmt: skip
+    if kind != "marian":  # (transformers knows the order by the type; CTranslate2's converter reads this key)
+        config["normalize_before"] = kind == "mbart"
     if m.forced_bos_id >= 0:
         config["forced_bos_token_id"] = m.forced_bos_id
     return config
