@@ -17,7 +17,7 @@ from lmforge.errors import UserError
 from lmforge.families import FAMILIES, family_of
 from lmforge.training.trainer import train
 
-from .conftest import tiny_config
+from .conftest import ENG_FRA_SAMPLE, tiny_config
 
 V1 = Path(__file__).resolve().parent / "data" / "v1"
 ELSEWHERE = {"hidden_size", "n_encoder_layer", "copy_attention", "source_block_size", "embedding_norm"}
@@ -131,20 +131,15 @@ def test_serve_gives_each_family_its_routes(family, route, monkeypatch, capsys):
     assert route.split(" ")[0] in capsys.readouterr().out or family == "gpt"
 
 
-def test_finetune_takes_the_families_that_serve_it(tmp_path, shakespeare_excerpt, capsys):
-    """A recurrent or masked-LM base fine-tunes (training continues from its weights); an
-    encoder–decoder base is refused in one sentence before any work."""
-    common = {"data.path": str(shakespeare_excerpt), "train.max_iters": 2, "train.eval_interval": 2,
-              "finetune.seq_len": 16, "train.device": "cpu", "train.sample_tokens": 0, "train.progress": False}  # fmt: skip
-    for name in ("lstm", "encoder"):
-        config = apply_overrides(load_preset("finetune"), {**common, "finetune.init_from": str(V1 / name),
+def test_finetune_takes_the_families_that_serve_it(tmp_path, shakespeare_excerpt):
+    """A recurrent, masked-LM or encoder–decoder base fine-tunes (training continues from its
+    weights, on text or on pairs)."""
+    common = {"train.max_iters": 2, "train.eval_interval": 2, "finetune.seq_len": 16, "train.device": "cpu",
+              "train.sample_tokens": 0, "train.progress": False}  # fmt: skip
+    for name in ("lstm", "encoder", "seq2seq"):
+        data = ENG_FRA_SAMPLE if name == "seq2seq" else shakespeare_excerpt
+        config = apply_overrides(load_preset("finetune"), {**common, "data.path": str(data),
+                                                           "finetune.init_from": str(V1 / name),
                                                            "train.out": str(tmp_path / name)})  # fmt: skip
         result = train(config, log=lambda _: None)
         assert result.step == 2 and load_checkpoint(tmp_path / name)[2].model.arch == name
-    config = apply_overrides(load_preset("finetune"), {**common, "finetune.init_from": str(V1 / "seq2seq"),
-                                                       "train.out": str(tmp_path / "s")})  # fmt: skip
-    with pytest.raises(
-        UserError, match="`lmforge finetune` does not work on .*an encoder–decoder.*`lmforge train`"
-    ):
-        train(config, log=lambda _: None)
-    assert not (tmp_path / "s").exists()

@@ -330,3 +330,48 @@ def test_an_encoder_decoder_loads_in_int8_close_to_float(tokenizer, tmp_path):
     with torch.no_grad():
         a, b = exact(source, valid, target)[0], model(source, valid, target)[0]
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+def test_finetuning_a_marian_model_uses_its_tokens_and_transformers_loss(tmp_path, capsys):
+    """A training batch of a pretrained encoder–decoder frames sources and targets with its own tokens:
+    the loss equals transformers' for the same pairs (labels = target + </s>). `lmforge finetune` then
+    trains it in full and with LoRA on pairs, with its tokenizer, and the result translates."""
+    from transformers import MarianConfig, MarianMTModel
+
+    from lmforge.training.pairs import make_batch
+
+    vocab = marian_folder(tmp_path / "m", ENG_FRA_SAMPLE)
+    config = MarianConfig(vocab_size=len(vocab), d_model=32, encoder_layers=2, decoder_layers=2,
+                          encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+                          decoder_ffn_dim=48, max_position_embeddings=64, pad_token_id=vocab["<pad>"],
+                          eos_token_id=0, decoder_start_token_id=vocab["<pad>"], forced_eos_token_id=None)  # fmt: skip
+    torch.manual_seed(0)
+    theirs = MarianMTModel(config).eval()
+    final_bias(theirs)
+    theirs.save_pretrained(tmp_path / "m")
+    ours, tokenizer = open_checkpoint(tmp_path / "m").load()
+    pairs = [("The cat sits on the mat.", "Le chat est sur le tapis."), ("Where is it?", "Où est-il ?")]
+    sources = [tokenizer.encode(s) for s, _ in pairs]
+    targets = [tokenizer.encode(t) for _, t in pairs]
+    source, valid, target_in, labels = make_batch(
+        sources, targets, pair_tokens(ours.config, tokenizer), "cpu"
+    )
+    assert (
+        source[0, len(sources[0])] == 0 and target_in[0, 0] == vocab["<pad>"]
+    )  # </s> after; starts at <pad>
+    with torch.no_grad():
+        _, loss = ours.eval()(source, valid, target_in, labels)
+        expected = theirs(input_ids=source, attention_mask=valid.long(), labels=labels).loss
+    assert abs(float(loss) - float(expected)) < 1e-5
+    for name, extra in (
+        ("full", []),
+        ("lora", ["--lora-rank", "4", "--lora-targets", "attn.q,attn.kv,cross.q"]),
+    ):
+        code = main(["finetune", str(tmp_path / "m"), "--data", str(ENG_FRA_SAMPLE), "--out",
+                     str(tmp_path / name), "--max-iters", "3", "--quiet", *extra])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        tuned = open_checkpoint(tmp_path / name)
+        assert tuned.config.model.decoder_start_id == vocab["<pad>"] and tuned.metadata["step"] == 3
+        assert (
+            main(["translate", str(tmp_path / name), "--text", "Where is it?", "--max-new-tokens", "4"]) == 0
+        )

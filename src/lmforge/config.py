@@ -218,12 +218,17 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings that apply to this run, as printed at its start and saved in its checkpoints
-        (format 2): the model and data fields of its model's family, the train fields but another
-        family's own, and the finetune and privacy sections only when used. `config_from_dict`
+        (format 2): the model and data fields of its model's family (the switches of pretrained
+        layouts only when set), the train fields but another family's own, and the finetune and
+        privacy sections only when used. `config_from_dict`
         reads it back (what is left out is at its default)."""
         out = dataclasses.asdict(self)
         for section, name, _ in _foreign_fields(self):
             del out[section][name]
+        defaults = ModelConfig()
+        for name in family_of(self.model.arch).pretrained_fields:  # a pretrained layout's switches: when set
+            if getattr(self.model, name) == getattr(defaults, name):
+                out["model"].pop(name, None)
         if not self.finetune.init_from:
             del out["finetune"]
         if not (self.privacy.target_epsilon > 0 or self.privacy.noise_multiplier > 0):

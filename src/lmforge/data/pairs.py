@@ -157,7 +157,9 @@ def _cache_key(config: Config) -> str:
 def _limits(config: Config) -> tuple[int, int]:
     """(longest source, longest target) in tokens; a target also needs room for its end token."""
     d, m = config.data, config.model
-    source = d.max_source_tokens or m.source_block_size or m.block_size
+    # (a pretrained model's special tokens around a source take room too)
+    extra = (m.source_bos_id >= 0) + (m.source_eos_id >= 0)
+    source = (d.max_source_tokens or m.source_block_size or m.block_size) - extra
     target = min(d.max_target_tokens or m.block_size - 1, m.block_size - 1)
     return source, target
 

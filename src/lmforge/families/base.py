@@ -64,6 +64,8 @@ class Family:
     heads: bool = True  # attention heads split the width (n_embd % n_head == 0)
     carries_state: bool = False  # a recurrent state: scored over the whole stream, not in windows
     train_fields: frozenset[str] = field(default_factory=frozenset)  # train fields of this family alone
+    # model fields that describe pretrained layouts (T5's, BART's): printed and saved only when set
+    pretrained_fields: frozenset[str] = field(default_factory=frozenset)
     after_training: Callable[[Any, Any], str] | None = None  # (run, metrics) -> the sample shown
     evaluate: Callable[..., dict[str, Any]] | None = None  # (checkpoint, data, beams, ...) -> scores
     hf_export: Callable[[ModelConfig, dict, int | None], tuple[dict, dict]] | None = None

@@ -53,9 +53,24 @@ FAMILY = Family(
         "source_eos_id",
         "forced_bos_id",
     },  # fmt: skip
+    pretrained_fields=frozenset(
+        {
+            "post_norm",
+            "logits_bias",
+            "relative_buckets",
+            "relative_max_distance",
+            "attn_scale",
+            "scale_decoder_output",
+            "decoder_start_id",
+            "eos_id",
+            "source_bos_id",
+            "source_eos_id",
+            "forced_bos_id",
+        }
+    ),  # fmt: skip
     data_fields=PAIR_DATA_FIELDS,
     data_kind="pairs",
-    commands=TRAINED | {"translate", "summarize", "serve"},
+    commands=TRAINED | {"translate", "summarize", "serve", "finetune"},
     parameters=_parameters,
     prepare_data=lazy("lmforge.training.pairs:pair_data"),
     batch_source=lazy("lmforge.training.pairs:pair_source"),

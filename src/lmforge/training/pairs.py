@@ -84,16 +84,25 @@ def pad_sources(sources: list, pad: int, device: torch.device) -> tuple[torch.Te
     return ids.to(device), valid.to(device)
 
 
-def make_batch(sources: list, targets: list, boundary: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    source, source_valid = pad_sources(sources, boundary, device)
+def make_batch(
+    sources: list, targets: list, tokens: PairTokens | int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """A training batch: the sources with the model's special tokens around them, the targets after
+    its start token (the decoder's input) and before its end token (what is scored)."""
+    if not isinstance(tokens, PairTokens):  # lmforge's own: one boundary token starts and ends
+        tokens = PairTokens(start=tokens, end=tokens)
+    if tokens.extra:
+        sources = [[*tokens.source_prefix, *np.asarray(s).tolist(), *tokens.source_suffix] for s in sources]
+    source, source_valid = pad_sources(sources, tokens.end, device)
     width = max(len(t) for t in targets) + 1
-    target_in = torch.full((len(targets), width), boundary, dtype=torch.long)
+    target_in = torch.full((len(targets), width), tokens.end, dtype=torch.long)
+    target_in[:, 0] = tokens.start
     labels = torch.full((len(targets), width), IGNORE, dtype=torch.long)
     for row, t in enumerate(targets):
         t = torch.as_tensor(np.asarray(t), dtype=torch.long)
         target_in[row, 1 : len(t) + 1] = t
         labels[row, : len(t)] = t
-        labels[row, len(t)] = boundary
+        labels[row, len(t)] = tokens.end
     return source, source_valid, target_in.to(device), labels.to(device)
 
 
@@ -101,11 +110,13 @@ class PairSource:
     """Length-bucketed batches of training pairs; validation loss on a fixed set of pairs."""
 
     def __init__(self, data, batch_size: int, eval_batches: int, seed: int, device: torch.device,
-                 label_smoothing: float = 0.0, rank: int = 0, world_size: int = 1):  # fmt: skip
+                 label_smoothing: float = 0.0, rank: int = 0, world_size: int = 1,
+                 tokens: PairTokens | None = None):  # fmt: skip
         self.sources, self.targets = data.train_sources, data.train_targets
         self.val_sources = data.val_sources[: eval_batches * batch_size]
         self.val_targets = data.val_targets[: eval_batches * batch_size]
-        self.boundary = boundary_id(data.tokenizer)
+        # The model's token protocol (a pretrained one's), else lmforge's boundary token.
+        self.tokens = tokens or PairTokens(start=boundary_id(data.tokenizer), end=boundary_id(data.tokenizer))
         self.batch_size, self.device, self.label_smoothing = batch_size, device, label_smoothing
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -128,7 +139,7 @@ class PairSource:
             self._new_epoch()
         rows = self.batches[self.position]
         self.position += 1
-        return make_batch([self.sources[i] for i in rows], [self.targets[i] for i in rows], self.boundary,
+        return make_batch([self.sources[i] for i in rows], [self.targets[i] for i in rows], self.tokens,
                           self.device)  # fmt: skip
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -143,7 +154,7 @@ class PairSource:
         total, count = 0.0, 0
         for i in range(0, len(self.val_sources), self.batch_size):
             batch = make_batch(self.val_sources[i : i + self.batch_size], self.val_targets[i : i + self.batch_size],
-                               self.boundary, self.device)  # fmt: skip
+                               self.tokens, self.device)  # fmt: skip
             with autocast(self.device, dtype):
                 _, loss = model(*batch)
             scored = int((batch[3] != IGNORE).sum())
@@ -172,8 +183,7 @@ class PairSource:
 
 
 def pair_data(run) -> object:
-    """The source/target pairs, tokenized (a new run: an encoder–decoder base is refused by the
-    trainer, whose family does not serve `finetune`)."""
+    """The source/target pairs, tokenized (fine-tuning: with the base's tokenizer)."""
     from lmforge.data.pairs import prepare_pairs
 
     return prepare_pairs(run.config, log=run.log)
@@ -182,4 +192,4 @@ def pair_data(run) -> object:
 def pair_source(run) -> PairSource:
     tc, dist = run.config.train, run.dist
     return PairSource(run.data, tc.batch_size, tc.eval_batches, tc.seed + dist.rank, run.device,
-                      tc.label_smoothing, dist.rank, dist.world_size)  # fmt: skip
+                      tc.label_smoothing, dist.rank, dist.world_size, pair_tokens(run.config.model, run.tokenizer))  # fmt: skip

@@ -292,7 +292,7 @@ def _load_base(config: Config, log: Callable[[str], None]) -> tuple[nn.Module, C
 
     from lmforge.io import cache_dir
 
-    # A folder, a .gguf file or a hub id, of a family that can be fine-tuned (not yet an encoder–decoder).
+    # A folder, a .gguf file or a hub id, of a family that can be fine-tuned.
     base = open_checkpoint(config.finetune.init_from).require(
         "finetune", instead="`lmforge train` from scratch"
     )
