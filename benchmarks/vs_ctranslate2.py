@@ -5,8 +5,8 @@
     2. export it to mBART (`lmforge export`), convert that with CTranslate2's own transformers
        converter, in float32 and int8
     3. translate the first --sources distinct sources of eng-fra-dev.tsv with both engines, 2 threads,
-       batch 1 and 32, greedy and beam 4: output tokens per second (median of --repeats), and BLEU /
-       chrF against the dev references (sacrebleu)
+       batch 1 and 32, greedy and beam 4: output tokens per second (median of --repeats after a
+       warm-up), and BLEU / chrF against the dev references (sacrebleu)
 
     python benchmarks/vs_ctranslate2.py --minutes 10
     python benchmarks/vs_ctranslate2.py --run runs/ct2-eng-fra --skip-train
@@ -72,15 +72,25 @@ def dev_sources(count: int) -> tuple[list[str], list[list[str | None]]]:
     return sources[:count], [refs[:count] for refs in references]
 
 
-def timed(decode, repeats: int) -> tuple[float, list[list[int]]]:
-    """Median seconds of `repeats` runs after a warm-up, and the outputs (token ids)."""
-    outputs = decode()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        decode()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), outputs
+def timed(engines: dict, sources: list[str], batch: int, beams: int, repeats: int) -> dict:
+    """Each engine's median seconds over `repeats` runs after a warm-up, and its outputs (token ids).
+    One engine at a time, the previous one released first: a CTranslate2 translator's threads slow
+    whatever else runs on 2 cores while it exists, and keep spinning for a while after each call
+    (Intel OpenMP's KMP_BLOCKTIME), which the warm-up of the next engine absorbs."""
+    import gc
+
+    out = {}
+    for name, make in engines.items():
+        decode = partial(make(sources), batch, beams)
+        outputs, seconds = decode(), []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            decode()
+            seconds.append(time.perf_counter() - start)
+        out[name] = (statistics.median(seconds), outputs)
+        del decode
+        gc.collect()
+    return out
 
 
 def ctranslate2_engine(folder: Path, compute_type: str, tokenizer, sources: list[str]):
@@ -155,9 +165,7 @@ def main() -> None:
         chosen = sources[: args.batch_one_sources] if batch == 1 else sources
         refs = [r[: len(chosen)] for r in references]
         for beams in (1, 4):
-            for name, make in engines.items():
-                decode = make(chosen)
-                seconds, outputs = timed(partial(decode, batch, beams), args.repeats)
+            for name, (seconds, outputs) in timed(engines, chosen, batch, beams, args.repeats).items():
                 texts = [tokenizer.decode(ids).strip() for ids in outputs]
                 tokens = sum(len(ids) + 1 for ids in outputs)  # (+ the end of each output)
                 scores = bleu_chrf(texts, refs)
@@ -178,7 +186,7 @@ def main() -> None:
 
     result = {"benchmark": "vs_ctranslate2", "machine": info, "ctranslate2": ctranslate2.__version__,
               "model": f"{run} (eng-fra-translation + embedding_norm, exported as mBART)",
-              "checkpoint": open_checkpoint(run).metadata.get("val_loss"), "cells": cells}  # fmt: skip
+              "val_loss": open_checkpoint(run).metadata.get("val_loss"), "cells": cells}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"vs_ctranslate2_{kind}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")

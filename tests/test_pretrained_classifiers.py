@@ -179,3 +179,27 @@ def test_distilbert_and_roberta_masked_lms_give_transformers_logits(kind, tmp_pa
         got, _ = ours.eval()(ids, valid=valid)
     assert (expected[0] - got[0]).abs().max() < 1e-4
     assert (expected[1, :8] - got[1, :8]).abs().max() < 1e-4
+
+
+def test_a_classifier_trained_from_a_bert_body_frames_its_texts(tmp_path):
+    """train-classifier --init from a Hugging Face BERT: texts framed by [CLS] ... [SEP] as the body was
+    trained, the body's weights the starting point; the result classifies."""
+    import transformers
+
+    from lmforge.training.classify import ClassifierTrainConfig, train_classifier
+
+    hf_tokenizer = wordpiece_tokenizer(tmp_path / "bert")
+    config = transformers.BertConfig(vocab_size=len(hf_tokenizer), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=48, max_position_embeddings=24)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(config).save_pretrained(tmp_path / "bert")
+    hf_tokenizer.save_pretrained(tmp_path / "bert")
+    rows = [("the movie was great", "pos"), ("a very boring film", "neg"), ("i love it !", "pos"),
+            ("awful actors", "neg"), ("good fun", "pos"), ("bad plot", "neg")] * 4  # fmt: skip
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    cfg = ClassifierTrainConfig(train_path=str(tmp_path / "train.tsv"), val_path=str(tmp_path / "train.tsv"),
+                                init=str(tmp_path / "bert"), out=str(tmp_path / "c"), epochs=1, batch_size=8)  # fmt: skip
+    train_classifier(cfg, log=lambda _: None)
+    model, tokenizer, labels = load_classifier(tmp_path / "c")
+    assert model.cfg.special_tokens and sorted(labels) == ["neg", "pos"]
+    assert predict(model, tokenizer, ["a great movie"]).shape == (1, 2)

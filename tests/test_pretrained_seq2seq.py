@@ -375,3 +375,38 @@ def test_finetuning_a_marian_model_uses_its_tokens_and_transformers_loss(tmp_pat
         assert (
             main(["translate", str(tmp_path / name), "--text", "Where is it?", "--max-new-tokens", "4"]) == 0
         )
+
+
+def test_eval_and_serve_take_a_pretrained_translator(tmp_path, capsys):
+    """`lmforge eval` scores a Marian folder on pairs (BLEU of its own translations), and the server
+    answers a completion with the translation `translate` gives."""
+    from lmforge.evaluation.metrics import bleu_chrf
+    from lmforge.generation_config import GenerationConfig
+    from lmforge.seq2seq import references_by_source, task_defaults, transduce
+    from lmforge.serving.server import ServerSettings, create_app
+
+    from .test_serve import RunningServer
+
+    tokenizer = train_bpe_tokenizer([ENG_FRA_SAMPLE.read_text("utf-8")], vocab_size=300)
+    opened(tiny_marian(tokenizer), tmp_path / "m", tokenizer)
+    lines = ENG_FRA_SAMPLE.read_text("utf-8").splitlines()[:8]
+    (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")
+    assert (
+        main(["eval", str(tmp_path / "m"), "--data", str(tmp_path / "pairs.tsv"), "--beams", "1", "--json"])
+        == 0
+    )
+    scored = json.loads(capsys.readouterr().out)
+    model, _ = open_checkpoint(tmp_path / "m").load()
+    sources, references = references_by_source(
+        [x.split("\t")[0] for x in lines], [x.split("\t")[1] for x in lines]
+    )
+    outputs = transduce(model.eval(), tokenizer, sources, GenerationConfig(num_beams=1, max_new_tokens=0,
+                                                                          **task_defaults("translation")))  # fmt: skip
+    assert scored["bleu"] == pytest.approx(bleu_chrf(outputs, references)["bleu"])
+    server = RunningServer(create_app(model, tokenizer, ServerSettings(model_name="m"), ""))
+    try:
+        answer = server.client().completions.create(model="m", prompt=sources[0], max_tokens=5)
+    finally:
+        server.stop()
+    short = transduce(model, tokenizer, [sources[0]], GenerationConfig(num_beams=1, max_new_tokens=5))[0]
+    assert answer.choices[0].text == short
