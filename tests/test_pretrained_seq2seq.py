@@ -410,3 +410,38 @@ def test_eval_and_serve_take_a_pretrained_translator(tmp_path, capsys):
         server.stop()
     short = transduce(model, tokenizer, [sources[0]], GenerationConfig(num_beams=1, max_new_tokens=5))[0]
     assert answer.choices[0].text == short
+
+
+@pytest.mark.parametrize("kind", ["marian", "t5"])
+def test_an_encoder_decoder_lora_run_is_a_peft_adapter_transformers_runs(kind, tokenizer, tmp_path, capsys):
+    """LoRA on a Marian or T5 model (stacked key/value layers included) is written in PEFT's format
+    too: peft puts it on the transformers model with the logits of lmforge's merged run, and lmforge
+    merges the PEFT folder back (`--adapter`) to the same logits."""
+    from peft import PeftModel
+
+    from lmforge.inference import load_for_inference
+
+    theirs = tiny_marian(tokenizer) if kind == "marian" else tiny_t5(tokenizer, flan=True)
+    saved_with_random_norms(theirs, tmp_path / "base", tokenizer)
+    code = main(["finetune", str(tmp_path / "base"), "--data", str(ENG_FRA_SAMPLE), "--out", str(tmp_path / "run"),
+                 "--max-iters", "5", "--quiet", "--lora-rank", "4", "--lr", "0.05", "--optim.warmup_iters", "0",
+                 "--lora-targets", "attn.q,attn.kv,cross.kv,mlp.c_fc"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    tuned, _ = open_checkpoint(tmp_path / "run").load()
+    base = type(theirs).from_pretrained(tmp_path / "base").eval()
+    source = torch.tensor([tokenizer.encode("The cat sits on the mat.") + [EOS]])
+    valid = torch.ones_like(source, dtype=torch.bool)
+    target = torch.tensor([[PAD, 40, 41, 42]])
+    with torch.no_grad():
+        untuned = base(input_ids=source, decoder_input_ids=target).logits
+        peft_model = PeftModel.from_pretrained(base, tmp_path / "run").eval()  # (adapts `base` in place)
+        ours = tuned.eval()(source, valid, target)[0]
+        expected = peft_model(input_ids=source, decoder_input_ids=target).logits
+    assert (ours - untuned).abs().max() > 1e-3  # the adapters changed something
+    assert (ours - expected).abs().max() < 1e-4
+    merged, _ = load_for_inference(
+        str(tmp_path / "base"), adapter=str(tmp_path / "run" / "adapter_config.json")
+    )
+    with torch.no_grad():
+        assert (merged(source, valid, target)[0] - ours).abs().max() < 1e-4

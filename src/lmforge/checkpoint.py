@@ -236,9 +236,10 @@ def save_checkpoint(
             "base_fingerprint": base_fingerprint(model),
         }
         save_tensors(out / "adapter.safetensors", adapters, adapter_info)
-        from lmforge.adapters.peft import llama_shaped, save_peft_adapter
+        from lmforge.adapters.peft import exchangeable, save_peft_adapter
 
-        if llama_shaped(config.model):  # the same adapters for peft.PeftModel on the transformers model
+        # The same adapters for peft.PeftModel on the transformers model, where they have names there.
+        if exchangeable(model, config.model):
             save_peft_adapter(
                 model, config.model, out, ft.init_from, ft.lora_rank, ft.lora_alpha, ft.lora_dropout
             )

@@ -131,6 +131,21 @@ def _sides(m: ModelConfig) -> tuple[tuple[str, int], ...]:
     return ("encoder", m.n_encoder_layer or m.n_layer), ("decoder", m.n_layer)
 
 
+def linear_modules(m: ModelConfig) -> dict[str, list[tuple[str, slice | None]]]:
+    """Each lmforge linear layer → the Hugging Face modules it stands for, with their rows of it
+    (a stacked key/value layer is k_proj's rows, then v_proj's): how LoRA adapters are named in PEFT."""
+    out: dict[str, list[tuple[str, slice | None]]] = {}
+    for side, count in _sides(m):
+        for i in range(count):
+            for theirs, ours in _layer_names(side, i):
+                if theirs.endswith(".weight") and ".ln_" not in ours:
+                    out[ours.removesuffix(".weight")] = [(theirs.removesuffix(".weight"), None)]
+            for theirs, ours in _stacked(side, i):
+                rows = [slice(0, m.n_embd), slice(m.n_embd, 2 * m.n_embd)]
+                out[ours] = [(f"{theirs}.k_proj", rows[0]), (f"{theirs}.v_proj", rows[1])]
+    return out
+
+
 def bart_to_lmforge(hf: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
     """lmforge tensors from a BART, Marian or mBART ...ForConditionalGeneration state dict."""
     shared = hf.get("model.shared.weight", hf.get("model.encoder.embed_tokens.weight"))

@@ -499,6 +499,19 @@ def encoder_decoder_export(m: ModelConfig, tensors: dict, eot_id: int | None) ->
     return to_bart(m, tensors, eot_id)
 
 
+def encoder_decoder_linear_modules(m: ModelConfig) -> dict[str, list[tuple[str, slice | None]]] | None:
+    """An encoder–decoder's linear layers → their Hugging Face modules (PEFT's adapter names), for
+    the layouts lmforge exports (T5, BART, Marian, mBART); None for others."""
+    from lmforge.interop import bart, t5
+
+    layout = t5 if m.pos_encoding == "relative" else bart
+    try:
+        layout.check_exportable(m)  # (what the export takes, PEFT's names follow)
+    except UserError:
+        return None
+    return layout.linear_modules(m)
+
+
 def read_hf_classifier(path: str | Path) -> dict[str, Any] | None:
     """What lmforge's classifier checkpoints hold, for a Hugging Face sequence classifier folder
     (BERT, DistilBERT, RoBERTa ...ForSequenceClassification); None for any other model."""

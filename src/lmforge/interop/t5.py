@@ -99,6 +99,19 @@ def _stacked(m: ModelConfig) -> list[tuple[str, str]]:
     return out
 
 
+def linear_modules(m: ModelConfig) -> dict[str, list[tuple[str, slice | None]]]:
+    """Each lmforge linear layer → the Hugging Face modules it stands for, with their rows of it
+    (a stacked key/value layer is k's rows, then v's): how LoRA adapters are named in PEFT."""
+    out: dict[str, list[tuple[str, slice | None]]] = {}
+    for theirs, ours in _names(m):
+        if ours.count(".") == 4:  # side.i.module.linear.weight: a layer's linear (norms: side.i.ln_k.weight)
+            out[ours.removesuffix(".weight")] = [(theirs.removesuffix(".weight"), None)]
+    for theirs, ours in _stacked(m):
+        rows = [slice(0, m.n_embd), slice(m.n_embd, 2 * m.n_embd)]
+        out[ours.removesuffix(".weight")] = [(f"{theirs}.k", rows[0]), (f"{theirs}.v", rows[1])]
+    return out
+
+
 def t5_to_lmforge(hf: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
     sd = {"shared.weight": hf.get("shared.weight", hf.get("encoder.embed_tokens.weight")), **hf}
     out = {ours: sd[theirs] for theirs, ours in _names(m)}

@@ -105,7 +105,9 @@ def _build(cfg: ClassifierTrainConfig, train_texts: list[str], n_classes: int):
         if not family_of(body_config.arch).carries_state:  # a Transformer's context bounds the text
             mcfg.max_length = min(mcfg.max_length, body_config.block_size)
         # An encoder (BERT) reads texts framed as it was trained: [CLS] ... [SEP], where its tokenizer says so.
-        mcfg.special_tokens = family_of(body_config.arch).embeds and tokenizer.hf.num_special_tokens_to_add(False) > 0
+        mcfg.special_tokens = (
+            family_of(body_config.arch).embeds and tokenizer.hf.num_special_tokens_to_add(False) > 0
+        )
         return tokenizer, TextClassifier(lm, body_width(lm), n_classes, mcfg), body_config
     tokenizer = train_word_tokenizer(train_texts, vocab_size=cfg.vocab_size)
     if cfg.model.body == "gpt":  # a Transformer decoder body, from scratch
