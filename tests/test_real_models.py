@@ -446,3 +446,34 @@ def test_4bit_smollm2_decodes_natively_with_the_float_models_choices(smollm2, lo
     for layer in [*layers, model.lm_head]:
         layer.kernel = "dequantize"  # PyTorch's float product over the same weights
     assert generate(model, tokenizer, [prompt], config)[0] == native
+
+
+def test_a_lora_run_exports_as_a_gguf_adapter_that_llama_cpp_applies(tmp_path, bpe, shakespeare_excerpt):
+    """`lmforge export RUN --out lora.gguf --lora`: llama.cpp applies the adapter on the base's GGUF
+    export and gives the logits of lmforge's merged run (fused q/k/v adapters split, rows permuted)."""
+    import llama_cpp
+
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.cli import main
+
+    model, config = tiny_llama(bpe)
+    save_checkpoint(tmp_path / "base", model, config, bpe, {})
+    assert main(["finetune", str(tmp_path / "base"), "--data", str(shakespeare_excerpt), "--out", str(tmp_path / "run"),
+                 "--max-iters", "4", "--quiet", "--lora-rank", "4", "--lora-targets", "all-linear", "--lr", "0.05",
+                 "--optim.warmup_iters", "0"]) == 0  # fmt: skip
+    assert main(["export", str(tmp_path / "base"), "--out", str(tmp_path / "base.gguf")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "lora.gguf"), "--lora"]) == 0
+    tuned, _ = open_checkpoint(tmp_path / "run").load()
+    prompt = bpe.encode("ROMEO: Wherefore art thou")
+    with torch.no_grad():
+        ours = tuned(torch.tensor([prompt]))[0][0]
+        untuned = model(torch.tensor([prompt]))[0][0]
+    assert (ours - untuned).abs().max() > 1e-2  # the adapters changed the model
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "lora.gguf"), n_ctx=64,
+                          n_threads=2, verbose=False, logits_all=True)  # fmt: skip
+    llm.eval(prompt)
+    theirs = torch.tensor(np.asarray(llm.scores[: len(prompt)]))
+    assert (theirs - ours).abs().max() < 1e-3
+    assert (
+        main(["export", str(tmp_path / "base"), "--out", str(tmp_path / "x.gguf"), "--lora"]) == 2
+    )  # no adapters

@@ -38,6 +38,11 @@ def add_export_parser(sub) -> None:
         default="f32",
         help="GGUF: how the matrices are stored (norms stay f32); q4_0/q4_1: 4 bits a weight, rows a multiple of 32",
     )
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="GGUF: write only the LoRA adapters of a finetune run, for llama.cpp's --lora beside the base's GGUF",
+    )
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -75,6 +80,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     if fmt == "hf":
         check_target(out, args.overwrite)
     opened = open_checkpoint(args.checkpoint)
+    if args.lora:
+        if fmt != "gguf":
+            raise UserError("--lora writes a GGUF LoRA adapter: give --out a .gguf file (a LoRA run's folder is "
+                            "already a PEFT adapter for transformers).")  # fmt: skip
+        from lmforge.interop.gguf import export_gguf_lora
+
+        export_gguf_lora(opened, out)
+        print(f"Wrote {out}: apply it with llama.cpp beside the base's GGUF export (llama-cli -m BASE.gguf "
+              f"--lora {out}).")  # fmt: skip
+        return 0
     model, tokenizer = opened.load()
     if fmt == "gguf":
         from lmforge.interop.gguf import export_gguf

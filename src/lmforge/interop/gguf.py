@@ -369,3 +369,60 @@ def _gguf_tensors(tensors: dict[str, torch.Tensor], m) -> list[tuple[str, torch.
             weight = _permute(weight, m.n_kv_head or m.n_head)
         out.append((f"blk.{index}.{layer[rest]}", weight.contiguous()))
     return out
+
+
+def export_gguf_lora(checkpoint, out: str | Path) -> Path:
+    """Write the LoRA adapters of a `lmforge finetune --lora-rank` run (its adapter.safetensors) as a
+    GGUF LoRA adapter, which llama.cpp applies on top of the base's GGUF export (`llama-cli -m
+    base.gguf --lora adapter.gguf`; llama-cpp-python's `lora_path`). A fused query/key/value adapter
+    becomes three (one A, B cut by rows), queries' and keys' rows in llama.cpp's order as in the base."""
+    import gguf
+
+    from lmforge.adapters.peft import hf_modules
+    from lmforge.interop.hf import hf_config_from_model
+    from lmforge.io import atomic_write
+    from lmforge.weights import read_tensors
+
+    m, ft = checkpoint.config.model, checkpoint.config.finetune
+    if not (checkpoint.path / "adapter.safetensors").is_file():
+        raise UserError(f"{checkpoint.path} holds no LoRA adapters (adapter.safetensors); --lora exports the "
+                        f"adapters of a `lmforge finetune --lora-rank` run.")  # fmt: skip
+    try:
+        llama = hf_config_from_model(m)["model_type"] == "llama"
+    except UserError:
+        llama = False
+    names = hf_modules(m) if llama else None
+    if names is None:
+        raise UserError("A GGUF LoRA adapter needs a Llama-shaped base (what GGUF export takes); this run's base "
+                        "is not one: export its adapters in PEFT's format (the run folder) instead.")  # fmt: skip
+    adapters = read_tensors(checkpoint.path / "adapter.safetensors")
+    layer_names = {hf: ours for ours, hf in GGUF_LAYER_NAMES.items()}
+    tensors = []
+    for key in sorted(k for k in adapters if k.endswith(".lora_A")):
+        module = key.removesuffix(".lora_A")
+        a, b = adapters[key].float(), adapters[f"{module}.lora_B"].float()
+        for hf_name, rows in names[module]:
+            part = b if rows is None else b[rows]
+            _, _, index, rest = hf_name.split(".", 3)  # model.layers.N.<rest>
+            if rest == "self_attn.q_proj":
+                part = _permute(part, m.n_head)
+            elif rest == "self_attn.k_proj":
+                part = _permute(part, m.n_kv_head or m.n_head)
+            name = f"blk.{index}.{layer_names[rest + '.weight']}"
+            tensors += [(f"{name}.lora_a", a.contiguous()), (f"{name}.lora_b", part.contiguous())]
+
+    def write(tmp: str) -> None:
+        w = gguf.GGUFWriter(tmp, "llama")
+        w.add_type("adapter")
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(ft.lora_alpha))
+        for name, tensor in tensors:
+            w.add_tensor(name, tensor.numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    out = Path(out)
+    atomic_write(out, write)
+    return out
