@@ -445,3 +445,26 @@ def test_an_encoder_decoder_lora_run_is_a_peft_adapter_transformers_runs(kind, t
     )
     with torch.no_grad():
         assert (merged(source, valid, target)[0] - ours).abs().max() < 1e-4
+
+
+def test_a_t5_folder_with_only_spiece_model_tokenizes_as_transformers(tmp_path):
+    """T5 folders may ship only SentencePiece's spiece.model: lmforge builds the tokenizer (the pieces,
+    then <extra_id_99> … <extra_id_0>) and gives transformers' T5 tokenizer's ids."""
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    from lmforge.interop.hf import load_hf_tokenizer
+
+    lines = [part for line in ENG_FRA_SAMPLE.read_text("utf-8").splitlines() for part in line.split("\t")[:2]]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "spiece"),
+                                   vocab_size=250, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   minloglevel=2)  # fmt: skip
+    theirs = T5Tokenizer.from_pretrained(str(tmp_path))
+    ours = load_hf_tokenizer(tmp_path)
+    assert ours.vocab_size == len(theirs) == 250 + 100
+    texts = ["The cat sits on the mat.", "Où est la gare ?  Très   loin!", "naïve façade <extra_id_0> end",
+             "translate English to French: Hello"]  # fmt: skip
+    for text in texts:
+        expected = theirs(text).input_ids
+        assert ours.encode(text) + [1] == expected, text
+        assert ours.decode(expected) == theirs.decode(expected, skip_special_tokens=True), text

@@ -410,13 +410,18 @@ def load_hf_tokenizer(path: Path) -> TextTokenizer:
         lowercase = _read_json(path / "tokenizer_config.json").get("do_lower_case", True)
         return TextTokenizer(BertWordPieceTokenizer(str(path / "vocab.txt"), lowercase=bool(lowercase))._tokenizer,
                              kind="wordpiece")  # fmt: skip
+    if (path / "spiece.model").is_file():  # T5's SentencePiece
+        from lmforge.interop.spm import t5_tokenizer
+
+        extra = _read_json(path / "tokenizer_config.json").get("extra_ids", 100)
+        return t5_tokenizer(path, extra if isinstance(extra, int) and extra >= 0 else 100)
     if (path / "source.spm").is_file() and (path / "vocab.json").is_file():  # Marian's SentencePiece
         from lmforge.interop.spm import marian_tokenizer
 
         return marian_tokenizer(path)
     raise UserError(
-        f"{path} has no tokenizer (tokenizer.json, vocab.json + merges.txt, BERT's vocab.txt, or Marian's "
-        f"source.spm + vocab.json); copy the "
+        f"{path} has no tokenizer (tokenizer.json, vocab.json + merges.txt, BERT's vocab.txt, T5's spiece.model, "
+        f"or Marian's source.spm + vocab.json); copy the "
         f"tokenizer files from the model's source next to its weights."
     )
 

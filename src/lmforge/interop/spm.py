@@ -1,4 +1,4 @@
-"""SentencePiece models (`*.spm`, `spiece.model`) as Hugging Face `tokenizers` tokenizers.
+"""SentencePiece models (Marian's `*.spm`, T5's `spiece.model`) as Hugging Face `tokenizers` tokenizers.
 
 Marian (OPUS-MT) folders ship no tokenizer.json: a SentencePiece model per side (`source.spm`,
 `target.spm`) cuts text into pieces, and `vocab.json` gives each piece its id in the model's one
@@ -89,4 +89,33 @@ def marian_tokenizer(folder: Path) -> TextTokenizer:
     )
     codes = [p for p, _ in by_id if LANGUAGE_CODE.fullmatch(p)]  # kept whole, and shown when decoded
     tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in codes])
+    return TextTokenizer(tok, kind="sentencepiece")
+
+
+def t5_tokenizer(folder: Path, extra_ids: int = 100) -> TextTokenizer:
+    """The tokenizer of a T5 folder that ships only SentencePiece's spiece.model: its pieces in their
+    own order (<pad> 0, </s> 1, <unk> 2 ...), then the sentinel tokens <extra_id_99> … <extra_id_0>;
+    SentencePiece's normaliser map, words split at whitespace with the ▁ marker, </s> after each text
+    (as transformers' T5 tokenizer builds it)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+
+    proto = read_spm(folder / "spiece.model")
+    vocab = [(p.piece, p.score) for p in proto.pieces] + [
+        (f"<extra_id_{i}>", 0.0) for i in reversed(range(extra_ids))
+    ]
+    tok = Tokenizer(Unigram(vocab, proto.trainer_spec.unk_id, False))
+    if proto.normalizer_spec.precompiled_charsmap:
+        tok.normalizer = normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    specials = [p for p in ("<pad>", "</s>", "<unk>") if tok.token_to_id(p) is not None]
+    tok.add_special_tokens([AddedToken(p, normalized=False) for p in specials])
+    tok.add_special_tokens([AddedToken(f"<extra_id_{i}>", normalized=False) for i in range(extra_ids)])
+    eos = tok.token_to_id("</s>")
+    if eos is not None:
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", eos)])  # fmt: skip
     return TextTokenizer(tok, kind="sentencepiece")
