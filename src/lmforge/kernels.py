@@ -137,6 +137,7 @@ def timings(in_features: int, out_features: int) -> dict[str, float]:
         shape = f"{in_features}x{out_features}"
         wanted = {name: f"{name} {shape}" for name in _candidates_names(in_features, out_features)}
         if not all(key in cached for key in wanted.values()):
+            timing_cache.announce(f"the products of a {shape} layer")
             for name, fn in _candidates(in_features, out_features).items():
                 cached[f"{name} {shape}"] = measure(name, fn) / getattr(fn, "products", 1)
             timing_cache.save()
@@ -178,6 +179,9 @@ def fastest_prompt_kernel(label: str, in_features: int, out_features: int, names
         cached = timing_cache.load()
         keys = {name: f"prompt{PROMPT_ROWS} {label}-{name} {in_features}x{out_features}" for name in names}
         if not all(key in cached for key in keys.values()):
+            timing_cache.announce(
+                f"the {label} products of {PROMPT_ROWS} rows of a {in_features}x{out_features} layer"
+            )
             for name, fn in candidates().items():
                 cached[keys[name]] = measure(f"{label}-{name}", fn, 5)
             timing_cache.save()

@@ -23,6 +23,8 @@ from lmforge.device import machine_key
 # loading that library times its product loops through remembered() on the same thread.
 lock = threading.RLock()
 _timings: dict[str, float] | None = None  # this machine's entries of the cache file
+# Told what is being measured (a first start on this machine takes a while): `lmforge serve` prints it.
+progress: Callable[[str], None] | None = None
 
 
 def _cache_file() -> Path:
@@ -58,12 +60,19 @@ def save() -> None:
         pass
 
 
+def announce(what: str) -> None:
+    """Tell `progress` (when set) that `what` is being timed now."""
+    if progress is not None:
+        progress(f"timing {what} on this CPU (once: kept in {_cache_file()})")
+
+
 def remembered(key: str, seconds: Callable[[], float]) -> float:
     """This machine's cached timing `key`, measured by `seconds()` (and saved) the first time."""
     with lock:
         cached = load().get(key)
     if cached is not None:
         return cached
+    announce(key)
     value = seconds()
     with lock:
         load()[key] = value

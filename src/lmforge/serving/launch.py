@@ -28,16 +28,21 @@ def serve(
     """Load `checkpoint` (with a LoRA `adapter` merged in, if given) and serve it until interrupted:
     under `served_model_name` (default: the checkpoint's folder name), with prompt + reply at most
     `context_length` tokens (0: the model's context), on `threads` CPU threads (0: the physical cores)."""
+    import time
     from pathlib import Path
 
     import uvicorn
 
+    from lmforge import timing_cache
     from lmforge.chat import chat_template_of
     from lmforge.checkpoint import open_checkpoint
     from lmforge.device import set_threads
     from lmforge.inference import load_for_inference
 
     set_threads(threads)
+    started = time.perf_counter()
+    # A first start on a CPU times its kernels (int8 and the native step) before it is ready: say so.
+    timing_cache.progress = lambda what: print(f"Starting: {what}", flush=True)
     opened = open_checkpoint(checkpoint)
     settings = ServerSettings(
         sampling_defaults=opened.generation.sampling,
@@ -68,5 +73,7 @@ def serve(
         model, tokenizer = load_for_inference(opened, device, dtype, quantize, adapter, notice=notice)
         app = create_app(model, tokenizer, settings, chat_template_of(opened, adapter))
         routes = "OpenAI API under /v1, chat page at /"
-    print(f"Serving {settings.model_name} on http://{host}:{port} ({routes}).")
+    timing_cache.progress = None
+    print(f"Serving {settings.model_name} on http://{host}:{port} ({routes}); ready in "
+          f"{time.perf_counter() - started:.1f} s.")  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level=log_level)
