@@ -109,10 +109,10 @@ def test_classify_and_eval_commands_on_a_distilbert_folder(tmp_path, capsys):
     gold = ["positive", "negative", "negative", "positive", "negative"]
     rows = "".join(f"{t}\t{g}\n" for t, g in zip(TEXTS, gold, strict=True))
     (tmp_path / "labeled.tsv").write_text("sentence\tlabel\n" + rows)
-    assert main(["eval", str(tmp_path / "c"), "--data", str(tmp_path / "labeled.tsv")]) == 0
-    shown = capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "c"), "--data", str(tmp_path / "labeled.tsv"), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
     accuracy = sum(LABELS[p] == g for p, g in zip(predicted, gold, strict=True)) / len(gold)
-    assert f"{accuracy:.4f}" in shown or f'"accuracy": {accuracy}' in shown, shown
+    assert scored["accuracy"] == pytest.approx(accuracy) and scored["examples"] == len(TEXTS)
 
 
 def test_a_classifier_without_labels_or_weights_is_one_clear_error(tmp_path, capsys):

@@ -71,6 +71,32 @@ def generated_text(row: torch.Tensor) -> list[int]:
     return tokens[: tokens.index(EOS)] if EOS in tokens else tokens
 
 
+def assert_same_as_transformers(
+    theirs, ours, tokenizer, texts: list[str], longest: int, steps: int, target_length: int, **generate
+) -> list[list[int]]:
+    """The logits of a teacher-forced batch within 1e-4 of transformers', and greedy and beam-4 outputs
+    of `steps` tokens identical to its `generate`; the sources (with the model's own tokens) back."""
+    tokens = pair_tokens(ours.config, tokenizer)
+    sources = [tokens.around(tokenizer.encode(t), longest) for t in texts]
+    width = max(map(len, sources))
+    ids = torch.tensor([s + [PAD] * (width - len(s)) for s in sources])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources])
+    target = torch.randint(4, tokenizer.vocab_size, (len(texts), target_length))
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits
+        got, _ = ours(ids, mask.bool(), target)
+    assert (expected - got).abs().max() < 1e-4
+    for beams in (1, 4):
+        with torch.no_grad():
+            generated = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, num_beams=beams,
+                                        do_sample=False, early_stopping=True, length_penalty=1.0, min_length=0,
+                                        no_repeat_ngram_size=0, **generate)  # fmt: skip
+        decode = greedy if beams == 1 else partial(beam_search, beams=beams)
+        for row, output in enumerate(decode(ours, sources, tokens, steps)):
+            assert generated_text(generated[row]) == output, (beams, row)
+    return sources
+
+
 BUILDERS = {"bart": lambda tok: tiny_bart(tok, forced_bos=True), "marian": tiny_marian}
 
 
@@ -79,27 +105,12 @@ def test_logits_greedy_and_beams_equal_transformers(kind, tokenizer, tmp_path):
     theirs = BUILDERS[kind](tokenizer)
     ours = opened(theirs, tmp_path / kind, tokenizer)
     assert ours.config.post_norm and ours.config.logits_bias
-    tokens = pair_tokens(ours.config, tokenizer)
-    text = ["The cat sits on the mat.", "Where is the station?"]
-    sources = [tokens.around(tokenizer.encode(t), 40) for t in text]
+    texts = ["The cat sits on the mat.", "Where is the station?"]
+    sources = assert_same_as_transformers(
+        theirs, ours, tokenizer, texts, longest=40, steps=12, target_length=6
+    )
     assert sources[0][-1] == EOS and (sources[0][0] == BOS) == (kind == "bart")
-    width = max(map(len, sources))
-    ids = torch.tensor([s + [PAD] * (width - len(s)) for s in sources])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources])
-    target = torch.randint(4, tokenizer.vocab_size, (2, 6))
-    with torch.no_grad():
-        expected = theirs(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits
-        got, _ = ours(ids, mask.bool(), target)
-    assert (expected - got).abs().max() < 1e-4
-    for beams in (1, 4):
-        with torch.no_grad():
-            generated = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, num_beams=beams,
-                                        do_sample=False, early_stopping=True, length_penalty=1.0,
-                                        min_length=0, no_repeat_ngram_size=0)  # fmt: skip
-        decode = greedy if beams == 1 else partial(beam_search, beams=beams)
-        mine = decode(ours, sources, tokens, 12)
-        for row, output in enumerate(mine):
-            assert generated_text(generated[row]) == output, (kind, beams, row)
+    tokens = pair_tokens(ours.config, tokenizer)
     if kind == "bart":  # the forced first token
         assert all(output[0] == BOS for output in greedy(ours, sources, tokens, 12))
 
@@ -250,31 +261,16 @@ def test_t5_logits_greedy_beams_and_export_equal_transformers(flan, tokenizer, t
     ours.eval()
     tokens = pair_tokens(ours.config, tokenizer)
     assert (tokens.start, tokens.end, tokens.source_suffix) == (PAD, EOS, (EOS,))
-    text = ["The cat sits on the mat, and the dog sleeps under the old wooden table.", "Where is it?"]
-    sources = [tokens.around(tokenizer.encode(t), 512) for t in text]
-    width = max(map(len, sources))
-    ids = torch.tensor([s + [PAD] * (width - len(s)) for s in sources])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources])
-    target = torch.randint(4, tokenizer.vocab_size, (2, 25))
-    with torch.no_grad():
-        expected = theirs(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits
-        got, _ = ours(ids, mask.bool(), target)
-    assert (expected - got).abs().max() < 1e-4
-    for beams in (1, 4):
-        with torch.no_grad():
-            # (use_cache False: transformers' cache assumes as many decoder layers as encoder layers)
-            generated = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, num_beams=beams,
-                                        do_sample=False, early_stopping=True, length_penalty=1.0,
-                                        min_length=0, no_repeat_ngram_size=0, use_cache=False)  # fmt: skip
-        decode = greedy if beams == 1 else partial(beam_search, beams=beams)
-        for row, output in enumerate(decode(ours, sources, tokens, 24)):
-            assert generated_text(generated[row]) == output, (beams, row)
+    texts = ["The cat sits on the mat, and the dog sleeps under the old wooden table.", "Where is it?"]
+    # (use_cache False: transformers' cache assumes as many decoder layers as encoder layers)
+    sources = assert_same_as_transformers(theirs, ours, tokenizer, texts, longest=512, steps=24, target_length=25,
+                                          use_cache=False)  # fmt: skip
     assert main(["export", str(tmp_path / "t5"), "--out", str(tmp_path / "out")]) == 0
     again = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out").eval()
+    source, target = torch.tensor([sources[0]]), torch.tensor([[PAD, 40, 41, 42, 43]])
     with torch.no_grad():
-        assert (
-            again(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits - expected
-        ).abs().max() < 1e-5
+        expected = theirs(input_ids=source, decoder_input_ids=target).logits
+        assert (again(input_ids=source, decoder_input_ids=target).logits - expected).abs().max() < 1e-5
 
 
 def test_t5_task_prefixes_go_before_the_sources(tokenizer, tmp_path, capsys, monkeypatch):

@@ -34,7 +34,7 @@ from lmforge.errors import UserError
 from lmforge.generation import ban_repeated_ngrams
 from lmforge.generation_config import GenerationConfig
 from lmforge.tokenizers import TextTokenizer
-from lmforge.training.pairs import PairTokens, pad_sources, pair_tokens
+from lmforge.training.pairs import PairTokens, as_pair_tokens, pad_sources, pair_tokens
 
 # Hypotheses a decoding batch advances together when transduce's batch_size is 0: as many as
 # fit DECODE_SOURCE_TOKENS tokens of source (the longest source times the rows: what cross-attention
@@ -136,10 +136,6 @@ def _encode_sources(model: nn.Module, tokenizer: TextTokenizer, sources: list[st
     return out
 
 
-def _as_tokens(tokens: PairTokens | int) -> PairTokens:
-    return tokens if isinstance(tokens, PairTokens) else PairTokens(start=tokens, end=tokens)
-
-
 def _force_first(logits: torch.Tensor, tokens: PairTokens, step: int) -> torch.Tensor:
     """At the first step of a model that forces its first token (BART), only that token may come
     (with log-probability 0, as transformers' ForcedBOSTokenLogitsProcessor gives it)."""
@@ -156,7 +152,7 @@ def greedy(model: nn.Module, sources: list[list[int]], tokens: PairTokens | int,
     """The most likely next token at each step, for every source at once; a row that ends leaves the
     batch (its cache rows with it), so the batch's longest output no longer pays for the others.
     `tokens`: the model's PairTokens (or lmforge's one boundary id, which starts and ends outputs)."""
-    tokens = _as_tokens(tokens)
+    tokens = as_pair_tokens(tokens)
     device = next(model.parameters()).device
     ids, valid = pad_sources(sources, tokens.end, device)
     memory = model.encode(ids, valid)
@@ -197,7 +193,7 @@ def beam_search(model: nn.Module, sources: list[list[int]], tokens: PairTokens |
                 beams: int, length_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> list[list[int]]:  # fmt: skip
     """The best of `beams` hypotheses per source (see the module's docstring for the scoring). A
     source whose search is over leaves the batch with its rows."""
-    tokens = _as_tokens(tokens)
+    tokens = as_pair_tokens(tokens)
     boundary = tokens.end
     device = next(model.parameters()).device
     B, K = len(sources), beams

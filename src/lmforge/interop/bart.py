@@ -245,6 +245,6 @@ def bart_config_from_model(m: ModelConfig, boundary: int | None) -> dict[str, An
     return config
 
 
-def to_bart(m: ModelConfig, tensors: dict, eot_id: int | None) -> tuple[dict, dict]:
+def export(m: ModelConfig, tensors: dict, eot_id: int | None) -> tuple[dict, dict]:
     """The encoder–decoder family's Hugging Face export: the config and tensors of its BART-family type."""
     return bart_config_from_model(m, eot_id), lmforge_to_bart(tensors, m)

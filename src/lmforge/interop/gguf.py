@@ -343,14 +343,19 @@ def export_gguf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out:
                 w.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
             else:
                 w.add_tensor(name, data)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        _finish(w)
 
     out = Path(out)
     atomic_write(out, write)
     return out
+
+
+def _finish(w) -> None:
+    """Write a GGUFWriter's header, metadata and tensors, and close it."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def _gguf_tensors(tensors: dict[str, torch.Tensor], m) -> list[tuple[str, torch.Tensor]]:
@@ -418,10 +423,7 @@ def export_gguf_lora(checkpoint, out: str | Path) -> Path:
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(ft.lora_alpha))
         for name, tensor in tensors:
             w.add_tensor(name, tensor.numpy())
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        _finish(w)
 
     out = Path(out)
     atomic_write(out, write)

@@ -492,24 +492,23 @@ def task_prefixes(path: str | Path) -> dict[str, str]:
             if isinstance(p, dict) and isinstance(p.get("prefix"), str) and p["prefix"]}  # fmt: skip
 
 
+def _encoder_decoder_layout(m: ModelConfig):
+    """The interop module of an encoder–decoder's Hugging Face layout: T5's (relative positions), else
+    the BART family's (BART, Marian or mBART, by its switches)."""
+    from lmforge.interop import bart, t5
+
+    return t5 if m.pos_encoding == "relative" else bart
+
+
 def encoder_decoder_export(m: ModelConfig, tensors: dict, eot_id: int | None) -> tuple[dict, dict]:
-    """The encoder–decoder family's Hugging Face export: T5 for a model with T5's relative positions,
-    else the BART type its layout matches (BART, Marian or mBART)."""
-    if m.pos_encoding == "relative":
-        from lmforge.interop.t5 import to_t5
-
-        return to_t5(m, tensors)
-    from lmforge.interop.bart import to_bart
-
-    return to_bart(m, tensors, eot_id)
+    """The encoder–decoder family's Hugging Face export, in the layout its model has."""
+    return _encoder_decoder_layout(m).export(m, tensors, eot_id)
 
 
 def encoder_decoder_linear_modules(m: ModelConfig) -> dict[str, list[tuple[str, slice | None]]] | None:
     """An encoder–decoder's linear layers → their Hugging Face modules (PEFT's adapter names), for
     the layouts lmforge exports (T5, BART, Marian, mBART); None for others."""
-    from lmforge.interop import bart, t5
-
-    layout = t5 if m.pos_encoding == "relative" else bart
+    layout = _encoder_decoder_layout(m)
     try:
         layout.check_exportable(m)  # (what the export takes, PEFT's names follow)
     except UserError:

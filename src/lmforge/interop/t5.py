@@ -165,6 +165,7 @@ def check_exportable(m: ModelConfig) -> None:
                             f"same way.")  # fmt: skip
 
 
-def to_t5(m: ModelConfig, tensors: dict) -> tuple[dict, dict]:
+def export(m: ModelConfig, tensors: dict, eot_id: int | None = None) -> tuple[dict, dict]:
+    """T5's config and tensors (T5 brings its own tokens: `eot_id` is not needed)."""
     check_exportable(m)
     return t5_config_from_model(m), lmforge_to_t5(tensors, m)

@@ -58,6 +58,11 @@ class PairTokens:
         return len(self.source_prefix) + len(self.source_suffix)
 
 
+def as_pair_tokens(tokens: PairTokens | int) -> PairTokens:
+    """`tokens`, or lmforge's own protocol around one boundary id (it starts and ends outputs)."""
+    return tokens if isinstance(tokens, PairTokens) else PairTokens(start=tokens, end=tokens)
+
+
 def pair_tokens(m, tokenizer) -> PairTokens:
     """The token protocol of the model config `m`: its own ids (a pretrained model's), and
     <|endoftext|> where it gives none (-1: lmforge's models, which start and end with it)."""
@@ -89,8 +94,7 @@ def make_batch(
 ) -> tuple[torch.Tensor, ...]:
     """A training batch: the sources with the model's special tokens around them, the targets after
     its start token (the decoder's input) and before its end token (what is scored)."""
-    if not isinstance(tokens, PairTokens):  # lmforge's own: one boundary token starts and ends
-        tokens = PairTokens(start=tokens, end=tokens)
+    tokens = as_pair_tokens(tokens)
     if tokens.extra:
         sources = [[*tokens.source_prefix, *np.asarray(s).tolist(), *tokens.source_suffix] for s in sources]
     source, source_valid = pad_sources(sources, tokens.end, device)
@@ -116,7 +120,7 @@ class PairSource:
         self.val_sources = data.val_sources[: eval_batches * batch_size]
         self.val_targets = data.val_targets[: eval_batches * batch_size]
         # The model's token protocol (a pretrained one's), else lmforge's boundary token.
-        self.tokens = tokens or PairTokens(start=boundary_id(data.tokenizer), end=boundary_id(data.tokenizer))
+        self.tokens = tokens or as_pair_tokens(boundary_id(data.tokenizer))
         self.batch_size, self.device, self.label_smoothing = batch_size, device, label_smoothing
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
