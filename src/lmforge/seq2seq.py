@@ -193,8 +193,8 @@ def beam_search(model: nn.Module, sources: list[list[int]], tokens: PairTokens |
                 beams: int, length_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> list[list[int]]:  # fmt: skip
     """The best of `beams` hypotheses per source (see the module's docstring for the scoring). A
     source whose search is over leaves the batch with its rows."""
-    tokens = as_pair_tokens(tokens)
-    boundary = tokens.end
+    protocol = as_pair_tokens(tokens)  # (`tokens` below: the hypotheses' token ids)
+    boundary = protocol.end
     device = next(model.parameters()).device
     B, K = len(sources), beams
     ids, valid = pad_sources(sources, boundary, device)
@@ -204,7 +204,7 @@ def beam_search(model: nn.Module, sources: list[list[int]], tokens: PairTokens |
                             source=ids.index_select(0, rows))  # fmt: skip
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # at first all K beams are the same: only one may extend
-    protocol, tokens = tokens, torch.full((B * K, 1), tokens.start, dtype=torch.long, device=device)
+    tokens = torch.full((B * K, 1), protocol.start, dtype=torch.long, device=device)
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     active = list(range(B))  # the sources still searched; slot s holds rows s*K .. s*K+K-1
     for step in range(max_new):

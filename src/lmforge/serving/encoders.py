@@ -76,21 +76,15 @@ def _texts_or_ids(given, tokenizer, max_length: int) -> list[list[int]]:
     return given
 
 
-def _pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(r) for r in rows])
-    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-    return ids.to(device), lengths
-
-
 @torch.inference_mode()
 def embed(model, rows: list[list[int]]) -> torch.Tensor:
-    """Mean-pooled, unit-length embeddings (N, width) of the token-id rows."""
-    ids, lengths = _pad(rows, next(model.parameters()).device)
-    hidden = model.features(ids, lengths).float()
-    valid = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None].to(ids.device)).float()
-    pooled = (hidden * valid[:, :, None]).sum(1) / lengths[:, None].to(hidden.device)
+    """Mean-pooled, unit-length embeddings (N, width) of the token-id rows (the classifiers' padding
+    and mean pooling, models/classifier.py)."""
+    from lmforge.models.classifier import pool
+    from lmforge.training.classify import pad_right
+
+    ids, lengths = pad_right(rows, next(model.parameters()).device)
+    pooled = pool(model.features(ids, lengths).float(), lengths, "mean")
     return torch.nn.functional.normalize(pooled, dim=-1).cpu()
 
 
