@@ -69,12 +69,12 @@ def line_editing(history_file: Path | None) -> Iterator[None]:
 
 
 def terminal_chat(
-    model, tokenizer, template: str, config, system: str | None = None, read=input, write=print
+    model, tokenizer, template: str, config, system: str | None = None, read=input, write=print, draft=None
 ) -> None:
     """A chat loop in the terminal: streaming replies, history, and a few slash commands.
 
-    `config` is a GenerationConfig (temperature, max_new_tokens, ...); `read`/`write` are
-    swappable so that tests can drive the loop.
+    `config` is a GenerationConfig (temperature, max_new_tokens, ...); `draft`: a draft model for
+    speculative decoding; `read`/`write` are swappable so that tests can drive the loop.
     """
     from dataclasses import replace
 
@@ -132,7 +132,7 @@ def terminal_chat(
         try:
             notice = lambda message: write(f"({message})\nmodel> ", end="")  # noqa: E731  (one line, no warning)
             for piece in stream(
-                model, tokenizer, prompt, replace(config, stop=list(config.stop) + stops), notice
+                model, tokenizer, prompt, replace(config, stop=list(config.stop) + stops), notice, draft
             ):
                 reply += piece
                 write(piece, end="", flush=True)

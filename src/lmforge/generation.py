@@ -29,106 +29,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge import speculative
 from lmforge.compiled import can_compile, decode_one, static_capacity
 from lmforge.errors import UserError
 from lmforge.generation_config import GenerationConfig, generation_settings  # noqa: F401  (re-exported)
 from lmforge.native.decoding import step_logits
+from lmforge.sampling import (  # noqa: F401  (re-exported)
+    apply_penalties,
+    ban_repeated_ngrams,
+    choose_tokens,
+    filter_logits,
+    next_token_probs,
+    sample,
+)
 from lmforge.tokenizers import TextTokenizer
-
-# ---- logits processing ----------------------------------------------------------------
-
-
-def apply_penalties(
-    logits: torch.Tensor,
-    context: torch.Tensor,
-    context_valid: torch.Tensor,
-    generated_counts: torch.Tensor,
-    cfg: GenerationConfig,
-) -> torch.Tensor:
-    """Repetition penalty (CTRL / Hugging Face style) over the whole text, presence and
-    frequency penalties (OpenAI style) over the generated tokens."""
-    if cfg.repetition_penalty != 1.0:
-        seen = torch.zeros_like(logits, dtype=torch.bool)
-        seen.scatter_(1, context, context_valid)
-        penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if cfg.presence_penalty or cfg.frequency_penalty:
-        logits = (
-            logits - cfg.presence_penalty * (generated_counts > 0) - cfg.frequency_penalty * generated_counts
-        )
-    return logits
-
-
-def ban_repeated_ngrams(scores: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
-    """`scores` (rows, vocab) with -inf on every token that would complete an n-gram already in that
-    row of `generated` (rows, length): the n-grams whose first n-1 tokens equal the row's last n-1."""
-    if n <= 0 or generated.shape[1] < n:
-        return scores
-    windows = generated.unfold(1, n, 1)  # (rows, length - n + 1, n): every n-gram so far
-    last = generated[:, generated.shape[1] - n + 1 :]  # what the next token would extend
-    hits = (windows[:, :, : n - 1] == last[:, None, :]).all(-1)  # (n = 1: every token so far)
-    rows, where = hits.nonzero(as_tuple=True)
-    banned = windows[rows, where, n - 1]
-    return scores.index_put((rows, banned), torch.tensor(float("-inf"), dtype=scores.dtype))
-
-
-def filter_logits(
-    logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
-) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k, top-p and min-p sets (rows independent)."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if min_p > 0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
-    if top_p < 1.0:
-        probs = logits.softmax(-1)
-        # The nucleus usually lies among a few dozen tokens: look for it in the top 64, then the top
-        # 4,096, before sorting the whole vocabulary (sorting 49k probabilities takes ~3.5 ms a token
-        # on a 2-core CPU, a fifth of SmolLM2's decode step; a top 64 ~0.1 ms).
-        for k in (64, 4096, probs.shape[-1]):
-            if k < probs.shape[-1]:
-                top, order = probs.topk(k, dim=-1)  # in descending order
-            else:
-                top, order = probs.sort(dim=-1, descending=True)
-            cumulative = top.cumsum(-1)
-            if k >= probs.shape[-1] or bool((cumulative[..., -1] >= top_p).all()):
-                break
-        # Drop a token when the tokens before it already reach top_p (the first always stays); the
-        # tokens past the top k have at least all of the top k's mass before them.
-        keep_sorted = (cumulative - top) < top_p
-        keep_sorted[..., 0] = True  # the most likely token always stays (a tiny top_p rounds to 0 here)
-        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
-        logits = logits.masked_fill(~keep, float("-inf"))
-    return logits
-
-
-def choose_tokens(
-    logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None
-) -> torch.Tensor:
-    if cfg.temperature == 0:
-        return logits.argmax(-1)
-    # Shifted so that the best logit is 0: a tiny temperature then gives -inf, never inf - inf.
-    logits = logits - logits.max(-1, keepdim=True).values
-    if cfg.temperature != 1.0:
-        logits = logits / cfg.temperature
-    logits = filter_logits(logits.nan_to_num(nan=float("-inf")), cfg.top_k, cfg.top_p, cfg.min_p)
-    return sample(logits.softmax(-1).cpu(), generator).to(logits.device)
-
-
-def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row, drawn with the given probabilities (rows of `probs`).
-
-    By inverting the cumulative distribution with one uniform number per row: exact, and
-    some 40x faster on a CPU than `torch.multinomial` over a 49k vocabulary (which draws
-    far more random numbers). `right=True` never lands on a token of probability 0."""
-    cdf = probs.float().cumsum(-1)
-    total = cdf[:, -1:]
-    u = torch.rand(probs.shape[0], 1, generator=generator) * total
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
-
 
 # ---- prompts ----------------------------------------------------------------------------
 
@@ -368,14 +282,25 @@ def generate(
     prompts: str | list[str],
     config: GenerationConfig | None = None,
     warn: Callable[[str], None] | None = None,
+    draft: nn.Module | None = None,
+    stats: Any = None,
 ) -> list[str]:
-    """The generated continuation of each prompt (prompts of any lengths, batched)."""
+    """The generated continuation of each prompt (prompts of any lengths, batched). Speculative
+    decoding (speculative.py) with `draft` (a draft model) or `cfg.prompt_lookup_num_tokens`, one
+    prompt at a time; `stats` (a `SpeculationStats`) counts its drafted and kept tokens."""
     cfg = config or GenerationConfig()
     texts = _check_prompts(prompts)
     encoded = [encode_prompt(tokenizer, p, model.block_size, cfg.strict, warn) for p in texts]
-    batched = beam_search_ids if cfg.num_beams > 1 else generate_ids
+    drafter = speculative.drafter_for(cfg, draft)
+    if all(speculative.can_speculate(model, ids, cfg, drafter) for ids in encoded):
+        ends, banned = tokenizer.end_ids, banned_ids(tokenizer)
+        generated = [
+            speculative.speculative_ids(model, ids, cfg, drafter, ends, banned, stats) for ids in encoded
+        ]
+    else:
+        generated = (beam_search_ids if cfg.num_beams > 1 else generate_ids)(model, tokenizer, encoded, cfg)
     results = []
-    for new_ids in batched(model, tokenizer, encoded, cfg):
+    for new_ids in generated:
         tracker = TextTracker(tokenizer, cfg.stop)
         for t in new_ids:
             tracker.add(t)
@@ -391,6 +316,8 @@ def stream(
     prompt: str,
     config: GenerationConfig | None = None,
     warn: Callable[[str], None] | None = None,
+    draft: nn.Module | None = None,
+    stats: Any = None,
 ) -> Iterator[str]:
     """Yield pieces of the continuation as they settle; their concatenation equals `generate`'s text."""
     cfg = config or GenerationConfig()
@@ -399,8 +326,14 @@ def stream(
         yield from beam_search(model, tokenizer, ids, cfg)
         return
     tracker = TextTracker(tokenizer, cfg.stop)
-    ends = tokenizer.end_ids
-    for token in decode_steps(model, [ids], cfg, ends, banned=banned_ids(tokenizer)):
+    ends, banned = tokenizer.end_ids, banned_ids(tokenizer)
+    drafter = speculative.drafter_for(cfg, draft)
+    steps = (
+        speculative.speculative_steps(model, ids, cfg, drafter, ends, banned, stats)
+        if speculative.can_speculate(model, ids, cfg, drafter)
+        else decode_steps(model, [ids], cfg, ends, banned=banned)
+    )
+    for token in steps:
         t = int(token[0])
         if cfg.stop_at_eot and t in ends:
             break
@@ -644,7 +577,8 @@ class TextGenerationPipeline:
 
     As transformers' pipeline: a conversation (a list of {"role", "content"} messages, or a list of
     them) is formatted with the checkpoint's chat template and answered, and `generated_text` is
-    the conversation with the reply appended; `do_sample=False` decodes greedily."""
+    the conversation with the reply appended; `do_sample=False` decodes greedily; `assistant_model=`
+    (a draft model) and `prompt_lookup_num_tokens=` decode speculatively."""
 
     def __init__(self, model: nn.Module, tokenizer: TextTokenizer, chat_template: str | None = None):
         self.model, self.tokenizer, self.chat_template = model, tokenizer, chat_template
@@ -657,6 +591,7 @@ class TextGenerationPipeline:
         **settings,
     ) -> list[dict] | list[list[dict]]:
         do_sample = settings.pop("do_sample", None)  # (transformers' switch: False = greedy)
+        draft = settings.pop("assistant_model", None)  # (transformers' name of a draft model)
         unknown = set(settings) - set(GenerationConfig.__dataclass_fields__)
         if unknown:
             raise UserError(f"Unknown generation setting(s): {', '.join(sorted(unknown))}.")
@@ -665,7 +600,7 @@ class TextGenerationPipeline:
         cfg = GenerationConfig(**settings)
         conversations = _conversations(prompts)
         if conversations is not None:
-            return self._chat(conversations, cfg, num_return_sequences, single=isinstance(prompts[0], dict))
+            return self._chat(conversations, cfg, num_return_sequences, isinstance(prompts[0], dict), draft)
         single = isinstance(prompts, str)
         texts = _check_prompts(prompts)
         results = []
@@ -673,12 +608,19 @@ class TextGenerationPipeline:
             outs = []
             for i in range(num_return_sequences):
                 run_cfg = replace(cfg, seed=None if cfg.seed is None else cfg.seed + i)
-                text = generate(self.model, self.tokenizer, prompt, run_cfg)[0]
+                text = generate(self.model, self.tokenizer, prompt, run_cfg, draft=draft)[0]
                 outs.append({"generated_text": prompt + text if return_full_text else text})
             results.append(outs)
         return results[0] if single else results
 
-    def _chat(self, conversations: list[list[dict]], cfg: GenerationConfig, count: int, single: bool) -> list:
+    def _chat(
+        self,
+        conversations: list[list[dict]],
+        cfg: GenerationConfig,
+        count: int,
+        single: bool,
+        draft: Any = None,
+    ) -> list:
         from lmforge.data.instructions import DEFAULT_CHAT_TEMPLATE, chat_stop_strings, render_chat
 
         template = self.chat_template or DEFAULT_CHAT_TEMPLATE
@@ -689,7 +631,7 @@ class TextGenerationPipeline:
             outs = []
             for i in range(count):
                 run_cfg = replace(cfg, seed=None if cfg.seed is None else cfg.seed + i)
-                reply = generate(self.model, self.tokenizer, prompt, run_cfg)[0].strip()
+                reply = generate(self.model, self.tokenizer, prompt, run_cfg, draft=draft)[0].strip()
                 outs.append({"generated_text": [*messages, {"role": "assistant", "content": reply}]})
             results.append(outs)
         return results[0] if single else results

@@ -48,6 +48,12 @@ class GenerationConfig:
     no_repeat_ngram_size: int = option(
         0, "no n-gram of this many tokens twice in the generated text (0 = off)", ge=0, le=1024, api=False
     )
+    prompt_lookup_num_tokens: int = option(
+        0, "speculative decoding: draft up to this many tokens from the text so far (0 = off)", ge=0, le=64
+    )
+    num_assistant_tokens: int = option(
+        5, "speculative decoding with a draft model: tokens it drafts at first", ge=1, le=64, api=False
+    )
     seed: int | None = option(None, "seed of the sampler (same seed, same text)", ge=0, le=2**63 - 1)
     strict: bool = option(False, "refuse prompts longer than the context instead of cropping them", api=False)
 
@@ -64,7 +70,7 @@ class GenerationConfig:
 
     @functools.cached_property  # (in the instance's __dict__: not a field, so not in ==, hash or replace)
     def _sampling_key(self) -> GenerationConfig:
-        return replace(self, max_new_tokens=0, stop=(), strict=False)
+        return replace(self, max_new_tokens=0, stop=(), strict=False, prompt_lookup_num_tokens=0)
 
     def sampling_key(self) -> GenerationConfig:
         """The settings that must agree for sequences to be decoded in one batch (asked for every row

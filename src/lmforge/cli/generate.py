@@ -30,6 +30,7 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
     p.add_argument("--no-stream", action="store_true", help="print each result when it is complete")
     add_shared(p, "--device", "--dtype", "--quantize", "--adapter", "--revision", "--compile")
+    add_draft_flag(p)
     add_generation_flags(p, max_new_tokens=200, temperature=0.8)
 
 
@@ -38,7 +39,17 @@ def add_chat_parser(sub) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--system", default=None, help="system prompt")
     add_shared(p, "--device", "--dtype", "--quantize", "--adapter", "--revision", "--compile")
+    add_draft_flag(p)
     add_generation_flags(p, temperature=0.8, top_p=0.95, max_new_tokens=None)
+
+
+def add_draft_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--draft",
+        metavar="MODEL",
+        help="speculative decoding: a smaller checkpoint with the same tokenizer drafts tokens that the "
+        "model checks several at a time (same text when greedy; see --num-assistant-tokens)",
+    )
 
 
 def load_for_generation(args: argparse.Namespace, opened):
@@ -56,30 +67,59 @@ def load_for_generation(args: argparse.Namespace, opened):
     )
 
 
+def load_draft(args: argparse.Namespace, model, tokenizer):
+    """The draft model of `--draft` (on the model's device, dtype and quantization), or None."""
+    if not args.draft:
+        return None
+    if not hasattr(model, "blocks"):
+        raise UserError("--draft needs a Transformer decoder as the model; this one decodes without a draft.")
+    from lmforge.inference import load_for_inference
+
+    draft, draft_tokenizer = load_for_inference(
+        open_for(args.draft, "generate"), args.device, args.dtype, args.quantize, None, notice=note
+    )
+    if draft_tokenizer.hf.get_vocab() != tokenizer.hf.get_vocab() or not hasattr(draft, "blocks"):
+        raise UserError(f"The draft model {args.draft} does not share the model's tokenizer (or is not a "
+                        "Transformer decoder); give a smaller model trained with the same tokenizer.")  # fmt: skip
+    return draft
+
+
+def report_speculation(stats) -> None:
+    if stats.drafted:
+        note(f"speculative decoding kept {stats.accepted} of {stats.drafted} drafted tokens "
+             f"({100 * stats.acceptance:.0f}%)")  # fmt: skip
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.generation import generate, stream
+    from lmforge.speculative import SpeculationStats
 
     opened = open_for(args.checkpoint, "generate")
     config = generation_config(args, opened.generation.sampling)  # checked before the model loads
     if args.num_samples < 1:
         raise UserError("--num-samples must be at least 1.")
     model, tokenizer = load_for_generation(args, opened)
+    draft = load_draft(args, model, tokenizer)
+    stats = SpeculationStats()
     prompts = read_prompts(args)
     warn = lambda message: print(f"lmforge: warning: {message}", file=sys.stderr)  # noqa: E731
     for i in range(args.num_samples):
         cfg = replace(config, seed=None if config.seed is None else config.seed + i)
         if args.no_stream or len(prompts) > 1:
-            for prompt, text in zip(prompts, generate(model, tokenizer, prompts, cfg, warn), strict=True):
+            for prompt, text in zip(
+                prompts, generate(model, tokenizer, prompts, cfg, warn, draft, stats), strict=True
+            ):
                 print(prompt + text)
                 if len(prompts) > 1 or args.num_samples > 1:
                     print("---")
         else:
             print(prompts[0], end="", flush=True)
-            for piece in stream(model, tokenizer, prompts[0], cfg, warn):
+            for piece in stream(model, tokenizer, prompts[0], cfg, warn, draft, stats):
                 print(piece, end="", flush=True)
             print()
             if args.num_samples > 1:
                 print("---")
+    report_speculation(stats)
     return 0
 
 
@@ -90,6 +130,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     recommended = opened.generation.sampling
     generation_config(args, recommended, max_new_tokens=args.max_new_tokens or 1)  # checked before loading
     model, tokenizer = load_for_generation(args, opened)
+    draft = load_draft(args, model, tokenizer)
     if args.max_new_tokens is None:
         args.max_new_tokens = min(256, model.block_size // 2)
     if args.max_new_tokens >= model.block_size:
@@ -102,5 +143,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     interactive = sys.stdin.isatty()  # line editing and history for a person typing, not for piped input
     with line_editing(cache_dir() / "chat_history") if interactive else nullcontext():
-        terminal_chat(model, tokenizer, chat_template_of(opened, args.adapter), config, system=args.system)
+        terminal_chat(model, tokenizer, chat_template_of(opened, args.adapter), config, system=args.system,
+                      draft=draft)  # fmt: skip
     return 0

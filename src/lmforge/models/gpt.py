@@ -118,6 +118,11 @@ class KVCache:
             self.valid[:, keep:] = False
             self.length = keep
 
+    def truncate(self, length: int) -> None:
+        """Forget every slot from `length` on (drafted tokens that were refused)."""
+        self.valid[:, length:] = False
+        self.length = min(self.length, length)
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the rows `index` (beam search)."""
         self.k = self.k.index_select(1, index)

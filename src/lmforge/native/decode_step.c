@@ -52,6 +52,9 @@ typedef struct {
     int64_t row_stride;    /* elements between rows of k and v */
     int64_t valid_stride;  /* bytes between rows of valid */
     int64_t capacity, slot;
+    int64_t chain;         /* 0: one new token per row; 1: the rows are consecutive tokens of one sequence
+                            * (speculative decoding's check), sharing one cache row (strides 0): row r
+                            * goes in slot `slot` + r and attends to the slots up to its own */
 } Cache;
 
 static void norm_row(const float *x, float *y, int64_t n, const float *weight, const float *bias,
@@ -245,7 +248,8 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
                 float *logits, int threads) {
     const int64_t C = m->n_embd, hd = m->head_dim, H = m->n_head, KV = m->n_kv_head, F = m->hidden;
     const int64_t qkv_width = (H + 2 * KV) * hd, up_width = m->activation == SWIGLU ? 2 * F : F;
-    const int64_t seen = c->slot + 1; /* slots attended to: the cached ones and the new one */
+    /* Slots attended to (the most of any row): the cached ones and the new one(s). */
+    const int64_t seen = c->slot + (c->chain ? rows : 1);
     const int64_t widest = F > C ? F : C;
     /* Scratch: residual stream, normed input, q|k|v, attention output, MLP up and its activation,
      * rotary tables per row, attention scores per (row, head), the rounded int16 input rows. */
@@ -298,7 +302,7 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
                     if (m->rotary) rotate(head, hd, rope + r * hd, rope + r * hd + hd / 2);
                 }
                 for (int64_t h = 0; h < KV; h++) {
-                    int64_t at = r * c->row_stride + (h * c->capacity + c->slot) * hd;
+                    int64_t at = r * c->row_stride + (h * c->capacity + c->slot + (c->chain ? r : 0)) * hd;
                     for (int64_t i = 0; i < hd; i++) {
                         k_cache[at + i] = row[(H + h) * hd + i];
                         v_cache[at + i] = row[(H + KV + h) * hd + i];
@@ -313,7 +317,8 @@ int decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int
                 for (int64_t h = 0; h < H; h++) {
                     int64_t base = r * c->row_stride + (h / (H / KV)) * c->capacity * hd;
                     attend(qkv + r * qkv_width + h * hd, k_cache + base, v_cache + base,
-                           c->valid + r * c->valid_stride, seen, hd, scale, scores + (r * H + h) * seen,
+                           c->valid + r * c->valid_stride, c->slot + 1 + (c->chain ? r : 0), hd, scale,
+                           scores + (r * H + h) * seen,
                            attended + r * C + h * hd);
                 }
             team_wait(&team);

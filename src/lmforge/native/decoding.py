@@ -60,7 +60,7 @@ class _Model(ctypes.Structure):
 class _Cache(ctypes.Structure):
     _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("valid", ctypes.c_void_p),
                 *((name, ctypes.c_int64) for name in ("layer_stride", "row_stride", "valid_stride", "capacity",
-                                                      "slot"))]  # fmt: skip
+                                                      "slot", "chain"))]  # fmt: skip
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -192,10 +192,16 @@ class NativeDecoder:
         return _Linear(weight.data_ptr(), self._float(layer.scale).data_ptr(), None, None, None, None, None, bias,
                        layer.in_features, layer.out_features)  # fmt: skip
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, chain: bool = False
+    ) -> torch.Tensor:
         """Append one token per row (`tokens`, `positions`: (B,)) to `cache` and return the next-token
-        logits (B, vocab), as the model's forward pass with that cache would."""
+        logits (B, vocab), as the model's forward pass with that cache would. `chain`: the tokens are
+        consecutive tokens of the cache's one sequence instead (speculative decoding checks a draft so:
+        the logits after each of them, one weight read for all)."""
         rows = tokens.shape[0]
+        if chain and cache.k.shape[1] != 1:
+            raise ValueError("a chain of tokens extends a cache of one sequence")
         k, v, valid = cache.k, cache.v, cache.valid
         # The C code reads memory by address: anything out of range is refused here, not read there.
         if k.device.type != "cpu" or tokens.device.type != "cpu" or positions.device.type != "cpu":
@@ -213,11 +219,12 @@ class NativeDecoder:
             raise ValueError("the native decode step needs a float32 cache with contiguous slots")
         if k.stride(2) != k.shape[3] * k.shape[4]:
             raise ValueError("the native decode step needs a cache whose heads are contiguous")
-        cache.make_room(1)
+        new = rows if chain else 1
+        cache.make_room(new)
         slot = cache.length
-        valid[:, slot] = True
-        cache_view = _Cache(k.data_ptr(), v.data_ptr(), valid.data_ptr(), k.stride(0), k.stride(1), valid.stride(0),
-                            cache.capacity, slot)  # fmt: skip
+        valid[:, slot : slot + new] = True
+        cache_view = _Cache(k.data_ptr(), v.data_ptr(), valid.data_ptr(), k.stride(0), 0 if chain else k.stride(1),
+                            0 if chain else valid.stride(0), cache.capacity, slot, int(chain))  # fmt: skip
         tokens = tokens.to(torch.int64).contiguous()
         positions = positions.to(torch.int64).contiguous()
         logits = torch.empty(rows, self.vocab, dtype=torch.float32)
@@ -225,7 +232,7 @@ class NativeDecoder:
                                 positions.data_ptr(), rows, logits.data_ptr(), torch.get_num_threads())  # fmt: skip
         if failed:
             raise MemoryError("the native decode step could not allocate its scratch memory")
-        cache.length += 1
+        cache.length += new
         return logits
 
 
@@ -245,6 +252,20 @@ def step_logits(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
             if cache.k.dtype != weight_dtype:  # (converted once: later steps find it converted)
                 cache.k, cache.v = cache.k.to(weight_dtype), cache.v.to(weight_dtype)
     return model(tokens[:, None], cache=cache, positions=positions[:, None])[0][:, -1]
+
+
+def chain_logits(model: nn.Module, tokens: list[int], position: int, cache) -> torch.Tensor:
+    """Append consecutive tokens of the cache's one sequence (the first at `position`) to `cache`; the
+    next-token logits after each of them (len(tokens), vocab): by the native decoder in one call when
+    the model has one, else by its forward pass."""
+    decoder = getattr(model, "native_decoder", None)
+    device = cache.k.device if isinstance(cache, KVCache) else None
+    ids = torch.tensor(tokens, device=device)
+    positions = torch.arange(position, position + len(tokens), device=device)
+    if decoder is not None and isinstance(cache, KVCache) and cache.k.dtype == torch.float32:
+        return decoder.step(ids, positions, cache, chain=True)
+    mask = torch.ones(1, len(tokens), dtype=torch.bool, device=device)
+    return model(ids[None], cache=cache, positions=positions[None], attention_mask=mask)[0][0]
 
 
 @torch.inference_mode()

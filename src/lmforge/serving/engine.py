@@ -38,6 +38,7 @@ from lmforge.generation import (
 from lmforge.models.gpt import KVCache
 from lmforge.native.decoding import step_logits
 from lmforge.serving.prefill import PrefixCache, prefill
+from lmforge.speculative import PromptLookup, check_draft, next_draft_size, verify
 from lmforge.structured import GrammarConstraint, mask_logits
 from lmforge.tokenizers import TextTokenizer
 
@@ -63,6 +64,8 @@ class Done:
     index: int
     finish_reason: str  # "stop" or "length"
     completion_tokens: int
+    drafted: int = 0  # speculative decoding: tokens drafted for this sequence, and how many were kept
+    accepted: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,10 @@ class _Row:
     counts: torch.Tensor | None  # how often each token was generated (presence/frequency penalties)
     produced: int = 0
     done: bool = False
+    draft_size: int = 0  # speculative decoding: tokens to draft next (0: not yet started)
+    chosen: int | None = None  # a token already chosen by a draft's check (a refused draft's replacement)
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def length(self) -> int:
@@ -168,6 +175,8 @@ class Engine:
             "sequences": 0,
             "max_batch_seen": 0,
             "cancelled": 0,
+            "drafted": 0,
+            "accepted": 0,
         }
         self.device = next(model.parameters()).device
         self.ends = tokenizer.end_ids
@@ -376,13 +385,59 @@ class Engine:
         if not self.rows:
             self._clear()
             return
-        tokens = torch.tensor([r.history[-1] for r in self.rows], device=self.device)
-        positions = torch.tensor([r.length - 1 for r in self.rows], device=self.device)
         cache = self.cache.narrowed(len(self.rows)) if isinstance(self.cache, KVCache) else self.cache
-        logits = step_logits(self.model, tokens, positions, cache)
+        if self._speculates():
+            self._speculative_step(self.rows[0], cache)
+        else:
+            tokens = torch.tensor([r.history[-1] for r in self.rows], device=self.device)
+            positions = torch.tensor([r.length - 1 for r in self.rows], device=self.device)
+            self.next_logits = step_logits(self.model, tokens, positions, cache).float()
         if cache is not self.cache:  # a view of the first rows: keep the whole cache's count
             self.cache.length, self.cache.padded = cache.length, cache.padded
-        self.next_logits = logits.float()
+
+    def _speculates(self) -> bool:
+        """Speculative decoding (prompt lookup) runs when one sequence is decoding alone, asked for it,
+        and nothing waits to join: a batch's rows already share each step's weight reads."""
+        if len(self.rows) != 1 or self.pending or not isinstance(self.cache, KVCache):
+            return False
+        row = self.rows[0]
+        cfg = row.seq.config
+        room = self.cache.capacity - self.cache.length
+        return (cfg.prompt_lookup_num_tokens > 0 and row.constraint is None and row.seq.logprobs is None
+                and room > cfg.prompt_lookup_num_tokens and row.remaining > 1)  # fmt: skip
+
+    def _speculative_step(self, row: _Row, cache: KVCache) -> None:
+        """Feed the row's last token with a draft from its own text, keep the drafted tokens the model
+        agrees with (handed out at once), and leave the model's next choice for the next step."""
+        cfg = row.seq.config
+        row.draft_size = row.draft_size or cfg.prompt_lookup_num_tokens
+        draft = PromptLookup().propose(row.history, min(row.draft_size, row.remaining - 1))
+        before = cache.length
+        block = check_draft(self.model, cache, row.history[-1], row.length - 1, draft)
+        kept = 0
+        for place, drafted in enumerate(draft):
+            scores = block[place : place + 1].clone()
+            if self.banned:
+                scores[:, self.banned] = float("-inf")
+            if cfg.repetition_penalty != 1.0 or cfg.presence_penalty or cfg.frequency_penalty:
+                scores = self._penalised(scores, row, cfg)
+            token, same = verify(scores, drafted, cfg, self.generators.get(row.seq.group))
+            if not same:
+                row.chosen = token  # (handed out by the next step, like any choice)
+                break
+            kept += 1
+            self._advance(row, token, None)
+            if row.done:
+                break
+        row.drafted, row.accepted = row.drafted + len(draft), row.accepted + kept
+        self.stats["drafted"] += len(draft)
+        self.stats["accepted"] += kept
+        if self.metrics is not None:
+            self.metrics.drafted(len(draft), kept)
+        row.draft_size = next_draft_size(row.draft_size, bool(draft) and kept == len(draft),
+                                         cfg.prompt_lookup_num_tokens)  # fmt: skip
+        cache.truncate(before + 1 + kept)
+        self.next_logits = block[kept : kept + 1]
 
     def _choose(self) -> list[tuple[int, tuple | None]]:
         """Each row's next token under its own settings, with (log-probability, top alternatives)
@@ -412,6 +467,9 @@ class Engine:
                 )
             tokens[index] = choose_tokens(sub, cfg, self.generators.get(group))
         chosen = tokens.tolist()
+        for i, row in enumerate(self.rows):
+            if row.chosen is not None:  # chosen when a draft was checked (speculative decoding)
+                chosen[i], row.chosen = row.chosen, None
         out = []
         for i, row in enumerate(self.rows):
             scores = None
@@ -463,7 +521,7 @@ class Engine:
         rest = row.tracker.take_new(final=True)
         if rest:
             row.seq.emit(Token(row.seq.index, rest))
-        row.seq.emit(Done(row.seq.index, reason, row.produced))
+        row.seq.emit(Done(row.seq.index, reason, row.produced, row.drafted, row.accepted))
         row.done = True
 
 

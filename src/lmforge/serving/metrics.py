@@ -8,6 +8,8 @@
     lmforge_queue_length                             sequences waiting for the running batch
     lmforge_running_sequences, lmforge_batch_occupancy   rows in the batch, and their share of --max-batch
     lmforge_prefix_cache_reused_tokens_total         prompt tokens read from the prefix cache, not computed
+    lmforge_draft_tokens_total, lmforge_draft_tokens_accepted_total
+                                                     speculative decoding: tokens drafted, and kept
 
 Each app has its own registry (several servers in one process, as in the tests, count apart). The
 engine's worker thread reports tokens (`token`), the routes report requests.
@@ -57,6 +59,10 @@ class ServingMetrics:
         Gauge("lmforge_batch_occupancy", "Running sequences / --max-batch",
               registry=registry).set_function(lambda: engine.running() / engine.max_batch)  # fmt: skip
         registry.register(_PrefixReuse(engine))
+        self.draft_tokens = Counter("lmforge_draft_tokens", "Tokens drafted (speculative decoding)",
+                                    registry=registry)  # fmt: skip
+        self.draft_tokens_accepted = Counter("lmforge_draft_tokens_accepted", "Drafted tokens the model kept",
+                                             registry=registry)  # fmt: skip
 
     def submitted(self, prompt_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)
@@ -70,6 +76,10 @@ class ServingMetrics:
             self.between_tokens.observe(now - seq.last_token_at)
         seq.last_token_at = now
         self.generated_tokens.inc()
+
+    def drafted(self, drafted: int, accepted: int) -> None:
+        self.draft_tokens.inc(drafted)
+        self.draft_tokens_accepted.inc(accepted)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -244,14 +244,24 @@ class Choice:
     top: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    drafted: int = 0  # speculative decoding's drafted tokens, and how many the model kept
+    accepted: int = 0
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, drafted: int = 0, accepted: int = 0) -> dict:
+    """OpenAI's usage object; speculative decoding's kept and refused drafted tokens as OpenAI reports
+    those of a predicted output (`completion_tokens_details`)."""
+    used: dict = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if drafted:
+        used["completion_tokens_details"] = {
+            "accepted_prediction_tokens": accepted,
+            "rejected_prediction_tokens": drafted - accepted,
+        }
+    return used
 
 
 def sse(obj: Any) -> str:
@@ -307,5 +317,10 @@ class ResponseShape:
             [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}], True
         )
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
-        return {**self.envelope([], True), "usage": usage(prompt_tokens, completion_tokens)}
+    def usage_chunk(
+        self, prompt_tokens: int, completion_tokens: int, drafted: int = 0, accepted: int = 0
+    ) -> dict:
+        return {
+            **self.envelope([], True),
+            "usage": usage(prompt_tokens, completion_tokens, drafted, accepted),
+        }

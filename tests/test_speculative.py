@@ -1,0 +1,191 @@
+"""Speculative decoding (speculative.py): prompt-lookup and draft-model drafts checked in one step of
+the native decoder (a chain of tokens of one sequence) or the forward pass; greedy text identical to
+plain decoding, sampled tokens distributed as plain sampling's; the CLI and the server use it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+import torch
+
+from lmforge.chat import chat_template_of
+from lmforge.generation import GenerationConfig, generate, stream
+from lmforge.inference import load_for_inference
+from lmforge.native.decoding import NativeDecoder, chain_logits, step_logits
+from lmforge.serving.server import ServerSettings, create_app
+from lmforge.speculative import PromptLookup, SpeculationStats, next_draft_size, verify
+from lmforge.training.trainer import train
+from tests.test_native_decoding import VARIANTS, checkpoint, int8_model
+from tests.test_serve import RunningServer
+
+from .conftest import SHAKESPEARE, tiny_config
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_match_of_the_last_tokens():
+    lookup = PromptLookup(max_ngram=3, min_ngram=2)
+    #        0  1  2  3  4  5  6  7  8  9
+    ids = [7, 8, 9, 1, 7, 8, 4, 5, 6, 7, 8]
+    assert lookup.propose(ids, 3) == [4, 5, 6]  # "7 8" last seen at 4..5, then 4 5 6
+    assert lookup.propose(ids, 1) == [4]
+    assert lookup.propose([1, 2, 3, 4], 3) == []  # no earlier "3 4"
+    assert lookup.propose([5, 6, 5, 6], 5) == [5, 6]  # up to the end of the text
+    assert PromptLookup(min_ngram=1).propose([1, 2, 3, 1], 2) == [2, 3]
+    assert next_draft_size(4, True, 10) == 6 and next_draft_size(10, True, 10) == 10
+    assert next_draft_size(4, False, 10) == 3 and next_draft_size(1, False, 10) == 1
+
+
+@pytest.mark.parametrize("variant", ["gpt2-like", "llama-like"])
+@torch.inference_mode()
+def test_a_native_chain_step_equals_one_token_steps(variant):
+    """The check of a draft: consecutive tokens of one sequence in one native call give each place
+    the logits, keys and values of one native step at a time (the same products; a product over several
+    rows may sum in another order, so equal to float rounding)."""
+    model = int8_model(**VARIANTS[variant])
+    model.native_decoder = NativeDecoder(model)
+    prompt = torch.tensor([[5, 9, 12, 40, 2, 33]])
+    chained, stepped = model.new_cache(1, 16), model.new_cache(1, 16)
+    for cache in (chained, stepped):
+        model(prompt, cache=cache)
+    tokens = [7, 50, 3, 3, 21]
+    got = chain_logits(model, tokens, 6, chained)
+    expected = torch.cat([step_logits(model, torch.tensor([t]), torch.tensor([6 + i]), stepped)
+                          for i, t in enumerate(tokens)])  # fmt: skip
+    assert torch.allclose(got, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+    assert chained.length == stepped.length == 11
+    for mine, theirs in ((chained.k, stepped.k), (chained.v, stepped.v)):
+        assert torch.allclose(mine, theirs, rtol=0, atol=1e-4 * theirs.abs().max().item())
+    chained.truncate(8)  # refused drafts are forgotten: the next step writes over them
+    assert chained.length == 8 and not chained.valid[0, 8:].any()
+    model.native_decoder = None  # the forward pass: the same logits within float tolerance
+    reference = model.new_cache(1, 16)
+    model(prompt, cache=reference)
+    assert torch.allclose(chain_logits(model, tokens, 6, reference), expected, atol=1e-4)
+
+
+def test_verify_keeps_the_models_distribution():
+    """The rejection rule with a draft sure of its guess: a token is `drafted` with probability p(d),
+    else drawn from p without d; over many draws every token comes with the model's probability."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    cfg = GenerationConfig(temperature=1.0)
+    probs = logits.softmax(-1)[0]
+    generator = torch.Generator().manual_seed(0)
+    n = 20000
+    for drafted in (0, 3):
+        counts = torch.zeros(5)
+        kept = 0
+        for _ in range(n):
+            token, same = verify(logits, drafted, cfg, generator)
+            counts[token] += 1
+            kept += same
+            assert same == (token == drafted)
+        assert torch.allclose(counts / n, probs, atol=0.012), (counts / n, probs)
+        assert abs(kept / n - float(probs[drafted])) < 0.012
+    greedy = GenerationConfig(temperature=0)
+    assert verify(logits, 0, greedy, None) == (0, True) and verify(logits, 2, greedy, None) == (0, False)
+
+
+@pytest.mark.filterwarnings("ignore:--quantize int8 measures")
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_greedy_speculative_text_is_plain_decodings_text(tmp_path, quantize):
+    model, tokenizer = load_for_inference(checkpoint(tmp_path, **VARIANTS["llama-like"]), quantize=quantize)
+    assert model.native_decoder is not None
+    prompts = ["abcabc", "hello, hel"]  # (room for the prompt, the new tokens and a draft in 24 tokens)
+    for settings in ({}, {"repetition_penalty": 1.3, "no_repeat_ngram_size": 4}):
+        plain = GenerationConfig(max_new_tokens=8, temperature=0, stop_at_eot=False, num_assistant_tokens=2,
+                                 **settings)  # fmt: skip
+        expected = generate(model, tokenizer, prompts, plain)
+        stats = SpeculationStats()
+        lookup = GenerationConfig(**{**plain.__dict__, "prompt_lookup_num_tokens": 4})
+        assert generate(model, tokenizer, prompts, lookup, stats=stats) == expected
+        assert "".join(stream(model, tokenizer, prompts[1], lookup)) == expected[1]
+        assert stats.drafted > 0
+        itself = SpeculationStats()  # the model as its own draft: without penalties (which a draft does
+        assert generate(model, tokenizer, prompts, plain, draft=model, stats=itself) == expected  # not apply)
+        assert itself.drafted > 0 and (itself.accepted == itself.drafted) == (not settings)  # all is kept
+    other, _ = load_for_inference(checkpoint(tmp_path / "other", **VARIANTS["gpt2-like"]), quantize=quantize)
+    greedy = GenerationConfig(max_new_tokens=30, temperature=0)  # past the 24-token context: plain decoding
+    assert generate(model, tokenizer, prompts, greedy, draft=other) == generate(
+        model, tokenizer, prompts, greedy
+    )
+
+
+def test_sampled_speculative_text_is_reproducible_with_a_seed(tmp_path):
+    model, tokenizer = load_for_inference(checkpoint(tmp_path))
+    cfg = GenerationConfig(
+        max_new_tokens=15, temperature=1.0, seed=4, prompt_lookup_num_tokens=3, stop_at_eot=False
+    )
+    first = generate(model, tokenizer, "abcabcabc", cfg)
+    assert generate(model, tokenizer, "abcabcabc", cfg) == first and len(first[0]) > 5
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("speculative")
+    data = folder / "excerpt.txt"
+    data.write_text(SHAKESPEARE.read_text("utf-8")[:30000], encoding="utf-8")
+    train(
+        tiny_config(folder / "run", data, **{"train.max_iters": 40, "model.block_size": 128}),
+        log=lambda _: None,
+    )
+    return folder / "run"
+
+
+def lmforge(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_generate_with_a_draft_model_prints_plain_greedy_text_and_what_was_kept(trained, tmp_path):
+    common = ["generate", str(trained), "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "40"]
+    plain = lmforge(*common)
+    drafted = lmforge(*common, "--draft", str(trained))
+    assert plain.returncode == drafted.returncode == 0, drafted.stderr
+    assert drafted.stdout == plain.stdout
+    assert "speculative decoding kept" in drafted.stderr and "speculative" not in plain.stderr
+    looked_up = lmforge(*common, "--prompt-lookup-num-tokens", "5")
+    assert looked_up.stdout == plain.stdout
+    other = tmp_path / "other"
+    train(tiny_config(other, SHAKESPEARE, **{"train.max_iters": 1, "data.tokenizer": "bpe", "data.vocab_size": 300}),
+          log=lambda _: None)  # fmt: skip
+    refused = lmforge(*common, "--draft", str(other))
+    assert refused.returncode == 2 and "does not share the model's tokenizer" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_the_server_speculates_for_a_lone_request_and_reports_what_it_kept(trained):
+    from lmforge.checkpoint import load_checkpoint
+
+    model, tokenizer, _ = load_checkpoint(trained)
+    settings = ServerSettings(model_name="tiny", max_tokens_cap=60)
+    server = RunningServer(create_app(model, tokenizer, settings, chat_template_of(trained)))
+    try:
+        body = {"model": "tiny", "prompt": "ROMEO:\nThe the the", "max_tokens": 40, "temperature": 0}
+        plain = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+        speculative = httpx.post(server.url + "/v1/completions", json={**body, "prompt_lookup_num_tokens": 5},
+                                 timeout=60).json()  # fmt: skip
+        assert speculative["choices"][0]["text"] == plain["choices"][0]["text"]
+        assert "completion_tokens_details" not in plain["usage"]
+        details = speculative["usage"]["completion_tokens_details"]
+        assert details["accepted_prediction_tokens"] > 0 and details["rejected_prediction_tokens"] >= 0
+        assert speculative["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"]
+        metrics = httpx.get(server.url + "/metrics", timeout=10).text
+        accepted = [
+            line for line in metrics.splitlines() if line.startswith("lmforge_draft_tokens_accepted_total")
+        ]
+        assert float(accepted[0].split()[-1]) == details["accepted_prediction_tokens"]
+        chunks = []  # streamed, with its usage: the same text and counts
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json={
+            **body, "prompt_lookup_num_tokens": 5, "stream": True, "stream_options": {"include_usage": True}
+        }) as response:  # fmt: skip
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    chunks.append(json.loads(line[6:]))
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == plain["choices"][0]["text"]
+        assert chunks[-1]["usage"]["completion_tokens_details"] == details
+    finally:
+        server.stop()
