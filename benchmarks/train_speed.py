@@ -6,6 +6,7 @@ Runs, in one benchmark run, each of:
              machine (fused AdamW; bf16 autocast where the CPU has native bf16): throughput on an
              identical architecture. torch.compile is not in it: measured here, it does not pay.
   fast       preset shakespeare-char (the default): tuned for time to validation loss 1.886
+  fast-no-qk-norm  the default preset without QK-norm (what llama.cpp's `jais2` graph computes)
   fast+compile  the same with torch.compile; the first repeat compiles with a cold cache
              (cleared at the start), later repeats find it warm: the table shows the median
 each `--repeats` times, every run in a fresh child process (so peak memory is per run), and
@@ -40,6 +41,8 @@ RUNS = {
     "same-arch": ("nanogpt-cpu-baseline", {"optim.fused": True, "train.dtype": "auto"}),
     "fast": ("shakespeare-char", {}),
     "fast+compile": ("shakespeare-char", {"train.compile": True}),
+    # the default without QK-norm: the layout llama.cpp runs as `jais2` (GGUF export, docs/interop)
+    "fast-no-qk-norm": ("shakespeare-char", {"model.qk_norm": False}),
 }
 
 

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from lmforge.errors import UserError
 from lmforge.generation import GenerationConfig, generate
 from lmforge.interop.gguf import export_gguf, import_gguf
 from lmforge.models import build_model
-from lmforge.tokenizers import train_bpe_tokenizer, train_char_tokenizer
+from lmforge.tokenizers import train_bpe_tokenizer, train_char_tokenizer, train_word_tokenizer
 
 from .conftest import SHAKESPEARE
 
@@ -248,11 +249,11 @@ def test_truncated_foreign_and_unsupported_gguf_files_are_refused_clearly(tmp_pa
     ):
         import_gguf(odd)
 
-    chars = train_char_tokenizer(["abcdefgh" * 10])
-    model, config = tiny_llama(chars)
-    with pytest.raises(UserError, match="GGUF export needs a byte-level BPE tokenizer"):
-        export_gguf(model, chars, config, tmp_path / "char.gguf")
-    assert not (tmp_path / "char.gguf").exists()
+    words = train_word_tokenizer(["to be or not to be"] * 10)
+    model, config = tiny_llama(words)
+    with pytest.raises(UserError, match="GGUF export needs a byte-level BPE or a character tokenizer"):
+        export_gguf(model, words, config, tmp_path / "words.gguf")
+    assert not (tmp_path / "words.gguf").exists()
 
 
 def test_cli_convert_generate_and_export_a_gguf(tmp_path, bpe):
@@ -477,3 +478,74 @@ def test_a_lora_run_exports_as_a_gguf_adapter_that_llama_cpp_applies(tmp_path, b
     assert (
         main(["export", str(tmp_path / "base"), "--out", str(tmp_path / "x.gguf"), "--lora"]) == 2
     )  # no adapters
+
+
+# Every built-in Transformer preset (decoder-only) and the llama.cpp architecture its GGUF export takes.
+PRESET_ARCHITECTURES = {"tiny": "gpt2", "nanogpt-cpu-baseline": "gpt2", "shakespeare-bpe": "gpt2",
+                        "shakespeare-char": "jais2"}  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", list(PRESET_ARCHITECTURES))
+def test_every_transformer_preset_exports_to_gguf_and_llama_cpp_gives_lmforges_greedy_tokens(
+    tmp_path, bpe, preset
+):
+    """The preset's model (random weights with spread-out norms and biases, its own tokenizer kind) in
+    f32 GGUF: llama.cpp tokenizes a prompt as lmforge does, its next-token logits agree, and its greedy
+    tokens up to the end of the context are lmforge's."""
+    import gguf
+    import llama_cpp
+
+    from lmforge.config import load_preset
+    from lmforge.generation import generate_ids
+    from lmforge.interop.gguf import gguf_architecture
+
+    config = load_preset(preset)
+    text = SHAKESPEARE.read_text("utf-8")[:20000]
+    tokenizer = bpe if config.data.tokenizer == "bpe" else train_char_tokenizer([text])
+    m = replace(config.model, vocab_size=tokenizer.vocab_size, dropout=0.0)
+    if preset == "shakespeare-char":
+        m = replace(m, qk_norm=False)  # (see docs/interop.md: llama.cpp has no LayerNorm + QK-norm + ReLU²)
+    config = replace(config, model=m)
+    assert gguf_architecture(m) == PRESET_ARCHITECTURES[preset]
+    torch.manual_seed(0)
+    model = build_model(m).eval()
+    with torch.no_grad():  # norms and biases away from 1 and 0: a swapped or missing one would show
+        for parameter in model.parameters():
+            if parameter.ndim == 1:
+                parameter.add_(0.2 * torch.randn_like(parameter))
+    path = export_gguf(model, tokenizer, config, tmp_path / f"{preset}.gguf", "f32")
+    assert gguf.GGUFReader(path).fields["general.architecture"].contents() == PRESET_ARCHITECTURES[preset]
+    prompt_text = "ROMEO:\nWhat"
+    prompt = tokenizer.encode(prompt_text)
+    new = m.block_size - len(prompt)  # (llama.cpp stops at the context)
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=m.block_size, n_threads=2, verbose=False, logits_all=True
+    )
+    assert llm.tokenize(prompt_text.encode(), add_bos=False, special=False) == prompt
+    ours = generate_ids(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=new, temperature=0,
+                                                                     stop_at_eot=False))[0]  # fmt: skip
+    llm.eval(prompt)
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt]))[0][0, -1]
+    got = torch.tensor(llm.scores[llm.n_tokens - 1])
+    assert torch.allclose(got, expected, atol=2e-3 * expected.abs().max().item()), (
+        (got - expected).abs().max()
+    )
+    theirs = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+    while len(theirs) < new:
+        llm.eval([theirs[-1]])
+        theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+    assert theirs == ours and len(ours) >= 20
+    assert llm.detokenize(ours).decode("utf-8", "replace") == tokenizer.decode(ours)
+
+
+def test_a_layout_llama_cpp_has_no_architecture_for_is_refused_in_one_sentence(tmp_path, bpe):
+    from lmforge.config import load_preset
+
+    config = load_preset("shakespeare-char")  # LayerNorm + rotary + ReLU² + QK-norm
+    m = replace(config.model, vocab_size=bpe.vocab_size)
+    model = build_model(m)
+    with pytest.raises(UserError, match=r"this model has rope positions, layernorm, relu2, QK-norm: export it "
+                                        r"with the Hugging Face format"):  # fmt: skip
+        export_gguf(model, bpe, replace(config, model=m), tmp_path / "char.gguf")
+    assert not (tmp_path / "char.gguf").exists()

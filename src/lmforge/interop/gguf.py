@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp, Ollama) in: the Llama family, any tensor type the `gguf` package reads.
+"""GGUF files (llama.cpp, Ollama) in: the Llama family, any tensor type the `gguf` package reads; out:
+every lmforge Transformer layout that one of llama.cpp's architectures computes (`export_gguf`).
 
 A `.gguf` file is a checkpoint wherever lmforge accepts one. Reading it:
 - metadata (`llama.*` keys) becomes the Hugging Face-style config that the Llama reader in
@@ -257,17 +258,36 @@ def _permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     )
 
 
-def _bpe_vocabulary(tokenizer: TextTokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str], str]:
-    """Tokens, token types, merges and pre-tokenizer name of a byte-level BPE tokenizer."""
+def _vocabulary(tokenizer: TextTokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str], str]:
+    """Tokens, token types, merges and pre-tokenizer name of the tokenizer as llama.cpp's byte-level BPE
+    (a byte-level BPE tokenizer as it is; a character tokenizer as a BPE whose merges only join the bytes
+    of each character, so that every character is one token as in lmforge)."""
     import json
 
     spec = json.loads(tokenizer.hf.to_str())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
-        raise UserError("GGUF export needs a byte-level BPE tokenizer (data.tokenizer bpe, or an imported "
-                        "GPT-2/Llama-3/SmolLM tokenizer); this model's tokenizer is not one.")  # fmt: skip
+    if model.get("type") == "BPE" and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        vocab = model["vocab"]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    elif tokenizer.kind == "char":
+        to_bytes = _byte_characters()
+        special = {added["content"] for added in spec.get("added_tokens", [])}
+        vocab, merges = {}, []
+        for token, index in model["vocab"].items():
+            if token in special:
+                vocab[token] = index
+                continue
+            pieces = [to_bytes[b] for b in token.encode("utf-8")]
+            vocab["".join(pieces)] = index
+            for i in range(1, len(pieces)):  # the bytes of a character join left to right
+                merges.append(f"{''.join(pieces[:i])} {pieces[i]}")
+        # llama.cpp needs a merge list: one that never applies (byte 0xff twice is never UTF-8 text)
+        merges = merges or [f"{to_bytes[255]} {to_bytes[255]}"]
+    else:
+        raise UserError("GGUF export needs a byte-level BPE or a character tokenizer (data.tokenizer bpe or char, "
+                        "or an imported GPT-2/Llama-3/SmolLM tokenizer); this model's tokenizer is neither.")  # fmt: skip
     tokens = [""] * vocab_size
-    for token, index in model["vocab"].items():
+    for token, index in vocab.items():
         tokens[index] = token
     types = [1] * vocab_size  # normal
     for added in spec.get("added_tokens", []):
@@ -276,19 +296,71 @@ def _bpe_vocabulary(tokenizer: TextTokenizer, vocab_size: int) -> tuple[list[str
     for i, token in enumerate(tokens):
         if token == "":  # the model's vocabulary is larger than the tokenizer's: unused slots
             tokens[i], types[i] = f"[PAD{i}]", 5
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     return tokens, types, merges, "gpt-2"  # llama.cpp's name for GPT-2's pre-tokenizer regex
+
+
+def _byte_characters() -> list[str]:
+    """GPT-2's printable stand-in for each byte value 0..255 (what byte-level BPE vocabularies are written in)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+# lmforge's GPT layouts and the llama.cpp architecture that computes each (biases lmforge leaves out
+# are written as zeros, so the arithmetic is the same):
+#   llama  rotary positions, RMSNorm, SwiGLU, no biases (Llama, SmolLM, imported models)
+#   gpt2   learned positions, LayerNorm, GELU, one fused query|key|value projection (the GPT-2 presets:
+#          nanogpt-cpu-baseline, shakespeare-bpe, tiny); llama.cpp's GELU is the tanh form
+#   jais2  rotary positions (the NeoX halves, as lmforge rotates), LayerNorm, ReLU², no QK-norm (the
+#          default preset, shakespeare-char)
+EXPORT_ARCHITECTURES = ("llama", "gpt2", "jais2")
+
+
+def gguf_architecture(m) -> str:
+    """The llama.cpp architecture of an lmforge model config, or one error naming what none of them has."""
+    from lmforge.interop.hf import hf_config_from_model
+
+    plain = m.arch == "gpt" and m.logit_softcap == 0.0 and not m.qk_norm and m.norm == "layernorm"
+    if (
+        plain
+        and m.pos_encoding == "learned"
+        and m.activation in ("gelu", "gelu_tanh")
+        and m.n_kv_head in (0, m.n_head)
+    ):
+        return "gpt2"
+    if plain and m.pos_encoding == "rope" and m.activation == "relu2":
+        return "jais2"
+    try:
+        if hf_config_from_model(m)["model_type"] == "llama":
+            return "llama"
+    except UserError:
+        pass
+    shape = f"{m.pos_encoding} positions, {m.norm}, {m.activation}" + (", QK-norm" if m.qk_norm else "")
+    shape += ", logit soft-capping" if m.logit_softcap else ""
+    raise UserError(f"GGUF export writes the layouts llama.cpp runs (llama: rope, rmsnorm, swiglu; gpt2: learned "
+                    f"positions, layernorm, gelu; jais2: rope, layernorm, relu2, no QK-norm); this model has "
+                    f"{shape}: export it with the Hugging Face format instead.")  # fmt: skip
 
 
 def export_gguf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out: str | Path,
                 quantize: str = "f32", chat_template: str | None = None, eos_ids: tuple[int, ...] = ()) -> Path:  # fmt: skip
-    """Write a Llama-shaped model as one GGUF file that llama.cpp, Ollama and transformers load.
+    """Write a model as one GGUF file that llama.cpp and Ollama run (and transformers loads, for llama).
 
-    Norm weights stay float32; matrices are stored as `quantize` (f32, f16, bf16, q8_0, q4_0 or q4_1).
+    Norm weights and biases stay float32; matrices are stored as `quantize` (f32, f16, bf16, q8_0,
+    q4_0 or q4_1). The architecture follows the model's layout (`gguf_architecture`).
     """
     import gguf
 
-    from lmforge.interop.hf import hf_config_from_model, lmforge_to_hf
     from lmforge.io import atomic_write
     from lmforge.weights import unique_state_dict
 
@@ -297,28 +369,29 @@ def export_gguf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out:
             f"Unknown GGUF type {quantize!r}; use one of {', '.join(EXPORT_TYPES)}.", settings=("quantize",)
         )
     m = config.model
-    hf = hf_config_from_model(m)
-    if hf["model_type"] != "llama":
-        raise UserError(f"GGUF export takes Llama-shaped models (rotary positions, RMSNorm, SwiGLU, no biases); "
-                        f"this one has the shape of {hf['model_type']}: export it with the Hugging Face format.")  # fmt: skip
-    tokens, types, merges, pre = _bpe_vocabulary(tokenizer, m.vocab_size)
+    arch = gguf_architecture(m)
+    tokens, types, merges, pre = _vocabulary(tokenizer, m.vocab_size)
     sd = {k: v.float() for k, v in unique_state_dict(model).items()}
-    tensors = lmforge_to_hf(sd, m, "llama")
     head_dim = m.n_embd // m.n_head
     kind = gguf.GGMLQuantizationType[EXPORT_TYPES[quantize]]
+    tensors = _gguf_tensors(sd, m) if arch == "llama" else _layernorm_tensors(sd, m, arch)
 
     def write(tmp: str) -> None:
-        w = gguf.GGUFWriter(tmp, "llama")
+        w = gguf.GGUFWriter(tmp, arch)
         w.add_name(config.name)
         w.add_context_length(m.block_size)
         w.add_embedding_length(m.n_embd)
         w.add_block_count(m.n_layer)
-        w.add_feed_forward_length(hf["intermediate_size"])
+        w.add_feed_forward_length(m.mlp_hidden or int(m.mlp_ratio * m.n_embd))
         w.add_head_count(m.n_head)
         w.add_head_count_kv(m.n_kv_head or m.n_head)
-        w.add_rope_freq_base(m.rope_theta)
-        w.add_rope_dimension_count(head_dim)
-        w.add_layer_norm_rms_eps(m.norm_eps)
+        if m.pos_encoding == "rope":
+            w.add_rope_freq_base(m.rope_theta)
+            w.add_rope_dimension_count(head_dim)
+        if arch == "llama":
+            w.add_layer_norm_rms_eps(m.norm_eps)
+        else:
+            w.add_layer_norm_eps(m.norm_eps)
         w.add_vocab_size(m.vocab_size)
         w.add_file_type(
             gguf.LlamaFileType[f"MOSTLY_{EXPORT_TYPES[quantize]}"]
@@ -337,9 +410,9 @@ def export_gguf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out:
         w.add_add_bos_token(False)
         if chat_template:
             w.add_chat_template(chat_template)
-        for name, weight in _gguf_tensors(tensors, m):
+        for name, weight in tensors:
             data = weight.numpy()
-            if data.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
+            if data.ndim == 2 and kind != gguf.GGMLQuantizationType.F32 and name != "position_embd.weight":
                 w.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
             else:
                 w.add_tensor(name, data)
@@ -350,6 +423,34 @@ def export_gguf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out:
     return out
 
 
+def _layernorm_tensors(sd: dict[str, torch.Tensor], m, arch: str) -> list[tuple[str, torch.Tensor]]:
+    """lmforge's GPT tensors under llama.cpp's gpt2 or jais2 names (zero biases where lmforge has none;
+    jais2 takes the queries, keys and values apart)."""
+    from lmforge.interop.hf import _with_zero_biases
+
+    sd = _with_zero_biases(sd, m)
+    out = [("token_embd.weight", sd["wte.weight"])]
+    if arch == "gpt2":
+        out.append(("position_embd.weight", sd["wpe.weight"]))
+    out += [("output_norm.weight", sd["ln_f.weight"]), ("output_norm.bias", sd["ln_f.bias"]),
+            ("output.weight", sd.get("lm_head.weight", sd["wte.weight"]))]  # fmt: skip
+    head_dim = m.n_embd // m.n_head
+    widths = [m.n_head * head_dim, (m.n_kv_head or m.n_head) * head_dim, (m.n_kv_head or m.n_head) * head_dim]
+    for i in range(m.n_layer):
+        b, g = f"blocks.{i}.", f"blk.{i}."
+        for p in ("weight", "bias"):
+            out += [(g + f"attn_norm.{p}", sd[b + f"ln_1.{p}"]), (g + f"attn_output.{p}", sd[b + f"attn.c_proj.{p}"]),
+                    (g + f"ffn_norm.{p}", sd[b + f"ln_2.{p}"]), (g + f"ffn_up.{p}", sd[b + f"mlp.c_fc.{p}"]),
+                    (g + f"ffn_down.{p}", sd[b + f"mlp.c_proj.{p}"])]  # fmt: skip
+            qkv = sd[b + f"attn.c_attn.{p}"]
+            if arch == "gpt2":
+                out.append((g + f"attn_qkv.{p}", qkv))
+            else:
+                for name, part in zip(("attn_q", "attn_k", "attn_v"), qkv.split(widths), strict=True):
+                    out.append((g + f"{name}.{p}", part.contiguous()))
+    return [(name, t.contiguous()) for name, t in out]
+
+
 def _finish(w) -> None:
     """Write a GGUFWriter's header, metadata and tensors, and close it."""
     w.write_header_to_file()
@@ -358,8 +459,11 @@ def _finish(w) -> None:
     w.close()
 
 
-def _gguf_tensors(tensors: dict[str, torch.Tensor], m) -> list[tuple[str, torch.Tensor]]:
-    """Hugging Face Llama tensors under their GGUF names, queries and keys in llama.cpp's order."""
+def _gguf_tensors(sd: dict[str, torch.Tensor], m) -> list[tuple[str, torch.Tensor]]:
+    """A Llama-shaped model's tensors under their GGUF names, queries and keys in llama.cpp's order."""
+    from lmforge.interop.hf import lmforge_to_hf
+
+    tensors = lmforge_to_hf(sd, m, "llama")
     theirs = {hf: ours for ours, hf in GGUF_NAMES.items()}
     layer = {hf: ours for ours, hf in GGUF_LAYER_NAMES.items()}
     out = []
