@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx  # the [dev] extra installs these: a missing one fails, never skips
 import openai
@@ -349,14 +351,14 @@ def chromium_path() -> str:
     return path
 
 
-def check_layout(page, shot) -> None:
+def check_layout(page, shot, selectors=("#prompt", "#send", "#stop", "#log", "aside")) -> None:
     """Screenshot the page; everything that matters is visible, inside the window, and nothing
     makes the page scroll sideways."""
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 1000
     width = page.evaluate("() => window.innerWidth")
     assert page.evaluate("() => document.documentElement.scrollWidth") <= width
-    for selector in ("#prompt", "#send", "#stop", "#log", "aside"):
+    for selector in selectors:
         box = page.locator(selector).bounding_box()
         assert page.is_visible(selector) and box and box["width"] > 20, selector
         assert box["x"] >= 0 and box["x"] + box["width"] <= width + 1, selector
@@ -453,8 +455,15 @@ def test_web_chat_renders_markdown_safely_trims_history_and_fits_a_phone(served,
         assert page.text_content(".assistant strong") == "bold"
         assert "<script>window.hacked = 1</script>" in page.text_content(".assistant")  # shown, not run
         assert page.evaluate("() => window.hacked") is None
-        assert not page.evaluate("() => document.getElementById('settings').open")  # folded on a phone
-        check_layout(page, tmp_path / "phone.png")
+        # On a phone the conversations and settings wait behind one button, over the chat when open.
+        check_layout(page, tmp_path / "phone.png", ("#prompt", "#send", "#stop", "#log", "#open-panel"))
+        assert not page.is_visible("aside")
+        page.tap("#open-panel")
+        check_layout(
+            page, tmp_path / "phone-settings.png", ("aside", "#temperature", "#max_tokens", "#reset")
+        )
+        page.tap("#close")
+        assert not page.is_visible("aside")
         # A conversation longer than the context: the oldest turns are left out, and the reply comes.
         page.evaluate("h => localStorage.setItem('lmforge-chat:tiny', JSON.stringify({history: h, settings: "
                       "{max_tokens: '20', temperature: '0'}}))", long_turns)  # fmt: skip
@@ -469,6 +478,124 @@ def test_web_chat_renders_markdown_safely_trims_history_and_fits_a_phone(served,
         browser.close()
     assert "older messages left out to fit the model's context" in notice and errors == 0
     assert kept[:6] == long_turns and kept[6] == {"role": "user", "content": "and now?"} and len(kept) == 8
+
+
+def conversations(page, model="tiny") -> list[dict]:
+    return page.evaluate(f"() => JSON.parse(localStorage.getItem('lmforge-chat:{model}')).conversations")
+
+
+def test_web_chat_conversations_regenerate_edit_live_markdown_and_themes(served, tmp_path):
+    """The page's own features: a welcome screen with the model and its context; Markdown rendered
+    while a reply streams; copy, regenerate and edit-and-resend; a list of conversations kept in the
+    browser (switch, rename, delete, export as JSON); light and dark themes following the system."""
+    import playwright.sync_api as playwright
+
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path())
+        context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+        context.grant_permissions(["clipboard-read", "clipboard-write"])
+        page = context.new_page()
+        page.goto(served.url + "/")
+        page.wait_for_selector("body[data-ready='1']")
+        welcome = page.text_content("#welcome")
+        light = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "50")
+        page.fill("#prompt", "First question")
+        page.click("#send")
+        page.wait_for_selector(".assistant[data-done='1']", timeout=30000)
+        live_renders = page.get_attribute(".assistant", "data-live-renders")
+        first_reply = conversations(page)[0]["history"][1]["content"]
+        page.click(".copy")
+        copied = page.evaluate("() => navigator.clipboard.readText()")
+        # Regenerate: the last reply is asked again (greedy: the same text), the conversation keeps its length.
+        page.click(".regenerate")
+        page.wait_for_selector(".assistant[data-done='1']", timeout=30000)
+        regenerated = conversations(page)[0]["history"]
+        # Edit and resend: the question goes back to the box, the conversation is cut before it.
+        page.click(".edit")
+        edited_box = page.input_value("#prompt")
+        cut = conversations(page)[0]["history"]
+        page.fill("#prompt", "Second question")
+        page.click("#send")
+        page.wait_for_selector(".assistant[data-done='1']", timeout=30000)
+        after_edit = conversations(page)[0]["history"]
+        # A second conversation; the list switches between them, renames and deletes.
+        page.click("#reset")
+        assert page.is_visible("#welcome")
+        page.fill("#prompt", "Another topic")
+        page.click("#send")
+        page.wait_for_selector(".assistant[data-done='1']", timeout=30000)
+        titles = page.eval_on_selector_all(".conv .open", "bs => bs.map(b => b.textContent)")
+        page.click(".conv:nth-child(2) .open")
+        shown = page.eval_on_selector_all(".msg.user", "m => m.map(e => e.textContent)")
+        page.once("dialog", lambda dialog: dialog.accept("Renamed"))
+        page.click(".conv.current .rename")
+        renamed = page.eval_on_selector_all(".conv .open", "bs => bs.map(b => b.textContent)")
+        with page.expect_download() as download:
+            page.click("#export")
+        exported = json.loads(Path(download.value.path()).read_text("utf-8"))
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click(".conv:not(.current) .delete")
+        left = conversations(page)
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']")
+        reloaded = page.eval_on_selector_all(".msg.user", "m => m.map(e => e.textContent)")
+        # Dark theme: the system's preference.
+        page.emulate_media(color_scheme="dark")
+        dark = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+        page.screenshot(path=str(tmp_path / "dark.png"))
+        browser.close()
+    assert "tiny" in welcome and "Context: 128 tokens" in welcome
+    assert live_renders is not None and int(live_renders) >= 1  # Markdown rendered before the reply ended
+    assert copied == first_reply and len(first_reply) > 0
+    assert regenerated == [
+        {"role": "user", "content": "First question"},
+        {"role": "assistant", "content": first_reply},
+    ]
+    assert edited_box == "First question" and cut == []
+    assert [m["content"] for m in after_edit][0] == "Second question" and len(after_edit) == 2
+    assert titles == ["Another topic", "Second question"] and shown == ["Second question"]
+    assert renamed == ["Another topic", "Renamed"]
+    assert exported["model"] == "tiny" and {c["title"] for c in exported["conversations"]} == {
+        "Another topic",
+        "Renamed",
+    }
+    assert [c["title"] for c in left] == ["Renamed"] and reloaded == ["Second question"]
+    assert light != dark and dark == "rgb(22, 24, 28)"
+
+
+def test_api_page_lists_the_routes_and_sends_a_request(served):
+    """/docs: the routes of /openapi.json with their fields, and an example request sent from the page."""
+    import playwright.sync_api as playwright
+
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path())
+        page = browser.new_page()
+        page.goto(served.url + "/docs")
+        page.wait_for_selector("body[data-ready='1']")
+        routes = page.eval_on_selector_all(
+            ".route", "r => r.map(e => e.dataset.method + ' ' + e.dataset.path)"
+        )
+        chat = page.locator(".route[data-path='/v1/chat/completions']")
+        chat.locator("summary").click()
+        fields = chat.locator("table").text_content()
+        example = json.loads(chat.locator("textarea").input_value())
+        chat.locator(".send").click()
+        page.wait_for_selector(
+            ".route[data-path='/v1/chat/completions'] .response[data-status]", timeout=30000
+        )
+        status = chat.locator(".response").get_attribute("data-status")
+        answer = chat.locator(".response").text_content()
+        browser.close()
+    assert (
+        "POST /v1/chat/completions" in routes
+        and "POST /v1/completions" in routes
+        and "GET /v1/models" in routes
+    )
+    assert "temperature" in fields and "messages *" in fields
+    assert example["model"] == "tiny" and example["messages"][0]["role"] == "user"
+    assert status == "200" and '"chat.completion"' in answer
 
 
 def test_render_endpoint_escapes_html(served):
@@ -763,8 +890,12 @@ def test_seeded_requests_batch_like_the_others_and_keep_their_text(checkpoint):
                                      range(16)))  # fmt: skip
         assert together[0] == alone and alone[0] != alone[1]
         assert engine.stats["max_batch_seen"] >= 4 and engine.stats["batches"] - before["batches"] <= 8
-        # The seeded ones among them are reproducible too.
-        assert ask(3, seed=103) == together[3]
+        # The seeded ones among them are reproducible too, and never start from the prefix cache (a copied
+        # prefix can round differently from a computed one): the same text whether it is warm or not.
+        reused = engine.prefixes.reused
+        assert ask(3, seed=103) == together[3] and engine.prefixes.reused == reused
+        ask(3, seed=None)  # unseeded: its prompt's beginning comes from the cache
+        assert engine.prefixes.reused > reused
     finally:
         server.stop()
 

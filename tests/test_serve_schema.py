@@ -72,3 +72,33 @@ def test_every_reference_in_the_openapi_document_resolves(app):
         for part in ref.removeprefix("#/").split("/"):
             assert part in target, f"{ref} does not resolve"
             target = target[part]
+
+
+def test_the_openapi_document_states_the_token_id_range_and_the_message_rules(app):
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as client:
+        document = client.get("/openapi.json").json()
+        vocab = client.post("/tokenize", json={"prompt": "a"}).json()
+    schemas = document["components"]["schemas"]
+
+    def integers(node):
+        if isinstance(node, dict):
+            yield from ([node] if node.get("type") == "integer" else [])
+            for value in node.values():
+                yield from integers(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from integers(value)
+
+    bounds = [
+        (n["minimum"], n["maximum"]) for n in integers(schemas["CompletionRequest"]["properties"]["prompt"])
+    ]
+    bounds += [
+        (n["minimum"], n["maximum"]) for n in integers(schemas["DetokenizeRequest"]["properties"]["tokens"])
+    ]
+    size = app.state.engine.tokenizer.vocab_size
+    assert len(bounds) == 3 and set(bounds) == {(0, size - 1)} and vocab["tokens"]
+    message = schemas["ChatMessage"]["properties"]
+    assert "except in an assistant message that makes tool_calls" in message["content"]["description"]
+    assert "id of the call" in message["tool_call_id"]["description"]

@@ -17,7 +17,7 @@ from lmforge.generation import GenerationConfig, generate, stream
 from lmforge.inference import load_for_inference
 from lmforge.native.decoding import NativeDecoder, chain_logits, step_logits
 from lmforge.serving.server import ServerSettings, create_app
-from lmforge.speculative import PromptLookup, SpeculationStats, next_draft_size, verify
+from lmforge.speculative import DraftSchedule, PromptLookup, SpeculationStats, verify
 from lmforge.training.trainer import train
 from tests.test_native_decoding import VARIANTS, checkpoint, int8_model
 from tests.test_serve import RunningServer
@@ -34,8 +34,29 @@ def test_prompt_lookup_drafts_what_followed_the_latest_match_of_the_last_tokens(
     assert lookup.propose([1, 2, 3, 4], 3) == []  # no earlier "3 4"
     assert lookup.propose([5, 6, 5, 6], 5) == [5, 6]  # up to the end of the text
     assert PromptLookup(min_ngram=1).propose([1, 2, 3, 1], 2) == [2, 3]
-    assert next_draft_size(4, True, 10) == 6 and next_draft_size(10, True, 10) == 10
-    assert next_draft_size(4, False, 10) == 3 and next_draft_size(1, False, 10) == 1
+
+
+def test_the_draft_size_follows_the_acceptance_and_pauses_after_refusals():
+    schedule = DraftSchedule(4, 10)
+    assert schedule.next(room=100) == 4 and schedule.next(room=2) == 2
+    schedule.update(4, 4)
+    assert schedule.size == 6  # wholly kept: two more
+    schedule.update(6, 6)
+    schedule.update(8, 8)
+    assert schedule.size == 10  # at most `most`
+    schedule.update(10, 3)
+    assert schedule.size == 9  # a refusal: one fewer
+    schedule = DraftSchedule(1, 10)
+    pauses = []
+    for _ in range(3):  # one-token drafts refused: pauses of 1, 2, 4 steps without a draft
+        schedule.update(1, 0)
+        pauses.append(sum(schedule.next(room=100) == 0 for _ in range(6)))
+    assert pauses == [1, 2, 4]
+    schedule.update(1, 1)  # a kept token ends the backing off
+    assert schedule.size == 3
+    schedule.size = 1
+    schedule.update(1, 0)
+    assert [schedule.next(room=100) for _ in range(3)] == [0, 1, 1]
 
 
 @pytest.mark.parametrize("variant", ["gpt2-like", "llama-like"])

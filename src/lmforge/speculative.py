@@ -14,8 +14,7 @@ plain decoding's tokens. Sampling keeps a drafted token d with the probability p
 gives it and, when it refuses d, draws from p without d: the standard rejection rule for a draft that
 is certain of its guess, so the tokens are distributed exactly as by plain sampling. The first
 refused place still yields a token (the model's own choice there), so every step makes at least one.
-The number of drafted tokens follows the acceptance rate (transformers' schedule): two more after a
-draft that was wholly kept, one fewer after a refusal.
+The number of drafted tokens follows the acceptance rate (`DraftSchedule`).
 """
 
 from __future__ import annotations
@@ -125,9 +124,36 @@ def first_draft_size(cfg: GenerationConfig, drafter: Drafter) -> tuple[int, int]
     return cfg.prompt_lookup_num_tokens, cfg.prompt_lookup_num_tokens
 
 
-def next_draft_size(size: int, kept_all: bool, most: int) -> int:
-    """Two more after a draft wholly kept, one fewer after a refusal (at least one, at most `most`)."""
-    return min(most, size + 2) if kept_all else max(1, size - 1)
+@dataclass
+class DraftSchedule:
+    """How many tokens to draft at each step. Two more after a draft wholly kept, one fewer after a
+    refusal (transformers' schedule), at least one; a one-token draft refused outright pauses drafting
+    for a few steps (1, 2, 4 … 16, reset by the next kept token), so text the drafts cannot guess
+    (a reply that repeats nothing) decodes at nearly plain decoding's speed."""
+
+    size: int
+    most: int
+    pause: int = 0  # steps left without a draft
+    backoff: int = 1  # how long the next pause lasts
+
+    def next(self, room: int) -> int:
+        """Tokens to draft now (`room`: the most that can still be used)."""
+        if self.pause:
+            self.pause -= 1
+            return 0
+        return max(0, min(self.size, room))
+
+    def update(self, drafted: int, kept: int) -> None:
+        if not drafted:
+            return
+        if kept:
+            self.backoff = 1
+        if kept == drafted:
+            self.size = min(self.most, self.size + 2)
+        elif kept == 0 and self.size == 1:
+            self.pause, self.backoff = self.backoff, min(16, 2 * self.backoff)
+        else:
+            self.size = max(1, self.size - 1)
 
 
 def check_draft(model: nn.Module, cache, token: int, position: int, draft: list[int]) -> torch.Tensor:
@@ -169,7 +195,8 @@ def speculative_steps(
     """Yield the next token of one sequence (a (1,) tensor, as `decode_steps` does), several per forward
     pass when drafts are kept. Stops after an end token when `stop_at_eot` (the caller stops there)."""
     stats = stats if stats is not None else SpeculationStats()
-    size, most = first_draft_size(cfg, drafter)
+    schedule = DraftSchedule(*first_draft_size(cfg, drafter))
+    most = schedule.most
     device = next(model.parameters()).device
     cache = model.new_cache(1, capacity=len(prompt) + cfg.max_new_tokens + most + 1)
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
@@ -179,7 +206,8 @@ def speculative_steps(
         model(torch.tensor([ids[:-1]], device=device), cache=cache, last_only=True)
     made = 0
     while made < cfg.max_new_tokens:
-        draft = drafter.propose(ids, min(size, cfg.max_new_tokens - made - 1))
+        size = schedule.next(cfg.max_new_tokens - made - 1)
+        draft = drafter.propose(ids, size) if size else []
         stats.drafted += len(draft)
         before = cache.length
         block = check_draft(model, cache, ids[-1], len(ids) - 1, draft)
@@ -210,7 +238,7 @@ def speculative_steps(
                 break
             kept += 1
         cache.truncate(before + 1 + kept)  # the chosen token and the kept drafts; the last token waits
-        size = next_draft_size(size, bool(draft) and kept == len(draft), most)
+        schedule.update(len(draft), kept)
 
 
 def speculative_ids(

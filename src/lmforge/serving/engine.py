@@ -38,7 +38,7 @@ from lmforge.generation import (
 from lmforge.models.gpt import KVCache
 from lmforge.native.decoding import step_logits
 from lmforge.serving.prefill import PrefixCache, prefill
-from lmforge.speculative import PromptLookup, check_draft, next_draft_size, verify
+from lmforge.speculative import DraftSchedule, PromptLookup, check_draft, verify
 from lmforge.structured import GrammarConstraint, mask_logits
 from lmforge.tokenizers import TextTokenizer
 
@@ -117,7 +117,7 @@ class _Row:
     counts: torch.Tensor | None  # how often each token was generated (presence/frequency penalties)
     produced: int = 0
     done: bool = False
-    draft_size: int = 0  # speculative decoding: tokens to draft next (0: not yet started)
+    schedule: DraftSchedule | None = None  # speculative decoding: how many tokens to draft next
     chosen: int | None = None  # a token already chosen by a draft's check (a refused draft's replacement)
     drafted: int = 0
     accepted: int = 0
@@ -302,7 +302,8 @@ class Engine:
         for s in newcomers:
             if s.config.seed is not None and s.group not in self.generators:
                 self.generators[s.group] = torch.Generator().manual_seed(s.config.seed)
-        cache, new_logits = prefill(self.model, [s.prompt_ids for s in newcomers], self.prefixes)
+        reuse = [s.config.seed is None for s in newcomers]  # a seeded text must not depend on what ran before
+        cache, new_logits = prefill(self.model, [s.prompt_ids for s in newcomers], self.prefixes, reuse)
         new_rows = [
             _Row(
                 s,
@@ -410,8 +411,10 @@ class Engine:
         """Feed the row's last token with a draft from its own text, keep the drafted tokens the model
         agrees with (handed out at once), and leave the model's next choice for the next step."""
         cfg = row.seq.config
-        row.draft_size = row.draft_size or cfg.prompt_lookup_num_tokens
-        draft = PromptLookup().propose(row.history, min(row.draft_size, row.remaining - 1))
+        if row.schedule is None:
+            row.schedule = DraftSchedule(cfg.prompt_lookup_num_tokens, cfg.prompt_lookup_num_tokens)
+        size = row.schedule.next(row.remaining - 1)
+        draft = PromptLookup().propose(row.history, size) if size else []
         before = cache.length
         block = check_draft(self.model, cache, row.history[-1], row.length - 1, draft)
         kept = 0
@@ -434,8 +437,7 @@ class Engine:
         self.stats["accepted"] += kept
         if self.metrics is not None:
             self.metrics.drafted(len(draft), kept)
-        row.draft_size = next_draft_size(row.draft_size, bool(draft) and kept == len(draft),
-                                         cfg.prompt_lookup_num_tokens)  # fmt: skip
+        row.schedule.update(len(draft), kept)
         cache.truncate(before + 1 + kept)
         self.next_logits = block[kept : kept + 1]
 

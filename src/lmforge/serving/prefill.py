@@ -71,9 +71,11 @@ class PrefixCache:
 
 @torch.inference_mode()
 def prefill(
-    model: nn.Module, prompts: list[list[int]], prefixes: PrefixCache | None
+    model: nn.Module, prompts: list[list[int]], prefixes: PrefixCache | None, reuse: list[bool] | None = None
 ) -> tuple[object, torch.Tensor]:
-    """A cache holding every prompt (rows right-aligned) and each prompt's next-token logits (B, V)."""
+    """A cache holding every prompt (rows right-aligned) and each prompt's next-token logits (B, V).
+    `reuse[i]` False: prompt i is computed whole, whatever is cached (a seeded request: a copied prefix
+    can round differently from a computed one, and its text must not depend on what ran before)."""
     device = next(model.parameters()).device
     probe = model.new_cache(1, capacity=1)
     if prefixes is None or prefixes.max_tokens <= 0 or not isinstance(probe, KVCache):
@@ -83,7 +85,10 @@ def prefill(
             ids, cache=cache, positions=positions_of(valid), attention_mask=valid, last_only=True
         )
         return cache, logits[:, -1].float()
-    found = [prefixes.longest(p) for p in prompts]
+    reuse = reuse or [True] * len(prompts)
+    found = [
+        prefixes.longest(p) if again else (0, None, None) for p, again in zip(prompts, reuse, strict=True)
+    ]
     done = max(n for n, _, _ in found)
     ids, valid = left_pad([p[n:] for p, (n, _, _) in zip(prompts, found, strict=True)], device)
     cache = model.new_cache(len(prompts), capacity=done + ids.shape[1])

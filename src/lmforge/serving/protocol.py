@@ -118,10 +118,18 @@ class ToolCall(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart] | None = Field(
+        default=None,
+        description="The message's text (text parts of a list are used). Required, except in an assistant "
+        "message that makes tool_calls.",
+    )
     name: str | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None  # a tool message answers this call
+    tool_calls: list[ToolCall] | None = Field(
+        default=None, description="The calls an assistant message made (sent back in later requests)."
+    )
+    tool_call_id: str | None = Field(
+        default=None, description="In a tool message: the id of the call whose result it is."
+    )
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatMessage:

@@ -19,6 +19,7 @@ import hmac
 import logging
 import time
 import uuid
+from typing import Any
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -132,6 +133,12 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
     async def chat_page() -> str:
         return resources.files("lmforge.serving").joinpath("chat.html").read_text("utf-8")
 
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def api_page() -> str:
+        """The routes of /openapi.json with their fields, an example body each, and a button that sends it
+        (one page of lmforge's own: no CDN, unlike FastAPI's Swagger UI)."""
+        return resources.files("lmforge.serving").joinpath("api.html").read_text("utf-8")
+
     @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest):
         metrics.requests.labels("/v1/completions").inc()
@@ -142,7 +149,7 @@ def create_app(model, tokenizer, settings: ServerSettings, chat_template: str) -
         metrics.requests.labels("/v1/chat/completions").inc()
         return await requests.chat(body, chat_template)
 
-    app.openapi = lambda: _openapi(app, settings)
+    app.openapi = lambda: _openapi(app, settings, tokenizer.vocab_size)
     return app
 
 
@@ -202,9 +209,10 @@ ERROR_RESPONSES = {
 }
 
 
-def _openapi(app: FastAPI, settings: ServerSettings) -> dict:
+def _openapi(app: FastAPI, settings: ServerSettings, vocab_size: int) -> dict:
     """The OpenAPI document as the server behaves: errors are OpenAI-shaped 400s (FastAPI would
-    say 422), completions can stream as server-sent events, and `n` has the server's limit."""
+    say 422), completions can stream as server-sent events, `n` has the server's limit and token ids
+    the vocabulary's range."""
     if app.openapi_schema:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
@@ -225,8 +233,24 @@ def _openapi(app: FastAPI, settings: ServerSettings) -> dict:
     for model in ("CompletionRequest", "ChatRequest"):
         if model in components:
             components[model]["properties"]["n"]["maximum"] = settings.max_n
+    token_ids = [components.get("CompletionRequest", {}).get("properties", {}).get("prompt"),
+                 components.get("DetokenizeRequest", {}).get("properties", {}).get("tokens")]  # fmt: skip
+    for node in token_ids:
+        _bound_token_ids(node, vocab_size)
     app.openapi_schema = schema
     return schema
+
+
+def _bound_token_ids(node: Any, vocab_size: int) -> None:
+    """Give every integer inside a (nested) schema node the range of the vocabulary's token ids."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node["minimum"], node["maximum"] = 0, vocab_size - 1
+        for value in node.values():
+            _bound_token_ids(value, vocab_size)
+    elif isinstance(node, list):
+        for value in node:
+            _bound_token_ids(value, vocab_size)
 
 
 class BodyLimit:
@@ -792,10 +816,29 @@ async def reply_attention_of(model, tokenizer, chat_template: str, body: Attenti
 
 
 def render_markdown(text: str) -> str:
+    """A reply as HTML: Markdown (markdown-it; raw HTML shown as text), fenced code highlighted by Pygments
+    (its short class names; the page colours them). Works on a reply cut mid-way (while streaming)."""
     from markdown_it import MarkdownIt
 
     # A chat reply's line breaks are meant (poetry, lists of lines): "breaks" keeps them.
-    return MarkdownIt("commonmark", {"html": False, "breaks": True}).enable("table").render(text)
+    options = {"html": False, "breaks": True, "highlight": highlight_code}
+    return MarkdownIt("commonmark", options).enable("table").render(text)
+
+
+def highlight_code(code: str, language: str, _attributes: str) -> str:
+    """Code of a named language as Pygments' escaped, classed spans ("" leaves it to markdown-it's escaping)."""
+    from pygments import highlight
+    from pygments.formatters import HtmlFormatter
+    from pygments.lexers import get_lexer_by_name
+    from pygments.util import ClassNotFound
+
+    if not language:
+        return ""
+    try:
+        lexer = get_lexer_by_name(language)
+    except ClassNotFound:
+        return ""
+    return highlight(code, lexer, HtmlFormatter(nowrap=True))
 
 
 def _default_hosts(bind: str) -> tuple[str, ...]:
