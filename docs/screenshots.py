@@ -23,11 +23,10 @@ def main() -> None:
     import uvicorn
 
     sys.path.insert(0, str(HERE.parent / "benchmarks"))
-    from real_models import smollm2
-
     from lmforge.checkpoint import open_checkpoint
     from lmforge.inference import load_for_inference
     from lmforge.serving.server import ServerSettings, create_app
+    from real_models import smollm2
 
     checkpoint = open_checkpoint(smollm2())
     model, tokenizer = load_for_inference(str(smollm2()))
@@ -60,8 +59,9 @@ def main() -> None:
             page = context.new_page()
             page.goto(url)
             page.wait_for_selector("body[data-ready='1']")
-            page.fill("#temperature", "0")
-            page.fill("#max_tokens", "160")
+            page.evaluate(
+                "() => { temperature.value = '0'; max_tokens.value = '160'; }"
+            )  # (hidden on a phone)
             page.fill("#prompt", QUESTION)
             page.click("#send")
             page.wait_for_selector(".assistant[data-rendered='1']", timeout=300000)

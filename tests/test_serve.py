@@ -693,6 +693,29 @@ def test_a_chunked_body_over_the_limit_is_cut_off_and_others_are_still_served(se
     assert httpx.get(served.url + "/health", timeout=5).status_code == 200
 
 
+def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(served, monkeypatch):
+    """Nearly a megabyte of text: 400 context_length_exceeded at once (no token stands for more characters
+    than the longest vocabulary entry, so it cannot fit), without tokenizing it (seconds of held process)."""
+    encoded = []
+    real = served.tokenizer.encode
+    monkeypatch.setattr(
+        served.tokenizer, "encode", lambda text, *a, **k: encoded.append(len(text)) or real(text, *a, **k)
+    )
+    huge = "To be, or not to be " * 50000
+    for route, body in (("/v1/completions", {"prompt": huge}), ("/v1/chat/completions",
+                        {"messages": [{"role": "user", "content": huge}]})):  # fmt: skip
+        answer = httpx.post(served.url + route, json={"model": "tiny", "max_tokens": 3, **body}, timeout=30)
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "context_length_exceeded"
+        assert "at least" in answer.json()["error"]["message"]
+    assert not any(n >= len(huge) for n in encoded)
+    fits = httpx.post(
+        served.url + "/v1/completions", json={"model": "tiny", "prompt": "KING:", "max_tokens": 3}
+    )
+    assert fits.status_code == 200 and encoded  # an ordinary prompt is tokenized as before
+    longest = max(map(len, served.tokenizer.hf.get_vocab()))  # (<|endoftext|>: one token for 13 characters)
+    assert longest == 13 and served.tokenizer.fewest_tokens("x" * 1000) == 1000 // 13
+
+
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "KING:", "top_p": 1e-46, "max_tokens": 3}, None),  # accepted and answered
     ({"prompt": "KING:", "repetition_penalty": 1e-300, "max_tokens": 3}, "repetition_penalty"),
@@ -911,3 +934,53 @@ def test_serve_without_the_serve_extra_names_what_is_missing(checkpoint, monkeyp
     assert main(["serve", str(checkpoint)]) == 2
     err = capsys.readouterr().err
     assert "prometheus_client is missing" in err and "pip install 'lmforge[serve]'" in err
+
+
+def test_a_client_that_trickles_its_headers_is_disconnected():
+    """Headers sent a few bytes at a time (slowloris) do not hold a connection past the deadline;
+    a request whose headers come at once is answered as ever."""
+    from fastapi import FastAPI
+
+    from lmforge.serving.http import HeaderDeadline
+
+    class Quick(HeaderDeadline):
+        header_timeout_s = 0.5
+
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping() -> dict:
+        return {"ok": True}
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=Quick))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/ping").json() == {"ok": True}
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as slow:
+            slow.sendall(b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            start, closed = time.perf_counter(), False
+            while time.perf_counter() - start < 3:
+                try:
+                    slow.sendall(b"X-Slow: 1\r\n")
+                    slow.settimeout(0.2)
+                    closed = slow.recv(1024) == b""
+                except TimeoutError:
+                    continue
+                except OSError:  # reset by the server
+                    closed = True
+                if closed:
+                    break
+            assert closed and time.perf_counter() - start < 2
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as quick:  # an idle keep-alive is timed
+            quick.sendall(b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # by uvicorn, not by the deadline
+            answer = b""
+            while b'{"ok":true}' not in answer and (part := quick.recv(4096)):  # (headers and body may
+                answer += part  # come in two reads)
+            assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"ok":true}')
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

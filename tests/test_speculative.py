@@ -36,27 +36,40 @@ def test_prompt_lookup_drafts_what_followed_the_latest_match_of_the_last_tokens(
     assert PromptLookup(min_ngram=1).propose([1, 2, 3, 1], 2) == [2, 3]
 
 
-def test_the_draft_size_follows_the_acceptance_and_pauses_after_refusals():
-    schedule = DraftSchedule(4, 10)
-    assert schedule.next(room=100) == 4 and schedule.next(room=2) == 2
-    schedule.update(4, 4)
-    assert schedule.size == 6  # wholly kept: two more
-    schedule.update(6, 6)
-    schedule.update(8, 8)
-    assert schedule.size == 10  # at most `most`
-    schedule.update(10, 3)
-    assert schedule.size == 9  # a refusal: one fewer
-    schedule = DraftSchedule(1, 10)
-    pauses = []
-    for _ in range(3):  # one-token drafts refused: pauses of 1, 2, 4 steps without a draft
-        schedule.update(1, 0)
-        pauses.append(sum(schedule.next(room=100) == 0 for _ in range(6)))
-    assert pauses == [1, 2, 4]
-    schedule.update(1, 1)  # a kept token ends the backing off
-    assert schedule.size == 3
-    schedule.size = 1
-    schedule.update(1, 0)
-    assert [schedule.next(room=100) for _ in range(3)] == [0, 1, 1]
+def test_the_draft_length_is_the_one_that_yields_most_per_step_at_this_acceptance():
+    """Cheap checks and drafts that are kept: long drafts. Checks that cost as much as their tokens, or
+    drafts that are refused: none, with a one-token probe every 16 steps."""
+    cheap = [1.0 + 0.1 * k for k in range(9)]
+    schedule = DraftSchedule(8, cheap)
+    for _ in range(5):
+        schedule.update(8, 8)  # every drafted token kept
+    assert schedule.acceptance > 0.95 and schedule.next(room=100) == 8 and schedule.next(room=3) == 3
+    for _ in range(60):
+        schedule.update(4, 0)  # refused at once, again and again
+    assert schedule.acceptance < 0.1
+    drafts = [schedule.next(room=100) for _ in range(32)]
+    assert drafts.count(0) == 30 and drafts[15] == drafts[31] == 1  # probes
+    costly = DraftSchedule(8, [1.0 + k for k in range(9)])  # a check costs its tokens: never worth it
+    for _ in range(5):
+        costly.update(8, 8)
+    assert costly.next(room=100) == 0
+    middle = DraftSchedule(8, [1.0, 1.1, 1.3, 1.6, 1.8, 2.2, 2.5, 2.8, 3.0])  # int8 on a Zen 3 (about)
+    for _ in range(10):
+        middle.update(3, 2)  # two of three kept: a = 2/3
+    assert 1 <= middle.next(room=100) <= 3
+
+
+def test_draft_costs_are_timed_once_and_grow_with_the_draft(tmp_path):
+    from lmforge import timing_cache
+    from lmforge.speculative import check_costs
+
+    model, _ = load_for_inference(checkpoint(tmp_path, **VARIANTS["llama-like"]))
+    costs = check_costs(model, 10)
+    assert len(costs) == 11 and costs[0] == 1.0 and all(c > 0 for c in costs)
+    with timing_cache.lock:
+        keys = [k for k in timing_cache.load() if k.startswith("draft-check")]
+    assert len(keys) >= 8  # k = 0, 1, 2, 3, 4, 6, 8 and 12 (above 10, for the line to 10)
+    assert check_costs(model, 10) == costs  # the second time from the cache
 
 
 @pytest.mark.parametrize("variant", ["gpt2-like", "llama-like"])
@@ -109,9 +122,23 @@ def test_verify_keeps_the_models_distribution():
     assert verify(logits, 0, greedy, None) == (0, True) and verify(logits, 2, greedy, None) == (0, False)
 
 
+@pytest.fixture
+def cheap_checks(monkeypatch):
+    """Checks as cheap as on a large model (a tiny model's check of k tokens costs nearly k steps, so
+    its schedule would rarely draft): the tests of exactness need drafts."""
+    import lmforge.serving.engine as engine
+    import lmforge.speculative as speculative
+
+    def cheap(model, drafter, most):
+        return [1.0 + 0.01 * k for k in range(most + 1)]
+
+    monkeypatch.setattr(speculative, "draft_costs", cheap)
+    monkeypatch.setattr(engine, "draft_costs", cheap)
+
+
 @pytest.mark.filterwarnings("ignore:--quantize int8 measures")
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_greedy_speculative_text_is_plain_decodings_text(tmp_path, quantize):
+def test_greedy_speculative_text_is_plain_decodings_text(tmp_path, quantize, cheap_checks):
     model, tokenizer = load_for_inference(checkpoint(tmp_path, **VARIANTS["llama-like"]), quantize=quantize)
     assert model.native_decoder is not None
     prompts = ["abcabc", "hello, hel"]  # (room for the prompt, the new tokens and a draft in 24 tokens)
@@ -134,7 +161,7 @@ def test_greedy_speculative_text_is_plain_decodings_text(tmp_path, quantize):
     )
 
 
-def test_sampled_speculative_text_is_reproducible_with_a_seed(tmp_path):
+def test_sampled_speculative_text_is_reproducible_with_a_seed(tmp_path, cheap_checks):
     model, tokenizer = load_for_inference(checkpoint(tmp_path))
     cfg = GenerationConfig(
         max_new_tokens=15, temperature=1.0, seed=4, prompt_lookup_num_tokens=3, stop_at_eot=False
@@ -167,7 +194,7 @@ def test_generate_with_a_draft_model_prints_plain_greedy_text_and_what_was_kept(
     drafted = lmforge(*common, "--draft", str(trained))
     assert plain.returncode == drafted.returncode == 0, drafted.stderr
     assert drafted.stdout == plain.stdout
-    assert "speculative decoding kept" in drafted.stderr and "speculative" not in plain.stderr
+    assert "lmforge: note: speculative decoding" in drafted.stderr and "speculative" not in plain.stderr
     looked_up = lmforge(*common, "--prompt-lookup-num-tokens", "5")
     assert looked_up.stdout == plain.stdout
     other = tmp_path / "other"
@@ -178,7 +205,7 @@ def test_generate_with_a_draft_model_prints_plain_greedy_text_and_what_was_kept(
     assert "Traceback" not in refused.stderr
 
 
-def test_the_server_speculates_for_a_lone_request_and_reports_what_it_kept(trained):
+def test_the_server_speculates_for_a_lone_request_and_reports_what_it_kept(trained, cheap_checks):
     from lmforge.checkpoint import load_checkpoint
 
     model, tokenizer, _ = load_checkpoint(trained)

@@ -1,5 +1,6 @@
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -110,6 +111,62 @@ def test_a_run_interrupted_between_records_logs_the_uninterrupted_records(
     ]
     assert [step for step, _ in records[1]] == [step for step, _ in records[0]] == [5, 10, 15, 20]
     assert [loss for _, loss in records[1]] == pytest.approx([loss for _, loss in records[0]], abs=1e-6)
+
+
+def test_a_second_signal_within_a_step_saves_nothing_and_resume_stays_exact(
+    tmp_path, shakespeare_excerpt, monkeypatch
+):
+    """A second Ctrl-C cuts a step (here while its batch is drawn): that half-done state is not saved, so
+    --resume continues from the last saved one (step 10) and the run equals the uninterrupted one."""
+    import lmforge.training.loop as loop
+
+    overrides = {"train.eval_interval": 5}
+    straight = _losses(tiny_config(tmp_path / "a", shakespeare_excerpt, **overrides))
+    real_step, calls = loop.train_step, []
+
+    def cut_at_13(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 13:
+            args[0].source.next_batch()  # its batch drawn, then the signal
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", cut_at_13)
+    first: list[float] = []
+    cfg = tiny_config(tmp_path / "b", shakespeare_excerpt, **overrides)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(cfg, log=lambda _: None, on_step=lambda step, loss: first.append(loss))
+    monkeypatch.setattr(loop, "train_step", real_step)
+    assert (
+        stopped.value.mid_step and "during step 13" in str(stopped.value) and "--resume" in str(stopped.value)
+    )
+    assert json.loads((tmp_path / "b" / "train_state" / "state.json").read_text())["step"] == 10
+    second = _losses(cfg, resume=True)
+    assert len(first) == 12 and len(second) == 10
+    assert first[:10] + second == pytest.approx(straight, abs=1e-6)
+
+
+def test_signals_during_a_save_wait_for_it():
+    """The first signal asks for a stop at the end of the step; a second one stops at once, except while
+    the state is being saved, when it waits for the save to end."""
+    import os
+    import signal
+
+    from lmforge.training.loop import deferred_interrupts
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with deferred_interrupts() as interrupted:
+            assert not interrupted()
+            os.kill(os.getpid(), signal.SIGINT)
+            assert interrupted()
+            with interrupted.shielded():
+                os.kill(os.getpid(), signal.SIGINT)  # a second one during the save: no KeyboardInterrupt
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)  # after it: at once
+                time.sleep(1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_early_stopping_and_target_loss(tmp_path, shakespeare_excerpt):

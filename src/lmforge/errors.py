@@ -23,11 +23,14 @@ class UserError(Exception):
 class TrainingInterrupted(Exception):
     """Ctrl-C or SIGTERM stopped training; with `resumable`, its state was saved first."""
 
-    def __init__(self, out, step: int, resumable: bool = True):
+    def __init__(self, out, step: int, resumable: bool = True, mid_step: bool = False):
         super().__init__(out, step, resumable)
-        self.out, self.step, self.resumable = out, step, resumable
+        self.out, self.step, self.resumable, self.mid_step = out, step, resumable, mid_step
 
     def __str__(self) -> str:
+        if self.mid_step:  # a second signal cut a step: its half-done state was not saved
+            return (f"Training stopped at once during step {self.step + 1}; nothing after the last saved "
+                    f"state was kept: --resume continues from it ({self.out}).")  # fmt: skip
         if self.resumable:
             return f"Training interrupted at step {self.step}; its state is saved in {self.out}."
         return f"Training interrupted at step {self.step}; the best checkpoint so far is in {self.out}."

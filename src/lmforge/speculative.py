@@ -14,11 +14,13 @@ plain decoding's tokens. Sampling keeps a drafted token d with the probability p
 gives it and, when it refuses d, draws from p without d: the standard rejection rule for a draft that
 is certain of its guess, so the tokens are distributed exactly as by plain sampling. The first
 refused place still yields a token (the model's own choice there), so every step makes at least one.
-The number of drafted tokens follows the acceptance rate (`DraftSchedule`).
+How many tokens to draft follows what a check costs on this CPU (timed once) and how often this
+text's drafts are kept (`DraftSchedule`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -88,16 +90,16 @@ class DraftModel:
             keep += 1
         self.cache.truncate(keep)
         device = next(model.parameters()).device
-        new = torch.tensor([ids[keep:]], device=device)
-        positions = torch.arange(keep, len(ids), device=device)[None]
-        logits, _ = model(
-            new,
-            cache=self.cache,
-            positions=positions,
-            attention_mask=torch.ones_like(new, dtype=torch.bool),
-            last_only=True,
-        )
-        proposal = [int(logits[0, -1].argmax())]
+        if keep == 0 or len(ids) - keep > 64:  # a prompt: one forward pass
+            new = torch.tensor([ids[keep:]], device=device)
+            positions = torch.arange(keep, len(ids), device=device)[None]
+            mask = torch.ones_like(new, dtype=torch.bool)
+            last = model(new, cache=self.cache, positions=positions, attention_mask=mask, last_only=True)[0][
+                0, -1
+            ]
+        else:  # the few tokens since the last proposal: the native chain step where there is one
+            last = chain_logits(model, ids[keep:], keep, self.cache)[-1]
+        proposal = [int(last.argmax())]
         while len(proposal) < k:
             token = torch.tensor([proposal[-1]], device=device)
             position = torch.tensor([len(ids) + len(proposal) - 1], device=device)
@@ -117,43 +119,114 @@ def drafter_for(cfg: GenerationConfig, draft: nn.Module | None) -> Drafter | Non
     return PromptLookup() if cfg.prompt_lookup_num_tokens else None
 
 
-def first_draft_size(cfg: GenerationConfig, drafter: Drafter) -> tuple[int, int]:
-    """(tokens drafted at first, most tokens drafted at once)."""
+def most_drafted(cfg: GenerationConfig, drafter: Drafter) -> int:
+    """The most tokens drafted at once."""
     if isinstance(drafter, DraftModel):
-        return cfg.num_assistant_tokens, max(cfg.num_assistant_tokens, 2 * cfg.num_assistant_tokens)
-    return cfg.prompt_lookup_num_tokens, cfg.prompt_lookup_num_tokens
+        return max(cfg.num_assistant_tokens, 2 * cfg.num_assistant_tokens)
+    return cfg.prompt_lookup_num_tokens
+
+
+TIMED_DRAFTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # draft lengths whose check is timed
+
+
+def _seconds_per_check(model: nn.Module, drafted: int) -> float:
+    """Median seconds of checking `drafted` tokens (0: one plain step) after 64 cached tokens."""
+    context = min(64, model.block_size - drafted - 2)
+    cache = model.new_cache(1, capacity=context + drafted + 2)
+    with torch.inference_mode():
+        model(torch.zeros(1, context, dtype=torch.long, device=cache.k.device), cache=cache)
+        samples = []
+        for _ in range(6):
+            start = time.perf_counter()
+            check_draft(model, cache, 0, context, [0] * drafted)
+            samples.append(time.perf_counter() - start)
+            cache.truncate(context)
+    return sorted(samples[1:])[2]
+
+
+def check_costs(model: nn.Module, most: int) -> list[float]:
+    """What checking a draft of k tokens costs in one-token steps, k = 0 … `most` (costs[0] = 1): timed
+    once per machine and model shape (kept in the kernel-timings cache, timing_cache.py), straight lines
+    between the timed lengths. Off the CPU a check is taken to cost about one step."""
+    from lmforge.timing_cache import remembered
+
+    if model.wte.weight.device.type != "cpu" or not hasattr(model, "blocks"):
+        return [1.0 + 0.02 * k for k in range(most + 1)]
+    cfg = model.config
+    kinds = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "in_features")})
+    native = getattr(model, "native_decoder", None) is not None
+    shape = (
+        f"{cfg.n_layer}x{cfg.n_embd}x{cfg.n_head}x{cfg.vocab_size} {model.wte.weight.dtype} {'+'.join(kinds)}"
+    )
+    shape += " native" if native else ""
+
+    def timed(k: int) -> float:
+        return remembered(f"draft-check {shape} k={k}", lambda: _seconds_per_check(model, k))
+
+    step = timed(0)
+    points = [(0, 1.0)] + [(k, timed(k) / step) for k in TIMED_DRAFTS if k <= model.block_size - 3]
+    points = [p for p in points if p[0] <= most] + [p for p in points if p[0] > most][:1]
+    costs = []
+    for k in range(most + 1):
+        below = max((p for p in points if p[0] <= k), key=lambda p: p[0])
+        above = min((p for p in points if p[0] >= k), key=lambda p: p[0], default=below)
+        share = 0.0 if above[0] == below[0] else (k - below[0]) / (above[0] - below[0])
+        costs.append(below[1] + share * (above[1] - below[1]))
+    return costs
+
+
+def draft_costs(model: nn.Module, drafter: Drafter, most: int) -> list[float]:
+    """What drafting k tokens and checking them costs in the model's one-token steps: the check, plus a
+    draft model's own k steps."""
+    costs = check_costs(model, most)
+    if isinstance(drafter, DraftModel):
+        from lmforge.timing_cache import remembered
+
+        cfg, mine = drafter.model.config, model.config
+        ratio = remembered(
+            f"draft-step {cfg.n_layer}x{cfg.n_embd}x{cfg.vocab_size} for {mine.n_layer}x{mine.n_embd}",
+            lambda: _seconds_per_check(drafter.model, 0) / _seconds_per_check(model, 0),
+        )
+        costs = [c + k * ratio for k, c in enumerate(costs)]
+    return costs
 
 
 @dataclass
 class DraftSchedule:
-    """How many tokens to draft at each step. Two more after a draft wholly kept, one fewer after a
-    refusal (transformers' schedule), at least one; a one-token draft refused outright pauses drafting
-    for a few steps (1, 2, 4 … 16, reset by the next kept token), so text the drafts cannot guess
-    (a reply that repeats nothing) decodes at nearly plain decoding's speed."""
+    """How many tokens to draft at each step, from what drafting costs here and how often drafts are
+    kept. Drafted tokens are taken to be kept one after another with probability a, estimated from this
+    text's drafts so far (recent ones weigh more): a draft of k tokens then yields (1 - a^(k+1)) / (1 - a)
+    tokens for `costs[k]` steps, and the k that yields the most per step is drafted, none when plain
+    decoding yields more (a one-token draft every 16 steps then checks whether that has changed)."""
 
-    size: int
     most: int
-    pause: int = 0  # steps left without a draft
-    backoff: int = 1  # how long the next pause lasts
+    costs: list[float]  # costs[k]: drafting and checking k tokens, in one-token steps
+    kept: float = 0.0  # drafted tokens kept, and drafts refused part-way (weighted: recent ones count more)
+    refused: float = 0.0
+    idle: int = 0  # steps since the last draft
+
+    @property
+    def acceptance(self) -> float:
+        return (self.kept + 1.0) / (self.kept + self.refused + 2.0)
+
+    def yield_per_step(self, k: int) -> float:
+        a = self.acceptance
+        return (1 - a ** (k + 1)) / (1 - a) / self.costs[k]
 
     def next(self, room: int) -> int:
         """Tokens to draft now (`room`: the most that can still be used)."""
-        if self.pause:
-            self.pause -= 1
-            return 0
-        return max(0, min(self.size, room))
+        best = max(range(min(self.most, room) + 1), key=self.yield_per_step)
+        if best == 0 and room > 0:
+            self.idle += 1
+            if self.idle >= 16:
+                self.idle, best = 0, 1
+        return best
 
     def update(self, drafted: int, kept: int) -> None:
-        if not drafted:
-            return
-        if kept:
-            self.backoff = 1
-        if kept == drafted:
-            self.size = min(self.most, self.size + 2)
-        elif kept == 0 and self.size == 1:
-            self.pause, self.backoff = self.backoff, min(16, 2 * self.backoff)
-        else:
-            self.size = max(1, self.size - 1)
+        if drafted:
+            self.idle = 0
+            self.kept = 0.9 * self.kept + kept
+            self.refused = 0.9 * self.refused + (kept < drafted)
 
 
 def check_draft(model: nn.Module, cache, token: int, position: int, draft: list[int]) -> torch.Tensor:
@@ -195,8 +268,8 @@ def speculative_steps(
     """Yield the next token of one sequence (a (1,) tensor, as `decode_steps` does), several per forward
     pass when drafts are kept. Stops after an end token when `stop_at_eot` (the caller stops there)."""
     stats = stats if stats is not None else SpeculationStats()
-    schedule = DraftSchedule(*first_draft_size(cfg, drafter))
-    most = schedule.most
+    most = most_drafted(cfg, drafter)
+    schedule = DraftSchedule(most, draft_costs(model, drafter, most))
     device = next(model.parameters()).device
     cache = model.new_cache(1, capacity=len(prompt) + cfg.max_new_tokens + most + 1)
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
@@ -268,5 +341,5 @@ def can_speculate(
         or not hasattr(model, "blocks")
     ):
         return False
-    _, most = first_draft_size(cfg, drafter)
+    most = most_drafted(cfg, drafter)
     return len(prompt) + cfg.max_new_tokens + most + 1 <= model.block_size

@@ -53,6 +53,23 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
+    def fewest_tokens(self, text: str) -> int:
+        """A lower bound on `len(encode(text))` found without encoding it (a server refuses a megabyte
+        prompt at once): no token stands for more characters than the longest vocabulary entry has
+        (byte-level BPE: bytes; characters: one). 0 for tokenizers that may drop text (whitespace
+        splitting, normalizers), where no such bound holds."""
+        longest = self.__dict__.get("_longest")
+        if longest is None:
+            import json
+
+            spec = json.loads(self.hf.to_str())
+            keeps_every_character = spec.get("normalizer") is None and (
+                self.kind == "char" or '"ByteLevel"' in json.dumps(spec.get("pre_tokenizer"))
+            )
+            longest = max(map(len, self.hf.get_vocab(with_added_tokens=True))) if keeps_every_character else 0
+            self._longest = longest
+        return len(text) // longest if longest else 0
+
     @property
     def eot_id(self) -> int | None:
         return self.hf.token_to_id(EOT)

@@ -84,10 +84,13 @@ def load_draft(args: argparse.Namespace, model, tokenizer):
     return draft
 
 
-def report_speculation(stats) -> None:
+def report_speculation(stats, asked: bool) -> None:
     if stats.drafted:
         note(f"speculative decoding kept {stats.accepted} of {stats.drafted} drafted tokens "
              f"({100 * stats.acceptance:.0f}%)")  # fmt: skip
+    elif asked:
+        note("speculative decoding drafted nothing: on this machine checking the drafts would have cost "
+             "more than it saved (or the text left no room for them)")  # fmt: skip
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -119,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print()
             if args.num_samples > 1:
                 print("---")
-    report_speculation(stats)
+    report_speculation(stats, bool(draft) or config.prompt_lookup_num_tokens > 0)
     return 0
 
 

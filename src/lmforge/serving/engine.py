@@ -38,7 +38,7 @@ from lmforge.generation import (
 from lmforge.models.gpt import KVCache
 from lmforge.native.decoding import step_logits
 from lmforge.serving.prefill import PrefixCache, prefill
-from lmforge.speculative import DraftSchedule, PromptLookup, check_draft, verify
+from lmforge.speculative import DraftSchedule, PromptLookup, check_draft, draft_costs, verify
 from lmforge.structured import GrammarConstraint, mask_logits
 from lmforge.tokenizers import TextTokenizer
 
@@ -412,7 +412,8 @@ class Engine:
         agrees with (handed out at once), and leave the model's next choice for the next step."""
         cfg = row.seq.config
         if row.schedule is None:
-            row.schedule = DraftSchedule(cfg.prompt_lookup_num_tokens, cfg.prompt_lookup_num_tokens)
+            most = cfg.prompt_lookup_num_tokens
+            row.schedule = DraftSchedule(most, draft_costs(self.model, PromptLookup(), most))
         size = row.schedule.next(row.remaining - 1)
         draft = PromptLookup().propose(row.history, size) if size else []
         before = cache.length

@@ -76,4 +76,6 @@ def serve(
     timing_cache.progress = None
     print(f"Serving {settings.model_name} on http://{host}:{port} ({routes}); ready in "
           f"{time.perf_counter() - started:.1f} s.")  # fmt: skip
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    from lmforge.serving.http import HeaderDeadline
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, http=HeaderDeadline)

@@ -19,11 +19,11 @@ import hmac
 import logging
 import time
 import uuid
-from typing import Any
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -442,8 +442,22 @@ class _Requests:
                     )
                 ids.append(list(p) or start_ids(self.tokenizer))
             else:
-                ids.append(self.tokenizer.encode(valid_text(p, "prompt")) if p else start_ids(self.tokenizer))
+                ids.append(self.encode(valid_text(p, "prompt")) if p else start_ids(self.tokenizer))
         return given, ids
+
+    def encode(self, text: str) -> list[int]:
+        """A prompt's token ids; one that cannot fit the context whatever its tokens (a megabyte of text)
+        is refused before it is tokenized, which would hold the process for seconds."""
+        fewest = self.tokenizer.fewest_tokens(text)
+        if fewest > self.block_size:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.block_size} tokens, but the prompt has at "
+                f"least {fewest} tokens ({len(text)} characters); shorten the prompt.",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        return self.tokenizer.encode(text)
 
     # ---- running ----
 
@@ -691,7 +705,7 @@ class _Requests:
         tools = body.offered_tools()
         prompt = self.chat_prompt_of(body, chat_template, tools)
         grammar = await asyncio.to_thread(self.grammar_of, body, tools)
-        ids = await asyncio.to_thread(self.tokenizer.encode, prompt)
+        ids = await asyncio.to_thread(self.encode, prompt)
         new_tokens = self.max_new(
             body, body.max_completion_tokens or body.max_tokens, max(1, min(512, self.block_size - len(ids)))
         )

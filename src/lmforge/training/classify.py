@@ -377,7 +377,7 @@ def train_classifier(
     try:
         run_loop(trainee, schedule, progress, metrics, reporter, on_step)
     except TrainingInterrupted as stopped:
-        raise TrainingInterrupted(out, stopped.step, stopped.resumable) from None
+        raise TrainingInterrupted(out, stopped.step, stopped.resumable, stopped.mid_step) from None
     finally:
         metrics.close()
     write_loss_plot(metrics.history, out / "loss.png")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -210,22 +211,27 @@ def run_loop(
     `on_eval(step, scores)` after each evaluation (a hyper-parameter search prunes from it by
     raising).
     Ctrl-C or SIGTERM saves the state at the end of the current step and raises
-    TrainingInterrupted.
+    TrainingInterrupted. A second one stops at once: within a step (its batch drawn, its weights half
+    updated) nothing is saved, so `--resume` continues exactly from the last saved state; signals that
+    come while the state is being saved wait for the save to end.
     """
     scaler = torch.amp.GradScaler(t.device.type) if t.dtype == torch.float16 else None
     window = _Window(t.device, p.window_steps, p.window_loss)  # (a resumed run continues its window)
     p.window_steps, p.window_loss = 0, 0.0
     t.model.train()
+    in_step = False  # within a step: its state is not one to save
     with deferred_interrupts() as interrupted:
         try:
             if s.eval_at_start and p.step == 0:
                 scores = evaluate(t, s, p)
                 metrics.log({"step": 0, **_rounded(scores), "elapsed_s": round(p.elapsed(), 3)})
             while p.step < s.max_steps:
+                in_step = True
                 lr = t.set_lr(p.step)
                 loss = train_step(t, s.grad_accum, s.grad_clip, scaler)
                 p.step += 1
                 window.add(loss)
+                in_step = False
                 out_of_time = bool(s.max_time_s) and t.dist.any(p.elapsed() >= s.max_time_s, t.device)
                 is_eval = p.step % s.eval_interval == 0 or p.step == s.max_steps or out_of_time
                 record = None
@@ -246,7 +252,8 @@ def run_loop(
                             p.stopped_because = reason
                             break
                         if t.save_state:
-                            t.save_state(p)
+                            with interrupted.shielded():
+                                t.save_state(p)
                 reporter.step(record)
                 if on_step:
                     on_step(p.step, loss.item())
@@ -254,46 +261,79 @@ def run_loop(
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             reporter.close()
-            if window.steps and p.step % s.log_interval == 0 and metrics.last_step != p.step:
-                # Stopped between a step and its record (a second Ctrl-C): log what the step measured.
-                metrics.log(
-                    {**window.record(t, s, p, t.set_lr(p.step - 1)), "elapsed_s": round(p.elapsed(), 3)}
-                )
-            resumable = t.save_state is not None and not t.dist.active
-            if resumable:  # (several processes cannot agree on a save here: the last evaluation's stands)
-                p.window_steps, p.window_loss = window.steps, window.loss.item()
-                t.save_state(p)
-            raise TrainingInterrupted(None, p.step, resumable) from None
+            raise _stopped(t, s, p, metrics, window, interrupted, in_step) from None
     reporter.close()
     if t.save_state:
         t.save_state(p)
     return p
 
 
+def _stopped(t: Trainee, s: Schedule, p: Progress, metrics: MetricsLog, window: _Window,
+             interrupted: Interrupts, in_step: bool) -> TrainingInterrupted:  # fmt: skip
+    """After Ctrl-C or SIGTERM: the last record and the state saved (not a step's half-done state), and
+    the exception that says so."""
+    if in_step:  # a second signal cut a step: the last saved state is the one to resume from
+        return TrainingInterrupted(None, p.step, t.save_state is not None, mid_step=True)
+    if window.steps and p.step % s.log_interval == 0 and metrics.last_step != p.step:
+        # Stopped between a step and its record (a second Ctrl-C): log what the step measured.
+        metrics.log({**window.record(t, s, p, t.set_lr(p.step - 1)), "elapsed_s": round(p.elapsed(), 3)})
+    resumable = t.save_state is not None and not t.dist.active
+    if resumable:  # (several processes cannot agree on a save here: the last evaluation's stands)
+        p.window_steps, p.window_loss = window.steps, window.loss.item()
+        with interrupted.shielded():
+            t.save_state(p)
+    return TrainingInterrupted(None, p.step, resumable)
+
+
 def _rounded(scores: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 5) for k, v in scores.items()}
 
 
+class Interrupts:
+    """What `deferred_interrupts` hands the loop: called, whether a stop was asked for; `shielded()`, a
+    block (a save) that further signals wait for instead of cutting it."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.saving = False
+
+    def __call__(self) -> bool:
+        return self.requested.is_set()
+
+    @contextmanager
+    def shielded(self) -> Iterator[None]:
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+
+
 @contextmanager
-def deferred_interrupts() -> Iterator[Callable[[], bool]]:
+def deferred_interrupts() -> Iterator[Interrupts]:
     """Within the block, SIGINT and SIGTERM only set a flag that the loop reads at the end of
-    each step, so that a step is never cut in half. A second signal interrupts at once."""
-    requested = threading.Event()
+    each step, so that a step is never cut in half. A second signal interrupts at once, except
+    during a save (`Interrupts.shielded`), which it waits for."""
+    interrupts = Interrupts()
     if threading.current_thread() is not threading.main_thread():
-        yield requested.is_set
+        yield interrupts
         return
 
     def handler(signum: int, frame: object) -> None:
-        if requested.is_set():
+        if interrupts.saving:
+            print("lmforge: saving the training state; it stops when the save is done.", file=sys.stderr)
+            interrupts.requested.set()
+            return
+        if interrupts.requested.is_set():
             raise KeyboardInterrupt
-        requested.set()
+        interrupts.requested.set()
 
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # a signal the parent chose to ignore stays ignored
             previous[sig] = signal.signal(sig, handler)
     try:
-        yield requested.is_set
+        yield interrupts
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

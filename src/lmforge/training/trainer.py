@@ -146,7 +146,7 @@ def train(
             # Several processes cannot agree on a save at a signal: the last evaluation's state stands.
             step = stopped.step if not dist.active else run.saved_step
             resumable = stopped.resumable or (run.out / STATE_DIR / "state.json").exists()
-            raise TrainingInterrupted(run.out, step, resumable) from None
+            raise TrainingInterrupted(run.out, step, resumable, stopped.mid_step) from None
         finally:
             metrics.close()
         return _finish(run, progress, metrics)
