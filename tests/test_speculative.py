@@ -59,17 +59,27 @@ def test_the_draft_length_is_the_one_that_yields_most_per_step_at_this_acceptanc
     assert 1 <= middle.next(room=100) <= 3
 
 
-def test_draft_costs_are_timed_once_and_grow_with_the_draft(tmp_path):
+def test_draft_costs_are_timed_once_per_shape_and_interpolated_between_timed_lengths(tmp_path, monkeypatch):
     from lmforge import timing_cache
-    from lmforge.speculative import check_costs
+    from lmforge.speculative import TIMED_DRAFTS, check_costs
 
     model, _ = load_for_inference(checkpoint(tmp_path, **VARIANTS["llama-like"]))
     costs = check_costs(model, 10)
     assert len(costs) == 11 and costs[0] == 1.0 and all(c > 0 for c in costs)
     with timing_cache.lock:
-        keys = [k for k in timing_cache.load() if k.startswith("draft-check")]
-    assert len(keys) >= 8  # k = 0, 1, 2, 3, 4, 6, 8 and 12 (above 10, for the line to 10)
+        keys = sorted(k for k in timing_cache.load() if k.startswith("draft-check"))
+    assert len(keys) == 1 + len([k for k in TIMED_DRAFTS if k <= 12])  # k = 0 … 12 (12: the line to 10)
     assert check_costs(model, 10) == costs  # the second time from the cache
+    # Between timed lengths, a straight line: checks timed at 2 + k ms give (2 + k) / 2 steps, k = 5 too.
+    timed = []
+
+    def remembered(key, seconds):
+        timed.append(key)
+        return 0.002 + 0.001 * int(key.rsplit("=", 1)[1])
+
+    monkeypatch.setattr(timing_cache, "remembered", remembered)
+    assert check_costs(model, 10) == pytest.approx([(2 + k) / 2 for k in range(11)])
+    assert not any(key.endswith("k=5") for key in timed) and any(key.endswith("k=6") for key in timed)
 
 
 @pytest.mark.parametrize("variant", ["gpt2-like", "llama-like"])

@@ -164,8 +164,11 @@ def check_costs(model: nn.Module, most: int) -> list[float]:
         return remembered(f"draft-check {shape} k={k}", lambda: _seconds_per_check(model, k))
 
     step = timed(0)
-    points = [(0, 1.0)] + [(k, timed(k) / step) for k in TIMED_DRAFTS if k <= model.block_size - 3]
-    points = [p for p in points if p[0] <= most] + [p for p in points if p[0] > most][:1]
+    points = [(0, 1.0)]
+    for k in TIMED_DRAFTS:  # up to the first timed length at or past `most`
+        if k > model.block_size - 3 or points[-1][0] >= most:
+            break
+        points.append((k, timed(k) / step))
     costs = []
     for k in range(most + 1):
         below = max((p for p in points if p[0] <= k), key=lambda p: p[0])
