@@ -247,3 +247,26 @@ def test_the_server_speculates_for_a_lone_request_and_reports_what_it_kept(train
         assert chunks[-1]["usage"]["completion_tokens_details"] == details
     finally:
         server.stop()
+
+
+def test_the_pipeline_takes_prompt_lookup_and_an_assistant_model(tmp_path, cheap_checks, monkeypatch):
+    """transformers' names in lmforge's pipeline: `prompt_lookup_num_tokens=` and `assistant_model=`
+    decode speculatively, with plain greedy decoding's text."""
+    import lmforge
+    import lmforge.speculative as speculative
+
+    drafters = []
+    real = speculative.speculative_ids
+    monkeypatch.setattr(
+        speculative, "speculative_ids", lambda *a, **k: drafters.append(type(a[3]).__name__) or real(*a, **k)
+    )
+
+    pipe = lmforge.pipeline("text-generation", model=checkpoint(tmp_path, **VARIANTS["llama-like"]))
+    plain = pipe("abcabc", max_new_tokens=8, do_sample=False, return_full_text=False)
+    looked_up = pipe(
+        "abcabc", max_new_tokens=8, do_sample=False, return_full_text=False, prompt_lookup_num_tokens=3
+    )
+    assisted = pipe("abcabc", max_new_tokens=8, do_sample=False, return_full_text=False, num_assistant_tokens=2,
+                    assistant_model=pipe.model)  # fmt: skip
+    assert looked_up == assisted == plain and len(plain[0]["generated_text"]) > 0
+    assert drafters == ["PromptLookup", "DraftModel"]  # the plain call decoded without a drafter
