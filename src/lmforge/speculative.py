@@ -3,7 +3,7 @@
 Two ways to guess ("draft"):
 
     PromptLookup(n)    the tokens that followed the latest earlier occurrence of the text's last
-                       1..n tokens (prompt-lookup / n-gram drafts: pays when the reply repeats the
+                       2..n tokens (prompt-lookup / n-gram drafts: pays when the reply repeats the
                        prompt, as summaries, edits, code and extraction do)
     DraftModel(model)  a smaller checkpoint with the same tokenizer proposes tokens greedily
 
@@ -52,7 +52,8 @@ class SpeculationStats:
 
 class PromptLookup:
     """Drafts from the text itself: after the latest earlier occurrence of its last n tokens
-    (n from `max_ngram` down to 1), the tokens that followed there."""
+    (n from `max_ngram` down to `min_ngram`; one-token matches guess too often wrong), the tokens
+    that followed there."""
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
