@@ -33,8 +33,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import lmforge
-    from lmforge.config import apply_overrides
-    from lmforge.training.classify import ClassifierTrainConfig, train_classifier
+    from lmforge.config import apply_overrides, classifier_run
+    from lmforge.training.classify import train_classifier
 
     data = Path(os.environ.get("LMFORGE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
     train_tsv, dev_tsv = data / "sst2-train.tsv", data / "sst2-dev.tsv"
@@ -42,15 +42,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         scratch = train_classifier(
-            ClassifierTrainConfig(
-                train_path=str(train_tsv),
-                val_path=str(dev_tsv),
-                out=f"{tmp}/scratch",
-                epochs=4,
-                eval_every=500,
-                max_minutes=args.minutes,
-                progress=False,
-                device="cpu",
+            classifier_run(
+                {
+                    "data.path": str(train_tsv),
+                    "data.val_path": str(dev_tsv),
+                    "train.out": f"{tmp}/scratch",
+                    "train.epochs": 4,
+                    "train.eval_interval": 500,
+                    "train.max_time_s": args.minutes * 60,
+                    "train.progress": False,
+                    "train.device": "cpu",
+                }
             )
         )
         rows.append(
@@ -94,17 +96,19 @@ def main() -> None:
         pretrain_s = time.perf_counter() - start
         start = time.perf_counter()
         init = train_classifier(
-            ClassifierTrainConfig(
-                train_path=str(train_tsv),
-                val_path=str(dev_tsv),
-                out=f"{tmp}/init",
-                init=f"{tmp}/lm",
-                epochs=4,
-                eval_every=500,
-                max_minutes=args.minutes,
-                progress=False,
-                device="cpu",
-                lr=2e-3,
+            classifier_run(
+                {
+                    "data.path": str(train_tsv),
+                    "data.val_path": str(dev_tsv),
+                    "train.out": f"{tmp}/init",
+                    "init.checkpoint": f"{tmp}/lm",
+                    "train.epochs": 4,
+                    "train.eval_interval": 500,
+                    "train.max_time_s": args.minutes * 60,
+                    "train.progress": False,
+                    "train.device": "cpu",
+                    "optim.lr": 2e-3,
+                }
             )
         )
         rows.append(

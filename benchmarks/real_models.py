@@ -126,10 +126,9 @@ def bench_lora(gguf: Path, minutes: float, tmp: Path) -> dict:
 
 def bench_sst2(gguf: Path, minutes: float, tmp: Path, lr: float, pooling: str, max_length: int,
                layers: int, freeze_embeddings: bool, eval_every: int) -> dict:  # fmt: skip
+    from lmforge.config import classifier_run
     from lmforge.data.labeled import read_labeled
-    from lmforge.models.classifier import ClassifierConfig
     from lmforge.training.classify import (
-        ClassifierTrainConfig,
         evaluate_classifier,
         load_classifier,
         train_classifier,
@@ -141,11 +140,7 @@ def bench_sst2(gguf: Path, minutes: float, tmp: Path, lr: float, pooling: str, m
     (tmp / "train.tsv").write_text("\n".join([header, *rows[500:]]) + "\n")
     (tmp / "heldout.tsv").write_text("\n".join([header, *rows[:500]]) + "\n")  # model selection, not dev
     start = time.perf_counter()
-    result = train_classifier(ClassifierTrainConfig(
-        train_path=str(tmp / "train.tsv"), val_path=str(tmp / "heldout.tsv"), out=str(tmp / "clf"), init=str(gguf),
-        init_layers=layers, freeze_embeddings=freeze_embeddings, epochs=1, batch_size=16, lr=lr, warmup_iters=30,
-        eval_every=eval_every, max_minutes=minutes, progress=False,
-        device="cpu", model=ClassifierConfig(pooling=pooling, max_length=max_length, dropout=0.1)),
+    result = train_classifier(classifier_run({"data.path": str(tmp / "train.tsv"), "data.val_path": str(tmp / "heldout.tsv"), "train.out": str(tmp / "clf"), "init.checkpoint": str(gguf), "init.layers": layers, "init.freeze_embeddings": freeze_embeddings, "train.epochs": 1, "train.batch_size": 16, "optim.lr": lr, "optim.warmup_iters": 30, "train.eval_interval": eval_every, "train.max_time_s": minutes * 60, "train.progress": False, "train.device": "cpu", "model.pooling": pooling, "model.max_length": max_length, "model.dropout": 0.1}),
         overwrite=True)  # fmt: skip
     trained_s = time.perf_counter() - start
     model, tokenizer, labels = load_classifier(tmp / "clf")

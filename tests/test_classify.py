@@ -1,14 +1,14 @@
-import dataclasses
 import json
 
 import pytest
 import torch
 
 from lmforge.cli import main
+from lmforge.config import classifier_run
 from lmforge.data.labeled import read_labeled
 from lmforge.errors import UserError
 from lmforge.models.classifier import BiLSTMEncoder, ClassifierConfig, pool
-from lmforge.training.classify import ClassifierTrainConfig, load_classifier, predict, train_classifier
+from lmforge.training.classify import load_classifier, predict, train_classifier
 from lmforge.training.trainer import train
 
 from .conftest import SST2_SAMPLE, tiny_config
@@ -49,15 +49,17 @@ def toy(tmp_path):
 
 def test_bilstm_learns_a_separable_task_and_classifies(tmp_path, toy):
     train_path, dev_path = toy
-    cfg = ClassifierTrainConfig(
-        train_path=str(train_path),
-        val_path=str(dev_path),
-        out=str(tmp_path / "clf"),
-        epochs=8,
-        batch_size=8,
-        lr=1e-2,
-        progress=False,
-        device="cpu",
+    cfg = classifier_run(
+        {
+            "data.path": str(train_path),
+            "data.val_path": str(dev_path),
+            "train.out": str(tmp_path / "clf"),
+            "train.epochs": 8,
+            "train.batch_size": 8,
+            "optim.lr": 1e-2,
+            "train.progress": False,
+            "train.device": "cpu",
+        }
     )
     result = train_classifier(cfg, log=lambda _: None)
     assert result["best_val_accuracy"] == 1.0 and result["labels"] == ["neg", "pos"]
@@ -72,16 +74,21 @@ def test_bilstm_learns_a_separable_task_and_classifies(tmp_path, toy):
 
 def test_transformer_body_from_scratch(tmp_path, toy):
     train_path, dev_path = toy
-    cfg = ClassifierTrainConfig(
-        train_path=str(train_path),
-        val_path=str(dev_path),
-        out=str(tmp_path / "clf"),
-        epochs=8,
-        batch_size=8,
-        lr=3e-3,
-        progress=False,
-        device="cpu",
-        model=ClassifierConfig(body="gpt", n_embd=32, n_layer=1, pooling="mean"),
+    cfg = classifier_run(
+        {
+            "data.path": str(train_path),
+            "data.val_path": str(dev_path),
+            "train.out": str(tmp_path / "clf"),
+            "train.epochs": 8,
+            "train.batch_size": 8,
+            "optim.lr": 3e-3,
+            "train.progress": False,
+            "train.device": "cpu",
+            "model.body": "gpt",
+            "model.n_embd": 32,
+            "model.n_layer": 1,
+            "model.pooling": "mean",
+        }
     )
     result = train_classifier(cfg, log=lambda _: None)
     assert result["best_val_accuracy"] >= 0.875
@@ -92,25 +99,27 @@ def test_transformer_body_from_scratch(tmp_path, toy):
 def test_init_from_a_language_model_reuses_its_tokenizer_and_body(tmp_path, toy, shakespeare_excerpt):
     train(tiny_config(tmp_path / "lm", shakespeare_excerpt), log=lambda _: None)
     train_path, dev_path = toy
-    cfg = ClassifierTrainConfig(
-        train_path=str(train_path),
-        val_path=str(dev_path),
-        out=str(tmp_path / "clf"),
-        init=str(tmp_path / "lm"),
-        epochs=6,
-        batch_size=8,
-        lr=3e-3,
-        progress=False,
-        device="cpu",
-    )
-    result = train_classifier(cfg, log=lambda _: None)
+    settings = {
+        "data.path": str(train_path),
+        "data.val_path": str(dev_path),
+        "train.out": str(tmp_path / "clf"),
+        "init.checkpoint": str(tmp_path / "lm"),
+        "train.epochs": 6,
+        "train.batch_size": 8,
+        "optim.lr": 3e-3,
+        "train.progress": False,
+        "train.device": "cpu",
+    }
+    result = train_classifier(classifier_run(settings), log=lambda _: None)
     assert result["best_val_accuracy"] >= 0.75
     model, tokenizer, _ = load_classifier(tmp_path / "clf")
     assert tokenizer.kind == "char" and model.cfg.body == "lm"
 
     # Only the first block of the body: trained, saved and reloaded with one block.
     assert len(model.body.blocks) == 2
-    one = dataclasses.replace(cfg, out=str(tmp_path / "clf1"), init_layers=1, epochs=1)
+    one = classifier_run(
+        {**settings, "train.out": str(tmp_path / "clf1"), "init.layers": 1, "train.epochs": 1}
+    )
     assert train_classifier(one, log=lambda _: None)["best_val_accuracy"] > 0
     small, tokenizer, _ = load_classifier(tmp_path / "clf1")
     assert len(small.body.blocks) == 1 and small.body.config.n_layer == 1
@@ -118,7 +127,8 @@ def test_init_from_a_language_model_reuses_its_tokenizer_and_body(tmp_path, toy,
     assert probs.shape == (2, 2) and torch.allclose(probs.sum(-1), torch.ones(2))
     with pytest.raises(UserError, match="init_layers is 3 but .* has 2 blocks"):
         train_classifier(
-            dataclasses.replace(cfg, out=str(tmp_path / "clf3"), init_layers=3), log=lambda _: None
+            classifier_run({**settings, "train.out": str(tmp_path / "clf3"), "init.layers": 3}),
+            log=lambda _: None,
         )
 
 
@@ -128,9 +138,7 @@ def test_frozen_embeddings_stay_as_the_language_model_had_them(tmp_path, toy, sh
     train(tiny_config(tmp_path / "lm", shakespeare_excerpt), log=lambda _: None)
     lm, _, _ = load_checkpoint(tmp_path / "lm")
     train_path, dev_path = toy
-    cfg = ClassifierTrainConfig(train_path=str(train_path), val_path=str(dev_path), out=str(tmp_path / "clf"),
-                                init=str(tmp_path / "lm"), freeze_embeddings=True, epochs=2, batch_size=8, lr=3e-3,
-                                progress=False, device="cpu")  # fmt: skip
+    cfg = classifier_run({"data.path": str(train_path), "data.val_path": str(dev_path), "train.out": str(tmp_path / "clf"), "init.checkpoint": str(tmp_path / "lm"), "init.freeze_embeddings": True, "train.epochs": 2, "train.batch_size": 8, "optim.lr": 3e-3, "train.progress": False, "train.device": "cpu"})  # fmt: skip
     train_classifier(cfg, log=lambda _: None)
     model, _, _ = load_classifier(tmp_path / "clf")
     assert torch.equal(model.body.wte.weight, lm.wte.weight)  # the token embedding: untouched
@@ -210,12 +218,14 @@ def test_single_class_and_unknown_labels_are_refused(tmp_path, toy):
     one = write_toy(tmp_path / "one.tsv", [("good", "pos"), ("fine", "pos")])
     with pytest.raises(UserError, match="a single class"):
         train_classifier(
-            ClassifierTrainConfig(train_path=str(one), out=str(tmp_path / "o")), log=lambda _: None
+            classifier_run({"data.path": str(one), "train.out": str(tmp_path / "o")}), log=lambda _: None
         )
     odd = write_toy(tmp_path / "odd.tsv", [("meh", "neutral")])
     with pytest.raises(UserError, match="'neutral' that do not occur"):
         train_classifier(
-            ClassifierTrainConfig(train_path=str(train_path), val_path=str(odd), out=str(tmp_path / "o")),
+            classifier_run(
+                {"data.path": str(train_path), "data.val_path": str(odd), "train.out": str(tmp_path / "o")}
+            ),
             log=lambda _: None,
         )
 
@@ -271,17 +281,20 @@ def test_classifier_training_resumes_exactly_after_an_interruption(tmp_path, toy
 
     train_path, dev_path = toy
 
-    def config(out):
-        return ClassifierTrainConfig(
-            train_path=str(train_path),
-            val_path=str(dev_path),
-            out=str(out),
-            epochs=3,
-            batch_size=8,
-            lr=1e-2,
-            eval_every=4,
-            progress=False,
-            device="cpu",
+    def config(out, **changes):
+        return classifier_run(
+            {
+                **changes,
+                "data.path": str(train_path),
+                "data.val_path": str(dev_path),
+                "train.out": str(out),
+                "train.epochs": 3,
+                "train.batch_size": 8,
+                "optim.lr": 1e-2,
+                "train.eval_interval": 4,
+                "train.progress": False,
+                "train.device": "cpu",
+            }
         )
 
     straight, resumed = [], []
@@ -309,33 +322,68 @@ def test_classifier_training_resumes_exactly_after_an_interruption(tmp_path, toy
     with pytest.raises(UserError, match="There is no classifier training to resume"):
         train_classifier(config(tmp_path / "c"), log=lambda _: None, resume=True)
     # Other data (or another model) is named, not a mismatch of the saved tensors' shapes.
-    other = dataclasses.replace(config(tmp_path / "b"), train_path=str(dev_path), vocab_size=77)
+    other = config(tmp_path / "b")
+    other.data.path, other.data.vocab_size = str(dev_path), 77
     with pytest.raises(
-        UserError, match="Cannot resume .*: train_path, vocab_size differ from the saved run's"
+        UserError, match="Cannot resume .*: data.path, data.vocab_size differ from the saved run's"
     ):
         train_classifier(other, log=lambda _: None, resume=True)
 
 
 @pytest.mark.parametrize(
     "change, message",
-    [
-        ({"epochs": 0}, "epochs must be at least 1"),
-        ({"lr": float("nan")}, "lr must be a positive number"),
-        ({"patience": -1}, "patience must be at least 0"),
-        ({"weight_decay": -0.1}, "weight_decay must be at least 0"),
-        ({"max_minutes": -5.0}, "max_minutes must be at least 0"),
-        ({"freeze_embeddings": True}, "freeze_embeddings keeps pretrained embeddings fixed: give init"),
+    [  # the ranges and rules of the optim and train sections are a language model run's own
+        ({"train.epochs": 0}, "train.epochs must be at least 1, not 0"),
+        ({"optim.lr": float("nan")}, "optim.lr must be above 0"),
+        ({"train.patience": -1}, "train.patience must be at least 0"),
+        ({"optim.weight_decay": -0.1}, "optim.weight_decay must be at least 0"),
+        ({"train.max_time_s": -5.0}, "train.max_time_s must be at least 0"),
+        ({"optim.min_lr": 0.5}, r"optim.min_lr \(0.5\) must not exceed optim.lr"),
+        ({"optim.schedule": "linear"}, "optim.schedule must be cosine, wsd or constant"),
+        ({"train.loggers": "wandb"}, "wandb"),
+        ({"model.dropout": 1.0}, "model.dropout must be at least 0 and below 1"),
+        (
+            {"init.freeze_embeddings": True},
+            "init.freeze_embeddings keeps pretrained embeddings fixed: give init",
+        ),
+        ({"train.max_iters": 5}, "Unknown classifier setting 'train.max_iters'; valid keys: train.out, "),
+        ({"optim.lr": "fast"}, "optim.lr must be float, not 'fast'"),
     ],
 )
 def test_classifier_settings_are_checked_before_any_work(tmp_path, toy, change, message):
-    import dataclasses
-
-    cfg = dataclasses.replace(
-        ClassifierTrainConfig(train_path=str(toy[0]), out=str(tmp_path / "o")), **change
-    )
     with pytest.raises(UserError, match=message):
+        cfg = classifier_run({"data.path": str(toy[0]), "train.out": str(tmp_path / "o"), **change})
         train_classifier(cfg, log=lambda _: None)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_classifier_run_holds_and_shows_only_the_settings_that_apply(tmp_path, toy, capsys):
+    """The same sections as a language model's run; train settings of language models alone are
+    neither shown nor saved, and one set in Python is refused by name; privacy and init appear when
+    used."""
+    cfg = classifier_run({"data.path": str(toy[0]), "optim.lr": "0.01"})
+    shown = cfg.to_dict()
+    assert list(shown) == ["data", "model", "optim", "train"]
+    assert shown["optim"]["lr"] == 0.01 and shown["optim"]["min_lr"] == pytest.approx(0.001)
+    assert (
+        "max_iters" not in shown["train"] and "dtype" not in shown["train"] and shown["train"]["epochs"] == 3
+    )
+    used = classifier_run({"data.path": "x", "privacy.target_epsilon": 4, "init.checkpoint": "lm"}).to_dict()
+    assert used["privacy"]["target_epsilon"] == 4.0 and used["init"]["checkpoint"] == "lm"
+    cfg.train.dtype, cfg.train.out = "bfloat16", str(tmp_path / "o")
+    with pytest.raises(UserError, match="train.dtype does not apply to a classifier run"):
+        train_classifier(cfg, log=lambda _: None)
+    # The command line: any setting as --section.field, printed at the start and kept in the state
+    out = tmp_path / "clf"
+    assert main(["train-classifier", "--data", str(toy[0]), "--val", str(toy[1]), "--out", str(out), "--epochs", "1",
+                 "--optim.beta2", "0.95", "--train.threads", "1", "--quiet"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "[optim] optimizer=adamw lr=0.002 min_lr=0.0002" in printed and "beta2=0.95" in printed
+    assert "max_iters" not in printed and "[privacy]" not in printed
+    state = json.loads((out / "train_state" / "state.json").read_text())
+    assert state["config"]["optim"]["beta2"] == 0.95 and state["config"]["train"]["threads"] == 1
+    assert main(["train", "--train.epochs", "2", "--out", str(tmp_path / "lm")]) == 2
+    assert "train.epochs does not apply to a GPT" in capsys.readouterr().err
 
 
 def test_a_time_budget_sets_the_schedules_length():

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.checkpoint import load_checkpoint, open_checkpoint
-from lmforge.config import ModelConfig, apply_overrides, load_preset
+from lmforge.config import ModelConfig, apply_overrides, classifier_run, load_preset
 from lmforge.models import build_model
 from lmforge.models.encoder import MASK_TOKEN, mask_tokens
-from lmforge.training.classify import ClassifierTrainConfig, load_classifier, predict, train_classifier
+from lmforge.training.classify import load_classifier, predict, train_classifier
 from lmforge.training.trainer import train
 
 from .conftest import SST2_SAMPLE, saved_with_random_norms
@@ -60,8 +60,7 @@ def test_mlm_preset_trains_and_its_body_classifies(tmp_path, shakespeare_excerpt
     model, tokenizer, saved = load_checkpoint(tmp_path / "mlm")
     assert saved.model.arch == "encoder" and tokenizer.hf.token_to_id(MASK_TOKEN) == tokenizer.vocab_size - 1
     # The encoder as the body of a sentiment classifier.
-    cfg = ClassifierTrainConfig(train_path=str(SST2_SAMPLE), val_path=str(SST2_SAMPLE), out=str(tmp_path / "clf"),
-                                init=str(tmp_path / "mlm"), epochs=1, batch_size=16, progress=False, device="cpu")  # fmt: skip
+    cfg = classifier_run({"data.path": str(SST2_SAMPLE), "data.val_path": str(SST2_SAMPLE), "train.out": str(tmp_path / "clf"), "init.checkpoint": str(tmp_path / "mlm"), "train.epochs": 1, "train.batch_size": 16, "train.progress": False, "train.device": "cpu"})  # fmt: skip
     scores = train_classifier(cfg, log=lambda _: None)
     assert scores["steps"] == 25  # 400 examples, batch 16, one epoch
     body = open_checkpoint(tmp_path / "clf").metadata["body"]

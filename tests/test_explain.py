@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, classifier_run
 from lmforge.errors import UserError
 from lmforge.explain import explain, load_for_explaining
 from lmforge.models import build_model
-from lmforge.models.classifier import ClassifierConfig
 from lmforge.models.gpt import recorded_attention
-from lmforge.training.classify import ClassifierTrainConfig, predict, train_classifier
+from lmforge.training.classify import predict, train_classifier
 from lmforge.training.trainer import train
 
 from .conftest import tiny_config
@@ -92,9 +91,7 @@ def test_language_model_explanation_adds_up(lm, tmp_path, capsys):
 
 def test_classifier_explanation_names_the_predicted_label(tmp_path, toy, capsys):  # noqa: F811
     train_path, dev_path = toy
-    cfg = ClassifierTrainConfig(train_path=str(train_path), val_path=str(dev_path), out=str(tmp_path / "clf"),
-                                epochs=6, batch_size=8, lr=1e-2, progress=False, device="cpu",
-                                model=ClassifierConfig(body="gpt", n_embd=32, n_layer=2, max_length=16, pooling="mean"))  # fmt: skip
+    cfg = classifier_run({"data.path": str(train_path), "data.val_path": str(dev_path), "train.out": str(tmp_path / "clf"), "train.epochs": 6, "train.batch_size": 8, "optim.lr": 1e-2, "train.progress": False, "train.device": "cpu", "model.body": "gpt", "model.n_embd": 32, "model.n_layer": 2, "model.max_length": 16, "model.pooling": "mean"})  # fmt: skip
     train_classifier(cfg, log=lambda _: None)
     model, tokenizer, labels = load_for_explaining(str(tmp_path / "clf"))
     text = "a wonderful and lovely film"
@@ -116,8 +113,7 @@ def test_classifier_explanation_names_the_predicted_label(tmp_path, toy, capsys)
 
 def test_bilstm_classifier_has_attributions_but_no_attention(tmp_path, toy):  # noqa: F811
     train_path, dev_path = toy
-    cfg = ClassifierTrainConfig(train_path=str(train_path), val_path=str(dev_path), out=str(tmp_path / "clf"),
-                                epochs=2, batch_size=8, progress=False, device="cpu")  # fmt: skip
+    cfg = classifier_run({"data.path": str(train_path), "data.val_path": str(dev_path), "train.out": str(tmp_path / "clf"), "train.epochs": 2, "train.batch_size": 8, "train.progress": False, "train.device": "cpu"})  # fmt: skip
     train_classifier(cfg, log=lambda _: None)
     model, tokenizer, labels = load_for_explaining(str(tmp_path / "clf"))
     e = explain(model, tokenizer, "boring and dull", labels, steps=512)  # max pooling: a kinked integrand

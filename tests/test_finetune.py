@@ -276,7 +276,8 @@ def test_finetune_cli_and_bad_input(tmp_path, shakespeare_excerpt, capsys):
 
 
 def test_sequence_classification_from_an_imported_model(tmp_path, hf_tokenizer_dir):  # noqa: F811
-    from lmforge.training.classify import ClassifierTrainConfig, load_classifier, train_classifier
+    from lmforge.config import classifier_run
+    from lmforge.training.classify import load_classifier, train_classifier
 
     from .test_classify import NEGATIVE, POSITIVE, write_toy
 
@@ -287,16 +288,18 @@ def test_sequence_classification_from_an_imported_model(tmp_path, hf_tokenizer_d
     dev_path = write_toy(
         tmp_path / "dev.tsv", [(t, "pos") for t in POSITIVE[:4]] + [(t, "neg") for t in NEGATIVE[:4]]
     )
-    cfg = ClassifierTrainConfig(
-        train_path=str(train_path),
-        val_path=str(dev_path),
-        out=str(tmp_path / "clf"),
-        init=str(base),
-        epochs=6,
-        batch_size=8,
-        lr=3e-3,
-        progress=False,
-        device="cpu",
+    cfg = classifier_run(
+        {
+            "data.path": str(train_path),
+            "data.val_path": str(dev_path),
+            "train.out": str(tmp_path / "clf"),
+            "init.checkpoint": str(base),
+            "train.epochs": 6,
+            "train.batch_size": 8,
+            "optim.lr": 3e-3,
+            "train.progress": False,
+            "train.device": "cpu",
+        }
     )
     result = train_classifier(cfg, log=lambda _: None)
     assert result["best_val_accuracy"] >= 0.75

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
+from lmforge.config import classifier_run
 from lmforge.errors import UserError
 from lmforge.training.classify import load_classifier, predict
 
@@ -186,7 +187,7 @@ def test_a_classifier_trained_from_a_bert_body_frames_its_texts(tmp_path):
     trained, the body's weights the starting point; the result classifies."""
     import transformers
 
-    from lmforge.training.classify import ClassifierTrainConfig, train_classifier
+    from lmforge.training.classify import train_classifier
 
     hf_tokenizer = wordpiece_tokenizer(tmp_path / "bert")
     config = transformers.BertConfig(vocab_size=len(hf_tokenizer), hidden_size=32, num_hidden_layers=2,
@@ -197,8 +198,7 @@ def test_a_classifier_trained_from_a_bert_body_frames_its_texts(tmp_path):
     rows = [("the movie was great", "pos"), ("a very boring film", "neg"), ("i love it !", "pos"),
             ("awful actors", "neg"), ("good fun", "pos"), ("bad plot", "neg")] * 4  # fmt: skip
     (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
-    cfg = ClassifierTrainConfig(train_path=str(tmp_path / "train.tsv"), val_path=str(tmp_path / "train.tsv"),
-                                init=str(tmp_path / "bert"), out=str(tmp_path / "c"), epochs=1, batch_size=8)  # fmt: skip
+    cfg = classifier_run({"data.path": str(tmp_path / "train.tsv"), "data.val_path": str(tmp_path / "train.tsv"), "init.checkpoint": str(tmp_path / "bert"), "train.out": str(tmp_path / "c"), "train.epochs": 1, "train.batch_size": 8})  # fmt: skip
     train_classifier(cfg, log=lambda _: None)
     model, tokenizer, labels = load_classifier(tmp_path / "c")
     assert model.cfg.special_tokens and sorted(labels) == ["neg", "pos"]

@@ -7,8 +7,12 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import PrivacyConfig
-from lmforge.training.classify import ClassifierTrainConfig, load_classifier, predict, train_classifier
+from lmforge.config import ClassifierRunConfig, PrivacyConfig, classifier_run
+from lmforge.training.classify import (
+    load_classifier,
+    predict,
+    train_classifier,
+)
 from lmforge.training.privacy import plan
 from lmforge.training.trainer import train
 
@@ -26,10 +30,8 @@ def opacus_epsilon(noise: float, sample_rate: float, steps: int, delta: float) -
     return accountant.get_epsilon(delta)
 
 
-def classifier_config(train_path, dev_path, out, **privacy) -> ClassifierTrainConfig:
-    return ClassifierTrainConfig(train_path=str(train_path), val_path=str(dev_path), out=str(out), epochs=6,
-                                 batch_size=8, lr=2e-2, eval_every=12, progress=False, device="cpu",
-                                 privacy=PrivacyConfig(**privacy))  # fmt: skip
+def classifier_config(train_path, dev_path, out, **privacy) -> ClassifierRunConfig:
+    return classifier_run({"data.path": str(train_path), "data.val_path": str(dev_path), "train.out": str(out), "train.epochs": 6, "train.batch_size": 8, "optim.lr": 2e-2, "train.eval_interval": 12, "train.progress": False, "train.device": "cpu", **{f"privacy.{k}": v for k, v in privacy.items()}})  # fmt: skip
 
 
 def test_private_classifier_reports_the_accountants_epsilon_and_still_learns(tmp_path, toy):  # noqa: F811

@@ -55,6 +55,19 @@ class DataConfig:
 
 
 @dataclass
+class LabeledDataConfig:
+    """The data section of a classifier run (`lmforge train-classifier`): labeled texts in a TSV/CSV
+    file with a header, or JSONL."""
+
+    path: str = ""  # training examples
+    val_path: str = ""  # validation examples ("" = hold out 10% of path, every label represented)
+    text_column: str = ""  # "" = the first of sentence/text/review/...
+    label_column: str = ""  # "" = the first of label/sentiment/class/...
+    vocab_size: int = option(20000, "word vocabulary of a body trained from scratch", ge=2, le=4_194_304)
+    class_weights: bool = False  # weight the loss by each label's inverse frequency
+
+
+@dataclass
 class ModelConfig:
     arch: str = "gpt"
     vocab_size: int = option(0, "0 = take the tokenizer's size", ge=0, le=4_194_304)
@@ -143,7 +156,7 @@ class TrainConfig:
     max_iters: int = option(2000, "optimizer steps", ge=1)
     batch_size: int = option(12, "sequences per micro-batch", ge=1, le=1_048_576)
     grad_accum: int = option(1, "micro-batches per optimizer step", ge=1)
-    eval_interval: int = option(250, "steps between evaluations", ge=1)
+    eval_interval: int = option(250, "steps between evaluations (a classifier run: 0 = once per epoch)", ge=0)
     eval_batches: int = option(20, "validation batches per evaluation (fixed windows)", ge=1)
     eval_at_start: bool = False
     final_full_eval: bool = True  # at the end, also score the whole validation split (as `lmforge eval` does)
@@ -167,6 +180,8 @@ class TrainConfig:
         0.0, "encoder–decoder: label smoothing of the training loss", ge=0.0, lt=1.0
     )
     sample_tokens: int = option(300, "length of the sample printed at the end (0 = none)", ge=0)
+    epochs: int = option(3, "classifier runs: passes over the training examples", ge=1)
+    group_by_length: bool = True  # classifier runs: batches of similar-length texts (less padding)
     progress: bool = True
     loggers: str = (
         ""  # beside metrics.jsonl, comma-separated: csv (metrics.csv), tensorboard (OUT/tensorboard)
@@ -237,6 +252,13 @@ class Config:
 
 
 SECTIONS = ("data", "model", "optim", "train", "finetune", "privacy")
+
+# The train fields of classifier runs alone, and every train field that applies to them (the rest,
+# such as max_iters or dtype, belong to language-model runs).
+CLASSIFIER_ONLY_TRAIN_FIELDS = frozenset({"epochs", "group_by_length"})
+CLASSIFIER_TRAIN_FIELDS = CLASSIFIER_ONLY_TRAIN_FIELDS | {
+    "out", "batch_size", "eval_interval", "patience", "max_time_s", "seed", "device", "threads", "progress",
+    "loggers", "init_embeddings"}  # fmt: skip
 
 
 def _section_types() -> dict[str, type]:
@@ -364,6 +386,22 @@ def validate(config: Config) -> None:
         (m.pos_encoding != "relative" or "relative_buckets" in family_of(m.arch).model_fields,
          "model.pos_encoding relative (T5's buckets of distances) is for encoder–decoders (model.arch seq2seq).",
          "model.pos_encoding"),
+        (t.eval_interval >= 1, "train.eval_interval must be at least 1.", "train.eval_interval"),
+        (config.data.task in ("translation", "summarization"), "data.task must be translation or summarization.",
+         "data.task"),
+    ]  # fmt: skip
+    for ok, message, setting in checks:
+        if not ok:
+            raise UserError(message, settings=(setting,))
+    check_training_sections(o, t)
+    check_family_fields(config)  # (a config built in Python, not through overrides)
+    check_size(m, bytes_per_parameter=16)  # weights, gradients and two optimizer moments in float32
+
+
+def check_training_sections(o: OptimConfig, t: TrainConfig) -> None:
+    """The rules of the optim and train sections that every run shares, language model or classifier
+    (their ranges are checked with the rest of the fields)."""
+    checks = [
         (t.dtype in ("auto", "float32", "bfloat16", "float16"),
          "train.dtype must be auto, float32, bfloat16 or float16.", "train.dtype"),
         (t.strategy in ("ddp", "fsdp"), "train.strategy must be ddp or fsdp.", "train.strategy"),
@@ -371,17 +409,13 @@ def validate(config: Config) -> None:
         (o.schedule in ("cosine", "wsd", "constant"), "optim.schedule must be cosine, wsd or constant.",
          "optim.schedule"),
         (o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr:g}) must not exceed optim.lr ({o.lr:g}).", "optim.min_lr"),
-        (config.data.task in ("translation", "summarization"), "data.task must be translation or summarization.",
-         "data.task"),
     ]  # fmt: skip
     for ok, message, setting in checks:
         if not ok:
             raise UserError(message, settings=(setting,))
-    check_family_fields(config)  # (a config built in Python, not through overrides)
     from lmforge.training.metrics import parse_loggers
 
     parse_loggers(t.loggers)
-    check_size(m, bytes_per_parameter=16)  # weights, gradients and two optimizer moments in float32
 
 
 def estimated_parameters(m: ModelConfig) -> int:
@@ -409,6 +443,8 @@ def _foreign_fields(config: Config) -> list[tuple[str, str, str]]:
     for name in sorted(only_others - family.train_fields):
         out.append(("train", name, "it is a setting of " + " or ".join(o.summary for o in FAMILIES
                                                                        if name in o.train_fields)))  # fmt: skip
+    for name in sorted(CLASSIFIER_ONLY_TRAIN_FIELDS):
+        out.append(("train", name, "it is a setting of classifier runs (`lmforge train-classifier`)"))
     return out
 
 
@@ -450,3 +486,88 @@ def check_size(m: ModelConfig, bytes_per_parameter: int = 4) -> None:
             f"Lower model.vocab_size, model.n_embd or model.n_layer.",
             settings=("model.n_embd", "model.n_layer"),
         )
+
+
+# Classifier runs (`lmforge train-classifier`): the same optim, train and privacy sections as above
+
+
+@dataclass
+class ClassifierConfig:
+    """The model section of a classifier run (and the `classifier` settings its checkpoint saves)."""
+
+    body: str = "bilstm"  # bilstm | gpt (from scratch) | lm (the body of a language-model checkpoint)
+    vocab_size: int = option(0, "the tokenizer's size (set when the body is built)", ge=0)
+    n_embd: int = option(128, "bilstm: embedding width; gpt: model width", ge=1)
+    hidden_size: int = option(128, "bilstm: hidden size per direction", ge=1)
+    n_layer: int = option(1, "bilstm or gpt (from scratch): layers", ge=1)
+    n_head: int = option(4, "gpt (from scratch): attention heads", ge=1)
+    dropout: float = option(0.3, "dropout of the body and before the head", ge=0.0, lt=1.0)
+    pooling: str = "max"  # mean | max | last | first
+    max_length: int = option(128, "longer texts keep their first max_length tokens", ge=1)
+    pre_head: str = ""  # "" | tanh | relu: a dense layer and this activation before the head
+    special_tokens: bool = False  # frame texts with the tokenizer's special tokens ([CLS] ... [SEP])
+
+
+@dataclass
+class ClassifierInitConfig:
+    """Where a classifier's body starts from (word vectors for a from-scratch embedding are
+    train.init_embeddings, as for a word-level language model)."""
+
+    checkpoint: str = ""  # a language-model checkpoint whose tokenizer and body to reuse ("" = from scratch)
+    layers: int = option(0, "keep only the first N blocks of the checkpoint's body (0 = all): faster", ge=0)
+    freeze_embeddings: bool = False  # keep the pretrained embeddings (token, positions) fixed: faster steps
+
+
+@dataclass
+class ClassifierRunConfig:
+    """A classifier run, in the sections every run has: its data (labeled texts), its model, where its
+    body starts, and the same optim, train and privacy sections (and checks) as a language model's run,
+    with a classifier's defaults. `to_dict` holds the settings that apply, as printed and saved."""
+
+    data: LabeledDataConfig = field(default_factory=LabeledDataConfig)
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    init: ClassifierInitConfig = field(default_factory=ClassifierInitConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, min_lr=2e-4, weight_decay=0.01))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out="out/classifier", batch_size=32,
+                                                                   eval_interval=0))  # fmt: skip
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # DP-SGD (off by default)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["train"] = {k: v for k, v in out["train"].items() if k in CLASSIFIER_TRAIN_FIELDS}
+        if self.init == ClassifierInitConfig():
+            del out["init"]
+        if not (self.privacy.target_epsilon > 0 or self.privacy.noise_multiplier > 0):
+            del out["privacy"]
+        return out
+
+
+def classifier_field_types() -> dict[str, type]:
+    """Every setting of a classifier run as 'section.field' -> its Python type (the train section's
+    that apply to classifiers)."""
+    sections = typing.get_type_hints(ClassifierRunConfig)
+    return {
+        f"{section}.{f.name}": typing.get_type_hints(kind)[f.name]
+        for section, kind in sections.items()
+        for f in dataclasses.fields(kind)
+        if section != "train" or f.name in CLASSIFIER_TRAIN_FIELDS
+    }
+
+
+def classifier_run(settings: dict[str, Any] | None = None) -> ClassifierRunConfig:
+    """A classifier run from 'section.field' settings (the command line's strings, or Python values) over
+    a classifier's defaults, each parsed and named like a language model run's overrides; an unknown key
+    lists the valid ones. optim.lr without optim.min_lr sets the latter to a tenth of it."""
+    cfg = ClassifierRunConfig()
+    types = classifier_field_types()
+    settings = dict(settings or {})
+    for key, raw in settings.items():
+        if key not in types:
+            section = key.split(".")[0]
+            valid = [k for k in types if k.startswith(section + ".")] or list(types)
+            raise UserError(f"Unknown classifier setting {key!r}; valid keys: {', '.join(valid)}.")
+        section, name = key.split(".", 1)
+        setattr(getattr(cfg, section), name, parse_value(key, raw, types[key]))
+    if "optim.lr" in settings and "optim.min_lr" not in settings:
+        cfg.optim.min_lr = cfg.optim.lr / 10
+    return cfg

@@ -5,69 +5,73 @@ from __future__ import annotations
 import argparse
 import json
 
-from lmforge.cli.common import add_privacy_flags, add_run_flags, add_shared, read_lines_of
+from lmforge.cli.common import add_run_flags, add_shared, read_lines_of
 from lmforge.errors import UserError
 from lmforge.io import check_output
 
+# The everyday flags of `train-classifier` and the setting each one gives; every setting of a classifier
+# run also has its own flag (--optim.beta2, --train.threads, ...), as `lmforge train` has.
+CLASSIFIER_FLAGS = {
+    "--data": ("data.path", "training examples"),
+    "--val": ("data.val_path", "validation examples (default: 10%% of --data held out)"),
+    "--text-column": ("data.text_column", "default: sentence/text/review/..."),
+    "--label-column": ("data.label_column", "default: label/sentiment/class/..."),
+    "--vocab-size": ("data.vocab_size", "word vocabulary (from scratch; default 20000)"),
+    "--init": ("init.checkpoint", "language-model checkpoint: reuse its tokenizer and body"),
+    "--init-layers": ("init.layers", "keep only the first N blocks of the --init body (0 = all): faster"),
+    "--init-embeddings": (
+        "train.init_embeddings",
+        "word2vec/GloVe vectors (e.g. from `lmforge embeddings "
+        "train`) for the word embedding; their width must equal --n-embd",
+    ),
+    "--body": ("model.body", "from scratch: bilstm (default) or gpt (a Transformer decoder)"),
+    "--n-head": ("model.n_head", "attention heads of a gpt body (default 4)"),
+    "--n-embd": ("model.n_embd", "default 128"),
+    "--hidden-size": ("model.hidden_size", "default 128"),
+    "--n-layer": ("model.n_layer", "default 1"),
+    "--dropout": ("model.dropout", "default 0.3"),
+    "--pooling": ("model.pooling", "mean, max (default) or last"),
+    "--max-length": ("model.max_length", "tokens of a text kept (default 128)"),
+    "--out": ("train.out", "default out/classifier"),
+    "--epochs": ("train.epochs", "default 3"),
+    "--batch-size": ("train.batch_size", "default 32"),
+    "--lr": ("optim.lr", "default 2e-3 (optim.min_lr: a tenth of it)"),
+    "--patience": ("train.patience", "evaluations without improvement before stopping (0 = off)"),
+    "--eval-every": ("train.eval_interval", "steps between evaluations (0 = each epoch)"),
+    "--seed": ("train.seed", "default 1337"),
+    "--loggers": ("train.loggers", "beside metrics.jsonl, comma-separated: csv, tensorboard"),
+    "--device": ("train.device", "auto (default), cpu, cuda, cuda:N, mps"),
+}
+
 
 def add_train_classifier_parser(sub) -> None:
+    from lmforge.config import classifier_field_types
+
     p = sub.add_parser(
         "train-classifier",
         help="train a text classifier (e.g. sentiment) on labeled data",
         description="Train a classifier on TSV/CSV (with a header) or JSONL: a bidirectional "
         "LSTM from scratch, or the body of a language-model checkpoint (--init).",
     )
-    p.add_argument("--data", required=True, help="training examples")
-    p.add_argument("--val", default="", help="validation examples (default: 10%% of --data held out)")
-    p.add_argument("--text-column", default="", help="default: sentence/text/review/...")
-    p.add_argument("--label-column", default="", help="default: label/sentiment/class/...")
-    p.add_argument("--init", default="", help="language-model checkpoint: reuse its tokenizer and body")
-    p.add_argument(
-        "--init-layers",
-        type=int,
-        default=0,
-        metavar="N",
-        help="keep only the first N blocks of the --init body (0 = all): faster per example",
-    )
-    p.add_argument("--init-embeddings", default="", metavar="VECTORS",
-                   help="word2vec/GloVe vectors (e.g. from `lmforge embeddings train`) for the word embedding; "
-                   "their width must equal --n-embd")  # fmt: skip
-    p.add_argument("--freeze-embeddings", action="store_true",
+    for flag, (key, help_text) in CLASSIFIER_FLAGS.items():
+        p.add_argument(flag, dest=key, default=None, metavar="VALUE", help=f"{help_text} (= --{key})",
+                       required=flag == "--data")  # fmt: skip
+    p.add_argument("--freeze-embeddings", dest="init.freeze_embeddings", action="store_const", const=True,
                    help="keep the pretrained embeddings (--init or --init-embeddings) fixed: faster steps")  # fmt: skip
-    p.add_argument(
-        "--body",
-        choices=["bilstm", "gpt"],
-        default="bilstm",
-        help="from scratch: bidirectional LSTM, or a Transformer decoder (gpt)",
-    )
-    p.add_argument("--n-head", type=int, default=4, help="attention heads of a gpt body")
-    p.add_argument("--out", default="out/classifier")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--vocab-size", type=int, default=20000, help="word vocabulary (from scratch)")
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--n-layer", type=int, default=1)
-    p.add_argument("--dropout", type=float, default=0.3)
-    p.add_argument("--pooling", choices=["mean", "max", "last"], default="max")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--class-weights", action="store_true", help="weight classes by inverse frequency")
-    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
-                   help="batches of similar-length texts (less padding); off: batches drawn purely at random")  # fmt: skip
-    p.add_argument("--patience", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0 = each epoch)")
-    p.add_argument(
-        "--max-minutes",
-        type=float,
-        default=0.0,
-        help="stop after this many minutes (the learning rate then decays over them)",
-    )
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--loggers", default="", help="beside metrics.jsonl, comma-separated: csv, tensorboard")
-    add_privacy_flags(p)
-    add_shared(p, "--device")
+    p.add_argument("--class-weights", dest="data.class_weights", action="store_const", const=True,
+                   help="weight classes by inverse frequency")  # fmt: skip
+    p.add_argument("--group-by-length", dest="train.group_by_length", action=argparse.BooleanOptionalAction,
+                   help="batches of similar-length texts (less padding; default); off: batches drawn purely at random")  # fmt: skip
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this many minutes (the learning rate then decays over them)")  # fmt: skip
     add_run_flags(p, "training")
+    group = p.add_argument_group("every setting of a classifier run (section.field VALUE)")
+    short = {key for key, _ in CLASSIFIER_FLAGS.values()} | {"init.freeze_embeddings", "data.class_weights",
+                                                            "train.group_by_length"}  # fmt: skip
+    for key, kind in classifier_field_types().items():
+        if key not in short and key not in ("train.progress", "model.vocab_size"):
+            names = dict.fromkeys([f"--{key}", f"--{key.replace('_', '-')}"])
+            group.add_argument(*names, dest=key, metavar=kind.__name__.upper(), default=None)
 
 
 def add_classify_parser(sub) -> None:
@@ -102,48 +106,16 @@ def add_explain_parser(sub) -> None:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
-    from lmforge.config import PrivacyConfig
-    from lmforge.models.classifier import ClassifierConfig
-    from lmforge.training.classify import ClassifierTrainConfig, train_classifier
+    from lmforge.config import classifier_field_types, classifier_run
+    from lmforge.training.classify import train_classifier
 
-    check_output(args.out, "folder", "out")
-    cfg = ClassifierTrainConfig(
-        train_path=args.data,
-        val_path=args.val,
-        text_column=args.text_column,
-        label_column=args.label_column,
-        out=args.out,
-        init=args.init,
-        init_layers=args.init_layers,
-        init_embeddings=args.init_embeddings,
-        freeze_embeddings=args.freeze_embeddings,
-        group_by_length=args.group_by_length,
-        vocab_size=args.vocab_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        class_weights=args.class_weights,
-        patience=args.patience,
-        eval_every=args.eval_every,
-        max_minutes=args.max_minutes,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.quiet,
-        loggers=args.loggers,
-        gpt_heads=args.n_head,
-        privacy=PrivacyConfig(
-            **{k.split(".")[1]: v for k, v in vars(args).items() if k.startswith("privacy.")}
-        ),
-        model=ClassifierConfig(
-            body=args.body,
-            n_embd=args.n_embd,
-            hidden_size=args.hidden_size,
-            n_layer=args.n_layer,
-            dropout=args.dropout,
-            pooling=args.pooling,
-            max_length=args.max_length,
-        ),
-    )
+    settings = {k: v for k, v in vars(args).items() if k in classifier_field_types() and v is not None}
+    if args.max_minutes is not None:
+        settings["train.max_time_s"] = args.max_minutes * 60
+    if args.quiet:
+        settings["train.progress"] = False
+    cfg = classifier_run(settings)
+    check_output(cfg.train.out, "folder", "out")
     result = train_classifier(cfg, overwrite=args.overwrite, resume=args.resume)
     print(
         f"Done: {result['steps']} steps in {result['elapsed_s']:.0f}s, best validation accuracy "

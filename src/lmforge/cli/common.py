@@ -128,19 +128,6 @@ def add_run_flags(p: argparse.ArgumentParser, what: str = "run") -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def add_privacy_flags(parser: argparse.ArgumentParser) -> None:
-    """--privacy.target_epsilon and the rest, from PrivacyConfig (as `train` has them for every section)."""
-    import dataclasses
-
-    from lmforge.config import PrivacyConfig
-
-    group = parser.add_argument_group("differential privacy (DP-SGD through Opacus)")
-    for f in dataclasses.fields(PrivacyConfig):
-        flags = [f"--privacy.{f.name}", f"--privacy.{f.name.replace('_', '-')}"]
-        group.add_argument(*dict.fromkeys(flags), dest=f"privacy.{f.name}", type=float, default=f.default,
-                           metavar="FLOAT", help=f.metadata.get("help"))  # fmt: skip
-
-
 def note(message: str) -> None:
     print(f"lmforge: note: {message}", file=sys.stderr)
 

@@ -15,25 +15,11 @@ first token ([CLS] or <s>) and pass it through one more dense layer before the h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass
-class ClassifierConfig:
-    body: str = "bilstm"  # bilstm | gpt (from scratch) | lm (the body of a language-model checkpoint)
-    vocab_size: int = 0
-    n_embd: int = 128  # bilstm: embedding width
-    hidden_size: int = 128  # bilstm: hidden size per direction
-    n_layer: int = 1  # bilstm: layers
-    dropout: float = 0.3
-    pooling: str = "max"  # mean | max | last | first
-    max_length: int = 128  # longer texts keep their first max_length tokens
-    pre_head: str = ""  # "" | tanh | relu: a dense layer and this activation before the head
-    special_tokens: bool = False  # frame texts with the tokenizer's special tokens ([CLS] ... [SEP])
+from lmforge.config import ClassifierConfig
 
 
 class BiLSTMEncoder(nn.Module):

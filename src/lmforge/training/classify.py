@@ -11,7 +11,6 @@ import math
 import shutil
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -19,7 +18,16 @@ import torch
 import torch.nn as nn
 
 from lmforge.checkpoint import open_checkpoint, write_checkpoint
-from lmforge.config import Config, ModelConfig, OptimConfig, PrivacyConfig, config_from_dict, validate
+from lmforge.config import (
+    CLASSIFIER_TRAIN_FIELDS,
+    ClassifierRunConfig,
+    Config,
+    ModelConfig,
+    TrainConfig,
+    check_training_sections,
+    config_from_dict,
+    validate,
+)
 from lmforge.data.labeled import read_labeled
 from lmforge.device import resolve_device, set_threads
 from lmforge.errors import TrainingInterrupted, UserError
@@ -32,46 +40,13 @@ from lmforge.tokenizers import TextTokenizer, train_word_tokenizer
 from lmforge.training import privacy as private
 from lmforge.training import state as saved_state
 from lmforge.training.loop import Progress, Schedule, Trainee, run_loop
-from lmforge.training.metrics import MetricsLog, Reporter, parse_loggers, write_loss_plot
+from lmforge.training.metrics import MetricsLog, Reporter, write_loss_plot
 from lmforge.training.optim import BudgetHorizon, build_optimizers, lr_at, set_lr
 from lmforge.training.sources import length_grouped_batches
 from lmforge.training.state import STATE_DIR
 from lmforge.weights import load_state, load_weights, unique_state_dict
 
 TASK = "classification"
-
-
-@dataclass
-class ClassifierTrainConfig:
-    train_path: str = ""
-    val_path: str = ""
-    text_column: str = ""
-    label_column: str = ""
-    out: str = "out/classifier"
-    init: str = ""  # a language-model checkpoint whose tokenizer and body to reuse
-    init_layers: int = 0  # keep only the first N blocks of the --init body (0 = all): faster per example
-    init_embeddings: str = ""  # word2vec/GloVe vectors for the word embedding of a from-scratch body
-    freeze_embeddings: bool = (
-        False  # keep the pretrained body's embeddings (token, positions) fixed: faster steps
-    )
-    model: ClassifierConfig = field(default_factory=ClassifierConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # DP-SGD (off by default)
-    vocab_size: int = 20000  # word vocabulary when training from scratch
-    gpt_heads: int = 4  # attention heads of a from-scratch gpt body
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_iters: int = 100
-    eval_every: int = 0  # steps between evaluations (0 = once per epoch)
-    patience: int = 0  # stop after this many evaluations without improvement (0 = off)
-    class_weights: bool = False  # weight the loss by inverse class frequency
-    group_by_length: bool = True  # batches of similar-length texts: less padding, faster steps
-    max_minutes: float = 0.0  # stop after this much training time (0 = no limit)
-    seed: int = 1337
-    device: str = "auto"
-    progress: bool = True
-    loggers: str = ""  # beside metrics.jsonl: csv, tensorboard (comma-separated)
 
 
 def encode_batch(tokenizer: TextTokenizer, texts: list[str], max_length: int, special_tokens: bool = False
@@ -92,15 +67,17 @@ def pad_right(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor
     return ids.to(device), lengths
 
 
-def _build(cfg: ClassifierTrainConfig, train_texts: list[str], n_classes: int):
+def _build(cfg: ClassifierRunConfig, train_texts: list[str], n_classes: int):
     """Tokenizer, classifier and the body's LM config (None for a BiLSTM from scratch)."""
-    if cfg.init:
+    if cfg.init.checkpoint:
         from lmforge.checkpoint import load_checkpoint
 
-        lm, tokenizer, lm_config = load_checkpoint(open_checkpoint(cfg.init).require("train-classifier"))
+        lm, tokenizer, lm_config = load_checkpoint(
+            open_checkpoint(cfg.init.checkpoint).require("train-classifier")
+        )
         body_config = lm_config.model
-        if cfg.init_layers:
-            lm, body_config = _first_blocks(lm, body_config, cfg.init_layers, cfg.init)
+        if cfg.init.layers:
+            lm, body_config = _first_blocks(lm, body_config, cfg.init.layers, cfg.init.checkpoint)
         mcfg = dataclasses.replace(cfg.model, body="lm", vocab_size=tokenizer.vocab_size)
         if not family_of(body_config.arch).carries_state:  # a Transformer's context bounds the text
             mcfg.max_length = min(mcfg.max_length, body_config.block_size)
@@ -109,7 +86,7 @@ def _build(cfg: ClassifierTrainConfig, train_texts: list[str], n_classes: int):
             family_of(body_config.arch).embeds and tokenizer.hf.num_special_tokens_to_add(False) > 0
         )
         return tokenizer, TextClassifier(lm, body_width(lm), n_classes, mcfg), body_config
-    tokenizer = train_word_tokenizer(train_texts, vocab_size=cfg.vocab_size)
+    tokenizer = train_word_tokenizer(train_texts, vocab_size=cfg.data.vocab_size)
     if cfg.model.body == "gpt":  # a Transformer decoder body, from scratch
         mcfg = dataclasses.replace(cfg.model, body="lm", vocab_size=tokenizer.vocab_size)
         body_config = ModelConfig(
@@ -117,7 +94,7 @@ def _build(cfg: ClassifierTrainConfig, train_texts: list[str], n_classes: int):
             vocab_size=tokenizer.vocab_size,
             block_size=cfg.model.max_length,
             n_layer=cfg.model.n_layer,
-            n_head=cfg.gpt_heads,
+            n_head=cfg.model.n_head,
             n_embd=cfg.model.n_embd,
             dropout=cfg.model.dropout,
             pos_encoding="rope",
@@ -129,7 +106,7 @@ def _build(cfg: ClassifierTrainConfig, train_texts: list[str], n_classes: int):
     if cfg.model.body != "bilstm":
         raise UserError(
             f"Unknown classifier body {cfg.model.body!r}; use bilstm or gpt (or init from a checkpoint).",
-            settings=("body", "init"),
+            settings=("model.body", "init.checkpoint"),
         )
     mcfg = dataclasses.replace(cfg.model, body="bilstm", vocab_size=tokenizer.vocab_size)
     body = BiLSTMEncoder(mcfg)
@@ -253,24 +230,27 @@ class ExampleSource:
         self.order, self.position = state["order"], int(state["position"][0])
 
 
-def _read_splits(cfg: ClassifierTrainConfig) -> tuple[list[str], list[str], list[str], list[str]]:
+def _read_splits(cfg: ClassifierRunConfig) -> tuple[list[str], list[str], list[str], list[str]]:
     """Training and validation texts and labels (10% of the training data when no validation file)."""
-    texts, labels = read_labeled(cfg.train_path, cfg.text_column or None, cfg.label_column or None)
+    data = cfg.data
+    texts, labels = read_labeled(data.path, data.text_column or None, data.label_column or None)
     label_set = sorted(set(labels))
     if len(label_set) < 2:
         raise UserError(
-            f"{cfg.train_path} has a single class ({label_set[0]!r}); a classifier needs at least two."
+            f"{data.path} has a single class ({label_set[0]!r}); a classifier needs at least two."
         )
-    if cfg.val_path:
-        val_texts, val_labels = read_labeled(cfg.val_path, cfg.text_column or None, cfg.label_column or None)
+    if data.val_path:
+        val_texts, val_labels = read_labeled(
+            data.val_path, data.text_column or None, data.label_column or None
+        )
         unknown = sorted(set(val_labels) - set(label_set))
         if unknown:
             raise UserError(
-                f"{cfg.val_path} has label(s) {', '.join(map(repr, unknown))} that do not occur in "
-                f"{cfg.train_path} (labels there: {', '.join(label_set)})."
+                f"{data.val_path} has label(s) {', '.join(map(repr, unknown))} that do not occur in "
+                f"{data.path} (labels there: {', '.join(label_set)})."
             )
         return texts, labels, val_texts, val_labels
-    held = _held_out(labels, cfg.seed)
+    held = _held_out(labels, cfg.train.seed)
     kept = [i for i in range(len(texts)) if i not in held]
     return ([texts[i] for i in kept], [labels[i] for i in kept], [texts[i] for i in sorted(held)],
             [labels[i] for i in sorted(held)])  # fmt: skip
@@ -298,11 +278,33 @@ def _held_out(labels: list[str], seed: int) -> set[int]:
 
 # What a resumed classifier run must share with the run it continues (the rest, such as epochs or the
 # learning rate, may change).
-SAME_ON_RESUME = ("train_path", "val_path", "text_column", "label_column", "vocab_size", "init", "init_layers",
-                  "model")  # fmt: skip
+SAME_ON_RESUME = ("data.path", "data.val_path", "data.text_column", "data.label_column", "data.vocab_size",
+                  "init.checkpoint", "init.layers", "model")  # fmt: skip
+# The same settings in the flat config that runs saved before the sections (format 1)
+V1_NAMES = {"data.path": "train_path", "data.val_path": "val_path", "data.text_column": "text_column",
+            "data.label_column": "label_column", "data.vocab_size": "vocab_size", "init.checkpoint": "init",
+            "init.layers": "init_layers", "model": "model"}  # fmt: skip
 
 
-def _check_same_run(out: Path, cfg: ClassifierTrainConfig) -> None:
+def _identity(saved: dict) -> dict:
+    """SAME_ON_RESUME's values in a saved run's config, sectioned or (format 1) flat; the model's
+    settings with today's defaults for those it does not name."""
+    if "data" in saved:
+        values = {key: saved.get(key.split(".")[0], {}).get(key.split(".")[1]) if "." in key else saved.get(key)
+                  for key in SAME_ON_RESUME}  # fmt: skip
+    else:
+        values = {key: saved.get(V1_NAMES[key]) for key in SAME_ON_RESUME}
+    model = values["model"] if isinstance(values["model"], dict) else {}
+    values["model"] = (
+        dataclasses.asdict(ClassifierConfig(**model)) if set(model) <= _CLASSIFIER_FIELDS else model
+    )
+    return values
+
+
+_CLASSIFIER_FIELDS = {f.name for f in dataclasses.fields(ClassifierConfig)}
+
+
+def _check_same_run(out: Path, cfg: ClassifierRunConfig) -> None:
     """A resumed run trains the same model on the same data as the run it continues: refuse other
     settings by name (rather than fail later on the saved tensors' shapes)."""
     for folder in (out / STATE_DIR, out / f"{STATE_DIR}.old"):
@@ -313,8 +315,8 @@ def _check_same_run(out: Path, cfg: ClassifierTrainConfig) -> None:
             continue
     else:
         raise UserError(f"{out} has no readable training state to resume; overwrite it to start again.")
-    now = dataclasses.asdict(cfg)
-    differ = [key for key in SAME_ON_RESUME if saved.get(key) != now.get(key)]
+    before, now = _identity(saved), _identity(cfg.to_dict())
+    differ = [key for key in SAME_ON_RESUME if before[key] != now[key]]
     if differ:
         raise UserError(f"Cannot resume {out}: {', '.join(differ)} differ from the saved run's; give the same "
                         f"data and model settings, or overwrite the run.", settings=("resume", "overwrite"))  # fmt: skip
@@ -340,22 +342,22 @@ def _check_classifier_out(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def train_classifier(
-    cfg: ClassifierTrainConfig,
+    cfg: ClassifierRunConfig,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
     resume: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict:
-    """Train a classifier on cfg.train_path, evaluate on cfg.val_path, keep the best checkpoint.
+    """Train a classifier on cfg.data.path, evaluate on cfg.data.val_path, keep the best checkpoint.
 
     Runs on the shared training loop: early stopping, a time limit, Ctrl-C with a saved state,
     and `resume` continuing exactly.
     """
     validate_classifier_config(cfg)
-    set_threads(0)
-    out = Path(cfg.out)
+    set_threads(cfg.train.threads)
+    out = Path(cfg.train.out)
     _check_classifier_out(out, resume, overwrite)
-    trainee, schedule, label_set = _classifier_trainee(cfg, resolve_device(cfg.device), out, log)
+    trainee, schedule, label_set = _classifier_trainee(cfg, resolve_device(cfg.train.device), out, log)
     progress = Progress()
     if resume:
         _check_same_run(out, cfg)
@@ -370,10 +372,12 @@ def train_classifier(
             f"{len(trainee.source.encoded):,} examples, {len(label_set)} labels {label_set}, "
             f"{schedule.max_steps} steps, device {trainee.device}"
         )
+        for section, values in cfg.to_dict().items():
+            log(f"  [{section}] " + " ".join(f"{k}={v}" for k, v in values.items()))
     out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=progress.step if resume else None,
-                         loggers=cfg.loggers)  # fmt: skip
-    reporter = Reporter(cfg.progress, schedule.max_steps, progress.step)
+                         loggers=cfg.train.loggers)  # fmt: skip
+    reporter = Reporter(cfg.train.progress, schedule.max_steps, progress.step)
     try:
         run_loop(trainee, schedule, progress, metrics, reporter, on_step)
     except TrainingInterrupted as stopped:
@@ -395,21 +399,18 @@ def train_classifier(
 
 
 def _classifier_trainee(
-    cfg: ClassifierTrainConfig, device: torch.device, out: Path, log: Callable[[str], None] = print
+    cfg: ClassifierRunConfig, device: torch.device, out: Path, log: Callable[[str], None] = print
 ) -> tuple[Trainee, Schedule, list[str]]:
     """The data, model, optimizer, batch source and schedule of a classifier run, for the shared loop."""
     texts, labels, val_texts, val_labels = _read_splits(cfg)
     label_set = sorted(set(labels))
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train.seed)
     tokenizer, model, body_config = _build(cfg, texts, len(label_set))
-    if cfg.init_embeddings:
+    if cfg.train.init_embeddings:
         from lmforge.embeddings import describe_coverage, init_embedding
 
-        if cfg.init:
-            raise UserError("Give either init (a language model's body) or init_embeddings (word vectors), "
-                            "not both.", settings=("init", "init_embeddings"))  # fmt: skip
-        log(describe_coverage(init_embedding(model.body.wte, tokenizer, cfg.init_embeddings)))
-    if cfg.freeze_embeddings:
+        log(describe_coverage(init_embedding(model.body.wte, tokenizer, cfg.train.init_embeddings)))
+    if cfg.init.freeze_embeddings:
         # A pretrained token embedding is already good, and it is the body's largest matrix (SmolLM2:
         # 28M of 50M parameters in its first 6 blocks): its gradient and optimizer update cost a third of a step.
         for module in model.body.modules():
@@ -420,18 +421,19 @@ def _classifier_trainee(
     model.to(device)
     encoded = encode_batch(tokenizer, texts, model.cfg.max_length, model.cfg.special_tokens)
     weights = None
-    if cfg.class_weights:  # inverse class frequency
+    if cfg.data.class_weights:  # inverse class frequency
         counts = Counter(labels)
         weights = torch.tensor([len(labels) / (len(label_set) * counts[c]) for c in label_set], device=device)
-    steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    ocfg = OptimConfig(lr=cfg.lr, min_lr=cfg.lr / 10, weight_decay=cfg.weight_decay,
-                       warmup_iters=min(cfg.warmup_iters, total_steps // 10), grad_clip=1.0)  # fmt: skip
+    batch_size = cfg.train.batch_size
+    steps_per_epoch = math.ceil(len(encoded) / batch_size)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    # a short run warms up over at most a tenth of its steps
+    ocfg = dataclasses.replace(cfg.optim, warmup_iters=min(cfg.optim.warmup_iters, total_steps // 10))
     optimizers = build_optimizers(model, ocfg, device)
     forward, privacy = model, None
     if private.enabled(cfg.privacy):  # each labeled text is one example of the guarantee
         private.check_supported(optimizers, grad_accum=1, distributed=False, compiled=False)
-        privacy = private.plan(cfg.privacy, len(encoded), cfg.batch_size, total_steps)
+        privacy = private.plan(cfg.privacy, len(encoded), batch_size, total_steps)
         log(privacy.describe(total_steps))
         forward, dp_optimizer = private.make_private(model, optimizers[0], privacy)
         ocfg.grad_clip = 0.0  # the DP optimizer clips each example's gradient instead
@@ -439,16 +441,16 @@ def _classifier_trainee(
     targets = torch.tensor([index[label] for label in labels])
     scorer = partial(_scores, model, tokenizer, label_set, val_texts, val_labels, device)
     # DP-SGD's guarantee assumes batches drawn at random, so its batches are never grouped by length.
-    grouped = cfg.group_by_length and not private.enabled(cfg.privacy)
-    source = ExampleSource(encoded, targets, cfg.batch_size, cfg.seed, device, weights, scorer, grouped)
-    every = cfg.eval_every or steps_per_epoch
+    grouped = cfg.train.group_by_length and not private.enabled(cfg.privacy)
+    source = ExampleSource(encoded, targets, batch_size, cfg.train.seed, device, weights, scorer, grouped)
+    every = cfg.train.eval_interval or steps_per_epoch
     schedule = Schedule(max_steps=total_steps, eval_interval=every, log_interval=every, grad_clip=ocfg.grad_clip,
-                        patience=cfg.patience, max_time_s=cfg.max_minutes * 60, monitor="val_accuracy",
+                        patience=cfg.train.patience, max_time_s=cfg.train.max_time_s, monitor="val_accuracy",
                         higher_is_better=True)  # fmt: skip
 
     # Under a time budget the schedule ends when the budget does (its steps estimated from the
     # speed so far), so that the learning rate has decayed by the time training stops.
-    horizon = BudgetHorizon(cfg.max_minutes * 60, total_steps)
+    horizon = BudgetHorizon(cfg.train.max_time_s, total_steps)
 
     def set_step_lr(step: int) -> float:
         lr = lr_at(step, ocfg, horizon(step))
@@ -457,16 +459,14 @@ def _classifier_trainee(
 
     def save_best(p: Progress) -> None:
         scores = {"val_accuracy": p.scores["val_accuracy"], "val_macro_f1": p.scores["val_macro_f1"]}
-        info = {"step": p.step, **scores, "train_path": cfg.train_path}
+        info = {"step": p.step, **scores, "train_path": cfg.data.path}
         if privacy:
             info["privacy"] = privacy.info(p.step)
         save_classifier(out, model, tokenizer, label_set, body_config, info)
 
     def save_state(p: Progress) -> None:
         rng = saved_state.rng_state(source, device)
-        saved_state.save_train_state(
-            out, model, optimizers, rng, {**p.to_dict(), "config": dataclasses.asdict(cfg)}
-        )
+        saved_state.save_train_state(out, model, optimizers, rng, {**p.to_dict(), "config": cfg.to_dict()})
 
     trainee = Trainee(model=model, forward=forward, optimizers=[dp_optimizer] if privacy else optimizers,
                       source=source, set_lr=set_step_lr, save_best=save_best, save_state=save_state, device=device,
@@ -479,38 +479,32 @@ def _scores(model, tokenizer, label_set, texts, gold, device) -> dict[str, float
     return {"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}
 
 
-def validate_classifier_config(cfg: ClassifierTrainConfig) -> None:
-    """Settings a classifier run cannot work with, named, before any work starts."""
+def validate_classifier_config(cfg: ClassifierRunConfig) -> None:
+    """Settings a classifier run cannot work with, named, before any work starts: every declared range
+    (the same checks as a language model's run for the optim, train and privacy sections), a train
+    setting of language-model runs alone, and the rules that tie a classifier's settings together."""
+    check_fields(cfg)
+    check_training_sections(cfg.optim, cfg.train)
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in CLASSIFIER_TRAIN_FIELDS and getattr(cfg.train, f.name) != getattr(defaults, f.name):
+            raise UserError(f"train.{f.name} does not apply to a classifier run (it trains for train.epochs); "
+                            f"leave it out.", settings=(f"train.{f.name}",))  # fmt: skip
     checks = [
-        (cfg.epochs >= 1, "epochs must be at least 1"),
-        (cfg.batch_size >= 1, "batch_size must be at least 1"),
-        (math.isfinite(cfg.lr) and cfg.lr > 0, "lr must be a positive number"),
-        (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay must be at least 0"),
-        (cfg.warmup_iters >= 0 and cfg.eval_every >= 0, "warmup_iters and eval_every must be at least 0"),
-        (cfg.patience >= 0, "patience must be at least 0 (0 = off)"),
-        (
-            math.isfinite(cfg.max_minutes) and cfg.max_minutes >= 0,
-            "max_minutes must be at least 0 (0 = no limit)",
-        ),
-        (cfg.vocab_size >= 2, "vocab_size must be at least 2"),
-        (cfg.init_layers >= 0, "init_layers must be at least 0 (0 = all)"),
-        (
-            not cfg.freeze_embeddings or bool(cfg.init or cfg.init_embeddings),
-            "freeze_embeddings keeps pretrained embeddings fixed: give init (a language model) or "
-            "init_embeddings (word vectors), or leave it off",
-        ),
-        (cfg.model.max_length >= 1, "model.max_length must be at least 1"),
-        (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (
-            cfg.model.n_embd >= 1 and cfg.model.n_layer >= 1 and cfg.model.hidden_size >= 1,
-            "model.n_embd, model.n_layer and model.hidden_size must be at least 1",
-        ),
-    ]
-    for ok, message in checks:
+        (cfg.model.body in ("bilstm", "gpt"), "model.body must be bilstm or gpt (or give init.checkpoint)",
+         "model.body"),
+        (cfg.model.pooling in ("mean", "max", "last", "first"), "model.pooling must be mean, max, last or first",
+         "model.pooling"),
+        (not (cfg.init.checkpoint and cfg.train.init_embeddings),
+         "give either init.checkpoint (a language model's body) or train.init_embeddings (word vectors), not both",
+         "init.checkpoint"),
+        (not cfg.init.freeze_embeddings or bool(cfg.init.checkpoint or cfg.train.init_embeddings),
+         "init.freeze_embeddings keeps pretrained embeddings fixed: give init.checkpoint (a language model) or "
+         "train.init_embeddings (word vectors), or leave it off", "init.freeze_embeddings"),
+    ]  # fmt: skip
+    for ok, message, setting in checks:
         if not ok:
-            raise UserError(f"Classifier setting {message}.")
-    check_fields(cfg.privacy, "privacy.")
-    parse_loggers(cfg.loggers)
+            raise UserError(f"Classifier setting {message}.", settings=(setting,))
 
 
 def save_classifier(
