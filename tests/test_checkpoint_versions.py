@@ -87,3 +87,28 @@ def test_v1_runs_resume_exactly_where_they_stopped(workdir, name):
     assert losses[0][-1] == pytest.approx(losses[1][-1], abs=1e-4)
     a, b = (load_checkpoint(workdir / out)[0].state_dict() for out in (name, "again"))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
+
+
+def test_v1_classifier_state_resumes_with_its_flat_settings_read(workdir, monkeypatch):
+    """A classifier's version-1 training state (one flat config) resumes under today's sectioned
+    settings: the same data and model are recognised, another vocabulary is refused by name."""
+    from lmforge.config import classifier_run
+    from lmforge.errors import UserError
+    from lmforge.training.classify import train_classifier
+
+    shutil.copy(V1.parent / "sst2-dev-sample.tsv", workdir / "sst2-dev-sample.tsv")
+    (workdir / "sub").mkdir()  # the saved paths are relative to a folder beside the data
+    saved = json.loads((workdir / "classifier" / "train_state" / "state.json").read_text("utf-8"))
+    assert saved["step"] == 13 and saved["config"]["train_path"] == "../sst2-dev-sample.tsv"
+    settings = {"data.path": "../sst2-dev-sample.tsv", "data.val_path": "../sst2-dev-sample.tsv",
+                "data.vocab_size": 300, "model.n_embd": 16, "model.hidden_size": 16, "train.epochs": 2,
+                "train.out": "../classifier", "train.device": "cpu", "train.progress": False}  # fmt: skip
+    monkeypatch.chdir(workdir / "sub")
+    with pytest.raises(UserError, match="Cannot resume .*: data.vocab_size differ"):
+        train_classifier(
+            classifier_run({**settings, "data.vocab_size": 301}), resume=True, log=lambda _: None
+        )
+    result = train_classifier(classifier_run(settings), resume=True, log=lambda _: None)
+    assert result["steps"] == 26 and 0.5 <= result["best_val_accuracy"] <= 1.0
+    state = json.loads((workdir / "classifier" / "train_state" / "state.json").read_text("utf-8"))
+    assert state["step"] == 26 and state["config"]["data"]["path"] == "../sst2-dev-sample.tsv"

@@ -289,9 +289,13 @@ V1_NAMES = {"data.path": "train_path", "data.val_path": "val_path", "data.text_c
 def _identity(saved: dict) -> dict:
     """SAME_ON_RESUME's values in a saved run's config, sectioned or (format 1) flat; the model's
     settings with today's defaults for those it does not name."""
-    if "data" in saved:
-        values = {key: saved.get(key.split(".")[0], {}).get(key.split(".")[1]) if "." in key else saved.get(key)
-                  for key in SAME_ON_RESUME}  # fmt: skip
+    if "data" in saved:  # sections left out (init when unused) hold their defaults
+        defaults = dataclasses.asdict(ClassifierRunConfig())
+        values = {}
+        for key in SAME_ON_RESUME:
+            section, _, name = key.partition(".")
+            where = saved.get(section, defaults[section])
+            values[key] = where.get(name, defaults[section][name]) if name else where
     else:
         values = {key: saved.get(V1_NAMES[key]) for key in SAME_ON_RESUME}
     model = values["model"] if isinstance(values["model"], dict) else {}
