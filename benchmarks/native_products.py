@@ -56,7 +56,7 @@ def both_loops(lib, fn, repeats: int) -> dict:
 def products(lib, repeats: int) -> list[dict]:
     import torch
 
-    from lmforge import native
+    from lmforge.inference import native
 
     rows_out = []
     generator = torch.Generator().manual_seed(0)
@@ -77,8 +77,8 @@ def products(lib, repeats: int) -> list[dict]:
 def decode_steps(lib, repeats: int) -> list[dict]:
     import torch
 
-    from lmforge.inference import load_for_inference
-    from lmforge.native.decoding import NativeDecoder
+    from lmforge.inference.loading import load_for_inference
+    from lmforge.inference.native.decoding import NativeDecoder
 
     out = []
     model, _ = load_for_inference(str(smollm2()), quantize="int8", notice=lambda _: None)
@@ -111,8 +111,8 @@ def decode_steps(lib, repeats: int) -> list[dict]:
 def generation(lib, repeats: int) -> list[dict]:
     from lmforge.chat import chat_prompt
     from lmforge.checkpoint import open_checkpoint
-    from lmforge.generation import GenerationConfig, generate
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.generation import GenerationConfig, generate
+    from lmforge.inference.loading import load_for_inference
 
     model, tokenizer = load_for_inference(str(smollm2()), quantize="int8", notice=lambda _: None)
     prompt = chat_prompt(open_checkpoint(smollm2()).chat_template,
@@ -147,7 +147,7 @@ def main() -> None:
 
     import torch
 
-    from lmforge import native
+    from lmforge.inference import native
 
     torch.set_num_threads(2)
     lib = native.library()

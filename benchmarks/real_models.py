@@ -47,8 +47,8 @@ def smollm2() -> Path:
 def bench_chat(gguf: Path) -> dict:
     from lmforge.chat import chat_prompt
     from lmforge.checkpoint import open_checkpoint
-    from lmforge.generation import GenerationConfig, generate
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.generation import GenerationConfig, generate
+    from lmforge.inference.loading import load_for_inference
 
     checkpoint = open_checkpoint(gguf)
     model, tokenizer = load_for_inference(str(gguf))  # as `lmforge chat` loads it

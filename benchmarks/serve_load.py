@@ -178,7 +178,7 @@ def main() -> None:
 
     from lmforge.chat import chat_template_of
     from lmforge.device import set_threads
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.loading import load_for_inference
 
     set_threads(0)
     gguf = str(smollm2())

@@ -77,9 +77,9 @@ def main() -> None:
 
     from lmforge.chat import chat_prompt
     from lmforge.checkpoint import open_checkpoint
-    from lmforge.generation import GenerationConfig, generate
-    from lmforge.inference import load_for_inference
-    from lmforge.speculative import SpeculationStats
+    from lmforge.inference.generation import GenerationConfig, generate
+    from lmforge.inference.loading import load_for_inference
+    from lmforge.inference.speculative import SpeculationStats
 
     gguf = smollm2()
     model, tokenizer = load_for_inference(str(gguf), dtype=args.dtype, quantize=args.quantize)

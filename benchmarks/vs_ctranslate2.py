@@ -118,7 +118,7 @@ def lmforge_engine(run: Path, precision: str, tokenizer, sources: list[str]):
     import torch
 
     from lmforge.generation_config import GenerationConfig
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.loading import load_for_inference
     from lmforge.seq2seq import transduce
 
     dtype, quantize = ("float32", "int8") if precision == "int8" else (precision, None)

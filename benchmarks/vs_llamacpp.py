@@ -86,8 +86,8 @@ def lmforge_run(gguf: Path, prompt: str, ids: list[int], repeats: int, new: int,
                 quantize: str, batch: int, compile: bool = False) -> dict:  # fmt: skip
     import torch
 
-    from lmforge.generation import GenerationConfig, generate
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.generation import GenerationConfig, generate
+    from lmforge.inference.loading import load_for_inference
 
     notes: list[str] = []
     model, tokenizer = load_for_inference(str(gguf), dtype=dtype, quantize=quantize, notice=notes.append,

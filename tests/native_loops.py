@@ -4,7 +4,7 @@
 import contextlib
 import subprocess
 
-from lmforge import native
+from lmforge.inference import native
 
 
 def avx512_vnni_targeted() -> bool:

@@ -13,8 +13,8 @@ import torch
 
 from lmforge.checkpoint import load_checkpoint, open_checkpoint
 from lmforge.config import config_from_dict
-from lmforge.generation import generate
 from lmforge.generation_config import GenerationConfig
+from lmforge.inference.generation import generate
 from lmforge.training.trainer import train
 
 V1 = Path(__file__).resolve().parent / "data" / "v1"

@@ -114,7 +114,7 @@ def test_lora_finetune_of_imported_llama_lowers_loss_and_exports(
         assert (reloaded(ids).logits - model(ids)[0]).abs().max().item() <= 1e-4
 
     # The adapters alone, put back on the base, give the merged checkpoint's model.
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.loading import load_for_inference
 
     again, _ = load_for_inference(str(base), adapter=str(tmp_path / "ft" / "adapter.safetensors"))
     assert not any(isinstance(m, LoRALinear) for m in again.modules())  # merged: plain layers
@@ -349,7 +349,7 @@ def test_chat_template_follows_the_adapter_run(tmp_path):
 def test_lora_adapters_are_peft_compatible_both_ways(tmp_path, hf_tokenizer_dir, shakespeare_excerpt):  # noqa: F811
     import peft
 
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.loading import load_for_inference
 
     base = save_tiny_hf_model("llama", tmp_path / "llama", hf_tokenizer_dir)
     settings = {"finetune.lora_rank": 4, "finetune.lora_alpha": 8.0, "finetune.lora_targets": "all-linear",

@@ -3,7 +3,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.generation import (
+from lmforge.inference.generation import (
     GenerationConfig,
     TextTracker,
     beam_search,
@@ -14,7 +14,7 @@ from lmforge.generation import (
     sequence_logprob,
     stream,
 )
-from lmforge.inference import BlockedMatvecLinear, Int8Linear, quantize_int8, use_blocked_matvec
+from lmforge.inference.loading import BlockedMatvecLinear, Int8Linear, quantize_int8, use_blocked_matvec
 from lmforge.models import build_model
 from lmforge.pipelines import pipeline
 from lmforge.tokenizers import train_bpe_tokenizer, train_char_tokenizer
@@ -45,8 +45,8 @@ def test_compiled_decoding_gives_the_eager_tokens_and_logits():
     """`--compile`: the compiled one-token step over a static cache (grouped-query attention,
     RoPE, SwiGLU) chooses exactly the eager greedy tokens with logits within fp32 tolerance.
     Batches (where it measured slower) and runs that outgrow the context take the eager path."""
-    import lmforge.compiled as compiled_module
-    from lmforge.compiled import static_capacity
+    import lmforge.inference.compiled as compiled_module
+    from lmforge.inference.compiled import static_capacity
 
     compiled_module.compiled_steps = 0
     model, tok = make_model("rope", block=300, n_kv_head=1, activation="swiglu", norm="rmsnorm")
@@ -424,7 +424,7 @@ def test_no_repeat_ngram_size_holds_for_decoders_greedy_sampled_and_beam():
     from pathlib import Path
 
     from lmforge.checkpoint import load_checkpoint
-    from lmforge.generation import generate
+    from lmforge.inference.generation import generate
 
     model, tokenizer, _ = load_checkpoint(Path(__file__).resolve().parent / "data" / "v1" / "gpt")
 

@@ -11,7 +11,7 @@ import transformers  # the [dev] extra installs it
 
 from lmforge.checkpoint import load_checkpoint
 from lmforge.errors import UserError
-from lmforge.generation import GenerationConfig, generate_ids
+from lmforge.inference.generation import GenerationConfig, generate_ids
 from lmforge.interop.hf import export_hf, import_hf
 from lmforge.tokenizers import train_bpe_tokenizer
 

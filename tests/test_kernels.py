@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from lmforge import kernels, timing_cache
 from lmforge.config import ModelConfig
-from lmforge.inference import Int8Linear, load_for_inference, slower_precision_notice
+from lmforge.inference import kernels, timing_cache
+from lmforge.inference.loading import Int8Linear, load_for_inference, slower_precision_notice
 from lmforge.models import build_model
 
 
@@ -70,10 +70,10 @@ def test_a_precision_slower_than_float32_here_says_so(fresh_cache, monkeypatch, 
     slow_int8 = {"float32": 1.0, "float32-blocked": 1.0, "bfloat16": 0.5, "int8-pack": 3.0, "int8-fbgemm": 2.0,
                  "int8-dequantize": 4.0, "int8-native": 2.5}  # fmt: skip
     fake_timings(monkeypatch, slow_int8)
-    import lmforge.inference
+    import lmforge.inference.loading
 
     monkeypatch.setattr(
-        lmforge.inference, "_probe", lambda model, tokenizer: None
+        lmforge.inference.loading, "_probe", lambda model, tokenizer: None
     )  # (quality: see real_models)
     notes = []
     load_for_inference(str(tmp_path / "run"), quantize="int8", notice=notes.append)

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge import kernels, native, timing_cache
-from lmforge.inference import Int4Linear, Int8Linear, dequantize_4bit, quantize_4bit
+from lmforge.inference import kernels, native, timing_cache
+from lmforge.inference.loading import Int4Linear, Int8Linear, dequantize_4bit, quantize_4bit
 from tests.native_loops import PRODUCT_LOOPS, avx512_vnni_targeted, product_loops, restore_chosen_loops
 
 
@@ -133,7 +133,7 @@ def test_a_layer_on_the_native_kernel_takes_any_number_of_rows(monkeypatch):
     layer.kernel = "native"
     calls = []
     monkeypatch.setattr(
-        "lmforge.inference.int8_linear", lambda *a: calls.append(a[0].shape) or native.int8_linear(*a)
+        "lmforge.inference.loading.int8_linear", lambda *a: calls.append(a[0].shape) or native.int8_linear(*a)
     )
     for prompts_natively in [False, True]:
         layer.native_prompts = prompts_natively
@@ -193,7 +193,7 @@ def test_a_failed_build_leaves_no_library_file(monkeypatch, tmp_path):
 
 def test_fused_gate_up_gives_the_same_outputs():
     from lmforge.config import ModelConfig
-    from lmforge.inference import fuse_projections
+    from lmforge.inference.loading import fuse_projections
     from lmforge.models import build_model
 
     cfg = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, activation="swiglu",
@@ -251,7 +251,9 @@ def test_a_4bit_layer_multiplies_natively_and_keeps_gradients(monkeypatch):
     # 0.625 bytes a weight: half a byte, and 4 bytes of scale and minimum per 32
     assert stored == 64 * 24 * 5 // 8
     calls = []
-    monkeypatch.setattr("lmforge.inference.int4_linear", lambda *a: calls.append(1) or native.int4_linear(*a))
+    monkeypatch.setattr(
+        "lmforge.inference.loading.int4_linear", lambda *a: calls.append(1) or native.int4_linear(*a)
+    )
     weight = dequantize_4bit(layer.weight_int4, layer.block_scale, layer.block_min)
     x = torch.randn(3, 64)
     assert torch.allclose(layer(x), F.linear(x, weight, layer.bias), atol=1e-4) and calls == [1]

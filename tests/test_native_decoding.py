@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from lmforge import timing_cache
 from lmforge.checkpoint import save_checkpoint
 from lmforge.config import Config, ModelConfig
-from lmforge.generation import GenerationConfig, generate, generate_ids
-from lmforge.inference import (
+from lmforge.inference import timing_cache
+from lmforge.inference.generation import GenerationConfig, generate, generate_ids
+from lmforge.inference.loading import (
     Int4Linear,
     Int8Linear,
     fuse_projections,
@@ -19,8 +19,8 @@ from lmforge.inference import (
     quantize_int4,
     quantize_int8,
 )
+from lmforge.inference.native.decoding import NativeDecoder, attach, step_logits, why_not_native
 from lmforge.models.gpt import GPT
-from lmforge.native.decoding import NativeDecoder, attach, step_logits, why_not_native
 from lmforge.tokenizers import train_char_tokenizer
 from tests.native_loops import PRODUCT_LOOPS, product_loops
 
@@ -231,7 +231,7 @@ def test_batches_beyond_the_row_limit_take_the_forward_pass_on_a_cache_of_the_we
 
 
 def test_the_row_limit_is_half_the_first_batch_size_where_the_c_step_measured_slower(tmp_path, monkeypatch):
-    import lmforge.native.decoding as decoding
+    import lmforge.inference.native.decoding as decoding
 
     model, tokenizer = load_for_inference(checkpoint(tmp_path))
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))  # a fresh timings cache

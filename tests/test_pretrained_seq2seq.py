@@ -314,7 +314,7 @@ def test_t5_task_prefixes_go_before_the_sources(tokenizer, tmp_path, capsys, mon
 def test_an_encoder_decoder_loads_in_int8_close_to_float(tokenizer, tmp_path):
     """--quantize int8 on an encoder–decoder: every linear layer in int8 (the faithfulness probe reads
     the model as source and target), logits close to float32's."""
-    from lmforge.inference import Int8Linear, load_for_inference
+    from lmforge.inference.loading import Int8Linear, load_for_inference
 
     opened(tiny_marian(tokenizer), tmp_path / "m", tokenizer)
     exact, _ = load_for_inference(str(tmp_path / "m"))
@@ -415,7 +415,7 @@ def test_an_encoder_decoder_lora_run_is_a_peft_adapter_transformers_runs(kind, t
     merges the PEFT folder back (`--adapter`) to the same logits."""
     from peft import PeftModel
 
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.loading import load_for_inference
 
     theirs = tiny_marian(tokenizer) if kind == "marian" else tiny_t5(tokenizer, flan=True)
     saved_with_random_norms(theirs, tmp_path / "base", tokenizer)

@@ -21,7 +21,7 @@ import torch
 from lmforge.checkpoint import GGUF, open_checkpoint
 from lmforge.config import Config, ModelConfig
 from lmforge.errors import UserError
-from lmforge.generation import GenerationConfig, generate
+from lmforge.inference.generation import GenerationConfig, generate
 from lmforge.interop.gguf import export_gguf, import_gguf
 from lmforge.models import build_model
 from lmforge.tokenizers import train_bpe_tokenizer, train_char_tokenizer, train_word_tokenizer
@@ -319,7 +319,7 @@ def test_llama_cpp_runs_the_gguf_export_with_the_same_greedy_tokens(tmp_path, sm
     the same token ids for the prompt and the same 32 greedy tokens."""
     import llama_cpp
 
-    from lmforge.generation import generate_ids
+    from lmforge.inference.generation import generate_ids
 
     checkpoint = open_checkpoint(smollm2)
     model, tokenizer = checkpoint.load()
@@ -382,7 +382,7 @@ def test_int8_keeps_smollm2_faithful_by_falling_back_to_weight_only(smollm2, loa
     this CPU measures fastest, loading keeps the float model's next-token choices (falling back to
     weight-only int8 and saying so when they change), and the model still answers correctly."""
     from lmforge.chat import chat_prompt
-    from lmforge.inference import PROBE_TEXT, Int8Linear, load_for_inference
+    from lmforge.inference.loading import PROBE_TEXT, Int8Linear, load_for_inference
 
     notes = []
     model, tokenizer = load_for_inference(str(smollm2), quantize="int8", notice=notes.append)
@@ -403,7 +403,7 @@ def test_int8_keeps_smollm2_faithful_by_falling_back_to_weight_only(smollm2, loa
     assert "Paris" in reply
     # The whole-step native decoder (attached when it measures faster here) against PyTorch's path on
     # the same int8 weights: the same logits within the int16 rounding of its inputs, the same answer.
-    from lmforge.native.decoding import NativeDecoder
+    from lmforge.inference.native.decoding import NativeDecoder
 
     decoder = NativeDecoder(model)
     ids = torch.tensor([tokenizer.encode(prompt)])
@@ -428,7 +428,7 @@ def test_4bit_smollm2_decodes_natively_with_the_float_models_choices(smollm2, lo
     loading keeps them (up to float rounding) and the float model's next-token choices; the native
     decoder (attached when it measures faster) answers as the PyTorch path on the same weights."""
     from lmforge.chat import chat_prompt
-    from lmforge.inference import PROBE_TEXT, Int4Linear, Int8Linear, load_for_inference
+    from lmforge.inference.loading import PROBE_TEXT, Int4Linear, Int8Linear, load_for_inference
 
     model, tokenizer = load_for_inference(str(smollm2), quantize="int4")
     layers = [layer for layer in model.modules() if isinstance(layer, Int4Linear)]
@@ -496,7 +496,7 @@ def test_every_transformer_preset_exports_to_gguf_and_llama_cpp_gives_lmforges_g
     import llama_cpp
 
     from lmforge.config import load_preset
-    from lmforge.generation import generate_ids
+    from lmforge.inference.generation import generate_ids
     from lmforge.interop.gguf import gguf_architecture
 
     config = load_preset(preset)

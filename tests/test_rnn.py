@@ -7,8 +7,8 @@ from lmforge.checkpoint import load_checkpoint
 from lmforge.config import ModelConfig
 from lmforge.data.batches import ContiguousStreams
 from lmforge.errors import TrainingInterrupted, UserError
-from lmforge.generation import GenerationConfig, decode_steps, generate
-from lmforge.inference import load_for_inference
+from lmforge.inference.generation import GenerationConfig, decode_steps, generate
+from lmforge.inference.loading import load_for_inference
 from lmforge.models import build_model
 from lmforge.training.trainer import train
 

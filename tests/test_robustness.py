@@ -178,7 +178,7 @@ def test_generation_settings_accept_only_values_within_range(name, value):
 def test_sampling_with_extreme_but_valid_settings_never_fails():
     import torch
 
-    from lmforge.generation import choose_tokens
+    from lmforge.inference.generation import choose_tokens
 
     logits = torch.randn(3, 50)
     for cfg in [GenerationConfig(top_p=1e-300), GenerationConfig(repetition_penalty=0.01, temperature=5.0),
@@ -240,7 +240,7 @@ def test_leftovers_of_a_killed_save_are_removed_when_the_run_continues(tmp_path,
 
 
 def test_an_adapter_is_refused_on_a_same_shaped_but_different_base(tmp_path, shakespeare_excerpt):
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.loading import load_for_inference
 
     from .test_finetune import finetune_config
 

@@ -21,7 +21,7 @@ from lmforge.chat import chat_template_of, terminal_chat  # noqa: E402
 from lmforge.checkpoint import load_checkpoint  # noqa: E402
 from lmforge.errors import UserError  # noqa: E402
 from lmforge.evaluation.perplexity import token_nll  # noqa: E402
-from lmforge.generation import GenerationConfig, generate  # noqa: E402
+from lmforge.inference.generation import GenerationConfig, generate  # noqa: E402
 from lmforge.serving.engine import Done, Engine, QueueFull, Sequence  # noqa: E402
 from lmforge.serving.server import ServerSettings, create_app  # noqa: E402
 from lmforge.training.trainer import train  # noqa: E402

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmforge import timing_cache
 from lmforge.cli import main
+from lmforge.inference import timing_cache
 
 V1 = Path(__file__).parent / "data" / "v1"
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from lmforge.chat import chat_template_of
-from lmforge.generation import GenerationConfig, generate, stream
-from lmforge.inference import load_for_inference
-from lmforge.native.decoding import NativeDecoder, chain_logits, step_logits
+from lmforge.inference.generation import GenerationConfig, generate, stream
+from lmforge.inference.loading import load_for_inference
+from lmforge.inference.native.decoding import NativeDecoder, chain_logits, step_logits
+from lmforge.inference.speculative import DraftSchedule, PromptLookup, SpeculationStats, verify
 from lmforge.serving.server import ServerSettings, create_app
-from lmforge.speculative import DraftSchedule, PromptLookup, SpeculationStats, verify
 from lmforge.training.trainer import train
 from tests.test_native_decoding import VARIANTS, checkpoint, int8_model
 from tests.test_serve import RunningServer
@@ -60,8 +60,8 @@ def test_the_draft_length_is_the_one_that_yields_most_per_step_at_this_acceptanc
 
 
 def test_draft_costs_are_timed_once_per_shape_and_interpolated_between_timed_lengths(tmp_path, monkeypatch):
-    from lmforge import timing_cache
-    from lmforge.speculative import TIMED_DRAFTS, check_costs
+    from lmforge.inference import timing_cache
+    from lmforge.inference.speculative import TIMED_DRAFTS, check_costs
 
     model, _ = load_for_inference(checkpoint(tmp_path, **VARIANTS["llama-like"]))
     costs = check_costs(model, 10)
@@ -136,8 +136,8 @@ def test_verify_keeps_the_models_distribution():
 def cheap_checks(monkeypatch):
     """Checks as cheap as on a large model (a tiny model's check of k tokens costs nearly k steps, so
     its schedule would rarely draft): the tests of exactness need drafts."""
+    import lmforge.inference.speculative as speculative
     import lmforge.serving.engine as engine
-    import lmforge.speculative as speculative
 
     def cheap(model, drafter, most):
         return [1.0 + 0.01 * k for k in range(most + 1)]
@@ -253,7 +253,7 @@ def test_the_pipeline_takes_prompt_lookup_and_an_assistant_model(tmp_path, cheap
     """transformers' names in lmforge's pipeline: `prompt_lookup_num_tokens=` and `assistant_model=`
     decode speculatively, with plain greedy decoding's text."""
     import lmforge
-    import lmforge.speculative as speculative
+    import lmforge.inference.speculative as speculative
 
     drafters = []
     real = speculative.speculative_ids

@@ -12,9 +12,9 @@ import pytest
 
 from lmforge.chat import chat_prompt, chat_template_of
 from lmforge.checkpoint import load_checkpoint, open_checkpoint
+from lmforge.inference.structured import GrammarConstraint, json_schema_grammar, lark_grammar
 from lmforge.serving.server import ServerSettings, create_app
 from lmforge.serving.tools import messages_for_template, read_tool_calls, template_takes_tools, tool_call_lark
-from lmforge.structured import GrammarConstraint, json_schema_grammar, lark_grammar
 from lmforge.training.trainer import train
 
 from .conftest import SHAKESPEARE, tiny_config

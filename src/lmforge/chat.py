@@ -78,7 +78,7 @@ def terminal_chat(
     """
     from dataclasses import replace
 
-    from lmforge.generation import stream
+    from lmforge.inference.generation import stream
 
     history: Conversation = []
     stops = chat_stop_strings(template)

@@ -9,7 +9,7 @@ from typing import Any
 from lmforge.checkpoint import open_checkpoint
 from lmforge.errors import UserError
 from lmforge.families import family_of
-from lmforge.inference import load_for_inference
+from lmforge.inference.loading import load_for_inference
 
 # Each task, and the kind of model it needs (the families say which tasks they serve).
 PIPELINE_TASKS = {

@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import UserError
-from lmforge.generation import ban_repeated_ngrams
 from lmforge.generation_config import GenerationConfig
+from lmforge.inference.generation import ban_repeated_ngrams
 from lmforge.tokenizers import TextTokenizer
 from lmforge.training.pairs import PairTokens, as_pair_tokens, pad_sources, pair_tokens
 
@@ -349,7 +349,7 @@ def evaluate_pairs(checkpoint: str | Path, data: str | Path | None = None, cfg: 
     the weights in `dtype`."""
     from lmforge.checkpoint import open_checkpoint
     from lmforge.data.pairs import prepare_pairs, read_pairs
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.loading import load_for_inference
 
     opened = open_checkpoint(checkpoint)
     config = opened.config

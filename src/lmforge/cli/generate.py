@@ -54,7 +54,7 @@ def add_draft_flag(p: argparse.ArgumentParser) -> None:
 
 def load_for_generation(args: argparse.Namespace, opened):
     """The model and tokenizer of `generate` and `chat`, as their flags ask."""
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.loading import load_for_inference
 
     return load_for_inference(
         opened,
@@ -73,7 +73,7 @@ def load_draft(args: argparse.Namespace, model, tokenizer):
         return None
     if not hasattr(model, "blocks"):
         raise UserError("--draft needs a Transformer decoder as the model; this one decodes without a draft.")
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.loading import load_for_inference
 
     draft, draft_tokenizer = load_for_inference(
         open_for(args.draft, "generate"), args.device, args.dtype, args.quantize, None, notice=note
@@ -94,8 +94,8 @@ def report_speculation(stats, asked: bool) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmforge.generation import generate, stream
-    from lmforge.speculative import SpeculationStats
+    from lmforge.inference.generation import generate, stream
+    from lmforge.inference.speculative import SpeculationStats
 
     opened = open_for(args.checkpoint, "generate")
     config = generation_config(args, opened.generation.sampling)  # checked before the model loads

@@ -43,7 +43,7 @@ def add_transduce_flags(p: argparse.ArgumentParser) -> None:
 def cmd_transduce(args: argparse.Namespace) -> int:
 
     from lmforge.generation_config import GenerationConfig
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.loading import load_for_inference
     from lmforge.seq2seq import source_prefix, task_defaults, transduce
 
     texts = list(args.text or [])

@@ -30,7 +30,7 @@ def evaluate(
     from lmforge.checkpoint import LANGUAGE_MODEL, open_checkpoint
     from lmforge.data.corpus import read_text_file
     from lmforge.data.prepare import open_prepared, resolve_data
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.loading import load_for_inference
     from lmforge.tokenizers import encode_long
 
     opened = open_checkpoint(checkpoint)
@@ -115,8 +115,8 @@ def generate_hypotheses(
     adapter: str | None = None,
 ) -> list[str]:
     """Greedy continuations of each prompt line, cut at the first newline."""
-    from lmforge.generation import sample_tokens
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.generation import sample_tokens
+    from lmforge.inference.loading import load_for_inference
 
     model, tokenizer = load_for_inference(str(checkpoint), device, adapter=adapter)
     hyps = []

@@ -37,7 +37,7 @@ FAMILY = Family(
     parameters=lambda m: transformer_parameters(m, m.n_layer),
     prepare_data=lazy("lmforge.training.sources:text_data"),
     pipelines=frozenset({"text-generation"}),
-    pipeline=lazy("lmforge.generation:text_generation_pipeline"),
+    pipeline=lazy("lmforge.inference.generation:text_generation_pipeline"),
     batch_source=lazy("lmforge.training.sources:window_source"),
     hf_export=lazy("lmforge.interop.hf:gpt_to_hf"),
 )

@@ -28,18 +28,18 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lmforge.generation import (
+from lmforge.inference.generation import (
     GenerationConfig,
     TextTracker,
     apply_penalties,
     banned_ids,
     choose_tokens,
 )
+from lmforge.inference.native.decoding import step_logits
+from lmforge.inference.speculative import DraftSchedule, PromptLookup, check_draft, draft_costs, verify
+from lmforge.inference.structured import GrammarConstraint, mask_logits
 from lmforge.models.gpt import KVCache
-from lmforge.native.decoding import step_logits
 from lmforge.serving.prefill import PrefixCache, prefill
-from lmforge.speculative import DraftSchedule, PromptLookup, check_draft, draft_costs, verify
-from lmforge.structured import GrammarConstraint, mask_logits
 from lmforge.tokenizers import TextTokenizer
 
 

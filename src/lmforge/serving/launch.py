@@ -33,11 +33,11 @@ def serve(
 
     import uvicorn
 
-    from lmforge import timing_cache
+    import lmforge.inference.timing_cache as timing_cache
     from lmforge.chat import chat_template_of
     from lmforge.checkpoint import open_checkpoint
     from lmforge.device import set_threads
-    from lmforge.inference import load_for_inference
+    from lmforge.inference.loading import load_for_inference
 
     set_threads(threads)
     started = time.perf_counter()

@@ -27,7 +27,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-from lmforge.generation import left_pad, positions_of
+from lmforge.inference.generation import left_pad, positions_of
 from lmforge.models.gpt import KVCache
 
 

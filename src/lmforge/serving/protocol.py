@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from lmforge.generation import GenerationConfig, generation_settings
+from lmforge.inference.generation import GenerationConfig, generation_settings
 
 
 class APIError(Exception):

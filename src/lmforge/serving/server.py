@@ -33,7 +33,8 @@ from starlette.exceptions import HTTPException
 from lmforge.chat import chat_prompt, chat_stop_strings
 from lmforge.errors import UserError
 from lmforge.families import family_of
-from lmforge.generation import start_ids
+from lmforge.inference.generation import start_ids
+from lmforge.inference.structured import check_grammar, json_schema_grammar, lark_grammar
 from lmforge.serving.engine import Done, Engine, Failed, QueueFull, Sequence, Token, prompt_logprobs
 from lmforge.serving.metrics import ServingMetrics
 from lmforge.serving.protocol import (
@@ -54,7 +55,6 @@ from lmforge.serving.protocol import (
     usage,
 )
 from lmforge.serving.tools import messages_for_template, read_tool_calls, template_takes_tools, tool_call_lark
-from lmforge.structured import check_grammar, json_schema_grammar, lark_grammar
 
 
 @dataclass

@@ -26,7 +26,7 @@ import re
 import uuid
 from typing import Any
 
-from lmforge.structured import COMPACT_JSON
+from lmforge.inference.structured import COMPACT_JSON
 
 TOOLS_PREAMBLE = (
     "You can call functions to help answer. The functions, as JSON schemas:\n<tools>\n{tools}\n</tools>\n"

@@ -522,7 +522,7 @@ def _finish(run: _Run, progress: Progress, metrics: MetricsLog) -> TrainResult:
         sample = run.family.after_training(run, metrics)
     elif tc.sample_tokens > 0 and dist.main and language_model:
         from lmforge.checkpoint import load_checkpoint
-        from lmforge.generation import sample_text
+        from lmforge.inference.generation import sample_text
 
         best, _, _ = load_checkpoint(run.out, run.device)
         sample = sample_text(best, run.tokenizer, "", tc.sample_tokens, seed=tc.seed)

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge import timing_cache
-from lmforge.timing_cache import measure, remembered
+import lmforge.inference.timing_cache as timing_cache
+from lmforge.inference.timing_cache import measure, remembered
 
 
 class BlockedMatvecLinear(nn.Module):
@@ -93,7 +93,7 @@ def _candidates(in_features: int, out_features: int) -> dict[str, Callable[[], o
         kernels["int8-fbgemm"] = lambda: torch.ops.quantized.linear_dynamic(x, packed, True)
     kernels["int8-dequantize"] = lambda: F.linear(x, int8.float() * scale[:, None])
     if native_available():
-        from lmforge.native import int8_linear
+        from lmforge.inference.native import int8_linear
 
         kernels["int8-native"] = lambda: int8_linear(x, int8, scale, None)
         kernels["float32-native"] = Streamed(x, weight)
@@ -117,7 +117,7 @@ class Streamed:
         self.weights = [weight] + [weight.clone() for _ in range(copies - 1)]
 
     def __call__(self) -> None:
-        from lmforge.native import float_linear
+        from lmforge.inference.native import float_linear
 
         for weight in self.weights:
             float_linear(self.x, weight, None)
@@ -125,7 +125,7 @@ class Streamed:
 
 def native_available() -> bool:
     """Whether lmforge's own int8 kernel (native/) is built, or can be, on this machine."""
-    from lmforge.native import library
+    from lmforge.inference.native import library
 
     return library() is not None
 
@@ -198,7 +198,7 @@ def native_prompt_pays(in_features: int, out_features: int) -> bool:
         return False
 
     def candidates() -> dict[str, Callable[[], object]]:
-        from lmforge.native import int8_linear
+        from lmforge.inference.native import int8_linear
 
         x = torch.randn(PROMPT_ROWS, in_features)
         weight = torch.randn(out_features, in_features)

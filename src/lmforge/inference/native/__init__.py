@@ -128,7 +128,7 @@ def _choose_wide_products(lib: ctypes.CDLL) -> None:
     global _wide
     if not lib.set_wide_products(0, 0):
         return
-    from lmforge.timing_cache import remembered
+    from lmforge.inference.timing_cache import remembered
 
     threads = torch.get_num_threads()
     in_features, out_features = WIDE_TIMING_SHAPE
@@ -147,7 +147,7 @@ def _choose_wide_products(lib: ctypes.CDLL) -> None:
 def _time_products(lib: ctypes.CDLL, wide: bool, rows: int, threads: int) -> float:
     """Seconds of one int8 product of WIDE_TIMING_SHAPE for `rows` rows by the 512-bit loop (`wide`)
     or the 256-bit one (timing_cache.measure: the median after a warm-up)."""
-    from lmforge.timing_cache import measure
+    from lmforge.inference.timing_cache import measure
 
     in_features, out_features = WIDE_TIMING_SHAPE
     generator = torch.Generator().manual_seed(0)

@@ -24,8 +24,8 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from lmforge.inference.native import library
 from lmforge.models.gpt import GPT, KVCache
-from lmforge.native import library
 
 ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu2": 2, "swiglu": 3}
 
@@ -76,7 +76,7 @@ def why_not_native(model: nn.Module) -> str | None:
     if model.config.activation not in ACTIVATIONS:
         return f"the native decode step has no {model.config.activation} activation"
     if library() is None:
-        from lmforge.native import why_unavailable
+        from lmforge.inference.native import why_unavailable
 
         return f"lmforge's native code is unavailable: {why_unavailable()}"
     linears = [model.lm_head]
@@ -100,7 +100,7 @@ def _quantized(layer: nn.Module) -> bool:
 
 def _float_weight(layer: nn.Module) -> torch.Tensor | None:
     """The float32 or bfloat16 weight (out, in) of an nn.Linear or BlockedMatvecLinear; else None."""
-    from lmforge.kernels import BlockedMatvecLinear
+    from lmforge.inference.kernels import BlockedMatvecLinear
 
     if not isinstance(layer, nn.Linear | BlockedMatvecLinear):
         return None
@@ -300,7 +300,7 @@ def row_limit(model: nn.Module, decoder: NativeDecoder) -> int | None:
     """Half the first of MEASURED_ROWS at which the C step measures slower than the forward pass
     (None: faster at all of them). Measured once per machine and model shape (a few seconds for a
     135M model) and kept in the kernel-timings cache (timing_cache.py)."""
-    from lmforge.timing_cache import remembered
+    from lmforge.inference.timing_cache import remembered
 
     cfg, prompt = model.config, min(16, model.block_size - 2)
     kinds = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "in_features")})

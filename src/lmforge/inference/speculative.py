@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 
 from lmforge.generation_config import GenerationConfig
-from lmforge.native.decoding import chain_logits, step_logits
-from lmforge.sampling import (
+from lmforge.inference.native.decoding import chain_logits, step_logits
+from lmforge.inference.sampling import (
     apply_penalties,
     ban_repeated_ngrams,
     choose_tokens,
@@ -149,7 +149,7 @@ def check_costs(model: nn.Module, most: int) -> list[float]:
     """What checking a draft of k tokens costs in one-token steps, k = 0 … `most` (costs[0] = 1): timed
     once per machine and model shape (kept in the kernel-timings cache, timing_cache.py), straight lines
     between the timed lengths. Off the CPU a check is taken to cost about one step."""
-    from lmforge.timing_cache import remembered
+    from lmforge.inference.timing_cache import remembered
 
     if model.wte.weight.device.type != "cpu" or not hasattr(model, "blocks"):
         return [1.0 + 0.02 * k for k in range(most + 1)]
@@ -184,7 +184,7 @@ def draft_costs(model: nn.Module, drafter: Drafter, most: int) -> list[float]:
     draft model's own k steps."""
     costs = check_costs(model, most)
     if isinstance(drafter, DraftModel):
-        from lmforge.timing_cache import remembered
+        from lmforge.inference.timing_cache import remembered
 
         cfg, mine = drafter.model.config, model.config
         ratio = remembered(

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from lmforge.device import DTYPES, resolve_device
 from lmforge.errors import UserError
-from lmforge.kernels import BlockedMatvecLinear
-from lmforge.native import int4_linear, int8_linear
+from lmforge.inference.kernels import BlockedMatvecLinear
+from lmforge.inference.native import int4_linear, int8_linear
 
 if TYPE_CHECKING:
     from lmforge.checkpoint import Checkpoint
@@ -158,13 +158,13 @@ class Int4Linear(nn.Module):
 
 
 def _native_unavailable() -> bool:
-    from lmforge.kernels import native_available
+    from lmforge.inference.kernels import native_available
 
     return not native_available()
 
 
 def _native_prompts_pay_4bit(layer: Int4Linear) -> bool:
-    from lmforge.kernels import PROMPT_ROWS, fastest_prompt_kernel
+    from lmforge.inference.kernels import PROMPT_ROWS, fastest_prompt_kernel
 
     def candidates():
         x = torch.randn(PROMPT_ROWS, layer.in_features)
@@ -196,7 +196,7 @@ def use_blocked_matvec(model: nn.Module, min_weight: int = 1 << 18) -> nn.Module
 
 
 def _native_prompts_pay(in_features: int, out_features: int) -> bool:
-    from lmforge.kernels import native_prompt_pays
+    from lmforge.inference.kernels import native_prompt_pays
 
     return native_prompt_pays(in_features, out_features)
 
@@ -204,7 +204,7 @@ def _native_prompts_pay(in_features: int, out_features: int) -> bool:
 def _choose_kernel(device: torch.device, in_features: int, out_features: int) -> str:
     if device.type != "cpu":
         return "dequantize"
-    from lmforge.kernels import fastest_int8_kernel
+    from lmforge.inference.kernels import fastest_int8_kernel
 
     return fastest_int8_kernel(in_features, out_features)
 
@@ -248,7 +248,7 @@ def _keep_int8_faithful(
     changed = (choices() != reference).float().mean().item()
     if changed <= 0.10:
         return None
-    from lmforge.kernels import fastest_int8_kernel
+    from lmforge.inference.kernels import fastest_int8_kernel
 
     for layer in layers:
         layer.kernel = fastest_int8_kernel(layer.in_features, layer.out_features, weight_only=True)
@@ -272,7 +272,7 @@ def slower_precision_notice(model: nn.Module, precision: str) -> str | None:
     """A sentence when `precision` (int8 or bfloat16) decodes slower than float32 on this CPU,
     counting each int8 layer at the kernel it actually uses; an encoder–decoder at the rows it decodes
     together."""
-    from lmforge.kernels import PROMPT_ROWS, batched_precision_report, precision_report, timings
+    from lmforge.inference.kernels import PROMPT_ROWS, batched_precision_report, precision_report, timings
     from lmforge.models.seq2seq import Seq2Seq
 
     unit = "per token"
@@ -331,7 +331,7 @@ def quantize_int4(model: nn.Module) -> nn.Module:
             else:
                 layer = Int8Linear(child)
                 if layer.kernel == "fbgemm":  # it rounds activations too: weight-only, like the rest
-                    from lmforge.kernels import fastest_int8_kernel
+                    from lmforge.inference.kernels import fastest_int8_kernel
 
                     layer.kernel = fastest_int8_kernel(
                         layer.in_features, layer.out_features, weight_only=True
@@ -384,19 +384,19 @@ def load_for_inference(
         if message:
             (notice or (lambda m: warnings.warn(m, stacklevel=2)))(message)
         if not compile:  # one native call per decoded token, where it measures faster (native/decoding.py)
-            from lmforge.native.decoding import attach
+            from lmforge.inference.native.decoding import attach
 
             attach(model)
     elif quantize == "int4":
         # 4-bit weights in blocks of 32, the head int8 (a tied embedding table stays float).
         quantize_int4(model)
-        from lmforge.native.decoding import attach
+        from lmforge.inference.native.decoding import attach
 
         attach(model)
     else:
         use_blocked_matvec(model)
         if not compile:  # float32 / bfloat16 weights: the native step where it measures faster, as above
-            from lmforge.native.decoding import attach
+            from lmforge.inference.native.decoding import attach
 
             attach(model)
     precision = "int8" if quantize == "int8" else "bfloat16" if dtype == "bfloat16" else None
@@ -405,7 +405,7 @@ def load_for_inference(
         if message:
             (notice or (lambda m: warnings.warn(m, stacklevel=3)))(message)
     if compile:
-        from lmforge.compiled import can_compile
+        from lmforge.inference.compiled import can_compile
 
         if not can_compile(model):
             raise UserError("--compile speeds up GPT models only; leave it out for this checkpoint.")
