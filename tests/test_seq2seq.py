@@ -15,11 +15,11 @@ import lmforge
 from lmforge.checkpoint import load_checkpoint
 from lmforge.cli import main
 from lmforge.config import ModelConfig, apply_overrides, load_preset
-from lmforge.data.pairs import read_pairs
 from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.generation_config import GenerationConfig
 from lmforge.models import build_model
-from lmforge.seq2seq import (
+from lmforge.seq2seq.data import read_pairs
+from lmforge.seq2seq.decoding import (
     DECODE_ROWS,
     MAX_DECODE_ROWS,
     ban_repeated_ngrams,
@@ -30,8 +30,8 @@ from lmforge.seq2seq import (
     task_defaults,
     transduce,
 )
+from lmforge.seq2seq.training import PairSource, make_batch
 from lmforge.serving.server import ServerSettings, create_app
-from lmforge.training.pairs import PairSource, make_batch
 from lmforge.training.trainer import train
 
 from .conftest import ENG_FRA_SAMPLE, saved_with_random_norms
@@ -228,7 +228,7 @@ def test_the_loss_scores_only_target_positions_and_equals_the_full_logits_loss(c
 
 def test_copy_attention_is_refused_outside_encoder_decoders_and_in_mbart_export():
     from lmforge.config import Config, validate
-    from lmforge.interop.bart import check_exportable
+    from lmforge.seq2seq.bart import check_exportable
 
     with pytest.raises(
         UserError, match="model.copy_attention does not apply to a GPT decoder .*encoder–decoder"
@@ -435,7 +435,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_batches_hold_pairs_of_similar_length(tmp_path):
     train_tsv, dev_tsv = copy_task(tmp_path, n=1200)
-    from lmforge.data.pairs import prepare_pairs
+    from lmforge.seq2seq.data import prepare_pairs
 
     data = prepare_pairs(seq2seq_config(tmp_path / "x", train_tsv, dev_tsv), log=lambda _: None)
     source = PairSource(data, batch_size=16, eval_batches=1, seed=0, device=torch.device("cpu"))

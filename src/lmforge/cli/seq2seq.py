@@ -44,7 +44,7 @@ def cmd_transduce(args: argparse.Namespace) -> int:
 
     from lmforge.generation_config import GenerationConfig
     from lmforge.inference.loading import load_for_inference
-    from lmforge.seq2seq import source_prefix, task_defaults, transduce
+    from lmforge.seq2seq.decoding import source_prefix, task_defaults, transduce
 
     texts = list(args.text or [])
     if args.file:

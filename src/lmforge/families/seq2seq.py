@@ -1,7 +1,7 @@
-"""The encoder–decoder family (`model.arch = "seq2seq"`, lmforge/models/seq2seq.py): translation and
-summarization, trained on source/target pairs (lmforge/data/pairs.py, lmforge/training/pairs.py),
-decoded and scored by lmforge/seq2seq.py (BLEU/chrF or ROUGE); BART, Marian and mBART checkpoints
-map onto it (lmforge/interop/bart.py), and T5 / Flan-T5 ones (lmforge/interop/t5.py)."""
+"""The encoder–decoder family (`model.arch = "seq2seq"`, lmforge/seq2seq/model.py): translation and
+summarization, trained on source/target pairs (lmforge/seq2seq/data.py, lmforge/seq2seq/training.py),
+decoded and scored by lmforge/seq2seq/decoding.py (BLEU/chrF or ROUGE); BART, Marian and mBART checkpoints
+map onto it (lmforge/seq2seq/bart.py), and T5 / Flan-T5 ones (lmforge/seq2seq/t5.py)."""
 
 from __future__ import annotations
 
@@ -72,16 +72,16 @@ FAMILY = Family(
     data_kind="pairs",
     commands=TRAINED | {"translate", "summarize", "serve", "finetune"},
     parameters=_parameters,
-    prepare_data=lazy("lmforge.training.pairs:pair_data"),
-    batch_source=lazy("lmforge.training.pairs:pair_source"),
+    prepare_data=lazy("lmforge.seq2seq.training:pair_data"),
+    batch_source=lazy("lmforge.seq2seq.training:pair_source"),
     train_fields=frozenset({"label_smoothing"}),
     language_model=False,
     transduces=True,
-    after_training=lazy("lmforge.seq2seq:training_report"),
-    evaluate=lazy("lmforge.seq2seq:evaluate_checkpoint"),
+    after_training=lazy("lmforge.seq2seq.decoding:training_report"),
+    evaluate=lazy("lmforge.seq2seq.decoding:evaluate_checkpoint"),
     hf_export=lazy("lmforge.interop.hf:encoder_decoder_export"),
     hf_auto_class="AutoModelForSeq2SeqLM",
     pipelines=frozenset({"translation", "summarization"}),
-    pipeline=lazy("lmforge.seq2seq:seq2seq_pipeline"),
+    pipeline=lazy("lmforge.seq2seq.decoding:seq2seq_pipeline"),
     private=False,
 )

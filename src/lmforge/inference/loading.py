@@ -218,7 +218,7 @@ PROBE_TEXT = ("The capital of France is Paris, and the river that runs through i
 def _probe(model: nn.Module, tokenizer) -> tuple[Callable[[], torch.Tensor], torch.Tensor] | None:
     """A function giving the model's next-token choices on the probe text, and the float model's
     choices (CPU models only). An encoder–decoder reads the text as its source and as its target."""
-    from lmforge.models.seq2seq import Seq2Seq
+    from lmforge.seq2seq.model import Seq2Seq
 
     device = next(model.parameters()).device
     longest = min(getattr(model, "block_size", 64), getattr(model, "source_block_size", 1 << 30))
@@ -273,7 +273,7 @@ def slower_precision_notice(model: nn.Module, precision: str) -> str | None:
     counting each int8 layer at the kernel it actually uses; an encoder–decoder at the rows it decodes
     together."""
     from lmforge.inference.kernels import PROMPT_ROWS, batched_precision_report, precision_report, timings
-    from lmforge.models.seq2seq import Seq2Seq
+    from lmforge.seq2seq.model import Seq2Seq
 
     unit = "per token"
     if precision == "int8":

@@ -79,11 +79,11 @@ def _model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
     if kind not in SUPPORTED:
         raise UserError(f"{source}: model_type {kind!r} is not supported; supported: {', '.join(SUPPORTED)}.")
     if kind in BART_LIKE:  # the encoder–decoder family (interop/bart.py)
-        from lmforge.interop.bart import model_config_from_bart
+        from lmforge.seq2seq.bart import model_config_from_bart
 
         return model_config_from_bart(hf, source)
     if kind == "t5":  # the encoder–decoder family (interop/t5.py)
-        from lmforge.interop.t5 import model_config_from_t5
+        from lmforge.seq2seq.t5 import model_config_from_t5
 
         return model_config_from_t5(hf, source)
     if kind in BERT_LIKE:  # the encoder-only family (interop/bert.py)
@@ -495,7 +495,8 @@ def task_prefixes(path: str | Path) -> dict[str, str]:
 def _encoder_decoder_layout(m: ModelConfig):
     """The interop module of an encoder–decoder's Hugging Face layout: T5's (relative positions), else
     the BART family's (BART, Marian or mBART, by its switches)."""
-    from lmforge.interop import bart, t5
+    import lmforge.seq2seq.bart as bart
+    import lmforge.seq2seq.t5 as t5
 
     return t5 if m.pos_encoding == "relative" else bart
 
@@ -539,11 +540,11 @@ def import_hf(
     tensors = read_hf_weights(path)
     try:
         if hf_config["model_type"] in BART_LIKE:
-            from lmforge.interop.bart import bart_to_lmforge
+            from lmforge.seq2seq.bart import bart_to_lmforge
 
             converted = bart_to_lmforge(tensors, m)
         elif hf_config["model_type"] == "t5":
-            from lmforge.interop.t5 import t5_to_lmforge
+            from lmforge.seq2seq.t5 import t5_to_lmforge
 
             converted = t5_to_lmforge(tensors, m)
         elif hf_config["model_type"] in BERT_LIKE:

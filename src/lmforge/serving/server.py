@@ -675,7 +675,7 @@ class _Requests:
         """An encoder–decoder model (translation, summarization): each prompt, or the chat's last user
         message, is a source; its output (beam search, 4 beams) is the reply. Streamed as one piece."""
         from lmforge.generation_config import GenerationConfig
-        from lmforge.seq2seq import task_defaults, transduce
+        from lmforge.seq2seq.decoding import task_defaults, transduce
 
         model, tokenizer = self.engine.model, self.tokenizer
         if not sources or any(not s.strip() for s in sources):

@@ -188,7 +188,7 @@ class PairSource:
 
 def pair_data(run) -> object:
     """The source/target pairs, tokenized (fine-tuning: with the base's tokenizer)."""
-    from lmforge.data.pairs import prepare_pairs
+    from lmforge.seq2seq.data import prepare_pairs
 
     return prepare_pairs(run.config, log=run.log)
 

@@ -33,8 +33,8 @@ import torch.nn as nn
 from lmforge.errors import UserError
 from lmforge.generation_config import GenerationConfig
 from lmforge.inference.generation import ban_repeated_ngrams
+from lmforge.seq2seq.training import PairTokens, as_pair_tokens, pad_sources, pair_tokens
 from lmforge.tokenizers import TextTokenizer
-from lmforge.training.pairs import PairTokens, as_pair_tokens, pad_sources, pair_tokens
 
 # Hypotheses a decoding batch advances together when transduce's batch_size is 0: as many as
 # fit DECODE_SOURCE_TOKENS tokens of source (the longest source times the rows: what cross-attention
@@ -348,8 +348,8 @@ def evaluate_pairs(checkpoint: str | Path, data: str | Path | None = None, cfg: 
     and score the outputs against the targets (`cfg` None: 4 beams and the task's defaults), with
     the weights in `dtype`."""
     from lmforge.checkpoint import open_checkpoint
-    from lmforge.data.pairs import prepare_pairs, read_pairs
     from lmforge.inference.loading import load_for_inference
+    from lmforge.seq2seq.data import prepare_pairs, read_pairs
 
     opened = open_checkpoint(checkpoint)
     config = opened.config
