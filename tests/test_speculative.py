@@ -171,6 +171,26 @@ def test_greedy_speculative_text_is_plain_decodings_text(tmp_path, quantize, che
     )
 
 
+def test_the_prompt_is_read_whole_as_plain_decoding_reads_it(tmp_path, cheap_checks, monkeypatch):
+    """The forward pass reads the whole prompt (its last token too), as plain decoding does, and checks
+    read a draft after it: a prompt's last token read by the native step instead differs
+    in the 6th digit, enough to flip a near tie (SmolLM2 int8 re-writing code: 'tuple' against 'list',
+    logits 1.6e-5 apart) and make speculative greedy text differ from plain greedy text."""
+    import lmforge.inference.speculative as speculative
+
+    model, tokenizer = load_for_inference(checkpoint(tmp_path, **VARIANTS["llama-like"]))
+    checks = []
+    real = speculative.check_draft
+    monkeypatch.setattr(speculative, "check_draft", lambda m, c, token, position, draft: checks.append(
+        (token, position, c.length)) or real(m, c, token, position, draft))  # fmt: skip
+    prompt = tokenizer.encode("abcabc")
+    cfg = GenerationConfig(max_new_tokens=6, temperature=0, stop_at_eot=False, prompt_lookup_num_tokens=3)
+    stats = SpeculationStats()
+    generate(model, tokenizer, "abcabc", cfg, stats=stats)
+    # the prompt whole in the cache, then the prompt's draft ('abc' after 'bc') read after it
+    assert checks[0] == (tokenizer.encode("a")[0], len(prompt), len(prompt)) and stats.drafted > 0
+
+
 def test_sampled_speculative_text_is_reproducible_with_a_seed(tmp_path, cheap_checks):
     model, tokenizer = load_for_inference(checkpoint(tmp_path))
     cfg = GenerationConfig(

@@ -259,6 +259,20 @@ def verify(
     return int(sample(probs[None], generator)[0]), False
 
 
+def read_prompt(model: nn.Module, ids: list[int], cache) -> torch.Tensor:
+    """Read the whole prompt into `cache` by the forward pass, as plain decoding reads one unpadded prompt
+    (the same positions and mask); the next-token logits (1, vocab) in float32. So the cache and the first
+    logits are plain decoding's own, and greedy text stays plain decoding's even where two tokens nearly
+    tie: a prompt's last token read by the native step instead differed in the 6th digit, and flipped
+    such a tie (SmolLM2 int8 re-writing code: 'tuple' against 'list', logits 1.6e-5 apart)."""
+    device = cache.k.device
+    everywhere = torch.ones(1, len(ids), dtype=torch.bool, device=device)
+    positions = torch.arange(len(ids), device=device)[None]
+    logits, _ = model(torch.tensor([ids], device=device), cache=cache, positions=positions,
+                      attention_mask=everywhere, last_only=True)  # fmt: skip
+    return logits[0, -1:].float()
+
+
 @torch.inference_mode()
 def speculative_steps(
     model: nn.Module,
@@ -279,15 +293,23 @@ def speculative_steps(
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     ids = list(prompt)
     counts = None
-    if len(ids) > 1:  # the prompt but its last token, which the first check reads with the first draft
-        model(torch.tensor([ids[:-1]], device=device), cache=cache, last_only=True)
-    made = 0
-    while made < cfg.max_new_tokens:
-        size = schedule.next(cfg.max_new_tokens - made - 1)
+    if cfg.max_new_tokens <= 0:
+        return
+
+    def propose(ids: list[int], room: int) -> list[int]:  # a draft as long as the schedule says pays
+        size = schedule.next(room)
         draft = drafter.propose(ids, size) if size else []
         stats.drafted += len(draft)
-        before = cache.length
-        block = check_draft(model, cache, ids[-1], len(ids) - 1, draft)
+        return draft
+
+    block = read_prompt(model, ids, cache)
+    # A first draft, from the prompt: checked against these logits, then by one step over its own tokens.
+    # (The prompt's last token stands where a check's first token does: `before` is where it sits.)
+    before, draft = cache.length - 1, propose(ids, cfg.max_new_tokens - 1)
+    if draft:
+        block = torch.cat([block, check_draft(model, cache, draft[0], len(ids), draft[1:])])
+    made = 0
+    while True:
         kept = 0
         for place in range(len(block)):
             scores = block[place : place + 1]
@@ -316,6 +338,8 @@ def speculative_steps(
             kept += 1
         cache.truncate(before + 1 + kept)  # the chosen token and the kept drafts; the last token waits
         schedule.update(len(draft), kept)
+        before, draft = cache.length, propose(ids, cfg.max_new_tokens - made - 1)
+        block = check_draft(model, cache, ids[-1], len(ids) - 1, draft)
 
 
 def speculative_ids(
