@@ -33,8 +33,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import lmforge
+    from lmforge.classification.training import train_classifier
     from lmforge.config import apply_overrides, classifier_run
-    from lmforge.training.classify import train_classifier
 
     data = Path(os.environ.get("LMFORGE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
     train_tsv, dev_tsv = data / "sst2-train.tsv", data / "sst2-dev.tsv"

@@ -126,13 +126,10 @@ def bench_lora(gguf: Path, minutes: float, tmp: Path) -> dict:
 
 def bench_sst2(gguf: Path, minutes: float, tmp: Path, lr: float, pooling: str, max_length: int,
                layers: int, freeze_embeddings: bool, eval_every: int) -> dict:  # fmt: skip
+    from lmforge.classification.inference import evaluate_classifier, load_classifier
+    from lmforge.classification.training import train_classifier
     from lmforge.config import classifier_run
     from lmforge.data.labeled import read_labeled
-    from lmforge.training.classify import (
-        evaluate_classifier,
-        load_classifier,
-        train_classifier,
-    )
 
     lines = (DATA / "sst2-train.tsv").read_text("utf-8").splitlines()
     header, rows = lines[0], lines[1:]

@@ -61,7 +61,7 @@ def test_v1_encoder_decoder_translates_and_encoder_fills_masks():
 
 
 def test_v1_classifier_classifies():
-    from lmforge.training.classify import load_classifier, predict
+    from lmforge.classification.inference import load_classifier, predict
 
     assert open_checkpoint(V1 / "classifier").is_classifier
     model, tokenizer, labels = load_classifier(V1 / "classifier")
@@ -92,9 +92,9 @@ def test_v1_runs_resume_exactly_where_they_stopped(workdir, name):
 def test_v1_classifier_state_resumes_with_its_flat_settings_read(workdir, monkeypatch):
     """A classifier's version-1 training state (one flat config) resumes under today's sectioned
     settings: the same data and model are recognised, another vocabulary is refused by name."""
+    from lmforge.classification.training import train_classifier
     from lmforge.config import classifier_run
     from lmforge.errors import UserError
-    from lmforge.training.classify import train_classifier
 
     shutil.copy(V1.parent / "sst2-dev-sample.tsv", workdir / "sst2-dev-sample.tsv")
     (workdir / "sub").mkdir()  # the saved paths are relative to a folder beside the data

@@ -3,12 +3,13 @@ import json
 import pytest
 import torch
 
+from lmforge.classification.inference import load_classifier, predict
+from lmforge.classification.model import BiLSTMEncoder, ClassifierConfig, pool
+from lmforge.classification.training import train_classifier
 from lmforge.cli import main
 from lmforge.config import classifier_run
 from lmforge.data.labeled import read_labeled
 from lmforge.errors import UserError
-from lmforge.models.classifier import BiLSTMEncoder, ClassifierConfig, pool
-from lmforge.training.classify import load_classifier, predict, train_classifier
 from lmforge.training.trainer import train
 
 from .conftest import SST2_SAMPLE, tiny_config
@@ -148,7 +149,7 @@ def test_frozen_embeddings_stay_as_the_language_model_had_them(tmp_path, toy, sh
 
 
 def test_batches_grouped_by_length_visit_every_example_once_with_less_padding():
-    from lmforge.training.classify import ExampleSource
+    from lmforge.classification.training import ExampleSource
 
     lengths = torch.randint(1, 60, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
     encoded = [[i] * n for i, n in enumerate(lengths)]  # every token of example i is i: rows are traceable
@@ -408,7 +409,7 @@ def test_a_time_budget_sets_the_schedules_length():
 def test_the_automatic_validation_split_keeps_every_label_in_training(tmp_path):
     """Held out per label (about 10% each): a rare label keeps examples to learn from, and the
     validation examples never hold a label that training lacks."""
-    from lmforge.training.classify import _held_out
+    from lmforge.classification.training import _held_out
 
     labels = ["common"] * 50 + ["rare"] * 3 + ["once"]
     held = _held_out(labels, seed=0)

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.checkpoint import load_checkpoint, open_checkpoint
+from lmforge.classification.inference import load_classifier, predict
+from lmforge.classification.training import train_classifier
 from lmforge.config import ModelConfig, apply_overrides, classifier_run, load_preset
 from lmforge.models import build_model
 from lmforge.models.encoder import MASK_TOKEN, mask_tokens
-from lmforge.training.classify import load_classifier, predict, train_classifier
 from lmforge.training.trainer import train
 
 from .conftest import SST2_SAMPLE, saved_with_random_norms

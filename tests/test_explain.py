@@ -5,13 +5,14 @@ import json
 import pytest
 import torch
 
+from lmforge.classification.inference import predict
+from lmforge.classification.training import train_classifier
 from lmforge.cli import main
 from lmforge.config import ModelConfig, classifier_run
 from lmforge.errors import UserError
 from lmforge.explain import explain, load_for_explaining
 from lmforge.models import build_model
 from lmforge.models.gpt import recorded_attention
-from lmforge.training.classify import predict, train_classifier
 from lmforge.training.trainer import train
 
 from .conftest import tiny_config

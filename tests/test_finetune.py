@@ -276,8 +276,9 @@ def test_finetune_cli_and_bad_input(tmp_path, shakespeare_excerpt, capsys):
 
 
 def test_sequence_classification_from_an_imported_model(tmp_path, hf_tokenizer_dir):  # noqa: F811
+    from lmforge.classification.inference import load_classifier
+    from lmforge.classification.training import train_classifier
     from lmforge.config import classifier_run
-    from lmforge.training.classify import load_classifier, train_classifier
 
     from .test_classify import NEGATIVE, POSITIVE, write_toy
 

@@ -10,10 +10,10 @@ import json
 import pytest
 import torch
 
+from lmforge.classification.inference import load_classifier, predict
 from lmforge.cli import main
 from lmforge.config import classifier_run
 from lmforge.errors import UserError
-from lmforge.training.classify import load_classifier, predict
 
 from .conftest import saved_with_random_norms
 
@@ -187,7 +187,7 @@ def test_a_classifier_trained_from_a_bert_body_frames_its_texts(tmp_path):
     trained, the body's weights the starting point; the result classifies."""
     import transformers
 
-    from lmforge.training.classify import train_classifier
+    from lmforge.classification.training import train_classifier
 
     hf_tokenizer = wordpiece_tokenizer(tmp_path / "bert")
     config = transformers.BertConfig(vocab_size=len(hf_tokenizer), hidden_size=32, num_hidden_layers=2,

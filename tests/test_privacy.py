@@ -6,13 +6,10 @@ import json
 import pytest
 import torch
 
+from lmforge.classification.inference import load_classifier, predict
+from lmforge.classification.training import train_classifier
 from lmforge.cli import main
 from lmforge.config import ClassifierRunConfig, PrivacyConfig, classifier_run
-from lmforge.training.classify import (
-    load_classifier,
-    predict,
-    train_classifier,
-)
 from lmforge.training.privacy import plan
 from lmforge.training.trainer import train
 

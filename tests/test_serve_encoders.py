@@ -11,9 +11,9 @@ import torch
 from fastapi.testclient import TestClient
 
 from lmforge.checkpoint import open_checkpoint
+from lmforge.classification.inference import load_classifier, predict
 from lmforge.serving.encoders import create_classifier_app, create_embeddings_app
 from lmforge.serving.server import ServerSettings
-from lmforge.training.classify import load_classifier, predict
 
 from .conftest import saved_with_random_norms
 from .test_pretrained_classifiers import TEXTS, saved_classifier, wordpiece_tokenizer

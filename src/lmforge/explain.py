@@ -53,7 +53,7 @@ def load_for_explaining(path: str, device: str = "cpu") -> tuple[nn.Module, obje
 
     checkpoint = open_checkpoint(path)
     if checkpoint.is_classifier:
-        from lmforge.training.classify import load_classifier
+        from lmforge.classification.inference import load_classifier
 
         model, tokenizer, labels = load_classifier(path, device)
         return model.float().eval(), tokenizer, labels

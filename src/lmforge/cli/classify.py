@@ -106,8 +106,8 @@ def add_explain_parser(sub) -> None:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from lmforge.classification.training import train_classifier
     from lmforge.config import classifier_field_types, classifier_run
-    from lmforge.training.classify import train_classifier
 
     settings = {k: v for k, v in vars(args).items() if k in classifier_field_types() and v is not None}
     if args.max_minutes is not None:
@@ -128,7 +128,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
 def cmd_classify(args: argparse.Namespace) -> int:
 
-    from lmforge.training.classify import load_classifier, predict
+    from lmforge.classification.inference import load_classifier, predict
 
     texts = list(args.text or [])
     if args.file:

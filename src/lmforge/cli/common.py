@@ -191,7 +191,7 @@ def checkpoint_family(path: str):
 
 
 def is_classifier_checkpoint(path: str) -> bool:
-    from lmforge.training.classify import is_classifier
+    from lmforge.classification.inference import is_classifier
 
     return is_classifier(path)
 

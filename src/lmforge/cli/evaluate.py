@@ -77,8 +77,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.checkpoint and is_classifier_checkpoint(args.checkpoint):
         if not args.data:
             raise UserError("Evaluating a classifier needs labeled examples: pass --data FILE.tsv.")
+        from lmforge.classification.inference import evaluate_classifier, load_classifier
         from lmforge.data.labeled import read_labeled
-        from lmforge.training.classify import evaluate_classifier, load_classifier
 
         model, tokenizer, labels = load_classifier(args.checkpoint, args.device)
         texts, gold = read_labeled(args.data)

@@ -1,6 +1,6 @@
 """Hugging Face BERT, DistilBERT and RoBERTa in lmforge's encoder (models/encoder.py), as masked
 language models (BERT) and as sequence classifiers (all three: `...ForSequenceClassification`,
-opened as lmforge text classifiers, models/classifier.py).
+opened as lmforge text classifiers, classification/model.py).
 
 The layouts are the same (post-norm layers, an embedding norm, BERT's MLM head), so the weights
 map one to one; query, key and value are stacked into one projection here. Only segment 0 of
@@ -139,7 +139,7 @@ def is_sequence_classifier(hf: dict[str, Any]) -> bool:
 def classifier_metadata(hf: dict[str, Any], path: Path) -> dict[str, Any]:
     """What lmforge's classifier checkpoints hold (labels, classifier settings, the body's config),
     for a Hugging Face sequence classifier's config.json."""
-    from lmforge.models.classifier import ClassifierConfig
+    from lmforge.classification.model import ClassifierConfig
 
     source = str(path / "config.json")
     try:

@@ -79,9 +79,9 @@ def _texts_or_ids(given, tokenizer, max_length: int) -> list[list[int]]:
 @torch.inference_mode()
 def embed(model, rows: list[list[int]]) -> torch.Tensor:
     """Mean-pooled, unit-length embeddings (N, width) of the token-id rows (the classifiers' padding
-    and mean pooling, models/classifier.py)."""
-    from lmforge.models.classifier import pool
-    from lmforge.training.classify import pad_right
+    and mean pooling, classification/model.py)."""
+    from lmforge.classification.inference import pad_right
+    from lmforge.classification.model import pool
 
     ids, lengths = pad_right(rows, next(model.parameters()).device)
     pooled = pool(model.features(ids, lengths).float(), lengths, "mean")
@@ -137,7 +137,7 @@ def create_embeddings_app(model, tokenizer, settings: ServerSettings) -> FastAPI
 
 def create_classifier_app(model, tokenizer, labels: list[str], settings: ServerSettings) -> FastAPI:
     """The classification server of a text classifier."""
-    from lmforge.training.classify import predict
+    from lmforge.classification.inference import predict
 
     app = _base_app(settings)
 

@@ -57,8 +57,8 @@ def serve(
     )
     notice = lambda m: print(f"Note: {m}", flush=True)  # noqa: E731
     if opened.is_classifier:  # a text classifier: its labels (serving/encoders.py)
+        from lmforge.classification.inference import load_classifier
         from lmforge.serving.encoders import create_classifier_app
-        from lmforge.training.classify import load_classifier
 
         model, tokenizer, labels = load_classifier(opened.path, device)
         app = create_classifier_app(model, tokenizer, labels, settings)
