@@ -78,11 +78,11 @@ def _model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
         raise UserError(f"{source}: model_type {kind!r} is not supported; supported: {', '.join(SUPPORTED)}.")
-    if kind in BART_LIKE:  # the encoder–decoder family (interop/bart.py)
+    if kind in BART_LIKE:  # the encoder–decoder family (seq2seq/bart.py)
         from lmforge.seq2seq.bart import model_config_from_bart
 
         return model_config_from_bart(hf, source)
-    if kind == "t5":  # the encoder–decoder family (interop/t5.py)
+    if kind == "t5":  # the encoder–decoder family (seq2seq/t5.py)
         from lmforge.seq2seq.t5 import model_config_from_t5
 
         return model_config_from_t5(hf, source)

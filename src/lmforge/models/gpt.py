@@ -547,7 +547,7 @@ class GPT(nn.Module):
             capacity or self.block_size,
             cfg.n_embd // cfg.n_head,
             weight.device,
-            # The native decode step (native/decoding.py) keeps keys and values in float32 whatever the weights.
+            # The native decode step (inference/native/decoding.py) keeps keys and values in float32 whatever the weights.
             dtype or (torch.float32 if getattr(self, "native_decoder", None) is not None else weight.dtype),
         )
 
