@@ -13,6 +13,7 @@ import torch
 from lmforge.checkpoint import open_checkpoint
 from lmforge.cli import main
 from lmforge.errors import UserError
+from lmforge.generation_config import GenerationConfig
 from lmforge.seq2seq.decoding import beam_search, greedy
 from lmforge.seq2seq.training import pair_tokens
 from lmforge.tokenizers import train_bpe_tokenizer
@@ -178,15 +179,92 @@ def test_translate_on_an_opus_mt_folder_gives_transformers_translation(tmp_path,
     assert capsys.readouterr().out.strip() == expected.strip()
 
 
-def test_separate_marian_vocabularies_are_refused(tokenizer, tmp_path, capsys):
-    theirs = tiny_marian(tokenizer)
-    saved_with_random_norms(theirs, tmp_path / "m", tokenizer)
-    config = json.loads((tmp_path / "m" / "config.json").read_text())
-    config.update(share_encoder_decoder_embeddings=False, decoder_vocab_size=tokenizer.vocab_size + 5)
-    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    code = main(["translate", str(tmp_path / "m"), "--text", "hello"])
-    assert code == 2
+def separate_marian_folder(folder, text_file) -> tuple[dict[str, int], dict[str, int]]:
+    """A Marian folder with separate vocabularies, as transformers' MarianTokenizer reads it: source.spm +
+    vocab.json for the sources, target.spm + target_vocab.json for the targets (</s>, <unk>, <pad> first in
+    both, so that the padding id fits both embeddings)."""
+    import sentencepiece as spm
+
+    marian_folder(folder, text_file)  # (the two SentencePiece models)
+    vocabs = []
+    for side in ("source", "target"):
+        processor = spm.SentencePieceProcessor(model_file=str(folder / f"{side}.spm"))
+        vocab = {"</s>": 0, "<unk>": 1, "<pad>": 2}
+        for piece in [processor.id_to_piece(i) for i in range(1, processor.get_piece_size())]:
+            vocab.setdefault(piece, len(vocab))
+        vocabs.append(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocabs[0], ensure_ascii=False))
+    (folder / "target_vocab.json").write_text(json.dumps(vocabs[1], ensure_ascii=False))
+    return vocabs[0], vocabs[1]
+
+
+def test_a_marian_model_with_separate_vocabularies_translates_as_transformers_does(tmp_path, capsys):
+    """Sources in their own vocabulary and embedding, targets in theirs: the logits within 1e-4 of
+    transformers', `lmforge translate` prints MarianTokenizer's decoding of transformers' greedy output,
+    the export is the same model again, and fine-tuning (not supported yet) is refused in one sentence."""
+    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+
+    from lmforge.seq2seq.decoding import transduce
+
+    source_vocab, target_vocab = separate_marian_folder(tmp_path / "m", ENG_FRA_SAMPLE)
+    assert len(source_vocab) != len(target_vocab)
+    config = MarianConfig(vocab_size=len(source_vocab), decoder_vocab_size=len(target_vocab),
+                          share_encoder_decoder_embeddings=False, d_model=32, encoder_layers=2, decoder_layers=2,
+                          encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
+                          max_position_embeddings=64, pad_token_id=2, eos_token_id=0, decoder_start_token_id=2,
+                          scale_embedding=True, forced_eos_token_id=None)  # fmt: skip
+    torch.manual_seed(3)
+    theirs = MarianMTModel(config).eval()
+    final_bias(theirs)
+    theirs.save_pretrained(tmp_path / "m")
+    reference = MarianTokenizer(*(str(tmp_path / "m" / n) for n in ("source.spm", "target.spm", "vocab.json")),
+                                target_vocab_file=str(tmp_path / "m" / "target_vocab.json"), separate_vocabs=True)  # fmt: skip
+    ours, tokenizer = open_checkpoint(tmp_path / "m").load()
+    assert ours.config.source_vocab_size == len(source_vocab) and ours.config.vocab_size == len(target_vocab)
+    assert tokenizer.source.vocab_size == len(source_vocab)
+    texts = ["Where is the station?", "I like tea."]
+    batch = reference(texts, return_tensors="pt", padding=True)
+    assert (
+        tokenizer.source.encode(texts[0]) == reference(texts[0])["input_ids"][:-1]
+    )  # (</s> added by the model)
+    target = torch.randint(3, len(target_vocab), (2, 7))
+    with torch.no_grad():
+        expected = theirs(**batch, decoder_input_ids=target).logits
+        got, _ = ours.eval()(batch["input_ids"], batch["attention_mask"].bool(), target)
+        generated = theirs.generate(**batch, max_new_tokens=10, num_beams=1, do_sample=False)
+    assert (expected - got).abs().max() < 1e-4
+    expected_text = [reference.decode(row, skip_special_tokens=True).strip() for row in generated]
+    assert [t.strip() for t in transduce(ours, tokenizer, texts, GenerationConfig(max_new_tokens=10, num_beams=1))] \
+        == expected_text  # fmt: skip
+    assert (
+        main(["translate", str(tmp_path / "m"), "--text", texts[0], "--max-new-tokens", "10", "--beams", "1"])
+        == 0
+    )
+    assert capsys.readouterr().out.strip() == expected_text[0]
+    # exported back: transformers' model of the same weights; lmforge opens the export with both tokenizers
+    assert main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "back")]) == 0
+    again = MarianMTModel.from_pretrained(tmp_path / "back").eval()
+    assert (
+        again.config.decoder_vocab_size == len(target_vocab)
+        and not again.config.share_encoder_decoder_embeddings
+    )
+    with torch.no_grad():
+        assert (again(**batch, decoder_input_ids=target).logits - expected).abs().max() < 1e-4
+    reopened, back_tokenizer = open_checkpoint(tmp_path / "back").load()
+    assert back_tokenizer.source.vocab_size == len(source_vocab)
+    assert transduce(reopened, back_tokenizer, texts[:1], GenerationConfig(max_new_tokens=10, num_beams=1)) == \
+        transduce(ours, tokenizer, texts[:1], GenerationConfig(max_new_tokens=10, num_beams=1))  # fmt: skip
+    capsys.readouterr()
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("Hello.\tBonjour.\nThank you.\tMerci.\n" * 4)
+    assert main(["finetune", str(tmp_path / "m"), "--data", str(pairs), "--out", str(tmp_path / "ft"),
+                 "--max-iters", "2"]) == 2  # fmt: skip
     assert "separate source and target vocabularies" in capsys.readouterr().err
+    # a source vocabulary that does not fit the encoder's embedding: the files do not belong together
+    (tmp_path / "m" / "vocab.json").write_text(json.dumps({**source_vocab, **{f"x{i}": len(source_vocab) + i
+                                                                               for i in range(9)}}))  # fmt: skip
+    assert main(["translate", str(tmp_path / "m"), "--text", "hello"]) == 2
+    assert "do not belong together" in capsys.readouterr().err
 
 
 def marian_folder(folder, text_file) -> dict[str, int]:

@@ -31,7 +31,7 @@ from lmforge.errors import UserError
 from lmforge.families import family_of
 from lmforge.io import atomic_write_json
 from lmforge.settings import check_fields
-from lmforge.tokenizers import TextTokenizer, load_tokenizer
+from lmforge.tokenizers import SOURCE_TOKENIZER, TextTokenizer, load_tokenizer
 from lmforge.weights import load_weights, save_tensors, unique_state_dict, without_tied
 
 FORMAT = "lmforge-checkpoint"
@@ -104,7 +104,9 @@ class Checkpoint:
 
             tokenizer = load_gguf_tokenizer(self.path)
         else:
-            tokenizer = load_tokenizer(self.path / "tokenizer.json")
+            from lmforge.interop.hf import with_source
+
+            tokenizer = with_source(load_tokenizer(self.path / "tokenizer.json"), self.path)
         return self._checked(tokenizer)
 
     def _checked(self, tokenizer: TextTokenizer) -> TextTokenizer:
@@ -113,6 +115,14 @@ class Checkpoint:
         if self.config and tokenizer.vocab_size > self.config.model.vocab_size:
             raise UserError(f"{self.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                             f"{self.config.model.vocab_size}; the checkpoint's files do not belong together.")  # fmt: skip
+        sources = self.config.model.source_vocab_size if self.config else 0
+        if bool(sources) != (tokenizer.source is not None) or (
+            sources and tokenizer.source.vocab_size > sources
+        ):
+            has = f"{tokenizer.source.vocab_size} source tokens" if tokenizer.source else "one vocabulary"
+            wants = f"its own {sources} source tokens" if sources else "one vocabulary for both sides"
+            raise UserError(f"{self.path}: the model has {wants} but the tokenizer files {has}; the checkpoint's "
+                            f"files do not belong together.")  # fmt: skip
         tokenizer.extra_end_ids = tuple(self.generation.eos_token_ids)
         tokenizer.bos_id = self.generation.bos_token_id
         return tokenizer
@@ -202,6 +212,8 @@ def write_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / "model.safetensors", tensors)
     tokenizer.save(out / "tokenizer.json")
+    if tokenizer.source is not None:  # an encoder–decoder whose sources have their own vocabulary
+        tokenizer.source.save(out / SOURCE_TOKENIZER)
     atomic_write_json(out / "config.json", {"format": FORMAT, "version": FORMAT_VERSION, **metadata})
 
 

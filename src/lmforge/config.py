@@ -83,6 +83,8 @@ class ModelConfig:
     embedding_norm: bool = False  # encoder–decoder: a norm right after the embeddings (BART, mBART)
     scale_embedding: bool = False  # encoder–decoder: token embeddings times sqrt(n_embd) (mBART's option)
     copy_attention: bool = False  # encoder–decoder: may copy source tokens (pointer-generator; summaries)
+    source_vocab_size: int = option(0, "encoder–decoder: the sources' own vocabulary (some Marian models; "
+                                    "0 = one vocabulary for both sides)", ge=0, le=4_194_304)  # fmt: skip
     relative_buckets: int = option(
         32, "encoder–decoder, relative positions: buckets of distances", ge=2, le=1024
     )
@@ -389,6 +391,8 @@ def validate(config: Config) -> None:
         (t.eval_interval >= 1, "train.eval_interval must be at least 1.", "train.eval_interval"),
         (config.data.task in ("translation", "summarization"), "data.task must be translation or summarization.",
          "data.task"),
+        (not (m.copy_attention and m.source_vocab_size), "model.copy_attention copies source tokens into the "
+         "output, so it needs one vocabulary for both sides (model.source_vocab_size 0).", "model.copy_attention"),
     ]  # fmt: skip
     for ok, message, setting in checks:
         if not ok:

@@ -18,6 +18,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from lmforge.errors import UserError
 
 EOT = "<|endoftext|>"
+SOURCE_TOKENIZER = (
+    "source_tokenizer.json"  # an encoder–decoder's sources' own tokenizer, beside tokenizer.json
+)
 UNK = "<unk>"
 _SAFE_CUT = re.compile(r"\n(?=\S)")
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -48,6 +51,9 @@ class TextTokenizer:
         self.kind = kind
         self.extra_end_ids = extra_end_ids  # end-of-sequence ids a checkpoint declares (e.g. <|im_end|>)
         self.bos_id: int | None = None  # the beginning-of-text id a checkpoint declares, if any
+        # An encoder–decoder's tokenizer of sources when they have their own vocabulary (some Marian
+        # models; this one is the targets'); None: one vocabulary for both sides.
+        self.source: TextTokenizer | None = None
 
     @property
     def vocab_size(self) -> int:

@@ -20,6 +20,7 @@ def _parameters(m) -> int:
     """The decoder's and the encoder's layers (counted with a cross-attention each, as before), and
     the copy mechanism's query, key and gate."""
     copy = (2 * m.n_embd * m.n_embd + m.n_embd + 1) if m.copy_attention else 0
+    copy += m.source_vocab_size * m.n_embd  # (the sources' own embedding, where they have one)
     return (
         transformer_parameters(m, m.n_layer + (m.n_encoder_layer or m.n_layer), 2 * m.n_embd * m.n_embd)
         + copy
@@ -52,6 +53,7 @@ FAMILY = Family(
         "source_bos_id",
         "source_eos_id",
         "forced_bos_id",
+        "source_vocab_size",
     },  # fmt: skip
     pretrained_fields=frozenset(
         {
@@ -66,6 +68,7 @@ FAMILY = Family(
             "source_bos_id",
             "source_eos_id",
             "forced_bos_id",
+            "source_vocab_size",
         }
     ),  # fmt: skip
     data_fields=PAIR_DATA_FIELDS,

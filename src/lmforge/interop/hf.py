@@ -24,7 +24,7 @@ import torch.nn as nn
 from lmforge.config import Config, ModelConfig
 from lmforge.errors import UserError
 from lmforge.families import GPT, family_of
-from lmforge.tokenizers import EOT, TextTokenizer, load_tokenizer
+from lmforge.tokenizers import EOT, SOURCE_TOKENIZER, TextTokenizer, load_tokenizer
 from lmforge.weights import load_state
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
@@ -394,7 +394,7 @@ def lmforge_to_hf(sd: dict[str, torch.Tensor], m: ModelConfig, kind: str) -> dic
 
 def load_hf_tokenizer(path: Path) -> TextTokenizer:
     if (path / "tokenizer.json").is_file():
-        return load_tokenizer(path / "tokenizer.json")
+        return with_source(load_tokenizer(path / "tokenizer.json"), path)
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -424,6 +424,14 @@ def load_hf_tokenizer(path: Path) -> TextTokenizer:
         f"or Marian's source.spm + vocab.json); copy the "
         f"tokenizer files from the model's source next to its weights."
     )
+
+
+def with_source(tokenizer: TextTokenizer, folder: Path) -> TextTokenizer:
+    """`tokenizer` with the sources' own tokenizer where the folder has one (source_tokenizer.json, which
+    lmforge writes beside tokenizer.json for an encoder–decoder with separate vocabularies)."""
+    if (folder / SOURCE_TOKENIZER).is_file():
+        tokenizer.source = load_tokenizer(folder / SOURCE_TOKENIZER)
+    return tokenizer
 
 
 def chat_template(path: Path) -> str | None:
@@ -597,6 +605,8 @@ def export_hf(model: nn.Module, tokenizer: TextTokenizer, config: Config, out: s
         hf_config["pad_token_id"] = tokenizer.hf.token_to_id("<pad>")
     save_tensors(out / "model.safetensors", tensors)
     tokenizer.save(out / "tokenizer.json")
+    if tokenizer.source is not None:
+        tokenizer.source.save(out / SOURCE_TOKENIZER)
     special = {}
     if ends:
         name = tokenizer.hf.id_to_token(ends[0])

@@ -56,27 +56,39 @@ def read_spm(path: Path):
 
 
 def marian_tokenizer(folder: Path) -> TextTokenizer:
-    """The tokenizer of a Marian folder (source.spm + vocab.json)."""
+    """The tokenizer of a Marian folder: source.spm + vocab.json for both sides, or, where the model has
+    separate vocabularies (a target_vocab.json beside them), the targets' (target.spm + target_vocab.json)
+    with the sources' as its `source`."""
+    if not (folder / "target_vocab.json").is_file():
+        return _marian_side(folder, "vocab.json", "source.spm")
+    tokenizer = _marian_side(folder, "target_vocab.json", "target.spm")
+    tokenizer.source = _marian_side(folder, "vocab.json", "source.spm")
+    return tokenizer
+
+
+def _marian_side(folder: Path, vocab_file: str, spm_file: str) -> TextTokenizer:
+    """One side's tokenizer: a `tokenizers` Unigram over the vocabulary's ids with the SentencePiece
+    model's scores and normaliser."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import Unigram
 
     try:
-        vocab = json.loads((folder / "vocab.json").read_text("utf-8"))
+        vocab = json.loads((folder / vocab_file).read_text("utf-8"))
     except (OSError, ValueError) as e:
-        raise UserError(f"{folder / 'vocab.json'} cannot be read ({e}); copy the model's vocab.json beside its "
+        raise UserError(f"{folder / vocab_file} cannot be read ({e}); copy the model's {vocab_file} beside its "
                         f"weights.") from None  # fmt: skip
     if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
         raise UserError(
-            f"{folder / 'vocab.json'} is not a Marian vocabulary (piece → id); the folder is damaged."
+            f"{folder / vocab_file} is not a Marian vocabulary (piece → id); the folder is damaged."
         )
     if "<unk>" not in vocab:
-        raise UserError(f"{folder / 'vocab.json'} has no <unk>; the folder is damaged.")
-    proto = read_spm(folder / "source.spm")
+        raise UserError(f"{folder / vocab_file} has no <unk>; the folder is damaged.")
+    proto = read_spm(folder / spm_file)
     scores = {p.piece: p.score for p in proto.pieces}
     floor = min(scores.values(), default=0.0) - 10.0
     by_id = sorted(vocab.items(), key=lambda item: item[1])
     if [i for _, i in by_id] != list(range(len(by_id))):
-        raise UserError(f"{folder / 'vocab.json'} does not number its pieces 0..{len(by_id) - 1}; the folder is "
+        raise UserError(f"{folder / vocab_file} does not number its pieces 0..{len(by_id) - 1}; the folder is "
                         f"damaged.")  # fmt: skip
     tok = Tokenizer(Unigram([(piece, scores.get(piece, floor)) for piece, _ in by_id], vocab["<unk>"], False))
     charsmap = proto.normalizer_spec.precompiled_charsmap

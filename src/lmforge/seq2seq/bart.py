@@ -56,17 +56,16 @@ def model_config_from_bart(hf: dict[str, Any], source: str) -> ModelConfig:
     ffn = hf.get("encoder_ffn_dim", 4 * hf["d_model"])
     if ffn != hf.get("decoder_ffn_dim", ffn):
         raise UserError(f"{source}: different MLP widths in encoder and decoder are not supported.")
-    if kind == "marian" and (
-        not hf.get("share_encoder_decoder_embeddings", True)
-        or hf.get("decoder_vocab_size", hf["vocab_size"]) != hf["vocab_size"]
-    ):
-        raise UserError(f"{source}: this Marian model has separate source and target vocabularies (its "
-                        f"decoder_vocab_size or share_encoder_decoder_embeddings); lmforge opens Marian models "
-                        f"with one shared vocabulary, as most OPUS-MT models are.")  # fmt: skip
+    # Some Marian models have separate source and target vocabularies: vocab_size is then the sources'
+    targets = hf.get("decoder_vocab_size") or hf["vocab_size"]
+    separate = kind == "marian" and (
+        not hf.get("share_encoder_decoder_embeddings", True) or targets != hf["vocab_size"]
+    )
     length = hf.get("max_position_embeddings", 1024)
     marian, pre_norm = kind == "marian", kind == "mbart"
     return ModelConfig(
-        arch="seq2seq", vocab_size=hf["vocab_size"], block_size=length, source_block_size=length,
+        arch="seq2seq", vocab_size=targets if separate else hf["vocab_size"], block_size=length,
+        source_block_size=length, source_vocab_size=hf["vocab_size"] if separate else 0,
         n_layer=hf["decoder_layers"], n_encoder_layer=hf["encoder_layers"], n_head=hf["encoder_attention_heads"],
         n_embd=hf["d_model"], mlp_hidden=ffn, bias=True,
         pos_encoding="sinusoidal_halves" if marian else "learned", norm="layernorm", norm_eps=1e-5,
@@ -149,8 +148,14 @@ def linear_modules(m: ModelConfig) -> dict[str, list[tuple[str, slice | None]]]:
 def bart_to_lmforge(hf: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
     """lmforge tensors from a BART, Marian or mBART ...ForConditionalGeneration state dict."""
     shared = hf.get("model.shared.weight", hf.get("model.encoder.embed_tokens.weight"))
-    sd = {"model.shared.weight": shared, **hf}
+    if (
+        m.source_vocab_size
+    ):  # separate vocabularies: the decoder's table is the targets', the encoder's the sources'
+        shared = hf["model.decoder.embed_tokens.weight"]
+    sd = {**hf, "model.shared.weight": shared}
     out = {ours: sd[theirs] for theirs, ours in _global_names(m)}
+    if m.source_vocab_size:
+        out["source_wte.weight"] = hf["model.encoder.embed_tokens.weight"]
     if m.pos_encoding == "learned":
         out["source_wpe.weight"] = hf["model.encoder.embed_positions.weight"][OFFSET:]
         out["target_wpe.weight"] = hf["model.decoder.embed_positions.weight"][OFFSET:]
@@ -191,6 +196,9 @@ def lmforge_to_bart(sd: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, to
                             f"{theirs}.k_proj.bias": kb, f"{theirs}.v_proj.bias": vb})  # fmt: skip
     bias = sd.get("lm_head.bias", torch.zeros(m.vocab_size))
     out["final_logits_bias"] = bias.reshape(1, -1)
+    if m.source_vocab_size:  # separate vocabularies: each side's own table
+        out["model.decoder.embed_tokens.weight"] = out.pop("model.shared.weight")
+        out["model.encoder.embed_tokens.weight"] = sd["source_wte.weight"]
     if not m.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     return {k: v.contiguous() for k, v in out.items()}
@@ -206,6 +214,7 @@ def check_exportable(m: ModelConfig) -> None:
         (m.embedding_norm or kind == "marian", "a norm after the embeddings (model.embedding_norm true)"),
         ((m.source_block_size or m.block_size) == m.block_size, "one length for sources and targets"),
         (not m.copy_attention, "no copy attention (model.copy_attention false)"),
+        (not m.source_vocab_size or kind == "marian", "one vocabulary for both sides (only Marian has two)"),
     ]
     label = {"mbart": "mBART", "bart": "BART", "marian": "Marian"}[kind]
     for ok, what in rules:
@@ -238,6 +247,9 @@ def bart_config_from_model(m: ModelConfig, boundary: int | None) -> dict[str, An
         "eos_token_id": eos,
         "decoder_start_token_id": token(m.decoder_start_id), "forced_eos_token_id": eos, "is_encoder_decoder": True,
     }  # fmt: skip
+    if m.source_vocab_size:  # separate vocabularies (Marian): vocab_size is the sources'
+        config.update(vocab_size=m.source_vocab_size, decoder_vocab_size=m.vocab_size,
+                      share_encoder_decoder_embeddings=False)  # fmt: skip
     if kind != "marian":  # (transformers knows the order by the type; CTranslate2's converter reads this key)
         config["normalize_before"] = kind == "mbart"
     if m.forced_bos_id >= 0:

@@ -126,7 +126,9 @@ def _encode_sources(model: nn.Module, tokenizer: TextTokenizer, sources: list[st
     for text in sources:
         if not text.strip():
             raise UserError("An empty source cannot be translated or summarized; give some text.")
-        ids = tokenizer.encode(text)
+        ids = (tokenizer.source or tokenizer).encode(
+            text
+        )  # (the sources' own vocabulary, where they have one)
         cut += len(ids) > room
         out.append(tokens.around(ids, model.source_block_size))
     if cut:

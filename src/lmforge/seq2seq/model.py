@@ -222,6 +222,10 @@ class Seq2Seq(nn.Module):
         self.source_block_size = cfg.source_block_size or cfg.block_size
         longest = max(self.block_size, self.source_block_size)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # both sides: one joint vocabulary
+        if (
+            cfg.source_vocab_size
+        ):  # ... or the targets' only, the sources having their own (some Marian models)
+            self.source_wte = nn.Embedding(cfg.source_vocab_size, cfg.n_embd)
         if cfg.pos_encoding == "learned":
             self.source_wpe = nn.Embedding(self.source_block_size, cfg.n_embd)
             self.target_wpe = nn.Embedding(self.block_size, cfg.n_embd)
@@ -259,7 +263,8 @@ class Seq2Seq(nn.Module):
     def _embed(self, ids: torch.Tensor, start: int, side: str):
         """Token embeddings plus absolute positions (or the rotary angles) from `start`."""
         T = ids.shape[1]
-        x, rope = self.wte(ids) * self.embed_scale, None
+        table = self.source_wte if side == "source" and self.config.source_vocab_size else self.wte
+        x, rope = table(ids) * self.embed_scale, None
         positions = torch.arange(start, start + T, device=ids.device)
         if self.config.pos_encoding == "learned":
             x = x + (self.source_wpe if side == "source" else self.target_wpe)(positions)
@@ -380,5 +385,7 @@ class Seq2Seq(nn.Module):
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
-            n -= self.wte.weight.numel()
+            n -= self.wte.weight.numel() + (
+                self.source_wte.weight.numel() if self.config.source_vocab_size else 0
+            )
         return n
