@@ -1,10 +1,12 @@
 """Run configuration: dataclasses, TOML presets and command-line overrides.
 
-A run is described by one `Config` with four sections (data, model, optim,
-train). Presets are TOML files in `lmforge/presets/` that set some fields;
-command-line overrides (`--train.max_iters 200`) are applied on top. The
-resolved config (the settings that apply to its model's family, `Config.to_dict`) is printed at the
-start of training and saved in `config.json` in the run directory.
+A language model's run is described by one `Config` with its sections (data, model, optim, train, and
+finetune and privacy when used). Presets are TOML files in `lmforge/presets/` that set some fields;
+command-line overrides (`--train.max_iters 200`) are applied on top. The resolved config (the settings
+that apply to its model's family, `Config.to_dict`) is printed at the start of training and saved in
+`config.json` in the run directory. A classifier's run (`ClassifierRunConfig`, at the end) has the
+same optim, train and privacy sections, checked by the same rules, beside its labeled data, its
+model and where its body starts.
 """
 
 from __future__ import annotations
