@@ -229,6 +229,7 @@ SAME_ON_RESUME = ("data.path", "data.val_path", "data.text_column", "data.label_
 V1_NAMES = {"data.path": "train_path", "data.val_path": "val_path", "data.text_column": "text_column",
             "data.label_column": "label_column", "data.vocab_size": "vocab_size", "init.checkpoint": "init",
             "init.layers": "init_layers", "model": "model"}  # fmt: skip
+_CLASSIFIER_FIELDS = {f.name for f in dataclasses.fields(ClassifierConfig)}
 
 
 def _identity(saved: dict) -> dict:
@@ -248,9 +249,6 @@ def _identity(saved: dict) -> dict:
         dataclasses.asdict(ClassifierConfig(**model)) if set(model) <= _CLASSIFIER_FIELDS else model
     )
     return values
-
-
-_CLASSIFIER_FIELDS = {f.name for f in dataclasses.fields(ClassifierConfig)}
 
 
 def _check_same_run(out: Path, cfg: ClassifierRunConfig) -> None:
