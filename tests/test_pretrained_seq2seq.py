@@ -254,12 +254,33 @@ def test_a_marian_model_with_separate_vocabularies_translates_as_transformers_do
     assert back_tokenizer.source.vocab_size == len(source_vocab)
     assert transduce(reopened, back_tokenizer, texts[:1], GenerationConfig(max_new_tokens=10, num_beams=1)) == \
         transduce(ours, tokenizer, texts[:1], GenerationConfig(max_new_tokens=10, num_beams=1))  # fmt: skip
-    capsys.readouterr()
+    # fine-tuned on pairs: sources in the sources' vocabulary, targets in the targets'; the run keeps both
+    from lmforge.config import Config, DataConfig
+    from lmforge.seq2seq.data import prepare_pairs
+
     pairs = tmp_path / "pairs.tsv"
-    pairs.write_text("Hello.\tBonjour.\nThank you.\tMerci.\n" * 4)
+    pairs.write_text("Where is the station?\tOù est la gare ?\nI like tea.\tJ'aime le thé.\n" * 4)
+    (tmp_path / "tok").mkdir()
+    tokenizer.source.save(tmp_path / "tok" / "source_tokenizer.json")
+    tokenizer.save(tmp_path / "tok" / "tokenizer.json")
+    data = DataConfig(
+        path=str(pairs), val_path=str(pairs), tokenizer=str(tmp_path / "tok" / "tokenizer.json")
+    )
+    prepared = prepare_pairs(Config(data=data, model=ours.config), log=lambda _: None)
+    assert list(prepared.val_sources[0]) == tokenizer.source.encode(texts[0])
+    assert list(prepared.val_targets[0]) == tokenizer.encode("Où est la gare ?")
+    assert tokenizer.source.encode(texts[0]) != tokenizer.encode(texts[0])  # (so the two are told apart)
+    capsys.readouterr()
     assert main(["finetune", str(tmp_path / "m"), "--data", str(pairs), "--out", str(tmp_path / "ft"),
-                 "--max-iters", "2"]) == 2  # fmt: skip
-    assert "separate source and target vocabularies" in capsys.readouterr().err
+                 "--max-iters", "2", "--quiet"]) == 0, capsys.readouterr().err  # fmt: skip
+    tuned, tuned_tokenizer = open_checkpoint(tmp_path / "ft").load()
+    assert (
+        tuned.config.source_vocab_size == len(source_vocab)
+        and (tmp_path / "ft" / "source_tokenizer.json").is_file()
+    )
+    assert tuned_tokenizer.source.encode(texts[0]) == tokenizer.source.encode(texts[0])
+    assert main(["translate", str(tmp_path / "ft"), "--text", texts[0], "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
     # a source vocabulary that does not fit the encoder's embedding: the files do not belong together
     (tmp_path / "m" / "vocab.json").write_text(json.dumps({**source_vocab, **{f"x{i}": len(source_vocab) + i
                                                                                for i in range(9)}}))  # fmt: skip

@@ -104,9 +104,7 @@ class Checkpoint:
 
             tokenizer = load_gguf_tokenizer(self.path)
         else:
-            from lmforge.interop.hf import with_source
-
-            tokenizer = with_source(load_tokenizer(self.path / "tokenizer.json"), self.path)
+            tokenizer = load_tokenizer(self.path / "tokenizer.json")
         return self._checked(tokenizer)
 
     def _checked(self, tokenizer: TextTokenizer) -> TextTokenizer:

@@ -214,10 +214,18 @@ def _iter_chunks(texts: Iterable[str]) -> Iterator[str]:
 
 
 def load_tokenizer(path: str | Path) -> TextTokenizer:
-    """Load a `tokenizer.json` (from lmforge or any Hugging Face tokenizer)."""
+    """Load a `tokenizer.json` (from lmforge or any Hugging Face tokenizer), with the sources' own
+    tokenizer where `source_tokenizer.json` lies beside it (an encoder–decoder with two vocabularies)."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
+    tokenizer = _load_tokenizer_file(path)
+    if path.name == "tokenizer.json" and (path.parent / SOURCE_TOKENIZER).is_file():
+        tokenizer.source = _load_tokenizer_file(path.parent / SOURCE_TOKENIZER)
+    return tokenizer
+
+
+def _load_tokenizer_file(path: Path) -> TextTokenizer:
     if not path.is_file():
         raise UserError(f"Tokenizer file {path} does not exist.")
     try:

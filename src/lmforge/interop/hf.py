@@ -394,7 +394,9 @@ def lmforge_to_hf(sd: dict[str, torch.Tensor], m: ModelConfig, kind: str) -> dic
 
 def load_hf_tokenizer(path: Path) -> TextTokenizer:
     if (path / "tokenizer.json").is_file():
-        return with_source(load_tokenizer(path / "tokenizer.json"), path)
+        return load_tokenizer(
+            path / "tokenizer.json"
+        )  # (with source_tokenizer.json beside it, where there is one)
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -424,14 +426,6 @@ def load_hf_tokenizer(path: Path) -> TextTokenizer:
         f"or Marian's source.spm + vocab.json); copy the "
         f"tokenizer files from the model's source next to its weights."
     )
-
-
-def with_source(tokenizer: TextTokenizer, folder: Path) -> TextTokenizer:
-    """`tokenizer` with the sources' own tokenizer where the folder has one (source_tokenizer.json, which
-    lmforge writes beside tokenizer.json for an encoder–decoder with separate vocabularies)."""
-    if (folder / SOURCE_TOKENIZER).is_file():
-        tokenizer.source = load_tokenizer(folder / SOURCE_TOKENIZER)
-    return tokenizer
 
 
 def chat_template(path: Path) -> str | None:

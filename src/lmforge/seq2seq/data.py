@@ -30,7 +30,7 @@ from lmforge.data.corpus import read_text_file
 from lmforge.data.labeled import _records, field_text
 from lmforge.errors import UserError
 from lmforge.io import atomic_write_json, build_directory, cache_dir, sha256_file
-from lmforge.tokenizers import TextTokenizer, build_tokenizer, load_tokenizer
+from lmforge.tokenizers import SOURCE_TOKENIZER, TextTokenizer, build_tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
 
@@ -149,6 +149,9 @@ def _cache_key(config: Config) -> str:
     settings = dataclasses.asdict(d)
     if d.tokenizer not in ("char", "word", "bpe"):
         settings["tokenizer"] = sha256_file(d.tokenizer)
+        beside = Path(d.tokenizer).parent / SOURCE_TOKENIZER  # (the sources' own, where there is one)
+        if Path(d.tokenizer).name == "tokenizer.json" and beside.is_file():
+            settings["source_tokenizer"] = sha256_file(beside)
     settings["limits"] = _limits(config)
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:16]
@@ -201,12 +204,17 @@ def _prepare_into(folder: Path, config: Config, log) -> None:
     else:
         train, val = _split_out(pairs, d.val_fraction)
     tokenizer = build_tokenizer(d.tokenizer, train.sources + train.targets, d.vocab_size, d.min_frequency)
+    if tokenizer.source is not None:  # sources in their own vocabulary (a Marian model with two)
+        tokenizer.source.save(folder / SOURCE_TOKENIZER)
     tokenizer.save(folder / "tokenizer.json")
     longest_source, longest_target = _limits(config)
     truncate = d.task == "summarization"  # a summary needs the start of a long text; a translation all of it
     arrays, kept = {}, {}
     for split, part in (("train", train), ("val", val)):
-        sources, targets = tokenizer.encode_batch(part.sources), tokenizer.encode_batch(part.targets)
+        sources, targets = (
+            (tokenizer.source or tokenizer).encode_batch(part.sources),
+            tokenizer.encode_batch(part.targets),
+        )
         keep = [i for i in range(len(sources)) if len(targets[i]) <= longest_target
                 and (truncate or len(sources[i]) <= longest_source) and sources[i] and targets[i]]  # fmt: skip
         if split == "val":

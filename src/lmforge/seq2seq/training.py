@@ -190,10 +190,6 @@ def pair_data(run) -> object:
     """The source/target pairs, tokenized (fine-tuning: with the base's tokenizer)."""
     from lmforge.seq2seq.data import prepare_pairs
 
-    if run.config.model.source_vocab_size:
-        raise UserError("This encoder–decoder has separate source and target vocabularies (some Marian models); "
-                        "lmforge translates with such models but cannot fine-tune them yet: choose a model with one "
-                        "shared vocabulary, as most OPUS-MT models are.")  # fmt: skip
     return prepare_pairs(run.config, log=run.log)
 
 

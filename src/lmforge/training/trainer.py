@@ -291,6 +291,7 @@ def _load_base(config: Config, log: Callable[[str], None]) -> tuple[nn.Module, C
     import hashlib
 
     from lmforge.io import cache_dir
+    from lmforge.tokenizers import SOURCE_TOKENIZER
 
     # A folder, a .gguf file or a hub id, of a family that can be fine-tuned.
     base = open_checkpoint(config.finetune.init_from).require(
@@ -306,10 +307,16 @@ def _load_base(config: Config, log: Callable[[str], None]) -> tuple[nn.Module, C
         rebuilt.load_state_dict(model.state_dict())
         model = rebuilt
     tokenizer_file = source / "tokenizer.json"
-    if not tokenizer_file.is_file():  # vocab.json + merges.txt: keep a tokenizer.json in the cache
-        text = tokenizer.hf.to_str()
-        tokenizer_file = cache_dir() / "tokenizers" / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
-        if not tokenizer_file.is_file():
+    if (
+        not tokenizer_file.is_file()
+    ):  # vocab.json + merges.txt, SentencePiece files: a tokenizer.json in the cache
+        text = tokenizer.hf.to_str() + (tokenizer.source.hf.to_str() if tokenizer.source else "")
+        folder = cache_dir() / "tokenizers" / hashlib.sha256(text.encode()).hexdigest()[:16]
+        tokenizer_file = folder / "tokenizer.json"
+        if not tokenizer_file.is_file():  # (the sources' own tokenizer first: a tokenizer.json completes it)
+            folder.mkdir(parents=True, exist_ok=True)
+            if tokenizer.source is not None:
+                tokenizer.source.save(folder / SOURCE_TOKENIZER)
             tokenizer.save(tokenizer_file)
     config.data.tokenizer = str(tokenizer_file.resolve())
     if base.chat_template and not config.data.chat_template:
