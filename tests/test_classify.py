@@ -48,21 +48,16 @@ def toy(tmp_path):
     return write_toy(tmp_path / "train.tsv", train_rows), write_toy(tmp_path / "dev.tsv", val_rows)
 
 
+def toy_run(tmp_path, toy, settings: dict, out: str = "clf"):
+    """A classifier run on the toy data into tmp_path/out: batches of 8, on the CPU, quiet."""
+    return classifier_run({"data.path": str(toy[0]), "data.val_path": str(toy[1]), "train.out": str(tmp_path / out),
+                           "train.batch_size": 8, "train.progress": False, "train.device": "cpu", **settings})  # fmt: skip
+
+
 def test_bilstm_learns_a_separable_task_and_classifies(tmp_path, toy):
-    train_path, dev_path = toy
-    cfg = classifier_run(
-        {
-            "data.path": str(train_path),
-            "data.val_path": str(dev_path),
-            "train.out": str(tmp_path / "clf"),
-            "train.epochs": 8,
-            "train.batch_size": 8,
-            "optim.lr": 1e-2,
-            "train.progress": False,
-            "train.device": "cpu",
-        }
+    result = train_classifier(
+        toy_run(tmp_path, toy, {"train.epochs": 8, "optim.lr": 1e-2}), log=lambda _: None
     )
-    result = train_classifier(cfg, log=lambda _: None)
     assert result["best_val_accuracy"] == 1.0 and result["labels"] == ["neg", "pos"]
     model, tokenizer, labels = load_classifier(tmp_path / "clf")
     probs = predict(model, tokenizer, ["a wonderful and lovely film", "boring , dull and awful"])
@@ -74,24 +69,10 @@ def test_bilstm_learns_a_separable_task_and_classifies(tmp_path, toy):
 
 
 def test_transformer_body_from_scratch(tmp_path, toy):
-    train_path, dev_path = toy
-    cfg = classifier_run(
-        {
-            "data.path": str(train_path),
-            "data.val_path": str(dev_path),
-            "train.out": str(tmp_path / "clf"),
-            "train.epochs": 8,
-            "train.batch_size": 8,
-            "optim.lr": 3e-3,
-            "train.progress": False,
-            "train.device": "cpu",
-            "model.body": "gpt",
-            "model.n_embd": 32,
-            "model.n_layer": 1,
-            "model.pooling": "mean",
-        }
+    gpt = {"model.body": "gpt", "model.n_embd": 32, "model.n_layer": 1, "model.pooling": "mean"}
+    result = train_classifier(
+        toy_run(tmp_path, toy, {"train.epochs": 8, "optim.lr": 3e-3, **gpt}), log=lambda _: None
     )
-    result = train_classifier(cfg, log=lambda _: None)
     assert result["best_val_accuracy"] >= 0.875
     model, _, _ = load_classifier(tmp_path / "clf")
     assert model.cfg.body == "lm" and model.body.config.arch == "gpt"
@@ -99,28 +80,15 @@ def test_transformer_body_from_scratch(tmp_path, toy):
 
 def test_init_from_a_language_model_reuses_its_tokenizer_and_body(tmp_path, toy, shakespeare_excerpt):
     train(tiny_config(tmp_path / "lm", shakespeare_excerpt), log=lambda _: None)
-    train_path, dev_path = toy
-    settings = {
-        "data.path": str(train_path),
-        "data.val_path": str(dev_path),
-        "train.out": str(tmp_path / "clf"),
-        "init.checkpoint": str(tmp_path / "lm"),
-        "train.epochs": 6,
-        "train.batch_size": 8,
-        "optim.lr": 3e-3,
-        "train.progress": False,
-        "train.device": "cpu",
-    }
-    result = train_classifier(classifier_run(settings), log=lambda _: None)
+    settings = {"init.checkpoint": str(tmp_path / "lm"), "train.epochs": 6, "optim.lr": 3e-3}
+    result = train_classifier(toy_run(tmp_path, toy, settings), log=lambda _: None)
     assert result["best_val_accuracy"] >= 0.75
     model, tokenizer, _ = load_classifier(tmp_path / "clf")
     assert tokenizer.kind == "char" and model.cfg.body == "lm"
 
     # Only the first block of the body: trained, saved and reloaded with one block.
     assert len(model.body.blocks) == 2
-    one = classifier_run(
-        {**settings, "train.out": str(tmp_path / "clf1"), "init.layers": 1, "train.epochs": 1}
-    )
+    one = toy_run(tmp_path, toy, {**settings, "init.layers": 1, "train.epochs": 1}, out="clf1")
     assert train_classifier(one, log=lambda _: None)["best_val_accuracy"] > 0
     small, tokenizer, _ = load_classifier(tmp_path / "clf1")
     assert len(small.body.blocks) == 1 and small.body.config.n_layer == 1
@@ -128,7 +96,7 @@ def test_init_from_a_language_model_reuses_its_tokenizer_and_body(tmp_path, toy,
     assert probs.shape == (2, 2) and torch.allclose(probs.sum(-1), torch.ones(2))
     with pytest.raises(UserError, match="init_layers is 3 but .* has 2 blocks"):
         train_classifier(
-            classifier_run({**settings, "train.out": str(tmp_path / "clf3"), "init.layers": 3}),
+            toy_run(tmp_path, toy, {**settings, "init.layers": 3}, out="clf3"),
             log=lambda _: None,
         )
 
@@ -138,9 +106,13 @@ def test_frozen_embeddings_stay_as_the_language_model_had_them(tmp_path, toy, sh
 
     train(tiny_config(tmp_path / "lm", shakespeare_excerpt), log=lambda _: None)
     lm, _, _ = load_checkpoint(tmp_path / "lm")
-    train_path, dev_path = toy
-    cfg = classifier_run({"data.path": str(train_path), "data.val_path": str(dev_path), "train.out": str(tmp_path / "clf"), "init.checkpoint": str(tmp_path / "lm"), "init.freeze_embeddings": True, "train.epochs": 2, "train.batch_size": 8, "optim.lr": 3e-3, "train.progress": False, "train.device": "cpu"})  # fmt: skip
-    train_classifier(cfg, log=lambda _: None)
+    frozen = {
+        "init.checkpoint": str(tmp_path / "lm"),
+        "init.freeze_embeddings": True,
+        "train.epochs": 2,
+        "optim.lr": 3e-3,
+    }
+    train_classifier(toy_run(tmp_path, toy, frozen), log=lambda _: None)
     model, _, _ = load_classifier(tmp_path / "clf")
     assert torch.equal(model.body.wte.weight, lm.wte.weight)  # the token embedding: untouched
     assert not torch.equal(

@@ -301,6 +301,20 @@ def parse_value(key: str, raw: Any, kind: type) -> Any:
     return raw
 
 
+def set_setting(run: Any, key: str, raw: Any, types: dict[str, type], what: str) -> None:
+    """Set 'section.field' `key` of a run's config (a language model's or a classifier's) to `raw`,
+    parsed to the field's type (`types`: every settable key); an unknown key is refused in one sentence
+    listing the valid keys of its section (or the sections)."""
+    if key not in types:
+        section = key.split(".")[0]
+        valid = [k for k in types if k.startswith(section + ".")] or list(
+            dict.fromkeys(k.split(".")[0] for k in types)
+        )
+        raise UserError(f"Unknown {what} {key!r}; valid keys: {', '.join(valid)}.")
+    section, name = key.split(".", 1)
+    setattr(getattr(run, section), name, parse_value(key, raw, types[key]))
+
+
 def apply_overrides(config: Config, overrides: dict[str, Any], check_family: bool = True) -> Config:
     """Set 'section.field' keys on a copy of `config`; unknown keys list the valid ones, and (with
     `check_family`) a key of another model family than the resulting model.arch's is refused; the
@@ -311,12 +325,7 @@ def apply_overrides(config: Config, overrides: dict[str, Any], check_family: boo
         if key in ("name", "description"):
             setattr(config, key, str(raw))
             continue
-        if key not in types:
-            section = key.split(".")[0]
-            valid = [k for k in types if k.startswith(section + ".")] or list(SECTIONS)
-            raise UserError(f"Unknown config key {key!r}; valid keys: {', '.join(valid)}.")
-        section, name = key.split(".", 1)
-        setattr(getattr(config, section), name, parse_value(key, raw, types[key]))
+        set_setting(config, key, raw, types, "config key")
     if check_family:
         check_family_fields(config, list(overrides))
     keep_what_applies(config)
@@ -568,12 +577,7 @@ def classifier_run(settings: dict[str, Any] | None = None) -> ClassifierRunConfi
     types = classifier_field_types()
     settings = dict(settings or {})
     for key, raw in settings.items():
-        if key not in types:
-            section = key.split(".")[0]
-            valid = [k for k in types if k.startswith(section + ".")] or list(types)
-            raise UserError(f"Unknown classifier setting {key!r}; valid keys: {', '.join(valid)}.")
-        section, name = key.split(".", 1)
-        setattr(getattr(cfg, section), name, parse_value(key, raw, types[key]))
+        set_setting(cfg, key, raw, types, "classifier setting")
     if "optim.lr" in settings and "optim.min_lr" not in settings:
         cfg.optim.min_lr = cfg.optim.lr / 10
     return cfg
