@@ -56,6 +56,11 @@ class TextTokenizer:
         self.source: TextTokenizer | None = None
 
     @property
+    def of_sources(self) -> TextTokenizer:
+        """The tokenizer an encoder–decoder's sources go through: `source` where they have their own."""
+        return self if self.source is None else self.source
+
+    @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 

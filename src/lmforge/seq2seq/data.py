@@ -212,7 +212,7 @@ def _prepare_into(folder: Path, config: Config, log) -> None:
     arrays, kept = {}, {}
     for split, part in (("train", train), ("val", val)):
         sources, targets = (
-            (tokenizer.source or tokenizer).encode_batch(part.sources),
+            tokenizer.of_sources.encode_batch(part.sources),
             tokenizer.encode_batch(part.targets),
         )
         keep = [i for i in range(len(sources)) if len(targets[i]) <= longest_target

@@ -126,9 +126,7 @@ def _encode_sources(model: nn.Module, tokenizer: TextTokenizer, sources: list[st
     for text in sources:
         if not text.strip():
             raise UserError("An empty source cannot be translated or summarized; give some text.")
-        ids = (tokenizer.source or tokenizer).encode(
-            text
-        )  # (the sources' own vocabulary, where they have one)
+        ids = tokenizer.of_sources.encode(text)  # (the sources' own vocabulary, where they have one)
         cut += len(ids) > room
         out.append(tokens.around(ids, model.source_block_size))
     if cut:

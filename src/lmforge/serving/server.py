@@ -692,7 +692,7 @@ class _Requests:
                     **({"message": {"role": "assistant", "content": o}} if shape.chat else {"text": o})}
                    for i, o in enumerate(outputs)]  # fmt: skip
         used = usage(
-            sum(len((tokenizer.source or tokenizer).encode(s)) for s in sources),  # (the sources' own tokens)
+            sum(len(tokenizer.of_sources.encode(s)) for s in sources),  # (the sources' own tokens)
             sum(len(tokenizer.encode(o)) for o in outputs),
         )
         if body.stream:
