@@ -46,6 +46,9 @@ class Int8Linear(nn.Module):
         self.kernel = _choose_kernel(weight.device, self.in_features, self.out_features)
         # Whether prompts (many rows) go to the native kernel too: measured on first use (None till then).
         self.native_prompts: bool | None = None
+        # Inputs rounded to int8 per row, every product by the native kernel (quantize_int8's
+        # int8_inputs, where native.has_int8_inputs()): int16 per block of 64 otherwise.
+        self.int8_inputs = False
         if self.kernel == "fbgemm":
             with warnings.catch_warnings():  # torch marks its quantized tensors as deprecated
                 warnings.simplefilter("ignore")
@@ -64,15 +67,15 @@ class Int8Linear(nn.Module):
         if (
             self.kernel == "native"
             and x.device.type == "cpu"
-            and (x.numel() <= 16 * self.in_features or self._prompts_natively())
+            and (x.numel() <= 16 * self.in_features or self.int8_inputs or self._prompts_natively())
             and not (x.requires_grad and torch.is_grad_enabled())  # the C kernel has no backward
         ):
             if not hasattr(self, "_scale32"):  # the C kernel takes float32 scales and bias
                 self._scale32 = self.scale.float().contiguous()
                 self._bias32 = None if self.bias is None else self.bias.detach().float().contiguous()
             if x.dtype != torch.float32:
-                return int8_linear(x.float(), self.weight_int8, self._scale32, self._bias32).to(x.dtype)
-            return int8_linear(x, self.weight_int8, self._scale32, self._bias32)
+                return int8_linear(x.float(), self.weight_int8, self._scale32, self._bias32, self.int8_inputs).to(x.dtype)
+            return int8_linear(x, self.weight_int8, self._scale32, self._bias32, self.int8_inputs)
         if self.kernel == "fbgemm":
             shape = x.shape
             y = torch.ops.quantized.linear_dynamic(x.float().reshape(-1, shape[-1]), self._packed, True)
@@ -309,13 +312,18 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear in the model with Int8Linear (in place); returns the model."""
+def quantize_int8(model: nn.Module, int8_inputs: bool = False) -> nn.Module:
+    """Replace every nn.Linear in the model with Int8Linear (in place); returns the model.
+    `int8_inputs`: the layers round their inputs to int8 per row and multiply by the native kernel
+    (VNNI, AMX tiles; native/int8_inputs.h), which needs `native.has_int8_inputs()`."""
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(model, name, Int8Linear(child))
+            layer = Int8Linear(child)
+            if int8_inputs and layer.weight_int8.device.type == "cpu":
+                layer.kernel, layer.int8_inputs = "native", True
+            setattr(model, name, layer)
         else:
-            quantize_int8(child)
+            quantize_int8(child, int8_inputs)
     return model
 
 

@@ -34,7 +34,7 @@ from lmforge.device import machine_key
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "int8_linear.c", HERE / "decode_step.c"]
-HEADERS = [HERE / "int8_dot.h"]
+HEADERS = [HERE / "int8_dot.h", HERE / "int8_inputs.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 LIBRARIES = ["-lm"]  # after the source, where the linker looks for what it needs
 
@@ -42,6 +42,7 @@ _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
 _wide: tuple[bool, bool] | None = None  # see wide_products()
+_amx_rows: int | None = None  # see amx_rows()
 
 
 def _compiler() -> str | None:
@@ -92,7 +93,7 @@ def library() -> ctypes.CDLL | None:
             else:
                 try:
                     lib = ctypes.CDLL(str(_build(compiler)))
-                    lib.int8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+                    lib.int8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
                     lib.int8_linear.restype = ctypes.c_int
                     lib.int4_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
                     lib.int4_linear.restype = ctypes.c_int
@@ -106,7 +107,11 @@ def library() -> ctypes.CDLL | None:
                     lib.decode_step.restype = ctypes.c_int
                     lib.set_wide_products.argtypes = [ctypes.c_int] * 2
                     lib.set_wide_products.restype = ctypes.c_int
+                    lib.has_int8_inputs.restype = ctypes.c_int
+                    lib.set_amx_rows.argtypes = [ctypes.c_int64]
+                    lib.set_amx_rows.restype = ctypes.c_int
                     _choose_wide_products(lib)
+                    _choose_amx_rows(lib)
                     _library = lib
                 except OSError as e:
                     _failure = str(e)
@@ -157,7 +162,72 @@ def _time_products(lib: ctypes.CDLL, wide: bool, rows: int, threads: int) -> flo
     lib.set_wide_products(wide, wide)
     return measure(f"int8 {256 << wide}-bit rows={rows}",
                    lambda: lib.int8_linear(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None, y.data_ptr(),
-                                           rows, in_features, out_features, threads))  # fmt: skip
+                                           rows, in_features, out_features, threads, 0))  # fmt: skip
+
+
+# The product the AMX choice is timed on: SmolLM2's MLP up projection, a decode step's typical one.
+AMX_TIMING_SHAPE = (576, 1536)
+AMX_TIMING_ROWS = (2, 4, 8, 16)
+
+
+def _choose_amx_rows(lib: ctypes.CDLL) -> None:
+    """Where this build has AMX tiles and Linux grants them, time products with int8 inputs by the
+    tiles and by the VNNI loop at AMX_TIMING_ROWS rows and let the tiles take every product from the
+    first row count at which they are faster (timings cached per machine). The two give the same
+    results bit for bit (exact integer sums), so the choice changes no output."""
+    global _amx_rows
+    if not lib.set_amx_rows(0):
+        return
+    from lmforge.inference.timing_cache import remembered
+
+    threads = torch.get_num_threads()
+    in_features, out_features = AMX_TIMING_SHAPE
+    _amx_rows = 0
+    for rows in AMX_TIMING_ROWS:
+        shape = f"{in_features}x{out_features} rows={rows} threads={threads}"
+        vnni = remembered(f"int8-inputs vnni {shape}", partial(_time_int8_inputs, lib, 0, rows, threads))
+        amx = remembered(f"int8-inputs amx {shape}", partial(_time_int8_inputs, lib, rows, rows, threads))
+        if amx < vnni:
+            _amx_rows = rows
+            break
+    lib.set_amx_rows(_amx_rows)
+
+
+def _time_int8_inputs(lib: ctypes.CDLL, amx_rows: int, rows: int, threads: int) -> float:
+    """Seconds of one product with int8 inputs of AMX_TIMING_SHAPE for `rows` rows, the tiles taking
+    products from `amx_rows` rows (0: never)."""
+    from lmforge.inference.timing_cache import measure
+
+    in_features, out_features = AMX_TIMING_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(rows, in_features, generator=generator), torch.empty(rows, out_features)
+    weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+    scale = torch.full((out_features,), 1e-3)
+    lib.set_amx_rows(amx_rows)
+    return measure(f"int8 inputs amx_rows={amx_rows} rows={rows}",
+                   lambda: lib.int8_linear(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None, y.data_ptr(),
+                                           rows, in_features, out_features, threads, 1))  # fmt: skip
+
+
+def has_int8_inputs() -> bool:
+    """Whether this build multiplies int8 weights by int8 inputs (AVX-512 VNNI; int8_inputs.h)."""
+    lib = library()
+    return lib is not None and bool(lib.has_int8_inputs())
+
+
+def amx_rows() -> int | None:
+    """From how many rows products with int8 inputs take AMX tiles, as timed when the library was
+    loaded (0: never, the VNNI loop measured faster); None where there are no tiles to use."""
+    library()
+    return _amx_rows
+
+
+def use_amx_rows(rows: int) -> None:
+    """Let AMX tiles take products with int8 inputs from `rows` rows (0: never); for tests and
+    benchmarks. Where there are no tiles, nothing changes."""
+    lib = library()
+    if lib is not None:
+        lib.set_amx_rows(rows)
 
 
 def wide_products() -> tuple[bool, bool] | None:
@@ -182,17 +252,24 @@ def why_unavailable() -> str | None:
 
 
 def int8_linear(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    int8_inputs: bool = False,
 ) -> torch.Tensor:
-    """x (..., in) float32 on the CPU times the int8 `weight` (out, in) with float32 per-row `scale`.
-    Called ~150 times per decoded token, so it does no more than it must in Python."""
+    """x (..., in) float32 on the CPU times the int8 `weight` (out, in) with float32 per-row `scale`;
+    `int8_inputs`: each row of x rounded to int8 (int8_inputs.h; where `has_int8_inputs()`), else to
+    int16 per block of 64. Called ~150 times per decoded token, so it does no more than it must in
+    Python."""
     function = _function or _load_function()
     out_features, in_features = weight.shape
     if not x.is_contiguous():
         x = x.contiguous()
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
     failed = function(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                      y.data_ptr(), x.numel() // in_features, in_features, out_features, torch.get_num_threads())  # fmt: skip
+                      y.data_ptr(), x.numel() // in_features, in_features, out_features, torch.get_num_threads(),
+                      int8_inputs)  # fmt: skip
     if failed:
         raise MemoryError("the native int8 kernel could not allocate room for its rounded input")
     return y

@@ -34,7 +34,8 @@ class _Linear(ctypes.Structure):
     _fields_ = [("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("weight4", ctypes.c_void_p),
                 ("block_scale", ctypes.c_void_p), ("block_min", ctypes.c_void_p), ("weight32", ctypes.c_void_p),
                 ("weight_bf16", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64)]  # fmt: skip
+                ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64),
+                ("int8_inputs", ctypes.c_int64)]  # fmt: skip
 
 
 class _Norm(ctypes.Structure):
@@ -190,7 +191,7 @@ class NativeDecoder:
         weight = layer.weight_int8.contiguous()
         self._keep.append(weight)
         return _Linear(weight.data_ptr(), self._float(layer.scale).data_ptr(), None, None, None, None, None, bias,
-                       layer.in_features, layer.out_features)  # fmt: skip
+                       layer.in_features, layer.out_features, int(layer.int8_inputs))  # fmt: skip
 
     def step(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, chain: bool = False

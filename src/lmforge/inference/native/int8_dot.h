@@ -80,6 +80,7 @@ typedef struct {
     const uint16_t *weight_bf16; /* bfloat16 (the top half of a float32's bits): out x in, or NULL */
     const float *bias;     /* out, or NULL */
     int64_t in, out;
+    int64_t int8_inputs;   /* int8 weights: round the inputs to int8, not int16 (int8_inputs.h) */
 } Linear;
 
 /* Float weights (float32 or bfloat16) multiply float32 inputs as they are, FLOAT_ROWS input rows at
@@ -406,8 +407,18 @@ static void round_rows(const float *x, int64_t rows, int64_t in, int16_t *q, flo
 }
 #endif
 
-/* Room linear_rows needs for `rows` rounded input rows of `in` values: int16 values and float scales. */
-static inline int64_t rounded_values(int64_t rows, int64_t in) { return rows * in; }
+#include "int8_inputs.h"
+
+/* Room linear_rows needs for `rows` rounded input rows of `in` values: int16 values (or int8 ones in
+ * two layouts, int8_inputs.h) and float scales. */
+static inline int64_t rounded_values(int64_t rows, int64_t in) {
+#ifdef HAVE_INT8_INPUTS
+    const int64_t bytes = int8_input_bytes(rows, in);
+    return rows * in > bytes / 2 + 1 ? rows * in : bytes / 2 + 1;
+#else
+    return rows * in;
+#endif
+}
 static inline int64_t rounded_scales(int64_t rows, int64_t in) { return rows * ((in + ROUND_BLOCK - 1) / ROUND_BLOCK); }
 static inline int64_t block_sums(int64_t rows, int64_t in) { return rows * (in / INT4_BLOCK) + 1; }
 
@@ -419,6 +430,12 @@ static void linear_rows(const Linear *L, const float *x, float *y, int64_t rows,
                         float *xsum, Team *team) {
     const int64_t in = L->in, out = L->out, int4 = L->weight4 != NULL;
     const int64_t floats = L->weight32 != NULL || L->weight_bf16 != NULL; /* no rounding, no scales */
+#ifdef HAVE_INT8_INPUTS
+    if (L->int8_inputs && L->weight) {
+        linear_rows_int8_inputs(L, x, y, rows, (int8_t *)q, qs, team);
+        return;
+    }
+#endif
 #ifdef HAVE_INT16_PATH
 #ifdef HAVE_WIDE_PRODUCTS
     const int wide = !floats && !int4 && wide_int8[rows > 1]; /* the 512-bit loop, where measured faster */

@@ -24,6 +24,7 @@
 #include "int8_dot.h"
 
 int wide_int8[2] = {0, 0}; /* the 256-bit loop until both have been timed (set_wide_products) */
+int64_t amx_rows = 0;      /* no AMX tiles until enable_amx (int8_inputs.h) */
 
 /* y = x @ W^T for one layer L (int8 or 4-bit) and `rows` rows of x. Returns 0, or -1 when memory
  * for the rounded input could not be had (y untouched). */
@@ -42,22 +43,22 @@ static int linear(const Linear *L, const float *x, float *y, int64_t rows, int t
 }
 
 int int8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int64_t rows,
-                int64_t in, int64_t out, int threads) {
-    const Linear L = {w, scale, NULL, NULL, NULL, NULL, NULL, bias, in, out};
+                int64_t in, int64_t out, int threads, int int8_inputs) {
+    const Linear L = {w, scale, NULL, NULL, NULL, NULL, NULL, bias, in, out, int8_inputs};
     return linear(&L, x, y, rows, threads);
 }
 
 /* 4-bit weights (int8_dot.h's layout, half-precision scales and minima); in a multiple of 32. */
 int int4_linear(const float *x, const uint8_t *w4, const uint16_t *block_scale, const uint16_t *block_min,
                 const float *bias, float *y, int64_t rows, int64_t in, int64_t out, int threads) {
-    const Linear L = {NULL, NULL, w4, block_scale, block_min, NULL, NULL, bias, in, out};
+    const Linear L = {NULL, NULL, w4, block_scale, block_min, NULL, NULL, bias, in, out, 0};
     return linear(&L, x, y, rows, threads);
 }
 
 /* Float weights: float32 (`w32`) or bfloat16 (`w16`, the other NULL); the product in float32. */
 int float_linear(const float *x, const float *w32, const uint16_t *w16, const float *bias, float *y, int64_t rows,
                  int64_t in, int64_t out, int threads) {
-    const Linear L = {NULL, NULL, NULL, NULL, NULL, w32, w16, bias, in, out};
+    const Linear L = {NULL, NULL, NULL, NULL, NULL, w32, w16, bias, in, out, 0};
     return linear(&L, x, y, rows, threads);
 }
 
@@ -70,6 +71,30 @@ int set_wide_products(int one_row, int several_rows) {
     return 1;
 #else
     (void)one_row, (void)several_rows;
+    return 0;
+#endif
+}
+
+/* Int8 inputs (int8_inputs.h): 1 where this build has them, else 0 (and Linear's int8_inputs is
+ * ignored: the inputs are rounded to int16). */
+int has_int8_inputs(void) {
+#ifdef HAVE_INT8_INPUTS
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* From how many rows products with int8 inputs take AMX tiles (0: never). Returns 1 where this build
+ * has AMX and Linux lets the process use it (asked once), else 0 (and the setting is ignored). */
+int set_amx_rows(int64_t rows) {
+#ifdef HAVE_AMX
+    static int allowed = -1;
+    if (allowed < 0) allowed = ask_for_amx();
+    amx_rows = allowed ? rows : 0;
+    return allowed;
+#else
+    (void)rows;
     return 0;
 #endif
 }
