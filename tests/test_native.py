@@ -7,7 +7,15 @@ import torch.nn.functional as F
 
 from lmforge.inference import kernels, native, timing_cache
 from lmforge.inference.loading import Int4Linear, Int8Linear, dequantize_4bit, quantize_4bit
-from tests.native_loops import PRODUCT_LOOPS, avx512_vnni_targeted, product_loops, restore_chosen_loops
+from tests.native_loops import (
+    PRODUCT_LOOPS,
+    TILE_SETTINGS,
+    amx_targeted,
+    avx512_vnni_targeted,
+    product_loops,
+    restore_chosen_loops,
+    tiles_from,
+)
 
 
 def quantized(out_features: int, in_features: int, seed: int = 0):
@@ -48,6 +56,62 @@ def test_a_row_alone_gets_bit_for_bit_what_it_gets_in_a_batch_whichever_loops_ea
     finally:
         restore_chosen_loops()
     assert torch.equal(alone, together)
+
+
+def test_int8_inputs_and_amx_tiles_are_built_exactly_where_the_compiler_targets_them():
+    """(AMX also needs Linux 5.16 or later to grant the tiles; these machines have it.)"""
+    assert native.has_int8_inputs() == avx512_vnni_targeted()
+    assert (native.amx_rows() is not None) == (amx_targeted() and avx512_vnni_targeted())
+
+
+def block_rounded_product(x, weight, scale, bias):
+    """What int8_inputs.h computes, in float64 from the same int8 inputs: each row rounded to int8 per
+    block of 64 values (q = round(x * (127 / max|x_block|)), in float32 as the kernel does), the
+    block's products summed exactly, times the block's and the channel's scales, plus the bias."""
+    total = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float64)
+    for k in range(0, x.shape[1], 64):
+        block = x[:, k : k + 64]
+        largest = block.abs().amax(dim=1, keepdim=True)
+        inverse = torch.where(largest > 0, 127.0 / largest, torch.zeros_like(largest))
+        q = torch.round(block * inverse).to(torch.int64)
+        total += (q @ weight[:, k : k + 64].to(torch.int64).T).double() * (largest / 127.0).double()
+    return total * scale.double() + bias.double()
+
+
+@pytest.mark.parametrize("tiles", TILE_SETTINGS)
+@pytest.mark.parametrize(
+    ("in_features", "out_features"),
+    [(576, 960), (576, 3072), (1536, 576), (100, 40), (64, 33), (37, 11)],  # SmolLM2's, and ragged ones
+)
+def test_int8_inputs_equal_the_block_rounded_product_and_a_row_gets_the_same_bits_alone(
+    in_features, out_features, tiles
+):
+    """Where the build has int8 inputs (AVX-512 VNNI), the product equals the block-rounded one (its
+    sums are exact integers: only the float scaling differs, in the last bits), a row alone gets what
+    it gets among 16 others, and AMX tiles give what the VNNI loop gives, bit for bit; elsewhere the
+    request is ignored: the inputs are rounded to int16 as always."""
+    weight, scale = quantized(out_features, in_features)
+    generator = torch.Generator().manual_seed(1)
+    x, bias = (
+        torch.randn(17, in_features, generator=generator),
+        torch.randn(out_features, generator=generator),
+    )
+    with tiles_from(tiles):
+        together = native.int8_linear(x, weight, scale, bias, int8_inputs=True)
+        alone = torch.cat(
+            [native.int8_linear(x[row : row + 1], weight, scale, bias, True) for row in range(17)]
+        )
+    assert torch.equal(alone, together)
+    if not native.has_int8_inputs():
+        assert torch.equal(together, native.int8_linear(x, weight, scale, bias))
+        return
+    expected = block_rounded_product(x, weight, scale, bias)
+    assert torch.allclose(together.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    # against the float product, int8 inputs are off by up to half a step of 1/127 of a block's largest
+    exact = x.double() @ (weight.double() * scale.double()[:, None]).T + bias.double()
+    assert (together.double() - exact).abs().max() > 1e-4 * exact.abs().max()  # rounded, not int16
+    with tiles_from(0):
+        assert torch.equal(native.int8_linear(x, weight, scale, bias, True), together)
 
 
 @pytest.mark.parametrize(("one_row_512", "eight_rows_512"), [(1.1, 2.0), (0.9, 3.5), (0.9, 2.0), (1.2, 3.5)])

@@ -22,7 +22,7 @@ from lmforge.inference.loading import (
 from lmforge.inference.native.decoding import NativeDecoder, attach, step_logits, why_not_native
 from lmforge.models.gpt import GPT
 from lmforge.tokenizers import train_char_tokenizer
-from tests.native_loops import PRODUCT_LOOPS, product_loops
+from tests.native_loops import PRODUCT_LOOPS, TILE_SETTINGS, product_loops, tiles_from
 
 VARIANTS = {
     "gpt2-like": dict(norm="layernorm", activation="gelu", pos_encoding="learned", bias=True),
@@ -89,6 +89,30 @@ def test_a_native_step_equals_the_forward_pass_on_the_same_quantised_weights(var
         for mine, theirs in ((native.k, reference.k), (native.v, reference.v)):
             assert torch.allclose(mine, theirs, rtol=0, atol=slack * 1e-4 * theirs.abs().max().item())
         assert torch.equal(native.valid, reference.valid)
+
+
+@pytest.mark.parametrize("tiles", TILE_SETTINGS)
+@pytest.mark.parametrize("variant", ["gpt2-like", "llama-like"])
+@torch.inference_mode()
+def test_a_native_step_with_int8_inputs_equals_the_forward_pass_on_the_same_products(variant, tiles):
+    """With int8 inputs (native/int8_inputs.h: every product of both rounds its inputs to int8 per
+    block of 64), the C step and the forward pass multiply alike: they differ in the float order of
+    norms and attention, which can move a value across a rounding boundary (one step of 1/127)."""
+    model = int8_model(**VARIANTS[variant])
+    for layer in model.modules():
+        if isinstance(layer, Int8Linear):
+            layer.kernel, layer.int8_inputs = "native", True
+            layer.native_prompts = True  # the prompt too
+    decoder = NativeDecoder(model)
+    generator = torch.Generator().manual_seed(1)
+    last, reference, native = prefilled_caches(model, 3, generator)
+    for _ in range(4):
+        tokens = torch.randint(0, 61, (3,), generator=generator)
+        at = last + 1 + torch.arange(reference.length - 6, reference.length - 5).expand(3)
+        expected = model(tokens[:, None], cache=reference, positions=at[:, None])[0][:, -1]
+        with tiles_from(tiles):
+            got = decoder.step(tokens, at, native)
+        assert torch.allclose(got, expected, rtol=0, atol=2e-3 * expected.abs().max().item())
 
 
 def float_model(dtype: torch.dtype, seed: int = 0, **options) -> GPT:
@@ -170,6 +194,10 @@ def test_quantised_loading_attaches_the_decoder_and_generation_keeps_its_tokens(
     for layer in model.modules():  # the PyTorch path below: weight-only too (FBGEMM would round activations)
         if isinstance(layer, Int8Linear | Int4Linear):
             layer.kernel = "dequantize"
+            # so the native step too, which rounds inputs to int16, not to int8 where that pays:
+            # a tiny random model's greedy tokens hang on the last bits (int8 inputs are tested below)
+            layer.int8_inputs = False
+    model.native_decoder = NativeDecoder(model)
     prompts = ["abc", "hello, world"]  # different lengths: left padding
     # 40 tokens: past the 24-token context
     greedy = GenerationConfig(max_new_tokens=40, temperature=0, stop_at_eot=False)

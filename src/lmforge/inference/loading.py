@@ -60,21 +60,23 @@ class Int8Linear(nn.Module):
 
     def _prompts_natively(self) -> bool:
         if self.native_prompts is None:  # where it measures faster than dequantising for a float product
-            self.native_prompts = _native_prompts_pay(self.in_features, self.out_features)
+            self.native_prompts = _native_prompts_pay(self.in_features, self.out_features, self.int8_inputs)
         return self.native_prompts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             self.kernel == "native"
             and x.device.type == "cpu"
-            and (x.numel() <= 16 * self.in_features or self.int8_inputs or self._prompts_natively())
+            and (x.numel() <= 16 * self.in_features or self._prompts_natively())
             and not (x.requires_grad and torch.is_grad_enabled())  # the C kernel has no backward
         ):
             if not hasattr(self, "_scale32"):  # the C kernel takes float32 scales and bias
                 self._scale32 = self.scale.float().contiguous()
                 self._bias32 = None if self.bias is None else self.bias.detach().float().contiguous()
             if x.dtype != torch.float32:
-                return int8_linear(x.float(), self.weight_int8, self._scale32, self._bias32, self.int8_inputs).to(x.dtype)
+                return int8_linear(
+                    x.float(), self.weight_int8, self._scale32, self._bias32, self.int8_inputs
+                ).to(x.dtype)
             return int8_linear(x, self.weight_int8, self._scale32, self._bias32, self.int8_inputs)
         if self.kernel == "fbgemm":
             shape = x.shape
@@ -198,10 +200,20 @@ def use_blocked_matvec(model: nn.Module, min_weight: int = 1 << 18) -> nn.Module
     return model
 
 
-def _native_prompts_pay(in_features: int, out_features: int) -> bool:
+def _int8_inputs_pay(model: nn.Module) -> bool:
+    """Whether an int8 model on this CPU rounds its inputs to int8 (VNNI, AMX: native/int8_inputs.h),
+    which measures faster here for several rows, or to int16 (weight-only int8)."""
+    if next(model.parameters()).device.type != "cpu":
+        return False
+    from lmforge.inference.native import int8_inputs_pay
+
+    return int8_inputs_pay()
+
+
+def _native_prompts_pay(in_features: int, out_features: int, int8_inputs: bool) -> bool:
     from lmforge.inference.kernels import native_prompt_pays
 
-    return native_prompt_pays(in_features, out_features)
+    return native_prompt_pays(in_features, out_features, int8_inputs)
 
 
 def _choose_kernel(device: torch.device, in_features: int, out_features: int) -> str:
@@ -387,7 +399,7 @@ def load_for_inference(
         # Every linear layer, the output head included; a tied embedding table stays float
         # (the head gets its own int8 copy).
         probe = _probe(model, tokenizer)
-        quantize_int8(model)
+        quantize_int8(model, int8_inputs=_int8_inputs_pay(model))
         message = _keep_int8_faithful(model, probe)
         if message:
             (notice or (lambda m: warnings.warn(m, stacklevel=2)))(message)

@@ -93,7 +93,9 @@ def library() -> ctypes.CDLL | None:
             else:
                 try:
                     lib = ctypes.CDLL(str(_build(compiler)))
-                    lib.int8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+                    lib.int8_linear.argtypes = (
+                        [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+                    )
                     lib.int8_linear.restype = ctypes.c_int
                     lib.int4_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
                     lib.int4_linear.restype = ctypes.c_int
@@ -193,9 +195,9 @@ def _choose_amx_rows(lib: ctypes.CDLL) -> None:
     lib.set_amx_rows(_amx_rows)
 
 
-def _time_int8_inputs(lib: ctypes.CDLL, amx_rows: int, rows: int, threads: int) -> float:
+def _time_int8_inputs(lib: ctypes.CDLL, amx_rows: int | None, rows: int, threads: int) -> float:
     """Seconds of one product with int8 inputs of AMX_TIMING_SHAPE for `rows` rows, the tiles taking
-    products from `amx_rows` rows (0: never)."""
+    products from `amx_rows` rows (0: never; None: int16 inputs instead)."""
     from lmforge.inference.timing_cache import measure
 
     in_features, out_features = AMX_TIMING_SHAPE
@@ -203,16 +205,42 @@ def _time_int8_inputs(lib: ctypes.CDLL, amx_rows: int, rows: int, threads: int) 
     x, y = torch.randn(rows, in_features, generator=generator), torch.empty(rows, out_features)
     weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
     scale = torch.full((out_features,), 1e-3)
-    lib.set_amx_rows(amx_rows)
-    return measure(f"int8 inputs amx_rows={amx_rows} rows={rows}",
-                   lambda: lib.int8_linear(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None, y.data_ptr(),
-                                           rows, in_features, out_features, threads, 1))  # fmt: skip
+    lib.set_amx_rows(amx_rows or 0)
+    try:
+        return measure(f"int8 inputs amx_rows={amx_rows} rows={rows}",
+                       lambda: lib.int8_linear(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None, y.data_ptr(),
+                                               rows, in_features, out_features, threads, amx_rows is not None))  # fmt: skip
+    finally:
+        lib.set_amx_rows(_amx_rows or 0)
 
 
 def has_int8_inputs() -> bool:
     """Whether this build multiplies int8 weights by int8 inputs (AVX-512 VNNI; int8_inputs.h)."""
     lib = library()
     return lib is not None and bool(lib.has_int8_inputs())
+
+
+INT8_INPUTS_TIMING_ROWS = 8
+
+
+def int8_inputs_pay() -> bool:
+    """Whether int8 models here should round their inputs to int8 (int8_inputs.h) rather than to
+    int16: where this build has them and a product of INT8_INPUTS_TIMING_ROWS rows of
+    AMX_TIMING_SHAPE measures faster so (VNNI or AMX tiles, as chosen at load). One row costs the
+    same either way (reading the weights); several rows are what decides. Timed once per machine."""
+    if not has_int8_inputs():
+        return False
+    from lmforge.inference.timing_cache import remembered
+
+    lib, threads, rows = library(), torch.get_num_threads(), INT8_INPUTS_TIMING_ROWS
+    shape = f"{AMX_TIMING_SHAPE[0]}x{AMX_TIMING_SHAPE[1]} rows={rows} threads={threads}"
+    int16 = remembered(
+        f"int8-products int16-inputs {shape}", partial(_time_int8_inputs, lib, None, rows, threads)
+    )
+    int8 = remembered(
+        f"int8-products int8-inputs {shape}", partial(_time_int8_inputs, lib, _amx_rows or 0, rows, threads)
+    )
+    return int8 < int16
 
 
 def amx_rows() -> int | None:

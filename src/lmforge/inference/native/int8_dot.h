@@ -432,7 +432,7 @@ static void linear_rows(const Linear *L, const float *x, float *y, int64_t rows,
     const int64_t floats = L->weight32 != NULL || L->weight_bf16 != NULL; /* no rounding, no scales */
 #ifdef HAVE_INT8_INPUTS
     if (L->int8_inputs && L->weight) {
-        linear_rows_int8_inputs(L, x, y, rows, (int8_t *)q, qs, team);
+        linear_rows_int8_inputs(L, x, y, rows, q, team);
         return;
     }
 #endif
