@@ -138,6 +138,40 @@ def test_the_512_bit_products_are_taken_where_they_time_faster(
         restore_chosen_loops()
 
 
+@pytest.mark.parametrize(("vnni_8", "amx_2", "amx_4", "amx_8"), [(2.0, 1.0, 1.0, 1.0), (2.0, 3.0, 1.0, 1.0),
+                                                                  (2.5, 3.0, 3.0, 1.0), (2.5, 3.0, 3.0, 3.0)])  # fmt: skip
+def test_amx_tiles_from_the_first_row_count_they_win_and_int8_inputs_where_they_pay_half_again(
+    monkeypatch, tmp_path, vnni_8, amx_2, amx_4, amx_8
+):
+    """Timings faked (the VNNI loop 2.0 at 2 and 4 rows, int16 inputs 3.0 at 8 rows): the tiles take
+    products from the first row count at which they are faster, and int8 models take int8 inputs
+    where their best 8-row product is at least 1.5 times faster than int16 inputs' (each runs once)."""
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(timing_cache, "_timings", None)
+    chosen = native.amx_rows()
+    fake = {"amx_rows=0 rows=2": 2.0, "amx_rows=2 rows=2": amx_2, "amx_rows=0 rows=4": 2.0,
+            "amx_rows=4 rows=4": amx_4, "amx_rows=0 rows=8": vnni_8, "amx_rows=8 rows=8": amx_8,
+            "amx_rows=0 rows=16": 2.0, "amx_rows=16 rows=16": 3.0, "amx_rows=None rows=8": 3.0}  # fmt: skip
+    fake = {f"int8 inputs {key}": value for key, value in fake.items()}
+    monkeypatch.setattr(timing_cache, "measure", lambda kernel, fn: fn() * 0 + fake[kernel])
+    try:
+        native._choose_amx_rows(native.library())
+        tiles = native.amx_rows()
+        if amx_targeted() and avx512_vnni_targeted():
+            assert tiles == (2 if amx_2 < 2.0 else 4 if amx_4 < 2.0 else 8 if amx_8 < vnni_8 else 0)
+        else:
+            assert tiles is None
+        if native.has_int8_inputs():
+            best_8_rows = amx_8 if tiles and tiles <= 8 else vnni_8
+            monkeypatch.setitem(fake, f"int8 inputs amx_rows={tiles or 0} rows=8", best_8_rows)
+            assert native.int8_inputs_pay() == (best_8_rows * 1.5 < 3.0)
+        else:
+            assert not native.int8_inputs_pay()
+    finally:
+        monkeypatch.setattr(native, "_amx_rows", chosen)
+        native.use_amx_rows(chosen or 0)
+
+
 def test_the_first_kernel_timing_may_load_the_library_which_times_its_loops(monkeypatch, tmp_path):
     """kernels.timings() holds the timings' lock when it first asks for the native library, whose
     loading times the product loops through the same lock: it must not wait on itself."""

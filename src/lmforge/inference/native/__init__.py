@@ -221,13 +221,20 @@ def has_int8_inputs() -> bool:
 
 
 INT8_INPUTS_TIMING_ROWS = 8
+# How much faster int8 inputs must multiply INT8_INPUTS_TIMING_ROWS rows to be taken: they cost a
+# little quality (SmolLM2's perplexity on tiny Shakespeare 30.11 against 30.01 with int16 inputs),
+# which AMX tiles repay many times over (products 3-6x faster, a 16-row step 1.5x a one-row step
+# instead of 5x); the VNNI loop alone measured 1.3-1.4x on the products, and on a Zen 4 an earlier
+# VNNI version sped a 16-row step up by only 10-15%, which did not repay it.
+INT8_INPUTS_MIN_GAIN = 1.5
 
 
 def int8_inputs_pay() -> bool:
     """Whether int8 models here should round their inputs to int8 (int8_inputs.h) rather than to
     int16: where this build has them and a product of INT8_INPUTS_TIMING_ROWS rows of
-    AMX_TIMING_SHAPE measures faster so (VNNI or AMX tiles, as chosen at load). One row costs the
-    same either way (reading the weights); several rows are what decides. Timed once per machine."""
+    AMX_TIMING_SHAPE measures INT8_INPUTS_MIN_GAIN times faster so (VNNI or AMX tiles, as chosen at
+    load). One row costs the same either way (reading the weights); several rows are what decides.
+    Timed once per machine."""
     if not has_int8_inputs():
         return False
     from lmforge.inference.timing_cache import remembered
@@ -240,7 +247,7 @@ def int8_inputs_pay() -> bool:
     int8 = remembered(
         f"int8-products int8-inputs {shape}", partial(_time_int8_inputs, lib, _amx_rows or 0, rows, threads)
     )
-    return int8 < int16
+    return int8 * INT8_INPUTS_MIN_GAIN < int16
 
 
 def amx_rows() -> int | None:
