@@ -13,7 +13,9 @@ path: nothing else changes.
 
 Where the compiler targets AVX-512 VNNI the build also has a 512-bit int8 product loop, bit-identical
 to the 256-bit one; loading times the two and each row count (one row, several) takes the faster
-(`wide_products()`).
+(`wide_products()`). It also has int8 weights times int8 inputs (int8_inputs.h: VNNI, and AMX tiles
+where the CPU has them, from the row count timed faster, `amx_rows()`), which int8 models take where
+several rows multiply half again as fast so (`int8_inputs_pay()`).
 """
 
 from __future__ import annotations
