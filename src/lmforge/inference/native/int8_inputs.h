@@ -1,16 +1,17 @@
 /* Int8 weights times int8 inputs (a Linear with `int8_inputs` set): every input row is rounded to
  * int8 per block of 64 values, q = round(x * 127 / max|x_block|) (one scale for a whole row cost
  * SmolLM2 3.3% of perplexity on tiny Shakespeare, blocks of 64 0.1%), the products of a block sum
- * exactly in int32, and the blocks' sums times their scales add up in float32. Where the int16 inputs of int8_dot.h
- * cost one `madd` per 32 products (512-bit), these take one VNNI `vpdpbusd` per 64, and on CPUs with
- * AMX one `tdpbssd` multiplies a tile of 16 output channels by 16 input rows over 64 values (16,384
- * products an instruction): a step of 16 rows then costs about what reading the weights once costs,
- * as a one-row step does.
+ * exactly in int32, and the blocks' sums times their scales add up in float32. Where the int16
+ * inputs of int8_dot.h cost one `madd` per 32 products (512-bit), these take one VNNI `vpdpbusd`
+ * per 64, and on CPUs with AMX one `tdpbssd` multiplies a tile of 16 output channels by 16 input
+ * rows over 64 values (16,384 products an instruction): a step of 16 rows then costs about what
+ * reading the weights once costs, as a one-row step does.
  *
- * Because the block sums are exact integers and both add them up in the same order, the VNNI loop and
- * the AMX tiles give the same bits, so a product takes either by its number of rows (set_amx_rows, timed by native/__init__.py) and a row's
- * result never depends on the rows beside it. Included by int8_dot.h; built only where the compiler
- * targets AVX-512 VNNI (HAVE_INT8_INPUTS), AMX where it also targets AMX-INT8 (HAVE_AMX).
+ * Because the block sums are exact integers and both add them up in the same order, the VNNI loop
+ * and the AMX tiles give the same bits, so a product takes either by its number of rows
+ * (set_amx_rows, timed by native/__init__.py) and a row's result never depends on the rows beside
+ * it. Included by int8_dot.h; built only where the compiler targets AVX-512 VNNI (HAVE_INT8_INPUTS),
+ * AMX where it also targets AMX-INT8 (HAVE_AMX).
  */
 #ifndef LMFORGE_INT8_INPUTS_H
 #define LMFORGE_INT8_INPUTS_H
@@ -45,12 +46,14 @@ typedef struct {
 static void round_row_int8(const float *x, int64_t in, int64_t r, const Int8Inputs *to) {
     const int64_t blocks = input_blocks(in);
     int8_t *q8 = to->q8 + r * in;
-    float *packed_scales = to->packed_scales ? to->packed_scales + (r / TILE_ROWS) * blocks * TILE_ROWS + r % TILE_ROWS : NULL;
+    float *packed_scales =
+        to->packed_scales ? to->packed_scales + (r / TILE_ROWS) * blocks * TILE_ROWS + r % TILE_ROWS : NULL;
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t k0 = b * TILE_K, n = in - k0 < TILE_K ? in - k0 : TILE_K;
         __m512 largest16 = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j += 16)
-            largest16 = _mm512_max_ps(largest16, _mm512_abs_ps(_mm512_maskz_loadu_ps(first_lanes(n - j), x + k0 + j)));
+            largest16 =
+                _mm512_max_ps(largest16, _mm512_abs_ps(_mm512_maskz_loadu_ps(first_lanes(n - j), x + k0 + j)));
         const float largest = _mm512_reduce_max_ps(largest16);
         const __m512 inverse = _mm512_set1_ps(largest > 0.0f ? 127.0f / largest : 0.0f);
         to->qs[r * blocks + b] = largest / 127.0f;
