@@ -155,18 +155,28 @@ def _choose_wide_products(lib: ctypes.CDLL) -> None:
 
 def _time_products(lib: ctypes.CDLL, wide: bool, rows: int, threads: int) -> float:
     """Seconds of one int8 product of WIDE_TIMING_SHAPE for `rows` rows by the 512-bit loop (`wide`)
-    or the 256-bit one (timing_cache.measure: the median after a warm-up)."""
+    or the 256-bit one."""
+    lib.set_wide_products(wide, wide)
+    return _time_int8_product(
+        lib, f"int8 {256 << wide}-bit rows={rows}", WIDE_TIMING_SHAPE, rows, threads, False
+    )
+
+
+def _time_int8_product(
+    lib: ctypes.CDLL, label: str, shape: tuple[int, int], rows: int, threads: int, int8_inputs: bool
+) -> float:
+    """Seconds of one int8 product of `shape` (in, out) for `rows` random rows, by the loops set now
+    (timing_cache.measure: the median after a warm-up)."""
     from lmforge.inference.timing_cache import measure
 
-    in_features, out_features = WIDE_TIMING_SHAPE
+    in_features, out_features = shape
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(rows, in_features, generator=generator), torch.empty(rows, out_features)
     weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
     scale = torch.full((out_features,), 1e-3)
-    lib.set_wide_products(wide, wide)
-    return measure(f"int8 {256 << wide}-bit rows={rows}",
+    return measure(label,
                    lambda: lib.int8_linear(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None, y.data_ptr(),
-                                           rows, in_features, out_features, threads, 0))  # fmt: skip
+                                           rows, in_features, out_features, threads, int8_inputs))  # fmt: skip
 
 
 # The product the AMX choice is timed on: SmolLM2's MLP up projection, a decode step's typical one.
@@ -200,18 +210,10 @@ def _choose_amx_rows(lib: ctypes.CDLL) -> None:
 def _time_int8_inputs(lib: ctypes.CDLL, amx_rows: int | None, rows: int, threads: int) -> float:
     """Seconds of one product with int8 inputs of AMX_TIMING_SHAPE for `rows` rows, the tiles taking
     products from `amx_rows` rows (0: never; None: int16 inputs instead)."""
-    from lmforge.inference.timing_cache import measure
-
-    in_features, out_features = AMX_TIMING_SHAPE
-    generator = torch.Generator().manual_seed(0)
-    x, y = torch.randn(rows, in_features, generator=generator), torch.empty(rows, out_features)
-    weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
-    scale = torch.full((out_features,), 1e-3)
     lib.set_amx_rows(amx_rows or 0)
     try:
-        return measure(f"int8 inputs amx_rows={amx_rows} rows={rows}",
-                       lambda: lib.int8_linear(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None, y.data_ptr(),
-                                               rows, in_features, out_features, threads, amx_rows is not None))  # fmt: skip
+        label = f"int8 inputs amx_rows={amx_rows} rows={rows}"
+        return _time_int8_product(lib, label, AMX_TIMING_SHAPE, rows, threads, amx_rows is not None)
     finally:
         lib.set_amx_rows(_amx_rows or 0)
 
