@@ -46,8 +46,8 @@ class Int8Linear(nn.Module):
         self.kernel = _choose_kernel(weight.device, self.in_features, self.out_features)
         # Whether prompts (many rows) go to the native kernel too: measured on first use (None till then).
         self.native_prompts: bool | None = None
-        # Inputs rounded to int8 per row, every product by the native kernel (quantize_int8's
-        # int8_inputs, where native.has_int8_inputs()): int16 per block of 64 otherwise.
+        # The native kernel's inputs rounded to int8 per block of 64 (quantize_int8's int8_inputs,
+        # where native.int8_inputs_pay()), else to int16; prompts as _prompts_natively measures.
         self.int8_inputs = False
         if self.kernel == "fbgemm":
             with warnings.catch_warnings():  # torch marks its quantized tensors as deprecated
@@ -326,8 +326,8 @@ def fuse_projections(model: nn.Module) -> nn.Module:
 
 def quantize_int8(model: nn.Module, int8_inputs: bool = False) -> nn.Module:
     """Replace every nn.Linear in the model with Int8Linear (in place); returns the model.
-    `int8_inputs`: the layers round their inputs to int8 per row and multiply by the native kernel
-    (VNNI, AMX tiles; native/int8_inputs.h), which needs `native.has_int8_inputs()`."""
+    `int8_inputs`: the layers take the native kernel with inputs rounded to int8 per block of 64
+    (VNNI, AMX tiles; native/int8_inputs.h; a build without them rounds to int16 as always)."""
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear):
             layer = Int8Linear(child)
